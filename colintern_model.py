@@ -1,0 +1,633 @@
+"""ColIntern: InternVL3.5 as a ColPali-style late-interaction page retriever.
+
+Everything the scripts share, in pipeline order:
+    load backbone -> process inputs -> encode (ColIntern) -> score (MaxSim) -> loss -> checkpoint.
+
+    from colintern_model import ColIntern
+    model, processor = ColIntern.from_pretrained("OpenGVLab/InternVL3_5-1B-HF", lora=LoraSettings())
+    q = model.encode_queries(processor, ["Which page shows revenue?"])      # list of (Lq, D)
+    p = model.encode_pages(processor, [Image.open("page.png")])             # list of (Lp, D)
+    scores = maxsim_scores(q, p)                                            # (Nq, Np)
+"""
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
+
+# -----------------------------------------------------------------------------
+# Query and page formats. Training, mining and evaluation all go through ColInternProcessor, which reads these,
+# so the formats cannot drift apart. Bump FORMAT_VERSION whenever any of them changes: checkpoints record it.
+FORMAT_VERSION = 1
+QUERY_PREFIX = "Query: "
+QUERY_AUGMENTATION_TOKENS = 10  # pad tokens appended to each query, kept in the mask ("reasoning buffers", ColPali)
+PAGE_PROMPT = "{image}\nDescribe the page."
+
+
+def query_format() -> dict:
+    return {"version": FORMAT_VERSION, "query_prefix": QUERY_PREFIX,
+            "query_augmentation_tokens": QUERY_AUGMENTATION_TOKENS, "page_prompt": PAGE_PROMPT}
+
+
+# -----------------------------------------------------------------------------
+# Backbone loading
+
+REMOTE_CODE_SUFFIXES = re.compile(r"-(Instruct|Pretrained|MPO|Flash)$")
+
+
+def hf_id_for(model_id: str) -> str:
+    """The HF-native checkpoint that matches a remote-code InternVL id (e.g. ...-1B-Instruct -> ...-1B-HF)."""
+    return REMOTE_CODE_SUFFIXES.sub("", model_id.rstrip("/")) + "-HF"
+
+
+def looks_like_local_path(model_id: str) -> bool:
+    return model_id.startswith((".", "/", "~")) or model_id.count("/") != 1 or os.path.exists(model_id)
+
+
+def read_model_config(model_id: str) -> dict:
+    """config.json of a local folder or a hub id, as a plain dict (no model code is imported or run)."""
+    if os.path.isdir(model_id):
+        path = os.path.join(model_id, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model folder {model_id!r} has no config.json: is it a save_pretrained folder?")
+    elif looks_like_local_path(model_id):
+        raise FileNotFoundError(
+            f"model folder {model_id!r} does not exist. Pass a hub id such as {DEFAULT_MODEL_ID!r} or a folder "
+            f"written by save_pretrained (for an offline tiny model: python make_tiny_model.py --out DIR)")
+    else:
+        from transformers.utils import cached_file
+        try:
+            path = cached_file(model_id, "config.json")
+        except OSError as e:
+            raise OSError(f"could not fetch config.json of {model_id!r} from the Hugging Face hub ({e}). Offline? "
+                          f"Download it once with `hf download {model_id}` or pass a local folder.") from e
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_internvl_config(model_id: str, config: dict) -> None:
+    model_type = config.get("model_type")
+    if model_type == "internvl_chat":
+        raise ValueError(
+            f"{model_id!r} is a remote-code InternVL checkpoint (model_type 'internvl_chat', InternVLChatModel). "
+            f"ColIntern needs the HF-native transformers checkpoint: use {hf_id_for(model_id)!r} instead.")
+    if model_type != "internvl":
+        raise ValueError(f"{model_id!r} has model_type {model_type!r}; ColIntern needs an HF-native InternVL3.5 "
+                         f"checkpoint (model_type 'internvl'), e.g. {DEFAULT_MODEL_ID!r}")
+
+
+def resolve_dtype(dtype, device="cpu") -> torch.dtype:
+    """'auto' is bfloat16 on CUDA and float32 on CPU; names like 'bf16', 'float16', 'fp32' are accepted."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_available() else torch.float32
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+# Keys an InternVLForConditionalGeneration checkpoint has that the bare InternVLModel does not use.
+IGNORED_UNEXPECTED_KEYS = re.compile(r"(^|\.)lm_head\.")
+
+
+def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=None, attn_implementation=None):
+    """Load a frozen HF-native InternVL3.5 (`InternVLModel`) in eval mode through `AutoModel.from_pretrained`.
+
+    Fails loudly on a remote-code id, a missing folder, and on any missing, unexpected or mismatched weight key
+    (a silently re-initialised weight is the costliest bug this model family has).
+    """
+    from transformers import AutoModel
+    check_internvl_config(model_id, read_model_config(model_id))
+    kwargs = {"dtype": resolve_dtype(dtype, device_map if isinstance(device_map, str) else "cpu")}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    backbone, info = AutoModel.from_pretrained(model_id, output_loading_info=True, **kwargs)
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not IGNORED_UNEXPECTED_KEYS.search(k))
+    problems = {"missing": sorted(info.get("missing_keys", ())), "unexpected": unexpected,
+                "mismatched": sorted(str(k) for k in info.get("mismatched_keys", ()))}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        detail = "; ".join(f"{k} keys: {v[:5]}{' ...' if len(v) > 5 else ''} ({len(v)})" for k, v in problems.items())
+        raise RuntimeError(f"loading {model_id!r} would silently re-initialise or drop weights: {detail}. "
+                           f"Check that the checkpoint and the installed transformers match.")
+    backbone.requires_grad_(False)
+    return backbone.eval()
+
+
+# -----------------------------------------------------------------------------
+# Data: training datasets, HF pseudo-paths, JSONL of triples
+
+def load_page_dataset(name: str, split: str = "train"):
+    """A hub dataset (`vidore/colpali_train_set`) or a local folder with its columns (`query`, `image`, ...):
+    a `save_to_disk` folder, or a folder of data files in the hub layout (`data/train-*.parquet`)."""
+    import datasets
+    if os.path.isdir(name):
+        if os.path.isfile(os.path.join(name, "dataset_dict.json")) or os.path.isfile(os.path.join(name, "state.json")):
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"dataset folder {name} has splits {sorted(ds)}, not {split!r}")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    elif looks_like_local_path(name):
+        raise FileNotFoundError(f"dataset folder {name} does not exist")
+    else:
+        ds = datasets.load_dataset(name, split=split)
+    if len(ds) == 0:
+        raise ValueError(f"dataset {name} split {split!r} is empty")
+    return ds
+
+
+PSEUDO_PATH = re.compile(r"^(?P<dataset>.+)/(?P<split>[^/]+)/doc_(?P<index>\d+)\.png$")
+
+
+def pseudo_path(dataset: str, split: str, index: int) -> str:
+    """How a page of a HF dataset is named in JSONL: `{dataset}/{split}/doc_{i}.png` is row i of that split."""
+    return f"{dataset}/{split}/doc_{index}.png"
+
+
+class PageResolver:
+    """Turns a JSONL page reference into a PIL image: a file under `root`, else an HF pseudo-path.
+
+    Each dataset is opened once (lazily, memory-mapped) and images are decoded on demand, so DataLoader workers
+    can share one resolver."""
+
+    def __init__(self, root: str = "."):
+        self.root = root
+        self._datasets = {}
+
+    def dataset(self, name: str, split: str):
+        if (name, split) not in self._datasets:
+            self._datasets[(name, split)] = load_page_dataset(name, split)
+        return self._datasets[(name, split)]
+
+    def check(self, ref: str, where: str = "") -> None:
+        """Raise now (naming `where`, e.g. 'file.jsonl line 3') if `ref` cannot resolve, without decoding it."""
+        if os.path.isfile(os.path.join(self.root, ref)):
+            return
+        m = PSEUDO_PATH.match(ref)
+        if m is None:
+            raise FileNotFoundError(f"{where}: page {ref!r} is neither a file under --root {self.root!r} nor an "
+                                    f"HF pseudo-path 'DATASET/SPLIT/doc_N.png'")
+        try:
+            ds = self.dataset(m["dataset"], m["split"])
+        except Exception as e:
+            raise FileNotFoundError(f"{where}: page {ref!r} is not a file under --root {self.root!r}, and its "
+                                    f"dataset {m['dataset']!r} split {m['split']!r} cannot be opened: {e}") from e
+        if int(m["index"]) >= len(ds):
+            raise IndexError(f"{where}: page {ref!r} points at row {m['index']} but {m['dataset']} split "
+                             f"{m['split']!r} has {len(ds)} rows")
+
+    def __call__(self, ref: str, where: str = "") -> Image.Image:
+        path = os.path.join(self.root, ref)
+        if os.path.isfile(path):
+            return open_image(path)
+        self.check(ref, where)
+        m = PSEUDO_PATH.match(ref)
+        image = self.dataset(m["dataset"], m["split"])[int(m["index"])]["image"]
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"{where}: page {ref!r} has no decodable 'image' column value")
+        return image.convert("RGB")
+
+
+def read_triples(path: str) -> list:
+    """Read a JSONL of `{"query": str, "pos": str, "negs": [str, ...]}` (negs optional). Errors name file and line."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object with 'query' and 'pos'")
+            if not isinstance(row.get("query"), str) or not row["query"].strip():
+                raise ValueError(f"{where}: 'query' is missing or empty")
+            if not isinstance(row.get("pos"), str) or not row["pos"]:
+                raise ValueError(f"{where}: 'pos' is missing or not a page path")
+            negs = row.get("negs", [])
+            if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
+                raise ValueError(f"{where}: 'negs' must be a list of page paths")
+            rows.append({"query": row["query"], "pos": row["pos"], "negs": negs, "line": n})
+    if not rows:
+        raise ValueError(f"{path} has no triples")
+    return rows
+
+
+def write_jsonl(path: str, rows) -> None:
+    """Write dicts one per line, atomically (a crash leaves any previous file intact)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------
+# Inputs
+
+def open_image(path) -> Image.Image:
+    """Open an image file as RGB, with an error that names the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"image {path} does not exist") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"image {path} cannot be decoded: {e}") from e
+
+
+class ColInternProcessor:
+    """Owns the query format, the page prompt and tiling: the one way text and pages become model inputs."""
+
+    def __init__(self, hf_processor, max_tiles: int = 4):
+        if max_tiles < 1:
+            raise ValueError(f"--max_tiles must be >= 1, got {max_tiles}")
+        self.hf = hf_processor
+        self.tokenizer = hf_processor.tokenizer
+        self.max_tiles = max_tiles
+        self.image_token_id = hf_processor.image_token_id
+        self.page_prompt = PAGE_PROMPT.format(image=hf_processor.image_token)
+        self.query_suffix = self.tokenizer.pad_token * QUERY_AUGMENTATION_TOKENS
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, max_tiles: int = 4):
+        from transformers import AutoProcessor
+        read_model_config(model_id)  # same clear error for a missing folder as load_backbone
+        return cls(AutoProcessor.from_pretrained(model_id), max_tiles=max_tiles)
+
+    def query_texts(self, queries: Sequence[str]) -> list:
+        for i, q in enumerate(queries):
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"query {i} is empty or not a string ({q!r}): every query needs text")
+        return [QUERY_PREFIX + q + self.query_suffix for q in queries]
+
+    def process_queries(self, queries: Sequence[str]):
+        """-> BatchFeature(input_ids, attention_mask), left padded."""
+        return self.tokenizer(self.query_texts(queries), padding="longest", padding_side="left", return_tensors="pt")
+
+    def process_pages(self, images: Sequence) -> "BatchFeature":
+        """-> BatchFeature(input_ids, attention_mask, pixel_values); each page tiled into at most max_tiles tiles
+        (+ a thumbnail when tiled), 'tile tokens' per tile (256 at 448px)."""
+        pages = []
+        for i, im in enumerate(images):
+            if isinstance(im, (str, os.PathLike)):
+                im = open_image(im)
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"page {i} is a {type(im).__name__}, not a PIL image or an image path")
+            pages.append(im.convert("RGB") if im.mode != "RGB" else im)
+        if not pages:
+            raise ValueError("process_pages got no pages")
+        return self.hf(text=[self.page_prompt] * len(pages), images=pages, padding="longest", padding_side="left",
+                       crop_to_patches=True, min_patches=1, max_patches=self.max_tiles, return_tensors="pt")
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+@dataclasses.dataclass
+class LoraSettings:
+    r: int = 32
+    alpha: int = 32
+    dropout: float = 0.1
+    # Language model only: a bare name list would also wrap the vision tower's q/k/v projections.
+    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+class ColIntern(nn.Module):
+    """Frozen InternVL backbone (+ optional LoRA on the language model) + query and page heads.
+
+    Forward passes return L2-normalised multi-vectors with masked tokens zeroed, and the boolean mask.
+    """
+
+    def __init__(self, backbone, proj_dim: int = 128, lora: LoraSettings | None = None,
+                 keep_all_page_tokens: bool = False, model_id: str | None = None, max_tiles: int = 4):
+        super().__init__()
+        self.backbone = backbone
+        self.hidden_size = backbone.config.text_config.hidden_size
+        self.proj_dim = proj_dim
+        self.lora = lora
+        self.keep_all_page_tokens = keep_all_page_tokens
+        self.model_id = model_id
+        self.max_tiles = max_tiles
+        self.image_token_id = backbone.config.image_token_id
+        backbone.requires_grad_(False)
+        if lora is not None:
+            from peft import LoraConfig, inject_adapter_in_model
+            config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                target_modules=lora.target_modules, bias="none")
+            inject_adapter_in_model(config, backbone)
+            for name, p in backbone.named_parameters():
+                p.requires_grad_("lora_" in name)
+            if not any(p.requires_grad for p in backbone.parameters()):
+                raise ValueError(f"LoRA target {lora.target_modules!r} matched no module of the backbone")
+        # Heads sit where the backbone's last hidden state comes out (the last GPU under device_map="auto").
+        device = backbone.language_model.norm.weight.device
+        self.query_head = nn.Linear(self.hidden_size, proj_dim, device=device)
+        self.page_head = nn.Linear(self.hidden_size, proj_dim, device=device)
+        self.train(False)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = DEFAULT_MODEL_ID, proj_dim: int = 128, lora: LoraSettings | None = None,
+                        max_tiles: int = 4, keep_all_page_tokens: bool = False, dtype="auto", device_map=None):
+        """-> (model, processor) built on a fresh backbone, heads randomly initialised."""
+        backbone = load_backbone(model_id, dtype=dtype, device_map=device_map)
+        processor = ColInternProcessor.from_pretrained(model_id, max_tiles=max_tiles)
+        model = cls(backbone, proj_dim=proj_dim, lora=lora, keep_all_page_tokens=keep_all_page_tokens,
+                    model_id=model_id, max_tiles=max_tiles)
+        return model, processor
+
+    def train(self, mode: bool = True):
+        # The frozen backbone always runs in eval mode; only LoRA's own dropout follows the training flag.
+        super().train(mode)
+        self.backbone.eval()
+        for name, module in self.backbone.named_modules():
+            if "lora_dropout" in name:
+                module.train(mode)
+        return self
+
+    def enable_gradient_checkpointing(self):
+        self.backbone.activation_checkpointing_enable({"use_reentrant": False})
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_head.weight.device
+
+    def trainable_parameters(self) -> list:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _hidden(self, batch) -> torch.Tensor:
+        inputs_device = self.backbone.get_input_embeddings().weight.device
+        batch = {k: v.to(inputs_device) for k, v in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.backbone.dtype)
+        return self.backbone(**batch).last_hidden_state  # (B, L, H)
+
+    @staticmethod
+    def _project(head: nn.Linear, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        emb = F.normalize(head(hidden.to(head.weight.device, head.weight.dtype)), dim=-1)  # (B, L, D)
+        return emb * mask.unsqueeze(-1).to(emb.dtype)
+
+    def forward_queries(self, batch):
+        """batch from ColInternProcessor.process_queries -> (emb (B, Lq, D), mask (B, Lq) bool)."""
+        mask = batch["attention_mask"].to(self.device).bool()
+        return self._project(self.query_head, self._hidden(batch), mask), mask
+
+    def forward_pages(self, batch):
+        """batch from ColInternProcessor.process_pages -> (emb (B, Lp, D), mask (B, Lp) bool).
+        The mask keeps the image tokens, or every non-pad token with keep_all_page_tokens."""
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device).bool()
+        if not self.keep_all_page_tokens:
+            mask = mask & (ids == self.image_token_id)
+        return self._project(self.page_head, self._hidden(batch), mask), mask
+
+    @torch.inference_mode()
+    def encode_queries(self, processor: ColInternProcessor, queries: Sequence[str], batch_size: int = 32,
+                       out_dtype=torch.float32, progress: bool = False) -> list:
+        """-> one (Lq_i, D) tensor per query on the CPU, pad tokens removed."""
+        return self._encode(processor.process_queries, self.forward_queries, queries, batch_size, out_dtype,
+                            progress, "queries")
+
+    @torch.inference_mode()
+    def encode_pages(self, processor: ColInternProcessor, pages: Sequence, batch_size: int = 4,
+                     out_dtype=torch.float32, progress: bool = False) -> list:
+        """-> one (Lp_i, D) tensor per page (PIL image or path) on the CPU, masked tokens removed."""
+        return self._encode(processor.process_pages, self.forward_pages, pages, batch_size, out_dtype,
+                            progress, "pages")
+
+    def _encode(self, process, forward, items, batch_size, out_dtype, progress, what):
+        from tqdm.auto import tqdm
+        out = []
+        for start in tqdm(range(0, len(items), batch_size), desc=f"encode {what}", disable=not progress,
+                          unit="batch"):
+            emb, mask = forward(process(items[start:start + batch_size]))
+            out.extend(unpad(emb.to(out_dtype), mask))
+        return out
+
+    # -- checkpoints ---------------------------------------------------------
+    def metadata(self) -> dict:
+        return {"model_id": self.model_id, "hidden_size": self.hidden_size, "proj_dim": self.proj_dim,
+                "max_tiles": self.max_tiles, "keep_all_page_tokens": self.keep_all_page_tokens,
+                "lora": dataclasses.asdict(self.lora) if self.lora else None, "format": query_format()}
+
+    def trainable_state_dict(self) -> dict:
+        """Heads + LoRA weights (the backbone is frozen and comes from model_id)."""
+        heads = {f"{name}.{k}": v.detach().cpu().clone() for name in ("query_head", "page_head")
+                 for k, v in getattr(self, name).state_dict().items()}
+        lora = {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items() if "lora_" in k}
+        return {"heads": heads, "lora": lora}
+
+    def load_trainable_state(self, ckpt: dict, source: str = "checkpoint") -> None:
+        """Load heads + LoRA from a checkpoint dict, refusing one made for another shape or LoRA layout."""
+        meta = ckpt["meta"]
+        if meta["hidden_size"] != self.hidden_size:
+            raise ValueError(f"{source} was trained on a backbone with hidden size {meta['hidden_size']} "
+                             f"({meta['model_id']}), this backbone has {self.hidden_size} ({self.model_id}): "
+                             f"pass the matching --model_id")
+        if meta["proj_dim"] != self.proj_dim:
+            raise ValueError(f"{source} has proj_dim {meta['proj_dim']}, the model was built with {self.proj_dim}: "
+                             f"use --proj_dim {meta['proj_dim']} (or build the model from the checkpoint)")
+        if meta["format"]["version"] != FORMAT_VERSION:
+            raise ValueError(f"{source} uses query/page format v{meta['format']['version']}, this code uses "
+                             f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code")
+        own = {k for k in self.backbone.state_dict() if "lora_" in k}
+        theirs = set(ckpt["lora"])
+        if own != theirs:
+            raise ValueError(f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
+                             f"have no place (e.g. {sorted(theirs - own)[:2]}), {len(own - theirs)} model keys are "
+                             f"missing (e.g. {sorted(own - theirs)[:2]}). Build the model with the checkpoint's "
+                             f"LoRA settings {meta['lora']}")
+        for name in ("query_head", "page_head"):
+            head = getattr(self, name)
+            state = {k.split(".", 1)[1]: v for k, v in ckpt["heads"].items() if k.startswith(name + ".")}
+            head.load_state_dict(state)
+        if theirs:
+            result = self.backbone.load_state_dict(ckpt["lora"], strict=False)
+            if result.unexpected_keys:
+                raise ValueError(f"{source}: unexpected LoRA keys {result.unexpected_keys[:3]}")
+
+    @classmethod
+    def from_checkpoint(cls, path: str, model_id: str | None = None, dtype="auto", device_map=None,
+                        max_tiles: int | None = None):
+        """-> (model, processor, ckpt): the backbone of the checkpoint (or model_id), heads + LoRA loaded."""
+        ckpt = load_checkpoint(path)
+        meta = ckpt["meta"]
+        model_id = model_id or meta["model_id"]
+        lora = LoraSettings(**meta["lora"]) if meta["lora"] else None
+        max_tiles = max_tiles or meta["max_tiles"]
+        model, processor = cls.from_pretrained(model_id, proj_dim=meta["proj_dim"], lora=lora, max_tiles=max_tiles,
+                                               keep_all_page_tokens=meta["keep_all_page_tokens"], dtype=dtype,
+                                               device_map=device_map)
+        model.load_trainable_state(ckpt, source=f"checkpoint {path}")
+        return model, processor, ckpt
+
+
+def unpad(emb: torch.Tensor, mask: torch.Tensor) -> list:
+    """(B, L, D) + (B, L) mask -> list of (L_i, D) on the CPU, in sequence order."""
+    return [e[m].cpu() for e, m in zip(emb, mask)]
+
+
+# -----------------------------------------------------------------------------
+# Scoring: exact MaxSim
+
+def maxsim(queries: torch.Tensor, pages: torch.Tensor, query_mask: torch.Tensor | None = None,
+           page_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable exact MaxSim of padded batches, for training.
+
+    queries (Nq, Lq, D), pages (Np, Lp, D), masks True on real tokens -> scores (Nq, Np):
+    for each query token its best real page token, summed over real query tokens. A padded page token never wins
+    a max (it is -inf, not 0), a padded query token adds nothing.
+    """
+    sim = torch.einsum("qid,pjd->qpij", queries, pages)  # (Nq, Np, Lq, Lp)
+    if page_mask is not None:
+        sim = sim.masked_fill(~page_mask[None, :, None, :], float("-inf"))
+    best = sim.amax(dim=-1)  # (Nq, Np, Lq)
+    if query_mask is not None:
+        best = best.masked_fill(~query_mask[:, None, :], 0.0)
+    return best.sum(dim=-1)
+
+
+def pad_queries(queries: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Zero-pad ragged queries to (Nq, Lq, D). Exact: a zero query vector's best similarity is 0."""
+    return torch.nn.utils.rnn.pad_sequence(list(queries), batch_first=True)
+
+
+def pad_pages(pages: Sequence[torch.Tensor], length: int | None = None) -> torch.Tensor:
+    """Pad ragged pages to (Np, Lp, D) by repeating each page's own first token: a copy never changes the max,
+    so the padded batch scores exactly, with no mask pass (zero-padding would win a max over negative scores)."""
+    length = length or max(p.shape[0] for p in pages)
+    out = pages[0].new_empty((len(pages), length, pages[0].shape[1]))
+    for i, p in enumerate(pages):
+        if p.shape[0] == 0:
+            raise ValueError(f"page {i} has no tokens to score")
+        out[i, :p.shape[0]] = p
+        out[i, p.shape[0]:] = p[0]
+    return out
+
+
+def maxsim_padded(queries: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """(Nq, Lq, D) zero-padded queries x (Np, Lp, D) pages from pad_pages -> (Nq, Np) float32.
+    One matmul over all query tokens x all page tokens, then a max over each page's tokens."""
+    nq, lq, d = queries.shape
+    np_, lp, _ = pages.shape
+    sim = queries.reshape(nq * lq, d) @ pages.reshape(np_ * lp, d).T  # (Nq*Lq, Np*Lp)
+    best = sim.view(nq * lq, np_, lp).amax(dim=-1)  # (Nq*Lq, Np)
+    return best.view(nq, lq, np_).float().sum(dim=1)
+
+
+def maxsim_scores(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], device="cpu",
+                  dtype=torch.float32, max_sim_elements: int = 1 << 25, progress: bool = False) -> torch.Tensor:
+    """Exact MaxSim of ragged queries x ragged pages -> (Nq, Np) float32 on the CPU.
+
+    Memory is bounded: pages are sorted by length (little padding) and scored in chunks whose similarity block
+    holds at most `max_sim_elements` values; `dtype` is the matmul dtype (bfloat16 is ~2x faster on CPUs with
+    bf16 units and on GPUs; scores are summed in float32)."""
+    from tqdm.auto import tqdm
+    if len(queries) == 0 or len(pages) == 0:
+        return torch.zeros(len(queries), len(pages))
+    q = pad_queries([x.to(dtype) for x in queries]).to(device)  # (Nq, Lq, D)
+    order = sorted(range(len(pages)), key=lambda i: pages[i].shape[0])
+    scores = torch.empty(len(queries), len(pages))
+    q_tokens = q.shape[0] * q.shape[1]
+    start = 0
+    with tqdm(total=len(pages), desc="maxsim", unit="page", disable=not progress) as bar:
+        while start < len(order):
+            # grow the chunk while its padded similarity block fits the budget (lengths ascend, so pad = last)
+            end = start + 1
+            while end < len(order) and q_tokens * (end + 1 - start) * pages[order[end]].shape[0] <= max_sim_elements:
+                end += 1
+            idx = order[start:end]
+            chunk = pad_pages([pages[i].to(dtype) for i in idx]).to(device)
+            scores[:, idx] = maxsim_padded(q, chunk).cpu()
+            bar.update(end - start)
+            start = end
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# Loss
+
+def contrastive_loss(queries: torch.Tensor, query_mask: torch.Tensor, pages: torch.Tensor, page_mask: torch.Tensor,
+                     pos_index: torch.Tensor, temperature: float = 0.02,
+                     normalize_by_query_length: bool = True) -> torch.Tensor:
+    """InfoNCE over MaxSim: query i's positive is pages[pos_index[i]]; every other page is a negative.
+
+    `pages` is the candidate pool for all queries: the in-batch positives (from every rank, when gathered), then
+    any hard negatives, all shared. Multi-GPU: gather pages from all ranks and pass pos_index = rank * B + arange(B).
+    """
+    scores = maxsim(queries, pages, query_mask, page_mask)  # (B, Npages)
+    if normalize_by_query_length:
+        scores = scores / query_mask.sum(dim=1, keepdim=True).clamp(min=1).to(scores.dtype)
+    return F.cross_entropy(scores.float() / temperature, pos_index.to(scores.device))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one .pt dict, loadable with weights_only=True
+
+CHECKPOINT_KIND = "colintern"
+
+
+def checkpoint_dict(model: ColIntern, step: int = 0, epoch: int = 0, train_state: dict | None = None) -> dict:
+    meta = dict(model.metadata(), step=step, epoch=epoch)
+    ckpt = {"kind": CHECKPOINT_KIND, "meta": meta, **model.trainable_state_dict()}
+    if train_state is not None:
+        ckpt["train_state"] = train_state
+    return ckpt
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename: a kill leaves the old file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: str, model: ColIntern, step: int = 0, epoch: int = 0, train_state: dict | None = None):
+    atomic_torch_save(checkpoint_dict(model, step, epoch, train_state), path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"{path} is not a ColIntern checkpoint (no kind={CHECKPOINT_KIND!r} entry)")
+    return ckpt

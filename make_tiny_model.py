@@ -1,0 +1,125 @@
+"""Build a randomly initialised InternVL3.5-style checkpoint offline and save it with `save_pretrained`.
+
+    python make_tiny_model.py --out outputs/tiny-internvl            # ~0.2M params, for tests and the demo
+    python make_tiny_model.py --out outputs/internvl3_5-1b-random --size 1b   # real 1B shapes, for GPU benchmarks
+
+The folder holds config, weights, tokenizer and processor exactly as a hub checkpoint does, so
+`colintern_model.load_backbone(DIR)` loads it through the same `AutoModel` / `AutoProcessor` path as
+`OpenGVLab/InternVL3_5-1B-HF`. Nothing is downloaded: the tokenizer is a byte-level BPE trained here on a few
+sentences, and the weights are random (seeded).
+"""
+import argparse
+import os
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLModel,
+    InternVLProcessor,
+    InternVLVideoProcessor,
+    InternVLVisionConfig,
+    Qwen2Tokenizer,
+    Qwen3Config,
+)
+
+# The special tokens InternVL's processor needs, named as in the real -HF tokenizer.
+SPECIAL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+PAD_TOKEN = "<|endoftext|>"
+
+# Enough text for the BPE to learn English words; every other string still tokenizes (byte-level).
+TOKENIZER_CORPUS = [
+    "Which page is about the keyword? Find the page that shows the table, the chart and the title.",
+    "Query: what is the revenue in the annual report of the company for the year?",
+    "Describe the page. The document contains paragraphs, figures, tables and bar charts.",
+    "the quick brown fox jumps over the lazy dog 0123456789 percent total growth market",
+] * 20
+
+# Real InternVL3.5 shapes (InternViT-300M + Qwen3), for measuring speed and memory without a download.
+SIZES = {
+    "tiny": dict(
+        vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16),
+        vocab_size=None,  # the trained tokenizer's size
+    ),
+    "1b": dict(
+        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+        text=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128),
+        vocab_size=151936,
+    ),
+}
+
+
+def build_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[PAD_TOKEN], show_progress=False)
+    bpe.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    state = bpe.model.__getstate__()
+    import json
+    state = json.loads(state)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=PAD_TOKEN, eos_token=PAD_TOKEN,
+                               pad_token=PAD_TOKEN, extra_special_tokens=SPECIAL_TOKENS)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build(size: str = "tiny", tile: int = 224, seed: int = 0):
+    """Return (model, processor) for a random InternVL of the given size; `tile` is the image tile side in pixels."""
+    if size not in SIZES:
+        raise ValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
+    if tile % 28:
+        raise ValueError(f"--tile must be a multiple of 28 (patch 14 x pixel-shuffle 2), got {tile}")
+    spec = SIZES[size]
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    image_seq_length = (tile // 14) ** 2 // 4
+    vision = InternVLVisionConfig(image_size=tile, patch_size=14, **spec["vision"])
+    vocab_size = spec["vocab_size"] or len(tokenizer)
+    text = Qwen3Config(vocab_size=vocab_size, max_position_embeddings=40960, rope_theta=1e6,
+                       tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, **spec["text"])
+    config = InternVLConfig(vision_config=vision, text_config=text,
+                            image_token_id=tokenizer.context_image_token_id,
+                            image_seq_length=image_seq_length, downsample_ratio=0.5)
+    model = InternVLModel(config).eval()
+    image_processor = GotOcr2ImageProcessor(size={"height": tile, "width": tile}, crop_to_patches=True,
+                                            min_patches=1, max_patches=12)
+    video_processor = InternVLVideoProcessor(size={"height": tile, "width": tile})
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                  video_processor=video_processor, image_seq_length=image_seq_length)
+    return model, processor
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder to write the checkpoint into (created; existing files replaced)")
+    p.add_argument("--size", default="tiny", choices=sorted(SIZES),
+                   help="'tiny': ~0.2M params for CPU tests; '1b': InternVL3.5-1B shapes (1.06B params, random)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="image tile side in pixels (multiple of 28); default 224 for tiny, 448 (the real one) for 1b")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    return p.parse_args(argv)
+
+
+def main(args):
+    tile = args.tile or (224 if args.size == "tiny" else 448)
+    model, processor = build(args.size, tile, args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.size} InternVL ({n_params / 1e6:.2f}M params, tile {tile}px) to {args.out}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny random InternVL saved with save_pretrained, and keyword pages rendered with PIL."""
+import os
+import sys
+
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(2)
+
+import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny InternVL (tile 224, 64 image tokens per tile) in a save_pretrained folder."""
+    out = tmp_path_factory.mktemp("tiny-internvl")
+    model, processor = make_tiny_model.build("tiny", tile=224, seed=0)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
+def render_keyword_page(keyword: str, size=(224, 224), variant: int = 0) -> Image.Image:
+    """A page whose only content that matters is `keyword`, drawn at a position snapped to the 28 px token grid
+    (a frozen random vision tower has no shift invariance), with a variant-dependent grey level as noise."""
+    page = Image.new("RGB", size, (255 - 3 * (variant % 5),) * 3)
+    draw = ImageDraw.Draw(page)
+    draw.text((28, 28), keyword, fill="black", font=ImageFont.load_default(size=40))
+    return page
+
+
+@pytest.fixture
+def keyword_page():
+    return render_keyword_page
