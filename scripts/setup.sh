@@ -5,7 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -c "import torch, torchvision, transformers, peft, mteb, faiss; print('ColIntern set-up OK: torch', torch.__version__, '| transformers', transformers.__version__, '| mteb', mteb.__version__)"
