@@ -134,19 +134,17 @@ def load_page_dataset(name: str, split: str = "train"):
     """A hub dataset (`vidore/colpali_train_set`) or a local folder with its columns (`query`, `image`, ...):
     a `save_to_disk` folder, or a folder of data files in the hub layout (`data/train-*.parquet`)."""
     import datasets
-    if os.path.isdir(name):
-        if os.path.isfile(os.path.join(name, "dataset_dict.json")) or os.path.isfile(os.path.join(name, "state.json")):
-            ds = datasets.load_from_disk(name)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise ValueError(f"dataset folder {name} has splits {sorted(ds)}, not {split!r}")
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(name, split=split)
-    elif looks_like_local_path(name):
+    if not os.path.isdir(name) and looks_like_local_path(name):
         raise FileNotFoundError(f"dataset folder {name} does not exist")
-    else:
-        ds = datasets.load_dataset(name, split=split)
+    saved_to_disk = any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json"))
+    try:
+        ds = datasets.load_from_disk(name) if saved_to_disk else datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise ValueError(f"cannot open dataset {name} split {split!r}: {type(e).__name__}: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"dataset folder {name} has splits {sorted(ds)}, not {split!r}")
+        ds = ds[split]
     if len(ds) == 0:
         raise ValueError(f"dataset {name} split {split!r} is empty")
     return ds

@@ -1,0 +1,351 @@
+"""colintern_model.py: loading, encoders, exact MaxSim, loss, checkpoints, and the errors a user meets."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import colintern_model as cm
+from colintern_model import ColIntern, ColInternProcessor, LoraSettings
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_model_dir):
+    torch.manual_seed(0)
+    return ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+                                     max_tiles=4)
+
+
+def naive_maxsim(q, p):
+    """Per-pair loop over unpadded token lists: sum over query tokens of the best page token."""
+    return sum(max(float(qi @ pj) for pj in p) for qi in q)
+
+
+# -- loading ------------------------------------------------------------------
+
+def test_load_backbone_through_auto_classes_is_frozen_eval(tiny_model_dir):
+    from transformers import InternVLModel
+    backbone = cm.load_backbone(tiny_model_dir)
+    assert type(backbone) is InternVLModel
+    assert not backbone.training
+    assert not any(p.requires_grad for p in backbone.parameters())
+    processor = ColInternProcessor.from_pretrained(tiny_model_dir, max_tiles=3)
+    assert processor.image_token_id == backbone.config.image_token_id
+
+
+def test_lora_wraps_language_model_only(model_and_processor):
+    model, _ = model_and_processor
+    lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and all("language_model" in n for n in lora)
+    assert not any("vision_tower" in n for n, _ in model.named_modules() if "lora_" in n)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora) | {"query_head.weight", "query_head.bias", "page_head.weight", "page_head.bias"}
+
+
+def test_missing_model_folder_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-model.*does not exist.*make_tiny_model"):
+        cm.load_backbone(str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ColInternProcessor.from_pretrained(str(tmp_path / "no-such-model"))
+
+
+def test_remote_code_checkpoint_names_the_hf_id(tmp_path):
+    folder = tmp_path / "InternVL3_5-1B-Instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "auto_map": {}}))
+    with pytest.raises(ValueError, match=r"remote-code.*InternVL3_5-1B-HF"):
+        cm.load_backbone(str(folder))
+    assert cm.hf_id_for("OpenGVLab/InternVL3_5-1B-Instruct") == "OpenGVLab/InternVL3_5-1B-HF"
+    assert cm.hf_id_for("OpenGVLab/InternVL3_5-8B") == "OpenGVLab/InternVL3_5-8B-HF"
+
+
+def test_missing_weight_key_is_an_error_not_a_random_init(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    dropped = next(k for k in weights if "layers.1.mlp.down_proj" in k)
+    del weights[dropped]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="missing keys.*down_proj"):
+        cm.load_backbone(str(broken))
+
+
+def test_unexpected_weight_key_is_an_error(tiny_model_dir, tmp_path):
+    broken = tmp_path / "extra"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["language_model.model.layers.7.mlp.up_proj.weight"] = torch.zeros(2, 2)
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        cm.load_backbone(str(broken))
+
+
+# -- processor and encoders ----------------------------------------------------
+
+def test_query_format_and_empty_query(model_and_processor):
+    _, processor = model_and_processor
+    text = processor.query_texts(["what is shown?"])[0]
+    assert text.startswith(cm.QUERY_PREFIX) and text.endswith(processor.tokenizer.pad_token * 10)
+    batch = processor.process_queries(["a", "a longer query with more words"])
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1  # left padded
+    for bad in ["", "   ", None]:
+        with pytest.raises(ValueError, match="query 1 is empty"):
+            processor.process_queries(["fine", bad])
+
+
+def test_encoders_shapes_masks_norms(model_and_processor, keyword_page):
+    model, processor = model_and_processor
+    queries = ["short", "a much longer query about the revenue table on the page"]
+    emb, mask = model.forward_queries(processor.process_queries(queries))
+    assert emb.shape[:2] == mask.shape and emb.shape[-1] == 16
+    lengths = [len(processor.tokenizer(t)["input_ids"]) for t in processor.query_texts(queries)]
+    assert mask.sum(1).tolist() == lengths
+    assert torch.allclose(emb[mask].norm(dim=-1), torch.ones(int(mask.sum())), atol=1e-5)
+    assert torch.all(emb[~mask] == 0)
+
+    pages = [keyword_page("alpha", size=(224, 224)), keyword_page("beta", size=(448, 224))]
+    batch = processor.process_pages(pages)
+    pemb, pmask = model.forward_pages(batch)
+    # one tile (64 tokens) vs 2 tiles + thumbnail (192): exactly the image tokens are kept
+    assert pmask.sum(1).tolist() == [64, 192]
+    assert torch.equal(pmask, (batch["input_ids"] == processor.image_token_id) & batch["attention_mask"].bool())
+    assert torch.allclose(pemb[pmask].norm(dim=-1), torch.ones(int(pmask.sum())), atol=1e-5)
+    assert torch.all(pemb[~pmask] == 0)
+
+
+def test_keep_all_page_tokens_keeps_prompt_tokens(tiny_model_dir, keyword_page):
+    model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=8, keep_all_page_tokens=True)
+    batch = processor.process_pages([keyword_page("alpha")])
+    _, mask = model.forward_pages(batch)
+    assert torch.equal(mask, batch["attention_mask"].bool())
+    assert mask.sum() > 64
+
+
+def test_left_padding_does_not_change_embeddings(model_and_processor, keyword_page):
+    model, processor = model_and_processor
+    alone = model.encode_queries(processor, ["revenue"])[0]
+    batched = model.encode_queries(processor, ["revenue", "a far longer query that forces left padding"])[0]
+    assert torch.allclose(alone, batched, atol=1e-5)
+    page = keyword_page("gamma", size=(224, 224))
+    alone = model.encode_pages(processor, [page])[0]
+    batched = model.encode_pages(processor, [page, keyword_page("delta", size=(448, 448))])[0]
+    assert torch.allclose(alone, batched, atol=1e-5)
+
+
+def test_not_an_image_is_named(model_and_processor, tmp_path):
+    _, processor = model_and_processor
+    bad = tmp_path / "page.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(ValueError, match=r"page\.png cannot be decoded"):
+        processor.process_pages([str(bad)])
+    with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
+        processor.process_pages([str(tmp_path / "missing.png")])
+    with pytest.raises(TypeError, match="page 0 is a str|page 0 is a int"):
+        processor.process_pages([3])
+
+
+# -- MaxSim ----------------------------------------------------------------------
+
+def ragged(n, lengths, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.functional.normalize(torch.randn(lengths[i % len(lengths)], dim, generator=g), dim=-1)
+            for i in range(n)]
+
+
+def test_maxsim_scores_equal_naive_loop_on_ragged_negative_inputs():
+    queries = ragged(5, [3, 7, 1, 4])
+    # pages whose every similarity with query 0 is negative: zero-padding would wrongly make 0 the max
+    pages = ragged(9, [2, 11, 5, 1, 30])
+    pages.append(-queries[0][:1].repeat(3, 1))
+    expected = torch.tensor([[naive_maxsim(q, p) for p in pages] for q in queries])
+    assert expected[0, -1] < 0
+    got = cm.maxsim_scores(queries, pages)
+    assert torch.allclose(got, expected, atol=1e-5)
+    # tiny chunk budget: many chunks, same result
+    assert torch.allclose(cm.maxsim_scores(queries, pages, max_sim_elements=50), expected, atol=1e-5)
+    # bf16 matmul stays within bf16 tolerance
+    assert torch.allclose(cm.maxsim_scores(queries, pages, dtype=torch.bfloat16), expected, atol=0.1)
+
+
+def test_differentiable_maxsim_with_masks_equals_naive():
+    queries, pages = ragged(3, [4, 2, 6], seed=1), ragged(4, [5, 1, 9, 3], seed=2)
+    q = cm.pad_queries(queries) + 7.0  # garbage in the padding must not matter: masks decide
+    p = torch.nn.utils.rnn.pad_sequence(pages, batch_first=True) - 5.0
+    q_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in queries], True)
+    p_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in pages], True)
+    for i, x in enumerate(queries):
+        q[i, :len(x)] = x
+    for j, x in enumerate(pages):
+        p[j, :len(x)] = x
+    expected = torch.tensor([[naive_maxsim(a, b) for b in pages] for a in queries])
+    assert torch.allclose(cm.maxsim(q, p, q_mask, p_mask), expected, atol=1e-5)
+
+
+def test_pad_pages_rejects_empty_page():
+    with pytest.raises(ValueError, match="page 1 has no tokens"):
+        cm.pad_pages([torch.ones(2, 4), torch.ones(0, 4)])
+
+
+# -- loss --------------------------------------------------------------------------
+
+def test_contrastive_loss_matches_independent_infonce():
+    queries, pages = ragged(3, [4, 2, 5], seed=3), ragged(5, [6, 3, 2], seed=4)
+    q, p = cm.pad_queries(queries), cm.pad_pages(pages)
+    q_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in queries], True)
+    p_mask = torch.ones(p.shape[:2], dtype=torch.bool)
+    pos = torch.tensor([2, 3, 4])  # e.g. positives offset by a rank's position in a gathered batch
+    loss = cm.contrastive_loss(q, q_mask, p, p_mask, pos, temperature=0.05)
+    expected = 0.0
+    for i, x in enumerate(queries):
+        logits = torch.tensor([naive_maxsim(x, y) / len(x) / 0.05 for y in pages])
+        expected += -(logits[pos[i]] - torch.logsumexp(logits, 0))
+    assert torch.allclose(loss, expected / 3, atol=1e-4)
+    raw = cm.contrastive_loss(q, q_mask, p, p_mask, pos, temperature=1.0, normalize_by_query_length=False)
+    logits = torch.tensor([[naive_maxsim(x, y) for y in pages] for x in queries])
+    assert torch.allclose(raw, torch.nn.functional.cross_entropy(logits, pos), atol=1e-4)
+
+
+def test_loss_gradients_reach_lora_and_heads_only(model_and_processor, keyword_page):
+    model, processor = model_and_processor
+    model.train()
+    try:
+        q, qm = model.forward_queries(processor.process_queries(["alpha page", "beta page"]))
+        p, pm = model.forward_pages(processor.process_pages([keyword_page("alpha"), keyword_page("beta")]))
+        model.zero_grad()
+        cm.contrastive_loss(q, qm, p, pm, torch.arange(2)).backward()
+    finally:
+        model.eval()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert {"query_head.weight", "page_head.weight"} <= set(grads)
+    assert any("lora_B" in n and g.abs().sum() > 0 for n, g in grads.items())
+    assert all("lora_" in n or "_head." in n for n in grads)
+    assert all(p.grad is None for n, p in model.backbone.named_parameters() if "lora_" not in n)
+    model.zero_grad(set_to_none=True)
+
+
+# -- checkpoints ------------------------------------------------------------------
+
+def perturb(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+def test_checkpoint_round_trip_gives_identical_scores(tiny_model_dir, tmp_path, keyword_page):
+    torch.manual_seed(1)
+    model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8))
+    perturb(model)  # LoRA B starts at zero: make the LoRA weights matter
+    path = tmp_path / "ck.pt"
+    cm.save_checkpoint(str(path), model, step=7, epoch=1)
+    raw = torch.load(path, weights_only=True)
+    assert raw["meta"]["step"] == 7 and raw["meta"]["proj_dim"] == 16 and raw["meta"]["lora"]["r"] == 4
+    assert raw["meta"]["model_id"] == tiny_model_dir and raw["meta"]["format"]["version"] == cm.FORMAT_VERSION
+    loaded, processor2, ckpt = ColIntern.from_checkpoint(str(path))
+    queries, pages = ["alpha", "beta gamma"], [keyword_page("alpha"), keyword_page("beta", size=(448, 224))]
+    before = cm.maxsim_scores(model.encode_queries(processor, queries), model.encode_pages(processor, pages))
+    after = cm.maxsim_scores(loaded.encode_queries(processor2, queries), loaded.encode_pages(processor2, pages))
+    assert torch.equal(before, after)
+    fresh, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8))
+    other = cm.maxsim_scores(fresh.encode_queries(processor, queries), fresh.encode_pages(processor, pages))
+    assert not torch.allclose(before, other)
+
+
+def test_checkpoint_mismatches_are_clear_errors(tiny_model_dir, tmp_path):
+    model, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8))
+    path = str(tmp_path / "ck.pt")
+    cm.save_checkpoint(path, model)
+    ckpt = cm.load_checkpoint(path)
+    other_dim, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=32, lora=LoraSettings(r=4, alpha=8))
+    with pytest.raises(ValueError, match="proj_dim 16.*--proj_dim 16"):
+        other_dim.load_trainable_state(ckpt)
+    no_lora, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16)
+    with pytest.raises(ValueError, match="LoRA layout does not match"):
+        no_lora.load_trainable_state(ckpt)
+    other_r, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, target_modules=r".*language_model.*\.q_proj$"))
+    with pytest.raises(ValueError, match="LoRA layout does not match"):
+        other_r.load_trainable_state(ckpt)
+    bigger = dict(ckpt, meta=dict(ckpt["meta"], hidden_size=1024, model_id="OpenGVLab/InternVL3_5-1B-HF"))
+    with pytest.raises(ValueError, match="hidden size 1024.*--model_id"):
+        model.load_trainable_state(bigger)
+    old_format = dict(ckpt, meta=dict(ckpt["meta"], format=dict(ckpt["meta"]["format"], version=0)))
+    with pytest.raises(ValueError, match="format v0"):
+        model.load_trainable_state(old_format)
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
+        cm.load_checkpoint(str(tmp_path / "nope.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.pt cannot be read"):
+        cm.load_checkpoint(str(tmp_path / "junk.pt"))
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt is not a ColIntern checkpoint"):
+        cm.load_checkpoint(str(tmp_path / "other.pt"))
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ck.pt")
+    cm.atomic_torch_save({"kind": "colintern", "v": torch.tensor([1.0])}, path)
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.truncate(10)  # half-written bytes on disk, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        cm.atomic_torch_save({"kind": "colintern", "v": torch.tensor([2.0])}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=True)["v"].item() == 1.0
+    assert os.listdir(tmp_path) == ["ck.pt"]
+
+
+# -- data helpers ----------------------------------------------------------------------
+
+def test_read_triples_errors_name_file_and_line(tmp_path):
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"query": "q1", "pos": "a.png", "negs": ["b.png"]}\n\n{"query": "q2", "pos": "c.png"}\n')
+    rows = cm.read_triples(str(good))
+    assert [(r["query"], r["negs"], r["line"]) for r in rows] == [("q1", ["b.png"], 1), ("q2", [], 3)]
+    cases = {'{"query": "q", "pos": "a.png"}\n{"query": "q", \n': "line 2: not valid JSON",
+             '{"query": "q"}\n': "line 1: 'pos' is missing",
+             '{"query": "", "pos": "a.png"}\n': "line 1: 'query' is missing or empty",
+             '{"query": "q", "pos": "a.png", "negs": "b.png"}\n': "line 1: 'negs' must be a list",
+             "\n": "has no triples"}
+    for i, (text, message) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{i}.jsonl"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=f"bad{i}.jsonl {message}" if "line" in message else message):
+            cm.read_triples(str(bad))
+
+
+def test_page_resolver_files_and_pseudo_paths(tmp_path, keyword_page):
+    import datasets
+    pages = [keyword_page(w) for w in ["alpha", "beta", "gamma"]]
+    folder = tmp_path / "sets" / "mini"
+    datasets.Dataset.from_dict({"query": ["a", "b", "c"], "image": pages},
+                               features=datasets.Features({"query": datasets.Value("string"),
+                                                           "image": datasets.Image()})).save_to_disk(str(folder))
+    keyword_page("file").save(tmp_path / "p.png")
+    resolve = cm.PageResolver(root=str(tmp_path))
+    assert resolve("p.png").size == (224, 224)
+    ref = cm.pseudo_path(str(folder), "train", 2)
+    assert ref == f"{folder}/train/doc_2.png"
+    assert resolve(ref).tobytes() == pages[2].convert("RGB").tobytes()
+    with pytest.raises(IndexError, match="row 9 but .* has 3 rows"):
+        resolve(cm.pseudo_path(str(folder), "train", 9), "x.jsonl line 4")
+    with pytest.raises(FileNotFoundError, match="x.jsonl line 5: page 'nope.png' is neither a file"):
+        resolve("nope.png", "x.jsonl line 5")
+    with pytest.raises(FileNotFoundError, match="dataset .*missing.* cannot be opened"):
+        resolve(cm.pseudo_path(str(tmp_path / "missing"), "train", 0), "x.jsonl line 6")
+    empty = tmp_path / "empty"
+    (empty / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"query": ["x"]}).select([]).to_parquet(str(empty / "data" / "train-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match="dataset .*empty split 'train'.*(is empty|no data)"):
+        cm.load_page_dataset(str(empty), "train")
+    with pytest.raises(FileNotFoundError, match="dataset folder .*nowhere does not exist"):
+        cm.load_page_dataset(str(tmp_path / "nowhere"), "train")
