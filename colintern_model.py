@@ -85,13 +85,17 @@ def check_internvl_config(model_id: str, config: dict) -> None:
 
 
 def resolve_dtype(dtype, device="cpu") -> torch.dtype:
-    """'auto' is bfloat16 on CUDA and float32 on CPU; names like 'bf16', 'float16', 'fp32' are accepted."""
+    """'auto' is bfloat16 when `device` (a device or a device_map: 'cuda:0', 'auto', a dict) puts the model on a
+    GPU, else float32; names like 'bf16', 'float16', 'fp32' are accepted."""
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
     if dtype in (None, "auto"):
-        return torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_available() else torch.float32
+        on_gpu = device is not None and str(device) != "cpu" and torch.cuda.is_available()
+        if not on_gpu:
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(names)}")
     return names[dtype]
@@ -109,7 +113,7 @@ def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=Non
     """
     from transformers import AutoModel
     check_internvl_config(model_id, read_model_config(model_id))
-    kwargs = {"dtype": resolve_dtype(dtype, device_map if isinstance(device_map, str) else "cpu")}
+    kwargs = {"dtype": resolve_dtype(dtype, device_map)}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if attn_implementation is not None:
