@@ -1,0 +1,15 @@
+# The two set-up commands of the README. Both install .venv on first use (scripts/setup.sh).
+.PHONY: setup demo test
+
+setup: .venv/.setup-done
+
+.venv/.setup-done: requirements.txt scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+# The offline demo: tiny model + synthetic pages through train -> mine -> train -> eval -> plots (outputs/demo/).
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	.venv/bin/python -m pytest -q tests
