@@ -1,0 +1,666 @@
+"""Evaluate ColIntern on ViDoRe (v1/v2/v3) through MTEB, scoring with exact MaxSim.
+
+    python eval.py --ckpt outputs/run/colintern_heads_epoch1.pt --benchmarks "ViDoRe(v2)" "ViDoRe(v1)" --device cuda:0
+    python eval.py --list                                   # ViDoRe benchmarks, their tasks and dataset folders
+    python eval.py --ckpt CKPT --tasks VidoreArxivQARetrieval --max_queries 50 --max_pages 200   # quick check
+    python eval.py --ckpt CKPT --benchmarks "ViDoRe(v1)" --data_dir /data/vidore     # offline: local hub copies
+    python eval.py --ckpt CKPT --local_task outputs/synthetic/eval --out_json outputs/eval/synthetic.json
+    python eval.py --model_id outputs/tiny-internvl --local_task outputs/synthetic/eval   # untrained baseline
+
+The model goes through mteb's own protocol (`mteb.evaluate`, its ViDoRe task classes, its metrics and its result
+cache); only the scorer is ours, because mteb's zero-padded MaxSim is not exact. Queries and pages go through
+`ColInternProcessor`, the same format as training. Page embeddings are cached by image content within a task, so
+ViDoRe v2/v3 encode each page once, not once per language.
+
+mteb's result cache (`--results_dir`) keys results by model name + revision + task; the revision here is a hash of
+the checkpoint file, the backbone and the tile setting, so a new checkpoint is always evaluated afresh, while an
+interrupted run resumes with the tasks (and language subsets) it had finished. Subsampled runs
+(`--max_queries/--max_pages`) are cached apart from full runs (mteb's `experiments/` folder).
+
+Offline (`--data_dir DIR`): DIR holds one folder per hub dataset, named by the last part of its hub id (`--list`
+prints them), in the hub layout, e.g. from
+`hf download mteb/arxivqa_test_subsampled_beir --repo-type dataset --local-dir DIR/arxivqa_test_subsampled_beir`.
+
+Outputs: a printed table (scores x100), `--out_json` (default `outputs/eval/<revision>.json`) holding
+`{"ckpt", "model_id", "revision", "benchmarks": {name: {"tasks": {task: {metric: value}}, "average": {metric: value}}}}`
+with mteb's 0-1 values, and mteb's per-query rankings under `--predictions_dir/<revision>[__<experiment>]/`.
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+
+import mteb
+import torch
+from mteb.models.abs_encoder import AbsEncoder
+
+from colintern_model import DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, maxsim_scores
+
+# The metrics reported, as mteb names them, and as the table heads them.
+METRICS = ["ndcg_at_5", "ndcg_at_10", "recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10"]
+METRIC_LABELS = {"ndcg_at_5": "nDCG@5", "ndcg_at_10": "nDCG@10", "recall_at_1": "R@1", "recall_at_5": "R@5",
+                 "recall_at_10": "R@10", "mrr_at_10": "MRR@10"}
+LOCAL_BENCHMARK = "local"
+HUB_CONFIGS = ("corpus", "queries", "qrels")  # the ViDoRe v1 hub layout, which --local_task reads too
+COLPALI_TRAIN_SET = "vidore/colpali_train_set"
+
+
+# -----------------------------------------------------------------------------
+# Identity: what the mteb revision is made of
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def backbone_fingerprint(model_id: str) -> str:
+    """A cheap content fingerprint of the backbone: a local folder's config and weight files (name, size, first and
+    last MiB: random or retrained weights differ everywhere), or a hub id's cached snapshot commit."""
+    if os.path.isdir(model_id):
+        h = hashlib.sha256()
+        for name in sorted(os.listdir(model_id)):
+            path = os.path.join(model_id, name)
+            if not os.path.isfile(path) or not name.endswith((".json", ".safetensors", ".bin")):
+                continue
+            size = os.path.getsize(path)
+            h.update(f"{name}:{size}".encode())
+            with open(path, "rb") as f:
+                h.update(f.read(1 << 20))
+                if size > 2 << 20:
+                    f.seek(-(1 << 20), os.SEEK_END)
+                    h.update(f.read())
+        return h.hexdigest()
+    from huggingface_hub import try_to_load_from_cache
+    cached = try_to_load_from_cache(model_id, "config.json")
+    snapshot = re.search(r"snapshots[/\\]([0-9a-f]{40})", cached) if isinstance(cached, str) else None
+    return snapshot[1] if snapshot else model_id
+
+
+def model_revision(ckpt: str | None, model_id: str, max_tiles: int, seed: int = 0, proj_dim: int = 128) -> str:
+    """mteb revision: `<checkpoint name>-<hash>` from the checkpoint's bytes, the model id, the backbone and the tile
+    setting (or `untrained-seed<S>-<hash>` for random heads), so cached scores never outlive the weights."""
+    parts = [f"model_id={model_id}", f"backbone={backbone_fingerprint(model_id)}", f"max_tiles={max_tiles}",
+             f"format={FORMAT_VERSION}"]
+    if ckpt is not None:
+        parts.append(f"ckpt={file_sha256(ckpt)}")
+        label = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(ckpt))[0])
+    else:
+        parts.append(f"untrained seed={seed} proj_dim={proj_dim}")
+        label = f"untrained-seed{seed}"
+    return f"{label}-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:12]}"
+
+
+def trained_on_colpali_set(ckpt: str | None) -> bool:
+    """Whether the run's args.json (written by train.py beside its checkpoints) names vidore/colpali_train_set."""
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "args.json") if ckpt else None
+    if path is None or not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return COLPALI_TRAIN_SET in f.read()
+
+
+def page_key(image) -> str:
+    """Content hash of a page image: the cache key that lets language subsets share page embeddings."""
+    if not hasattr(image, "tobytes"):
+        raise TypeError(f"page is a {type(image).__name__}, not a PIL image")
+    h = hashlib.sha1(f"{image.mode}:{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# Exact MaxSim over whatever mteb hands the scorer
+
+def as_multivectors(x) -> list:
+    """mteb passes back what encode returned (a list of (L, D) tensors), or, when reranking, a padded (N, L, D)
+    tensor. All-zero rows are padding (real tokens are unit vectors) and are dropped, so padding never wins a max."""
+    if isinstance(x, (list, tuple)):
+        return [torch.as_tensor(t) for t in x]
+    x = torch.as_tensor(x)
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    if x.dim() != 3:
+        raise ValueError(f"expected multi-vector embeddings (N, L, D) or a list of (L, D), got shape {tuple(x.shape)}")
+    return [t[t.abs().sum(dim=-1) > 0] for t in x]
+
+
+def exact_maxsim(queries, pages, device="cpu") -> torch.Tensor:
+    """(Nq, Np) exact MaxSim scores: for each query token its best page token, summed."""
+    return maxsim_scores(as_multivectors(queries), as_multivectors(pages), device=device)
+
+
+# -----------------------------------------------------------------------------
+# The MTEB model
+
+class ColInternEncoder(AbsEncoder):
+    """mteb encoder protocol around ColIntern: queries and pages in the training format, exact MaxSim scoring, and
+    page embeddings cached by image content within a task (language subsets of one task share their pages)."""
+
+    def __init__(self, model: ColIntern, processor, model_meta, device="cpu"):
+        self.model = model
+        self.processor = processor
+        self.mteb_model_meta = model_meta
+        self.device = device
+        self.page_cache = {}  # page_key -> (Lp, D) float32 CPU tensor
+        self._cache_task = None
+        self.pages_encoded = 0
+        self.page_cache_hits = 0
+        self.queries_encoded = 0
+
+    def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
+        from mteb.types import PromptType
+        columns = inputs.dataset.column_names
+        if prompt_type is None:  # non-retrieval task types: decide by the data
+            prompt_type = PromptType.document if "image" in columns else PromptType.query
+        where = f"{task_metadata.name} {hf_subset}"
+        show = kwargs.get("show_progress_bar", True)
+        if prompt_type == PromptType.query:
+            if "text" not in columns:
+                raise ValueError(f"task {task_metadata.name} gives queries without a 'text' column ({columns})")
+            return self._encode_queries(inputs, where, show)
+        if "image" not in columns:
+            raise ValueError(f"task {task_metadata.name} gives documents without an 'image' column ({columns}): "
+                             f"ColIntern retrieves page images")
+        if task_metadata.name != self._cache_task:  # pages are shared within a task; bound memory to one task
+            self.page_cache.clear()
+            self._cache_task = task_metadata.name
+        return self._encode_pages(inputs, where, show)
+
+    def _encode_queries(self, loader, where, show) -> list:
+        from tqdm.auto import tqdm
+        out = []
+        for batch in tqdm(loader, desc=f"queries {where}", unit="batch", disable=not show):
+            texts = list(batch["text"])
+            out.extend(self.model.encode_queries(self.processor, texts, batch_size=len(texts)))
+            self.queries_encoded += len(texts)
+        return out
+
+    def _encode_pages(self, loader, where, show) -> list:
+        from tqdm.auto import tqdm
+        out = []
+        bar = tqdm(loader, desc=f"pages {where}", unit="batch", disable=not show)
+        for batch in bar:
+            keys = [page_key(im) for im in batch["image"]]
+            missing = {}
+            for key, image in zip(keys, batch["image"]):
+                if key not in self.page_cache and key not in missing:
+                    missing[key] = image
+            if missing:
+                embeddings = self.model.encode_pages(self.processor, list(missing.values()), batch_size=len(missing))
+                self.page_cache.update(zip(missing, embeddings))
+                self.pages_encoded += len(missing)
+            self.page_cache_hits += len(keys) - len(missing)
+            out.extend(self.page_cache[key] for key in keys)
+            bar.set_postfix(encoded=self.pages_encoded, from_cache=self.page_cache_hits)
+        return out
+
+    def similarity(self, embeddings1, embeddings2):
+        return exact_maxsim(embeddings1, embeddings2, device=self.device)
+
+    def similarity_pairwise(self, embeddings1, embeddings2):
+        a, b = as_multivectors(embeddings1), as_multivectors(embeddings2)
+        if len(a) != len(b):
+            raise ValueError(f"similarity_pairwise needs as many queries as pages, got {len(a)} and {len(b)}")
+        return torch.stack([maxsim_scores([q], [p], device=self.device)[0, 0] for q, p in zip(a, b)])
+
+
+def build_model_meta(model: ColIntern, model_id: str, revision: str, ckpt: str | None, loader_kwargs: dict,
+                     experiment_kwargs: dict | None):
+    from mteb.models.model_meta import ModelMeta, ScoringFunction
+    n_params = sum(p.numel() for p in model.parameters())
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    on_colpali = trained_on_colpali_set(ckpt)
+    stamp = os.path.getmtime(ckpt) if ckpt else datetime.datetime.now().timestamp()
+    text_config = model.backbone.config.text_config
+    return ModelMeta(
+        loader=load_encoder, loader_kwargs=loader_kwargs,
+        name=f"colintern/{os.path.basename(model_id.rstrip('/'))}", revision=revision,
+        release_date=datetime.date.fromtimestamp(stamp).isoformat(),
+        languages=["eng-Latn"], n_parameters=n_params, memory_usage_mb=round(n_bytes / 2**20, 1),
+        max_tokens=getattr(text_config, "max_position_embeddings", None), embed_dim=model.proj_dim,
+        license="not specified", open_weights=True, public_training_code=None,
+        public_training_data=f"https://huggingface.co/datasets/{COLPALI_TRAIN_SET}" if on_colpali else None,
+        framework=["PyTorch", "Transformers"], reference=None,
+        similarity_fn_name=ScoringFunction.MAX_SIM, use_instructions=True,
+        training_datasets=({"VidoreDocVQARetrieval", "VidoreInfoVQARetrieval", "VidoreTatdqaRetrieval",
+                            "VidoreArxivQARetrieval"} if on_colpali else set()),
+        adapted_from=model_id, modalities=["image", "text"], model_type=["late-interaction"],
+        experiment_kwargs=experiment_kwargs or None,
+    )
+
+
+def load_encoder(model_name: str | None = None, revision: str | None = None, *, ckpt: str | None = None,
+                 model_id: str | None = None, device: str = "cpu", dtype: str = "auto", max_tiles: int | None = None,
+                 seed: int = 0, proj_dim: int = 128, experiment_kwargs: dict | None = None) -> ColInternEncoder:
+    """The ModelMeta loader: a checkpoint (heads + LoRA on its backbone, or on `model_id`), or with no checkpoint
+    the untrained baseline (seeded random heads, no LoRA) on `model_id`."""
+    device_map = None if device == "cpu" else device
+    if ckpt is not None:
+        model, processor, ckpt_dict = ColIntern.from_checkpoint(ckpt, model_id=model_id, dtype=dtype,
+                                                                device_map=device_map, max_tiles=max_tiles)
+        model_id = model.model_id
+    else:
+        if model_id is None:
+            raise ValueError("pass --ckpt CKPT, or --model_id MODEL alone for the untrained baseline")
+        model, processor = ColIntern.from_pretrained(model_id, proj_dim=proj_dim, lora=None,
+                                                     max_tiles=max_tiles or 4, dtype=dtype, device_map=device_map)
+        # re-draw the heads from the seed alone, whatever random numbers loading the backbone consumed
+        torch.manual_seed(seed)
+        model.query_head.reset_parameters()
+        model.page_head.reset_parameters()
+    revision = model_revision(ckpt, model_id, model.max_tiles, seed=seed, proj_dim=model.proj_dim)
+    loader_kwargs = {"ckpt": ckpt, "model_id": model_id, "device": device, "dtype": dtype,
+                     "max_tiles": model.max_tiles, "seed": seed, "proj_dim": model.proj_dim}
+    meta = build_model_meta(model, model_id, revision, ckpt, loader_kwargs, experiment_kwargs)
+    return ColInternEncoder(model.eval(), processor, meta, device=device)
+
+
+# -----------------------------------------------------------------------------
+# Tasks: ViDoRe benchmarks, local hub copies, custom local folders
+
+def vidore_benchmarks() -> dict:
+    return {b.name: b for b in mteb.get_benchmarks() if "vidore" in b.name.lower()}
+
+
+def list_benchmarks() -> str:
+    lines = [f"ViDoRe benchmarks known to mteb {mteb.__version__} (--data_dir folder = last part of the dataset id):"]
+    for name, bench in vidore_benchmarks().items():
+        lines.append(f"\n{name}: {len(bench.tasks)} tasks")
+        for task in bench.tasks:
+            md = task.metadata
+            subsets = "" if task.hf_subsets == ["default"] else f"  subsets: {','.join(task.hf_subsets)}"
+            private = "" if md.is_public else "  (private)"
+            lines.append(f"  {md.name:<52} {md.main_score:<10} {md.dataset['path']}{subsets}{private}")
+    return "\n".join(lines)
+
+
+def select_tasks(benchmark_names, task_names) -> list:
+    """-> [(benchmark name, task)]: every task of the named benchmarks, or only the named tasks (looked up in the
+    named benchmarks, else in all ViDoRe benchmarks; grouped under the first benchmark that has them)."""
+    known = vidore_benchmarks()
+    for name in benchmark_names or []:
+        if name not in known:
+            raise ValueError(f"--benchmarks: unknown benchmark {name!r}. This mteb knows: "
+                             f"{', '.join(repr(b) for b in known)} (see python eval.py --list)")
+    pool = [(b, known[b]) for b in benchmark_names] if benchmark_names else list(known.items())
+    if not task_names:
+        return [(b, copy.deepcopy(task)) for b, bench in pool for task in bench.tasks]
+    selected = []
+    for name in task_names:
+        owner = next(((b, t) for b, bench in pool for t in bench.tasks if t.metadata.name == name), None)
+        if owner is None:
+            valid = sorted({t.metadata.name for _, bench in pool for t in bench.tasks})
+            where = f"benchmarks {[b for b, _ in pool]}" if benchmark_names else "the ViDoRe benchmarks"
+            raise ValueError(f"--tasks: unknown task {name!r} in {where}. Valid tasks: {', '.join(valid)}")
+        selected.append((owner[0], copy.deepcopy(owner[1])))
+    return selected
+
+
+def dataset_folder_name(task) -> str:
+    return task.metadata.dataset["path"].rstrip("/").split("/")[-1]
+
+
+def required_configs(task) -> list:
+    """The dataset configs a task's loader reads, as alternatives: [("corpus",), ("queries", "query"), ...]."""
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    if type(task).load_data is not AbsTaskRetrieval.load_data:
+        return [(c,) for c in HUB_CONFIGS]  # the ViDoRe v1/v2 loaders read these three configs, split by split
+    if not task.metadata.is_multilingual:  # mteb's generic loader (ViDoRe v3)
+        return [("corpus",), ("queries", "query"), ("qrels", "default")]
+    return [c for s in task.hf_subsets for c in ((f"{s}-corpus",), (f"{s}-queries", "query"), (f"{s}-qrels",))]
+
+
+def check_hub_layout(folder: str, configs: list, splits, what: str) -> None:
+    """Raise, naming what is missing, unless `folder` holds the dataset configs and splits a loader needs."""
+    import datasets
+    try:
+        found = datasets.get_dataset_config_names(folder)
+    except Exception as e:
+        raise ValueError(f"{what}: {folder} is not a dataset folder in the hub layout ({e})") from e
+    missing = [" or ".join(alts) for alts in configs if not any(c in found for c in alts)]
+    if missing:
+        raise ValueError(f"{what}: {folder} lacks the dataset configs {missing} (it has {found}). It needs the hub "
+                         f"layout: a README.md whose `configs:` block maps each config to its parquet files "
+                         f"(e.g. corpus -> corpus/test-*.parquet), as `hf download ... --repo-type dataset` gives")
+    for alts in configs:
+        config = next(c for c in alts if c in found)
+        try:
+            have = datasets.get_dataset_split_names(folder, config)
+        except Exception as e:
+            raise ValueError(f"{what}: {folder} config {config!r} has no readable data files ({e}); "
+                             f"check the paths in its README.md configs block") from e
+        lacking = [s for s in splits if s not in have]
+        if lacking:
+            raise ValueError(f"{what}: {folder} config {config!r} has splits {have}, not {lacking}")
+
+
+@contextlib.contextmanager
+def datasets_cache_for(folder: str):
+    """Load a local folder through a datasets cache of its own. datasets 5.x caches a folder whose README has a
+    `configs:` block under the folder's name and config alone, ignoring the files read: another folder of the same
+    name (two `eval` sets, a regenerated copy) would silently load the first one's data. The cache here is keyed
+    by the folder's path and its files' sizes and modification times."""
+    import datasets
+    h = hashlib.sha256(os.path.abspath(folder).encode())
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(root, name))
+            h.update(f"{os.path.relpath(os.path.join(root, name), folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    previous = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = os.path.join(previous, "colintern_local", h.hexdigest()[:16])
+    try:
+        yield
+    finally:
+        datasets.config.HF_DATASETS_CACHE = previous
+
+
+def load_in_own_cache(task, folder: str) -> None:
+    """Make the task's own loader read `folder` through `datasets_cache_for(folder)`."""
+    load = task.load_data
+
+    def load_data(*args, **kwargs):
+        with datasets_cache_for(folder):
+            load(*args, **kwargs)
+
+    task.load_data = load_data
+
+
+def point_at_local_copy(task, data_dir: str) -> str:
+    """Make `task` load its dataset from `data_dir/<last part of its hub id>`; -> that folder."""
+    hub_id = task.metadata.dataset["path"]
+    folder = os.path.join(data_dir, dataset_folder_name(task))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"--data_dir {data_dir}: task {task.metadata.name} expects its dataset in {folder} (a copy of {hub_id}), "
+            f"which does not exist. Get it with: hf download {hub_id} --repo-type dataset "
+            f"--revision {task.metadata.dataset.get('revision')} --local-dir {folder}")
+    check_hub_layout(folder, required_configs(task), task.eval_splits, f"task {task.metadata.name}")
+    # a copy on the instance: the class-level metadata (the hub id) stays as mteb registered it
+    task.metadata = task.metadata.model_copy(deep=True)
+    task.metadata.dataset["path"] = folder
+    # datasets ignores the revision of a local folder; results record where the data came from
+    task.metadata.dataset["revision"] = f"local-copy-of-{task.metadata.dataset.get('revision')}"
+    load_in_own_cache(task, folder)
+    return folder
+
+
+def folder_fingerprint(folder: str) -> str:
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = os.path.join(root, name)
+            h.update(os.path.relpath(path, folder).encode() + b"\0" + file_sha256(path).encode())
+    return h.hexdigest()
+
+
+def make_local_task(folder: str):
+    """A retrieval task over a folder in the ViDoRe v1 hub layout (corpus/queries/qrels configs, split test).
+
+    Its name carries a fingerprint of the folder's files, so mteb's cache never reports scores of other data."""
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.task_metadata import TaskMetadata
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--local_task {folder} does not exist")
+    check_hub_layout(folder, [(c,) for c in HUB_CONFIGS], ["test"], f"--local_task {folder}")
+    fingerprint = folder_fingerprint(folder)
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.abspath(folder)))
+    metadata = TaskMetadata(
+        name=f"{base}@{fingerprint[:8]}", description=f"Page retrieval on the local folder {os.path.abspath(folder)}",
+        dataset={"path": os.path.abspath(folder), "revision": fingerprint}, type="DocumentUnderstanding",
+        category="t2i", modalities=["text", "image"], eval_splits=["test"], eval_langs=["eng-Latn"],
+        main_score="ndcg_at_5", task_subtypes=["Image Text Retrieval"])
+
+    def load_data(self, num_proc=None, **kwargs):
+        if self.data_loaded:
+            return
+        self.dataset = {"default": {"test": load_hub_layout(self.metadata.dataset["path"], "test")}}
+        self.data_loaded = True
+
+    # metadata on a class of its own: mteb restores class metadata when it unloads a task's data
+    cls = type("LocalPageRetrieval", (AbsTaskRetrieval,), {"metadata": metadata, "load_data": load_data})
+    return cls()
+
+
+def load_hub_layout(folder: str, split: str) -> dict:
+    """corpus/queries/qrels configs of a hub-layout folder -> mteb's RetrievalSplitData, ids as mteb's ViDoRe
+    loaders write them."""
+    import datasets
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+    with datasets_cache_for(folder):
+        parts = {c: datasets.load_dataset(folder, c, split=split) for c in HUB_CONFIGS}
+    for config, columns in (("corpus", ["corpus-id", "image"]), ("queries", ["query-id", "query"]),
+                            ("qrels", ["query-id", "corpus-id", "score"])):
+        lacking = [c for c in columns if c not in parts[config].column_names]
+        if lacking:
+            raise ValueError(f"{folder} config {config!r} lacks columns {lacking} (has {parts[config].column_names})")
+    corpus = parts["corpus"].map(lambda x: {"id": f"corpus-{split}-{x['corpus-id']}"}).select_columns(["id", "image"])
+    queries = parts["queries"].map(lambda x: {"id": f"query-{split}-{x['query-id']}", "text": x["query"]})
+    relevant = {}
+    for row in parts["qrels"]:
+        relevant.setdefault(f"query-{split}-{row['query-id']}", {})[f"corpus-{split}-{row['corpus-id']}"] = \
+            int(row["score"])
+    return RetrievalSplitData(corpus=corpus, queries=queries.select_columns(["id", "text"]), relevant_docs=relevant,
+                              top_ranked=None)
+
+
+# -----------------------------------------------------------------------------
+# Subsampling for quick checks
+
+def subsample_split(data: dict, max_queries: int | None, max_pages: int | None, seed: int) -> dict:
+    """Keep at most `max_queries` queries (those with a relevant page) and at most `max_pages` pages: every relevant
+    page of a kept query, then random other pages. Seeded, so every run of a checkpoint sees the same subset."""
+    rng = random.Random(seed)
+    queries, qrels, corpus = data["queries"], data["relevant_docs"], data["corpus"]
+    query_ids = list(queries["id"])
+    answered = [q for q in query_ids if any(s > 0 for s in qrels.get(q, {}).values())]
+    if max_queries is not None and len(answered) > max_queries:
+        answered = rng.sample(answered, max_queries)
+    keep = set(answered)
+    queries = queries.select([i for i, q in enumerate(query_ids) if q in keep])
+    qrels = {q: qrels[q] for q in query_ids if q in keep}
+    if max_pages is not None:
+        page_ids = list(corpus["id"])
+        needed = {d for q in keep for d in qrels[q]}
+        others = [i for i, d in enumerate(page_ids) if d not in needed]
+        fill = set(rng.sample(others, min(len(others), max(0, max_pages - len(needed)))))
+        corpus = corpus.select([i for i, d in enumerate(page_ids) if d in needed or i in fill])
+    top_ranked = data.get("top_ranked")
+    if top_ranked is not None:
+        in_corpus = set(corpus["id"])
+        top_ranked = {q: [d for d in top_ranked[q] if d in in_corpus] for q in keep if q in top_ranked}
+    return dict(data, corpus=corpus, queries=queries, relevant_docs=qrels, top_ranked=top_ranked)
+
+
+def subsample_on_load(task, max_queries: int | None, max_pages: int | None, seed: int) -> None:
+    """Subsample right after the task loads its data: mteb loads a task only when its results are not cached, so
+    resuming a run does not reload finished tasks."""
+    load = task.load_data
+
+    def load_data(*args, **kwargs):
+        if task.data_loaded:
+            return
+        load(*args, **kwargs)
+        task.convert_v1_dataset_format_to_v2(num_proc=kwargs.get("num_proc"))  # ViDoRe v1/v2 load the v1 format
+        for subset, splits in task.dataset.items():
+            for split in list(splits):
+                before = (len(splits[split]["queries"]), len(splits[split]["corpus"]))
+                splits[split] = subsample_split(splits[split], max_queries, max_pages, seed)
+                print(f"{task.metadata.name} {subset}/{split}: {len(splits[split]['queries'])} of {before[0]} "
+                      f"queries, {len(splits[split]['corpus'])} of {before[1]} pages")
+
+    task.load_data = load_data
+
+
+# -----------------------------------------------------------------------------
+# Results
+
+def task_metrics(result) -> dict:
+    """mteb's scores of one task, each metric averaged over its language subsets (as mteb's get_score does)."""
+    return {m: float(result.get_score(getter=lambda scores, m=m: scores[m])) for m in METRICS}
+
+
+def summarize(groups: list, results: dict) -> dict:
+    """[(benchmark, task)] + {task name: TaskResult} -> {benchmark: {"tasks": {...}, "average": {...}}}."""
+    out = {}
+    for bench, task in groups:
+        name = task.metadata.name
+        entry = out.setdefault(bench, {"tasks": {}, "average": {}})
+        if name in results:
+            entry["tasks"][name] = task_metrics(results[name])
+        else:
+            entry.setdefault("skipped", []).append(name)
+    for entry in out.values():
+        tasks = list(entry["tasks"].values())
+        entry["average"] = {m: sum(t[m] for t in tasks) / len(tasks) for m in METRICS} if tasks else {}
+    return out
+
+
+def format_table(benchmarks: dict) -> str:
+    width = max([len("task")] + [len(t) for e in benchmarks.values() for t in e["tasks"]] + [len("average (99 tasks)")])
+    head = f"{'task':<{width}}  " + "  ".join(f"{METRIC_LABELS[m]:>7}" for m in METRICS)
+    lines = []
+    for bench, entry in benchmarks.items():
+        lines += ["", f"{bench}  (scores x100)", head, "-" * len(head)]
+        for task, metrics in entry["tasks"].items():
+            lines.append(f"{task:<{width}}  " + "  ".join(f"{100 * metrics[m]:7.2f}" for m in METRICS))
+        if entry["average"]:
+            label = f"average ({len(entry['tasks'])} tasks)"
+            lines.append(f"{label:<{width}}  " + "  ".join(f"{100 * entry['average'][m]:7.2f}" for m in METRICS))
+        for task in entry.get("skipped", []):
+            lines.append(f"{task:<{width}}  skipped (see the error above), not in the average")
+    return "\n".join(lines)
+
+
+def write_json(path: str, obj) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--list", action="store_true", help="print the ViDoRe benchmarks mteb knows, their tasks and "
+                   "dataset ids, and exit")
+    p.add_argument("--ckpt", default=None, help="ColIntern checkpoint (.pt from train.py); omit, with --model_id, "
+                   "for the untrained baseline")
+    p.add_argument("--model_id", default=None, help="backbone (hub id or save_pretrained folder); default: the "
+                   f"checkpoint's. Without --ckpt: evaluate it with random heads and no LoRA (e.g. {DEFAULT_MODEL_ID})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the untrained baseline's heads and of the "
+                   "--max_queries/--max_pages subsample")
+    p.add_argument("--proj_dim", type=int, default=None, help="embedding size of the untrained baseline's heads "
+                   "(default 128); a checkpoint brings its own")
+    p.add_argument("--benchmarks", nargs="+", default=None, help='mteb benchmark names, e.g. "ViDoRe(v1)" '
+                   '"ViDoRe(v2)" "ViDoRe(v3)" (see --list)')
+    p.add_argument("--tasks", nargs="+", default=None, help="only these task names (from --benchmarks, or from any "
+                   "ViDoRe benchmark)")
+    p.add_argument("--local_task", nargs="+", default=None, help="folder(s) in the ViDoRe v1 hub layout "
+                   "(corpus/queries/qrels parquet + README configs), evaluated as custom tasks (benchmark 'local')")
+    p.add_argument("--data_dir", default=None, help="load each task's dataset from DATA_DIR/<last part of its hub "
+                   "id> (a hub-layout copy) instead of the hub, for machines without internet")
+    p.add_argument("--max_queries", type=int, default=None, help="evaluate at most this many queries per task and "
+                   "language (a seeded random subset), for quick checks during training")
+    p.add_argument("--max_pages", type=int, default=None, help="at most this many pages per task: the relevant "
+                   "pages of the kept queries plus random others")
+    p.add_argument("--max_tiles", type=int, default=None, help="tiles per page (default: the checkpoint's, or 4)")
+    p.add_argument("--batch_size", type=int, default=8, help="queries or pages per forward pass")
+    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
+                   help="device for the model and the scoring (default cuda:0 when there is a GPU, else cpu)")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--results_dir", default="outputs/mteb_cache", help="mteb's result cache; finished tasks found "
+                   "here for the same checkpoint are not recomputed")
+    p.add_argument("--overwrite", action="store_true", help="recompute every task even if cached")
+    p.add_argument("--out_json", default=None, help="summary JSON (default outputs/eval/<revision>.json)")
+    p.add_argument("--predictions_dir", default=None, help="mteb's per-query rankings go to "
+                   "PREDICTIONS_DIR/<revision>/<task>_predictions.json (default: beside --out_json)")
+    args = p.parse_args(argv)
+    for flag in ("max_queries", "max_pages", "max_tiles", "batch_size", "proj_dim"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag} must be >= 1, got {value}")
+    if not args.list:
+        if args.ckpt is None and args.model_id is None:
+            p.error("pass --ckpt CKPT (or --model_id MODEL alone for the untrained baseline)")
+        if args.ckpt is not None and args.proj_dim is not None:
+            p.error("--proj_dim only applies to the untrained baseline: a checkpoint brings its own")
+        if not (args.benchmarks or args.tasks or args.local_task):
+            p.error("nothing to evaluate: pass --benchmarks, --tasks or --local_task (see --list)")
+    return args
+
+
+def main(args):
+    if args.list:
+        print(list_benchmarks())
+        return None
+
+    groups = select_tasks(args.benchmarks, args.tasks) if (args.benchmarks or args.tasks) else []
+    if args.data_dir is not None:
+        for _, task in groups:
+            point_at_local_copy(task, args.data_dir)
+    groups += [(LOCAL_BENCHMARK, make_local_task(folder)) for folder in args.local_task or []]
+    tasks = list({task.metadata.name: task for _, task in groups}.values())  # a task in two benchmarks runs once
+    subsample = {k: v for k, v in (("max_queries", args.max_queries), ("max_pages", args.max_pages)) if v}
+    if subsample:
+        subsample["subsample_seed"] = args.seed
+        for task in tasks:
+            subsample_on_load(task, args.max_queries, args.max_pages, args.seed)
+
+    encoder = load_encoder(ckpt=args.ckpt, model_id=args.model_id, device=args.device, dtype=args.dtype,
+                           max_tiles=args.max_tiles, seed=args.seed, proj_dim=args.proj_dim or 128,
+                           experiment_kwargs=subsample)
+    meta = encoder.mteb_model_meta
+    run_name = meta.revision + (f"__{meta.experiment_name}" if meta.experiment_name else "")
+    out_json = args.out_json or os.path.join("outputs", "eval", f"{run_name}.json")
+    predictions_dir = os.path.join(args.predictions_dir or os.path.splitext(out_json)[0] + "_predictions", run_name)
+    print(f"model {meta.name} revision {meta.revision}" + (f" ({meta.experiment_name})" if subsample else "") +
+          f": {len(tasks)} tasks, results cache {args.results_dir}")
+
+    cache = mteb.ResultCache(args.results_dir)
+    model_result = mteb.evaluate(
+        encoder, tasks, cache=cache, overwrite_strategy="always" if args.overwrite else "only-missing",
+        encode_kwargs={"batch_size": args.batch_size, "show_progress_bar": True}, prediction_folder=predictions_dir,
+        co2_tracker=False)
+    # read back what mteb stored (it rounds some scores when saving), so a resumed run reports the same numbers
+    results = {r.task_name: cache.load_task_result(r.task_name, meta) or r for r in model_result.task_results}
+    for error in model_result.exceptions:
+        print(f"task {error.task_name} failed and is left out: {error.exception}")
+
+    benchmarks = summarize(groups, results)
+    print(format_table(benchmarks))
+    summary = {"ckpt": args.ckpt, "model_id": encoder.model.model_id, "revision": meta.revision,
+               "experiment": meta.experiment_name, "benchmarks": benchmarks}
+    write_json(out_json, summary)
+
+    print(f"\npages encoded {encoder.pages_encoded}, served from the page cache {encoder.page_cache_hits}; "
+          f"queries encoded {encoder.queries_encoded}")
+    print(f"summary:     {out_json}")
+    print(f"mteb cache:  {cache.get_task_result_path(tasks[0].metadata.name, meta).parent}")
+    predictions = [os.path.join(predictions_dir, t.prediction_file_name) for t in tasks]
+    written = [p for p in predictions if os.path.exists(p)]
+    print(f"predictions: {predictions_dir} ({len(written)} of {len(predictions)} tasks; tasks read from the cache "
+          f"keep the files of the run that computed them)")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args())
