@@ -1,0 +1,146 @@
+"""Plot training loss against the global step: raw and smoothed curves, epoch boundaries marked.
+
+    python plot_training_loss.py --input outputs/run/training_loss.txt --output outputs/run/loss.png --smooth 200
+    python plot_training_loss.py --input runA/training_loss.txt runB/training_loss.txt --output loss.png
+
+Reads the `training_loss.txt` that train.py writes: a `# step epoch loss lr` header, then one whitespace-separated
+line per optimizer step. Each file is one curve, named by its folder (a resumed run in another folder continues the
+step and epoch numbers, so its curve continues the first one). The smoothed curve is a trailing moving average over
+`--smooth` steps, shorter at the start of a run and for runs shorter than the window.
+"""
+import argparse
+import math
+import os
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLUMNS = ("step", "epoch", "loss")
+
+
+def read_loss_file(path: str) -> dict:
+    """-> {"step": array, "epoch": array, "loss": array}. Columns come from the `# step epoch loss lr` header
+    (that order when there is none); errors name the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--input {path} does not exist")
+    names = ["step", "epoch", "loss", "lr"]
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if fields[0].startswith("#"):
+                header = " ".join(fields).lstrip("#").split()
+                if not rows and all(c in header for c in COLUMNS):
+                    names = header
+                continue
+            if len(fields) != len(names):
+                raise ValueError(f"{path} line {n}: expected {len(names)} fields ({' '.join(names)}), "
+                                 f"got {len(fields)}: {line.strip()!r}")
+            try:
+                values = [float(x) for x in fields]
+            except ValueError as e:
+                raise ValueError(f"{path} line {n}: not numbers ({e}): {line.strip()!r}") from e
+            rows.append(values)
+    if not rows:
+        raise ValueError(f"{path} has no loss lines (expected '# step epoch loss lr' then one line per step)")
+    table = np.array(rows)  # (steps, columns)
+    return {c: table[:, names.index(c)] for c in COLUMNS}
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last `window` values (fewer at the start); NaN losses are left out of the mean."""
+    finite = np.isfinite(values)
+    sums = np.cumsum(np.where(finite, values, 0.0))
+    counts = np.cumsum(finite)
+    start = np.arange(len(values)) - window  # index just before each window
+    prev_sums = np.where(start >= 0, sums[np.maximum(start, 0)], 0.0)
+    prev_counts = np.where(start >= 0, counts[np.maximum(start, 0)], 0)
+    n = counts - prev_counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (sums - prev_sums) / np.maximum(n, 1), np.nan)
+
+
+def epoch_starts(steps: np.ndarray, epochs: np.ndarray) -> list:
+    """[(step, epoch)] at the first line and at each line where the epoch number changes."""
+    change = np.concatenate([[0], np.nonzero(np.diff(epochs) != 0)[0] + 1])
+    return [(float(steps[i]), int(epochs[i])) for i in change]
+
+
+def run_label(path: str) -> str:
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return folder or os.path.basename(path)
+
+
+def plot(runs: list, smooth: int):
+    """runs: [(label, data)] -> matplotlib figure."""
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    starts = {}
+    for i, (label, data) in enumerate(runs):
+        color = colors[i % len(colors)]
+        window = min(smooth, len(data["loss"]))
+        ax.plot(data["step"], data["loss"], color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(data["step"], moving_average(data["loss"], window), color=color, linewidth=2,
+                label=f"{label} (mean of {window} steps)")
+        for step, epoch in epoch_starts(data["step"], data["epoch"]):
+            ax.axvline(step, color=color, linestyle=":", linewidth=1)
+            starts.setdefault(step, f"epoch {epoch}")
+    # epoch labels on a top axis of their own, where neither curves nor the legend can hide them
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(list(starts), labels=list(starts.values()), fontsize=8)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss (thin: per step, thick: moving average; dotted: epoch starts)", pad=22)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str) -> None:
+    """PNG written to a temp file then renamed: a crash never leaves a half-written image."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="training_loss.txt file(s) written by train.py")
+    p.add_argument("--output", required=True, help="PNG file to write")
+    p.add_argument("--smooth", type=int, default=200, help="moving-average window in steps (clipped to the run)")
+    args = p.parse_args(argv)
+    if args.smooth < 1:
+        p.error(f"--smooth must be >= 1, got {args.smooth}")
+    return args
+
+
+def main(args):
+    runs = [(run_label(path), read_loss_file(path)) for path in args.input]
+    save_figure(plot(runs, args.smooth), args.output)
+    for (label, data), path in zip(runs, args.input):
+        last = data["loss"][np.isfinite(data["loss"])]
+        final = f"{last[-min(len(last), args.smooth):].mean():.4f}" if len(last) else "nan"
+        print(f"{path}: {len(data['step'])} steps, epochs {int(data['epoch'].min())}-{int(data['epoch'].max())}, "
+              f"final mean loss {final}" + ("" if math.isfinite(float(data['loss'][-1])) else " (last loss not finite)"))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,170 @@
+"""Compare eval.py summaries: per benchmark and metric, one figure of per-task grouped bars plus the average.
+
+    python plot_vidore_metrics.py --inputs outputs/eval/epoch1.json outputs/eval/epoch2.json --labels E1 E2 \
+        --outdir outputs/plots
+    python plot_vidore_metrics.py --inputs a.json --labels untrained --outdir plots --metrics ndcg_at_5 recall_at_1
+
+Reads the `--out_json` files of eval.py (`{"benchmarks": {name: {"tasks": {task: {metric: value}},
+"average": {metric: value}}}}`, mteb's 0-1 values) and writes `OUTDIR/<benchmark>_<metric>.png` for every benchmark
+found in any input, with scores x100 as in eval.py's table. A task or benchmark missing from an input has no bar
+for it. The average group is each input's own benchmark average, as eval.py computed it.
+"""
+import argparse
+import json
+import os
+import re
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+AVERAGE = "average"
+
+
+def metric_label(metric: str) -> str:
+    """'ndcg_at_5' -> 'nDCG@5', 'recall_at_1' -> 'Recall@1', 'mrr_at_10' -> 'MRR@10'."""
+    m = re.fullmatch(r"([a-z_]+)_at_(\d+)", metric)
+    if m is None:
+        return metric
+    names = {"ndcg": "nDCG", "recall": "Recall", "mrr": "MRR", "map": "MAP", "precision": "P", "hit_rate": "Hit"}
+    return f"{names.get(m[1], m[1])}@{m[2]}"
+
+
+def read_summary(path: str) -> dict:
+    """-> {benchmark: {"tasks": {task: {metric: value}}, "average": {metric: value}}}, checked."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--inputs {path} does not exist")
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    benchmarks = data.get("benchmarks") if isinstance(data, dict) else None
+    if not isinstance(benchmarks, dict) or not benchmarks:
+        raise ValueError(f"{path} has no 'benchmarks' entry: is it an eval.py --out_json file?")
+    for name, entry in benchmarks.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("tasks"), dict):
+            raise ValueError(f"{path}: benchmark {name!r} has no 'tasks' mapping")
+    return benchmarks
+
+
+def available_metrics(summaries: list) -> list:
+    """Metrics in the order they first appear in the inputs."""
+    seen = {}
+    for summary in summaries:
+        for entry in summary.values():
+            for metrics in list(entry["tasks"].values()) + [entry.get("average", {})]:
+                seen.update(dict.fromkeys(metrics))
+    return list(seen)
+
+
+def grouped_values(summaries: list, benchmark: str, metric: str):
+    """-> (group names: tasks then 'average', values (inputs, groups) x100 with NaN where missing)."""
+    tasks = {}
+    for summary in summaries:
+        tasks.update(dict.fromkeys(summary.get(benchmark, {}).get("tasks", {})))
+    groups = list(tasks) + [AVERAGE]
+    values = np.full((len(summaries), len(groups)), np.nan)
+    for i, summary in enumerate(summaries):
+        entry = summary.get(benchmark, {})
+        for j, task in enumerate(tasks):
+            value = entry.get("tasks", {}).get(task, {}).get(metric)
+            if value is not None:
+                values[i, j] = 100 * value
+        average = entry.get("average", {}).get(metric)
+        if average is not None:
+            values[i, -1] = 100 * average
+    return groups, values
+
+
+def plot_benchmark(benchmark: str, metric: str, groups: list, values: np.ndarray, labels: list):
+    n_inputs, n_groups = values.shape
+    width = 0.8 / n_inputs
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + n_groups * (0.4 + 0.25 * n_inputs)), 5.5))
+    x = np.arange(n_groups, dtype=float)
+    x[-1] += 0.5  # set the average apart from the tasks
+    annotate = values.size <= 40
+    for i, label in enumerate(labels):
+        offsets = x - 0.4 + width * (i + 0.5)
+        missing = np.isnan(values[i]).all()
+        bars = ax.bar(offsets, np.nan_to_num(values[i], nan=0.0), width,
+                      label=f"{label} (not evaluated on {benchmark})" if missing else label)
+        for bar, value, is_average in zip(bars, values[i], np.arange(n_groups) == n_groups - 1):
+            if np.isnan(value):
+                bar.set_visible(False)
+            elif annotate or is_average:
+                ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
+                            fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.axvline(x[-1] - 0.75, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups[:-1] + [f"{AVERAGE} ({n_groups - 1} tasks)"], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"{metric_label(metric)} (x100)")
+    top = np.nanmax(values) if np.isfinite(values).any() else 100
+    ax.set_ylim(0, min(105, top * 1.15 + 1))
+    ax.set_title(f"{benchmark}: {metric_label(metric)}")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
+    fig.tight_layout()
+    return fig
+
+
+def figure_name(benchmark: str, metric: str) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9.]+', '_', benchmark).strip('_')}_{metric}.png"
+
+
+def save_figure(fig, path: str) -> None:
+    """PNG written to a temp file then renamed: a crash never leaves a half-written image."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inputs", nargs="+", required=True, help="eval.py --out_json files, one per model/checkpoint")
+    p.add_argument("--labels", nargs="+", required=True, help="one legend label per input, in the same order")
+    p.add_argument("--outdir", required=True, help="folder for the PNGs (<benchmark>_<metric>.png)")
+    p.add_argument("--metrics", nargs="+", default=None, help="metrics to plot, as eval.py names them "
+                   "(e.g. ndcg_at_5 recall_at_1); default: every metric in the inputs")
+    args = p.parse_args(argv)
+    if len(args.labels) != len(args.inputs):
+        p.error(f"--labels has {len(args.labels)} labels for {len(args.inputs)} --inputs: give one per input")
+    return args
+
+
+def main(args):
+    summaries = [read_summary(path) for path in args.inputs]
+    known = available_metrics(summaries)
+    metrics = args.metrics or known
+    unknown = [m for m in metrics if m not in known]
+    if unknown:
+        raise ValueError(f"--metrics {unknown} are in none of the inputs; they have: {', '.join(known)}")
+    benchmarks = list(dict.fromkeys(b for summary in summaries for b in summary))
+    written = []
+    for benchmark in benchmarks:
+        for metric in metrics:
+            groups, values = grouped_values(summaries, benchmark, metric)
+            path = os.path.join(args.outdir, figure_name(benchmark, metric))
+            save_figure(plot_benchmark(benchmark, metric, groups, values, args.labels), path)
+            written.append(path)
+    print(f"wrote {len(written)} figures ({len(benchmarks)} benchmarks x {len(metrics)} metrics) to {args.outdir}")
+    for path in written:
+        print(f"  {path}")
+    return written
+
+
+if __name__ == "__main__":
+    main(parse_args())
