@@ -370,10 +370,15 @@ class ColIntern(nn.Module):
         for name, module in self.backbone.named_modules():
             if "lora_dropout" in name:
                 module.train(mode)
+            # transformers checkpoints a layer only while that layer is in training mode; flip the layer's own flag
+            # (its children, dropout included, stay in eval) or gradient checkpointing silently does nothing.
+            if getattr(module, "gradient_checkpointing", False):
+                module.training = mode
         return self
 
     def enable_gradient_checkpointing(self):
         self.backbone.activation_checkpointing_enable({"use_reentrant": False})
+        self.train(self.training)
 
     @property
     def device(self) -> torch.device:
