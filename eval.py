@@ -581,7 +581,7 @@ def parse_args(argv=None):
     p.add_argument("--max_queries", type=int, default=None, help="evaluate at most this many queries per task and "
                    "language (a seeded random subset), for quick checks during training")
     p.add_argument("--max_pages", type=int, default=None, help="at most this many pages per task: the relevant "
-                   "pages of the kept queries plus random others")
+                   "pages of the kept queries (always kept, even past the cap) plus random others")
     p.add_argument("--max_tiles", type=int, default=None, help="tiles per page (default: the checkpoint's, or 4)")
     p.add_argument("--batch_size", type=int, default=8, help="queries or pages per forward pass")
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",

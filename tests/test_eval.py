@@ -40,7 +40,8 @@ def write_hub_layout(folder, pages, queries, qrels, query_columns=None):
 
 @pytest.fixture(scope="module")
 def pages():
-    return [render_keyword_page(w, variant=i) for i, w in enumerate(KEYWORDS)]
+    # two page shapes (1 tile: 64 tokens; 2 tiles + thumbnail: 192), so scoring must handle ragged pages
+    return [render_keyword_page(w, size=(224, 224) if i % 2 else (448, 224), variant=i) for i, w in enumerate(KEYWORDS)]
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,21 @@ def test_local_task_metrics_match_independent_computation_and_resume(tmp_path, p
     assert counts == {"queries": 3, "pages": 5}
 
 
+def test_subsample_keeps_relevant_pages_of_kept_queries():
+    queries = datasets.Dataset.from_dict({"id": [f"q{i}" for i in range(20)], "text": ["x"] * 20})
+    corpus = datasets.Dataset.from_dict({"id": [f"p{i}" for i in range(50)]})
+    qrels = {f"q{i}": {f"p{i}": 1, f"p{i + 20}": 1} for i in range(19)}  # q19 has no relevant page
+    data = {"queries": queries, "corpus": corpus, "relevant_docs": qrels, "top_ranked": None}
+    small = colintern_eval.subsample_split(data, max_queries=4, max_pages=12, seed=0)
+    kept = list(small["queries"]["id"])
+    pages = set(small["corpus"]["id"])
+    assert len(kept) == 4 and "q19" not in kept and set(small["relevant_docs"]) == set(kept)
+    assert all(set(qrels[q]) <= pages for q in kept) and len(pages) == 12
+    assert list(colintern_eval.subsample_split(data, 4, 12, seed=0)["queries"]["id"]) == kept
+    tight = colintern_eval.subsample_split(data, max_queries=4, max_pages=3, seed=1)
+    assert len(tight["corpus"]) == 8  # relevant pages are never dropped, even past the cap
+
+
 def test_revision_follows_checkpoint_content(tmp_path, trained, tiny_model_dir):
     _, _, ckpt = trained
     copy = tmp_path / os.path.basename(ckpt)
@@ -199,6 +215,34 @@ def test_page_cache_encodes_each_page_once_across_languages(tmp_path, tiny_model
     stored = next((tmp_path / "cache" / "results").rglob("Vidore2ESGReportsRetrieval.json"))
     subsets = {s["hf_subset"] for s in json.loads(stored.read_text())["scores"]["test"]}
     assert subsets == set(languages)
+
+
+def test_v3_task_loads_per_language_configs_and_shares_pages(tmp_path, tiny_model_dir, pages, counts):
+    # ViDoRe v3 goes through mteb's generic loader: configs '<language>-corpus/-queries/-qrels', one corpus per
+    # language (same pages), so only the content-keyed cache keeps it to one forward per page
+    languages = ["french", "spanish", "english", "german", "italian", "portuguese"]
+    folder = tmp_path / "vidore" / "vidore_v3_hr_mteb_format"
+    configs = []
+    for lang in languages:
+        parts = {
+            "corpus": datasets.Dataset.from_dict({"id": [f"c{i}" for i in range(4)], "image": pages[:4]})
+            .cast_column("image", datasets.Image()),
+            "queries": datasets.Dataset.from_dict({"id": [f"{lang}{i}" for i in range(2)],
+                                                   "text": [f"Which page is about {KEYWORDS[i]}?" for i in range(2)]}),
+            "qrels": datasets.Dataset.from_dict({"query-id": [f"{lang}0", f"{lang}1"], "corpus-id": ["c0", "c1"],
+                                                 "score": [1, 1]}),
+        }
+        for name, ds in parts.items():
+            os.makedirs(folder / lang / name)
+            ds.to_parquet(str(folder / lang / name / "test-00000-of-00001.parquet"))
+            configs.append(f"- config_name: {lang}-{name}\n  data_files:\n  - split: test\n    path: {lang}/{name}/test-*\n")
+    flags = ["--model_id", tiny_model_dir, "--tasks", "Vidore3HrRetrieval", "--data_dir", str(tmp_path / "vidore")]
+    with pytest.raises(ValueError, match="lacks the dataset configs.*french-corpus"):
+        run_eval(tmp_path, *flags)  # no README configs block yet
+    (folder / "README.md").write_text("---\nconfigs:\n" + "".join(configs) + "---\n")
+    summary = run_eval(tmp_path, *flags)
+    assert "Vidore3HrRetrieval" in summary["benchmarks"]["ViDoRe(v3)"]["tasks"]
+    assert counts == {"queries": 2 * len(languages), "pages": 4}
 
 
 def test_list_prints_vidore_benchmarks_and_tasks(capsys):
