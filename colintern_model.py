@@ -9,7 +9,9 @@ Everything the scripts share, in pipeline order:
     p = model.encode_pages(processor, [Image.open("page.png")])             # list of (Lp, D)
     scores = maxsim_scores(q, p)                                            # (Nq, Np)
 """
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -134,6 +136,27 @@ def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=Non
 # -----------------------------------------------------------------------------
 # Data: training datasets, HF pseudo-paths, JSONL of triples
 
+@contextlib.contextmanager
+def datasets_cache_for(folder: str):
+    """Load a local folder through a datasets cache of its own. datasets 5.x caches a folder whose README has a
+    `configs:` block under the folder's name and config alone, ignoring the files read: another folder of the same
+    name (two `eval` sets, a regenerated copy) would silently load the first one's data. The cache here is keyed
+    by the folder's path and its files' sizes and modification times."""
+    import datasets
+    h = hashlib.sha256(os.path.abspath(folder).encode())
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(root, name))
+            h.update(f"{os.path.relpath(os.path.join(root, name), folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    previous = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = os.path.join(previous, "colintern_local", h.hexdigest()[:16])
+    try:
+        yield
+    finally:
+        datasets.config.HF_DATASETS_CACHE = previous
+
+
 def load_page_dataset(name: str, split: str = "train"):
     """A hub dataset (`vidore/colpali_train_set`) or a local folder with its columns (`query`, `image`, ...):
     a `save_to_disk` folder, or a folder of data files in the hub layout (`data/train-*.parquet`)."""
@@ -142,7 +165,13 @@ def load_page_dataset(name: str, split: str = "train"):
         raise FileNotFoundError(f"dataset folder {name} does not exist")
     saved_to_disk = any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json"))
     try:
-        ds = datasets.load_from_disk(name) if saved_to_disk else datasets.load_dataset(name, split=split)
+        if saved_to_disk:
+            ds = datasets.load_from_disk(name)
+        elif os.path.isdir(name):
+            with datasets_cache_for(name):
+                ds = datasets.load_dataset(name, split=split)
+        else:
+            ds = datasets.load_dataset(name, split=split)
     except Exception as e:
         raise ValueError(f"cannot open dataset {name} split {split!r}: {type(e).__name__}: {e}") from e
     if isinstance(ds, datasets.DatasetDict):

@@ -26,7 +26,6 @@ Outputs: a printed table (scores x100), `--out_json` (default `outputs/eval/<rev
 with mteb's 0-1 values, and mteb's per-query rankings under `--predictions_dir/<revision>[__<experiment>]/`.
 """
 import argparse
-import contextlib
 import copy
 import datetime
 import hashlib
@@ -40,7 +39,7 @@ import mteb
 import torch
 from mteb.models.abs_encoder import AbsEncoder
 
-from colintern_model import DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, maxsim_scores
+from colintern_model import DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, datasets_cache_for, maxsim_scores
 
 # The metrics reported, as mteb names them, and as the table heads them.
 METRICS = ["ndcg_at_5", "ndcg_at_10", "recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10"]
@@ -341,27 +340,6 @@ def check_hub_layout(folder: str, configs: list, splits, what: str) -> None:
         lacking = [s for s in splits if s not in have]
         if lacking:
             raise ValueError(f"{what}: {folder} config {config!r} has splits {have}, not {lacking}")
-
-
-@contextlib.contextmanager
-def datasets_cache_for(folder: str):
-    """Load a local folder through a datasets cache of its own. datasets 5.x caches a folder whose README has a
-    `configs:` block under the folder's name and config alone, ignoring the files read: another folder of the same
-    name (two `eval` sets, a regenerated copy) would silently load the first one's data. The cache here is keyed
-    by the folder's path and its files' sizes and modification times."""
-    import datasets
-    h = hashlib.sha256(os.path.abspath(folder).encode())
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            stat = os.stat(os.path.join(root, name))
-            h.update(f"{os.path.relpath(os.path.join(root, name), folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    previous = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = os.path.join(previous, "colintern_local", h.hexdigest()[:16])
-    try:
-        yield
-    finally:
-        datasets.config.HF_DATASETS_CACHE = previous
 
 
 def load_in_own_cache(task, folder: str) -> None:
