@@ -1,0 +1,529 @@
+"""train.py through its CLI entry (main(parse_args([...]))) on the tiny model and rendered keyword pages."""
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+import train
+from colintern_model import PSEUDO_PATH, ColIntern, LoraSettings, load_checkpoint, maxsim_scores, pseudo_path
+from conftest import ROOT, render_keyword_page
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "maple", "robot", "zebra", "candle",
+         "forest", "rocket", "violin", "desert", "garden", "island", "jacket", "kettle", "ladder", "magnet", "needle",
+         "orange", "pepper", "quartz", "saddle", "tunnel", "walnut", "yogurt", "bridge", "castle"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model's matmuls are too small to gain from a second thread, and a DataLoader worker needs the other
+    core; two spinning OpenMP threads on a busy 2-core machine made steps up to 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def query(word):
+    return f"Which page is about {word}?"
+
+
+def run_train(*flags):
+    return train.main(train.parse_args([str(f) for f in flags]))
+
+
+def save_hub_folder(folder, words, variant=0, size=(224, 224)):
+    """A local dataset folder in the hub layout (data/train-*.parquet) with colpali_train_set's columns."""
+    ds = datasets.Dataset.from_dict({"query": [query(w) for w in words],
+                                     "image": [render_keyword_page(w, size=size, variant=variant) for w in words]})
+    ds = ds.cast_column("image", datasets.Image())
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    ds.to_parquet(os.path.join(folder, "data", "train-00000-of-00001.parquet"))
+    return str(folder)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    """16 keyword pages as files under root/, the same pages as a hub-layout folder whose path has slashes, and a
+    JSONL mixing file paths and pseudo-paths, each row with 3 negatives."""
+    root = tmp_path_factory.mktemp("pages")
+    words = WORDS[:16]
+    os.makedirs(root / "img")
+    for w in words:
+        render_keyword_page(w).save(root / "img" / f"{w}.png")
+    hub = save_hub_folder(root / "data" / "kw-pages", words)
+    rows = []
+    for i, w in enumerate(words):
+        negs = [f"img/{words[(i + 1) % 16]}.png", pseudo_path(hub, "train", (i + 2) % 16),
+                pseudo_path(hub, "train", (i + 3) % 16)]
+        pos = f"img/{w}.png" if i % 2 else pseudo_path(hub, "train", i)
+        rows.append({"query": query(w), "pos": pos, "negs": negs})
+    return {"root": str(root), "hub": hub, "words": words, "jsonl": write_jsonl(root / "triples.jsonl", rows)}
+
+
+def base_flags(tiny_model_dir, pages, out_dir, **extra):
+    flags = {"--model_id": tiny_model_dir, "--train_jsonl": pages["jsonl"], "--root": pages["root"],
+             "--out_dir": out_dir, "--batch_size": 4, "--num_negs": 1, "--lr": 2e-3, "--warmup_steps": 2,
+             "--optimizer": "adamw", "--num_workers": 0, "--save_every": 0, "--temperature": 0.05}
+    flags.update(extra)
+    out = []
+    for k, v in flags.items():
+        if v is True:
+            out.append(k)
+        elif v is not None and v is not False:
+            out += [k, v]
+    return out
+
+
+def read_loss_log(out_dir):
+    with open(os.path.join(out_dir, "training_loss.txt")) as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "# step epoch loss lr"
+    return [(int(s), int(e), float(loss), float(lr)) for s, e, loss, lr in (line.split() for line in lines[1:])]
+
+
+def trainable(path):
+    ckpt = load_checkpoint(path)
+    return {**{"heads." + k: v for k, v in ckpt["heads"].items()}, **{"lora." + k: v for k, v in ckpt["lora"].items()}}
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+# -----------------------------------------------------------------------------
+# flags, data
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    flags = ("model_id train_hub train_jsonl root out_dir batch_size grad_accum epochs lr device_map lora lora_r "
+             "lora_alpha lora_dropout optimizer resume_ckpt num_workers prefetch_factor save_every compile_heads "
+             "proj_dim max_tiles temperature warmup_steps seed dtype gradient_checkpointing num_negs max_steps "
+             "auto_batch split").split()
+    for flag in flags:
+        assert f"--{flag} " in text or f"--{flag}\n" in text, flag
+    for name in train.OPTIMIZERS:
+        assert name in text
+
+
+def test_jsonl_pseudo_paths_resolve_to_dataset_rows(pages):
+    rows = train.JsonlTriples(pages["jsonl"], pages["root"], num_negs=2, seed=0)
+    hub = datasets.load_dataset(pages["hub"], split="train")
+    with open(pages["jsonl"]) as f:
+        lines = [json.loads(line) for line in f]
+    for i in (0, 3, 6):
+        item = rows[(0, i)]
+        assert item["query"] == lines[i]["query"]
+        expected = hub[i]["image"] if i % 2 == 0 else Image.open(os.path.join(pages["root"], lines[i]["pos"]))
+        assert item["pos"].tobytes() == expected.convert("RGB").tobytes()
+        # the drawn negatives are 2 of the row's 3, each the right image (a file or a dataset row)
+        drawn = rows.negatives(0, i)
+        assert len(drawn) == 2 and set(drawn) <= set(lines[i]["negs"])
+        for ref, image in zip(drawn, item["negs"]):
+            m = PSEUDO_PATH.match(ref)
+            source = hub[int(m["index"])]["image"] if m else Image.open(os.path.join(pages["root"], ref))
+            assert image.tobytes() == source.convert("RGB").tobytes()
+    # deterministic per (seed, epoch, row), and not the same draw every epoch
+    assert rows.negatives(0, 5) == train.JsonlTriples(pages["jsonl"], pages["root"], 2, 0).negatives(0, 5)
+    assert len({tuple(rows.negatives(e, 5)) for e in range(8)}) > 1
+
+
+def test_rows_short_of_negatives_are_topped_up(tmp_path, pages):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"query": "a", "pos": "img/apple.png", "negs": []},
+                                              {"query": "b", "pos": "img/river.png", "negs": ["img/stone.png"]},
+                                              {"query": "c", "pos": "img/stone.png"}])
+    rows = train.JsonlTriples(path, pages["root"], num_negs=2, seed=0)
+    assert rows.short == 3
+    for i, own in enumerate(["img/apple.png", "img/river.png", "img/stone.png"]):
+        negs = rows.negatives(0, i)
+        assert len(negs) == 2 and own not in negs
+    assert "img/stone.png" in rows.negatives(0, 1)
+
+
+def test_epoch_batches_split_one_global_order_across_ranks():
+    single = list(train.EpochBatches(40, epoch=3, seed=7, batch_size=8, rank=0, world=1, n_batches=5))
+    ranks = [list(train.EpochBatches(40, epoch=3, seed=7, batch_size=4, rank=r, world=2, n_batches=5)) for r in (0, 1)]
+    for b in range(5):
+        assert single[b] == ranks[0][b] + ranks[1][b]
+    assert sorted(i for batch in single for _, i in batch) == list(range(40))
+    resumed = list(train.EpochBatches(40, epoch=3, seed=7, batch_size=8, rank=0, world=1, n_batches=5, start=3))
+    assert resumed == single[3:]
+    assert single != list(train.EpochBatches(40, epoch=4, seed=7, batch_size=8, rank=0, world=1, n_batches=5))
+
+
+def test_warmup_cosine_schedule():
+    f = train.warmup_cosine(warmup_steps=4, total_steps=14)
+    assert [f(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0)
+
+
+# -----------------------------------------------------------------------------
+# training, outputs
+
+def test_jsonl_with_hard_negatives_loss_falls(tiny_model_dir, pages, tmp_path):
+    """Overfit 8 rows (one batch of 8 queries, 8 positives + 8 hard negatives per step) for 25 steps."""
+    with open(pages["jsonl"]) as f:
+        jsonl = write_jsonl(tmp_path / "eight.jsonl", [json.loads(line) for line in f][:8])
+    out = tmp_path / "out"
+    run_train(*base_flags(tiny_model_dir, pages, out, **{"--train_jsonl": jsonl, "--batch_size": 8, "--epochs": 25,
+                                                        "--warmup_steps": 4, "--lora": True, "--lora_r": 8,
+                                                        "--lora_alpha": 8, "--lora_dropout": 0.0,
+                                                        "--save_every": 10}))
+    log = read_loss_log(out)
+    assert [(s, e) for s, e, *_ in log] == [(i, i) for i in range(1, 26)]  # one step per epoch
+    # 16 candidate pages per query: an untrained model is near ln(16) = 2.77
+    first, last = sum(x[2] for x in log[:3]) / 3, sum(x[2] for x in log[-3:]) / 3
+    assert first > 0.8 * math.log(16) and last < 0.5 * first, (first, last)
+    lrs = [x[3] for x in log]
+    assert lrs[:4] == pytest.approx([2e-3 * k / 5 for k in range(1, 5)]) and max(lrs) == pytest.approx(2e-3)
+    assert lrs[-1] < 2e-5
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == sorted(
+        [f"colintern_heads_epoch{e}.pt" for e in range(1, 26)] + ["colintern_heads_step10.pt",
+                                                                  "colintern_heads_step20.pt"])
+    saved = json.load(open(out / "args.json"))
+    assert saved["train_jsonl"] == jsonl and saved["num_negs"] == 1 and saved["git_commit"]
+    ckpt = load_checkpoint(str(out / "colintern_heads_epoch25.pt"))
+    assert ckpt["meta"]["epoch"] == 25 and ckpt["meta"]["step"] == 25 and "optimizer" not in ckpt["train_state"]
+    snapshot = load_checkpoint(str(out / "colintern_heads_step20.pt"))
+    assert snapshot["meta"]["step"] == 20 and {"optimizer", "scheduler"} <= snapshot["train_state"].keys()
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_model_dir, pages, tmp_path_factory):
+    """8 steps over 2 epochs with everything that could break exactness on: 2 micro-batches per step, a DataLoader
+    worker, LoRA dropout, bitsandbytes 8-bit AdamW, hard negatives; snapshots every 3 steps."""
+    out = tmp_path_factory.mktemp("straight")
+    flags = [str(f) for f in base_flags(tiny_model_dir, pages, out, **{
+        "--batch_size": 2, "--grad_accum": 2, "--epochs": 2, "--num_workers": 1, "--lora": True, "--lora_r": 4,
+        "--lora_dropout": 0.2, "--optimizer": "adamw_8bit", "--save_every": 3, "--num_negs": 2})]
+    run_train(*flags)
+    return {"out": out, "flags": flags}
+
+
+def test_resume_step_snapshot_equals_straight_run(straight_run, tmp_path):
+    out = straight_run["out"]
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == [
+        "colintern_heads_epoch1.pt", "colintern_heads_epoch2.pt", "colintern_heads_step3.pt",
+        "colintern_heads_step6.pt"]
+    snapshot = load_checkpoint(str(out / "colintern_heads_step3.pt"))
+    assert snapshot["train_state"]["position"] == {"epoch": 0, "batch": 6}
+    resumed = tmp_path / "resumed"
+    flags = [f if f != str(out) else str(resumed) for f in straight_run["flags"]]
+    run_train(*flags, "--resume_ckpt", out / "colintern_heads_step3.pt")
+    assert_same_weights(trainable(str(out / "colintern_heads_epoch2.pt")),
+                        trainable(str(resumed / "colintern_heads_epoch2.pt")))
+    assert read_loss_log(resumed) == read_loss_log(out)[3:]
+
+
+def test_ctrl_c_writes_snapshot_and_resuming_it_is_exact(straight_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "interrupted"
+    flags = [f if f != str(straight_run["out"]) else str(out) for f in straight_run["flags"]]
+    calls = {"n": 0}
+    real_loss = train.contrastive_loss
+
+    def interrupted_loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 10:  # 2nd micro-batch of step 5 (epoch 2): step 4's state must be what is saved
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+    monkeypatch.setattr(train, "contrastive_loss", interrupted_loss)
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(*flags)
+    assert exit_info.value.code not in (0, None)
+    assert "interrupted: wrote step snapshot" in capsys.readouterr().err
+    snapshot = load_checkpoint(str(out / "colintern_heads_step4.pt"))
+    assert snapshot["train_state"]["position"] == {"epoch": 1, "batch": 0}
+    assert [s for s, *_ in read_loss_log(out)] == [1, 2, 3, 4]
+    monkeypatch.setattr(train, "contrastive_loss", real_loss)
+    run_train(*flags, "--resume_ckpt", out / "colintern_heads_step4.pt")
+    assert_same_weights(trainable(str(straight_run["out"] / "colintern_heads_epoch2.pt")),
+                        trainable(str(out / "colintern_heads_epoch2.pt")))
+    assert read_loss_log(out) == read_loss_log(straight_run["out"])
+
+
+def test_warm_start_from_epoch_checkpoint_on_new_data(straight_run, tiny_model_dir, pages, tmp_path, capsys):
+    epoch2 = straight_run["out"] / "colintern_heads_epoch2.pt"
+    mined = write_jsonl(tmp_path / "mined.jsonl", [{"query": query(w), "pos": f"img/{w}.png",
+                                                    "negs": [f"img/{pages['words'][i - 1]}.png"]}
+                                                   for i, w in enumerate(pages["words"])])
+    out = tmp_path / "e3"
+    # no --lora flag: the checkpoint's LoRA layout is kept
+    run_train("--model_id", tiny_model_dir, "--train_jsonl", mined, "--root", pages["root"], "--out_dir", out,
+              "--resume_ckpt", epoch2, "--batch_size", 8, "--optimizer", "adamw", "--num_workers", 0,
+              "--epochs", 1, "--lr", 1e-3)
+    text = capsys.readouterr().out
+    assert "warm start" in text and "fresh optimizer" in text
+    ckpt = load_checkpoint(str(out / "colintern_heads_epoch3.pt"))
+    assert ckpt["meta"]["epoch"] == 3 and ckpt["meta"]["step"] == 8 + 2
+    assert ckpt["meta"]["lora"]["r"] == 4 and ckpt["lora"].keys() == load_checkpoint(str(epoch2))["lora"].keys()
+    assert [(s, e) for s, e, *_ in read_loss_log(out)] == [(9, 3), (10, 3)]
+    # the warm start began at the checkpoint's weights: one step at a tiny lr stays close to them
+    before, after = trainable(str(epoch2)), trainable(str(out / "colintern_heads_epoch3.pt"))
+    assert all((before[k] - after[k]).abs().max() < 2 * 2e-3 for k in before)
+
+
+def test_step_snapshot_with_other_data_or_flags_is_refused(straight_run, pages, tmp_path):
+    snapshot = straight_run["out"] / "colintern_heads_step3.pt"
+    flags = [f if f != str(straight_run["out"]) else str(tmp_path) for f in straight_run["flags"]]
+    with pytest.raises(ValueError, match=r"lr: snapshot 0\.002, this run 0\.001"):
+        run_train(*flags, "--lr", 1e-3, "--resume_ckpt", snapshot)
+    other = write_jsonl(tmp_path / "other.jsonl", [{"query": "q", "pos": "img/apple.png"},
+                                                   {"query": "r", "pos": "img/river.png"}] * 8)
+    with pytest.raises(ValueError, match="step snapshot of another run .*data"):
+        run_train(*flags, "--train_jsonl", other, "--resume_ckpt", snapshot)
+    with pytest.raises(ValueError, match="--lora_r 4, this run asks for --lora_r 8"):
+        run_train(*flags, "--lora_r", 8, "--resume_ckpt", snapshot)
+
+
+# -----------------------------------------------------------------------------
+# faults
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, pages, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    calls = {"n": 0}
+    real_loss = train.contrastive_loss
+
+    def loss_nan_at_step_3(*a, **k):
+        calls["n"] += 1
+        value = real_loss(*a, **k)
+        return value * float("nan") if calls["n"] == 3 else value
+    monkeypatch.setattr(train, "contrastive_loss", loss_nan_at_step_3)
+    flags = base_flags(tiny_model_dir, pages, out, **{"--save_every": 1, "--epochs": 2})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 .*colintern_heads_step2\.pt"):
+        run_train(*flags)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["colintern_heads_step1.pt",
+                                                                        "colintern_heads_step2.pt"]
+    assert load_checkpoint(str(out / "colintern_heads_step2.pt"))["meta"]["step"] == 2
+    assert [s for s, *_ in read_loss_log(out)] == [1, 2]
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import train
+real_save, calls = torch.save, []
+def dying_save(obj, f, *a, **k):
+    calls.append(1)
+    if len(calls) == 2:  # the second checkpoint: write part of it, then die as a kill -9 would
+        f.write(b"half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+torch.save = dying_save
+train.main(train.parse_args(sys.argv[1:]))
+"""
+
+
+def test_kill_during_checkpoint_write_leaves_previous_intact(tiny_model_dir, pages, tmp_path):
+    out = tmp_path / "killed"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_DURING_SAVE.format(root=ROOT))
+    flags = base_flags(tiny_model_dir, pages, out, **{"--save_every": 1, "--max_steps": 3})
+    result = subprocess.run([sys.executable, str(script), *map(str, flags)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert not (out / "colintern_heads_step2.pt").exists()
+    ckpt = load_checkpoint(str(out / "colintern_heads_step1.pt"))
+    assert ckpt["meta"]["step"] == 1 and ckpt["train_state"]["kind"] == "step"
+
+
+def corrupt_file(path):
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG not really")
+    return path
+
+
+@pytest.mark.parametrize("case", ["malformed_line", "missing_image", "unreadable_image", "pseudo_path_row",
+                                  "pseudo_path_dataset", "empty_jsonl", "empty_hub", "too_few_rows"])
+def test_bad_input_names_the_culprit(case, tiny_model_dir, pages, tmp_path):
+    good = {"query": "q", "pos": "img/apple.png", "negs": ["img/river.png"]}
+    jsonl = tmp_path / "bad.jsonl"
+    flags = base_flags(tiny_model_dir, pages, tmp_path / "out", **{"--batch_size": 2, "--train_jsonl": jsonl})
+    if case == "malformed_line":
+        jsonl.write_text(json.dumps(good) + "\n" + '{"query": "q", "pos": \n')
+        error, pattern = ValueError, rf"{jsonl} line 2: not valid JSON"
+    elif case == "missing_image":
+        write_jsonl(jsonl, [good, {**good, "negs": ["img/nope.png"]}])
+        error, pattern = FileNotFoundError, rf"{jsonl} line 2: page 'img/nope.png'"
+    elif case == "unreadable_image":
+        corrupt_file(tmp_path / "broken.png")
+        write_jsonl(jsonl, [good, {**good, "pos": "broken.png"}])
+        flags += ["--root", tmp_path]
+        os.symlink(os.path.join(pages["root"], "img"), tmp_path / "img")
+        error, pattern = ValueError, rf"{jsonl} line 2: page 'broken.png' cannot be read: image .*broken.png"
+    elif case == "pseudo_path_row":
+        write_jsonl(jsonl, [good, {**good, "pos": pseudo_path(pages["hub"], "train", 99)}])
+        error, pattern = IndexError, rf"{jsonl} line 2: .*doc_99.png' points at row 99 .* has 16 rows"
+    elif case == "pseudo_path_dataset":
+        write_jsonl(jsonl, [{**good, "negs": [pseudo_path(str(tmp_path / "no-such"), "train", 0)]}, good])
+        error, pattern = FileNotFoundError, rf"{jsonl} line 1: .*no-such.* cannot be opened"
+    elif case == "empty_jsonl":
+        jsonl.write_text("\n")
+        error, pattern = ValueError, rf"{jsonl} has no triples"
+    elif case == "empty_hub":
+        empty = save_hub_folder(tmp_path / "empty", [])
+        flags = base_flags(tiny_model_dir, pages, tmp_path / "out", **{"--train_jsonl": None, "--num_negs": None,
+                                                                       "--train_hub": empty})
+        # datasets itself refuses a split with no rows ("corresponds to no data"); either way the folder is named
+        error, pattern = ValueError, rf"dataset {empty} split 'train'.*(no data|empty)"
+    else:
+        write_jsonl(jsonl, [good])
+        error, pattern = ValueError, r"has 1 rows; one optimizer step needs --batch_size 2"
+    with pytest.raises(error, match=pattern):
+        run_train(*flags)
+
+
+def test_num_negs_with_hub_data_is_refused(pages, tmp_path):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--train_hub", pages["hub"], "--num_negs", "2", "--out_dir", str(tmp_path)])
+
+
+# -----------------------------------------------------------------------------
+# optimizers, memory knobs
+
+def test_bitsandbytes_optimizers_run_on_cpu(capsys):
+    params = [torch.nn.Parameter(torch.randn(64, 128))]
+    paged = train.make_optimizer("paged_adamw_8bit", params, 1e-3)
+    assert "non-paged" in capsys.readouterr().out
+    import bitsandbytes as bnb
+    assert type(paged) is bnb.optim.AdamW8bit
+    before = params[0].detach().clone()
+    params[0].grad = torch.randn_like(params[0])
+    paged.step()
+    assert paged.state[params[0]]["state1"].dtype == torch.uint8  # really 8-bit state
+    assert not torch.equal(before, params[0])
+
+
+def test_auto_batch_halves_until_it_fits(capsys):
+    tried = []
+
+    def try_batch(b):
+        tried.append(b)
+        if b > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    assert train.find_batch_size(try_batch, 32) == 4 and tried == [32, 16, 8, 4]
+    with pytest.raises(RuntimeError, match="even one query"):
+        train.find_batch_size(lambda b: try_batch(99), 2)
+
+
+def test_auto_batch_on_cpu_keeps_the_batch(tiny_model_dir, pages, tmp_path, capsys):
+    run_train(*base_flags(tiny_model_dir, pages, tmp_path, **{"--auto_batch": True, "--max_steps": 1,
+                                                             "--compile_heads": True}))
+    text = capsys.readouterr().out
+    assert "keeping --batch_size 4" in text and "--compile_heads: no-op on CPU" in text
+
+
+def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_model_dir, pages, tmp_path, monkeypatch):
+    import transformers.modeling_utils as mu
+    calls = {"n": 0}
+    real_checkpoint = mu.checkpoint
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real_checkpoint(*a, **k)
+    monkeypatch.setattr(mu, "checkpoint", counted)
+    common = {"--max_steps": 2, "--lora": True, "--lora_r": 4, "--lora_dropout": 0.0}
+    run_train(*base_flags(tiny_model_dir, pages, tmp_path / "plain", **common))
+    assert calls["n"] == 0
+    run_train(*base_flags(tiny_model_dir, pages, tmp_path / "gc", **common, **{"--gradient_checkpointing": True}))
+    assert calls["n"] > 0  # layers were really recomputed in the backward pass
+    assert_same_weights(trainable(str(tmp_path / "plain" / "colintern_heads_step2.pt")),
+                        trainable(str(tmp_path / "gc" / "colintern_heads_step2.pt")), atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# many processes
+
+def test_two_gloo_processes_match_one_process_with_the_global_batch(tiny_model_dir, pages, tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo) vs one process seeing the same 8 queries per step: same losses,
+    same weights. One page is wider (3 tiles), so the ranks' page lengths differ and padding before the gather
+    matters; every query has one listed hard negative, so negatives are gathered too."""
+    words = pages["words"][:8]
+    root = tmp_path / "ddp"
+    os.makedirs(root)
+    for i, w in enumerate(words):
+        render_keyword_page(w, size=(448, 224) if i == 0 else (224, 224)).save(root / f"{w}.png")
+    jsonl = write_jsonl(root / "t.jsonl", [{"query": query(w), "pos": f"{w}.png", "negs": [f"{words[i - 1]}.png"]}
+                                           for i, w in enumerate(words)])
+    common = {"--train_jsonl": jsonl, "--root": root, "--epochs": 2, "--lora": True, "--lora_r": 4,
+              "--lora_dropout": 0.0}
+    two = base_flags(tiny_model_dir, pages, tmp_path / "two", **common, **{"--batch_size": 4})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "train.py"), *map(str, two)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_train(*base_flags(tiny_model_dir, pages, tmp_path / "one", **common, **{"--batch_size": 8}))
+    log_two, log_one = read_loss_log(tmp_path / "two"), read_loss_log(tmp_path / "one")
+    assert [(s, e) for s, e, *_ in log_two] == [(1, 1), (2, 2)]
+    for (_, _, loss_two, lr_two), (_, _, loss_one, lr_one) in zip(log_two, log_one):
+        assert loss_two == pytest.approx(loss_one, abs=2e-5) and lr_two == lr_one
+    assert_same_weights(trainable(str(tmp_path / "one" / "colintern_heads_epoch2.pt")),
+                        trainable(str(tmp_path / "two" / "colintern_heads_epoch2.pt")), atol=1e-5)
+    assert not os.path.exists(tmp_path / "two" / "args.json.tmp")
+
+
+# -----------------------------------------------------------------------------
+# it learns (REFERENCE.md: "Making a tiny frozen-random InternVL learn")
+
+def retrieval_metrics(scores):
+    """Query i's one relevant page is page i -> (Recall@1, nDCG@5); ties count against the query."""
+    recall, ndcg = 0.0, 0.0
+    for i, row in enumerate(scores.tolist()):
+        rank = sum(s >= row[i] for j, s in enumerate(row) if j != i) + 1
+        recall += rank == 1
+        ndcg += 1 / math.log2(rank + 1) if rank <= 5 else 0.0
+    return recall / len(scores), ndcg / len(scores)
+
+
+def test_it_learns_held_out_pages(tiny_model_dir, tmp_path):
+    hub = tmp_path / "kw-train"
+    train_words = [w for w in WORDS for _ in range(3)]
+    ds = datasets.Dataset.from_dict({"query": [query(w) for w in train_words],
+                                     "image": [render_keyword_page(w, variant=i % 3) for i, w in
+                                               enumerate(train_words)]}).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(hub))
+    out = tmp_path / "out"
+    run_train("--model_id", tiny_model_dir, "--train_hub", hub, "--out_dir", out, "--batch_size", 8,
+              "--epochs", 20, "--max_steps", 200, "--lr", 2e-3, "--warmup_steps", 20, "--temperature", 0.05,
+              "--lora", "--lora_r", 8, "--lora_alpha", 8, "--lora_dropout", 0.0, "--optimizer", "adamw",
+              "--num_workers", 1, "--save_every", 0, "--seed", 0)
+    held_out = [render_keyword_page(w, variant=4) for w in WORDS]  # renderings never trained on
+    queries = [query(w) for w in WORDS]
+
+    torch.manual_seed(0)  # train.py's initial heads and LoRA
+    untrained, processor = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(r=8, alpha=8, dropout=0.0))
+    before = retrieval_metrics(maxsim_scores(untrained.encode_queries(processor, queries),
+                                             untrained.encode_pages(processor, held_out, batch_size=8)))
+    final = out / "colintern_heads_step200.pt"
+    trained, processor, ckpt = ColIntern.from_checkpoint(str(final))
+    after = retrieval_metrics(maxsim_scores(trained.encode_queries(processor, queries),
+                                            trained.encode_pages(processor, held_out, batch_size=8)))
+    assert before[0] < 0.2 and before[1] < 0.3, before  # chance: R@1 1/32, nDCG@5 ~0.1
+    assert after[0] > 0.6 and after[1] > 0.7, (before, after)
+    # LoRA was trained too, not only the heads: B starts at zero and A at train.py's seeded init
+    init = {k: v for k, v in untrained.backbone.state_dict().items() if "lora_" in k}
+    assert init.keys() == ckpt["lora"].keys() and len(init) > 0
+    for k, v in ckpt["lora"].items():
+        assert not torch.equal(v, init[k]), k
+        if "lora_B" in k:
+            assert torch.count_nonzero(init[k]) == 0 and v.abs().max() > 1e-3, k

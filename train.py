@@ -1,0 +1,749 @@
+r"""Train ColIntern: frozen InternVL3.5 backbone, query/page heads (+ LoRA), in-batch InfoNCE over MaxSim.
+
+    # epoch 1: in-batch negatives on the ColPali training set
+    python train.py --model_id OpenGVLab/InternVL3_5-1B-HF --train_hub vidore/colpali_train_set \
+        --out_dir outputs/colintern-1b-e1 --batch_size 32 --grad_accum 2 --epochs 1 --lr 2e-4 \
+        --lora --optimizer paged_adamw_8bit --gradient_checkpointing --save_every 500
+    # epoch 2: hard negatives mined with the epoch-1 model, warm start from its checkpoint (epoch counter goes on)
+    python mine_hard_negatives.py --ckpt outputs/colintern-1b-e1/colintern_heads_epoch1.pt \
+        --hub_name vidore/colpali_train_set --split train --out_jsonl outputs/mined.jsonl --k 8
+    python train.py --train_jsonl outputs/mined.jsonl --num_negs 2 --out_dir outputs/colintern-1b-e2 \
+        --resume_ckpt outputs/colintern-1b-e1/colintern_heads_epoch1.pt --batch_size 32 --epochs 1 --lr 1e-4
+    # continue an interrupted run exactly: same command + the last step snapshot
+    python train.py ... --resume_ckpt outputs/colintern-1b-e1/colintern_heads_step1500.pt
+    # many GPUs (DDP; pages are gathered across ranks as in-batch negatives); a 38B split over one machine's GPUs
+    torchrun --nproc_per_node 4 train.py --train_hub vidore/colpali_train_set --out_dir outputs/ddp ...
+    python train.py --model_id OpenGVLab/InternVL3_5-38B-HF --device_map auto --lora ...
+
+Writes into --out_dir (rank 0 only): training_loss.txt (`# step epoch loss lr`, one line per optimizer step),
+colintern_heads_step{N}.pt every --save_every steps (and at Ctrl-C or at --max_steps), colintern_heads_epoch{E}.pt
+at each epoch end, args.json (arguments + git commit).
+
+Checkpoints: a step snapshot holds heads + LoRA, optimizer, scheduler and the data position, so resuming it with the
+same flags and data continues exactly. An epoch checkpoint holds heads + LoRA only (no optimizer): resuming it is a
+warm start with a fresh optimizer and schedule, e.g. on newly mined data; its epoch and step counters go on.
+Randomness: the only random draw in a step is LoRA dropout; torch is reseeded from (--seed, rank, step) before every
+optimizer step, and negatives are drawn from (--seed, epoch, row), so no RNG state needs saving to resume exactly.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from colintern_model import (
+    DEFAULT_MODEL_ID,
+    ColIntern,
+    ColInternProcessor,
+    LoraSettings,
+    PageResolver,
+    atomic_torch_save,
+    checkpoint_dict,
+    contrastive_loss,
+    load_checkpoint,
+    load_page_dataset,
+    read_triples,
+    resolve_dtype,
+)
+
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
+WEIGHT_DECAY = 0.0  # as colpali-engine's recipes (HF Trainer default)
+LOSS_LOG = "training_loss.txt"
+LOSS_LOG_HEADER = "# step epoch loss lr\n"
+LORA_DEFAULTS = LoraSettings()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model_id", default=None,
+                   help=f"HF-native InternVL3.5 checkpoint (hub id ending in -HF, or a save_pretrained folder); "
+                        f"default {DEFAULT_MODEL_ID}, or the --resume_ckpt's model")
+    g.add_argument("--proj_dim", type=int, default=None,
+                   help="size of each query/page vector (the heads' output); default 128, or the checkpoint's")
+    g.add_argument("--max_tiles", type=int, default=None,
+                   help="at most this many tiles per page (+1 thumbnail when tiled; 256 tokens per 448px tile); "
+                        "default 4, or the checkpoint's")
+    g.add_argument("--lora", action="store_true",
+                   help="add LoRA adapters to the language model (vision tower stays frozen) and train them; "
+                        "a resumed checkpoint with LoRA keeps it without this flag")
+    g.add_argument("--lora_r", type=int, default=None, help=f"LoRA rank (default {LORA_DEFAULTS.r})")
+    g.add_argument("--lora_alpha", type=int, default=None, help=f"LoRA alpha (default {LORA_DEFAULTS.alpha})")
+    g.add_argument("--lora_dropout", type=float, default=None,
+                   help=f"dropout on the LoRA input (default {LORA_DEFAULTS.dropout})")
+    g.add_argument("--dtype", default="auto",
+                   help="backbone dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32; heads stay fp32")
+    g.add_argument("--device_map", default=None,
+                   help="passed to from_pretrained: 'auto' splits a backbone too big for one GPU (e.g. 38B) over "
+                        "this machine's GPUs (one process, no torchrun). Default: cuda:LOCAL_RANK under torchrun, "
+                        "else cuda if available, else cpu")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute backbone activations in the backward pass (less memory, ~30%% slower); "
+                        "only matters with --lora (without LoRA nothing is back-propagated through the backbone)")
+    g.add_argument("--compile_heads", action="store_true",
+                   help="torch.compile the projection heads (linear + L2 normalise + mask) on CUDA; no-op on CPU")
+
+    g = p.add_argument_group("data")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--train_hub", default=None,
+                     help="hub dataset or local dataset folder with vidore/colpali_train_set columns (query, image); "
+                          "one positive page per row, in-batch negatives only")
+    src.add_argument("--train_jsonl", default=None,
+                     help='JSONL of {"query", "pos", "negs"} (e.g. from mine_hard_negatives.py); pages are image '
+                          "paths under --root or HF pseudo-paths DATASET/SPLIT/doc_N.png (row N of that dataset)")
+    g.add_argument("--split", default="train", help="split of --train_hub (default train)")
+    g.add_argument("--root", default=".", help="folder that image paths in --train_jsonl are relative to")
+    g.add_argument("--num_negs", type=int, default=None,
+                   help="hard negatives drawn per query per step from its 'negs' (default 1 with --train_jsonl; "
+                        "rows with fewer are topped up with random other pages); must be 0 with --train_hub")
+    g.add_argument("--num_workers", type=int, default=2,
+                   help="DataLoader worker processes that decode and tile the pages (0: in the main process)")
+    g.add_argument("--prefetch_factor", type=int, default=2, help="batches each worker prepares ahead")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=32,
+                   help="queries per device per micro-batch; every page in the (gathered) batch is a negative")
+    g.add_argument("--auto_batch", action="store_true",
+                   help="on CUDA, halve --batch_size until a worst-case batch fits, and raise --grad_accum by the "
+                        "same factor so a step sees as many queries; on CPU (no out-of-memory signal) keeps it")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=int, default=1, help="passes over the training data in this run")
+    g.add_argument("--max_steps", type=int, default=None,
+                   help="stop after this many optimizer steps of this run (the schedule then spans them); "
+                        "default: all the steps of --epochs")
+    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    g.add_argument("--warmup_steps", type=int, default=100,
+                   help="linear warmup steps, then cosine decay to 0 at the last step")
+    g.add_argument("--optimizer", default="paged_adamw_8bit", choices=OPTIMIZERS,
+                   help="bitsandbytes paged/8-bit AdamW or torch AdamW; paged falls back to non-paged on CPU")
+    g.add_argument("--temperature", type=float, default=0.02,
+                   help="InfoNCE temperature on MaxSim scores divided by query length")
+    g.add_argument("--seed", type=int, default=0, help="seed for head/LoRA init, data order, negatives, dropout")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--out_dir", required=True, help="folder for checkpoints, training_loss.txt and args.json")
+    g.add_argument("--save_every", type=int, default=500,
+                   help="write colintern_heads_step{N}.pt every N optimizer steps (0: only at epoch ends)")
+    g.add_argument("--resume_ckpt", default=None,
+                   help="a step snapshot continues that run exactly (same flags and data); an epoch checkpoint "
+                        "(or any heads checkpoint) is a warm start: heads + LoRA loaded, fresh optimizer")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    for flag in ("batch_size", "grad_accum", "epochs", "prefetch_factor"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("num_workers", "save_every", "warmup_steps"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.num_negs is None:
+        args.num_negs = 1 if args.train_jsonl else 0
+    if args.num_negs < 0:
+        p.error(f"--num_negs must be >= 0, got {args.num_negs}")
+    if args.train_hub and args.num_negs:
+        p.error("--train_hub rows have one positive and no hard negatives: drop --num_negs, or mine negatives with "
+                "mine_hard_negatives.py and train on its --train_jsonl")
+    if args.lr <= 0 or args.temperature <= 0:
+        p.error("--lr and --temperature must be > 0")
+
+
+# -----------------------------------------------------------------------------
+# Data: training rows, the seeded batch order, collation (decoding and tiling happen in the DataLoader workers)
+
+class HubPages(torch.utils.data.Dataset):
+    """Rows of a dataset with vidore/colpali_train_set columns: a query and its one positive page."""
+
+    def __init__(self, name: str, split: str):
+        ds = load_page_dataset(name, split)
+        missing = {"query", "image"} - set(ds.column_names)
+        if missing:
+            raise ValueError(f"--train_hub {name} split {split!r} lacks column(s) {sorted(missing)} (it has "
+                             f"{ds.column_names}); it needs vidore/colpali_train_set's 'query' and 'image'")
+        self.name, self.split = name, split
+        self.rows = ds.select_columns(["query", "image"])
+        self.queries = list(ds["query"])  # reads one column; images stay undecoded until a worker asks
+        bad = [i for i, q in enumerate(self.queries) if not isinstance(q, str) or not q.strip()]
+        if bad:
+            raise ValueError(f"--train_hub {name} split {split!r}: rows {bad[:5]} ({len(bad)} in all) have an "
+                             f"empty query; filter them out of the dataset first")
+        self.fingerprint = {"source": "hub", "rows": len(self.rows), "id": getattr(ds, "_fingerprint", None)}
+        self.label = f"{name} split {split} ({len(self.rows)} rows, in-batch negatives)"
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        _, i = key
+        try:
+            image = self.rows[i]["image"]
+        except Exception as e:  # re-raised with the row named; datasets' decode errors name no row
+            raise ValueError(f"--train_hub {self.name} split {self.split!r} row {i}: image cannot be decoded "
+                             f"({type(e).__name__}: {e})") from e
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"--train_hub {self.name} split {self.split!r} row {i}: 'image' is "
+                             f"{type(image).__name__}, not a decodable image")
+        return {"query": self.queries[i], "pos": image.convert("RGB"), "negs": []}
+
+
+class JsonlTriples(torch.utils.data.Dataset):
+    """Rows of a {"query", "pos", "negs"} JSONL. Every page reference is checked up front (no decoding); images
+    are read lazily by the workers. Each step draws num_negs of a row's negatives, seeded by (seed, epoch, row)."""
+
+    def __init__(self, path: str, root: str, num_negs: int, seed: int):
+        self.path, self.num_negs, self.seed = path, num_negs, seed
+        self.rows = read_triples(path)
+        self.resolver = PageResolver(root)
+        checked = set()
+        for row in tqdm(self.rows, desc="checking pages", unit="row", mininterval=2, disable=len(self.rows) < 5000):
+            for ref in [row["pos"], *row["negs"]]:
+                if ref not in checked:
+                    self.resolver.check(ref, where=f"{path} line {row['line']}")
+                    checked.add(ref)
+        # pages to top up rows with fewer negatives than num_negs (any other row's positive)
+        self.pool = sorted({row["pos"] for row in self.rows})
+        self.short = sum(len(row["negs"]) < num_negs for row in self.rows)
+        if num_negs and len(self.pool) < 2 and self.short:
+            raise ValueError(f"{path}: rows lack negatives and there is no other page to draw one from")
+        with open(path, "rb") as f:
+            sha1 = hashlib.file_digest(f, "sha1").hexdigest()
+        self.fingerprint = {"source": "jsonl", "rows": len(self.rows), "id": sha1}
+        self.label = f"{path} ({len(self.rows)} rows, {num_negs} hard negative(s) per query)"
+
+    def __len__(self):
+        return len(self.rows)
+
+    def negatives(self, epoch: int, i: int) -> list:
+        row = self.rows[i]
+        rng = random.Random(f"{self.seed}:{epoch}:{i}")
+        negs = rng.sample(row["negs"], min(self.num_negs, len(row["negs"])))
+        while len(negs) < self.num_negs:
+            ref = self.pool[rng.randrange(len(self.pool))]
+            if ref != row["pos"]:
+                negs.append(ref)
+        return negs
+
+    def page(self, ref: str, where: str) -> Image.Image:
+        try:
+            return self.resolver(ref, where)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{where}: page {ref!r} cannot be read: {e}") from e
+
+    def __getitem__(self, key):
+        epoch, i = key
+        row = self.rows[i]
+        where = f"{self.path} line {row['line']}"
+        return {"query": row["query"], "pos": self.page(row["pos"], where),
+                "negs": [self.page(ref, where) for ref in self.negatives(epoch, i)]}
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """This rank's micro-batches of one epoch, as (epoch, row) keys: the epoch's seeded permutation cut into global
+    batches of batch_size x world rows, rank r taking slice r of each (so one process with the global batch sees the
+    same rows in the same order). Starts at micro-batch `start`: consumed batches are skipped by index, undecoded."""
+
+    def __init__(self, n_rows: int, epoch: int, seed: int, batch_size: int, rank: int, world: int,
+                 n_batches: int, start: int = 0):
+        self.n_rows, self.epoch, self.seed = n_rows, epoch, seed
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.n_batches, self.start = n_batches, start
+
+    def __len__(self):
+        return max(0, self.n_batches - self.start)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n_rows, generator=g).tolist()
+        global_batch = self.batch_size * self.world
+        for b in range(self.start, self.n_batches):
+            lo = b * global_batch + self.rank * self.batch_size
+            yield [(self.epoch, i) for i in order[lo:lo + self.batch_size]]
+
+
+class Collate:
+    """Examples -> model inputs: queries, then pages = every positive, then every query's negatives in query order."""
+
+    def __init__(self, processor: ColInternProcessor):
+        self.processor = processor
+
+    def __call__(self, examples):
+        pages = [e["pos"] for e in examples] + [n for e in examples for n in e["negs"]]
+        return {"queries": dict(self.processor.process_queries([e["query"] for e in examples])),
+                "pages": dict(self.processor.process_pages(pages)), "n_queries": len(examples)}
+
+
+def load_training_rows(args):
+    if args.train_hub:
+        return HubPages(args.train_hub, args.split)
+    return JsonlTriples(args.train_jsonl, args.root, args.num_negs, args.seed)
+
+
+# -----------------------------------------------------------------------------
+# Distributed: torchrun's environment variables -> rank, world size, device
+
+def setup_distributed(device_map):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1:
+        if device_map == "auto":
+            raise ValueError("--device_map auto splits one model over this machine's GPUs in one process: run it "
+                             "with plain `python train.py`, not torchrun (DDP needs one device per process)")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    if device_map is None:
+        device_map = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return rank, world, device_map
+
+
+def pad_left(emb: torch.Tensor, mask: torch.Tensor, length: int):
+    """(N, L, D), (N, L) -> (N, length, D), (N, length): pad on the left, as the processor does, mask False."""
+    extra = length - emb.shape[1]
+    return F.pad(emb, (0, 0, extra, 0)), F.pad(mask, (extra, 0), value=False)
+
+
+def gather_pages(pages: torch.Tensor, page_mask: torch.Tensor, n_queries: int, world: int):
+    """Every rank's pages, positives of all ranks first (rank order), then all ranks' negatives. Padded to the
+    longest rank first; torch.distributed.nn.all_gather keeps gradients flowing back to the rank that made them."""
+    length = torch.tensor([pages.shape[1]], device=pages.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    pages, page_mask = pad_left(pages, page_mask, int(length))
+    gathered = torch.distributed.nn.all_gather(pages.contiguous())
+    masks = [torch.empty_like(page_mask, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(masks, page_mask.to(torch.uint8))  # gloo has no bool all_gather
+    masks = [m.bool() for m in masks]
+    pages = torch.cat([g[:n_queries] for g in gathered] + [g[n_queries:] for g in gathered])
+    page_mask = torch.cat([m[:n_queries] for m in masks] + [m[n_queries:] for m in masks])
+    return pages, page_mask
+
+
+class QueryPageEncoder(nn.Module):
+    """One forward for a training batch, so DDP sees (and syncs the gradients of) both heads and LoRA."""
+
+    def __init__(self, model: ColIntern):
+        super().__init__()
+        self.model = model
+
+    def forward(self, queries, pages):
+        q, q_mask = self.model.forward_queries(queries)  # (B, Lq, D), (B, Lq)
+        p, p_mask = self.model.forward_pages(pages)  # (B * (1 + num_negs), Lp, D), (.., Lp)
+        return q, q_mask, p, p_mask
+
+
+def batch_loss(encoder: nn.Module, batch: dict, temperature: float, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """InfoNCE of this rank's queries against the pages of every rank (positives, then hard negatives)."""
+    q, q_mask, pages, page_mask = encoder(batch["queries"], batch["pages"])
+    n = batch["n_queries"]
+    if world > 1:
+        pages, page_mask = gather_pages(pages, page_mask, n, world)
+    pos_index = rank * n + torch.arange(n, device=q.device)
+    return contrastive_loss(q, q_mask, pages, page_mask, pos_index, temperature=temperature)
+
+
+# -----------------------------------------------------------------------------
+# Model, optimizer, schedule
+
+def build_model(args, ckpt: dict | None, device_map):
+    """A fresh model from the flags, or one with the checkpoint's shape (heads + LoRA loaded). Flags that would
+    build another shape than the checkpoint's are an error rather than a silent choice."""
+    meta = ckpt["meta"] if ckpt else None
+    lora = None
+    if meta is None:
+        if args.lora:
+            lora = LoraSettings(r=args.lora_r or LORA_DEFAULTS.r, alpha=args.lora_alpha or LORA_DEFAULTS.alpha,
+                                dropout=LORA_DEFAULTS.dropout if args.lora_dropout is None else args.lora_dropout)
+        elif any(v is not None for v in (args.lora_r, args.lora_alpha, args.lora_dropout)):
+            raise ValueError("--lora_r/--lora_alpha/--lora_dropout need --lora")
+        proj_dim, max_tiles = args.proj_dim or 128, args.max_tiles or 4
+    else:
+        source = f"--resume_ckpt {args.resume_ckpt}"
+        if meta["lora"] is not None:
+            lora = LoraSettings(**meta["lora"])
+        elif args.lora:
+            raise ValueError(f"{source} has no LoRA; drop --lora (a warm start keeps the checkpoint's layout)")
+        for flag, ours in (("proj_dim", meta["proj_dim"]), ("lora_r", lora and lora.r),
+                           ("lora_alpha", lora and lora.alpha), ("lora_dropout", lora and lora.dropout)):
+            if getattr(args, flag) is not None and getattr(args, flag) != ours:
+                raise ValueError(f"{source} was trained with --{flag} {ours}, this run asks for "
+                                 f"--{flag} {getattr(args, flag)}: drop the flag or start a fresh run")
+        proj_dim, max_tiles = meta["proj_dim"], args.max_tiles or meta["max_tiles"]
+    model_id = args.model_id or (meta["model_id"] if meta else DEFAULT_MODEL_ID)
+    dtype = resolve_dtype(args.dtype, device_map)
+    torch.manual_seed(args.seed)  # heads and LoRA start from the same weights on every rank and every rerun
+    model, processor = ColIntern.from_pretrained(model_id, proj_dim=proj_dim, lora=lora, max_tiles=max_tiles,
+                                                 keep_all_page_tokens=bool(meta and meta["keep_all_page_tokens"]),
+                                                 dtype=dtype, device_map=device_map)
+    if ckpt is not None:
+        model.load_trainable_state(ckpt, source=f"--resume_ckpt {args.resume_ckpt}")
+    return model, processor
+
+
+def make_optimizer(name: str, params: list, lr: float, say=print):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ImportError(f"--optimizer {name} needs bitsandbytes (pip install bitsandbytes), or use "
+                          f"--optimizer adamw") from e
+    on_cuda = all(p.is_cuda for p in params)
+    if name == "paged_adamw_8bit" and not on_cuda:
+        say("--optimizer paged_adamw_8bit: paging needs CUDA; using the non-paged bitsandbytes AdamW8bit on CPU")
+        name = "adamw_8bit"
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=lr, weight_decay=WEIGHT_DECAY)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """Multiplier of the peak lr at optimizer step s (0-based): linear warmup, then cosine down to 0."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Dropout masks are a function of (seed, rank, step): a resumed run draws exactly what the straight one did."""
+    torch.manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) % (2 ** 63))
+
+
+def find_batch_size(try_batch, start: int, say=print) -> int:
+    """Largest batch size <= start (halving) for which try_batch(b) raises no CUDA out-of-memory error."""
+    size = start
+    while True:
+        fits = True
+        try:
+            try_batch(size)
+        except torch.cuda.OutOfMemoryError:
+            fits = False  # leave the except block first, so the exception's frames (and tensors) are freed
+        if fits:
+            return size
+        if size == 1:
+            raise RuntimeError("--auto_batch: even one query per device runs out of GPU memory; lower --max_tiles, "
+                               "add --gradient_checkpointing, or use more GPUs / --device_map auto")
+        say(f"--auto_batch: batch {size} runs out of GPU memory, trying {size // 2}")
+        size //= 2
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def probe_batch(model: ColIntern, processor: ColInternProcessor, num_negs: int, temperature: float):
+    """A worst-case training micro-step at batch size b: pages with max_tiles tiles, 64-word queries."""
+    tile = processor.hf.image_processor.size["height"]
+    page = Image.new("RGB", (tile * processor.max_tiles, tile), "white")
+
+    def try_batch(b):
+        try:
+            q, q_mask = model.forward_queries(processor.process_queries(["word " * 64] * b))
+            p, p_mask = model.forward_pages(processor.process_pages([page] * (b * (1 + num_negs))))
+            contrastive_loss(q, q_mask, p, p_mask, torch.arange(b), temperature).backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+    return try_batch
+
+
+# -----------------------------------------------------------------------------
+# Outputs: loss log, args.json, checkpoints
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def write_json(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+class LossLog:
+    """training_loss.txt: `# step epoch loss lr`, one line per optimizer step. Lines after `start_step` (left by an
+    interrupted run being resumed) are dropped, atomically, before appending."""
+
+    def __init__(self, out_dir: str, start_step: int):
+        self.path = os.path.join(out_dir, LOSS_LOG)
+        kept = []
+        if start_step > 0 and os.path.isfile(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and not line.startswith("#")
+                        and int(line.split()[0]) <= start_step]
+        fd, tmp = tempfile.mkstemp(prefix=LOSS_LOG + ".", suffix=".tmp", dir=out_dir)
+        with os.fdopen(fd, "w") as f:
+            f.writelines([LOSS_LOG_HEADER] + kept)
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+
+    def write(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        self.file.write(f"{step} {epoch} {loss:.6f} {lr:.6e}\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C during an optimizer update (weights, optimizer and position change together), then raise it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def run_config(args, rows, batch_size, grad_accum, world, total_steps) -> dict:
+    """What a step snapshot must share with the run that resumes it for the continuation to be exact."""
+    return {"data": rows.fingerprint, "global_batch": batch_size * world, "grad_accum": grad_accum,
+            "seed": args.seed, "num_negs": args.num_negs, "lr": args.lr, "warmup_steps": args.warmup_steps,
+            "total_steps": total_steps, "temperature": args.temperature, "optimizer": args.optimizer}
+
+
+def check_same_run(saved: dict, ours: dict, path: str) -> None:
+    diffs = [f"{k}: snapshot {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
+    if diffs:
+        raise ValueError(f"--resume_ckpt {path} is a step snapshot of another run ({'; '.join(diffs)}). A step "
+                         f"snapshot continues the same run: pass the same flags and data (--max_steps and --epochs "
+                         f"set the schedule). To start new training from it, resume an epoch checkpoint instead.")
+
+
+def main(args):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers tokenize; the forked Rust pool would warn
+    rank, world, device_map = setup_distributed(args.device_map)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        train(args, rank, world, device_map, say)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, rank, world, device_map, say):
+    ckpt = load_checkpoint(args.resume_ckpt) if args.resume_ckpt else None
+    state = (ckpt or {}).get("train_state") or {}
+    exact = state.get("kind") == "step"
+    rows = load_training_rows(args)
+    say(f"training data: {rows.label}")
+    if getattr(rows, "short", 0):
+        say(f"{rows.short} row(s) have fewer than --num_negs {args.num_negs} negatives: topped up with random "
+            f"other pages")
+
+    model, processor = build_model(args, ckpt, device_map)
+    params = model.trainable_parameters()
+    say(f"model {model.model_id}: {sum(p.numel() for p in params) / 1e6:.3f}M trainable parameters "
+        f"(heads{' + LoRA' if model.lora else ''}), backbone dtype {model.backbone.dtype}, device {model.device}")
+    if args.gradient_checkpointing:
+        if model.lora:
+            model.enable_gradient_checkpointing()
+        else:
+            say("--gradient_checkpointing: no effect without LoRA (nothing is back-propagated through the "
+                "frozen backbone, so it keeps no activations)")
+    if args.compile_heads:
+        if model.device.type == "cuda":
+            model._project = torch.compile(ColIntern._project, dynamic=True)
+        else:
+            say("--compile_heads: no-op on CPU (the heads are a negligible cost there)")
+
+    batch_size, grad_accum = args.batch_size, args.grad_accum
+    if exact and args.auto_batch:
+        batch_size = state["run"]["global_batch"] // world
+        grad_accum = state["run"]["grad_accum"]
+        say(f"--auto_batch: resuming a step snapshot, so its batch {batch_size} x --grad_accum {grad_accum} is kept")
+    elif args.auto_batch and model.device.type == "cuda":
+        model.train()
+        found = find_batch_size(probe_batch(model, processor, args.num_negs, args.temperature), batch_size, say)
+        if world > 1:
+            t = torch.tensor([found], device=model.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            found = int(t)
+        grad_accum *= batch_size // found
+        say(f"--auto_batch: batch {found} per device fits; --grad_accum {grad_accum} keeps "
+            f"{found * grad_accum * world} queries per step")
+        batch_size = found
+    elif args.auto_batch:
+        say(f"--auto_batch: CPU has no out-of-memory error to probe (the OS kills the process instead); keeping "
+            f"--batch_size {batch_size}")
+
+    global_batch = batch_size * world
+    batches_per_epoch = len(rows) // global_batch // grad_accum * grad_accum  # an epoch ends on a full step
+    steps_per_epoch = batches_per_epoch // grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"training data has {len(rows)} rows; one optimizer step needs --batch_size {batch_size} x "
+                         f"{world} process(es) x --grad_accum {grad_accum} = {global_batch * grad_accum}: lower them "
+                         f"or add data")
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    config = run_config(args, rows, batch_size, grad_accum, world, total_steps)
+
+    encoder = QueryPageEncoder(model)
+    if world > 1:
+        encoder = nn.parallel.DistributedDataParallel(
+            encoder, device_ids=[model.device.index] if model.device.type == "cuda" else None,
+            broadcast_buffers=False)
+    optimizer = make_optimizer(args.optimizer, params, args.lr, say)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total_steps))
+
+    # counters: run_step counts this run's optimizer steps (a warm start begins a new run); the global step and
+    # epoch numbers in file names go on from the checkpoint
+    run_step, data_epoch, batch_in_epoch = 0, 0, 0
+    step_offset = ckpt["meta"]["step"] if ckpt else 0
+    epoch_offset = ckpt["meta"]["epoch"] if ckpt else 0
+    if exact:
+        check_same_run(state["run"], config, args.resume_ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        run_step, step_offset, epoch_offset = state["run_step"], state["step_offset"], state["epoch_offset"]
+        data_epoch, batch_in_epoch = state["position"]["epoch"], state["position"]["batch"]
+        say(f"resuming step snapshot {args.resume_ckpt} exactly: step {step_offset + run_step}, epoch "
+            f"{epoch_offset + data_epoch + 1}, micro-batch {batch_in_epoch} of {batches_per_epoch}")
+    elif ckpt is not None:
+        say(f"warm start from {args.resume_ckpt} (epoch {epoch_offset}, step {step_offset}): heads"
+            f"{' + LoRA' if model.lora else ''} loaded, fresh optimizer and schedule; epochs continue at "
+            f"{epoch_offset + 1}")
+
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        write_json(os.path.join(args.out_dir, "args.json"),
+                   {**vars(args), "git_commit": git_commit(), "world_size": world, "device_map": str(device_map),
+                    "effective_batch_size": batch_size, "effective_grad_accum": grad_accum,
+                    "total_steps": total_steps, "argv": sys.argv})
+    log = LossLog(args.out_dir, step_offset + run_step) if rank == 0 else None
+
+    def train_state(kind: str) -> dict:
+        out = {"kind": kind, "run_step": run_step, "step_offset": step_offset, "epoch_offset": epoch_offset,
+               "position": {"epoch": data_epoch, "batch": batch_in_epoch}, "run": config, "args": vars(args),
+               "git_commit": git_commit()}
+        if kind == "step":
+            out.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+        return out
+
+    def save(kind: str) -> str:
+        """Rank 0 writes, atomically; the other ranks hold identical weights (DDP)."""
+        epochs_done = epoch_offset + data_epoch + (batch_in_epoch >= batches_per_epoch)
+        name = (f"colintern_heads_step{step_offset + run_step}.pt" if kind == "step"
+                else f"colintern_heads_epoch{epochs_done}.pt")
+        path = os.path.join(args.out_dir, name)
+        if rank == 0:
+            atomic_torch_save(checkpoint_dict(model, step=step_offset + run_step, epoch=epochs_done,
+                                              train_state=train_state(kind)), path)
+        return path
+
+    model.train()
+    samples_per_step = global_batch * grad_accum
+    last_saved = args.resume_ckpt
+    bar = tqdm(total=total_steps, initial=run_step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
+    started, steps_here = time.perf_counter(), 0
+    try:
+        while run_step < total_steps and data_epoch < args.epochs:
+            if batch_in_epoch >= batches_per_epoch:
+                data_epoch, batch_in_epoch = data_epoch + 1, 0
+                continue
+            epoch_number = epoch_offset + data_epoch + 1
+            sampler = EpochBatches(len(rows), data_epoch, args.seed, batch_size, rank, world, batches_per_epoch,
+                                   start=batch_in_epoch)
+            loader = torch.utils.data.DataLoader(
+                rows, batch_sampler=sampler, collate_fn=Collate(processor), num_workers=args.num_workers,
+                prefetch_factor=args.prefetch_factor if args.num_workers else None,
+                pin_memory=model.device.type == "cuda")
+            micro, loss_sum = 0, torch.zeros((), device=model.device)
+            for batch in loader:
+                if micro == 0:
+                    seed_step(args.seed, rank, step_offset + run_step)
+                micro += 1
+                sync = micro == grad_accum
+                with contextlib.nullcontext() if sync or world == 1 else encoder.no_sync():
+                    loss = batch_loss(encoder, batch, args.temperature, rank, world)
+                    (loss / grad_accum).backward()
+                loss_sum += loss.detach()
+                if not sync:
+                    continue
+                step_loss = loss_sum / grad_accum
+                if world > 1:
+                    dist.all_reduce(step_loss)  # gloo has no AVG
+                    step_loss /= world
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+                step = step_offset + run_step + 1
+                if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
+                    raise FloatingPointError(
+                        f"non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient'} at step {step} "
+                        f"(epoch {epoch_number}, micro-batch {batch_in_epoch + micro}): stopping without saving. "
+                        f"Last good checkpoint: {last_saved or 'none'}. Lower --lr, raise --temperature, or check "
+                        f"the data; resume from that checkpoint.")
+                lr = optimizer.param_groups[0]["lr"]
+                with interrupts_deferred():
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    run_step, batch_in_epoch, steps_here = run_step + 1, batch_in_epoch + micro, steps_here + 1
+                    if log:
+                        log.write(step, epoch_number, float(step_loss), lr)
+                micro, loss_sum = 0, torch.zeros((), device=model.device)
+                rate = steps_here * samples_per_step / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{float(step_loss):.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+                bar.update(1)
+                if args.save_every and run_step % args.save_every == 0:
+                    last_saved = save("step")
+                if run_step >= total_steps:
+                    break
+            if batch_in_epoch >= batches_per_epoch:
+                last_saved = save("epoch")
+                say(f"epoch {epoch_number} done: {last_saved}")
+        if run_step == total_steps and batch_in_epoch < batches_per_epoch and \
+                not (args.save_every and run_step % args.save_every == 0):
+            last_saved = save("step")  # --max_steps stopped mid-epoch: keep the end point resumable
+    except KeyboardInterrupt:
+        bar.close()
+        if run_step > 0 or ckpt is not None:
+            path = save("step")
+            if rank == 0:
+                print(f"interrupted: wrote step snapshot {path} (step {step_offset + run_step}); resume with "
+                      f"--resume_ckpt {path} and the same flags", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    say(f"done: {run_step} step(s) this run, last checkpoint {last_saved}")
+    return last_saved
+
+
+if __name__ == "__main__":
+    main(parse_args())
