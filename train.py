@@ -549,7 +549,7 @@ def main(args):
     rank, world, device_map = setup_distributed(args.device_map)
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
-        train(args, rank, world, device_map, say)
+        return train(args, rank, world, device_map, say)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -741,7 +741,7 @@ def train(args, rank, world, device_map, say):
         bar.close()
         if log:
             log.close()
-    say(f"done: {run_step} step(s) this run, last checkpoint {last_saved}")
+    say(f"done at step {step_offset + run_step} ({run_step} in this run); last checkpoint {last_saved}")
     return last_saved
 
 

@@ -1,5 +1,4 @@
 """train.py through its CLI entry (main(parse_args([...]))) on the tiny model and rendered keyword pages."""
-import hashlib
 import json
 import math
 import os
@@ -354,7 +353,8 @@ def corrupt_file(path):
 
 
 @pytest.mark.parametrize("case", ["malformed_line", "missing_image", "unreadable_image", "pseudo_path_row",
-                                  "pseudo_path_dataset", "empty_jsonl", "empty_hub", "too_few_rows"])
+                                  "pseudo_path_dataset", "empty_jsonl", "empty_hub", "hub_empty_query",
+                                  "too_few_rows"])
 def test_bad_input_names_the_culprit(case, tiny_model_dir, pages, tmp_path):
     good = {"query": "q", "pos": "img/apple.png", "negs": ["img/river.png"]}
     jsonl = tmp_path / "bad.jsonl"
@@ -386,6 +386,13 @@ def test_bad_input_names_the_culprit(case, tiny_model_dir, pages, tmp_path):
                                                                        "--train_hub": empty})
         # datasets itself refuses a split with no rows ("corresponds to no data"); either way the folder is named
         error, pattern = ValueError, rf"dataset {empty} split 'train'.*(no data|empty)"
+    elif case == "hub_empty_query":
+        hub = tmp_path / "hub"
+        datasets.Dataset.from_dict({"query": ["q", " "], "image": [render_keyword_page("a")] * 2}).cast_column(
+            "image", datasets.Image()).save_to_disk(str(hub))
+        flags = base_flags(tiny_model_dir, pages, tmp_path / "out", **{"--train_jsonl": None, "--num_negs": None,
+                                                                       "--train_hub": hub})
+        error, pattern = ValueError, rf"--train_hub {hub} split 'train': rows \[1\] .* empty query"
     else:
         write_jsonl(jsonl, [good])
         error, pattern = ValueError, r"has 1 rows; one optimizer step needs --batch_size 2"
@@ -396,6 +403,12 @@ def test_bad_input_names_the_culprit(case, tiny_model_dir, pages, tmp_path):
 def test_num_negs_with_hub_data_is_refused(pages, tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--train_hub", pages["hub"], "--num_negs", "2", "--out_dir", str(tmp_path)])
+
+
+def test_device_map_auto_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="not torchrun"):
+        train.setup_distributed("auto")
 
 
 # -----------------------------------------------------------------------------
@@ -518,6 +531,7 @@ def test_it_learns_held_out_pages(tiny_model_dir, tmp_path):
     trained, processor, ckpt = ColIntern.from_checkpoint(str(final))
     after = retrieval_metrics(maxsim_scores(trained.encode_queries(processor, queries),
                                             trained.encode_pages(processor, held_out, batch_size=8)))
+    print(f"held-out Recall@1, nDCG@5: untrained {before}, trained {after}")
     assert before[0] < 0.2 and before[1] < 0.3, before  # chance: R@1 1/32, nDCG@5 ~0.1
     assert after[0] > 0.6 and after[1] > 0.7, (before, after)
     # LoRA was trained too, not only the heads: B starts at zero and A at train.py's seeded init
