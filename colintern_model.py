@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -566,43 +567,148 @@ def pad_pages(pages: Sequence[torch.Tensor], length: int | None = None) -> torch
     return out
 
 
+# Similarity values per block in maxsim_tokens. On a CPU a block must stay in cache: 1M fp32 values (4 MB) score at
+# ~165 GFLOP/s on 2 AVX2 cores (the matmul peak), 32M-value blocks that spill to memory at ~45. A GPU wants big blocks.
+CPU_SIM_BLOCK = 1 << 20
+GPU_SIM_BLOCK = 1 << 28
+PAGE_CHUNK_TOKENS = 1 << 15  # page tokens padded together (sorted by length, so little padding)
+QUERY_BLOCK_TOKENS = 1 << 15  # query tokens scored together by maxsim_topk (bounds its (tokens, pages) buffer)
+
+
+def matmul_dtype(dtype: torch.dtype, device) -> torch.dtype:
+    """The dtype scores are computed in for embeddings rounded to `dtype`: `dtype` itself, except bf16/fp16 on a
+    CPU without native support (no AVX512-BF16/AMX: torch's fallback matmul runs below 1 GFLOP/s), where each block
+    is upcast to fp32: the same rounded inputs, fp32 arithmetic, at the fp32 speed."""
+    if torch.device(device).type != "cpu" or dtype == torch.float32:
+        return dtype
+    native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype)
+    return dtype if native is not None and native() else torch.float32
+
+
+@torch.no_grad()
+def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_elements: int | None = None) -> torch.Tensor:
+    """(T, D) query tokens x (Np, Lp, D) pages from pad_pages -> (T, Np): each query token's best similarity on
+    each page. Tiled so that one similarity block holds at most `block_elements` values (cache-sized on a CPU)."""
+    t, d = query_tokens.shape
+    np_, lp, _ = pages.shape
+    budget = block_elements or (GPU_SIM_BLOCK if query_tokens.is_cuda else CPU_SIM_BLOCK)
+    # roughly square blocks of (query tokens) x (whole pages); everything at once when it fits
+    group = np_ if t * np_ * lp <= budget else max(1, min(np_, math.isqrt(budget) // lp))
+    rows = max(1, min(t, budget // (group * lp)))
+    flat = pages.reshape(np_ * lp, d)
+    best = query_tokens.new_empty((t, np_))
+    buffer = query_tokens.new_empty(rows * group * lp)  # reused: no allocation per block
+    for p0 in range(0, np_, group):
+        p1 = min(np_, p0 + group)
+        block_pages = flat[p0 * lp:p1 * lp].T  # (D, group*Lp)
+        for r0 in range(0, t, rows):
+            r1 = min(t, r0 + rows)
+            sim = buffer[:(r1 - r0) * (p1 - p0) * lp].view(r1 - r0, (p1 - p0) * lp)
+            torch.mm(query_tokens[r0:r1], block_pages, out=sim)
+            best[r0:r1, p0:p1] = sim.view(r1 - r0, p1 - p0, lp).amax(dim=-1)
+    return best
+
+
 def maxsim_padded(queries: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     """(Nq, Lq, D) zero-padded queries x (Np, Lp, D) pages from pad_pages -> (Nq, Np) float32.
-    One matmul over all query tokens x all page tokens, then a max over each page's tokens."""
+    All query tokens x all page tokens in cache-sized matmul blocks, a max over each page's tokens, a sum per query."""
     nq, lq, d = queries.shape
-    np_, lp, _ = pages.shape
-    sim = queries.reshape(nq * lq, d) @ pages.reshape(np_ * lp, d).T  # (Nq*Lq, Np*Lp)
-    best = sim.view(nq * lq, np_, lp).amax(dim=-1)  # (Nq*Lq, Np)
-    return best.view(nq, lq, np_).float().sum(dim=1)
+    best = maxsim_tokens(queries.reshape(nq * lq, d), pages)  # (Nq*Lq, Np)
+    return best.view(nq, lq, -1).float().sum(dim=1)
+
+
+def pack_queries(queries: Sequence[torch.Tensor], dtype, device) -> tuple:
+    """Ragged queries -> (tokens (T, D), owner (T,) query index of each token): no padding, so no wasted FLOPs."""
+    tokens = torch.cat([q.to(device=device, dtype=dtype) for q in queries])
+    lengths = torch.tensor([q.shape[0] for q in queries], device=device)
+    return tokens, torch.repeat_interleave(torch.arange(len(queries), device=device), lengths)
+
+
+def page_chunks(pages: Sequence[torch.Tensor], dtype, device, chunk_tokens: int = PAGE_CHUNK_TOKENS):
+    """Yield (page indices, padded pages (n, Lp, D)), pages sorted by length so padding stays small."""
+    order = sorted(range(len(pages)), key=lambda i: pages[i].shape[0])
+    start = 0
+    while start < len(order):
+        end = start + 1  # lengths ascend, so a chunk's padded size is (pages in it) x (its last page's length)
+        while end < len(order) and (end + 1 - start) * pages[order[end]].shape[0] <= chunk_tokens:
+            end += 1
+        idx = order[start:end]
+        yield torch.tensor(idx, device=device), pad_pages([pages[i].to(device=device, dtype=dtype) for i in idx])
+        start = end
+
+
+def _sum_by_query(best: torch.Tensor, owner: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """(T, n) per-token best similarities -> (n_queries, n) float32 MaxSim scores."""
+    return best.new_zeros((n_queries, best.shape[1]), dtype=torch.float32).index_add_(0, owner, best.float())
 
 
 def maxsim_scores(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], device="cpu",
-                  dtype=torch.float32, max_sim_elements: int = 1 << 25, progress: bool = False) -> torch.Tensor:
+                  dtype=torch.float32, max_sim_elements: int | None = None, progress: bool = False) -> torch.Tensor:
     """Exact MaxSim of ragged queries x ragged pages -> (Nq, Np) float32 on the CPU.
 
-    Memory is bounded: pages are sorted by length (little padding) and scored in chunks whose similarity block
-    holds at most `max_sim_elements` values; `dtype` is the matmul dtype (bfloat16 is ~2x faster on CPUs with
-    bf16 units and on GPUs; scores are summed in float32)."""
+    Query tokens are packed (no padding), pages sorted by length and padded in chunks with their own first token,
+    and each chunk scored in similarity blocks of at most `max_sim_elements` values (default: cache-sized on a CPU,
+    large on a GPU). `dtype` is what embeddings are rounded to before scoring (see matmul_dtype); scores are summed
+    in float32."""
     from tqdm.auto import tqdm
     if len(queries) == 0 or len(pages) == 0:
         return torch.zeros(len(queries), len(pages))
-    q = pad_queries([x.to(dtype) for x in queries]).to(device)  # (Nq, Lq, D)
-    order = sorted(range(len(pages)), key=lambda i: pages[i].shape[0])
+    compute = matmul_dtype(dtype, device)
+    tokens, owner = pack_queries([q.to(dtype) for q in queries], compute, device)  # (T, D), (T,)
     scores = torch.empty(len(queries), len(pages))
-    q_tokens = q.shape[0] * q.shape[1]
-    start = 0
     with tqdm(total=len(pages), desc="maxsim", unit="page", disable=not progress) as bar:
-        while start < len(order):
-            # grow the chunk while its padded similarity block fits the budget (lengths ascend, so pad = last)
-            end = start + 1
-            while end < len(order) and q_tokens * (end + 1 - start) * pages[order[end]].shape[0] <= max_sim_elements:
-                end += 1
-            idx = order[start:end]
-            chunk = pad_pages([pages[i].to(dtype) for i in idx]).to(device)
-            scores[:, idx] = maxsim_padded(q, chunk).cpu()
-            bar.update(end - start)
-            start = end
+        for idx, chunk in page_chunks([p.to(dtype) for p in pages], compute, device):
+            best = maxsim_tokens(tokens, chunk, max_sim_elements)
+            scores[:, idx.cpu()] = _sum_by_query(best, owner, len(queries)).cpu()
+            bar.update(len(idx))
     return scores
+
+
+def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], k: int, device="cpu",
+                dtype=torch.float32, max_sim_elements: int | None = None, on_scores=None,
+                query_block_tokens: int = QUERY_BLOCK_TOKENS, progress: bool = False) -> tuple:
+    """The k best pages per query by exact MaxSim, never holding the (Nq, Np) matrix: each block of queries keeps
+    a running top-k while page chunks stream past.
+
+    -> (scores (Nq, k) float32, page indices (Nq, k) int64), best first, on the CPU; k is capped at len(pages),
+    and slots no page filled are (-inf, -1). `on_scores(q0, q1, page_idx, scores)`, if given, sees every
+    (queries q0:q1) x (pages page_idx) float32 block before it enters the top-k and may set entries to -inf to
+    exclude them (e.g. a query's positive), or count them."""
+    from tqdm.auto import tqdm
+    k = min(k, len(pages))
+    values = torch.full((len(queries), k), float("-inf"))
+    indices = torch.full((len(queries), k), -1, dtype=torch.long)
+    if len(queries) == 0 or k == 0:
+        return values, indices
+    compute = matmul_dtype(dtype, device)
+    chunks = list(page_chunks([p.to(dtype) for p in pages], compute, device))
+    blocks, q0 = [], 0
+    while q0 < len(queries):  # query blocks of about query_block_tokens tokens
+        q1, n_tokens = q0, 0
+        while q1 < len(queries) and (q1 == q0 or n_tokens + queries[q1].shape[0] <= query_block_tokens):
+            n_tokens += queries[q1].shape[0]
+            q1 += 1
+        blocks.append((q0, q1))
+        q0 = q1
+    with tqdm(total=len(queries) * len(pages), desc="maxsim top-k", unit="pair", unit_scale=True,
+              disable=not progress) as bar:
+        for q0, q1 in blocks:
+            tokens, owner = pack_queries(queries[q0:q1], compute, device)
+            best_v = torch.full((q1 - q0, k), float("-inf"), device=device)
+            best_i = torch.full((q1 - q0, k), -1, dtype=torch.long, device=device)
+            for idx, chunk in chunks:
+                scores = _sum_by_query(maxsim_tokens(tokens, chunk, max_sim_elements), owner, q1 - q0)  # (nq, n)
+                if on_scores is not None:
+                    on_scores(q0, q1, idx, scores)
+                merged_v = torch.cat([best_v, scores], dim=1)
+                merged_i = torch.cat([best_i, idx.expand(q1 - q0, -1)], dim=1)
+                best_v, pick = merged_v.topk(k, dim=1)
+                best_i = merged_i.gather(1, pick)
+                bar.update((q1 - q0) * len(idx))
+            values[q0:q1], indices[q0:q1] = best_v.cpu(), best_i.cpu()
+    indices[values == float("-inf")] = -1
+    return values, indices
 
 
 # -----------------------------------------------------------------------------
