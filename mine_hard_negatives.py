@@ -1,0 +1,717 @@
+r"""Mine hard negatives for training queries with a trained ColIntern checkpoint (the step between epoch 1 and 2).
+
+    # every row of a hub dataset (or a local copy in the hub layout) is a query + its positive page
+    python mine_hard_negatives.py --ckpt outputs/colintern-1b-e1/colintern_heads_epoch1.pt \
+        --hub_name vidore/colpali_train_set --split train --out_jsonl outputs/hardnegs_e1.jsonl \
+        --k 8 --doc_batch 32 --query_batch 256
+    # the queries of an existing {"query","pos","negs"} JSONL, over the pages it names; FAISS candidates
+    python mine_hard_negatives.py --ckpt CKPT --train_jsonl data/train.jsonl --root data \
+        --out_jsonl outputs/mined.jsonl --search faiss --candidates 100
+
+Writes OUT.jsonl, one `{"query", "pos", "negs"}` line per query in input order, pages named as in the input
+(HF pseudo-paths DATASET/SPLIT/doc_N.png for hub data), ready for `train.py --train_jsonl OUT.jsonl`; and
+OUT.stats.json: the positive's rank under the model (recall@1/5/10, MRR), what the filter dropped, pages
+deduplicated, timings per phase.
+
+How:
+1. Pages are deduplicated by a hash of their stored image bytes (colpali_train_set repeats pages): each distinct
+   page is encoded once, and a query's positive and every page with the same content are one page, never a negative.
+2. Distinct pages are encoded in shards of --shard_pages pages, each saved (fp16, atomically) in --cache_dir under a
+   key of the checkpoint's content, model id, tiles, dtype and page list. A re-run reuses finished shards; a kill
+   loses at most the shard being encoded.
+3. Each query's positive is scored first; a page scoring above --margin x that score is a likely false negative
+   (NV-Retriever's TopK-PercPos) and is dropped, so are the positive itself, and the k best of the rest are written.
+   Exact search streams the shards past all queries (held on --device), filters inside the stream and keeps a
+   running top-k per query: memory follows the shard size, not the corpus, and the k written are exactly the k
+   best valid pages however many the filter drops. FAISS search retrieves each query token's nearest page tokens
+   (IndexFlatIP up to FLAT_MAX_TOKENS tokens, IVF-PQ above; GPU when FAISS sees one), votes them into
+   --candidates pages per query, and re-ranks those with exact MaxSim before the same filter.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from colintern_model import (
+    FORMAT_VERSION,
+    ColIntern,
+    PageResolver,
+    PSEUDO_PATH,
+    atomic_torch_save,
+    load_page_dataset,
+    matmul_dtype,
+    maxsim_tokens,
+    maxsim_topk,
+    pack_queries,
+    pseudo_path,
+    read_triples,
+    resolve_dtype,
+    unpad,
+    write_jsonl,
+)
+
+FLAT_MAX_TOKENS = 1 << 22  # exact token index up to 4M page tokens (2 GB fp32); IVF-PQ above
+CACHE_VERSION = 1  # bump when the shard layout changes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt", required=True, help="ColIntern checkpoint to mine with (colintern_heads_epoch1.pt)")
+    g.add_argument("--model_id", default=None,
+                   help="backbone (an -HF hub id or a save_pretrained folder); default: the one the checkpoint was "
+                        "trained on. The query/page format always comes from the checkpoint")
+    g.add_argument("--max_tiles", type=int, default=None,
+                   help="at most this many tiles per page (256 tokens per 448px tile); default: the checkpoint's")
+    g.add_argument("--device", default=None, help="where the model and the search run (default cuda if available)")
+    g.add_argument("--dtype", default="auto",
+                   help="model and scoring dtype: auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 or fp32. "
+                        "Cached page embeddings are always fp16")
+    g = p.add_argument_group("data (one of --hub_name or --train_jsonl)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hub_name", default=None,
+                     help="hub dataset (vidore/colpali_train_set) or a local copy with its columns (query, image): "
+                          "each row is a query and its positive page")
+    src.add_argument("--train_jsonl", default=None,
+                     help='JSONL of {"query","pos","negs"}: mine for its queries over every page it names')
+    g.add_argument("--split", default="train", help="split of --hub_name (default train)")
+    g.add_argument("--root", default=".", help="folder that page paths in --train_jsonl are relative to")
+    g.add_argument("--out_jsonl", required=True, help="output JSONL; the stats go to the same name + .stats.json")
+    g = p.add_argument_group("mining")
+    g.add_argument("--k", type=int, default=8, help="hard negatives written per query (default 8)")
+    g.add_argument("--margin", type=float, default=0.95,
+                   help="drop a candidate scoring above MARGIN x the positive's score as a likely false negative "
+                        "(TopK-PercPos; default 0.95); --margin inf turns the filter off")
+    g.add_argument("--search", default="exact", choices=("exact", "faiss"),
+                   help="exact: MaxSim of every query with every page, streamed shard by shard; faiss: token-level "
+                        "FAISS candidates re-ranked with exact MaxSim")
+    g.add_argument("--candidates", type=int, default=100,
+                   help="--search faiss: pages per query re-ranked with exact MaxSim (default 100)")
+    g.add_argument("--token_hits", type=int, default=64,
+                   help="--search faiss: nearest page tokens retrieved per query token (default 64)")
+    g.add_argument("--faiss_index", default="auto",
+                   help="--search faiss: a faiss.index_factory string over page tokens, or auto (Flat up to "
+                        f"{FLAT_MAX_TOKENS} tokens, else IVF<4 sqrt(N)>,PQ<D/4>)")
+    g.add_argument("--nprobe", type=int, default=32, help="--search faiss with IVF: inverted lists visited per token")
+    g = p.add_argument_group("throughput and cache")
+    g.add_argument("--doc_batch", type=int, default=8, help="pages per forward pass when encoding")
+    g.add_argument("--query_batch", type=int, default=64, help="queries per forward pass when encoding")
+    g.add_argument("--num_workers", type=int, default=2, help="processes that decode and tile pages (0: in-process)")
+    g.add_argument("--shard_pages", type=int, default=1024,
+                   help="distinct pages per cached shard: the unit of resume and of search memory (default 1024)")
+    g.add_argument("--cache_dir", default=None,
+                   help="folder for page-embedding shards (default: page_cache/ beside --out_jsonl); one subfolder "
+                        "per checkpoint + pages, reused by later runs")
+    g.add_argument("--seed", type=int, default=0, help="seed for the FAISS IVF training sample")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    for flag in ("k", "candidates", "token_hits", "nprobe", "doc_batch", "query_batch", "shard_pages"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.num_workers < 0:
+        p.error(f"--num_workers must be >= 0, got {args.num_workers}")
+    if not args.margin > 0:
+        p.error(f"--margin must be > 0 (inf turns the filter off), got {args.margin}")
+    if args.search == "faiss" and args.candidates < args.k:
+        p.error(f"--candidates ({args.candidates}) must be >= --k ({args.k}): negatives come from the candidates")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Input: queries, their positives, and the distinct pages (by content)
+
+def bytes_hash(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def stored_image_hash(value, where: str) -> str:
+    """Hash of a datasets Image value as stored ({"bytes", "path"}), without decoding it."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return bytes_hash(value["bytes"])
+    if isinstance(value, dict) and value.get("path") and os.path.isfile(value["path"]):
+        with open(value["path"], "rb") as f:
+            return bytes_hash(f.read())
+    raise ValueError(f"{where}: the 'image' value holds no image bytes or readable file ({str(value)[:80]!r})")
+
+
+def raw_images(ds):
+    """The dataset with its 'image' column left as stored bytes (hashing must not decode every page)."""
+    import datasets
+    return ds.cast_column("image", datasets.Image(decode=False))
+
+
+class HubPages:
+    """Opens row i of a hub dataset's 'image' column as RGB, naming the row when it cannot be decoded."""
+
+    def __init__(self, ds, name: str, split: str, rows: list):
+        self.ds, self.name, self.split, self.rows = ds, name, split, rows
+
+    def __call__(self, i: int) -> Image.Image:
+        row = self.rows[i]
+        ref = pseudo_path(self.name, self.split, row)
+        try:
+            image = self.ds[row]["image"]
+        except Exception as e:  # datasets' decode errors name no row: re-raise with it
+            raise ValueError(f"page {ref} (--hub_name {self.name} split {self.split!r} row {row}) cannot be "
+                             f"decoded: {type(e).__name__}: {e}") from e
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"page {ref} (row {row}): 'image' is {type(image).__name__}, not an image")
+        return image.convert("RGB")
+
+
+class JsonlPages:
+    """Opens a JSONL page reference (a file under --root or an HF pseudo-path) as RGB, naming it on failure."""
+
+    def __init__(self, resolver: PageResolver, refs: list, wheres: list):
+        self.resolver, self.refs, self.wheres = resolver, refs, wheres
+
+    def __call__(self, i: int) -> Image.Image:
+        ref, where = self.refs[i], self.wheres[i]
+        try:
+            return self.resolver(ref, where)
+        except Exception as e:
+            raise ValueError(f"{where}: page {ref!r} cannot be decoded: {type(e).__name__}: {e}") from e
+
+
+@dataclasses.dataclass
+class MiningInput:
+    source: dict  # what was mined, for the cache manifest and the stats
+    queries: list  # query texts, in input order
+    pos_refs: list  # each query's positive, named as in the input
+    positives: list  # each query's positive as a distinct-page index
+    page_refs: list  # each distinct page's name (its first occurrence in the input)
+    page_hashes: list  # each distinct page's content hash
+    page_mentions: int  # page references before deduplication
+    open_page: object  # callable: distinct-page index -> PIL image (picklable, for DataLoader workers)
+
+
+class Deduper:
+    """Assigns distinct-page indices by content hash, first occurrence first."""
+
+    def __init__(self):
+        self.index, self.hashes, self.firsts, self.mentions = {}, [], [], 0
+
+    def add(self, content_hash: str, first) -> int:
+        self.mentions += 1
+        if content_hash not in self.index:
+            self.index[content_hash] = len(self.hashes)
+            self.hashes.append(content_hash)
+            self.firsts.append(first)
+        return self.index[content_hash]
+
+
+def hub_input(name: str, split: str) -> MiningInput:
+    ds = load_page_dataset(name, split)  # names the dataset and split when missing or empty
+    missing = {"query", "image"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"--hub_name {name} split {split!r} lacks column(s) {sorted(missing)} "
+                         f"(has {ds.column_names}): each row needs a query and its page image")
+    queries = ds["query"]
+    for row, q in enumerate(queries):
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError(f"--hub_name {name} split {split!r} row {row}: 'query' is empty or missing")
+    dedup, positives = Deduper(), []
+    raw = raw_images(ds).select_columns(["image"])
+    batch = 512
+    with tqdm(total=len(ds), desc="hash pages", unit="page") as bar:
+        for start, values in zip(range(0, len(ds), batch), raw.iter(batch_size=batch)):
+            for offset, value in enumerate(values["image"]):
+                row = start + offset
+                h = stored_image_hash(value, f"--hub_name {name} split {split!r} row {row}")
+                positives.append(dedup.add(h, row))
+            bar.update(len(values["image"]))
+    return MiningInput(
+        source={"hub_name": name, "split": split, "rows": len(ds)}, queries=list(queries),
+        pos_refs=[pseudo_path(name, split, row) for row in range(len(ds))], positives=positives,
+        page_refs=[pseudo_path(name, split, row) for row in dedup.firsts], page_hashes=dedup.hashes,
+        page_mentions=dedup.mentions, open_page=HubPages(ds, name, split, dedup.firsts))
+
+
+def reference_hash(resolver: PageResolver, raw_cache: dict, ref: str, where: str) -> str:
+    """Content hash of a JSONL page reference: the file's bytes, or the stored bytes of a pseudo-path's row."""
+    resolver.check(ref, where)  # names file and line when it does not resolve
+    path = os.path.join(resolver.root, ref)
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return bytes_hash(f.read())
+    m = PSEUDO_PATH.match(ref)
+    key = (m["dataset"], m["split"])
+    if key not in raw_cache:
+        raw_cache[key] = raw_images(resolver.dataset(*key))
+    return stored_image_hash(raw_cache[key][int(m["index"])]["image"], f"{where}: page {ref!r}")
+
+
+def jsonl_input(path: str, root: str) -> MiningInput:
+    rows = read_triples(path)  # names file and line of a row without 'query' or 'pos'
+    resolver, raw_cache = PageResolver(root), {}
+    dedup, by_ref, positives = Deduper(), {}, []
+    for row in tqdm(rows, desc="hash pages", unit="row"):
+        where = f"{path} line {row['line']}"
+        for j, ref in enumerate([row["pos"], *row["negs"]]):
+            if ref not in by_ref:
+                by_ref[ref] = dedup.add(reference_hash(resolver, raw_cache, ref, where), (ref, where))
+            else:
+                dedup.mentions += 1
+            if j == 0:
+                positives.append(by_ref[ref])
+    refs = [ref for ref, _ in dedup.firsts]
+    with open(path, "rb") as f:
+        sha1 = hashlib.file_digest(f, "sha1").hexdigest()
+    return MiningInput(
+        source={"train_jsonl": os.path.abspath(path), "root": os.path.abspath(root), "rows": len(rows),
+                "sha1": sha1},
+        queries=[row["query"] for row in rows], pos_refs=[row["pos"] for row in rows], positives=positives,
+        page_refs=refs, page_hashes=dedup.hashes, page_mentions=dedup.mentions,
+        open_page=JsonlPages(resolver, refs, [where for _, where in dedup.firsts]))
+
+
+# -----------------------------------------------------------------------------
+# Page embeddings: fp16 shards on disk, reused across runs
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype) -> tuple:
+    """-> (folder, manifest). The folder is named by a hash of what the embeddings depend on (checkpoint content,
+    model id, tiles, dtype, format) and of where the pages come from; within it, a shard is reused only if it holds
+    exactly the pages this run puts there, so a changed page re-encodes its shard, not the corpus."""
+    source = {k: v for k, v in data.source.items() if k in ("hub_name", "split", "train_jsonl", "root")}
+    identity = {"cache_version": CACHE_VERSION, "ckpt_sha256": file_sha256(args.ckpt), "model_id": model.model_id,
+                "max_tiles": model.max_tiles, "format_version": FORMAT_VERSION, "dtype": str(dtype),
+                "source": source, "shard_pages": args.shard_pages}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    base = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_jsonl)), "page_cache")
+    folder = os.path.join(base, key)
+    manifest = dict(identity, ckpt=os.path.abspath(args.ckpt), pages=len(data.page_hashes),
+                    n_shards=math.ceil(len(data.page_hashes) / args.shard_pages), shards={})
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            manifest["shards"] = json.load(f).get("shards", {})
+    except FileNotFoundError:
+        pass
+    return folder, manifest
+
+
+def pages_digest(hashes: list) -> str:
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
+def shard_path(folder: str, s: int) -> str:
+    return os.path.join(folder, f"shard_{s:05d}.pt")
+
+
+def shard_range(s: int, n_pages: int, shard_pages: int) -> range:
+    return range(s * shard_pages, min(n_pages, (s + 1) * shard_pages))
+
+
+def write_json_atomic(path: str, obj) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_shard(folder: str, s: int, expected_hashes: list) -> list | None:
+    """A finished shard as a list of (L_i, D) fp16 tensors, or None if it is absent, unreadable or stale."""
+    path = shard_path(folder, s)
+    if not os.path.isfile(path):
+        return None
+    try:
+        shard = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        print(f"page-embedding shard {path} cannot be read: {type(e).__name__}: {e}")
+        return None
+    if shard.get("hashes") != expected_hashes:
+        print(f"page-embedding shard {path} holds other pages than this run expects")
+        return None
+    return list(torch.split(shard["embeddings"], shard["lengths"].tolist()))
+
+
+class PageImages(torch.utils.data.Dataset):
+    """Distinct pages of one shard, decoded and tiled in DataLoader workers."""
+
+    def __init__(self, open_page, indices: list):
+        self.open_page, self.indices = open_page, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.open_page(self.indices[i])
+
+
+def encode_shard(model, processor, data: MiningInput, indices: list, args, bar) -> list:
+    loader = torch.utils.data.DataLoader(PageImages(data.open_page, indices), batch_size=args.doc_batch,
+                                         num_workers=args.num_workers, collate_fn=processor.process_pages)
+    out = []
+    with torch.inference_mode():
+        for batch in loader:
+            emb, mask = model.forward_pages(batch)
+            out.extend(unpad(emb.to(torch.float16), mask))
+            bar.update(len(emb))
+    return out
+
+
+def ensure_shards(model, processor, data: MiningInput, folder: str, manifest: dict, args) -> dict:
+    """Encode every shard that is not in `folder` with exactly its pages; -> {'reused': n, 'encoded': n}.
+    Each shard is written atomically and then recorded in manifest.json, so a kill loses at most one shard."""
+    os.makedirs(folder, exist_ok=True)
+    manifest_path = os.path.join(folder, "manifest.json")
+    n_pages, counts, todo = len(data.page_hashes), {"reused": 0, "encoded": 0}, []
+    for s in range(manifest["n_shards"]):
+        pages = shard_range(s, n_pages, args.shard_pages)
+        digest = pages_digest(data.page_hashes[pages.start:pages.stop])
+        if os.path.isfile(shard_path(folder, s)) and manifest["shards"].get(str(s), {}).get("pages_sha256") == digest:
+            counts["reused"] += 1
+        else:
+            todo.append(s)
+    if counts["reused"]:
+        print(f"page cache {folder}: reusing {counts['reused']} of {manifest['n_shards']} shard(s)")
+    total = sum(len(shard_range(s, n_pages, args.shard_pages)) for s in todo)
+    with tqdm(total=total, desc="encode pages", unit="page", disable=total == 0) as bar:
+        for s in todo:
+            pages = shard_range(s, n_pages, args.shard_pages)
+            hashes = data.page_hashes[pages.start:pages.stop]
+            emb = encode_shard(model, processor, data, list(pages), args, bar)
+            atomic_torch_save({"embeddings": torch.cat(emb), "lengths": torch.tensor([len(e) for e in emb]),
+                               "hashes": hashes}, shard_path(folder, s))
+            manifest["shards"][str(s)] = {"pages_sha256": pages_digest(hashes), "pages": len(hashes),
+                                          "tokens": sum(len(e) for e in emb)}
+            write_json_atomic(manifest_path, manifest)
+            counts["encoded"] += 1
+    write_json_atomic(manifest_path, manifest)
+    return counts
+
+
+def iter_shards(folder: str, data: MiningInput, shard_pages: int):
+    """Yield (first page index, list of (L_i, D) fp16 page embeddings) shard by shard."""
+    n_pages = len(data.page_hashes)
+    for s in range(math.ceil(n_pages / shard_pages)):
+        pages = shard_range(s, n_pages, shard_pages)
+        shard = load_shard(folder, s, data.page_hashes[pages.start:pages.stop])
+        if shard is None:
+            raise RuntimeError(f"page-embedding shard {shard_path(folder, s)} is missing, unreadable or holds other "
+                               f"pages: delete it and run again (only that shard is encoded again)")
+        yield pages.start, shard
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+def score_pairs(queries: list, pages: list, pairs, device, dtype) -> torch.Tensor:
+    """Exact MaxSim of (query i, page j) pairs -> (n_pairs,) float32 on the CPU. Pairs are grouped by page so each
+    page meets all its queries in one matmul."""
+    q_idx, p_idx = (torch.as_tensor(x, dtype=torch.long) for x in pairs)
+    out = torch.empty(len(q_idx))
+    if len(q_idx) == 0:
+        return out
+    compute = matmul_dtype(dtype, device)
+    order = torch.argsort(p_idx, stable=True)
+    bounds = torch.searchsorted(p_idx[order], torch.unique(p_idx), right=True).tolist()
+    start = 0
+    for end in bounds:
+        sel = order[start:end]
+        page = pages[int(p_idx[sel[0]])].to(device=device, dtype=dtype).to(compute)[None]  # (1, Lp, D)
+        tokens, owner = pack_queries([queries[i] for i in q_idx[sel].tolist()], compute, device)
+        best = maxsim_tokens(tokens, page)  # (T, 1)
+        out[sel] = torch.zeros(len(sel), device=device).index_add_(0, owner, best[:, 0].float()).cpu()
+        start = end
+    return out
+
+
+def positive_scores(queries: list, data: MiningInput, folder: str, args, device, dtype) -> torch.Tensor:
+    """Each query's exact MaxSim with its own positive page -> (Nq,) float32."""
+    positives = torch.tensor(data.positives)
+    scores = torch.empty(len(queries))
+    for first, shard in tqdm(iter_shards(folder, data, args.shard_pages), desc="score positives", unit="shard",
+                             total=math.ceil(len(data.page_hashes) / args.shard_pages)):
+        mine = ((positives >= first) & (positives < first + len(shard))).nonzero()[:, 0]
+        scores[mine] = score_pairs(queries, shard, (mine, positives[mine] - first), device, dtype)
+    return scores
+
+
+def margin_ceiling(pos_scores: torch.Tensor, margin: float) -> torch.Tensor:
+    """Scores above this are likely false negatives (TopK-PercPos); inf when the filter is off."""
+    if math.isinf(margin):
+        return torch.full_like(pos_scores, float("inf"))
+    return margin * pos_scores
+
+
+def merge_topk(values, indices, new_values, new_indices, k: int) -> tuple:
+    v, pick = torch.cat([values, new_values], dim=1).topk(k, dim=1)
+    return v, torch.cat([indices, new_indices], dim=1).gather(1, pick)
+
+
+def exact_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device,
+                 dtype) -> dict:
+    """Every query x every page, shard by shard; the filter runs inside the stream, before the running top-k."""
+    nq, k = len(queries), args.k
+    positives = torch.tensor(data.positives, device=device)
+    pos_dev = pos_scores.to(device)
+    ceiling = margin_ceiling(pos_scores, args.margin).to(device)
+    above = torch.zeros(nq, dtype=torch.long, device=device)  # pages scoring above the positive
+    dropped = torch.zeros(nq, dtype=torch.long, device=device)  # pages the margin filter removed
+    values = torch.full((nq, k), float("-inf"))
+    indices = torch.full((nq, k), -1, dtype=torch.long)
+    shards = math.ceil(len(data.page_hashes) / args.shard_pages)
+    for first, shard in tqdm(iter_shards(folder, data, args.shard_pages), total=shards, desc="exact search",
+                             unit="shard"):
+        def on_scores(q0, q1, idx, scores, first=first):
+            scores.masked_fill_((first + idx)[None, :] == positives[q0:q1, None], float("-inf"))
+            above[q0:q1] += (scores > pos_dev[q0:q1, None]).sum(dim=1)
+            drop = scores > ceiling[q0:q1, None]
+            dropped[q0:q1] += drop.sum(dim=1)
+            scores.masked_fill_(drop, float("-inf"))
+
+        v, i = maxsim_topk(queries, shard, k, device=device, dtype=dtype, on_scores=on_scores)
+        values, indices = merge_topk(values, indices, v, torch.where(i >= 0, i + first, i), k)
+    indices[values == float("-inf")] = -1
+    return {"negatives": indices, "neg_scores": values, "rank": 1 + above.cpu(), "dropped": dropped.cpu()}
+
+
+# -- FAISS ----------------------------------------------------------------------
+
+def index_spec(spec: str, n_tokens: int, dim: int) -> str:
+    if spec != "auto":
+        return spec
+    if n_tokens <= FLAT_MAX_TOKENS:
+        return "Flat"
+    nlist = 2 ** min(16, max(6, round(math.log2(4 * math.sqrt(n_tokens)))))
+    return f"IVF{nlist},PQ{dim // 4}"
+
+
+def build_token_index(shards, spec: str = "auto", nprobe: int = 32, seed: int = 0) -> tuple:
+    """-> (index, token_page (n_tokens,) int64, spec): every page token in a FAISS inner-product index.
+    `shards()` yields (first page index, list of (L_i, D) page embeddings); it is called once per pass."""
+    import faiss
+    lengths, dim = [], None
+    for _, shard in shards():
+        lengths.extend(len(p) for p in shard)
+        dim = shard[0].shape[1]
+    token_page = np.repeat(np.arange(len(lengths)), lengths)
+    spec = index_spec(spec, len(token_page), dim)
+    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    try:
+        nlist = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:  # not an IVF index (Flat, HNSW, ...): nothing to train lists for or probe
+        nlist = None
+    on_gpu = faiss.get_num_gpus() > 0
+    if on_gpu:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    if not index.is_trained:
+        # a sample spread over all shards; 64 tokens per inverted list (FAISS wants >= 39)
+        n_train = min(len(token_page), 64 * (nlist or 1024))
+        pick = np.sort(np.random.default_rng(seed).choice(len(token_page), size=n_train, replace=False))
+        sample, offset = [], 0
+        for _, shard in shards():
+            flat = torch.cat(shard).float().numpy()
+            sample.append(flat[pick[(pick >= offset) & (pick < offset + len(flat))] - offset])
+            offset += len(flat)
+        print(f"training FAISS {spec} on {n_train} page tokens")
+        index.train(np.ascontiguousarray(np.concatenate(sample)))
+    for _, shard in tqdm(shards(), desc="FAISS index", unit="shard"):
+        index.add(np.ascontiguousarray(torch.cat(shard).float().numpy()))
+    if nlist is not None:
+        (faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()).set_index_parameter(
+            index, "nprobe", nprobe)
+    return index, torch.from_numpy(token_page), spec
+
+
+def token_votes(hit_pages: torch.Tensor, hit_sims: torch.Tensor, owner: torch.Tensor, n_queries: int,
+                n_pages: int, n_candidates: int) -> torch.Tensor:
+    """Candidate pages per query from each query token's nearest page tokens -> (n_queries, n_candidates), -1 pad.
+
+    A page's vote approximates its MaxSim (XTR-style): per query token, its best hit on that page, or, if the token
+    hit none of the page's tokens, the token's weakest hit (an upper bound of what it missed). Ranking only needs
+    the difference to that imputed value, summed over the tokens that hit the page."""
+    t, kt = hit_pages.shape
+    valid = hit_pages >= 0  # FAISS pads with -1 when it finds fewer than asked
+    floor = torch.where(valid, hit_sims, float("inf")).amin(dim=1, keepdim=True)  # (T, 1) weakest hit per token
+    token = torch.arange(t)[:, None].expand(t, kt)[valid]
+    page, gain = hit_pages[valid], (hit_sims - floor)[valid]
+    # best hit per (token, page), then summed per (query, page)
+    pair_key = token * n_pages + page
+    unique_pairs, inverse = torch.unique(pair_key, return_inverse=True)
+    best = torch.full((len(unique_pairs),), float("-inf")).scatter_reduce(0, inverse, gain, "amax")
+    tok, pg = unique_pairs // n_pages, unique_pairs % n_pages
+    query_key = owner[tok] * n_pages + pg
+    unique_q, inverse_q = torch.unique(query_key, return_inverse=True)
+    votes = torch.zeros(len(unique_q)).index_add_(0, inverse_q, best)
+    q, p = unique_q // n_pages, unique_q % n_pages
+    # best votes first within each query: sort by vote, then stably by query
+    order = torch.argsort(votes, descending=True, stable=True)
+    order = order[torch.argsort(q[order], stable=True)]
+    q, p = q[order], p[order]
+    starts = torch.searchsorted(q, torch.arange(n_queries))
+    rank = torch.arange(len(q)) - starts[q]
+    keep = rank < n_candidates
+    out = torch.full((n_queries, n_candidates), -1, dtype=torch.long)
+    out[q[keep], rank[keep]] = p[keep]
+    return out
+
+
+def faiss_candidates(queries: list, index, token_page: torch.Tensor, n_pages: int, n_candidates: int,
+                     token_hits: int) -> torch.Tensor:
+    """-> (Nq, candidates) page indices (-1 pad) from token-level FAISS search, queries in blocks."""
+    block = max(1, 65536 // max(1, max(len(q) for q in queries)))
+    out = []
+    for q0 in tqdm(range(0, len(queries), block), desc="FAISS search", unit="block"):
+        part = queries[q0:q0 + block]
+        tokens, owner = pack_queries(part, torch.float32, "cpu")
+        sims, hits = index.search(np.ascontiguousarray(tokens.numpy()), token_hits)
+        hits = torch.from_numpy(hits)
+        hit_pages = torch.where(hits >= 0, token_page[hits.clamp(min=0)], torch.full_like(hits, -1))
+        out.append(token_votes(hit_pages, torch.from_numpy(sims), owner, len(part), n_pages, n_candidates))
+    return torch.cat(out)
+
+
+def faiss_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device,
+                 dtype, timings: dict) -> dict:
+    start = time.perf_counter()
+    index, token_page, spec = build_token_index(lambda: iter_shards(folder, data, args.shard_pages),
+                                                args.faiss_index, args.nprobe, args.seed)
+    timings["build_index"] = time.perf_counter() - start
+    start = time.perf_counter()
+    candidates = faiss_candidates([q.float().cpu() for q in queries], index, token_page, len(data.page_hashes),
+                                  args.candidates, args.token_hits)
+    timings["faiss_search"] = time.perf_counter() - start
+    start = time.perf_counter()
+    nq, c = candidates.shape
+    q_all = torch.arange(nq)[:, None].expand(nq, c)
+    valid = candidates >= 0
+    pair_q, pair_p = q_all[valid], candidates[valid]
+    pair_scores = torch.full((len(pair_q),), float("nan"))
+    for first, shard in tqdm(iter_shards(folder, data, args.shard_pages),
+                             total=math.ceil(len(data.page_hashes) / args.shard_pages), desc="re-rank", unit="shard"):
+        mine = ((pair_p >= first) & (pair_p < first + len(shard))).nonzero()[:, 0]
+        pair_scores[mine] = score_pairs(queries, shard, (pair_q[mine], pair_p[mine] - first), device, dtype)
+    scores = torch.full((nq, c), float("-inf"))
+    scores[valid] = pair_scores
+    positives = torch.tensor(data.positives)
+    scores[candidates == positives[:, None]] = float("-inf")
+    above = (scores > pos_scores[:, None]).sum(dim=1)
+    drop = scores > margin_ceiling(pos_scores, args.margin)[:, None]
+    scores[drop] = float("-inf")
+    values, pick = scores.topk(args.k, dim=1)
+    negatives = candidates.gather(1, pick)
+    negatives[values == float("-inf")] = -1
+    timings["rerank"] = time.perf_counter() - start
+    return {"negatives": negatives, "neg_scores": values, "rank": 1 + above, "dropped": drop.sum(dim=1),
+            "index": spec}
+
+
+# -----------------------------------------------------------------------------
+# Report
+
+def rank_metrics(rank: torch.Tensor) -> dict:
+    r = rank.double()
+    return {**{f"recall@{n}": float((r <= n).double().mean()) for n in (1, 5, 10)}, "mrr": float((1 / r).mean())}
+
+
+def stats_path(out_jsonl: str) -> str:
+    return os.path.splitext(out_jsonl)[0] + ".stats.json"
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(args):
+    t_start = time.perf_counter()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.dtype, device)
+    timings = {}
+
+    start = time.perf_counter()
+    data = (hub_input(args.hub_name, args.split) if args.hub_name else jsonl_input(args.train_jsonl, args.root))
+    timings["hash_pages"] = time.perf_counter() - start
+    n_pages = len(data.page_hashes)
+    print(f"{len(data.queries)} queries; {data.page_mentions} page references -> {n_pages} distinct pages")
+
+    start = time.perf_counter()
+    model, processor, ckpt = ColIntern.from_checkpoint(
+        args.ckpt, model_id=args.model_id, dtype=dtype, max_tiles=args.max_tiles,
+        device_map=device if torch.device(device).type == "cuda" else None)
+    model.eval()
+    timings["load_model"] = time.perf_counter() - start
+
+    folder, manifest = cache_folder(args, model, data, dtype)
+    start = time.perf_counter()
+    shard_counts = ensure_shards(model, processor, data, folder, manifest, args)
+    sync(device)
+    timings["encode_pages"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    queries = [q.to(device=device, dtype=dtype)
+               for q in model.encode_queries(processor, data.queries, batch_size=args.query_batch, progress=True)]
+    sync(device)
+    timings["encode_queries"] = time.perf_counter() - start
+    del model
+
+    start = time.perf_counter()
+    pos_scores = positive_scores(queries, data, folder, args, device, dtype)
+    if args.search == "exact":
+        result = exact_search(queries, data, pos_scores, folder, args, device, dtype)
+    else:
+        result = faiss_search(queries, data, pos_scores, folder, args, device, dtype, timings)
+    sync(device)
+    timings["search"] = time.perf_counter() - start
+
+    negatives = result["negatives"].tolist()
+    rows = [{"query": q, "pos": pos, "negs": [data.page_refs[j] for j in negs if j >= 0]}
+            for q, pos, negs in zip(data.queries, data.pos_refs, negatives)]
+    write_jsonl(args.out_jsonl, rows)
+    n_negs = torch.tensor([len(r["negs"]) for r in rows])
+    timings["total"] = time.perf_counter() - t_start
+    stats = {
+        "out_jsonl": os.path.abspath(args.out_jsonl), "ckpt": os.path.abspath(args.ckpt),
+        "model_id": ckpt["meta"]["model_id"] if args.model_id is None else args.model_id, "source": data.source,
+        "search": args.search, **({"faiss_index": result["index"], "candidates": args.candidates,
+                                   "token_hits": args.token_hits} if args.search == "faiss" else {}),
+        "k": args.k, "margin": args.margin, "device": str(device), "dtype": str(dtype),
+        "queries": len(data.queries), "page_references": data.page_mentions, "distinct_pages": n_pages,
+        "duplicates_removed": data.page_mentions - n_pages,
+        # rank of the positive among all pages (exact) or among the re-ranked candidates (faiss)
+        "positive_rank": rank_metrics(result["rank"]),
+        "margin_dropped": {"candidates": int(result["dropped"].sum()),
+                           "queries_with_drops": int((result["dropped"] > 0).sum()),
+                           "mean_per_query": float(result["dropped"].double().mean())},
+        "negatives_per_query": {"mean": float(n_negs.double().mean()), "min": int(n_negs.min()),
+                                "queries_short_of_k": int((n_negs < args.k).sum())},
+        "cache": {"dir": folder, "shards": manifest["n_shards"], **shard_counts},
+        "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
+    }
+    write_json_atomic(stats_path(args.out_jsonl), stats)
+    m = stats["positive_rank"]
+    print(f"wrote {len(rows)} rows to {args.out_jsonl} (stats: {stats_path(args.out_jsonl)}); positive "
+          f"recall@1 {m['recall@1']:.3f} recall@10 {m['recall@10']:.3f} MRR {m['mrr']:.3f}; margin dropped "
+          f"{stats['margin_dropped']['candidates']}; {stats['duplicates_removed']} duplicate page(s); "
+          f"timings {stats['timings_s']}")
+    return stats
+
+
+if __name__ == "__main__":
+    main(parse_args())
