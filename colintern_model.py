@@ -567,10 +567,21 @@ def pad_pages(pages: Sequence[torch.Tensor], length: int | None = None) -> torch
     return out
 
 
-# Similarity values per block in maxsim_tokens. On a CPU a block must stay in cache: 1M fp32 values (4 MB) score at
-# ~165 GFLOP/s on 2 AVX2 cores (the matmul peak), 32M-value blocks that spill to memory at ~45. A GPU wants big blocks.
-CPU_SIM_BLOCK = 1 << 20
+# Similarity values per block in maxsim_tokens. On a CPU a block must stay in cache: blocks of 256K-1M fp32 values
+# run near the matmul peak, 32M-value blocks that spill to memory at a third of it. A GPU wants big blocks.
+CPU_SIM_BLOCK = 1 << 18
 GPU_SIM_BLOCK = 1 << 28
+_CPU_POOL = None  # maxsim_tokens' worker threads on a CPU, one per torch thread
+
+
+def _cpu_pool(workers: int):
+    global _CPU_POOL
+    if _CPU_POOL is None or _CPU_POOL._max_workers != workers:
+        from concurrent.futures import ThreadPoolExecutor
+        if _CPU_POOL is not None:
+            _CPU_POOL.shutdown(wait=False)
+        _CPU_POOL = ThreadPoolExecutor(workers, thread_name_prefix="maxsim")
+    return _CPU_POOL
 PAGE_CHUNK_TOKENS = 1 << 15  # page tokens padded together (sorted by length, so little padding)
 QUERY_BLOCK_TOKENS = 1 << 15  # query tokens scored together by maxsim_topk (bounds its (tokens, pages) buffer)
 
@@ -589,7 +600,12 @@ def matmul_dtype(dtype: torch.dtype, device) -> torch.dtype:
 @torch.no_grad()
 def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_elements: int | None = None) -> torch.Tensor:
     """(T, D) query tokens x (Np, Lp, D) pages from pad_pages -> (T, Np): each query token's best similarity on
-    each page. Tiled so that one similarity block holds at most `block_elements` values (cache-sized on a CPU)."""
+    each page. Tiled so that one similarity block holds at most `block_elements` values (cache-sized on a CPU).
+
+    On a CPU with several torch threads, the blocks go to a pool of single-threaded workers (one per thread) instead
+    of splitting every small matmul across all threads: no barrier per block, so a core taken by another process
+    slows only its own worker (on a busy 2-core machine: 7 GFLOP/s with split matmuls, 30-100 this way).
+    """
     t, d = query_tokens.shape
     np_, lp, _ = pages.shape
     budget = block_elements or (GPU_SIM_BLOCK if query_tokens.is_cuda else CPU_SIM_BLOCK)
@@ -598,15 +614,28 @@ def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_element
     rows = max(1, min(t, budget // (group * lp)))
     flat = pages.reshape(np_ * lp, d)
     best = query_tokens.new_empty((t, np_))
-    buffer = query_tokens.new_empty(rows * group * lp)  # reused: no allocation per block
-    for p0 in range(0, np_, group):
-        p1 = min(np_, p0 + group)
-        block_pages = flat[p0 * lp:p1 * lp].T  # (D, group*Lp)
-        for r0 in range(0, t, rows):
-            r1 = min(t, r0 + rows)
-            sim = buffer[:(r1 - r0) * (p1 - p0) * lp].view(r1 - r0, (p1 - p0) * lp)
-            torch.mm(query_tokens[r0:r1], block_pages, out=sim)
+    threads = torch.get_num_threads()
+    blocks = [(p0, r0) for p0 in range(0, np_, group) for r0 in range(0, t, rows)]  # disjoint parts of `best`
+    pooled = query_tokens.device.type == "cpu" and threads > 1 and len(blocks) > 1
+    inference = torch.is_inference_mode_enabled()  # worker threads start in the default grad modes
+
+    def score_block(block):
+        p0, r0 = block
+        p1, r1 = min(np_, p0 + group), min(t, r0 + rows)
+        with torch.inference_mode(inference), torch.no_grad():
+            if pooled:
+                torch.set_num_threads(1)  # this worker thread's own BLAS threads; the caller's are restored below
+            sim = torch.mm(query_tokens[r0:r1], flat[p0 * lp:p1 * lp].T)  # (rows, group*Lp)
             best[r0:r1, p0:p1] = sim.view(r1 - r0, p1 - p0, lp).amax(dim=-1)
+
+    if not pooled:
+        for block in blocks:
+            score_block(block)
+    else:
+        try:
+            list(_cpu_pool(threads).map(score_block, blocks))
+        finally:
+            torch.set_num_threads(threads)
     return best
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mine_hard_negatives as mine
-from colintern_model import ColIntern, LoraSettings, maxsim_scores, pseudo_path, save_checkpoint
+from colintern_model import ColIntern, LoraSettings, maxsim_scores, maxsim_topk, pseudo_path, save_checkpoint
 from conftest import render_keyword_page
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "maple", "robot", "zebra", "candle",
@@ -167,6 +167,38 @@ def planted(n_queries=60, n_pages=300, q_len=12, p_len=40, dim=32, seed=0):
             page[:copies] = F.normalize(q[:copies] + 0.3 * torch.randn(copies, dim, generator=g) / dim ** 0.5, dim=-1)
         queries.append(q)
     return queries, pages
+
+
+def test_scoring_kernels_equal_a_naive_loop_with_pooled_blocks_and_filters():
+    """maxsim_scores / maxsim_topk (the mining kernel) and score_pairs against the plain definition, with tiny blocks
+    spread over 2 worker threads, inside inference mode (as the encoders leave it), negative similarities included."""
+    g = torch.Generator().manual_seed(3)
+    queries = [F.normalize(torch.randn(int(n), 16, generator=g), dim=-1) for n in torch.randint(1, 9, (23,), generator=g)]
+    pages = [F.normalize(torch.randn(int(n), 16, generator=g), dim=-1) for n in torch.randint(1, 40, (31,), generator=g)]
+    pages.append(-queries[0][:1].repeat(3, 1))  # every similarity with query 0 negative
+    naive = torch.tensor([[float((q @ p.T).amax(dim=1).sum()) for p in pages] for q in queries])
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            assert torch.allclose(maxsim_scores(queries, pages, max_sim_elements=64), naive, atol=1e-5)
+            excluded = torch.arange(len(queries)) % len(pages)  # query i may not get page i
+
+            def on_scores(q0, q1, idx, scores):
+                scores.masked_fill_(idx[None, :] == excluded[q0:q1, None], float("-inf"))
+
+            values, indices = maxsim_topk(queries, pages, 5, max_sim_elements=64, on_scores=on_scores,
+                                          query_block_tokens=10)
+            pairs = (torch.arange(len(queries)).repeat_interleave(len(pages)), torch.arange(len(pages)).repeat(
+                len(queries)))
+            by_pairs = mine.score_pairs(queries, pages, pairs, "cpu", torch.float32).view(len(queries), len(pages))
+    finally:
+        torch.set_num_threads(1)
+    assert torch.allclose(by_pairs, naive, atol=1e-5)
+    masked = naive.clone()
+    masked[torch.arange(len(queries)), excluded] = float("-inf")
+    expected = masked.topk(5, dim=1)
+    assert torch.allclose(values, expected.values, atol=1e-5) and (indices == expected.indices).all()
+    assert torch.get_num_threads() == 1
 
 
 @pytest.mark.parametrize("spec", ["Flat", "IVF16,Flat"])
