@@ -597,13 +597,30 @@ def matmul_dtype(dtype: torch.dtype, device) -> torch.dtype:
     return dtype if native is not None and native() else torch.float32
 
 
+@contextlib.contextmanager
+def scoring_threads(device):
+    """Around a scoring loop on a CPU: yields the torch thread count (workers for maxsim_tokens) and runs the
+    caller's own small ops (padding, sums, top-k merges) single-threaded meanwhile; split over threads, such ops
+    wait on each other at every call, which on a shared machine cost more than the scoring. Elsewhere yields None."""
+    if torch.device(device).type != "cpu":
+        yield None
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
-def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_elements: int | None = None) -> torch.Tensor:
+def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_elements: int | None = None,
+                  workers: int | None = None) -> torch.Tensor:
     """(T, D) query tokens x (Np, Lp, D) pages from pad_pages -> (T, Np): each query token's best similarity on
     each page. Tiled so that one similarity block holds at most `block_elements` values (cache-sized on a CPU).
 
-    On a CPU with several torch threads, the blocks go to a pool of single-threaded workers (one per thread) instead
-    of splitting every small matmul across all threads: no barrier per block, so a core taken by another process
+    On a CPU, the blocks go to `workers` single-threaded worker threads (default: torch's thread count) instead of
+    splitting every small matmul across all threads: no barrier per block, so a core taken by another process
     slows only its own worker (on a busy 2-core machine: 7 GFLOP/s with split matmuls, 30-100 this way).
     """
     t, d = query_tokens.shape
@@ -615,8 +632,9 @@ def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_element
     flat = pages.reshape(np_ * lp, d)
     best = query_tokens.new_empty((t, np_))
     threads = torch.get_num_threads()
+    workers = workers or threads
     blocks = [(p0, r0) for p0 in range(0, np_, group) for r0 in range(0, t, rows)]  # disjoint parts of `best`
-    pooled = query_tokens.device.type == "cpu" and threads > 1 and len(blocks) > 1
+    pooled = query_tokens.device.type == "cpu" and workers > 1 and len(blocks) > 1
     inference = torch.is_inference_mode_enabled()  # worker threads start in the default grad modes
 
     def score_block(block):
@@ -633,7 +651,7 @@ def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_element
             score_block(block)
     else:
         try:
-            list(_cpu_pool(threads).map(score_block, blocks))
+            list(_cpu_pool(workers).map(score_block, blocks))
         finally:
             torch.set_num_threads(threads)
     return best
@@ -684,11 +702,12 @@ def maxsim_scores(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor]
     if len(queries) == 0 or len(pages) == 0:
         return torch.zeros(len(queries), len(pages))
     compute = matmul_dtype(dtype, device)
-    tokens, owner = pack_queries([q.to(dtype) for q in queries], compute, device)  # (T, D), (T,)
     scores = torch.empty(len(queries), len(pages))
-    with tqdm(total=len(pages), desc="maxsim", unit="page", disable=not progress) as bar:
+    with scoring_threads(device) as workers, tqdm(total=len(pages), desc="maxsim", unit="page",
+                                                  disable=not progress) as bar:
+        tokens, owner = pack_queries([q.to(dtype) for q in queries], compute, device)  # (T, D), (T,)
         for idx, chunk in page_chunks([p.to(dtype) for p in pages], compute, device):
-            best = maxsim_tokens(tokens, chunk, max_sim_elements)
+            best = maxsim_tokens(tokens, chunk, max_sim_elements, workers)
             scores[:, idx.cpu()] = _sum_by_query(best, owner, len(queries)).cpu()
             bar.update(len(idx))
     return scores
@@ -710,8 +729,6 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
     indices = torch.full((len(queries), k), -1, dtype=torch.long)
     if len(queries) == 0 or k == 0:
         return values, indices
-    compute = matmul_dtype(dtype, device)
-    chunks = list(page_chunks([p.to(dtype) for p in pages], compute, device))
     blocks, q0 = [], 0
     while q0 < len(queries):  # query blocks of about query_block_tokens tokens
         q1, n_tokens = q0, 0
@@ -720,14 +737,17 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
             q1 += 1
         blocks.append((q0, q1))
         q0 = q1
-    with tqdm(total=len(queries) * len(pages), desc="maxsim top-k", unit="pair", unit_scale=True,
-              disable=not progress) as bar:
+    compute = matmul_dtype(dtype, device)
+    with scoring_threads(device) as workers, tqdm(total=len(queries) * len(pages), desc="maxsim top-k",
+                                                  unit="pair", unit_scale=True, disable=not progress) as bar:
+        chunks = list(page_chunks([p.to(dtype) for p in pages], compute, device))
         for q0, q1 in blocks:
             tokens, owner = pack_queries(queries[q0:q1], compute, device)
             best_v = torch.full((q1 - q0, k), float("-inf"), device=device)
             best_i = torch.full((q1 - q0, k), -1, dtype=torch.long, device=device)
             for idx, chunk in chunks:
-                scores = _sum_by_query(maxsim_tokens(tokens, chunk, max_sim_elements), owner, q1 - q0)  # (nq, n)
+                best = maxsim_tokens(tokens, chunk, max_sim_elements, workers)
+                scores = _sum_by_query(best, owner, q1 - q0)  # (nq, n)
                 if on_scores is not None:
                     on_scores(q0, q1, idx, scores)
                 merged_v = torch.cat([best_v, scores], dim=1)

@@ -55,6 +55,7 @@ from colintern_model import (
     pseudo_path,
     read_triples,
     resolve_dtype,
+    scoring_threads,
     unpad,
     write_jsonl,
 )
@@ -431,13 +432,14 @@ def score_pairs(queries: list, pages: list, pairs, device, dtype) -> torch.Tenso
     order = torch.argsort(p_idx, stable=True)
     bounds = torch.searchsorted(p_idx[order], torch.unique(p_idx), right=True).tolist()
     start = 0
-    for end in bounds:
-        sel = order[start:end]
-        page = pages[int(p_idx[sel[0]])].to(device=device, dtype=dtype).to(compute)[None]  # (1, Lp, D)
-        tokens, owner = pack_queries([queries[i] for i in q_idx[sel].tolist()], compute, device)
-        best = maxsim_tokens(tokens, page)  # (T, 1)
-        out[sel] = torch.zeros(len(sel), device=device).index_add_(0, owner, best[:, 0].float()).cpu()
-        start = end
+    with scoring_threads(device) as workers:
+        for end in bounds:
+            sel = order[start:end]
+            page = pages[int(p_idx[sel[0]])].to(device=device, dtype=dtype).to(compute)[None]  # (1, Lp, D)
+            tokens, owner = pack_queries([queries[i] for i in q_idx[sel].tolist()], compute, device)
+            best = maxsim_tokens(tokens, page, workers=workers)  # (T, 1)
+            out[sel] = torch.zeros(len(sel), device=device).index_add_(0, owner, best[:, 0].float()).cpu()
+            start = end
     return out
 
 
