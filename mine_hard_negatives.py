@@ -16,11 +16,12 @@ deduplicated, timings per phase.
 How:
 1. Pages are deduplicated by a hash of their stored image bytes (colpali_train_set repeats pages): each distinct
    page is encoded once, and a query's positive and every page with the same content are one page, never a negative.
-2. Distinct pages are encoded in shards of --shard_pages pages, each saved (fp16, atomically) in --cache_dir under a
-   key of the checkpoint's content, model id, tiles, dtype and page list. A re-run reuses finished shards; a kill
-   loses at most the shard being encoded.
-3. Each query's positive is scored first; a page scoring above --margin x that score is a likely false negative
-   (NV-Retriever's TopK-PercPos) and is dropped, so are the positive itself, and the k best of the rest are written.
+2. Distinct pages are encoded in shards of --shard_pages pages, each saved (fp16, atomically) in --cache_dir, in a
+   folder keyed by the checkpoint's content, model id, tiles, dtype and data source. A re-run reuses every shard
+   that holds exactly the pages it needs; a kill loses at most the shard being encoded.
+3. Each query's positive is scored first. The positive (and so every copy of it) is never a candidate, a page
+   scoring above --margin x the positive's score is dropped as a likely false negative (NV-Retriever's
+   TopK-PercPos), and the k best of the rest are written.
    Exact search streams the shards past all queries (held on --device), filters inside the stream and keeps a
    running top-k per query: memory follows the shard size, not the corpus, and the k written are exactly the k
    best valid pages however many the filter drops. FAISS search retrieves each query token's nearest page tokens

@@ -157,9 +157,13 @@ def planted_recall(args, page_len: int, query_len: int, dim: int, n_queries: int
         q = F.normalize(torch.randn(query_len, dim, generator=g), dim=-1)
         for rank in range(args.k):
             copies = max(1, query_len * (args.k - rank) // args.k)
-            page = pages[(i * args.k + rank) % args.pages]
+            slot = i * args.k + rank  # a page planted for several queries holds each one's copies apart
+            page, offset = pages[slot % args.pages], query_len * (slot // args.pages)
+            if offset + copies > page_len:
+                raise ValueError(f"{n_queries} queries x {args.k} planted pages do not fit {args.pages} pages of "
+                                 f"{page_len} tokens: raise --pages")
             noise = 0.3 * torch.randn(copies, dim, generator=g) / dim ** 0.5
-            page[:copies] = F.normalize(q[:copies] + noise, dim=-1)
+            page[offset:offset + copies] = F.normalize(q[:copies] + noise, dim=-1)
         queries.append(q)
     start = time.perf_counter()
     exact = maxsim_topk(queries, pages, args.k)[1]

@@ -28,7 +28,7 @@ def generate(out_dir, *extra) -> str:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("synthetic") / "out", "--seed", "3")
+    return generate(tmp_path_factory.mktemp("synthetic") / "out", "--seed", "3", "--workers", "2")
 
 
 def load_eval(out, config):
@@ -108,7 +108,7 @@ def test_answers_are_only_in_the_pixels(synthetic):
 
 
 def test_same_seed_gives_the_same_bytes_and_another_seed_other_pages(synthetic, tmp_path):
-    again = generate(tmp_path / "again", "--seed", "3")
+    again = generate(tmp_path / "again", "--seed", "3", "--workers", "1")  # and rendering in 2 processes or 1 agrees
     other = generate(tmp_path / "other", "--seed", "4")
     for part in ("train/data/train-00000-of-00001.parquet", "eval/corpus/test-00000-of-00001.parquet",
                  "eval/queries/test-00000-of-00001.parquet", "eval/qrels/test-00000-of-00001.parquet",
@@ -176,6 +176,7 @@ def test_every_title_fits_inside_its_token_row_and_the_narrowest_page():
     (["--topics", "4", "--eval_pages", "5"], "--eval_pages"),
     (["--topics", "4", "--eval_pages", "0"], "--eval_pages"),
     (["--page_sizes", "portrait,a4"], "--page_sizes"),
+    (["--workers", "0"], "--workers"),
 ])
 def test_bad_flags_fail_before_writing_anything(flags, message, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
