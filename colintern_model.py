@@ -263,20 +263,35 @@ def read_triples(path: str) -> list:
     return rows
 
 
-def write_jsonl(path: str, rows) -> None:
-    """Write dicts one per line, atomically (a crash leaves any previous file intact)."""
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temp path beside `path` to write; on success it is renamed over `path`, on any error removed, so a
+    crash leaves the previous file intact. The temp name starts with '.' so that a leftover never matches a
+    data-files pattern like `data/train-*`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_jsonl(path: str, rows) -> None:
+    """Write dicts one per line, atomically (a crash leaves any previous file intact)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_json(path: str, obj) -> None:
+    """Write one indented JSON document, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -793,19 +808,10 @@ def checkpoint_dict(model: ColIntern, step: int = 0, epoch: int = 0, train_state
 
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: a kill leaves the old file intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_checkpoint(path: str, model: ColIntern, step: int = 0, epoch: int = 0, train_state: dict | None = None):

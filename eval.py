@@ -29,17 +29,16 @@ import argparse
 import copy
 import datetime
 import hashlib
-import json
 import os
 import random
 import re
-import tempfile
 
 import mteb
 import torch
 from mteb.models.abs_encoder import AbsEncoder
 
-from colintern_model import DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, datasets_cache_for, maxsim_scores
+from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, datasets_cache_for, maxsim_scores,
+                             write_json)
 
 # The metrics reported, as mteb names them, and as the table heads them.
 METRICS = ["ndcg_at_5", "ndcg_at_10", "recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10"]
@@ -518,20 +517,6 @@ def format_table(benchmarks: dict) -> str:
         for task in entry.get("skipped", []):
             lines.append(f"{task:<{width}}  skipped (see the error above), not in the average")
     return "\n".join(lines)
-
-
-def write_json(path: str, obj) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # -----------------------------------------------------------------------------

@@ -33,7 +33,6 @@ import hashlib
 import io
 import os
 import random
-import tempfile
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -396,36 +395,21 @@ def make_eval_rows(topics: list, n_pages: int, geometries: list, seed: int, prog
 # -----------------------------------------------------------------------------
 # Writing
 
-def atomic_write(path: str, write) -> None:
-    """Call write(tmp_path), then rename over `path`: a crash leaves the old file. The temp name starts with '.'
-    so that a leftover never matches a data-files pattern like `data/train-*`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
+    from colintern_model import atomic_path  # temp file + rename (imported here: rendering workers need no torch)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def write_parquet(path: str, rows: list, features) -> str:
     """Rows -> parquet with the datasets feature schema embedded (so `image` loads back as PIL images).
     -> the file's sha256, which the dataset card records (see `card`)."""
     import datasets
+    from colintern_model import atomic_path
     columns = {name: [row[name] for row in rows] for name in features}
     dataset = datasets.Dataset.from_dict(columns, features=features)
-    atomic_write(path, lambda tmp: dataset.to_parquet(tmp))
+    with atomic_path(path) as tmp:
+        dataset.to_parquet(tmp)
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 

@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -58,6 +57,7 @@ from colintern_model import (
     resolve_dtype,
     scoring_threads,
     unpad,
+    write_json,
     write_jsonl,
 )
 
@@ -321,20 +321,6 @@ def shard_range(s: int, n_pages: int, shard_pages: int) -> range:
     return range(s * shard_pages, min(n_pages, (s + 1) * shard_pages))
 
 
-def write_json_atomic(path: str, obj) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def load_shard(folder: str, s: int, expected_hashes: list) -> list | None:
     """A finished shard as a list of (L_i, D) fp16 tensors, or None if it is absent, unreadable or stale."""
     path = shard_path(folder, s)
@@ -401,9 +387,9 @@ def ensure_shards(model, processor, data: MiningInput, folder: str, manifest: di
                                "hashes": hashes}, shard_path(folder, s))
             manifest["shards"][str(s)] = {"pages_sha256": pages_digest(hashes), "pages": len(hashes),
                                           "tokens": sum(len(e) for e in emb)}
-            write_json_atomic(manifest_path, manifest)
+            write_json(manifest_path, manifest)
             counts["encoded"] += 1
-    write_json_atomic(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     return counts
 
 
@@ -707,7 +693,7 @@ def main(args):
         "cache": {"dir": folder, "shards": manifest["n_shards"], **shard_counts},
         "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
     }
-    write_json_atomic(stats_path(args.out_jsonl), stats)
+    write_json(stats_path(args.out_jsonl), stats)
     m = stats["positive_rank"]
     print(f"wrote {len(rows)} rows to {args.out_jsonl} (stats: {stats_path(args.out_jsonl)}); positive "
           f"recall@1 {m['recall@1']:.3f} recall@10 {m['recall@10']:.3f} MRR {m['mrr']:.3f}; margin dropped "

@@ -13,13 +13,14 @@ import argparse
 import json
 import os
 import re
-import tempfile
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from plot_training_loss import save_figure  # noqa: E402  (temp file + rename, closes the figure)
 
 AVERAGE = "average"
 
@@ -113,23 +114,6 @@ def plot_benchmark(benchmark: str, metric: str, groups: list, values: np.ndarray
 
 def figure_name(benchmark: str, metric: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9.]+', '_', benchmark).strip('_')}_{metric}.png"
-
-
-def save_figure(fig, path: str) -> None:
-    """PNG written to a temp file then renamed: a crash never leaves a half-written image."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
 
 
 def parse_args(argv=None):

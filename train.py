@@ -28,14 +28,12 @@ optimizer step, and negatives are drawn from (--seed, epoch, row), so no RNG sta
 import argparse
 import contextlib
 import hashlib
-import json
 import math
 import os
 import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -52,6 +50,7 @@ from colintern_model import (
     ColInternProcessor,
     LoraSettings,
     PageResolver,
+    atomic_path,
     atomic_torch_save,
     checkpoint_dict,
     contrastive_loss,
@@ -59,6 +58,7 @@ from colintern_model import (
     load_page_dataset,
     read_triples,
     resolve_dtype,
+    write_json,
 )
 
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
@@ -478,13 +478,6 @@ def git_commit() -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 class LossLog:
     """training_loss.txt: `# step epoch loss lr`, one line per optimizer step. Lines after `start_step` (left by an
     interrupted run being resumed) are dropped, atomically, before appending."""
@@ -496,10 +489,8 @@ class LossLog:
             with open(self.path) as f:
                 kept = [line for line in f if line.strip() and not line.startswith("#")
                         and int(line.split()[0]) <= start_step]
-        fd, tmp = tempfile.mkstemp(prefix=LOSS_LOG + ".", suffix=".tmp", dir=out_dir)
-        with os.fdopen(fd, "w") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w") as f:
             f.writelines([LOSS_LOG_HEADER] + kept)
-        os.replace(tmp, self.path)
         self.file = open(self.path, "a")
 
     def write(self, step: int, epoch: int, loss: float, lr: float) -> None:

@@ -23,6 +23,22 @@ def tiny_model_dir(tmp_path_factory):
     return str(out)
 
 
+def query(word: str) -> str:
+    """The keyword tests' query for `word`."""
+    return f"Which page is about {word}?"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that train or mine with the tiny model (`pytestmark = pytest.mark.usefixtures(...)`): its matmuls
+    are too small to gain from a second thread, and a DataLoader worker needs the other core; two spinning OpenMP
+    threads on a busy 2-core machine made steps up to 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def render_keyword_page(keyword: str, size=(224, 224), variant: int = 0) -> Image.Image:
     """A page whose only content that matters is `keyword`, drawn at a position snapped to the 28 px token grid
     (a frozen random vision tower has no shift invariance), with a variant-dependent grey level as noise."""

@@ -11,25 +11,14 @@ import torch.nn.functional as F
 
 import mine_hard_negatives as mine
 from colintern_model import ColIntern, LoraSettings, maxsim_scores, maxsim_topk, pseudo_path, save_checkpoint
-from conftest import render_keyword_page
+from conftest import query, render_keyword_page
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "maple", "robot", "zebra", "candle",
          "forest", "rocket", "violin", "desert", "garden", "island", "jacket", "kettle", "ladder", "magnet"]
 COPIES = {7: 2, 12: 2}  # hub rows whose page is byte-identical to row 2's page (colpali_train_set repeats pages)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's matmuls are too small to gain from a second thread; two spinning OpenMP threads on a busy
-    2-core machine made its forward passes 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def query(word):
-    return f"Which page is about {word}?"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_mine(*flags):

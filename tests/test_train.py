@@ -13,25 +13,14 @@ from PIL import Image
 
 import train
 from colintern_model import PSEUDO_PATH, ColIntern, LoraSettings, load_checkpoint, maxsim_scores, pseudo_path
-from conftest import ROOT, render_keyword_page
+from conftest import ROOT, query, render_keyword_page
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "maple", "robot", "zebra", "candle",
          "forest", "rocket", "violin", "desert", "garden", "island", "jacket", "kettle", "ladder", "magnet", "needle",
          "orange", "pepper", "quartz", "saddle", "tunnel", "walnut", "yogurt", "bridge", "castle"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's matmuls are too small to gain from a second thread, and a DataLoader worker needs the other
-    core; two spinning OpenMP threads on a busy 2-core machine made steps up to 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def query(word):
-    return f"Which page is about {word}?"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_train(*flags):
