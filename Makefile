@@ -1,9 +1,9 @@
 # The two set-up commands of the README. Both install .venv on first use (scripts/setup.sh).
-.PHONY: setup demo test
+.PHONY: setup demo test pins
 
 setup: .venv/.setup-done
 
-.venv/.setup-done: requirements.txt scripts/setup.sh
+.venv/.setup-done: requirements.txt constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 
@@ -13,3 +13,7 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q tests
+
+# Re-resolve the pinned versions (constraints.txt) from requirements.txt's ranges; then `make test` and commit.
+pins:
+	bash scripts/refresh_pins.sh

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -25,6 +26,13 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
+
+# bitsandbytes (imported by peft and by the 8-bit optimizers) logs a warning at import on CPUs with AVX512-BF16 when
+# the optional hub-kernel package `kernels` is missing; it then uses its own CPU kernel, so the message is noise for
+# every script run. Drop that one record; every other bitsandbytes warning still reaches the user.
+BNB_OPTIONAL_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith(BNB_OPTIONAL_KERNEL_WARNING))
 
 # -----------------------------------------------------------------------------
 # Query and page formats. Training, mining and evaluation all go through ColInternProcessor, which reads these,

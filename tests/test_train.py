@@ -450,38 +450,148 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_model_dir, p
     run_train(*base_flags(tiny_model_dir, pages, tmp_path / "gc", **common, **{"--gradient_checkpointing": True}))
     assert calls["n"] > 0  # layers were really recomputed in the backward pass
     assert_same_weights(trainable(str(tmp_path / "plain" / "colintern_heads_step2.pt")),
-                        trainable(str(tmp_path / "gc" / "colintern_heads_step2.pt")), atol=1e-6)
+                        trainable(str(tmp_path / "gc" / "colintern_heads_step2.pt")))
 
 
 # -----------------------------------------------------------------------------
 # many processes
 
-def test_two_gloo_processes_match_one_process_with_the_global_batch(tiny_model_dir, pages, tmp_path):
-    """torchrun --nproc_per_node 2 on CPU (gloo) vs one process seeing the same 8 queries per step: same losses,
-    same weights. One page is wider (3 tiles), so the ranks' page lengths differ and padding before the gather
-    matters; every query has one listed hard negative, so negatives are gathered too."""
-    words = pages["words"][:8]
-    root = tmp_path / "ddp"
-    os.makedirs(root)
+# Runs train.py (torchrun or plain) with plain SGD in place of the chosen optimizer, and saves every step's loss
+# and gradients (after DDP's all-reduce, before the update) per rank: what DDP guarantees is checked on them,
+# before an adaptive optimizer can amplify rounding. COLINTERN_TEST_FAULT injects a known DDP bug.
+RECORD_GRADIENTS = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import train
+out, rank = os.environ["COLINTERN_TEST_RECORD"], int(os.environ.get("RANK", "0"))
+names = {{}}
+real_build = train.build_model
+def build_model(*a, **k):
+    model, processor = real_build(*a, **k)
+    names.update({{id(p): n for n, p in model.named_parameters()}})
+    return model, processor
+class RecordingSGD(torch.optim.SGD):
+    steps = 0
+    def step(self, closure=None):
+        RecordingSGD.steps += 1
+        params = self.param_groups[0]["params"]
+        torch.save({{names[id(p)]: p.grad.detach().clone() for p in params if p.grad is not None}},
+                   os.path.join(out, f"grads_rank{{rank}}_step{{RecordingSGD.steps}}.pt"))
+        return super().step(closure)
+train.build_model = build_model
+train.make_optimizer = lambda name, params, lr, say=print: RecordingSGD(params, lr=lr)
+fault = os.environ.get("COLINTERN_TEST_FAULT")
+real_gather = train.gather_pages
+if fault == "gather_without_gradients":  # other ranks' queries then send no gradient back to this rank's pages
+    def gather_without_gradients(pages, page_mask, n_queries, world):
+        with torch.no_grad():
+            gathered, mask = real_gather(pages, page_mask, n_queries, world)
+        rank = torch.distributed.get_rank()
+        n_pages, length = pages.shape[0], gathered.shape[1]
+        own, _ = train.pad_left(pages, page_mask, length)  # put this rank's own pages back with their graph
+        pos = list(range(rank * n_queries, (rank + 1) * n_queries))
+        neg0 = world * n_queries + rank * (n_pages - n_queries)
+        neg = list(range(neg0, neg0 + n_pages - n_queries))
+        gathered = gathered.clone()
+        gathered[pos + neg] = own
+        return gathered, mask
+    train.gather_pages = gather_without_gradients
+elif fault == "local_negatives":  # hard negatives of other ranks left out of the pool
+    def local_negatives(pages, page_mask, n_queries, world):
+        gathered, mask = real_gather(pages, page_mask, n_queries, world)
+        rank, n_neg = torch.distributed.get_rank(), pages.shape[0] - n_queries
+        keep = list(range(world * n_queries)) + [world * n_queries + rank * n_neg + j for j in range(n_neg)]
+        return gathered[keep], mask[keep]
+    train.gather_pages = local_negatives
+train.main(train.parse_args(sys.argv[1:]))
+"""
+
+# fp32 rounding bound for comparing the two runs. Both compute the same sums in another order (per-rank partial
+# sums + all-reduce vs one sum; other padding lengths, so other BLAS blockings): for a sum of n terms the
+# difference is at most ~2 n u sum|terms| (u = 2^-24), typically ~sqrt(n) u sum|terms|. A gradient entry here sums
+# n ~ 1e3-1e4 terms through the backward, so the typical gap is ~1e-5 of the tensor's scale and the worst case
+# ~1e-3: RTOL_SUM = 2e-4 of each tensor's largest entry sits between the two. A DDP bug (a missing gather, a gather
+# that drops gradients, negatives left out) moves gradients by O(1) of that scale. The loss (a mean of
+# log-sum-exps of ~16 logits) gets the same bound.
+RTOL_SUM = 2e-4
+
+
+def record_gradients(flags, out, nproc=1, fault=None):
+    """Run train.py with RECORD_GRADIENTS in nproc processes -> ({rank: [grads of step 1, step 2, ...]}, loss log)."""
+    os.makedirs(out, exist_ok=True)
+    script = os.path.join(out, "record.py")
+    with open(script, "w") as f:
+        f.write(RECORD_GRADIENTS.format(root=ROOT))
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLINTERN_TEST_RECORD": str(out)}
+    if fault:
+        env["COLINTERN_TEST_FAULT"] = fault
+    result = subprocess.run([sys.executable, *launcher, script, *map(str, flags), "--out_dir", str(out)],
+                            capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grads = {}
+    for rank in range(nproc):
+        steps = sorted(f for f in os.listdir(out) if f.startswith(f"grads_rank{rank}_"))
+        grads[rank] = [torch.load(os.path.join(out, f"grads_rank{rank}_step{s}.pt")) for s in range(1, len(steps) + 1)]
+    return grads, read_loss_log(out)
+
+
+def assert_same_step(got, expected, losses_got, losses_expected, where):
+    """Loss and every gradient tensor equal within RTOL_SUM of its scale; a failure shows torch's report (largest
+    difference, its index, how many entries differ) prefixed with the step and the parameter."""
+    assert got.keys() == expected.keys()
+    worst = max((float((got[k] - expected[k]).abs().max() / expected[k].abs().max().clamp(min=1e-30)), k)
+                for k in expected)
+    print(f"{where}: largest gradient difference {worst[0]:.2e} of its tensor's scale ({worst[1]}); losses "
+          f"{losses_got} vs {losses_expected}")
+    torch.testing.assert_close(torch.tensor(losses_got, dtype=torch.float64),
+                               torch.tensor(losses_expected, dtype=torch.float64), rtol=RTOL_SUM, atol=0,
+                               msg=lambda m: f"{where} losses: {m}")
+    for name in expected:
+        scale = float(expected[name].abs().max())
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=RTOL_SUM * scale,
+                                   msg=lambda m, name=name: f"{where} gradient of {name} (scale {scale:.3g}): {m}")
+
+
+@pytest.fixture(scope="module")
+def ddp_case(tiny_model_dir, tmp_path_factory):
+    """8 queries, each with one listed hard negative; one page is wider (3 tiles) so the ranks' page lengths differ
+    and padding before the gather matters. Run once in one process with the global batch of 8 (the reference)."""
+    root = tmp_path_factory.mktemp("ddp")
+    words = WORDS[:8]
     for i, w in enumerate(words):
         render_keyword_page(w, size=(448, 224) if i == 0 else (224, 224)).save(root / f"{w}.png")
     jsonl = write_jsonl(root / "t.jsonl", [{"query": query(w), "pos": f"{w}.png", "negs": [f"{words[i - 1]}.png"]}
                                            for i, w in enumerate(words)])
-    common = {"--train_jsonl": jsonl, "--root": root, "--epochs": 2, "--lora": True, "--lora_r": 4,
-              "--lora_dropout": 0.0}
-    two = base_flags(tiny_model_dir, pages, tmp_path / "two", **common, **{"--batch_size": 4})
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(ROOT, "train.py"), *map(str, two)], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_train(*base_flags(tiny_model_dir, pages, tmp_path / "one", **common, **{"--batch_size": 8}))
-    log_two, log_one = read_loss_log(tmp_path / "two"), read_loss_log(tmp_path / "one")
-    assert [(s, e) for s, e, *_ in log_two] == [(1, 1), (2, 2)]
-    for (_, _, loss_two, lr_two), (_, _, loss_one, lr_one) in zip(log_two, log_one):
-        assert loss_two == pytest.approx(loss_one, abs=2e-5) and lr_two == lr_one
-    assert_same_weights(trainable(str(tmp_path / "one" / "colintern_heads_epoch2.pt")),
-                        trainable(str(tmp_path / "two" / "colintern_heads_epoch2.pt")), atol=1e-5)
-    assert not os.path.exists(tmp_path / "two" / "args.json.tmp")
+    flags = ["--model_id", tiny_model_dir, "--train_jsonl", jsonl, "--root", root, "--epochs", 2, "--lora",
+             "--lora_r", 4, "--lora_dropout", 0.0, "--num_negs", 1, "--lr", 2e-3, "--warmup_steps", 2,
+             "--optimizer", "adamw", "--num_workers", 0, "--save_every", 0, "--temperature", 0.05]
+    one, one_log = record_gradients(flags + ["--batch_size", 8], root / "one")
+    assert len(one[0]) == 2 and [(s, e) for s, e, *_ in one_log] == [(1, 1), (2, 2)]
+    return {"flags": flags, "root": root, "grads": one[0], "log": one_log}
+
+
+def test_two_gloo_processes_match_one_process_with_the_global_batch(ddp_case):
+    """torchrun --nproc_per_node 2 on CPU (gloo), 4 queries per rank, vs one process with the same 8 queries per
+    step: the same loss and the same gradients at every step (plain SGD between steps), and identical gradients on
+    both ranks after DDP's all-reduce."""
+    two, two_log = record_gradients(ddp_case["flags"] + ["--batch_size", 4], ddp_case["root"] / "two", nproc=2)
+    assert [(s, e, lr) for s, e, _, lr in two_log] == [(s, e, lr) for s, e, _, lr in ddp_case["log"]]
+    for step, (rank0, rank1, single) in enumerate(zip(two[0], two[1], ddp_case["grads"]), 1):
+        assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+        assert_same_step(rank0, single, [two_log[step - 1][2]], [ddp_case["log"][step - 1][2]], f"step {step}")
+    assert any("lora_B" in k and rank0[k].abs().max() > 0 for k in rank0)  # LoRA gradients are compared too
+    assert not [f for f in os.listdir(ddp_case["root"] / "two") if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("fault", ["gather_without_gradients", "local_negatives"])
+def test_ddp_comparison_fails_for_a_real_ddp_bug(ddp_case, fault):
+    """The comparison above is not vacuous: a gather that drops other ranks' gradients, or a pool without other
+    ranks' hard negatives, makes it fail."""
+    two, two_log = record_gradients(ddp_case["flags"] + ["--batch_size", 4], ddp_case["root"] / fault, nproc=2,
+                                    fault=fault)
+    with pytest.raises(AssertionError, match="step 1 (losses|gradient of)"):
+        assert_same_step(two[0][0], ddp_case["grads"][0], [two_log[0][2]], [ddp_case["log"][0][2]], "step 1")
 
 
 # -----------------------------------------------------------------------------
