@@ -555,21 +555,98 @@ def unpad(emb: torch.Tensor, mask: torch.Tensor) -> list:
 # -----------------------------------------------------------------------------
 # Scoring: exact MaxSim
 
+# Similarity values per block of the training maxsim, forward and backward alike. A block's transients are its
+# similarity block and, in the backward, (queries, pages, Lq, D) gathers of at most the same size, so memory no longer
+# grows with Nq x Np x Lq x Lp. GPU: 32M values (128 MiB in fp32) against the 6.3 GB of one dense similarity tensor
+# at real shapes (32 queries x 50 tokens x 768 gathered 1,280-token pages: 2M values a page, so 16 pages a block and
+# 48 blocks), big enough that each block's matmul outweighs its dozen kernel launches. CPU: 1M values, the top of the
+# cache-sized range where maxsim_tokens' blocks run near the matmul peak; the per-block Python is negligible there.
+CPU_TRAIN_SIM_BLOCK = 1 << 20
+GPU_TRAIN_SIM_BLOCK = 1 << 25
+
+
+def _index_dtype(length: int) -> torch.dtype:
+    """The smallest integer dtype that holds token indices 0..length-1."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if length - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
+def _sim_blocks(nq: int, np_: int, per_pair: int, budget: int):
+    """Yield (query slice, page slice) tiles of the (Nq, Np) grid, each of at most `budget` elements when a
+    (query, page) pair costs `per_pair`: whole pages, and every query unless one page does not fit."""
+    pages = max(1, min(np_, budget // max(1, nq * per_pair)))
+    rows = max(1, min(nq, budget // max(1, pages * per_pair)))
+    for p0 in range(0, np_, pages):
+        for q0 in range(0, nq, rows):
+            yield slice(q0, min(nq, q0 + rows)), slice(p0, min(np_, p0 + pages))
+
+
+class _MaxSim(torch.autograd.Function):
+    """maxsim, blockwise: saves the inputs, the masks and each query token's best page token, never similarities.
+
+    Ties: a tied max sends all of its gradient to the one token torch.max picks (a subgradient; amax would split it
+    evenly). Embeddings from continuous weights do not tie."""
+
+    @staticmethod
+    def forward(ctx, queries, pages, query_mask, page_mask):
+        nq, lq, d = queries.shape
+        np_, lp, _ = pages.shape
+        budget = GPU_TRAIN_SIM_BLOCK if queries.is_cuda else CPU_TRAIN_SIM_BLOCK
+        blocks = list(_sim_blocks(nq, np_, lq * max(lp, d), budget))  # max(Lp, D): the backward's gathers too
+        best = queries.new_empty((nq, np_, lq))
+        picked = torch.empty((nq, np_, lq), dtype=_index_dtype(lp), device=queries.device)
+        for qs, ps in blocks:
+            sim = torch.einsum("qid,pjd->qpij", queries[qs], pages[ps])  # (nq, n, Lq, Lp)
+            if page_mask is not None:
+                sim.masked_fill_(~page_mask[None, ps, None, :], float("-inf"))
+            best[qs, ps], picked[qs, ps] = sim.max(dim=-1)
+        if query_mask is not None:
+            best.masked_fill_(~query_mask[:, None, :], 0.0)
+        ctx.blocks = blocks
+        ctx.save_for_backward(queries, pages, query_mask, page_mask, picked)
+        return best.sum(dim=-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_scores):
+        queries, pages, query_mask, page_mask, picked = ctx.saved_tensors
+        need_queries, need_pages = ctx.needs_input_grad[:2]
+        nq, lq, d = queries.shape
+        np_, lp, _ = pages.shape
+        # d score[q, p] / d best[q, p, i]: none for a padded query token, none from a page without a real token
+        # (its score is -inf whatever the inputs)
+        weight = grad_scores.to(queries.dtype)[:, :, None].expand(nq, np_, lq)  # (Nq, Np, Lq)
+        if query_mask is not None:
+            weight = weight * query_mask[:, None, :]
+        if page_mask is not None:
+            weight = weight * page_mask.any(dim=1)[None, :, None]
+        flat_pages = pages.reshape(np_ * lp, d)
+        grad_queries = queries.new_zeros(queries.shape) if need_queries else None
+        grad_pages = pages.new_zeros((np_ * lp, d)) if need_pages else None
+        for qs, ps in ctx.blocks:
+            w = weight[qs, ps]  # (nq, n, Lq)
+            offsets = torch.arange(ps.start, ps.stop, device=pages.device)[None, :, None] * lp
+            rows = (picked[qs, ps].long() + offsets).flatten()  # each query token's best token, in flat_pages
+            if need_queries:  # d score / d query token: the page token it picked
+                best_tokens = flat_pages.index_select(0, rows).view(*w.shape, d)  # (nq, n, Lq, D)
+                grad_queries[qs] += torch.einsum("qpi,qpid->qid", w, best_tokens)
+            if need_pages:  # d score / d page token: the sum of the query tokens that picked it
+                grad_pages.index_add_(0, rows, (w[..., None] * queries[qs, None]).reshape(-1, d))
+        return grad_queries, None if grad_pages is None else grad_pages.view(pages.shape), None, None
+
+
 def maxsim(queries: torch.Tensor, pages: torch.Tensor, query_mask: torch.Tensor | None = None,
            page_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable exact MaxSim of padded batches, for training.
 
-    queries (Nq, Lq, D), pages (Np, Lp, D), masks True on real tokens -> scores (Nq, Np):
+    queries (Nq, Lq, D), pages (Np, Lp, D), masks True on real tokens -> scores (Nq, Np) in the inputs' dtype:
     for each query token its best real page token, summed over real query tokens. A padded page token never wins
-    a max (it is -inf, not 0), a padded query token adds nothing.
+    a max (it is -inf, not 0), a padded query token adds nothing. Memory: the similarities exist one block at a time
+    (CPU/GPU_TRAIN_SIM_BLOCK values); backward keeps only the inputs and (Nq, Np, Lq) small-int argmax indices.
     """
-    sim = torch.einsum("qid,pjd->qpij", queries, pages)  # (Nq, Np, Lq, Lp)
-    if page_mask is not None:
-        sim = sim.masked_fill(~page_mask[None, :, None, :], float("-inf"))
-    best = sim.amax(dim=-1)  # (Nq, Np, Lq)
-    if query_mask is not None:
-        best = best.masked_fill(~query_mask[:, None, :], 0.0)
-    return best.sum(dim=-1)
+    return _MaxSim.apply(queries, pages, query_mask, page_mask)
 
 
 def pad_queries(queries: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -183,6 +183,81 @@ def test_differentiable_maxsim_with_masks_equals_naive():
     assert torch.allclose(cm.maxsim(q, p, q_mask, p_mask), expected, atol=1e-5)
 
 
+def dense_maxsim(queries, pages, query_mask, page_mask):
+    """The reference: the whole (Nq, Np, Lq, Lp) similarity tensor, padded page tokens -inf, amax, masked sum."""
+    sim = torch.einsum("qid,pjd->qpij", queries, pages)
+    sim = sim.masked_fill(~page_mask[None, :, None, :], float("-inf"))
+    return sim.amax(dim=-1).masked_fill(~query_mask[:, None, :], 0.0).sum(dim=-1)
+
+
+def padded_batch(q_lengths, p_lengths, dim=8, seed=0):
+    """float64 queries and pages (requiring grad) with masks, left-padded as the processor pads, with a masked token
+    in the middle of query 1 and of page 1 too, and +7 garbage wherever masked. Query 0's coordinates are all positive
+    and page 0's all negative: their every real similarity is negative, so a padded token of page 0 would win every
+    max."""
+    g = torch.Generator().manual_seed(seed)
+    lq, lp = max(q_lengths), max(p_lengths)
+    q_mask = torch.arange(lq) >= lq - torch.tensor(q_lengths)[:, None]
+    p_mask = torch.arange(lp) >= lp - torch.tensor(p_lengths)[:, None]
+    q_mask[1, -2] = p_mask[1, -2] = False
+    q = torch.randn(len(q_lengths), lq, dim, generator=g, dtype=torch.float64)
+    p = torch.randn(len(p_lengths), lp, dim, generator=g, dtype=torch.float64)
+    q[0], p[0] = q[0].abs(), -p[0].abs()
+    q[~q_mask], p[~p_mask] = 7.0, 7.0
+    return q.requires_grad_(), q_mask, p.requires_grad_(), p_mask
+
+
+# 5 queries of up to 6 tokens x 7 pages of up to 9: one page against every query is 5 x 6 x 9 = 270 similarities,
+# so a budget of 100 takes one (query, page) pair a block, 600 two pages of every query
+@pytest.mark.parametrize("budget", [100, 600, 1 << 30], ids=["query-and-page-blocks", "page-blocks", "one-block"])
+def test_maxsim_scores_and_gradients_equal_dense_reference(monkeypatch, budget):
+    monkeypatch.setattr(cm, "CPU_TRAIN_SIM_BLOCK", budget)
+    q, q_mask, p, p_mask = padded_batch([6, 4, 1, 3, 5], [5, 9, 2, 7, 1, 8, 0])  # the last page has no real token
+    expected = dense_maxsim(q, p, q_mask, p_mask)
+    assert expected[0, 0] < 0 and expected[:, -1].isneginf().all()
+    got = cm.maxsim(q, p, q_mask, p_mask)
+    assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=0, atol=1e-12)
+    upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = torch.autograd.grad(expected, (q, p), upstream)
+    have = torch.autograd.grad(got, (q, p), upstream)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(have, want))
+    assert have[0][~q_mask].eq(0).all() and have[1][~p_mask].eq(0).all()
+    # one side needing a gradient
+    only_q = torch.autograd.grad(cm.maxsim(q, p.detach(), q_mask, p_mask), q, upstream)[0]
+    only_p = torch.autograd.grad(cm.maxsim(q.detach(), p, q_mask, p_mask), p, upstream)[0]
+    assert torch.allclose(only_q, want[0], rtol=0, atol=1e-12) and torch.allclose(only_p, want[1], rtol=0, atol=1e-12)
+    # no masks: every token is real
+    real = torch.ones_like(q_mask), torch.ones_like(p_mask)
+    assert torch.allclose(cm.maxsim(q, p), dense_maxsim(q, p, *real), rtol=0, atol=1e-12)
+
+
+def test_maxsim_gradcheck(monkeypatch):
+    monkeypatch.setattr(cm, "CPU_TRAIN_SIM_BLOCK", 20)  # one (query, page) pair a block
+    q, q_mask, p, p_mask = padded_batch([3, 3, 2], [4, 3, 1, 2], dim=3, seed=2)
+    assert torch.autograd.gradcheck(lambda a, b: cm.maxsim(a, b, q_mask, p_mask), (q, p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_maxsim_computes_in_the_inputs_dtype(dtype):
+    q64, q_mask, p64, p_mask = padded_batch([6, 4, 1, 3, 5], [5, 9, 2, 7, 1, 8], seed=3)
+    q, p = q64.detach().to(dtype).requires_grad_(), p64.detach().to(dtype).requires_grad_()
+    upstream = torch.randn(5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = cm.maxsim(q, p, q_mask, p_mask)
+    gq, gp = torch.autograd.grad(got, (q, p), upstream.to(dtype))
+    assert got.dtype == gq.dtype == gp.dtype == dtype
+    # the float64 reference on the same rounded inputs
+    ref_q, ref_p = q.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+    expected = dense_maxsim(ref_q, ref_p, q_mask, p_mask)
+    want_q, want_p = torch.autograd.grad(expected, (ref_q, ref_p), upstream)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    assert torch.allclose(got.double(), expected, **tol)
+    assert gq[~q_mask].eq(0).all() and gp[~p_mask].eq(0).all()
+    if dtype == torch.float32:
+        assert torch.allclose(gq.double(), want_q, **tol) and torch.allclose(gp.double(), want_p, **tol)
+    else:  # bf16 rounding can tie near maxima, either token then right; a page's summed gradient is the same for both
+        assert torch.allclose(gp.double().sum(dim=1), want_p.sum(dim=1), **tol)
+
+
 def test_pad_pages_rejects_empty_page():
     with pytest.raises(ValueError, match="page 1 has no tokens"):
         cm.pad_pages([torch.ones(2, 4), torch.ones(0, 4)])
@@ -205,6 +280,40 @@ def test_contrastive_loss_matches_independent_infonce():
     raw = cm.contrastive_loss(q, q_mask, p, p_mask, pos, temperature=1.0, normalize_by_query_length=False)
     logits = torch.tensor([[naive_maxsim(x, y) for y in pages] for x in queries])
     assert torch.allclose(raw, torch.nn.functional.cross_entropy(logits, pos), atol=1e-4)
+
+
+def test_contrastive_loss_saves_no_similarity_tensor(monkeypatch):
+    nq, np_, lq, lp, dim = 8, 12, 16, 512, 16
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(nq, lq, dim, generator=g, requires_grad=True)
+    p = torch.randn(np_, lp, dim, generator=g, requires_grad=True)
+    q_mask = torch.arange(lq) >= torch.arange(nq)[:, None]  # left padding: query i has lq - i tokens
+    p_mask = torch.arange(lp) >= 10 * torch.arange(np_)[:, None]  # page j has lp - 10 j tokens
+    pos = torch.arange(nq)
+
+    def loss_and_saved_bytes():
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = cm.contrastive_loss(q, q_mask, p, p_mask, pos)
+        return loss, sum(storages.values())
+
+    dense_bytes = nq * np_ * lq * lp * 4  # one (Nq, Np, Lq, Lp) fp32 similarity tensor: 3 MiB
+    # the fp32 inputs (8 KiB + 384 KiB), bool masks (6 KiB), the (Nq, Np, Lq) int16 argmax indices (3 KiB), and the
+    # loss's own (Nq, Np)-sized tensors, a dozen at 8 bytes (9 KiB): 410 KiB
+    bound = (q.numel() + p.numel()) * 4 + q_mask.numel() + p_mask.numel() + nq * np_ * lq * 2 + 12 * nq * np_ * 8
+    loss, saved = loss_and_saved_bytes()
+    assert saved <= bound < dense_bytes / 7
+    monkeypatch.setattr(cm, "maxsim", dense_maxsim)
+    dense_loss, dense_saved = loss_and_saved_bytes()
+    assert dense_saved > dense_bytes  # the measure sees a similarity tensor where there is one
+    assert torch.allclose(loss, dense_loss, atol=1e-6)
+    grads, dense_grads = (torch.autograd.grad(x, (q, p)) for x in (loss, dense_loss))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, dense_grads))
 
 
 def test_loss_gradients_reach_lora_and_heads_only(model_and_processor, keyword_page):
