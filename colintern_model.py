@@ -346,8 +346,8 @@ class ColInternProcessor:
         return self.tokenizer(self.query_texts(queries), padding="longest", padding_side="left", return_tensors="pt")
 
     def process_pages(self, images: Sequence) -> "BatchFeature":
-        """-> BatchFeature(input_ids, attention_mask, pixel_values); each page tiled into at most max_tiles tiles
-        (+ a thumbnail when tiled), 'tile tokens' per tile (256 at 448px)."""
+        """-> BatchFeature(input_ids, attention_mask, pixel_values uint8); each page tiled into at most max_tiles
+        tiles (+ a thumbnail when tiled), 'tile tokens' per tile (256 at 448px). ColIntern normalises the pixels."""
         pages = []
         for i, im in enumerate(images):
             if isinstance(im, (str, os.PathLike)):
@@ -357,8 +357,37 @@ class ColInternProcessor:
             pages.append(im.convert("RGB") if im.mode != "RGB" else im)
         if not pages:
             raise ValueError("process_pages got no pages")
-        return self.hf(text=[self.page_prompt] * len(pages), images=pages, padding="longest", padding_side="left",
-                       crop_to_patches=True, min_patches=1, max_patches=self.max_tiles, return_tensors="pt")
+        # Resized and tiled by the image processor, but not rescaled or normalised: pages leave here as uint8, 4x
+        # smaller than fp32 in DataLoader shared memory and on the way to the GPU; ColIntern normalises them there.
+        batch = self.hf(text=[self.page_prompt] * len(pages), images=pages, padding="longest", padding_side="left",
+                        crop_to_patches=True, min_patches=1, max_patches=self.max_tiles, do_rescale=False,
+                        do_normalize=False, return_tensors="pt")
+        batch["pixel_values"] = as_uint8_pixels(batch["pixel_values"])  # (tiles, 3, tile, tile) uint8
+        return batch
+
+    def pixel_normalisation(self) -> dict:
+        """What process_pages leaves undone, as ColIntern's keyword arguments: image_mean, image_std (per channel,
+        on the 0..1 scale) and rescale_factor (1/255)."""
+        ip = self.hf.image_processor
+        if not (ip.do_rescale and ip.do_normalize):
+            raise ValueError(f"{type(ip).__name__} has do_rescale={ip.do_rescale}, do_normalize={ip.do_normalize}: "
+                             f"ColIntern expects InternVL's rescaled and normalised pixels")
+        return {"image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
+                "rescale_factor": float(ip.rescale_factor)}
+
+
+def as_uint8_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """Unnormalised pixels from the image processor -> uint8. The torchvision backend resizes uint8 tensors and
+    returns uint8; any other dtype must hold whole numbers in 0..255, or the processor did something unexpected."""
+    if pixels.dtype == torch.uint8:
+        return pixels
+    if pixels.is_floating_point() and not torch.equal(pixels, pixels.round()):
+        raise ValueError(f"unnormalised pixel_values are {pixels.dtype} with fractional values: the image processor "
+                         f"did not return resized uint8 pixels, so they cannot be sent as uint8")
+    if pixels.numel() and (pixels.min() < 0 or pixels.max() > 255):
+        raise ValueError(f"unnormalised pixel_values span {pixels.min().item()}..{pixels.max().item()}, not 0..255: "
+                         f"the image processor rescaled or normalised them after all")
+    return pixels.to(torch.uint8)
 
 
 # -----------------------------------------------------------------------------
@@ -380,7 +409,9 @@ class ColIntern(nn.Module):
     """
 
     def __init__(self, backbone, proj_dim: int = 128, lora: LoraSettings | None = None,
-                 keep_all_page_tokens: bool = False, model_id: str | None = None, max_tiles: int = 4):
+                 keep_all_page_tokens: bool = False, model_id: str | None = None, max_tiles: int = 4,
+                 image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
+                 rescale_factor: float = 1 / 255):
         super().__init__()
         self.backbone = backbone
         self.hidden_size = backbone.config.text_config.hidden_size
@@ -404,6 +435,15 @@ class ColIntern(nn.Module):
         device = backbone.language_model.norm.weight.device
         self.query_head = nn.Linear(self.hidden_size, proj_dim, device=device)
         self.page_head = nn.Linear(self.hidden_size, proj_dim, device=device)
+        # The image processor's rescale + normalisation, for the uint8 pages of process_pages (see _pixels). Folded
+        # as the processor folds them, (x - mean / rf) / (std / rf) in fp32, so both give bitwise-equal pixels.
+        # Plain tensors, not buffers: model.to(torch.bfloat16) would round buffers. Moved to the pixels' device on use.
+        if (image_mean is None) != (image_std is None):
+            raise ValueError("pass both image_mean and image_std (processor.pixel_normalisation()), or neither")
+        self.pixel_mean = self.pixel_std = None
+        if image_mean is not None:
+            self.pixel_mean = (torch.tensor(image_mean, dtype=torch.float32) * (1.0 / rescale_factor)).view(-1, 1, 1)
+            self.pixel_std = (torch.tensor(image_std, dtype=torch.float32) * (1.0 / rescale_factor)).view(-1, 1, 1)
         self.train(False)
 
     @classmethod
@@ -413,7 +453,7 @@ class ColIntern(nn.Module):
         backbone = load_backbone(model_id, dtype=dtype, device_map=device_map)
         processor = ColInternProcessor.from_pretrained(model_id, max_tiles=max_tiles)
         model = cls(backbone, proj_dim=proj_dim, lora=lora, keep_all_page_tokens=keep_all_page_tokens,
-                    model_id=model_id, max_tiles=max_tiles)
+                    model_id=model_id, max_tiles=max_tiles, **processor.pixel_normalisation())
         return model, processor
 
     def train(self, mode: bool = True):
@@ -444,8 +484,23 @@ class ColIntern(nn.Module):
         inputs_device = self.backbone.get_input_embeddings().weight.device
         batch = {k: v.to(inputs_device) for k, v in batch.items()}
         if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(self.backbone.dtype)
+            batch["pixel_values"] = self._pixels(batch["pixel_values"]).to(self.backbone.dtype)
         return self.backbone(**batch).last_hidden_state  # (B, L, H)
+
+    def _pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles (N, 3, H, W) from process_pages -> normalised fp32 tiles on the same device. Float pixels
+        are taken as already normalised (a stock InternVL processor's) and returned unchanged."""
+        if pixels.is_floating_point():
+            return pixels
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"pixel_values must be uint8 (ColInternProcessor.process_pages) or normalised floats, "
+                            f"got {pixels.dtype}")
+        if self.pixel_mean is None:
+            raise ValueError("uint8 pixel_values need the processor's normalisation: build ColIntern with "
+                             "**processor.pixel_normalisation() (ColIntern.from_pretrained does)")
+        if self.pixel_mean.device != pixels.device:
+            self.pixel_mean, self.pixel_std = self.pixel_mean.to(pixels.device), self.pixel_std.to(pixels.device)
+        return pixels.float().sub_(self.pixel_mean).div_(self.pixel_std)  # (N, 3, H, W) fp32
 
     @staticmethod
     def _project(head: nn.Linear, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

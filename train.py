@@ -280,7 +280,9 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 class Collate:
-    """Examples -> model inputs: queries, then pages = every positive, then every query's negatives in query order."""
+    """Examples -> model inputs: queries, then pages = every positive, then every query's negatives in query order.
+    Page pixels stay uint8 (ColInternProcessor.process_pages): a 5-tile 448px page is 2.9 MiB of DataLoader shared
+    memory instead of 11.5 MiB in fp32."""
 
     def __init__(self, processor: ColInternProcessor):
         self.processor = processor

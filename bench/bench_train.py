@@ -122,7 +122,7 @@ def run_config(backbone_fn, processor, batch, lora_r, lora, checkpointing, steps
     """-> (samples/s, peak MiB, step seconds, model) for one configuration, on a fresh ColIntern."""
     torch.manual_seed(0)
     model = ColIntern(backbone_fn(), lora=LoraSettings(r=lora_r, alpha=lora_r, dropout=0.0) if lora else None,
-                      max_tiles=processor.max_tiles)
+                      max_tiles=processor.max_tiles, **processor.pixel_normalisation())
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()

@@ -3,8 +3,10 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import colintern_model as cm
@@ -132,6 +134,61 @@ def test_left_padding_does_not_change_embeddings(model_and_processor, keyword_pa
     alone = model.encode_pages(processor, [page])[0]
     batched = model.encode_pages(processor, [page, keyword_page("delta", size=(448, 448))])[0]
     assert torch.allclose(alone, batched, atol=1e-5)
+
+
+def stock_pages(processor, pages):
+    """The stock InternVL processor's batch for `pages` (fp32 pixel_values, rescaled and normalised), with the
+    tiling and prompt of process_pages."""
+    return processor.hf(text=[processor.page_prompt] * len(pages), images=pages, padding="longest",
+                        padding_side="left", crop_to_patches=True, min_patches=1, max_patches=processor.max_tiles,
+                        return_tensors="pt")
+
+
+def test_uint8_pages_normalise_to_the_stock_pixels_and_embeddings(model_and_processor, keyword_page):
+    model, processor = model_and_processor
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    # 1 tile; 2x2 tiles + thumbnail; 3x1 + thumbnail (non-square); noise (every value, resampled: 2x1 + thumbnail)
+    pages = [keyword_page("alpha", size=(224, 224)), keyword_page("beta", size=(448, 448)),
+             keyword_page("gamma", size=(672, 224)), noise]
+    batch, stock = processor.process_pages(pages), stock_pages(processor, pages)
+    assert batch["pixel_values"].dtype == torch.uint8 and stock["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].shape == stock["pixel_values"].shape == (1 + 5 + 4 + 3, 3, 224, 224)
+    assert torch.equal(batch["input_ids"], stock["input_ids"])
+    # Exact, not a tolerance: the model folds mean and std as the image processor does, (x - mean/rf) / (std/rf),
+    # the same fp32 subtract and divide, so each value rounds identically. (The unfolded x * rf - mean form would
+    # differ by up to ~5e-7, one or two fp32 ulps at |x| ~ 2.)
+    assert torch.equal(model._pixels(batch["pixel_values"]), stock["pixel_values"])
+    # so the backbone sees bitwise the same input, and float pixels from a caller still go in unchanged
+    ours = model.encode_pages(processor, pages, batch_size=len(pages))
+    with torch.inference_mode():
+        theirs = cm.unpad(*model.forward_pages(stock))
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_collate_sends_uint8_pages_a_quarter_of_fp32(model_and_processor, keyword_page):
+    import train
+    _, processor = model_and_processor
+    examples = [{"query": f"about {w}", "pos": keyword_page(w, size=(448, 448)),
+                 "negs": [keyword_page(w + "!", size=(672, 224))]} for w in ("alpha", "beta")]
+    pixels = train.Collate(processor)(examples)["pages"]["pixel_values"]
+    pages = [e["pos"] for e in examples] + [n for e in examples for n in e["negs"]]
+    stock = stock_pages(processor, pages)["pixel_values"]
+    assert pixels.dtype == torch.uint8 and pixels.shape == stock.shape
+    assert pixels.nbytes * 4 == stock.nbytes
+
+
+def test_uint8_pixels_fail_loudly_without_normalisation(tiny_model_dir, model_and_processor, keyword_page):
+    _, processor = model_and_processor
+    bare = ColIntern(cm.load_backbone(tiny_model_dir), proj_dim=8)  # built without the processor's mean and std
+    with pytest.raises(ValueError, match="pixel_normalisation"):
+        bare.forward_pages(processor.process_pages([keyword_page("alpha")]))
+    with pytest.raises(ValueError, match="both image_mean and image_std"):
+        ColIntern(bare.backbone, proj_dim=8, image_mean=[0.5, 0.5, 0.5])
+    assert cm.as_uint8_pixels(torch.tensor([0.0, 17.0, 255.0])).tolist() == [0, 17, 255]
+    with pytest.raises(ValueError, match="fractional"):
+        cm.as_uint8_pixels(torch.tensor([0.0, 0.5]))
+    with pytest.raises(ValueError, match="not 0..255"):
+        cm.as_uint8_pixels(torch.tensor([-1.0, 256.0]))
 
 
 def test_not_an_image_is_named(model_and_processor, tmp_path):
