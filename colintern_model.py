@@ -429,6 +429,11 @@ class ColIntern(nn.Module):
             inject_adapter_in_model(config, backbone)
             for name, p in backbone.named_parameters():
                 p.requires_grad_("lora_" in name)
+                if "lora_" in name:
+                    # peft gives an adapter its base layer's dtype; a bf16 adapter rounds away Adam updates below
+                    # half an ulp (lr 5e-5 on weights ~0.03), so adapters keep fp32 weights over any backbone
+                    # dtype. peft's forward casts the input to the adapter's dtype and the sum back to the base's.
+                    p.data = p.data.float()
             if not any(p.requires_grad for p in backbone.parameters()):
                 raise ValueError(f"LoRA target {lora.target_modules!r} matched no module of the backbone")
         # Heads sit where the backbone's last hidden state comes out (the last GPU under device_map="auto").
@@ -470,7 +475,14 @@ class ColIntern(nn.Module):
         return self
 
     def enable_gradient_checkpointing(self):
-        self.backbone.activation_checkpointing_enable({"use_reentrant": False})
+        """Checkpoint the language model's layers only: LoRA lives there, and nothing is back-propagated through
+        the frozen vision tower and projector. The backbone-wide transformers call would also hook every sub-model's
+        input embeddings to require grad, the vision tower's patch embeddings included, so autograd would record
+        (and checkpointing recompute) the whole tower for nothing. Non-reentrant checkpointing needs no input
+        that requires grad, so the language model's own such hook is removed too."""
+        lm = self.backbone.language_model
+        lm.activation_checkpointing_enable({"use_reentrant": False})
+        lm.disable_input_require_grads()
         self.train(self.training)
 
     @property

@@ -117,11 +117,17 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=32,
-                   help="queries per device per micro-batch; every page in the (gathered) batch is a negative")
+                   help="queries per device per micro-batch: what must fit in memory at once (default %(default)s)")
     g.add_argument("--auto_batch", action="store_true",
-                   help="on CUDA, halve --batch_size until a worst-case batch fits, and raise --grad_accum by the "
-                        "same factor so a step sees as many queries; on CPU (no out-of-memory signal) keeps it")
-    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+                   help="on CUDA, halve --batch_size until a worst-case micro-step fits (pages of every rank and "
+                        "hard negatives in the loss) and raise --grad_accum by the same factor, so one loss still "
+                        "sees as many queries and pages; on CPU (no out-of-memory signal) keeps it")
+    g.add_argument("--grad_accum", type=int, default=1,
+                   help="micro-batches per optimizer step (default %(default)s). With more than one, gradient "
+                        "caching makes them ONE contrastive batch: each loss sees batch_size x grad_accum x "
+                        "processes queries against all their pages, batch_size x grad_accum x processes x "
+                        "(1 + num_negs), while activations are held for one micro-batch at a time (each page is "
+                        "encoded twice: once without a graph, once with)")
     g.add_argument("--epochs", type=int, default=1, help="passes over the training data in this run")
     g.add_argument("--max_steps", type=int, default=None,
                    help="stop after this many optimizer steps of this run (the schedule then spans them); "
@@ -352,14 +358,82 @@ class QueryPageEncoder(nn.Module):
         return q, q_mask, p, p_mask
 
 
+def contrastive_pool(encoded: list, rank: int, world: int):
+    """The micro-batches' encodings -> one contrastive batch: this rank's queries, and as candidate pages every
+    positive of every rank (rank order), then every rank's hard negatives, with each query's positive index.
+    `encoded` holds (q, q_mask, pages, page_mask, n_queries) per micro-batch; tensors are padded on the left to
+    common lengths (masked), so pages of differently padded micro-batches and ranks line up."""
+    lq = max(e[0].shape[1] for e in encoded)
+    lp = max(e[2].shape[1] for e in encoded)
+    q, q_mask = (torch.cat(t) for t in zip(*(pad_left(e[0], e[1], lq) for e in encoded)))
+    pages = [pad_left(e[2], e[3], lp) for e in encoded]
+    n = sum(e[4] for e in encoded)
+    positives = [(p[:e[4]], m[:e[4]]) for (p, m), e in zip(pages, encoded)]
+    negatives = [(p[e[4]:], m[e[4]:]) for (p, m), e in zip(pages, encoded)]
+    pages, page_mask = (torch.cat(t) for t in zip(*positives, *negatives))
+    if world > 1:
+        pages, page_mask = gather_pages(pages, page_mask, n, world)
+    return q, q_mask, pages, page_mask, rank * n + torch.arange(n, device=q.device)
+
+
 def batch_loss(encoder: nn.Module, batch: dict, temperature: float, rank: int = 0, world: int = 1) -> torch.Tensor:
     """InfoNCE of this rank's queries against the pages of every rank (positives, then hard negatives)."""
     q, q_mask, pages, page_mask = encoder(batch["queries"], batch["pages"])
-    n = batch["n_queries"]
-    if world > 1:
-        pages, page_mask = gather_pages(pages, page_mask, n, world)
-    pos_index = rank * n + torch.arange(n, device=q.device)
+    q, q_mask, pages, page_mask, pos_index = contrastive_pool([(q, q_mask, pages, page_mask, batch["n_queries"])],
+                                                              rank, world)
     return contrastive_loss(q, q_mask, pages, page_mask, pos_index, temperature=temperature)
+
+
+def rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def grad_cache_step(encoder: nn.Module, micro_batches: list, temperature: float, rank: int, world: int,
+                    scale=lambda loss: loss) -> torch.Tensor:
+    """One optimizer step's forward and backward over several micro-batches with gradient caching (Gao et al.
+    2021), so that all their queries form ONE contrastive batch against all their pages, while activations exist
+    for one micro-batch at a time:
+      1. encode every micro-batch without a graph, keeping the embeddings (and the RNG state before each);
+      2. the loss over the whole batch (pages gathered from every rank), backward to the embeddings only;
+      3. re-encode each micro-batch with its graph, the same RNG state (so LoRA dropout draws the same masks), and
+         back-propagate its cached embedding gradients into LoRA and the heads. Under DDP only the last re-encode
+         all-reduces (no_sync before it), once, over the accumulated gradients.
+    -> the loss (detached). `scale` multiplies the loss before backward (fp16 loss scaling)."""
+    module = encoder.module if isinstance(encoder, nn.parallel.DistributedDataParallel) else encoder
+    device = next(module.parameters()).device
+    states, cached = [], []
+    with torch.no_grad():
+        for batch in micro_batches:
+            states.append(rng_state(device))
+            q, q_mask, p, p_mask = module(batch["queries"], batch["pages"])
+            cached.append((q.requires_grad_(), q_mask, p.requires_grad_(), p_mask, batch["n_queries"]))
+    loss = contrastive_loss(*contrastive_pool(cached, rank, world), temperature=temperature)
+    scale(loss).backward()
+    after = rng_state(device)
+    for i, (batch, state, (q_cached, _, p_cached, _, _)) in enumerate(zip(micro_batches, states, cached)):
+        set_rng_state(state, device)
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or world == 1 else encoder.no_sync():
+            q, _, p, _ = encoder(batch["queries"], batch["pages"])
+            torch.autograd.backward([q, p], [q_cached.grad, p_cached.grad])
+    set_rng_state(after, device)
+    return loss.detach()
+
+
+def step_forward_backward(encoder: nn.Module, micro_batches: list, temperature: float, rank: int, world: int,
+                          scale=lambda loss: loss) -> torch.Tensor:
+    """Forward and backward of one optimizer step: one plain pass for one micro-batch, gradient caching for more."""
+    if len(micro_batches) > 1:
+        return grad_cache_step(encoder, micro_batches, temperature, rank, world, scale)
+    loss = batch_loss(encoder, micro_batches[0], temperature, rank, world)
+    scale(loss).backward()
+    return loss.detach()
 
 
 # -----------------------------------------------------------------------------
@@ -451,8 +525,12 @@ def find_batch_size(try_batch, start: int, say=print) -> int:
             torch.cuda.empty_cache()
 
 
-def probe_batch(model: ColIntern, processor: ColInternProcessor, num_negs: int, temperature: float):
-    """A worst-case training micro-step at batch size b: pages with max_tiles tiles, 64-word queries."""
+def probe_batch(model: ColIntern, processor: ColInternProcessor, num_negs: int, temperature: float,
+                step_queries: int, world: int):
+    """A worst-case training micro-step at micro-batch b: b 64-word queries and b x (1 + num_negs) pages of
+    max_tiles tiles, with their graph, in ONE loss over the whole step as gradient caching computes it: this rank's
+    `step_queries` queries against the pages of every rank. The other micro-batches' and ranks' embeddings are
+    stand-ins without a graph (copies), as the cache holds them: both phases of a step at once, an upper bound."""
     tile = processor.hf.image_processor.size["height"]
     page = Image.new("RGB", (tile * processor.max_tiles, tile), "white")
 
@@ -460,7 +538,13 @@ def probe_batch(model: ColIntern, processor: ColInternProcessor, num_negs: int, 
         try:
             q, q_mask = model.forward_queries(processor.process_queries(["word " * 64] * b))
             p, p_mask = model.forward_pages(processor.process_pages([page] * (b * (1 + num_negs))))
-            contrastive_loss(q, q_mask, p, p_mask, torch.arange(b), temperature).backward()
+            copies_q = -(-step_queries // b)  # micro-batches of this rank in one step
+            copies_p = copies_q * world  # ... of every rank
+            q_all = torch.cat([q] + [q.detach()] * (copies_q - 1))  # (step_queries, Lq, D)
+            p_all = torch.cat([p] + [p.detach()] * (copies_p - 1))  # (world x step_queries x (1 + negs), Lp, D)
+            loss = contrastive_loss(q_all, q_mask.repeat(copies_q, 1), p_all, p_mask.repeat(copies_p, 1),
+                                    torch.arange(q_all.shape[0]), temperature)
+            loss.backward()
         finally:
             model.zero_grad(set_to_none=True)
     return try_batch
@@ -581,7 +665,8 @@ def train(args, rank, world, device_map, say):
         say(f"--auto_batch: resuming a step snapshot, so its batch {batch_size} x --grad_accum {grad_accum} is kept")
     elif args.auto_batch and model.device.type == "cuda":
         model.train()
-        found = find_batch_size(probe_batch(model, processor, args.num_negs, args.temperature), batch_size, say)
+        found = find_batch_size(probe_batch(model, processor, args.num_negs, args.temperature,
+                                            batch_size * grad_accum, world), batch_size, say)
         if world > 1:
             t = torch.tensor([found], device=model.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -613,6 +698,9 @@ def train(args, rank, world, device_map, say):
             broadcast_buffers=False)
     optimizer = make_optimizer(args.optimizer, params, args.lr, say)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total_steps))
+    # fp16 backbone: dynamic loss scaling, so that small activation gradients do not underflow fp16's range
+    # (bf16 has fp32's range and needs none); parameters and their gradients are fp32 either way.
+    scaler = torch.amp.GradScaler(model.device.type, enabled=model.backbone.dtype == torch.float16)
 
     # counters: run_step counts this run's optimizer steps (a warm start begins a new run); the global step and
     # epoch numbers in file names go on from the checkpoint
@@ -623,6 +711,8 @@ def train(args, rank, world, device_map, say):
         check_same_run(state["run"], config, args.resume_ckpt)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         run_step, step_offset, epoch_offset = state["run_step"], state["step_offset"], state["epoch_offset"]
         data_epoch, batch_in_epoch = state["position"]["epoch"], state["position"]["batch"]
         say(f"resuming step snapshot {args.resume_ckpt} exactly: step {step_offset + run_step}, epoch "
@@ -645,7 +735,7 @@ def train(args, rank, world, device_map, say):
                "position": {"epoch": data_epoch, "batch": batch_in_epoch}, "run": config, "args": vars(args),
                "git_commit": git_commit()}
         if kind == "step":
-            out.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+            out.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict())
         return out
 
     def save(kind: str) -> str:
@@ -676,39 +766,41 @@ def train(args, rank, world, device_map, say):
                 rows, batch_sampler=sampler, collate_fn=Collate(processor), num_workers=args.num_workers,
                 prefetch_factor=args.prefetch_factor if args.num_workers else None,
                 pin_memory=model.device.type == "cuda")
-            micro, loss_sum = 0, torch.zeros((), device=model.device)
+            micro_batches = []
             for batch in loader:
-                if micro == 0:
-                    seed_step(args.seed, rank, step_offset + run_step)
-                micro += 1
-                sync = micro == grad_accum
-                with contextlib.nullcontext() if sync or world == 1 else encoder.no_sync():
-                    loss = batch_loss(encoder, batch, args.temperature, rank, world)
-                    (loss / grad_accum).backward()
-                loss_sum += loss.detach()
-                if not sync:
+                micro_batches.append(batch)
+                if len(micro_batches) < grad_accum:
                     continue
-                step_loss = loss_sum / grad_accum
+                seed_step(args.seed, rank, step_offset + run_step)
+                step_loss = step_forward_backward(encoder, micro_batches, args.temperature, rank, world,
+                                                  scaler.scale)
                 if world > 1:
                     dist.all_reduce(step_loss)  # gloo has no AVG
                     step_loss /= world
+                scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
                 step = step_offset + run_step + 1
-                if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
+                overflow = scaler.is_enabled() and not torch.isfinite(grad_norm)  # fp16: the scaler skips the step
+                if not torch.isfinite(step_loss) or not (torch.isfinite(grad_norm) or overflow):
                     raise FloatingPointError(
                         f"non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient'} at step {step} "
-                        f"(epoch {epoch_number}, micro-batch {batch_in_epoch + micro}): stopping without saving. "
-                        f"Last good checkpoint: {last_saved or 'none'}. Lower --lr, raise --temperature, or check "
-                        f"the data; resume from that checkpoint.")
+                        f"(epoch {epoch_number}, micro-batch {batch_in_epoch + len(micro_batches)}): stopping "
+                        f"without saving. Last good checkpoint: {last_saved or 'none'}. Lower --lr, raise "
+                        f"--temperature, or check the data; resume from that checkpoint.")
                 lr = optimizer.param_groups[0]["lr"]
                 with interrupts_deferred():
-                    optimizer.step()
+                    scaler.step(optimizer)
+                    scaler.update()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    run_step, batch_in_epoch, steps_here = run_step + 1, batch_in_epoch + micro, steps_here + 1
+                    run_step, steps_here = run_step + 1, steps_here + 1
+                    batch_in_epoch += len(micro_batches)
                     if log:
                         log.write(step, epoch_number, float(step_loss), lr)
-                micro, loss_sum = 0, torch.zeros((), device=model.device)
+                if overflow:
+                    say(f"step {step}: fp16 gradients overflowed at loss scale {scaler.get_scale() * 2:g}; "
+                        f"step skipped, scale lowered")
+                micro_batches = []
                 rate = steps_here * samples_per_step / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{float(step_loss):.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                 bar.update(1)

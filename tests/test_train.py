@@ -231,7 +231,7 @@ def test_ctrl_c_writes_snapshot_and_resuming_it_is_exact(straight_run, tmp_path,
 
     def interrupted_loss(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 10:  # 2nd micro-batch of step 5 (epoch 2): step 4's state must be what is saved
+        if calls["n"] == 5:  # step 5's loss (epoch 2; one loss per step): step 4's state must be what is saved
             raise KeyboardInterrupt
         return real_loss(*a, **k)
     monkeypatch.setattr(train, "contrastive_loss", interrupted_loss)
@@ -435,20 +435,35 @@ def test_auto_batch_on_cpu_keeps_the_batch(tiny_model_dir, pages, tmp_path, caps
     assert "keeping --batch_size 4" in text and "--compile_heads: no-op on CPU" in text
 
 
-def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_model_dir, pages, tmp_path, monkeypatch):
+def test_gradient_checkpointing_recomputes_language_model_only(tiny_model_dir, pages, tmp_path, monkeypatch):
+    """With and without --gradient_checkpointing: no activation of the frozen vision tower or its projector requires
+    grad (autograd records nothing there), only language-model layers are checkpointed, and the trained weights are
+    bit-identical (checkpointing recomputes the same ops in the same order)."""
     import transformers.modeling_utils as mu
-    calls = {"n": 0}
-    real_checkpoint = mu.checkpoint
+    checkpointed, vision_grads = [], []
+    real_checkpoint, real_build = mu.checkpoint, train.build_model
 
-    def counted(*a, **k):
-        calls["n"] += 1
-        return real_checkpoint(*a, **k)
+    def counted(function, *a, **k):
+        checkpointed.append(function.args[0])  # partial(Layer.forward, layer): the layer recomputed
+        return real_checkpoint(function, *a, **k)
+
+    def build_model(*a, **k):
+        model, processor = real_build(*a, **k)
+        for part in (model.backbone.vision_tower, model.backbone.multi_modal_projector):
+            for name, module in part.named_modules():
+                module.register_forward_hook(lambda m, i, out, name=name: vision_grads.append(name) if any(
+                    t.requires_grad for t in (out if isinstance(out, tuple) else (out,))
+                    if isinstance(t, torch.Tensor)) else None)
+        return model, processor
     monkeypatch.setattr(mu, "checkpoint", counted)
+    monkeypatch.setattr(train, "build_model", build_model)
     common = {"--max_steps": 2, "--lora": True, "--lora_r": 4, "--lora_dropout": 0.0}
     run_train(*base_flags(tiny_model_dir, pages, tmp_path / "plain", **common))
-    assert calls["n"] == 0
+    assert checkpointed == [] and vision_grads == []
     run_train(*base_flags(tiny_model_dir, pages, tmp_path / "gc", **common, **{"--gradient_checkpointing": True}))
-    assert calls["n"] > 0  # layers were really recomputed in the backward pass
+    assert vision_grads == [], f"vision modules whose output requires grad: {sorted(set(vision_grads))}"
+    assert checkpointed, "no layer was recomputed"
+    assert {type(layer).__name__ for layer in checkpointed} == {"Qwen3DecoderLayer"}
     assert_same_weights(trainable(str(tmp_path / "plain" / "colintern_heads_step2.pt")),
                         trainable(str(tmp_path / "gc" / "colintern_heads_step2.pt")))
 
@@ -594,6 +609,43 @@ def test_ddp_comparison_fails_for_a_real_ddp_bug(ddp_case, fault):
         assert_same_step(two[0][0], ddp_case["grads"][0], [two_log[0][2]], [ddp_case["log"][0][2]], "step 1")
 
 
+@pytest.mark.parametrize("nproc,batch_size,grad_accum", [(1, 2, 4), (2, 2, 2)])
+def test_grad_cache_step_equals_one_big_batch(ddp_case, nproc, batch_size, grad_accum):
+    """Gradient caching: micro-batches of 2 queries, 4 per step in one process or 2 per step on each of 2 gloo
+    processes, make ONE contrastive batch of 8 queries against their 16 pages: the same loss and gradients (within
+    RTOL_SUM) as one process with the 8 queries in one plain forward/backward."""
+    out = ddp_case["root"] / f"cached-{nproc}x{batch_size}x{grad_accum}"
+    got, log = record_gradients(ddp_case["flags"] + ["--batch_size", batch_size, "--grad_accum", grad_accum], out,
+                                nproc=nproc)
+    assert [(s, e, lr) for s, e, _, lr in log] == [(s, e, lr) for s, e, _, lr in ddp_case["log"]]
+    for step, (grads, single) in enumerate(zip(got[0], ddp_case["grads"]), 1):
+        assert_same_step(grads, single, [log[step - 1][2]], [ddp_case["log"][step - 1][2]], f"step {step}")
+
+
+def test_grad_cache_replays_dropout_masks(tiny_model_dir, pages, tmp_path, monkeypatch):
+    """With LoRA dropout on, each micro-batch's second encoding (with its graph) equals its first (cached, no
+    graph) exactly: the RNG state is restored, so the cached gradients belong to the graph they are pushed through."""
+    encodings = []
+    real_forward = train.QueryPageEncoder.forward
+
+    def forward(self, queries, pages):
+        out = real_forward(self, queries, pages)
+        if len(encodings) == 4:  # step 2 (LoRA B is 0 at step 1, so dropout cannot show): dropout is really
+            # drawn, the same micro-batch with the next RNG state encodes differently
+            redrawn = real_forward(self, queries, pages)
+            assert not torch.equal(out[0], redrawn[0]) and not torch.equal(out[2], redrawn[2])
+        encodings.append((torch.is_grad_enabled(), [t.detach().clone() for t in out]))
+        return out
+    monkeypatch.setattr(train.QueryPageEncoder, "forward", forward)
+    run_train(*base_flags(tiny_model_dir, pages, tmp_path, **{"--batch_size": 2, "--grad_accum": 2,
+                                                             "--max_steps": 2, "--lora": True, "--lora_r": 4,
+                                                             "--lora_dropout": 0.5}))
+    assert [grad for grad, _ in encodings] == [False, False, True, True] * 2
+    for step in (encodings[:4], encodings[4:]):
+        for (_, cached), (_, again) in zip(step[:2], step[2:]):
+            assert all(torch.equal(a, b) for a, b in zip(cached, again))
+
+
 # -----------------------------------------------------------------------------
 # it learns (REFERENCE.md: "Making a tiny frozen-random InternVL learn")
 
@@ -640,3 +692,110 @@ def test_it_learns_held_out_pages(tiny_model_dir, tmp_path):
         assert not torch.equal(v, init[k]), k
         if "lora_B" in k:
             assert torch.count_nonzero(init[k]) == 0 and v.abs().max() > 1e-3, k
+
+
+# -----------------------------------------------------------------------------
+# bf16 / fp16 backbones (the GPU path, run on CPU with the tiny model)
+
+class RecordingAdamW(torch.optim.AdamW):
+    """torch AdamW that keeps, per step, the learning rate and the gradients it was given, and the weights before
+    its first step: enough to replay the run's updates in float64."""
+    runs = []
+
+    names = {}  # id(parameter) -> its name in a checkpoint (filled by the fixture's build_model)
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr, weight_decay=train.WEIGHT_DECAY)
+        params = self.param_groups[0]["params"]
+        self.record = {"names": [self.names[id(p)] for p in params],
+                       "start": [p.detach().double().clone() for p in params], "steps": []}
+        RecordingAdamW.runs.append(self.record)
+
+    def step(self, closure=None):
+        params = self.param_groups[0]["params"]
+        self.record["steps"].append((self.param_groups[0]["lr"], [p.grad.detach().double().clone() for p in params]))
+        return super().step(closure)
+
+
+@pytest.fixture(scope="module")
+def low_precision_runs(tiny_model_dir, pages, tmp_path_factory):
+    """6 steps at lr 5e-5 (the warmup, the cosine tail and the epoch-2 rate) with an fp32, a bf16 and an fp16
+    backbone, each recording its optimizer's inputs; the bf16 run saves a step snapshot at step 3."""
+    out = tmp_path_factory.mktemp("low-precision")
+    common = {"--lora": True, "--lora_r": 4, "--lora_dropout": 0.0, "--lr": 5e-5, "--warmup_steps": 0,
+              "--max_steps": 6, "--epochs": 2}
+    runs = {}
+    real, real_build = train.make_optimizer, train.build_model
+
+    def build_model(*a, **k):
+        model, processor = real_build(*a, **k)
+        RecordingAdamW.names.update({id(p): ("lora." + n[len("backbone."):] if n.startswith("backbone.") else
+                                             "heads." + n) for n, p in model.named_parameters()})
+        return model, processor
+    train.make_optimizer = lambda name, params, lr, say=print: RecordingAdamW(params, lr)
+    train.build_model = build_model
+    try:
+        for dtype in ("fp32", "bf16", "fp16"):
+            flags = [str(f) for f in base_flags(tiny_model_dir, pages, out / dtype, **common, **{
+                "--dtype": dtype, "--save_every": 3 if dtype == "bf16" else 0})]
+            run_train(*flags)
+            runs[dtype] = {"out": out / dtype, "flags": flags, "record": RecordingAdamW.runs[-1]}
+    finally:
+        train.make_optimizer, train.build_model = real, real_build
+    return runs
+
+
+def replay_in_float64(record):
+    """The weights the recorded run should end with: its own gradients and learning rates through AdamW in
+    float64 (the run's parameters, in the order the optimizer holds them)."""
+    params = [torch.nn.Parameter(p.clone()) for p in record["start"]]
+    reference = torch.optim.AdamW(params, lr=1.0, weight_decay=train.WEIGHT_DECAY)
+    for lr, grads in record["steps"]:
+        reference.param_groups[0]["lr"] = lr
+        for p, g in zip(params, grads):
+            p.grad = g
+        reference.step()
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_backbone_trains_fp32_adapters_exactly(low_precision_runs, dtype):
+    """Every trainable weight, gradient and optimizer state is fp32 over a bf16/fp16 backbone, so the updates the
+    optimizer computes land in the weights: the run's final LoRA and heads equal its own gradients replayed through
+    AdamW in float64, to fp32 rounding. Tolerance: each of the 6 steps rounds the weight once (half an fp32 ulp of
+    |w| <= 2^-24 |w|) and Adam's fp32 update (relative ~1e-6 of lr); atol = steps x (2^-23 max|w| + 1e-4 lr) stays
+    >10x below one step's update (~lr). bf16 adapters (peft's default over a bf16 base) miss it by the update itself:
+    at lr 5e-5 an update below half a bf16 ulp of a ~0.1 weight rounds away."""
+    run = low_precision_runs[dtype]
+    final = trainable(str(run["out"] / "colintern_heads_step6.pt"))
+    record, lr = run["record"], 5e-5
+    # fp16: the loss scaler starts at 2^16 and skips the steps whose gradients overflow while it finds its scale
+    steps = len(record["steps"])
+    assert sorted(record["names"]) == sorted(final) and (steps == 6 if dtype == "bf16" else 1 <= steps <= 6)
+    assert all(v.dtype == torch.float32 for v in final.values())
+    for name, expected, start in zip(record["names"], replay_in_float64(record), record["start"]):
+        atol = steps * (2.0 ** -23 * float(expected.abs().max()) + 1e-4 * lr)
+        torch.testing.assert_close(final[name].double(), expected, rtol=0, atol=atol,
+                                   msg=lambda m, name=name: f"{dtype}: {name}: {m}")
+        assert float((expected - start).abs().max()) > 10 * atol, f"{name}: its update is too small to compare"
+    if dtype == "bf16":
+        snapshot = load_checkpoint(str(run["out"] / "colintern_heads_step3.pt"))
+        states = snapshot["train_state"]["optimizer"]["state"].values()
+        assert states and all(st[k].dtype == torch.float32 for st in states for k in ("exp_avg", "exp_avg_sq"))
+    # for the note: how far the low-precision forward itself moves the updates from the fp32-backbone run's
+    ref = trainable(str(low_precision_runs["fp32"]["out"] / "colintern_heads_step6.pt"))
+    starts = dict(zip(record["names"], record["start"]))
+    off = {k: float((final[k].double() - ref[k].double()).norm() / (ref[k].double() - starts[k]).norm())
+           for k in final}
+    print(f"{dtype} backbone vs fp32 backbone, update difference: heads {max(v for k, v in off.items() if 'heads' in k):.0%}"
+          f", LoRA up to {max(v for k, v in off.items() if 'lora' in k):.0%}")
+
+
+def test_bf16_run_resumes_exactly(low_precision_runs, tmp_path, monkeypatch):
+    bf16 = low_precision_runs["bf16"]
+    flags = [f if f != str(bf16["out"]) else str(tmp_path) for f in bf16["flags"]]
+    monkeypatch.setattr(train, "make_optimizer", lambda name, params, lr, say=print: torch.optim.AdamW(
+        params, lr=lr, weight_decay=train.WEIGHT_DECAY))  # the straight run's optimizer class, without recording
+    run_train(*flags, "--resume_ckpt", bf16["out"] / "colintern_heads_step3.pt")
+    assert_same_weights(trainable(str(bf16["out"] / "colintern_heads_step6.pt")),
+                        trainable(str(tmp_path / "colintern_heads_step6.pt")))
