@@ -24,6 +24,10 @@ same flags and data continues exactly. An epoch checkpoint holds heads + LoRA on
 warm start with a fresh optimizer and schedule, e.g. on newly mined data; its epoch and step counters go on.
 Randomness: the only random draw in a step is LoRA dropout; torch is reseeded from (--seed, rank, step) before every
 optimizer step, and negatives are drawn from (--seed, epoch, row), so no RNG state needs saving to resume exactly.
+
+Batches: --batch_size is the micro-batch (what fits in memory); --grad_accum micro-batches form ONE contrastive batch
+through gradient caching (see grad_cache_step), so each loss sees batch_size x grad_accum x processes queries against
+all their pages. Precision: LoRA and heads train in fp32 over a bf16/fp16 backbone (fp16 adds loss scaling).
 """
 import argparse
 import contextlib
@@ -87,7 +91,8 @@ def parse_args(argv=None):
     g.add_argument("--lora_dropout", type=float, default=None,
                    help=f"dropout on the LoRA input (default {LORA_DEFAULTS.dropout})")
     g.add_argument("--dtype", default="auto",
-                   help="backbone dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32; heads stay fp32")
+                   help="frozen backbone dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32; LoRA, heads, "
+                        "gradients and optimizer states stay fp32; fp16 adds dynamic loss scaling")
     g.add_argument("--device_map", default=None,
                    help="passed to from_pretrained: 'auto' splits a backbone too big for one GPU (e.g. 38B) over "
                         "this machine's GPUs (one process, no torchrun). Default: cuda:LOCAL_RANK under torchrun, "

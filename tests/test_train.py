@@ -428,6 +428,25 @@ def test_auto_batch_halves_until_it_fits(capsys):
         train.find_batch_size(lambda b: try_batch(99), 2)
 
 
+def test_auto_batch_probe_sees_the_whole_contrastive_step(tiny_model_dir, monkeypatch):
+    """The probe's loss holds what a real step's does: this rank's step_queries queries against the pages of every
+    rank with their hard negatives (micro-batch b with its graph, the rest as cached copies)."""
+    seen = []
+    real_loss = train.contrastive_loss
+
+    def loss(q, q_mask, p, p_mask, pos, temperature):
+        seen.append((q.shape[0], p.shape[0], q.requires_grad, int(pos.max())))
+        return real_loss(q, q_mask, p, p_mask, pos, temperature)
+    monkeypatch.setattr(train, "contrastive_loss", loss)
+    torch.manual_seed(0)
+    model, processor = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(r=4, alpha=4, dropout=0.0))
+    model.train()
+    try_batch = train.probe_batch(model, processor, num_negs=2, temperature=0.05, step_queries=8, world=2)
+    try_batch(2)
+    assert seen == [(8, 2 * 8 * 3, True, 7)]
+    assert all(p.grad is None for p in model.trainable_parameters())  # the probe leaves no gradients behind
+
+
 def test_auto_batch_on_cpu_keeps_the_batch(tiny_model_dir, pages, tmp_path, capsys):
     run_train(*base_flags(tiny_model_dir, pages, tmp_path, **{"--auto_batch": True, "--max_steps": 1,
                                                              "--compile_heads": True}))
