@@ -796,7 +796,8 @@ def train(args, rank, world, device_map, say):
                 with interrupts_deferred():
                     scaler.step(optimizer)
                     scaler.update()
-                    scheduler.step()
+                    if not overflow:  # a skipped step leaves the schedule where it is (as the weights)
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     run_step, steps_here = run_step + 1, steps_here + 1
                     batch_in_epoch += len(micro_batches)
