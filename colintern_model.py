@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from colintern_cli import progress_bar
+
 DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
 
 # bitsandbytes (imported by peft and by the 8-bit optimizers) logs a warning at import on CPUs with AVX512-BF16 when
@@ -52,6 +54,8 @@ def query_format() -> dict:
 # Backbone loading
 
 REMOTE_CODE_SUFFIXES = re.compile(r"-(Instruct|Pretrained|MPO|Flash)$")
+# OpenGVLab's InternVL3.5 hub ids: the HF-native (transformers) checkpoints end in -HF, all others are remote code
+INTERNVL3_5_HUB_ID = re.compile(r"OpenGVLab/InternVL3_5-[^/]+", re.IGNORECASE)
 
 
 def hf_id_for(model_id: str) -> str:
@@ -61,6 +65,16 @@ def hf_id_for(model_id: str) -> str:
 
 def looks_like_local_path(model_id: str) -> bool:
     return model_id.startswith((".", "/", "~")) or model_id.count("/") != 1 or os.path.exists(model_id)
+
+
+def check_model_id(model_id: str) -> None:
+    """Refuse a remote-code InternVL3.5 hub id by its name, before any download (online or offline alike); a local
+    folder is checked by its config.json instead (check_internvl_config)."""
+    name = model_id.rstrip("/")
+    if looks_like_local_path(model_id) or not INTERNVL3_5_HUB_ID.fullmatch(name) or name.upper().endswith("-HF"):
+        return
+    raise ValueError(f"{model_id!r} is a remote-code InternVL checkpoint (InternVLChatModel); ColIntern needs the "
+                     f"HF-native transformers checkpoint: use {hf_id_for(model_id)!r} instead")
 
 
 def read_model_config(model_id: str) -> dict:
@@ -74,6 +88,7 @@ def read_model_config(model_id: str) -> dict:
             f"model folder {model_id!r} does not exist. Pass a hub id such as {DEFAULT_MODEL_ID!r} or a folder "
             f"written by save_pretrained (for an offline tiny model: python make_tiny_model.py --out DIR)")
     else:
+        check_model_id(model_id)
         from transformers.utils import cached_file
         try:
             path = cached_file(model_id, "config.json")
@@ -548,10 +563,9 @@ class ColIntern(nn.Module):
                             progress, "pages")
 
     def _encode(self, process, forward, items, batch_size, out_dtype, progress, what):
-        from tqdm.auto import tqdm
         out = []
-        for start in tqdm(range(0, len(items), batch_size), desc=f"encode {what}", disable=not progress,
-                          unit="batch"):
+        for start in progress_bar(range(0, len(items), batch_size), desc=f"encode {what}", disable=not progress,
+                                  unit="batch"):
             emb, mask = forward(process(items[start:start + batch_size]))
             out.extend(unpad(emb.to(out_dtype), mask))
         return out
@@ -865,13 +879,12 @@ def maxsim_scores(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor]
     and each chunk scored in similarity blocks of at most `max_sim_elements` values (default: cache-sized on a CPU,
     large on a GPU). `dtype` is what embeddings are rounded to before scoring (see matmul_dtype); scores are summed
     in float32."""
-    from tqdm.auto import tqdm
     if len(queries) == 0 or len(pages) == 0:
         return torch.zeros(len(queries), len(pages))
     compute = matmul_dtype(dtype, device)
     scores = torch.empty(len(queries), len(pages))
-    with scoring_threads(device) as workers, tqdm(total=len(pages), desc="maxsim", unit="page",
-                                                  disable=not progress) as bar:
+    with scoring_threads(device) as workers, progress_bar(total=len(pages), desc="maxsim", unit="page",
+                                                          disable=not progress) as bar:
         tokens, owner = pack_queries([q.to(dtype) for q in queries], compute, device)  # (T, D), (T,)
         for idx, chunk in page_chunks([p.to(dtype) for p in pages], compute, device):
             best = maxsim_tokens(tokens, chunk, max_sim_elements, workers)
@@ -890,7 +903,6 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
     and slots no page filled are (-inf, -1). `on_scores(q0, q1, page_idx, scores)`, if given, sees every
     (queries q0:q1) x (pages page_idx) float32 block before it enters the top-k and may set entries to -inf to
     exclude them (e.g. a query's positive), or count them."""
-    from tqdm.auto import tqdm
     k = min(k, len(pages))
     values = torch.full((len(queries), k), float("-inf"))
     indices = torch.full((len(queries), k), -1, dtype=torch.long)
@@ -905,8 +917,8 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
         blocks.append((q0, q1))
         q0 = q1
     compute = matmul_dtype(dtype, device)
-    with scoring_threads(device) as workers, tqdm(total=len(queries) * len(pages), desc="maxsim top-k",
-                                                  unit="pair", unit_scale=True, disable=not progress) as bar:
+    with scoring_threads(device) as workers, progress_bar(total=len(queries) * len(pages), desc="maxsim top-k",
+                                                          unit="pair", unit_scale=True, disable=not progress) as bar:
         chunks = list(page_chunks([p.to(dtype) for p in pages], compute, device))
         for q0, q1 in blocks:
             tokens, owner = pack_queries(queries[q0:q1], compute, device)
@@ -975,8 +987,10 @@ def load_checkpoint(path: str) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+    except Exception as e:  # torch.load of a text file raises KeyError, of a cut-short one RuntimeError, ...
+        raise ValueError(f"{path} is not a ColIntern checkpoint (made by train.py): torch.load cannot read "
+                         f"it") from e
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{path} is not a ColIntern checkpoint (no kind={CHECKPOINT_KIND!r} entry)")
+        raise ValueError(f"{path} is not a ColIntern checkpoint (made by train.py): it has no "
+                         f"kind={CHECKPOINT_KIND!r} entry")
     return ckpt

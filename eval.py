@@ -33,12 +33,81 @@ import os
 import random
 import re
 
-import mteb
 import torch
-from mteb.models.abs_encoder import AbsEncoder
 
-from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, datasets_cache_for, maxsim_scores,
-                             write_json)
+from colintern_cli import ArgumentParser, existing_file, run_cli, validated
+from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, check_model_id, datasets_cache_for,
+                             maxsim_scores, write_json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__)
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--list", action="store_true", help="print the ViDoRe benchmarks mteb knows, their tasks and "
+                   "dataset ids, and exit")
+    g.add_argument("--benchmarks", nargs="+", default=None, help='mteb benchmark names, e.g. "ViDoRe(v1)" '
+                   '"ViDoRe(v2)" "ViDoRe(v3)" (see --list)')
+    g.add_argument("--tasks", nargs="+", default=None, help="only these task names (from --benchmarks, or from any "
+                   "ViDoRe benchmark)")
+    g.add_argument("--local_task", nargs="+", default=None, help="folder(s) in the ViDoRe v1 hub layout "
+                   "(corpus/queries/qrels parquet + README configs), evaluated as custom tasks (benchmark 'local')")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", default=None, help="load each task's dataset from DATA_DIR/<last part of its hub "
+                   "id> (a hub-layout copy) instead of the hub, for machines without internet")
+    g.add_argument("--max_queries", type=int, default=None, help="evaluate at most this many queries per task and "
+                   "language (a seeded random subset), for quick checks during training")
+    g.add_argument("--max_pages", type=int, default=None, help="at most this many pages per task: the relevant "
+                   "pages of the kept queries (always kept, even past the cap) plus random others")
+    g.add_argument("--seed", type=int, default=0, help="seed of the --max_queries/--max_pages subsample and of the "
+                   "untrained baseline's heads")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt", default=None, type=existing_file, help="ColIntern checkpoint (.pt from train.py); "
+                   "omit, with --model_id, for the untrained baseline")
+    g.add_argument("--model_id", default=None, type=validated(check_model_id), help="backbone (hub id or "
+                   "save_pretrained folder); default: the checkpoint's. Without --ckpt: evaluate it with random heads "
+                   f"and no LoRA (e.g. {DEFAULT_MODEL_ID})")
+    g.add_argument("--proj_dim", type=int, default=None, help="embedding size of the untrained baseline's heads "
+                   "(default 128); a checkpoint brings its own")
+    g.add_argument("--max_tiles", type=int, default=None, help="tiles per page (default: the checkpoint's, or 4)")
+    g.add_argument("--batch_size", type=int, default=8, help="queries or pages per forward pass")
+    g.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
+                   help="device for the model and the scoring: cuda:0 when there is a GPU, else cpu")
+    g.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--results_dir", default="outputs/mteb_cache", help="mteb's result cache; finished tasks found "
+                   "here for the same checkpoint are not recomputed")
+    g.add_argument("--overwrite", action="store_true", help="recompute every task even if cached")
+    g.add_argument("--out_json", default=None, help="summary JSON (default outputs/eval/<revision>.json)")
+    g.add_argument("--predictions_dir", default=None, help="mteb's per-query rankings go to "
+                   "PREDICTIONS_DIR/<revision>/<task>_predictions.json (default: beside --out_json)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    for flag in ("max_queries", "max_pages", "max_tiles", "batch_size", "proj_dim"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag} must be >= 1, got {value}")
+    if not args.list:
+        if args.ckpt is None and args.model_id is None:
+            p.error("pass --ckpt CKPT (or --model_id MODEL alone for the untrained baseline)")
+        if args.ckpt is not None and args.proj_dim is not None:
+            p.error("--proj_dim only applies to the untrained baseline: a checkpoint brings its own")
+        if not (args.benchmarks or args.tasks or args.local_task):
+            p.error("nothing to evaluate: pass --benchmarks, --tasks or --local_task (see --list)")
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before mteb is imported below: --help and command-line mistakes answer without it
+
+import mteb  # noqa: E402
+from mteb.models.abs_encoder import AbsEncoder  # noqa: E402
 
 # The metrics reported, as mteb names them, and as the table heads them.
 METRICS = ["ndcg_at_5", "ndcg_at_10", "recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10"]
@@ -174,7 +243,7 @@ class ColInternEncoder(AbsEncoder):
         return self._encode_pages(inputs, where, show)
 
     def _encode_queries(self, loader, where, show) -> list:
-        from tqdm.auto import tqdm
+        from colintern_cli import progress_bar as tqdm  # tqdm on a terminal, sparse lines in a log
         out = []
         for batch in tqdm(loader, desc=f"queries {where}", unit="batch", disable=not show):
             texts = list(batch["text"])
@@ -183,7 +252,7 @@ class ColInternEncoder(AbsEncoder):
         return out
 
     def _encode_pages(self, loader, where, show) -> list:
-        from tqdm.auto import tqdm
+        from colintern_cli import progress_bar as tqdm  # tqdm on a terminal, sparse lines in a log
         out = []
         bar = tqdm(loader, desc=f"pages {where}", unit="batch", disable=not show)
         for batch in bar:
@@ -521,56 +590,6 @@ def format_table(benchmarks: dict) -> str:
 
 # -----------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--list", action="store_true", help="print the ViDoRe benchmarks mteb knows, their tasks and "
-                   "dataset ids, and exit")
-    p.add_argument("--ckpt", default=None, help="ColIntern checkpoint (.pt from train.py); omit, with --model_id, "
-                   "for the untrained baseline")
-    p.add_argument("--model_id", default=None, help="backbone (hub id or save_pretrained folder); default: the "
-                   f"checkpoint's. Without --ckpt: evaluate it with random heads and no LoRA (e.g. {DEFAULT_MODEL_ID})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the untrained baseline's heads and of the "
-                   "--max_queries/--max_pages subsample")
-    p.add_argument("--proj_dim", type=int, default=None, help="embedding size of the untrained baseline's heads "
-                   "(default 128); a checkpoint brings its own")
-    p.add_argument("--benchmarks", nargs="+", default=None, help='mteb benchmark names, e.g. "ViDoRe(v1)" '
-                   '"ViDoRe(v2)" "ViDoRe(v3)" (see --list)')
-    p.add_argument("--tasks", nargs="+", default=None, help="only these task names (from --benchmarks, or from any "
-                   "ViDoRe benchmark)")
-    p.add_argument("--local_task", nargs="+", default=None, help="folder(s) in the ViDoRe v1 hub layout "
-                   "(corpus/queries/qrels parquet + README configs), evaluated as custom tasks (benchmark 'local')")
-    p.add_argument("--data_dir", default=None, help="load each task's dataset from DATA_DIR/<last part of its hub "
-                   "id> (a hub-layout copy) instead of the hub, for machines without internet")
-    p.add_argument("--max_queries", type=int, default=None, help="evaluate at most this many queries per task and "
-                   "language (a seeded random subset), for quick checks during training")
-    p.add_argument("--max_pages", type=int, default=None, help="at most this many pages per task: the relevant "
-                   "pages of the kept queries (always kept, even past the cap) plus random others")
-    p.add_argument("--max_tiles", type=int, default=None, help="tiles per page (default: the checkpoint's, or 4)")
-    p.add_argument("--batch_size", type=int, default=8, help="queries or pages per forward pass")
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
-                   help="device for the model and the scoring (default cuda:0 when there is a GPU, else cpu)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
-    p.add_argument("--results_dir", default="outputs/mteb_cache", help="mteb's result cache; finished tasks found "
-                   "here for the same checkpoint are not recomputed")
-    p.add_argument("--overwrite", action="store_true", help="recompute every task even if cached")
-    p.add_argument("--out_json", default=None, help="summary JSON (default outputs/eval/<revision>.json)")
-    p.add_argument("--predictions_dir", default=None, help="mteb's per-query rankings go to "
-                   "PREDICTIONS_DIR/<revision>/<task>_predictions.json (default: beside --out_json)")
-    args = p.parse_args(argv)
-    for flag in ("max_queries", "max_pages", "max_tiles", "batch_size", "proj_dim"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag} must be >= 1, got {value}")
-    if not args.list:
-        if args.ckpt is None and args.model_id is None:
-            p.error("pass --ckpt CKPT (or --model_id MODEL alone for the untrained baseline)")
-        if args.ckpt is not None and args.proj_dim is not None:
-            p.error("--proj_dim only applies to the untrained baseline: a checkpoint brings its own")
-        if not (args.benchmarks or args.tasks or args.local_task):
-            p.error("nothing to evaluate: pass --benchmarks, --tasks or --local_task (see --list)")
-    return args
-
-
 def main(args):
     if args.list:
         print(list_benchmarks())
@@ -626,4 +645,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, ARGS)

@@ -27,7 +27,6 @@ ratios that InternVL's tiler maps to whole tiles (max_tiles 4: 1x2, 2x1, 2x2, 1x
 tile/448, and the title sits at a fixed offset from a GRID = 56 px lattice: one token at tile 224 (the tiny model),
 two at tile 448 (InternVL3.5). Same seed, same bytes.
 """
-import argparse
 import functools
 import hashlib
 import io
@@ -35,6 +34,8 @@ import os
 import random
 
 from PIL import Image, ImageDraw, ImageFont
+
+from colintern_cli import ArgumentParser, progress_bar, run_cli
 
 GRID = 56  # page pixels per vision token at tile 224 (pages are downscaled 2x); 2 tokens at tile 448
 
@@ -360,13 +361,12 @@ def render_eval_row(job: tuple) -> tuple:
 def render_all(render, jobs: list, workers: int, desc: str, progress: bool) -> list:
     """render(job) for every job, in order, on `workers` processes (1: in this process). Every page is seeded by its
     index alone, so the bytes do not depend on the number of workers."""
-    from tqdm.auto import tqdm
     bar = dict(total=len(jobs), desc=desc, unit="page", disable=not progress)
     if workers <= 1 or len(jobs) < 2 * workers:
-        return [render(job) for job in tqdm(jobs, **bar)]
+        return [render(job) for job in progress_bar(jobs, **bar)]
     import multiprocessing
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return list(tqdm(pool.imap(render, jobs, chunksize=8), **bar))
+        return list(progress_bar(pool.imap(render, jobs, chunksize=8), **bar))
 
 
 def make_train_rows(topics: list, n_pages: int, geometries: list, seed: int, progress: bool = True,
@@ -496,8 +496,8 @@ def check_args(args) -> None:
                          f"query has one relevant page), got {args.eval_pages}")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--out_dir", default="outputs/synthetic",
                    help="folder to write train/ and eval/ into (created; files of the same name are replaced)")
     p.add_argument("--topics", type=int, default=50,
@@ -511,9 +511,20 @@ def parse_args(argv=None):
                         + ", ".join(f"{k} {w}x{h}" for k, (w, h) in PAGE_SIZES.items()))
     p.add_argument("--seed", type=int, default=0, help="seed of all filler, layouts, queries and orders")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="processes that render pages (default: min(4, CPUs)); the bytes do not depend on it")
+                   help="processes that render pages (min(4, CPUs) unless given); the bytes do not depend on it")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bars")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:  # main checks again, for callers that build args themselves
+        check_args(args)
+        parse_geometries(args.page_sizes)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 def main(args):
@@ -535,4 +546,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

@@ -1,6 +1,6 @@
 """Build a randomly initialised InternVL3.5-style checkpoint offline and save it with `save_pretrained`.
 
-    python make_tiny_model.py --out outputs/tiny-internvl            # ~0.2M params, for tests and the demo
+    python make_tiny_model.py --out outputs/tiny-internvl            # ~0.15M params, for tests and the demo
     python make_tiny_model.py --out outputs/internvl3_5-1b-random --size 1b   # real 1B shapes, for GPU benchmarks
 
 The folder holds config, weights, tokenizer and processor exactly as a hub checkpoint does, so
@@ -8,21 +8,12 @@ The folder holds config, weights, tokenizer and processor exactly as a hub check
 `OpenGVLab/InternVL3_5-1B-HF`. Nothing is downloaded: the tokenizer is a byte-level BPE trained here on a few
 sentences, and the weights are random (seeded).
 """
-import argparse
+import json
 import os
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import (
-    GotOcr2ImageProcessor,
-    InternVLConfig,
-    InternVLModel,
-    InternVLProcessor,
-    InternVLVideoProcessor,
-    InternVLVisionConfig,
-    Qwen2Tokenizer,
-    Qwen3Config,
-)
+
+from colintern_cli import ArgumentParser, run_cli
 
 # The special tokens InternVL's processor needs, named as in the real -HF tokenizer.
 SPECIAL_TOKENS = {
@@ -58,15 +49,15 @@ SIZES = {
 }
 
 
-def build_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
+def build_tokenizer(vocab_size: int = 400) -> "Qwen2Tokenizer":
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[PAD_TOKEN], show_progress=False)
     bpe.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
-    state = bpe.model.__getstate__()
-    import json
-    state = json.loads(state)
+    state = json.loads(bpe.model.__getstate__())
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=PAD_TOKEN, eos_token=PAD_TOKEN,
                                pad_token=PAD_TOKEN, extra_special_tokens=SPECIAL_TOKENS)
@@ -76,6 +67,8 @@ def build_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
 
 def build(size: str = "tiny", tile: int = 224, seed: int = 0):
     """Return (model, processor) for a random InternVL of the given size; `tile` is the image tile side in pixels."""
+    from transformers import (GotOcr2ImageProcessor, InternVLConfig, InternVLModel, InternVLProcessor,
+                              InternVLVideoProcessor, InternVLVisionConfig, Qwen3Config)
     if size not in SIZES:
         raise ValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
     if tile % 28:
@@ -101,10 +94,10 @@ def build(size: str = "tiny", tile: int = 224, seed: int = 0):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="folder to write the checkpoint into (created; existing files replaced)")
     p.add_argument("--size", default="tiny", choices=sorted(SIZES),
-                   help="'tiny': ~0.2M params for CPU tests; '1b': InternVL3.5-1B shapes (1.06B params, random)")
+                   help="'tiny': ~0.15M params for CPU tests; '1b': InternVL3.5-1B shapes (1.06B params, random)")
     p.add_argument("--tile", type=int, default=None,
                    help="image tile side in pixels (multiple of 28); default 224 for tiny, 448 (the real one) for 1b")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
@@ -122,4 +115,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

@@ -39,14 +39,16 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
+from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
 from colintern_model import (
     FORMAT_VERSION,
     ColIntern,
     PageResolver,
     PSEUDO_PATH,
     atomic_torch_save,
+    check_model_id,
+    load_checkpoint,
     load_page_dataset,
     matmul_dtype,
     maxsim_tokens,
@@ -66,10 +68,10 @@ CACHE_VERSION = 1  # bump when the shard layout changes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     g = p.add_argument_group("model")
     g.add_argument("--ckpt", required=True, help="ColIntern checkpoint to mine with (colintern_heads_epoch1.pt)")
-    g.add_argument("--model_id", default=None,
+    g.add_argument("--model_id", default=None, type=validated(check_model_id),
                    help="backbone (an -HF hub id or a save_pretrained folder); default: the one the checkpoint was "
                         "trained on. The query/page format always comes from the checkpoint")
     g.add_argument("--max_tiles", type=int, default=None,
@@ -85,21 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "each row is a query and its positive page")
     src.add_argument("--train_jsonl", default=None,
                      help='JSONL of {"query","pos","negs"}: mine for its queries over every page it names')
-    g.add_argument("--split", default="train", help="split of --hub_name (default train)")
+    g.add_argument("--split", default="train", help="split of --hub_name")
     g.add_argument("--root", default=".", help="folder that page paths in --train_jsonl are relative to")
     g.add_argument("--out_jsonl", required=True, help="output JSONL; the stats go to the same name + .stats.json")
     g = p.add_argument_group("mining")
-    g.add_argument("--k", type=int, default=8, help="hard negatives written per query (default 8)")
+    g.add_argument("--k", type=int, default=8, help="hard negatives written per query")
     g.add_argument("--margin", type=float, default=0.95,
                    help="drop a candidate scoring above MARGIN x the positive's score as a likely false negative "
-                        "(TopK-PercPos; default 0.95); --margin inf turns the filter off")
+                        "(TopK-PercPos); --margin inf turns the filter off")
     g.add_argument("--search", default="exact", choices=("exact", "faiss"),
                    help="exact: MaxSim of every query with every page, streamed shard by shard; faiss: token-level "
                         "FAISS candidates re-ranked with exact MaxSim")
     g.add_argument("--candidates", type=int, default=100,
-                   help="--search faiss: pages per query re-ranked with exact MaxSim (default 100)")
+                   help="--search faiss: pages per query re-ranked with exact MaxSim")
     g.add_argument("--token_hits", type=int, default=64,
-                   help="--search faiss: nearest page tokens retrieved per query token (default 64)")
+                   help="--search faiss: nearest page tokens retrieved per query token")
     g.add_argument("--faiss_index", default="auto",
                    help="--search faiss: a faiss.index_factory string over page tokens, or auto (Flat up to "
                         f"{FLAT_MAX_TOKENS} tokens, else IVF<4 sqrt(N)>,PQ<D/4>)")
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--query_batch", type=int, default=64, help="queries per forward pass when encoding")
     g.add_argument("--num_workers", type=int, default=2, help="processes that decode and tile pages (0: in-process)")
     g.add_argument("--shard_pages", type=int, default=1024,
-                   help="distinct pages per cached shard: the unit of resume and of search memory (default 1024)")
+                   help="distinct pages per cached shard: the unit of resume and of search memory")
     g.add_argument("--cache_dir", default=None,
                    help="folder for page-embedding shards (default: page_cache/ beside --out_jsonl); one subfolder "
                         "per checkpoint + pages, reused by later runs")
@@ -228,7 +230,7 @@ def hub_input(name: str, split: str) -> MiningInput:
     dedup, positives = Deduper(), []
     raw = raw_images(ds).select_columns(["image"])
     batch = 512
-    with tqdm(total=len(ds), desc="hash pages", unit="page") as bar:
+    with progress_bar(total=len(ds), desc="hash pages", unit="page") as bar:
         for start, values in zip(range(0, len(ds), batch), raw.iter(batch_size=batch)):
             for offset, value in enumerate(values["image"]):
                 row = start + offset
@@ -260,7 +262,7 @@ def jsonl_input(path: str, root: str) -> MiningInput:
     rows = read_triples(path)  # names file and line of a row without 'query' or 'pos'
     resolver, raw_cache = PageResolver(root), {}
     dedup, by_ref, positives = Deduper(), {}, []
-    for row in tqdm(rows, desc="hash pages", unit="row"):
+    for row in progress_bar(rows, desc="hash pages", unit="row"):
         where = f"{path} line {row['line']}"
         for j, ref in enumerate([row["pos"], *row["negs"]]):
             if ref not in by_ref:
@@ -378,7 +380,7 @@ def ensure_shards(model, processor, data: MiningInput, folder: str, manifest: di
     if counts["reused"]:
         print(f"page cache {folder}: reusing {counts['reused']} of {manifest['n_shards']} shard(s)")
     total = sum(len(shard_range(s, n_pages, args.shard_pages)) for s in todo)
-    with tqdm(total=total, desc="encode pages", unit="page", disable=total == 0) as bar:
+    with progress_bar(total=total, desc="encode pages", unit="page", disable=total == 0) as bar:
         for s in todo:
             pages = shard_range(s, n_pages, args.shard_pages)
             hashes = data.page_hashes[pages.start:pages.stop]
@@ -434,8 +436,8 @@ def positive_scores(queries: list, data: MiningInput, folder: str, args, device,
     """Each query's exact MaxSim with its own positive page -> (Nq,) float32."""
     positives = torch.tensor(data.positives)
     scores = torch.empty(len(queries))
-    for first, shard in tqdm(iter_shards(folder, data, args.shard_pages), desc="score positives", unit="shard",
-                             total=math.ceil(len(data.page_hashes) / args.shard_pages)):
+    for first, shard in progress_bar(iter_shards(folder, data, args.shard_pages), desc="score positives",
+                                     unit="shard", total=math.ceil(len(data.page_hashes) / args.shard_pages)):
         mine = ((positives >= first) & (positives < first + len(shard))).nonzero()[:, 0]
         scores[mine] = score_pairs(queries, shard, (mine, positives[mine] - first), device, dtype)
     return scores
@@ -465,8 +467,8 @@ def exact_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, fol
     values = torch.full((nq, k), float("-inf"))
     indices = torch.full((nq, k), -1, dtype=torch.long)
     shards = math.ceil(len(data.page_hashes) / args.shard_pages)
-    for first, shard in tqdm(iter_shards(folder, data, args.shard_pages), total=shards, desc="exact search",
-                             unit="shard"):
+    for first, shard in progress_bar(iter_shards(folder, data, args.shard_pages), total=shards,
+                                     desc="exact search", unit="shard"):
         def on_scores(q0, q1, idx, scores, first=first):
             scores.masked_fill_((first + idx)[None, :] == positives[q0:q1, None], float("-inf"))
             above[q0:q1] += (scores > pos_dev[q0:q1, None]).sum(dim=1)
@@ -520,7 +522,7 @@ def build_token_index(shards, spec: str = "auto", nprobe: int = 32, seed: int = 
             offset += len(flat)
         print(f"training FAISS {spec} on {n_train} page tokens")
         index.train(np.ascontiguousarray(np.concatenate(sample)))
-    for _, shard in tqdm(shards(), desc="FAISS index", unit="shard"):
+    for _, shard in progress_bar(shards(), desc="FAISS index", unit="shard"):
         index.add(np.ascontiguousarray(torch.cat(shard).float().numpy()))
     if nlist is not None:
         (faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()).set_index_parameter(
@@ -566,7 +568,7 @@ def faiss_candidates(queries: list, index, token_page: torch.Tensor, n_pages: in
     """-> (Nq, candidates) page indices (-1 pad) from token-level FAISS search, queries in blocks."""
     block = max(1, 65536 // max(1, max(len(q) for q in queries)))
     out = []
-    for q0 in tqdm(range(0, len(queries), block), desc="FAISS search", unit="block"):
+    for q0 in progress_bar(range(0, len(queries), block), desc="FAISS search", unit="block"):
         part = queries[q0:q0 + block]
         tokens, owner = pack_queries(part, torch.float32, "cpu")
         sims, hits = index.search(np.ascontiguousarray(tokens.numpy()), token_hits)
@@ -592,8 +594,9 @@ def faiss_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, fol
     valid = candidates >= 0
     pair_q, pair_p = q_all[valid], candidates[valid]
     pair_scores = torch.full((len(pair_q),), float("nan"))
-    for first, shard in tqdm(iter_shards(folder, data, args.shard_pages),
-                             total=math.ceil(len(data.page_hashes) / args.shard_pages), desc="re-rank", unit="shard"):
+    for first, shard in progress_bar(iter_shards(folder, data, args.shard_pages),
+                                     total=math.ceil(len(data.page_hashes) / args.shard_pages), desc="re-rank",
+                                     unit="shard"):
         mine = ((pair_p >= first) & (pair_p < first + len(shard))).nonzero()[:, 0]
         pair_scores[mine] = score_pairs(queries, shard, (pair_q[mine], pair_p[mine] - first), device, dtype)
     scores = torch.full((nq, c), float("-inf"))
@@ -633,6 +636,7 @@ def main(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
     timings = {}
+    load_checkpoint(args.ckpt)  # a wrong --ckpt fails now, not after hashing every page of the data
 
     start = time.perf_counter()
     data = (hub_input(args.hub_name, args.split) if args.hub_name else jsonl_input(args.train_jsonl, args.root))
@@ -703,4 +707,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

@@ -8,18 +8,23 @@ line per optimizer step. Each file is one curve, named by its folder (a resumed 
 step and epoch numbers, so its curve continues the first one). The smoothed curve is a trailing moving average over
 `--smooth` steps, shorter at the start of a run and for runs shorter than the window.
 """
-import argparse
 import math
 import os
 import tempfile
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from colintern_cli import ArgumentParser, run_cli
 
 COLUMNS = ("step", "epoch", "loss")
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported when a figure is drawn (--help needs none)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def read_loss_file(path: str) -> dict:
@@ -79,6 +84,7 @@ def run_label(path: str) -> str:
 
 def plot(runs: list, smooth: int):
     """runs: [(label, data)] -> matplotlib figure."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 5.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     starts = {}
@@ -117,11 +123,11 @@ def save_figure(fig, path: str) -> None:
             os.unlink(tmp)
         raise
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--input", nargs="+", required=True, help="training_loss.txt file(s) written by train.py")
     p.add_argument("--output", required=True, help="PNG file to write")
     p.add_argument("--smooth", type=int, default=200, help="moving-average window in steps (clipped to the run)")
@@ -143,4 +149,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

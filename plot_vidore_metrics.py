@@ -1,4 +1,4 @@
-"""Compare eval.py summaries: per benchmark and metric, one figure of per-task grouped bars plus the average.
+r"""Compare eval.py summaries: per benchmark and metric, one figure of per-task grouped bars plus the average.
 
     python plot_vidore_metrics.py --inputs outputs/eval/epoch1.json outputs/eval/epoch2.json --labels E1 E2 \
         --outdir outputs/plots
@@ -9,18 +9,14 @@ Reads the `--out_json` files of eval.py (`{"benchmarks": {name: {"tasks": {task:
 found in any input, with scores x100 as in eval.py's table. A task or benchmark missing from an input has no bar
 for it. The average group is each input's own benchmark average, as eval.py computed it.
 """
-import argparse
 import json
 import os
 import re
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from plot_training_loss import save_figure  # noqa: E402  (temp file + rename, closes the figure)
+from colintern_cli import ArgumentParser, run_cli
+from plot_training_loss import pyplot, save_figure  # Agg pyplot on first use; temp file + rename, closes the figure
 
 AVERAGE = "average"
 
@@ -84,7 +80,7 @@ def grouped_values(summaries: list, benchmark: str, metric: str):
 def plot_benchmark(benchmark: str, metric: str, groups: list, values: np.ndarray, labels: list):
     n_inputs, n_groups = values.shape
     width = 0.8 / n_inputs
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + n_groups * (0.4 + 0.25 * n_inputs)), 5.5))
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 1.0 + n_groups * (0.4 + 0.25 * n_inputs)), 5.5))
     x = np.arange(n_groups, dtype=float)
     x[-1] += 0.5  # set the average apart from the tasks
     annotate = values.size <= 40
@@ -117,7 +113,7 @@ def figure_name(benchmark: str, metric: str) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--inputs", nargs="+", required=True, help="eval.py --out_json files, one per model/checkpoint")
     p.add_argument("--labels", nargs="+", required=True, help="one legend label per input, in the same order")
     p.add_argument("--outdir", required=True, help="folder for the PNGs (<benchmark>_<metric>.png)")
@@ -151,4 +147,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

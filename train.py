@@ -46,8 +46,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
+from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
 from colintern_model import (
     DEFAULT_MODEL_ID,
     ColIntern,
@@ -56,6 +56,7 @@ from colintern_model import (
     PageResolver,
     atomic_path,
     atomic_torch_save,
+    check_model_id,
     checkpoint_dict,
     contrastive_loss,
     load_checkpoint,
@@ -72,10 +73,10 @@ LOSS_LOG_HEADER = "# step epoch loss lr\n"
 LORA_DEFAULTS = LoraSettings()
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__)
     g = p.add_argument_group("model")
-    g.add_argument("--model_id", default=None,
+    g.add_argument("--model_id", default=None, type=validated(check_model_id),
                    help=f"HF-native InternVL3.5 checkpoint (hub id ending in -HF, or a save_pretrained folder); "
                         f"default {DEFAULT_MODEL_ID}, or the --resume_ckpt's model")
     g.add_argument("--proj_dim", type=int, default=None,
@@ -111,7 +112,7 @@ def parse_args(argv=None):
     src.add_argument("--train_jsonl", default=None,
                      help='JSONL of {"query", "pos", "negs"} (e.g. from mine_hard_negatives.py); pages are image '
                           "paths under --root or HF pseudo-paths DATASET/SPLIT/doc_N.png (row N of that dataset)")
-    g.add_argument("--split", default="train", help="split of --train_hub (default train)")
+    g.add_argument("--split", default="train", help="split of --train_hub")
     g.add_argument("--root", default=".", help="folder that image paths in --train_jsonl are relative to")
     g.add_argument("--num_negs", type=int, default=None,
                    help="hard negatives drawn per query per step from its 'negs' (default 1 with --train_jsonl; "
@@ -122,7 +123,7 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=32,
-                   help="queries per device per micro-batch: what must fit in memory at once (default %(default)s)")
+                   help="queries per device per micro-batch: what must fit in memory at once")
     g.add_argument("--auto_batch", action="store_true",
                    help="on CUDA, halve --batch_size until a worst-case micro-step fits (pages of every rank and "
                         "hard negatives in the loss) and raise --grad_accum by the same factor, so one loss still "
@@ -153,6 +154,11 @@ def parse_args(argv=None):
     g.add_argument("--resume_ckpt", default=None,
                    help="a step snapshot continues that run exactly (same flags and data); an epoch checkpoint "
                         "(or any heads checkpoint) is a warm start: heads + LoRA loaded, fresh optimizer")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -225,7 +231,8 @@ class JsonlTriples(torch.utils.data.Dataset):
         self.rows = read_triples(path)
         self.resolver = PageResolver(root)
         checked = set()
-        for row in tqdm(self.rows, desc="checking pages", unit="row", mininterval=2, disable=len(self.rows) < 5000):
+        for row in progress_bar(self.rows, desc="checking pages", unit="row", mininterval=2,
+                                disable=len(self.rows) < 5000):
             for ref in [row["pos"], *row["negs"]]:
                 if ref not in checked:
                     self.resolver.check(ref, where=f"{path} line {row['line']}")
@@ -757,7 +764,8 @@ def train(args, rank, world, device_map, say):
     model.train()
     samples_per_step = global_batch * grad_accum
     last_saved = args.resume_ckpt
-    bar = tqdm(total=total_steps, initial=run_step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
+    bar = progress_bar(total=total_steps, initial=run_step, desc="train", unit="step", disable=rank != 0,
+                       dynamic_ncols=True)
     started, steps_here = time.perf_counter(), 0
     try:
         while run_step < total_steps and data_epoch < args.epochs:
@@ -837,4 +845,4 @@ def train(args, rank, world, device_map, say):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

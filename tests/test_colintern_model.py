@@ -445,10 +445,10 @@ def test_bad_checkpoint_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
         cm.load_checkpoint(str(tmp_path / "nope.pt"))
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="junk.pt cannot be read"):
+    with pytest.raises(ValueError, match=r"junk.pt is not a ColIntern checkpoint \(made by train.py\): torch.load"):
         cm.load_checkpoint(str(tmp_path / "junk.pt"))
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="other.pt is not a ColIntern checkpoint"):
+    with pytest.raises(ValueError, match=r"other.pt is not a ColIntern checkpoint \(made by train.py\): it has no"):
         cm.load_checkpoint(str(tmp_path / "other.pt"))
 
 

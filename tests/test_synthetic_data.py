@@ -172,7 +172,11 @@ def test_every_title_fits_inside_its_token_row_and_the_narrowest_page():
     (["--page_sizes", "portrait,a4"], "--page_sizes"),
     (["--workers", "0"], "--workers"),
 ])
-def test_bad_flags_fail_before_writing_anything(flags, message, tmp_path):
+def test_bad_flags_fail_before_writing_anything(flags, message, tmp_path, capsys):
+    argv = ["--out_dir", str(tmp_path / "out"), "--no_progress", *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        gen.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(ValueError, match=re.escape(message)):
-        gen.main(gen.parse_args(["--out_dir", str(tmp_path / "out"), "--no_progress", *flags]))
+        gen.main(gen.build_parser().parse_args(argv))
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,336 @@
+"""The command-line layer (colintern_cli.py) and every script's use of it: one-line errors without a traceback for the
+user's mistakes and with one for bugs, --help that shows every default and loads no heavy library, sparse progress
+lines in logs. Subprocesses only where a fresh interpreter is the point (which modules a script imports, its real
+entry point); everything else runs in-process through run_cli."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import colintern_model as cm
+import mine_hard_negatives as mine
+import train
+from colintern_cli import progress_bar, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["train.py", "mine_hard_negatives.py", "eval.py", "make_tiny_model.py", "plot_training_loss.py",
+           "plot_vidore_metrics.py", "make_synthetic_data.py"]
+TORCH_FREE = ("plot_training_loss.py", "plot_vidore_metrics.py", "make_synthetic_data.py")
+REMOTE_CODE = "OpenGVLab/InternVL3_5-1B"
+REMOTE_CODE_LINE = (f"error: argument --model_id: '{REMOTE_CODE}' is a remote-code InternVL checkpoint "
+                    f"(InternVLChatModel); ColIntern needs the HF-native transformers checkpoint: use "
+                    f"'{REMOTE_CODE}-HF' instead")
+# command-line mistakes per script (the first one: no flags at all, or one bad value)
+FLAG_ERRORS = {
+    "train.py": [[], ["--model_id", REMOTE_CODE, "--train_hub", "X", "--out_dir", "Y"]],
+    "mine_hard_negatives.py": [[]],
+    "eval.py": [[], ["--ckpt", "/nonexistent.pt", "--local_task", "x"]],
+    "make_tiny_model.py": [[]],
+    "plot_training_loss.py": [[]],
+    "plot_vidore_metrics.py": [["--inputs", "a.json", "b.json", "--labels", "A", "--outdir", "x"]],
+    "make_synthetic_data.py": [["--topics", "1"]],
+}
+
+# Runs `SCRIPT --help` and each of its FLAG_ERRORS through the real `__main__` entry (runpy), scripts one after
+# another in one interpreter, and reports exit codes, output, the heavy modules loaded so far and the parser's
+# defaults. Loaded modules only accumulate, so a script that loads one fails its own check and every later one's.
+PROBE = r"""
+import argparse, contextlib, io, json, runpy, sys
+import colintern_cli
+HEAVY = ("mteb", "datasets", "transformers", "peft", "faiss", "matplotlib", "torch")
+parsers = []
+print_help = colintern_cli.ArgumentParser.print_help
+colintern_cli.ArgumentParser.print_help = lambda self, file=None: (parsers.append(self), print_help(self, file))
+
+def run(script, argv):
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = [script, *argv]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return {"code": code, "out": out.getvalue(), "err": err.getvalue(),
+            "modules": sorted(m for m in HEAVY if m in sys.modules)}
+
+report = {}
+for script, errors in json.loads(sys.argv[1]).items():
+    report[script] = {"help": run(script, ["--help"]), "errors": [run(script, argv) for argv in errors]}
+    report[script]["defaults"] = [(a.option_strings[-1], str(a.default)) for a in parsers[-1]._actions
+                                  if a.option_strings and a.default is not None and a.nargs != 0
+                                  and a.default != argparse.SUPPRESS]
+print(json.dumps(report))
+"""
+
+
+def python(*args, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, **kwargs)
+
+
+def mteb_stand_in(folder) -> str:
+    """A package `mteb` that knows one benchmark: enough for eval.py up to its benchmark-name check, without the
+    10-30 s that importing mteb takes."""
+    os.makedirs(folder / "mteb" / "models")
+    (folder / "mteb" / "__init__.py").write_text(
+        "import types\n__version__ = 'stand-in'\n"
+        "def get_benchmarks():\n    return [types.SimpleNamespace(name='ViDoRe(v1)', tasks=[])]\n")
+    (folder / "mteb" / "models" / "__init__.py").write_text("")
+    (folder / "mteb" / "models" / "abs_encoder.py").write_text("class AbsEncoder:\n    pass\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def commands(tmp_path_factory):
+    """{name: (returncode, stdout, stderr)} of every subprocess of this module, started together: each spends most
+    of its time importing torch. The torch-free scripts are probed in an interpreter of their own."""
+    tmp = tmp_path_factory.mktemp("cli")
+    groups = [{s: FLAG_ERRORS[s] for s in SCRIPTS if (s in TORCH_FREE) == torch_free} for torch_free in (0, 1)]
+    running = {
+        "probe": python("-c", PROBE, json.dumps(groups[0])),
+        "probe torch-free": python("-c", PROBE, json.dumps(groups[1])),
+        "plot: missing input": python("plot_training_loss.py", "--input", "/nonexistent.txt", "--output",
+                                      str(tmp / "x.png")),
+        "eval: unknown benchmark": python("eval.py", "--model_id", str(tmp), "--benchmarks", "ViDoRe(v9)", env={
+            "PYTHONPATH": os.pathsep.join([mteb_stand_in(tmp / "stand-in"), os.environ.get("PYTHONPATH", "")])}),
+    }
+    results = {}
+    for name, proc in running.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = (proc.returncode, out, err)
+    return results
+
+
+@pytest.fixture(scope="module")
+def probed(commands):
+    """{script: probe report} (see PROBE)."""
+    report = {}
+    for name in ("probe", "probe torch-free"):
+        code, out, err = commands[name]
+        assert code == 0, err[-3000:]
+        report.update(json.loads(out))
+    return report
+
+
+def help_entries(text: str) -> dict:
+    """--help text -> {option: its whole entry, whitespace collapsed}."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"  (-\S+)", line)
+        if m:
+            current = m[1].rstrip(",")
+            entries[current] = ""
+        elif not line.startswith("   "):
+            current = None
+        if current:
+            entries[current] += " " + line
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+# -----------------------------------------------------------------------------
+# --help and command-line mistakes: fast, light, every default shown
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_every_default_and_loads_no_heavy_module(probed, script):
+    result = probed[script]["help"]
+    assert result["code"] == 0, result["err"]
+    allowed = [] if script in TORCH_FREE else ["torch"]
+    assert result["modules"] == allowed, f"{script} --help imported {result['modules']}"
+    entries = help_entries(result["out"])
+    for flag, default in probed[script]["defaults"]:
+        assert re.search(rf"\(default:? {re.escape(default)}\)", entries[flag]), (flag, default, entries[flag])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_flag_mistakes_print_one_error_line_and_a_hint(probed, script):
+    allowed = [] if script in TORCH_FREE else ["torch"]
+    for result in probed[script]["errors"]:
+        lines = result["err"].splitlines()
+        assert result["code"] == 2 and result["modules"] == allowed, result
+        assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: python "), lines
+
+
+def test_named_flag_mistakes_say_what_to_do(probed):
+    assert probed["train.py"]["errors"][1]["err"].splitlines()[0] == REMOTE_CODE_LINE  # offline, no hub access
+    assert probed["eval.py"]["errors"][1]["err"].splitlines()[0] == \
+        "error: argument --ckpt: /nonexistent.pt does not exist"
+    assert probed["plot_vidore_metrics.py"]["errors"][0]["err"].splitlines()[0] == \
+        "error: --labels has 1 labels for 2 --inputs: give one per input"
+
+
+def test_help_description_keeps_its_example_lines(probed):
+    text = probed["plot_vidore_metrics.py"]["help"]["out"]
+    assert "--labels E1 E2 \\\n        --outdir outputs/plots\n" in text
+
+
+# -----------------------------------------------------------------------------
+# Remote-code InternVL ids: refused by name, before any hub access
+
+def test_remote_code_internvl_ids_are_refused_by_name_without_the_hub(monkeypatch, tmp_path, capsys):
+    import transformers.utils
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_calls = []
+
+    def cached_file(model_id, *args, **kwargs):
+        hub_calls.append(model_id)
+        raise OSError("offline")
+    monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
+
+    for size in ("1B", "2B", "4B", "8B", "14B", "38B"):
+        for variant in ("", "-Instruct", "-Pretrained", "-MPO", "-Flash"):
+            model_id = f"OpenGVLab/InternVL3_5-{size}{variant}"
+            with pytest.raises(ValueError, match=rf"remote-code .* use 'OpenGVLab/InternVL3_5-{size}-HF' instead"):
+                cm.read_model_config(model_id)
+            with pytest.raises(ValueError, match="remote-code"):
+                cm.load_backbone(model_id)
+    assert hub_calls == []
+    with pytest.raises(OSError, match="could not fetch config.json"):  # an -HF id goes to the hub
+        cm.read_model_config("OpenGVLab/InternVL3_5-1B-HF")
+    assert hub_calls == ["OpenGVLab/InternVL3_5-1B-HF"]
+
+    # a local folder of that name is judged by its config.json, not its name
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("OpenGVLab/InternVL3_5-1B")
+    with open("OpenGVLab/InternVL3_5-1B/config.json", "w") as f:
+        json.dump({"model_type": "internvl"}, f)
+    assert cm.read_model_config("OpenGVLab/InternVL3_5-1B")["model_type"] == "internvl"
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--model_id", "OpenGVLab/InternVL3_5-2B-Instruct", "--train_hub", "X", "--out_dir", "Y"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[0].endswith("use 'OpenGVLab/InternVL3_5-2B-HF' instead")
+
+
+# -----------------------------------------------------------------------------
+# Mistakes found while running: one line, exit 1
+
+def run_script(main, args, capsys) -> list:
+    """run_cli(main, args) as the `__main__` entry does -> stderr lines; it must exit 1."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()
+
+
+def test_missing_plot_input_through_the_real_entry_point(commands):
+    code, out, err = commands["plot: missing input"]
+    assert code == 1 and err == "error: --input /nonexistent.txt does not exist\n", err
+
+
+def test_empty_and_malformed_training_data(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    flags = ["--out_dir", str(tmp_path / "out"), "--num_workers", "0"]
+    assert run_script(train.main, train.parse_args(["--train_jsonl", str(empty), *flags]), capsys) == \
+        [f"error: {empty} has no triples"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q", "pos": "a.png"}\n{"query": "q", "pos": \n')
+    assert run_script(train.main, train.parse_args(["--train_jsonl", str(bad), *flags]), capsys) == \
+        [f"error: {bad} line 2: not valid JSON (Expecting value at column 1)"]
+    assert run_script(train.main, train.parse_args(["--train_jsonl", str(tmp_path / "nowhere.jsonl"), *flags]),
+                      capsys) == [f"error: {tmp_path / 'nowhere.jsonl'}: No such file or directory"]
+
+
+def test_mining_refuses_a_non_checkpoint_before_reading_the_data(tmp_path, capsys, monkeypatch):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    monkeypatch.setattr(mine, "hub_input", lambda *a: pytest.fail("the data was read before the checkpoint"))
+    args = mine.parse_args(["--ckpt", str(notes), "--hub_name", "vidore/colpali_train_set",
+                            "--out_jsonl", str(tmp_path / "o.jsonl")])
+    assert run_script(mine.main, args, capsys) == \
+        [f"error: {notes} is not a ColIntern checkpoint (made by train.py): torch.load cannot read it"]
+
+
+def test_unknown_benchmark(commands):
+    """eval.py's own error through its entry point (mteb stood in for: only the benchmark-name lookup runs)."""
+    code, out, err = commands["eval: unknown benchmark"]
+    assert code == 1 and err == ("error: --benchmarks: unknown benchmark 'ViDoRe(v9)'. This mteb knows: "
+                                 "'ViDoRe(v1)' (see python eval.py --list)\n"), err
+
+
+# -----------------------------------------------------------------------------
+# What run_cli lets through: bugs keep their traceback
+
+def test_bugs_and_library_errors_keep_their_traceback(tmp_path, capsys):
+    with pytest.raises(ValueError, match="empty sequence"):  # a bug in project code: max([]), no raise statement
+        run_cli(lambda args: cm.pad_pages([]), None)
+    with pytest.raises(RuntimeError):  # raised inside torch
+        run_cli(lambda args: torch.ones(2) @ torch.ones(3), None)
+    with pytest.raises(TypeError, match="page 0 is a int"):  # an explicit raise, but of a misuse of the code
+        run_cli(lambda args: cm.ColInternProcessor.process_pages(None, [1]), None)
+    with pytest.raises(ValueError):  # raised by a library (PIL), not by the project's own raise statement
+        run_cli(lambda args: Image.new("RGB", (1, 1), "no-such-colour"), None)
+    assert capsys.readouterr().err == ""
+
+
+def test_debug_env_keeps_every_traceback(monkeypatch, tmp_path):
+    monkeypatch.setenv("COLINTERN_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
+        run_cli(lambda args: cm.load_checkpoint(str(tmp_path / "nope.pt")), None)
+
+
+def test_ctrl_c_exits_130_without_a_traceback(capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(interrupted, None)
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+class UndecodablePages(torch.utils.data.Dataset):
+    def __init__(self, path):
+        self.path = path
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return cm.open_image(self.path)
+
+
+def test_error_raised_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    loader = torch.utils.data.DataLoader(UndecodablePages(broken), num_workers=1, collate_fn=list)
+    with pytest.raises(ValueError, match="Caught ValueError in DataLoader worker process 0"):
+        next(iter(loader))  # what torch re-raises: the worker's traceback as text
+    lines = run_script(lambda args: next(iter(loader)), None, capsys)
+    assert len(lines) == 1 and re.fullmatch(rf"error: image {re.escape(str(broken))} cannot be decoded: "
+                                            rf"cannot identify image file .*", lines[0]), lines
+
+
+# -----------------------------------------------------------------------------
+# Entry points and progress bars
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_entry_point_goes_through_run_cli_and_bars_through_progress_bar(script):
+    with open(os.path.join(ROOT, script)) as f:
+        source = f.read()
+    assert re.search(r'if __name__ == "__main__":\n    run_cli\(main, (parse_args\(\)|ARGS)\)\n*$', source)
+    assert not re.search(r"^\s*(from tqdm|import tqdm)", source, re.M)
+
+
+def test_progress_in_a_log_file_is_a_few_plain_lines(tmp_path, monkeypatch):
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as f:
+        monkeypatch.setattr(sys, "stderr", f)
+        bar = progress_bar(total=300, desc="train", unit="step", dynamic_ncols=True)
+        for step in range(300):
+            bar.set_postfix(loss=f"{1 / (step + 1):.4f}")  # forces a refresh at every step, as train.py does
+            bar.update(1)
+        bar.close()
+        for _ in progress_bar(range(10_000), desc="encode pages"):
+            pass
+    text = log.read_text()
+    assert "\r" not in text and len(text) < 400, text
+    assert text.splitlines()[1].startswith("train: 100%|##########| 300/300") and text.count("\n") == 4, text
