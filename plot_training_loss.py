@@ -6,8 +6,12 @@
 Reads the `training_loss.txt` that train.py writes: a `# step epoch loss lr` header, then one whitespace-separated
 line per optimizer step. Each file is one curve, named by its folder (a resumed run in another folder continues the
 step and epoch numbers, so its curve continues the first one). The smoothed curve is a trailing moving average over
-`--smooth` steps, shorter at the start of a run and for runs shorter than the window.
+`--smooth` steps, shorter at the start of a run and for runs shorter than the window. Where the training data
+changes between runs (read from the args.json train.py writes beside each loss file), the epoch label at that start
+names the new data: an epoch on mined hard negatives starts at a higher loss than the in-batch epoch before it
+because its negatives are harder, not because training regressed.
 """
+import json
 import math
 import os
 import tempfile
@@ -77,32 +81,61 @@ def epoch_starts(steps: np.ndarray, epochs: np.ndarray) -> list:
     return [(float(steps[i]), int(epochs[i])) for i in change]
 
 
+def run_data(path: str) -> str | None:
+    """What the run in `path`'s folder trained on, from train.py's args.json beside it; None without one."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), "args.json")) as f:
+            args = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if args.get("train_jsonl"):
+        negs = args.get("num_negs") or 0
+        return f"{os.path.basename(args['train_jsonl'])}, {negs} hard negative{'s' if negs != 1 else ''}"
+    if args.get("train_hub"):
+        return f"{args['train_hub']}, in-batch negatives"
+    return None
+
+
+def epoch_labels(runs: list) -> dict:
+    """{step: label} for the top axis: 'epoch E' at each epoch start, and at a run's first start also the data
+    it trained on when that differs from the previous run's."""
+    labels, previous = {}, None
+    for _, data, source in runs:
+        for k, (step, epoch) in enumerate(epoch_starts(data["step"], data["epoch"])):
+            label = f"epoch {epoch}"
+            if k == 0 and source is not None and source != previous:
+                label += f"\n{source}"
+            labels.setdefault(step, label)
+        previous = source if source is not None else previous
+    return labels
+
+
 def run_label(path: str) -> str:
     folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
     return folder or os.path.basename(path)
 
 
 def plot(runs: list, smooth: int):
-    """runs: [(label, data)] -> matplotlib figure."""
+    """runs: [(label, data, what it trained on or None)] -> matplotlib figure."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 5.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    starts = {}
-    for i, (label, data) in enumerate(runs):
+    for i, (label, data, _) in enumerate(runs):
         color = colors[i % len(colors)]
         window = min(smooth, len(data["loss"]))
         ax.plot(data["step"], data["loss"], color=color, alpha=0.25, linewidth=0.8)
         ax.plot(data["step"], moving_average(data["loss"], window), color=color, linewidth=2,
                 label=f"{label} (mean of {window} steps)")
-        for step, epoch in epoch_starts(data["step"], data["epoch"]):
+        for step, _ in epoch_starts(data["step"], data["epoch"]):
             ax.axvline(step, color=color, linestyle=":", linewidth=1)
-            starts.setdefault(step, f"epoch {epoch}")
+    starts = epoch_labels(runs)
     # epoch labels on a top axis of their own, where neither curves nor the legend can hide them
     top = ax.secondary_xaxis("top")
     top.set_xticks(list(starts), labels=list(starts.values()), fontsize=8)
     ax.set_xlabel("global step")
     ax.set_ylabel("training loss")
-    ax.set_title("Training loss (thin: per step, thick: moving average; dotted: epoch starts)", pad=22)
+    ax.set_title("Training loss (thin: per step, thick: moving average; dotted: epoch starts, labelled with the "
+                 "training data where it changes)", pad=30, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
@@ -138,9 +171,9 @@ def parse_args(argv=None):
 
 
 def main(args):
-    runs = [(run_label(path), read_loss_file(path)) for path in args.input]
+    runs = [(run_label(path), read_loss_file(path), run_data(path)) for path in args.input]
     save_figure(plot(runs, args.smooth), args.output)
-    for (label, data), path in zip(runs, args.input):
+    for (label, data, _), path in zip(runs, args.input):
         last = data["loss"][np.isfinite(data["loss"])]
         final = f"{last[-min(len(last), args.smooth):].mean():.4f}" if len(last) else "nan"
         print(f"{path}: {len(data['step'])} steps, epochs {int(data['epoch'].min())}-{int(data['epoch'].max())}, "

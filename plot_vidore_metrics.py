@@ -58,12 +58,18 @@ def available_metrics(summaries: list) -> list:
     return list(seen)
 
 
+def task_label(task: str) -> str:
+    """A task's name for the axis: eval.py names a --local_task folder `<folder>@<fingerprint>`; show the folder."""
+    return re.sub(r"@[0-9a-f]{6,}$", "", task)
+
+
 def grouped_values(summaries: list, benchmark: str, metric: str):
-    """-> (group names: tasks then 'average', values (inputs, groups) x100 with NaN where missing)."""
+    """-> (group names: tasks, then 'average' when there is more than one task, values (inputs, groups) x100 with
+    NaN where missing)."""
     tasks = {}
     for summary in summaries:
         tasks.update(dict.fromkeys(summary.get(benchmark, {}).get("tasks", {})))
-    groups = list(tasks) + [AVERAGE]
+    groups = list(tasks) + ([AVERAGE] if len(tasks) > 1 else [])
     values = np.full((len(summaries), len(groups)), np.nan)
     for i, summary in enumerate(summaries):
         entry = summary.get(benchmark, {})
@@ -72,36 +78,44 @@ def grouped_values(summaries: list, benchmark: str, metric: str):
             if value is not None:
                 values[i, j] = 100 * value
         average = entry.get("average", {}).get(metric)
-        if average is not None:
+        if average is not None and groups[-1] == AVERAGE:
             values[i, -1] = 100 * average
     return groups, values
 
 
 def plot_benchmark(benchmark: str, metric: str, groups: list, values: np.ndarray, labels: list):
     n_inputs, n_groups = values.shape
+    has_average = groups[-1] == AVERAGE
+    n_tasks = n_groups - has_average
     width = 0.8 / n_inputs
     fig, ax = pyplot().subplots(figsize=(max(6.0, 1.0 + n_groups * (0.4 + 0.25 * n_inputs)), 5.5))
     x = np.arange(n_groups, dtype=float)
-    x[-1] += 0.5  # set the average apart from the tasks
+    if has_average:
+        x[-1] += 0.5  # set the average apart from the tasks
     annotate = values.size <= 40
     for i, label in enumerate(labels):
         offsets = x - 0.4 + width * (i + 0.5)
         missing = np.isnan(values[i]).all()
         bars = ax.bar(offsets, np.nan_to_num(values[i], nan=0.0), width,
                       label=f"{label} (not evaluated on {benchmark})" if missing else label)
-        for bar, value, is_average in zip(bars, values[i], np.arange(n_groups) == n_groups - 1):
+        for bar, value, is_average in zip(bars, values[i], np.arange(n_groups) == n_tasks):
             if np.isnan(value):
                 bar.set_visible(False)
             elif annotate or is_average:
                 ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
                             fontsize=7, xytext=(0, 2), textcoords="offset points")
-    ax.axvline(x[-1] - 0.75, color="grey", linewidth=0.8, linestyle="--")
+    names = [task_label(g) for g in groups[:n_tasks]]
+    if has_average:
+        ax.axvline(x[-1] - 0.75, color="grey", linewidth=0.8, linestyle="--")
+        names.append(f"{AVERAGE} ({n_tasks} tasks)")
     ax.set_xticks(x)
-    ax.set_xticklabels(groups[:-1] + [f"{AVERAGE} ({n_groups - 1} tasks)"], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels(names, rotation=30 if n_groups > 1 else 0, ha="right" if n_groups > 1 else "center",
+                       fontsize=8)
+    ax.set_xlabel("task" if n_tasks == 1 else f"task ({n_tasks} tasks)")
     ax.set_ylabel(f"{metric_label(metric)} (x100)")
     top = np.nanmax(values) if np.isfinite(values).any() else 100
     ax.set_ylim(0, min(105, top * 1.15 + 1))
-    ax.set_title(f"{benchmark}: {metric_label(metric)}")
+    ax.set_title(f"{benchmark}: {metric_label(metric)}" + (" (1 task)" if n_tasks == 1 else ""))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     fig.tight_layout()

@@ -36,6 +36,19 @@ def test_loss_plot_written_with_clipped_smoothing_and_epochs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "120 steps, epochs 1-3" in printed and "5 steps, epochs 3-3" in printed
 
+    # the data each run trained on comes from train.py's args.json beside its loss file; where it changes, the
+    # epoch label says so (a run without args.json gets plain epoch labels)
+    (tmp_path / "runA" / "args.json").write_text(json.dumps({"train_hub": "vidore/colpali_train_set",
+                                                             "train_jsonl": None, "num_negs": 0}))
+    (tmp_path / "runB" / "args.json").write_text(json.dumps({"train_hub": None, "train_jsonl": "out/mined.jsonl",
+                                                             "num_negs": 2}))
+    runs = [(p, plot_training_loss.read_loss_file(p), plot_training_loss.run_data(p)) for p in (first, short)]
+    assert plot_training_loss.epoch_labels(runs) == {
+        1.0: "epoch 1\nvidore/colpali_train_set, in-batch negatives", 51.0: "epoch 2", 101.0: "epoch 3",
+        121.0: "epoch 3\nmined.jsonl, 2 hard negatives"}
+    plot_training_loss.main(plot_training_loss.parse_args(["--input", first, short, "--output", str(out)]))
+    assert_png(out)
+
     data = plot_training_loss.read_loss_file(first)
     assert plot_training_loss.epoch_starts(data["step"], data["epoch"]) == [(1.0, 1), (51.0, 2), (101.0, 3)]
     loss = list(data["loss"])
@@ -77,7 +90,7 @@ def inputs(tmp_path):
     a = summary({"ViDoRe(v1)": {"TaskA": {"ndcg_at_5": 0.5, "recall_at_1": 0.25},
                                 "TaskB": {"ndcg_at_5": 0.7, "recall_at_1": 0.5}}})
     b = summary({"ViDoRe(v1)": {"TaskA": {"ndcg_at_5": 0.9, "recall_at_1": 0.75}},  # TaskB not evaluated here
-                 "local": {"eval@1234": {"ndcg_at_5": 1.0, "recall_at_1": 1.0}}})
+                 "local": {"eval@d4fc2cf5": {"ndcg_at_5": 1.0, "recall_at_1": 1.0}}})
     paths = []
     for name, data in (("a.json", a), ("b.json", b)):
         (tmp_path / name).write_text(json.dumps(data))
@@ -101,7 +114,10 @@ def test_metrics_plots_one_figure_per_benchmark_and_metric(tmp_path, inputs):
     assert np.allclose(values[0], [50, 70, 60])
     assert np.allclose(values[1, [0, 2]], [90, 90]) and np.isnan(values[1, 1])
     groups, values = plot_vidore_metrics.grouped_values(summaries, "local", "recall_at_1")
-    assert np.isnan(values[0]).all() and np.allclose(values[1], [100, 100])
+    assert groups == ["eval@d4fc2cf5"]  # one task: no "average" group repeating it
+    assert np.isnan(values[0]).all() and np.allclose(values[1], [100])
+    assert plot_vidore_metrics.task_label("eval@d4fc2cf5") == "eval"  # a --local_task folder's name, readable
+    assert plot_vidore_metrics.task_label("Vidore2ESGReportsRetrieval") == "Vidore2ESGReportsRetrieval"
 
     only = tmp_path / "only"
     plot_vidore_metrics.main(plot_vidore_metrics.parse_args(
