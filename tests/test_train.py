@@ -285,6 +285,12 @@ def test_checkpoints_record_training_data_lineage(tiny_model_dir, pages, tmp_pat
     epoch2 = str(tmp_path / "e2" / "colintern_heads_epoch2.pt")
     assert load_checkpoint(epoch2)["meta"]["training_data"] == [hub]
 
+    # eval.py then declares it trained on colpali_train_set, not zero-shot
+    import eval as colintern_eval
+    from mteb.models.model_implementations.colpali_models import COLPALI_TRAINING_DATA
+    sources, where = colintern_eval.checkpoint_training_data(epoch2, load_checkpoint(epoch2))
+    assert where == "checkpoint lineage" and colintern_eval.mteb_training_datasets(sources) == COLPALI_TRAINING_DATA
+
     # a JSONL mixing image files and pseudo-paths; a warm start from a checkpoint older than lineage says so
     args = train.parse_args([str(f) for f in base_flags(tiny_model_dir, pages, tmp_path / "e3",
                                                          **{"--resume_ckpt": epoch1})])
