@@ -962,8 +962,13 @@ def contrastive_loss(queries: torch.Tensor, query_mask: torch.Tensor, pages: tor
 CHECKPOINT_KIND = "colintern"
 
 
-def checkpoint_dict(model: ColIntern, step: int = 0, epoch: int = 0, train_state: dict | None = None) -> dict:
+def checkpoint_dict(model: ColIntern, step: int = 0, epoch: int = 0, train_state: dict | None = None,
+                    training_data: list | None = None) -> dict:
     meta = dict(model.metadata(), step=step, epoch=epoch)
+    if training_data is not None:
+        # lineage: every dataset these weights were trained on, warm starts included (train.py); eval.py declares it
+        # to mteb. Checkpoints without it (older ones, untrained heads) still load.
+        meta["training_data"] = sorted(training_data)
     ckpt = {"kind": CHECKPOINT_KIND, "meta": meta, **model.trainable_state_dict()}
     if train_state is not None:
         ckpt["train_state"] = train_state
@@ -978,8 +983,9 @@ def atomic_torch_save(obj, path: str) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(path: str, model: ColIntern, step: int = 0, epoch: int = 0, train_state: dict | None = None):
-    atomic_torch_save(checkpoint_dict(model, step, epoch, train_state), path)
+def save_checkpoint(path: str, model: ColIntern, step: int = 0, epoch: int = 0, train_state: dict | None = None,
+                    training_data: list | None = None):
+    atomic_torch_save(checkpoint_dict(model, step, epoch, train_state, training_data), path)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -12,18 +12,27 @@ cache); only the scorer is ours, because mteb's zero-padded MaxSim is not exact.
 `ColInternProcessor`, the same format as training. Page embeddings are cached by image content within a task, so
 ViDoRe v2/v3 encode each page once, not once per language.
 
-mteb's result cache (`--results_dir`) keys results by model name + revision + task; the revision here is a hash of
-the checkpoint file, the backbone and the tile setting, so a new checkpoint is always evaluated afresh, while an
+mteb's result cache (`--results_dir`) keys results by model name + revision + task; the revision here is
+`result_key(...)`: a hash of the weights (checkpoint file, backbone), every setting that changes scores (tiles, model
+dtype, ...) and, for local data (`--data_dir`, `--local_task`), the data's files (paths, sizes, modification times).
+So new weights, settings or data are always evaluated afresh (a corrected qrels file is re-scored), while an
 interrupted run resumes with the tasks (and language subsets) it had finished. Subsampled runs
 (`--max_queries/--max_pages`) are cached apart from full runs (mteb's `experiments/` folder).
+
+Private tasks (ViDoRe(v3)'s Telecom and Nuclear: no public dataset) are skipped with one line, and a benchmark's
+average is labelled with the tasks it covers ("ViDoRe(v3), 8 of 10 tasks (2 private)"): not the leaderboard's
+score. A task that fails is reported and the others still run; the run then exits with status 1.
 
 Offline (`--data_dir DIR`): DIR holds one folder per hub dataset, named by the last part of its hub id (`--list`
 prints them), in the hub layout, e.g. from
 `hf download mteb/arxivqa_test_subsampled_beir --repo-type dataset --local-dir DIR/arxivqa_test_subsampled_beir`.
 
 Outputs: a printed table (scores x100), `--out_json` (default `outputs/eval/<revision>.json`) holding
-`{"ckpt", "model_id", "revision", "benchmarks": {name: {"tasks": {task: {metric: value}}, "average": {metric: value}}}}`
-with mteb's 0-1 values, and mteb's per-query rankings under `--predictions_dir/<revision>[__<experiment>]/`.
+`{"ckpt", "model_id", "revision", "task_revisions", "training_data", "training_datasets", "failed",
+"benchmarks": {name: {"label", "tasks_run", "tasks_total", "tasks": {task: {metric: value}},
+"subsets": {task: {language: {metric: value}}}, "average": {metric: value}, "skipped": {task: why},
+"failed": {task: error}}}}` with mteb's 0-1 values, and mteb's per-query rankings under
+`--predictions_dir/<task revision>[__<experiment>]/`.
 """
 import argparse
 import copy
@@ -152,18 +161,83 @@ def backbone_fingerprint(model_id: str) -> str:
     return snapshot[1] if snapshot else model_id
 
 
-def model_revision(ckpt: str | None, model_id: str, max_tiles: int, seed: int = 0, proj_dim: int = 128) -> str:
-    """mteb revision: `<checkpoint name>-<hash>` from the checkpoint's bytes, the model id, the backbone and the tile
-    setting (or `untrained-seed<S>-<hash>` for random heads), so cached scores never outlive the weights."""
-    parts = [f"model_id={model_id}", f"backbone={backbone_fingerprint(model_id)}", f"max_tiles={max_tiles}",
-             f"format={FORMAT_VERSION}"]
+def model_identity(ckpt: str | None, model_id: str, seed: int = 0, proj_dim: int = 128) -> tuple[str, str]:
+    """(label, hash) of the weights evaluated: the checkpoint's bytes, the model id, the backbone and the query/page
+    format; with no checkpoint, the untrained heads' seed and size. The label names the revision for people."""
+    parts = [f"model_id={model_id}", f"backbone={backbone_fingerprint(model_id)}", f"format={FORMAT_VERSION}"]
     if ckpt is not None:
         parts.append(f"ckpt={file_sha256(ckpt)}")
         label = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(ckpt))[0])
     else:
         parts.append(f"untrained seed={seed} proj_dim={proj_dim}")
         label = f"untrained-seed{seed}"
-    return f"{label}-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:12]}"
+    return label, hashlib.sha256(chr(10).join(parts).encode()).hexdigest()
+
+
+# load_encoder keywords kept out of score_settings: those model_identity hashes, and where the model runs (the dtype
+# it runs in is a setting, resolved: "auto" means bf16 on CUDA and fp32 on CPU)
+IN_MODEL_IDENTITY = ("ckpt", "model_id", "seed", "proj_dim")
+SCORE_NEUTRAL = ("device",)
+
+
+def score_settings(loader_kwargs: dict, model: ColIntern) -> dict:
+    """Every setting that changes scores: all of load_encoder's keywords but the ones above. A new setting (pooling,
+    reranking, quantisation, scoring dtype) is a load_encoder keyword, so it lands in the result key by default."""
+    settings = {k: v for k, v in loader_kwargs.items() if k not in IN_MODEL_IDENTITY + SCORE_NEUTRAL}
+    settings["dtype"] = str(model.backbone.dtype).removeprefix("torch.")
+    return settings
+
+
+def result_key(model_hash: str, settings: dict, data_fingerprint: str | None) -> str:
+    """The one key cached results are filed under (mteb's model revision): the weights, the settings that change
+    scores, and the data (`files_fingerprint` of a local copy; None for hub data, pinned by mteb's task metadata).
+    mteb serves a cached result whenever the key matches, so everything that changes scores must be in it."""
+    import json
+    blob = json.dumps({"model": model_hash, "settings": settings, "data": data_fingerprint}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def files_fingerprint(folder: str) -> str:
+    """A cheap fingerprint of a local dataset copy: every file's path, size and modification time (hidden folders,
+    such as the download cache `hf download` keeps, left out). Editing a file (a corrected qrels) changes it."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            h.update(f"{os.path.relpath(path, folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# hub training sets -> the mteb tasks built from them, as mteb's own model metadata declares them
+# (mteb.models.model_implementations.colpali_models.COLPALI_TRAINING_DATA for vidore/colpali_train_set)
+MTEB_TRAINING_DATASETS = {COLPALI_TRAIN_SET: frozenset({"VidoreDocVQARetrieval", "VidoreInfoVQARetrieval",
+                                                        "VidoreTatdqaRetrieval", "VidoreArxivQARetrieval"})}
+
+
+def mteb_training_datasets(sources: list) -> set:
+    """Checkpoint lineage -> mteb's training_datasets: known hub sets, by their id or by a local copy's folder name
+    (the last part of the id, as --data_dir names copies)."""
+    out = set()
+    for source in sources:
+        for hub_id, tasks in MTEB_TRAINING_DATASETS.items():
+            if source == hub_id or os.path.basename(source.rstrip("/")) == hub_id.split("/")[-1]:
+                out |= tasks
+    return out
+
+
+def checkpoint_training_data(ckpt: str | None, ckpt_dict: dict | None) -> tuple[list, str]:
+    """-> (the datasets the weights were trained on, where that comes from): the lineage train.py records in the
+    checkpoint; for older checkpoints, whether the run's args.json names vidore/colpali_train_set."""
+    if ckpt_dict is None:
+        return [], "untrained heads"
+    recorded = ckpt_dict["meta"].get("training_data")
+    if recorded is not None:
+        return list(recorded), "checkpoint lineage"
+    guessed = [COLPALI_TRAIN_SET] if trained_on_colpali_set(ckpt) else []
+    return guessed, "from the run's args.json: the checkpoint predates recorded lineage"
 
 
 def trained_on_colpali_set(ckpt: str | None) -> bool:
@@ -212,16 +286,24 @@ class ColInternEncoder(AbsEncoder):
     """mteb encoder protocol around ColIntern: queries and pages in the training format, exact MaxSim scoring, and
     page embeddings cached by image content within a task (language subsets of one task share their pages)."""
 
-    def __init__(self, model: ColIntern, processor, model_meta, device="cpu"):
+    def __init__(self, model: ColIntern, processor, model_meta, device="cpu", result_identity=None,
+                 training_data=((), "")):
         self.model = model
         self.processor = processor
         self.mteb_model_meta = model_meta
         self.device = device
+        self.result_identity = result_identity  # (label, model hash, score settings): see result_key
+        self.training_data, self.lineage_from = training_data  # see checkpoint_training_data
         self.page_cache = {}  # page_key -> (Lp, D) float32 CPU tensor
         self._cache_task = None
         self.pages_encoded = 0
         self.page_cache_hits = 0
         self.queries_encoded = 0
+
+    def revision_for(self, data_fingerprint: str | None) -> str:
+        """The mteb revision of results on data with this fingerprint (None: hub data)."""
+        label, model_hash, settings = self.result_identity
+        return f"{label}-{result_key(model_hash, settings, data_fingerprint)}"
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
         from mteb.types import PromptType
@@ -281,11 +363,11 @@ class ColInternEncoder(AbsEncoder):
 
 
 def build_model_meta(model: ColIntern, model_id: str, revision: str, ckpt: str | None, loader_kwargs: dict,
-                     experiment_kwargs: dict | None):
+                     experiment_kwargs: dict | None, training_data: list):
     from mteb.models.model_meta import ModelMeta, ScoringFunction
     n_params = sum(p.numel() for p in model.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    on_colpali = trained_on_colpali_set(ckpt)
+    on_colpali = bool(mteb_training_datasets(training_data) & MTEB_TRAINING_DATASETS[COLPALI_TRAIN_SET])
     stamp = os.path.getmtime(ckpt) if ckpt else datetime.datetime.now().timestamp()
     text_config = model.backbone.config.text_config
     return ModelMeta(
@@ -298,8 +380,7 @@ def build_model_meta(model: ColIntern, model_id: str, revision: str, ckpt: str |
         public_training_data=f"https://huggingface.co/datasets/{COLPALI_TRAIN_SET}" if on_colpali else None,
         framework=["PyTorch", "Transformers"], reference=None,
         similarity_fn_name=ScoringFunction.MAX_SIM, use_instructions=True,
-        training_datasets=({"VidoreDocVQARetrieval", "VidoreInfoVQARetrieval", "VidoreTatdqaRetrieval",
-                            "VidoreArxivQARetrieval"} if on_colpali else set()),
+        training_datasets=mteb_training_datasets(training_data),
         adapted_from=model_id, modalities=["image", "text"], model_type=["late-interaction"],
         experiment_kwargs=experiment_kwargs or None,
     )
@@ -316,6 +397,7 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
                                                                 device_map=device_map, max_tiles=max_tiles)
         model_id = model.model_id
     else:
+        ckpt_dict = None
         if model_id is None:
             raise ValueError("pass --ckpt CKPT, or --model_id MODEL alone for the untrained baseline")
         model, processor = ColIntern.from_pretrained(model_id, proj_dim=proj_dim, lora=None,
@@ -324,11 +406,17 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
         torch.manual_seed(seed)
         model.query_head.reset_parameters()
         model.page_head.reset_parameters()
-    revision = model_revision(ckpt, model_id, model.max_tiles, seed=seed, proj_dim=model.proj_dim)
     loader_kwargs = {"ckpt": ckpt, "model_id": model_id, "device": device, "dtype": dtype,
                      "max_tiles": model.max_tiles, "seed": seed, "proj_dim": model.proj_dim}
-    meta = build_model_meta(model, model_id, revision, ckpt, loader_kwargs, experiment_kwargs)
-    return ColInternEncoder(model.eval(), processor, meta, device=device)
+    label, model_hash = model_identity(ckpt, model_id, seed=seed, proj_dim=model.proj_dim)
+    settings = score_settings(loader_kwargs, model)
+    training_data, lineage_from = checkpoint_training_data(ckpt, ckpt_dict)
+    encoder = ColInternEncoder(model.eval(), processor, None, device=device,
+                               result_identity=(label, model_hash, settings),
+                               training_data=(training_data, lineage_from))
+    encoder.mteb_model_meta = build_model_meta(model, model_id, encoder.revision_for(None), ckpt, loader_kwargs,
+                                               experiment_kwargs, training_data)
+    return encoder
 
 
 # -----------------------------------------------------------------------------
@@ -372,6 +460,23 @@ def select_tasks(benchmark_names, task_names) -> list:
     return selected
 
 
+def drop_private(groups: list) -> tuple[list, dict]:
+    """-> (the public tasks, {task name: why skipped} for the private ones), saying so in one line per benchmark.
+    mteb marks a task whose dataset is not public with `metadata.is_public = False` (ViDoRe(v3)'s Telecom and
+    Nuclear sets): nobody outside can download them, online or offline."""
+    public, skipped = [], {}
+    for bench, task in groups:
+        if task.metadata.is_public:
+            public.append((bench, task))
+        else:
+            skipped[task.metadata.name] = f"private dataset ({task.metadata.dataset['path']}), not public"
+    for bench in dict.fromkeys(b for b, t in groups if t.metadata.name in skipped):
+        names = [t.metadata.name for b, t in groups if b == bench and t.metadata.name in skipped]
+        print(f"{bench}: skipping {len(names)} private task(s) without a public dataset ({', '.join(names)}); "
+              f"its average covers the other tasks and is not the leaderboard's {bench} score")
+    return public, skipped
+
+
 def dataset_folder_name(task) -> str:
     return task.metadata.dataset["path"].rstrip("/").split("/")[-1]
 
@@ -386,28 +491,75 @@ def required_configs(task) -> list:
     return [c for s in task.hf_subsets for c in ((f"{s}-corpus",), (f"{s}-queries", "query"), (f"{s}-qrels",))]
 
 
-def check_hub_layout(folder: str, configs: list, splits, what: str) -> None:
-    """Raise, naming what is missing, unless `folder` holds the dataset configs and splits a loader needs."""
-    import datasets
-    try:
-        found = datasets.get_dataset_config_names(folder)
-    except Exception as e:
-        raise ValueError(f"{what}: {folder} is not a dataset folder in the hub layout ({e})") from e
-    missing = [" or ".join(alts) for alts in configs if not any(c in found for c in alts)]
+def check_hub_layout(folder: str, configs: list, splits, what: str, hint: str = "") -> None:
+    """Raise, naming the config and the path, unless `folder` holds every data file the loader will read: each
+    config in README.md's `configs:` block, each split's files on disk, as many rows as its `dataset_info` says.
+    datasets reads split names from the README without touching the files, so a partial download (only the English
+    configs, a missing shard) would pass its checks and die mid-evaluation."""
+    from datasets.data_files import resolve_pattern, sanitize_patterns
+    card = read_card(folder)
+    declared = {c.get("config_name", "default"): c for c in card.get("configs") or []}
+    missing = [" or ".join(alts) for alts in configs if not any(c in declared for c in alts)]
     if missing:
-        raise ValueError(f"{what}: {folder} lacks the dataset configs {missing} (it has {found}). It needs the hub "
-                         f"layout: a README.md whose `configs:` block maps each config to its parquet files "
+        raise ValueError(f"{what}: {folder} lacks the dataset configs {missing} (it has {list(declared)}). It needs "
+                         f"the hub layout: a README.md whose `configs:` block maps each config to its parquet files "
                          f"(e.g. corpus -> corpus/test-*.parquet), as `hf download ... --repo-type dataset` gives")
+    rows = expected_rows(card)
+    absent, short = [], []
     for alts in configs:
-        config = next(c for c in alts if c in found)
-        try:
-            have = datasets.get_dataset_split_names(folder, config)
-        except Exception as e:
-            raise ValueError(f"{what}: {folder} config {config!r} has no readable data files ({e}); "
-                             f"check the paths in its README.md configs block") from e
+        config = next(c for c in alts if c in declared)
+        if "data_files" not in declared[config]:
+            continue  # a data_dir config: datasets finds its files itself
+        have = sanitize_patterns(declared[config]["data_files"])
         lacking = [s for s in splits if s not in have]
         if lacking:
-            raise ValueError(f"{what}: {folder} config {config!r} has splits {have}, not {lacking}")
+            raise ValueError(f"{what}: {folder} config {config!r} has splits {list(have)}, not {lacking}")
+        for split in splits:
+            files = []
+            for pattern in have[split]:
+                try:
+                    files += resolve_pattern(pattern, folder)
+                except FileNotFoundError:
+                    absent.append(f"{config!r} ({pattern})")
+            found = parquet_rows(files)
+            if files and found is not None and rows.get((config, split), found) != found:
+                short.append(f"{config!r} split {split!r} has {found} of the {rows[(config, split)]} rows its "
+                             f"README lists ({len(files)} file(s))")
+    if absent:
+        raise FileNotFoundError(f"{what}: {folder} is incomplete: its README.md lists data files that are not there "
+                                f"(paths under the folder), for config {', '.join(absent[:6])}" +
+                                (f" and {len(absent) - 6} more" if len(absent) > 6 else "") +
+                                f". {hint or 'Copy the missing files.'}")
+    if short:
+        raise ValueError(f"{what}: {folder} is incomplete: {'; '.join(short)}. {hint or 'Copy the missing files.'}")
+
+
+def read_card(folder: str) -> dict:
+    """The YAML header of a dataset folder's README.md ({} without one)."""
+    from huggingface_hub.repocard import metadata_load
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        return metadata_load(path) or {}
+    except Exception as e:
+        raise ValueError(f"{path}: its YAML header cannot be read ({type(e).__name__}: {e})") from e
+
+
+def expected_rows(card: dict) -> dict:
+    """{(config, split): rows} from a README's `dataset_info` (one dict, or a list with config names)."""
+    infos = card.get("dataset_info") or []
+    infos = [infos] if isinstance(infos, dict) else infos
+    return {(info.get("config_name", "default"), split["name"]): split["num_examples"]
+            for info in infos for split in info.get("splits") or [] if "num_examples" in split}
+
+
+def parquet_rows(files: list) -> int | None:
+    """Rows in these parquet files, from their footers (None unless all are parquet)."""
+    if not files or not all(f.endswith(".parquet") for f in files):
+        return None
+    import pyarrow.parquet as pq
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def load_in_own_cache(task, folder: str) -> None:
@@ -430,7 +582,9 @@ def point_at_local_copy(task, data_dir: str) -> str:
             f"--data_dir {data_dir}: task {task.metadata.name} expects its dataset in {folder} (a copy of {hub_id}), "
             f"which does not exist. Get it with: hf download {hub_id} --repo-type dataset "
             f"--revision {task.metadata.dataset.get('revision')} --local-dir {folder}")
-    check_hub_layout(folder, required_configs(task), task.eval_splits, f"task {task.metadata.name}")
+    check_hub_layout(folder, required_configs(task), task.eval_splits, f"task {task.metadata.name}",
+                     hint=f"Get them with: hf download {hub_id} --repo-type dataset "
+                          f"--revision {task.metadata.dataset.get('revision')} --local-dir {folder}")
     # a copy on the instance: the class-level metadata (the hub id) stays as mteb registered it
     task.metadata = task.metadata.model_copy(deep=True)
     task.metadata.dataset["path"] = folder
@@ -556,36 +710,121 @@ def task_metrics(result) -> dict:
     return {m: float(result.get_score(getter=lambda scores, m=m: scores[m])) for m in METRICS}
 
 
-def summarize(groups: list, results: dict) -> dict:
-    """[(benchmark, task)] + {task name: TaskResult} -> {benchmark: {"tasks": {...}, "average": {...}}}."""
+def subset_metrics(result) -> dict:
+    """{language subset: {metric: value}} of a task with several (ViDoRe v2/v3); {} for a single-subset task."""
+    scores = [(split, score) for split, entries in result.scores.items() for score in entries]
+    if len(scores) < 2:
+        return {}
+    prefix = len(result.scores) > 1
+    return {(f"{split}/" if prefix else "") + score["hf_subset"]: {m: float(score[m]) for m in METRICS}
+            for split, score in scores}
+
+
+def summarize(groups: list, results: dict, skipped: dict, failed: dict) -> dict:
+    """[(benchmark, task)] (every task selected, private ones too) + {task: TaskResult} + {task: why skipped} +
+    {task: error} -> {benchmark: {"label", "tasks_run", "tasks_total", "tasks", "subsets", "average", "skipped",
+    "failed"}}. The average is over the tasks that ran; the label says how many of the benchmark's tasks that is."""
+    known = vidore_benchmarks()
     out = {}
     for bench, task in groups:
         name = task.metadata.name
-        entry = out.setdefault(bench, {"tasks": {}, "average": {}})
+        total = len(known[bench].tasks) if bench in known else sum(b == bench for b, _ in groups)
+        entry = out.setdefault(bench, {"label": bench, "tasks_run": 0, "tasks_total": total, "tasks": {},
+                                       "subsets": {}, "average": {}, "skipped": {}, "failed": {}})
         if name in results:
             entry["tasks"][name] = task_metrics(results[name])
+            if subsets := subset_metrics(results[name]):
+                entry["subsets"][name] = subsets
+        elif name in skipped:
+            entry["skipped"][name] = skipped[name]
         else:
-            entry.setdefault("skipped", []).append(name)
-    for entry in out.values():
+            entry["failed"][name] = failed.get(name, "no result")
+    for bench, entry in out.items():
         tasks = list(entry["tasks"].values())
+        entry["tasks_run"] = len(tasks)
         entry["average"] = {m: sum(t[m] for t in tasks) / len(tasks) for m in METRICS} if tasks else {}
+        left_out = [(len(entry["skipped"]), "private"), (len(entry["failed"]), "failed"),
+                    (entry["tasks_total"] - len(tasks) - len(entry["skipped"]) - len(entry["failed"]), "not selected")]
+        reasons = ", ".join(f"{n} {why}" for n, why in left_out if n)
+        entry["label"] = f"{bench}, {len(tasks)} of {entry['tasks_total']} tasks" + (f" ({reasons})" if reasons else "")
     return out
 
 
 def format_table(benchmarks: dict) -> str:
-    width = max([len("task")] + [len(t) for e in benchmarks.values() for t in e["tasks"]] + [len("average (99 tasks)")])
+    rows = [t for e in benchmarks.values() for t in [*e["tasks"], *e["skipped"], *e["failed"]]]
+    rows += ["  " + s for e in benchmarks.values() for subsets in e["subsets"].values() for s in subsets]
+    width = max(len(r) for r in ["task", "average (99 of 99 tasks)", *rows])
     head = f"{'task':<{width}}  " + "  ".join(f"{METRIC_LABELS[m]:>7}" for m in METRICS)
+
+    def row(name, metrics):
+        return f"{name:<{width}}  " + "  ".join(f"{100 * metrics[m]:7.2f}" for m in METRICS)
+
     lines = []
     for bench, entry in benchmarks.items():
-        lines += ["", f"{bench}  (scores x100)", head, "-" * len(head)]
+        lines += ["", f"{entry['label']}  (scores x100)", head, "-" * len(head)]
         for task, metrics in entry["tasks"].items():
-            lines.append(f"{task:<{width}}  " + "  ".join(f"{100 * metrics[m]:7.2f}" for m in METRICS))
+            lines.append(row(task, metrics))
+            lines += [row("  " + subset, m) for subset, m in entry["subsets"].get(task, {}).items()]
         if entry["average"]:
-            label = f"average ({len(entry['tasks'])} tasks)"
-            lines.append(f"{label:<{width}}  " + "  ".join(f"{100 * entry['average'][m]:7.2f}" for m in METRICS))
-        for task in entry.get("skipped", []):
-            lines.append(f"{task:<{width}}  skipped (see the error above), not in the average")
+            lines.append(row(f"average ({entry['tasks_run']} of {entry['tasks_total']} tasks)", entry["average"]))
+        lines += [f"{task:<{width}}  skipped: {why}; not in the average" for task, why in entry["skipped"].items()]
+        lines += [f"{task:<{width}}  FAILED (error below); not in the average" for task in entry["failed"]]
+        if entry["average"] and entry["tasks_run"] < entry["tasks_total"] and bench != LOCAL_BENCHMARK:
+            lines.append(f"the average covers {entry['tasks_run']} of {bench}'s {entry['tasks_total']} tasks: it is "
+                         f"not the {bench} score, which averages all of them")
     return "\n".join(lines)
+
+
+class TasksFailed(SystemExit):
+    """Raised by main once every other task has run and the summary is written: exit status 1 with a one-line
+    message. `summary` holds what main would have returned."""
+
+    def __init__(self, summary: dict):
+        failed = summary["failed"]
+        super().__init__(f"error: {len(failed)} task(s) failed: {'; '.join(f'{t}: {e}' for t, e in failed.items())}"
+                         f" (the other tasks' results are in the summary)")
+        self.summary = summary
+
+
+def one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def evaluate_each(encoder, tasks: list, data_fingerprints: dict, cache, predictions_root: str, overwrite: bool,
+                  batch_size: int) -> tuple[dict, dict, dict]:
+    """Run mteb on one task at a time under its own revision (result_key of the model, its settings and the task's
+    data), so a failing task loses only itself. -> ({task: TaskResult}, {task: error}, {task: ModelMeta})."""
+    import traceback
+    base = encoder.mteb_model_meta
+    results, failed, metas = {}, {}, {}
+    for i, task in enumerate(tasks, 1):
+        name = task.metadata.name
+        meta = base.model_copy(update={"revision": encoder.revision_for(data_fingerprints.get(name))})
+        metas[name] = encoder.mteb_model_meta = meta
+        print(f"[{i}/{len(tasks)}] {name}" + (f" (local data, revision {meta.revision})" if name in data_fingerprints
+                                               else ""))
+        try:
+            outcome = mteb.evaluate(
+                encoder, task, cache=cache, overwrite_strategy="always" if overwrite else "only-missing",
+                encode_kwargs={"batch_size": batch_size, "show_progress_bar": True},
+                prediction_folder=os.path.join(predictions_root, run_name(meta)), co2_tracker=False)
+        except Exception as e:
+            traceback.print_exc()
+            failed[name] = one_line(e)
+            print(f"task {name} failed ({failed[name]}); going on with the other tasks")
+            continue
+        finally:
+            encoder.mteb_model_meta = base
+        for error in outcome.exceptions or []:  # how mteb reports a private dataset it cannot load
+            failed[error.task_name] = " ".join(str(error.exception).split())
+        for result in outcome.task_results:
+            # read back what mteb stored (it rounds some scores when saving), so a resumed run reports the same
+            results[result.task_name] = cache.load_task_result(result.task_name, meta) or result
+    return results, failed, metas
+
+
+def run_name(meta) -> str:
+    return meta.revision + (f"__{meta.experiment_name}" if meta.experiment_name else "")
 
 
 # -----------------------------------------------------------------------------
@@ -596,11 +835,19 @@ def main(args):
         return None
 
     groups = select_tasks(args.benchmarks, args.tasks) if (args.benchmarks or args.tasks) else []
+    public, skipped = drop_private(groups)
+    data_fingerprints = {}  # task name -> files_fingerprint of its local data (hub data: none)
     if args.data_dir is not None:
-        for _, task in groups:
-            point_at_local_copy(task, args.data_dir)
-    groups += [(LOCAL_BENCHMARK, make_local_task(folder)) for folder in args.local_task or []]
-    tasks = list({task.metadata.name: task for _, task in groups}.values())  # a task in two benchmarks runs once
+        for _, task in public:
+            data_fingerprints[task.metadata.name] = files_fingerprint(point_at_local_copy(task, args.data_dir))
+    for folder in args.local_task or []:
+        task = make_local_task(folder)
+        data_fingerprints[task.metadata.name] = files_fingerprint(folder)
+        public.append((LOCAL_BENCHMARK, task))
+        groups.append((LOCAL_BENCHMARK, task))
+    if not public:
+        raise ValueError(f"nothing to evaluate: every task selected is private ({', '.join(skipped)})")
+    tasks = list({task.metadata.name: task for _, task in public}.values())  # a task in two benchmarks runs once
     subsample = {k: v for k, v in (("max_queries", args.max_queries), ("max_pages", args.max_pages)) if v}
     if subsample:
         subsample["subsample_seed"] = args.seed
@@ -611,36 +858,42 @@ def main(args):
                            max_tiles=args.max_tiles, seed=args.seed, proj_dim=args.proj_dim or 128,
                            experiment_kwargs=subsample)
     meta = encoder.mteb_model_meta
-    run_name = meta.revision + (f"__{meta.experiment_name}" if meta.experiment_name else "")
-    out_json = args.out_json or os.path.join("outputs", "eval", f"{run_name}.json")
-    predictions_dir = os.path.join(args.predictions_dir or os.path.splitext(out_json)[0] + "_predictions", run_name)
+    out_json = args.out_json or os.path.join("outputs", "eval", f"{run_name(meta)}.json")
+    predictions_root = args.predictions_dir or os.path.splitext(out_json)[0] + "_predictions"
     print(f"model {meta.name} revision {meta.revision}" + (f" ({meta.experiment_name})" if subsample else "") +
           f": {len(tasks)} tasks, results cache {args.results_dir}")
+    print(f"training data ({encoder.lineage_from}): {', '.join(encoder.training_data) or 'none'}; mteb "
+          f"training_datasets: {', '.join(sorted(meta.training_datasets)) or 'none (zero-shot)'}")
 
     cache = mteb.ResultCache(args.results_dir)
-    model_result = mteb.evaluate(
-        encoder, tasks, cache=cache, overwrite_strategy="always" if args.overwrite else "only-missing",
-        encode_kwargs={"batch_size": args.batch_size, "show_progress_bar": True}, prediction_folder=predictions_dir,
-        co2_tracker=False)
-    # read back what mteb stored (it rounds some scores when saving), so a resumed run reports the same numbers
-    results = {r.task_name: cache.load_task_result(r.task_name, meta) or r for r in model_result.task_results}
-    for error in model_result.exceptions:
-        print(f"task {error.task_name} failed and is left out: {error.exception}")
+    results, failed, metas = evaluate_each(encoder, tasks, data_fingerprints, cache, predictions_root,
+                                           args.overwrite, args.batch_size)
 
-    benchmarks = summarize(groups, results)
+    benchmarks = summarize(groups, results, skipped, failed)
     print(format_table(benchmarks))
     summary = {"ckpt": args.ckpt, "model_id": encoder.model.model_id, "revision": meta.revision,
-               "experiment": meta.experiment_name, "benchmarks": benchmarks}
+               "experiment": meta.experiment_name,
+               "task_revisions": {name: m.revision for name, m in metas.items()},
+               "training_data": list(encoder.training_data), "training_datasets": sorted(meta.training_datasets),
+               "failed": failed, "benchmarks": benchmarks}
     write_json(out_json, summary)
 
     print(f"\npages encoded {encoder.pages_encoded}, served from the page cache {encoder.page_cache_hits}; "
           f"queries encoded {encoder.queries_encoded}")
     print(f"summary:     {out_json}")
-    print(f"mteb cache:  {cache.get_task_result_path(tasks[0].metadata.name, meta).parent}")
-    predictions = [os.path.join(predictions_dir, t.prediction_file_name) for t in tasks]
+    folders = sorted({os.path.dirname(cache.get_task_result_path(name, m)) for name, m in metas.items()})
+    print(f"mteb cache:  {folders[0]}" if len(folders) == 1 else
+          f"mteb cache:  {os.path.join(args.results_dir, 'results', meta.model_name_as_path())} ({len(folders)} "
+          f"revision folders: local data is keyed by its files; the summary's task_revisions says which is where)")
+    predictions = [os.path.join(predictions_root, run_name(metas[t.metadata.name]), t.prediction_file_name)
+                   for t in tasks]
     written = [p for p in predictions if os.path.exists(p)]
-    print(f"predictions: {predictions_dir} ({len(written)} of {len(predictions)} tasks; tasks read from the cache "
+    print(f"predictions: {predictions_root} ({len(written)} of {len(predictions)} tasks; tasks read from the cache "
           f"keep the files of the run that computed them)")
+    for name, error in failed.items():
+        print(f"FAILED {name}: {error}")
+    if failed:
+        raise TasksFailed(summary)
     return summary
 
 

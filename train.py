@@ -625,6 +625,28 @@ def run_config(args, rows, batch_size, grad_accum, world, total_steps) -> dict:
             "total_steps": total_steps, "temperature": args.temperature, "optimizer": args.optimizer}
 
 
+def training_data_lineage(args, rows, ckpt: dict | None) -> list:
+    """Every dataset the weights this run saves were trained on, written into each checkpoint's meta (eval.py declares
+    it to mteb as training_datasets): --train_hub's name, or the datasets --train_jsonl's pseudo-paths point into (and
+    --root for plain image files), plus the lineage of the --resume_ckpt the run starts from."""
+    from colintern_model import PSEUDO_PATH
+    if args.train_hub:
+        sources = {args.train_hub}
+    else:
+        sources = set()
+        for ref in {ref for row in rows.rows for ref in [row["pos"], *row["negs"]]}:
+            m = PSEUDO_PATH.match(ref)
+            if m and not os.path.isfile(os.path.join(args.root, ref)):  # the order PageResolver resolves in
+                sources.add(m["dataset"])
+            else:
+                sources.add(f"image files under {os.path.abspath(args.root)}")
+    if ckpt is not None:
+        parent = ckpt["meta"].get("training_data")
+        sources.update(parent if parent is not None else
+                       [f"unrecorded: the training data of {args.resume_ckpt} (written before lineage was recorded)"])
+    return sorted(sources)
+
+
 def check_same_run(saved: dict, ours: dict, path: str) -> None:
     diffs = [f"{k}: snapshot {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
     if diffs:
@@ -702,6 +724,8 @@ def train(args, rank, world, device_map, say):
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     config = run_config(args, rows, batch_size, grad_accum, world, total_steps)
+    lineage = training_data_lineage(args, rows, ckpt)
+    say(f"checkpoints record the training data: {', '.join(lineage)}")
 
     encoder = QueryPageEncoder(model)
     if world > 1:
@@ -758,7 +782,7 @@ def train(args, rank, world, device_map, say):
         path = os.path.join(args.out_dir, name)
         if rank == 0:
             atomic_torch_save(checkpoint_dict(model, step=step_offset + run_step, epoch=epochs_done,
-                                              train_state=train_state(kind)), path)
+                                              train_state=train_state(kind), training_data=lineage), path)
         return path
 
     model.train()

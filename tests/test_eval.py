@@ -3,13 +3,14 @@ local hub-layout copy, the page cache across language subsets, resume from mteb'
 import json
 import math
 import os
+import shutil
 
 import datasets
 import pytest
 import torch
 
 import eval as colintern_eval
-from colintern_model import ColIntern, LoraSettings, save_checkpoint
+from colintern_model import ColIntern, LoraSettings, load_checkpoint, save_checkpoint
 from conftest import render_keyword_page
 
 KEYWORDS = ["apple", "river", "chart", "table", "market", "growth", "report", "energy", "revenue", "title"]
@@ -138,7 +139,7 @@ def test_local_task_metrics_match_independent_computation_and_resume(tmp_path, p
         assert reported[metric] == pytest.approx(value, abs=1e-5), metric
     assert 0 < reported["ndcg_at_5"] < 1 and reported["recall_at_1"] < reported["recall_at_10"]
     assert summary["benchmarks"]["local"]["average"] == reported
-    predictions = tmp_path / "out_predictions" / summary["revision"] / f"{task}_predictions.json"
+    predictions = tmp_path / "out_predictions" / summary["task_revisions"][task] / f"{task}_predictions.json"
     assert predictions.is_file()
 
     # a re-run finds every task in mteb's cache: nothing is encoded, the same numbers come back
@@ -168,26 +169,56 @@ def test_subsample_keeps_relevant_pages_of_kept_queries():
     assert len(tight["corpus"]) == 8  # relevant pages are never dropped, even past the cap
 
 
-def test_revision_follows_checkpoint_content(tmp_path, trained, tiny_model_dir):
+def test_result_key_follows_weights_settings_and_data(tmp_path, trained, tiny_model_dir):
     _, _, ckpt = trained
     copy = tmp_path / os.path.basename(ckpt)
     copy.write_bytes(open(ckpt, "rb").read())
-    same = colintern_eval.model_revision(str(copy), tiny_model_dir, 4)
-    assert same == colintern_eval.model_revision(ckpt, tiny_model_dir, 4)
-    copy.write_bytes(open(ckpt, "rb").read() + b"\0")  # any change of the file is a new revision
-    assert colintern_eval.model_revision(str(copy), tiny_model_dir, 4) != same
-    assert colintern_eval.model_revision(ckpt, tiny_model_dir, 2) != same
-    untrained = colintern_eval.model_revision(None, tiny_model_dir, 4, seed=0)
-    assert untrained.startswith("untrained-seed0-")
-    assert untrained != colintern_eval.model_revision(None, tiny_model_dir, 4, seed=1)
+    label, weights = colintern_eval.model_identity(str(copy), tiny_model_dir)
+    assert (label, weights) == colintern_eval.model_identity(ckpt, tiny_model_dir)
+    copy.write_bytes(open(ckpt, "rb").read() + b"\0")  # any change of the file is new weights
+    assert colintern_eval.model_identity(str(copy), tiny_model_dir)[1] != weights
+    untrained = colintern_eval.model_identity(None, tiny_model_dir, seed=0)
+    assert untrained[0] == "untrained-seed0"
+    assert untrained != colintern_eval.model_identity(None, tiny_model_dir, seed=1)
+
+    key = colintern_eval.result_key
+    settings = {"dtype": "float32", "max_tiles": 4}
+    same = key(weights, settings, None)
+    assert same == key(weights, dict(reversed(settings.items())), None)
+    others = [key(weights, dict(settings, max_tiles=2), None), key(weights, dict(settings, dtype="bfloat16"), None),
+              key(weights, settings, "data-a"), key(weights, settings, "data-b"), key(untrained[1], settings, None)]
+    assert len({same, *others}) == 6
+
+    # every load_encoder keyword is a setting unless it is part of the weights' identity or only says where to run,
+    # so a new one (pooling, say) changes the key without anyone remembering to add it
+    model = trained[0]
+    loader_kwargs = {"ckpt": ckpt, "model_id": tiny_model_dir, "device": "cuda:0", "dtype": "auto", "max_tiles": 4,
+                     "seed": 0, "proj_dim": 32}
+    assert colintern_eval.score_settings(loader_kwargs, model) == {"dtype": "float32", "max_tiles": 4}
+    assert colintern_eval.score_settings(dict(loader_kwargs, pool_factor=3), model)["pool_factor"] == 3
+
+
+def test_files_fingerprint_follows_paths_sizes_and_mtimes(tmp_path):
+    (tmp_path / "qrels").mkdir()
+    qrels = tmp_path / "qrels" / "test.parquet"
+    qrels.write_bytes(b"abc")
+    first = colintern_eval.files_fingerprint(str(tmp_path))
+    (tmp_path / ".cache").mkdir()  # hf download's own bookkeeping is not data
+    (tmp_path / ".cache" / "x").write_text("y")
+    assert colintern_eval.files_fingerprint(str(tmp_path)) == first
+    stat = os.stat(qrels)
+    qrels.write_bytes(b"abd")  # same size, same path
+    os.utime(qrels, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert colintern_eval.files_fingerprint(str(tmp_path)) != first
 
 
 def test_real_vidore_task_on_local_copy_via_data_dir(tmp_path, tiny_model_dir, pages, queries, counts):
     # the untrained baseline: seeded random heads, no LoRA
     data_dir = tmp_path / "vidore"
-    write_hub_layout(data_dir / "arxivqa_test_subsampled_beir", pages, queries, QRELS)
-    summary = run_eval(tmp_path, "--model_id", tiny_model_dir, "--seed", "3", "--tasks", "VidoreArxivQARetrieval",
-                       "--data_dir", str(data_dir))
+    copy = write_hub_layout(data_dir / "arxivqa_test_subsampled_beir", pages, queries, QRELS)
+    flags = ["--model_id", tiny_model_dir, "--seed", "3", "--tasks", "VidoreArxivQARetrieval", "--data_dir",
+             str(data_dir)]
+    summary = run_eval(tmp_path, *flags)
     reported = summary["benchmarks"]["ViDoRe(v1)"]["tasks"]["VidoreArxivQARetrieval"]
 
     assert counts == {"queries": len(queries), "pages": len(pages)}
@@ -196,8 +227,25 @@ def test_real_vidore_task_on_local_copy_via_data_dir(tmp_path, tiny_model_dir, p
     expected = independent_metrics(encoder.model, encoder.processor, queries, pages, QRELS)
     for metric, value in expected.items():
         assert reported[metric] == pytest.approx(value, abs=1e-5), metric
+    revision = summary["task_revisions"]["VidoreArxivQARetrieval"]
     model_folder = "colintern__" + os.path.basename(tiny_model_dir)
-    assert (tmp_path / "cache" / "results" / model_folder / summary["revision"] / "VidoreArxivQARetrieval.json").is_file()
+    assert (tmp_path / "cache" / "results" / model_folder / revision / "VidoreArxivQARetrieval.json").is_file()
+    assert summary["benchmarks"]["ViDoRe(v1)"]["label"] == "ViDoRe(v1), 1 of 10 tasks (9 not selected)"
+
+    # a corrected qrels file, the same --results_dir: evaluated afresh on the new data, never the cached score
+    corrected = [(i, (i + 1) % 10) for i in range(8)]
+    datasets.Dataset.from_dict({"query-id": [q for q, _ in corrected], "corpus-id": [p for _, p in corrected],
+                                "score": [1] * len(corrected)}).to_parquet(
+        os.path.join(copy, "qrels", "test-00000-of-00001.parquet"))
+    counts.update(queries=0, pages=0)
+    again = run_eval(tmp_path, *flags)
+    assert counts == {"queries": len(queries), "pages": len(pages)}
+    assert again["task_revisions"]["VidoreArxivQARetrieval"] != revision
+    rescored = again["benchmarks"]["ViDoRe(v1)"]["tasks"]["VidoreArxivQARetrieval"]
+    expected = independent_metrics(encoder.model, encoder.processor, queries, pages, corrected)
+    for metric, value in expected.items():
+        assert rescored[metric] == pytest.approx(value, abs=1e-5), metric
+    assert rescored != reported
 
 
 def test_page_cache_encodes_each_page_once_across_languages(tmp_path, tiny_model_dir, pages, counts):
@@ -217,32 +265,162 @@ def test_page_cache_encodes_each_page_once_across_languages(tmp_path, tiny_model
     assert subsets == set(languages)
 
 
-def test_v3_task_loads_per_language_configs_and_shares_pages(tmp_path, tiny_model_dir, pages, counts):
-    # ViDoRe v3 goes through mteb's generic loader: configs '<language>-corpus/-queries/-qrels', one corpus per
-    # language (same pages), so only the content-keyed cache keeps it to one forward per page
-    languages = ["french", "spanish", "english", "german", "italian", "portuguese"]
-    folder = tmp_path / "vidore" / "vidore_v3_hr_mteb_format"
-    configs = []
+V3_LANGUAGES = ["french", "spanish", "english", "german", "italian", "portuguese"]
+
+
+def v3_queries(lang):
+    """Two queries per language, on different pages for each language, so a mix-up of languages shows."""
+    i = V3_LANGUAGES.index(lang)
+    return [(f"{lang}{j}", f"Which page is about {KEYWORDS[(i + j) % 4]}?", f"c{(i + j) % 4}") for j in range(2)]
+
+
+def write_v3_layout(folder, pages, languages=V3_LANGUAGES, readme=True, dataset_info=False):
+    """A ViDoRe v3 copy as mteb's generic loader reads it: configs '<language>-corpus/-queries/-qrels', one corpus per
+    language (the same 4 pages), a README configs block (and, like the hub's, a dataset_info block with row counts)."""
+    configs, infos = [], []
     for lang in languages:
+        rows = v3_queries(lang)
         parts = {
             "corpus": datasets.Dataset.from_dict({"id": [f"c{i}" for i in range(4)], "image": pages[:4]})
             .cast_column("image", datasets.Image()),
-            "queries": datasets.Dataset.from_dict({"id": [f"{lang}{i}" for i in range(2)],
-                                                   "text": [f"Which page is about {KEYWORDS[i]}?" for i in range(2)]}),
-            "qrels": datasets.Dataset.from_dict({"query-id": [f"{lang}0", f"{lang}1"], "corpus-id": ["c0", "c1"],
-                                                 "score": [1, 1]}),
+            "queries": datasets.Dataset.from_dict({"id": [q for q, _, _ in rows], "text": [t for _, t, _ in rows]}),
+            "qrels": datasets.Dataset.from_dict({"query-id": [q for q, _, _ in rows],
+                                                 "corpus-id": [c for _, _, c in rows], "score": [1] * len(rows)}),
         }
         for name, ds in parts.items():
             os.makedirs(folder / lang / name)
             ds.to_parquet(str(folder / lang / name / "test-00000-of-00001.parquet"))
-            configs.append(f"- config_name: {lang}-{name}\n  data_files:\n  - split: test\n    path: {lang}/{name}/test-*\n")
+            configs.append(f"- config_name: {lang}-{name}\n  data_files:\n  - split: test\n"
+                           f"    path: {lang}/{name}/test-*\n")
+            infos.append(f"- config_name: {lang}-{name}\n  splits:\n  - name: test\n    num_examples: {len(ds)}\n")
+    if readme:
+        (folder / "README.md").write_text("---\n" + ("dataset_info:\n" + "".join(infos) if dataset_info else "") +
+                                          "configs:\n" + "".join(configs) + "---\n")
+    return folder
+
+
+def test_v3_task_loads_per_language_configs_and_shares_pages(tmp_path, tiny_model_dir, pages, counts):
+    # ViDoRe v3 goes through mteb's generic loader: one corpus per language (same pages), so only the content-keyed
+    # cache keeps it to one forward per page
+    folder = write_v3_layout(tmp_path / "vidore" / "vidore_v3_hr_mteb_format", pages, readme=False)
     flags = ["--model_id", tiny_model_dir, "--tasks", "Vidore3HrRetrieval", "--data_dir", str(tmp_path / "vidore")]
     with pytest.raises(ValueError, match="lacks the dataset configs.*french-corpus"):
         run_eval(tmp_path, *flags)  # no README configs block yet
-    (folder / "README.md").write_text("---\nconfigs:\n" + "".join(configs) + "---\n")
+    shutil.rmtree(folder)
+    write_v3_layout(folder, pages)
     summary = run_eval(tmp_path, *flags)
     assert "Vidore3HrRetrieval" in summary["benchmarks"]["ViDoRe(v3)"]["tasks"]
-    assert counts == {"queries": 2 * len(languages), "pages": 4}
+    assert counts == {"queries": 2 * len(V3_LANGUAGES), "pages": 4}
+
+
+def test_incomplete_local_copy_names_the_missing_config_before_encoding(tmp_path, tiny_model_dir, pages, counts):
+    # the hub README lists every language's configs and row counts; only the English files were downloaded
+    folder = write_v3_layout(tmp_path / "vidore" / "vidore_v3_hr_mteb_format", pages, dataset_info=True)
+    for lang in V3_LANGUAGES:
+        if lang != "english":
+            shutil.rmtree(folder / lang)
+    flags = ["--model_id", tiny_model_dir, "--tasks", "Vidore3HrRetrieval", "--data_dir", str(tmp_path / "vidore")]
+    with pytest.raises(FileNotFoundError) as error:
+        run_eval(tmp_path, *flags)
+    message = str(error.value)
+    assert "\n" not in message and str(folder) in message and "config 'french-corpus' (french/corpus/test-*)" in message
+    assert "and 9 more" in message and "hf download vidore/vidore_v3_hr_mteb_format" in message
+    assert counts == {"queries": 0, "pages": 0}
+
+    # every file there, one shard short of the rows the README lists
+    shutil.rmtree(folder)
+    write_v3_layout(folder, pages, dataset_info=True)
+    readme = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(readme.replace("config_name: german-queries\n  splits:\n  - name: test\n"
+                                                     "    num_examples: 2", "config_name: german-queries\n  splits:\n"
+                                                     "  - name: test\n    num_examples: 3"))
+    with pytest.raises(ValueError, match=r"'german-queries' split 'test' has 2 of the 3 rows"):
+        run_eval(tmp_path, *flags)
+    assert counts == {"queries": 0, "pages": 0}
+
+
+class FakeResult:
+    """What summarize reads of an mteb TaskResult: scores[split] = [{hf_subset, metric: value}], get_score."""
+
+    def __init__(self, value):
+        self.scores = {"test": [{"hf_subset": "default", **dict.fromkeys(colintern_eval.METRICS, value)}]}
+
+    def get_score(self, getter):
+        return getter(self.scores["test"][0])
+
+
+def test_v3_average_is_labelled_as_the_public_tasks_only(capsys):
+    groups = colintern_eval.select_tasks(["ViDoRe(v3)"], None)
+    public, skipped = colintern_eval.drop_private(groups)
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and "Vidore3TelecomRetrieval, Vidore3NuclearRetrieval" in line
+    assert set(skipped) == {"Vidore3TelecomRetrieval", "Vidore3NuclearRetrieval"} and len(public) == 8
+    results = {task.metadata.name: FakeResult(0.1 * i) for i, (_, task) in enumerate(public)}
+    entry = colintern_eval.summarize(groups, results, skipped, {})["ViDoRe(v3)"]
+    assert entry["label"] == "ViDoRe(v3), 8 of 10 tasks (2 private)"
+    assert (entry["tasks_run"], entry["tasks_total"], set(entry["skipped"])) == (8, 10, set(skipped))
+    assert entry["average"]["ndcg_at_10"] == pytest.approx(sum(0.1 * i for i in range(8)) / 8)
+    table = colintern_eval.format_table({"ViDoRe(v3)": entry})
+    assert "ViDoRe(v3), 8 of 10 tasks (2 private)  (scores x100)" in table and "not the ViDoRe(v3) score" in table
+
+
+def test_private_skipped_failure_isolated_and_languages_reported(tmp_path, tiny_model_dir, pages, queries, counts,
+                                                                 monkeypatch):
+    data_dir = tmp_path / "vidore"
+    write_v3_layout(data_dir / "vidore_v3_hr_mteb_format", pages)
+    write_hub_layout(data_dir / "arxivqa_test_subsampled_beir", pages, queries, QRELS)
+    encode = colintern_eval.ColInternEncoder.encode
+
+    def encode_failing_on_arxivqa(self, inputs, *, task_metadata, **kwargs):
+        if task_metadata.name == "VidoreArxivQARetrieval":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return encode(self, inputs, task_metadata=task_metadata, **kwargs)
+    monkeypatch.setattr(colintern_eval.ColInternEncoder, "encode", encode_failing_on_arxivqa)
+
+    # the failing task comes first: the others still run; private tasks are skipped offline without a copy
+    with pytest.raises(colintern_eval.TasksFailed) as failure:
+        run_eval(tmp_path, "--model_id", tiny_model_dir, "--data_dir", str(data_dir), "--tasks",
+                 "VidoreArxivQARetrieval", "Vidore3TelecomRetrieval", "Vidore3HrRetrieval", "Vidore3NuclearRetrieval")
+    summary = failure.value.summary
+    assert "VidoreArxivQARetrieval: RuntimeError: CUDA out of memory" in failure.value.code  # exit status 1
+    assert json.loads((tmp_path / "out.json").read_text()) == summary
+    assert summary["failed"] == {"VidoreArxivQARetrieval": "RuntimeError: CUDA out of memory (simulated)"}
+    v1, v3 = summary["benchmarks"]["ViDoRe(v1)"], summary["benchmarks"]["ViDoRe(v3)"]
+    assert v1["failed"] == summary["failed"] and v1["tasks"] == {} and v1["average"] == {}
+    assert v3["label"] == "ViDoRe(v3), 1 of 10 tasks (2 private, 7 not selected)"
+    assert set(v3["skipped"]) == {"Vidore3TelecomRetrieval", "Vidore3NuclearRetrieval"}
+
+    assert counts == {"queries": 2 * len(V3_LANGUAGES), "pages": 4}
+
+    # per-language scores beside the task's average, each against an independent computation on that language
+    languages = v3["subsets"]["Vidore3HrRetrieval"]
+    assert set(languages) == set(V3_LANGUAGES)
+    encoder = colintern_eval.load_encoder(model_id=tiny_model_dir, seed=0)
+    for lang, reported in languages.items():
+        rows = v3_queries(lang)
+        expected = independent_metrics(encoder.model, encoder.processor, [t for _, t, _ in rows], pages[:4],
+                                       [(j, int(c[1:])) for j, (_, _, c) in enumerate(rows)])
+        for metric, value in expected.items():
+            assert reported[metric] == pytest.approx(value, abs=1e-5), (lang, metric)
+    task = v3["tasks"]["Vidore3HrRetrieval"]
+    assert task["ndcg_at_10"] == pytest.approx(sum(m["ndcg_at_10"] for m in languages.values()) / len(languages))
+
+
+def test_training_datasets_follow_the_checkpoint_lineage(tmp_path, trained, tiny_model_dir):
+    from mteb.models.model_implementations.colpali_models import COLPALI_TRAINING_DATA
+    assert colintern_eval.MTEB_TRAINING_DATASETS["vidore/colpali_train_set"] == COLPALI_TRAINING_DATA
+    model, _, old = trained
+    lineage = str(tmp_path / "mined_from_colpali.pt")
+    save_checkpoint(lineage, model, step=20, epoch=2, training_data=["vidore/colpali_train_set", "/data/other"])
+    encoder = colintern_eval.load_encoder(ckpt=lineage)
+    assert encoder.mteb_model_meta.training_datasets == COLPALI_TRAINING_DATA
+    assert encoder.training_data == ["/data/other", "vidore/colpali_train_set"]
+    # a local copy named as --data_dir names it counts too; other data maps to nothing
+    assert colintern_eval.mteb_training_datasets(["/copies/colpali_train_set/"]) == COLPALI_TRAINING_DATA
+    assert colintern_eval.mteb_training_datasets(["outputs/synthetic/train"]) == set()
+    # a checkpoint from before lineage was recorded still loads; its run's args.json is the only clue
+    assert "training_data" not in load_checkpoint(old)["meta"]
+    assert colintern_eval.load_encoder(ckpt=old).mteb_model_meta.training_datasets == set()
 
 
 def test_list_prints_vidore_benchmarks_and_tasks(capsys):

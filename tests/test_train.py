@@ -270,6 +270,39 @@ def test_warm_start_from_epoch_checkpoint_on_new_data(straight_run, tiny_model_d
     assert all((before[k] - after[k]).abs().max() < 2 * 2e-3 for k in before)
 
 
+def test_checkpoints_record_training_data_lineage(tiny_model_dir, pages, tmp_path):
+    # epoch 1 on a local copy of colpali_train_set, epoch 2 on a JSONL mined from it, warm-started from epoch 1
+    hub = save_hub_folder(tmp_path / "colpali_train_set", WORDS[:8])
+    flags = ["--model_id", tiny_model_dir, "--batch_size", 4, "--optimizer", "adamw", "--num_workers", 0,
+             "--save_every", 0, "--warmup_steps", 1]
+    run_train(*flags, "--train_hub", hub, "--out_dir", tmp_path / "e1")
+    epoch1 = str(tmp_path / "e1" / "colintern_heads_epoch1.pt")
+    assert load_checkpoint(epoch1)["meta"]["training_data"] == [hub]
+    mined = write_jsonl(tmp_path / "mined.jsonl", [{"query": query(w), "pos": pseudo_path(hub, "train", i),
+                                                    "negs": [pseudo_path(hub, "train", (i + 1) % 8)]}
+                                                   for i, w in enumerate(WORDS[:8])])
+    run_train(*flags, "--train_jsonl", mined, "--num_negs", 1, "--resume_ckpt", epoch1, "--out_dir", tmp_path / "e2")
+    epoch2 = str(tmp_path / "e2" / "colintern_heads_epoch2.pt")
+    assert load_checkpoint(epoch2)["meta"]["training_data"] == [hub]
+
+    # eval.py then declares it trained on colpali_train_set, not zero-shot
+    import eval as colintern_eval
+    from mteb.models.model_implementations.colpali_models import COLPALI_TRAINING_DATA
+    sources, where = colintern_eval.checkpoint_training_data(epoch2, load_checkpoint(epoch2))
+    assert where == "checkpoint lineage" and colintern_eval.mteb_training_datasets(sources) == COLPALI_TRAINING_DATA
+
+    # a JSONL mixing image files and pseudo-paths; a warm start from a checkpoint older than lineage says so
+    args = train.parse_args([str(f) for f in base_flags(tiny_model_dir, pages, tmp_path / "e3",
+                                                         **{"--resume_ckpt": epoch1})])
+    rows = train.JsonlTriples(pages["jsonl"], pages["root"], num_negs=1, seed=0)
+    assert train.training_data_lineage(args, rows, None) == sorted([pages["hub"],
+                                                                   f"image files under {pages['root']}"])
+    old = load_checkpoint(epoch1)
+    del old["meta"]["training_data"]
+    lineage = train.training_data_lineage(args, rows, old)
+    assert len(lineage) == 3 and any(s.startswith("unrecorded:") and epoch1 in s for s in lineage)
+
+
 def test_step_snapshot_with_other_data_or_flags_is_refused(straight_run, pages, tmp_path):
     snapshot = straight_run["out"] / "colintern_heads_step3.pt"
     flags = [f if f != str(straight_run["out"]) else str(tmp_path) for f in straight_run["flags"]]
