@@ -44,7 +44,7 @@ import re
 
 import torch
 
-from colintern_cli import ArgumentParser, existing_file, run_cli, validated
+from colintern_cli import ArgumentParser, existing_file, one_line, run_cli, validated
 from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, check_model_id, datasets_cache_for,
                              maxsim_scores, write_json)
 
@@ -786,8 +786,8 @@ class TasksFailed(SystemExit):
         self.summary = summary
 
 
-def one_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+def error_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {one_line(str(error))}"
 
 
 def evaluate_each(encoder, tasks: list, data_fingerprints: dict, cache, predictions_root: str, overwrite: bool,
@@ -810,7 +810,7 @@ def evaluate_each(encoder, tasks: list, data_fingerprints: dict, cache, predicti
                 prediction_folder=os.path.join(predictions_root, run_name(meta)), co2_tracker=False)
         except Exception as e:
             traceback.print_exc()
-            failed[name] = one_line(e)
+            failed[name] = error_line(e)
             print(f"task {name} failed ({failed[name]}); going on with the other tasks")
             continue
         finally:
