@@ -2,6 +2,7 @@
 user's mistakes and with one for bugs, --help that shows every default and loads no heavy library, sparse progress
 lines in logs. Subprocesses only where a fresh interpreter is the point (which modules a script imports, its real
 entry point); everything else runs in-process through run_cli."""
+import importlib
 import json
 import os
 import re
@@ -174,6 +175,14 @@ def test_help_description_keeps_its_example_lines(probed):
 
 def test_remote_code_internvl_ids_are_refused_by_name_without_the_hub(monkeypatch, tmp_path, capsys):
     import transformers.utils
+    # transformers' modules bind cached_file when first imported: import them now, so that none binds the fake
+    # below and keeps it after this test (later tests would then load nothing)
+    from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer  # noqa: F401
+    for name in ("configuration_utils", "modeling_utils", "processing_utils", "tokenization_utils_base",
+                 "image_processing_base", "feature_extraction_utils", "video_processing_utils",
+                 "models.auto.processing_auto", "models.auto.image_processing_auto", "models.auto.tokenization_auto",
+                 "models.auto.video_processing_auto", "models.auto.feature_extraction_auto"):
+        importlib.import_module(f"transformers.{name}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub_calls = []
 
