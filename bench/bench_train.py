@@ -6,10 +6,10 @@
     # gradient caching (train.py --grad_accum): one optimizer step at contrastive batches C, as C/--micro cached
     # micro-batches, against plain batches of C
     python bench/bench_train.py --contrastive 4,8,16 --micro 2 --plain 4,8
-    python bench/bench_train.py --size 1b --device cuda --contrastive 32,64,128,256 --micro 16 --plain 16,32 \
-        --gradient_checkpointing --lora_dropout 0.1 --steps 3
+    python bench/bench_train.py --size 1b --device cuda --contrastive 32,64,128,256 --micro 16 --plain 16,32,64 \
+        --gradient_checkpointing --lora_dropout 0.1 --steps 2 --warmup 1        # what bench/gpu.sh runs
 
-Default mode: sweeps batch size x gradient checkpointing {off, on} x LoRA {off, on} and prints one line per configuration:
+Default mode: sweeps batch size x gradient checkpointing {off, on} x LoRA {off, on}, one line per configuration:
 samples/s (queries per second, each with its positive page; collation excluded, as DataLoader workers do it in
 parallel), peak memory (CUDA: max_memory_allocated; CPU: peak RSS of this process, VmHWM, reset before each
 configuration), model FLOPs utilisation on CUDA, and the ratio to heads-only without checkpointing at that batch.
@@ -178,27 +178,36 @@ def linear_params(module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
-def model_flops(model: ColIntern, batch: dict, lora: bool) -> float:
-    """Model FLOPs of one training step on `batch` (see the module docstring)."""
+def forward_flops(model: ColIntern, inputs: dict) -> tuple:
+    """Forward FLOPs of the backbone on one processed batch of queries or pages (see the module docstring)
+    -> (vision tower + projector FLOPs, language model FLOPs, real tokens)."""
     cfg = model.backbone.config
     vis, txt = cfg.vision_config, cfg.text_config
-    pixel_values = batch["pages"]["pixel_values"]
-    tiles = pixel_values.shape[0]
-    patch = vis.patch_size[0] if isinstance(vis.patch_size, (list, tuple)) else vis.patch_size
-    tile_tokens = (pixel_values.shape[-1] // patch) ** 2 + 1  # + class token
-    conv = 3 * patch ** 2 * vis.hidden_size * (tile_tokens - 1)
-    vision = tiles * (2 * linear_params(model.backbone.vision_tower) * tile_tokens + 2 * conv
-                      + 4 * vis.num_hidden_layers * tile_tokens ** 2 * vis.hidden_size)
-    vision += 2 * linear_params(model.backbone.multi_modal_projector) * tiles * cfg.image_seq_length
+    vision = 0.0
+    if "pixel_values" in inputs:
+        pixel_values = inputs["pixel_values"]
+        tiles = pixel_values.shape[0]
+        patch = vis.patch_size[0] if isinstance(vis.patch_size, (list, tuple)) else vis.patch_size
+        tile_tokens = (pixel_values.shape[-1] // patch) ** 2 + 1  # + class token
+        conv = 3 * patch ** 2 * vis.hidden_size * (tile_tokens - 1)
+        vision = tiles * (2 * linear_params(model.backbone.vision_tower) * tile_tokens + 2 * conv
+                          + 4 * vis.num_hidden_layers * tile_tokens ** 2 * vis.hidden_size)
+        vision += 2 * linear_params(model.backbone.multi_modal_projector) * tiles * cfg.image_seq_length
     p_lm = linear_params(model.backbone.language_model)
     d_attn = txt.num_attention_heads * txt.head_dim
     lm, tokens = 0.0, 0
-    for part in ("queries", "pages"):
-        for s in batch[part]["attention_mask"].sum(dim=1).tolist():  # real tokens per sequence
-            lm += 2 * p_lm * s + 4 * txt.num_hidden_layers * s ** 2 * d_attn
-            tokens += s
-    heads = 6 * model.hidden_size * model.proj_dim * tokens
-    return vision + lm * (2 if lora else 1) + heads
+    for s in inputs["attention_mask"].sum(dim=1).tolist():  # real tokens per sequence
+        lm += 2 * p_lm * s + 4 * txt.num_hidden_layers * s ** 2 * d_attn
+        tokens += s
+    return vision, lm, tokens
+
+
+def model_flops(model: ColIntern, batch: dict, lora: bool) -> float:
+    """Model FLOPs of one training step on `batch` (see the module docstring)."""
+    _, lm_q, tokens_q = forward_flops(model, batch["queries"])
+    vision, lm_p, tokens_p = forward_flops(model, batch["pages"])
+    heads = 6 * model.hidden_size * model.proj_dim * (tokens_q + tokens_p)
+    return vision + (lm_q + lm_p) * (2 if lora else 1) + heads
 
 
 def loss_flops(n_queries: int, n_pages: int, query_len: int, page_len: int, dim: int) -> float:
