@@ -31,8 +31,9 @@ gradient caching ("cached"), and each --plain C as one batch without caching ("p
 time per step, samples/s, peak memory and its growth over the memory in use just before the step (CUDA:
 max_memory_allocated after a reset, over memory_allocated; CPU: peak RSS (VmHWM reset) over RSS, with glibc's mmap
 threshold fixed at 128 KiB so that freed activations go back to the OS and RSS follows the live tensors), that
-growth as a multiple of the smallest C's of the same kind, and MFU on CUDA (model FLOPs as above, summed over the
-micro-batches, plus the loss's MaxSim matmul 2 C Np Lq Lp D; caching's second forward is recomputation, not counted).
+growth as a multiple of the smallest C's of the same kind (and, on a plain line, the cached growth at that C as a
+multiple of the plain one), and MFU on CUDA (model FLOPs as above, summed over the micro-batches, plus the loss's
+MaxSim matmul 2 C Np Lq Lp D; caching's second forward is recomputation, not counted).
 With caching the growth should stay near one micro-batch's activations plus what the "expected" line prints for C:
 the cached embeddings and their gradients, C x (Lq + (1 + num_negs) x Lp) x D x 4 bytes x 2, and the loss's
 (C, Np, Lq) maxima, argmax indices and gradient weights plus its similarity blocks. Without caching it grows with C.
@@ -322,7 +323,7 @@ def contrastive_sweep(args, backbone, processor, page_size, device):
         optimizer.zero_grad(set_to_none=True)
     del warm
     kind = "GPU" if device.type == "cuda" else "RSS"
-    smallest, shown = {}, set()
+    smallest, growths, shown = {}, {}, set()
     for c, micro, caching in configs:
         micro_batches, _ = make_batches(processor, micro, args.num_negs, page_size, n=c // micro)
         micro_batches = [to_device(b, device) for b in micro_batches]
@@ -331,9 +332,12 @@ def contrastive_sweep(args, backbone, processor, page_size, device):
             shown.add(c)
         label = (f"C {c:4d} micro {micro:3d} {'cached' if caching else 'plain '} "
                  f"({len(micro_batches)} x {micro} queries)")
+        fits = True
         try:
             seconds, peak, before = measure_step(encoder, optimizer, micro_batches, args.steps, device)
         except torch.cuda.OutOfMemoryError:
+            fits = False  # leave the except block first, so the exception's frames (and tensors) are freed
+        if not fits:
             optimizer.zero_grad(set_to_none=True)
             print(f"{label}: out of GPU memory", flush=True)
             del micro_batches
@@ -341,10 +345,13 @@ def contrastive_sweep(args, backbone, processor, page_size, device):
             torch.cuda.empty_cache()
             continue
         growth = peak - before
+        growths[(c, caching)] = growth
         base_c, base_growth = smallest.setdefault(caching, (c, growth))
-        line = (f"{label}: step {seconds:8.2f} s, {c / seconds:8.2f} samples/s, peak {kind} {peak:8.0f} MiB, "
-                f"+{growth:7.0f} MiB over the {before:.0f} MiB before the step, growth x{growth / base_growth:.2f} "
-                f"vs C {base_c} {'cached' if caching else 'plain'}")
+        line = (f"{label}: step {seconds:8.2f} s, {c / seconds:8.3g} samples/s, peak {kind} {peak:8.0f} MiB, "
+                f"+{growth:7.0f} MiB over the {before:.0f} MiB before the step, growth "
+                f"{ratio_text(growth, base_growth)} vs C {base_c} {'cached' if caching else 'plain'}")
+        if not caching and (c, True) in growths:
+            line += f", {ratio_text(growths[(c, True)], growth)} with caching"
         if device.type == "cuda":
             b0 = micro_batches[0]
             flops = sum(model_flops(model, b, lora=True) for b in micro_batches) + loss_flops(
@@ -356,6 +363,10 @@ def contrastive_sweep(args, backbone, processor, page_size, device):
         del micro_batches
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def ratio_text(a: float, b: float) -> str:
+    return f"x{a / b:.2f}" if b > 0 else "x n/a (no growth to compare with)"
 
 
 def to_device(batch: dict, device) -> dict:

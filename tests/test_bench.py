@@ -31,12 +31,12 @@ def test_gpu_sh_quick_prints_every_figure_and_skips_what_is_missing(tmp_path):
     assert done.returncode == 0, out + done.stderr
     for module in GPU_MACHINE_LACKS.split(",")[:3]:
         assert f"package {module}: MISSING (treated as missing" in out
-    number = r"[0-9.]+"
+    number = r"[0-9.]+(?:e[+-]?\d+)?"
     expected = [
         rf"^\[a\] C    4 micro   2 cached \(2 x 2 queries\): step +{number} s, +{number} samples/s, peak RSS +{number} "
         rf"MiB, \+ *-?{number} MiB over the {number} MiB before the step, growth x{number} vs C 4 cached$",
         rf"^\[a\] C    8 micro   2 cached \(4 x 2 queries\): .* growth x-?{number} vs C 4 cached$",
-        r"^\[a\] C    4 micro   4 plain  \(1 x 4 queries\): .* growth x1.00 vs C 4 plain$",
+        r"^\[a\] C    4 micro   4 plain  \(1 x 4 queries\): .* growth x1.00 vs C 4 plain, x-?[0-9.]+ with caching$",
         rf"^\[a\] expected C 8: embeddings \(values \+ grads\) 8 x \(Lq \d+ \+ 1 x Lp \d+\) x D 128 x 4 B x 2 = "
         rf"{number} MiB; loss .* together {number} MiB$",
         rf"^\[b\] colintern fp32: {number} s, {number} GFLOP/s .* top-10 identical to the reference for 100% of "
@@ -54,14 +54,6 @@ def test_gpu_sh_quick_prints_every_figure_and_skips_what_is_missing(tmp_path):
     missing = [p for p in expected if not re.search(p, out, flags=re.MULTILINE)]
     assert not missing, f"lines not printed: {missing}\n--- output:\n{out}"
     assert (tmp_path / "logs" / "a.out").read_text() in re.sub(r"(?m)^\[a\] ", "", out)
-
-
-def test_gpu_sh_refuses_a_cpu_without_quick(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", COLINTERN_BENCH_LOGS=str(tmp_path))
-    done = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh")], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 2
-    assert "no CUDA device; on a CPU run bash bench/gpu.sh --quick" in done.stderr
 
 
 @pytest.mark.parametrize("argv, message", [
