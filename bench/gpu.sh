@@ -158,20 +158,18 @@ fi
 # --- (b) MaxSim scorer, with colpali-engine if its wheel was carried
 PEERS=""
 wheel="$(ls "$WHEELS"/colpali_engine-*.whl 2>/dev/null | sort -V | tail -n 1)"
-if [[ ",${COLINTERN_BENCH_MISSING:-}," == *",colpali_engine,"* ]]; then
-    echo "skip: colpali-engine peer (treated as missing, COLINTERN_BENCH_MISSING): (b) times ColIntern's scorers only"
-elif [[ -n "$wheel" ]]; then
+if [[ -n "$wheel" ]]; then
     PEERS="$(mktemp -d -t colintern_bench_peers.XXXXXX)"
     if "$PY" -m pip install --quiet --no-deps --no-index --target "$PEERS" "$wheel" >"$LOGS/pip.log" 2>&1; then
         echo "colpali-engine peer: installed $(basename "$wheel") into $PEERS (--no-deps)"
     else
-        echo "skip: colpali-engine peer: pip could not install $wheel ($(tail -n 1 "$LOGS/pip.log")):" \
-             "(b) times ColIntern's scorers only"
+        echo "skip: colpali-engine peer wheel: pip could not install $wheel ($(tail -n 1 "$LOGS/pip.log"))"
         PEERS=""
     fi
 else
-    echo "skip: colpali-engine peer (no colpali_engine-*.whl in $WHEELS/; carry one from" \
-         "\`pip download --no-deps colpali-engine==0.3.18 -d .whl\`): (b) times ColIntern's scorers only"
+    echo "skip: colpali-engine peer wheel (no colpali_engine-*.whl in $WHEELS/; carry one from" \
+         "\`pip download --no-deps colpali-engine==0.3.18 -d .whl\`): (b) compares against colpali-engine only" \
+         "if this python has it"
 fi
 SAVED_PYTHONPATH="${PYTHONPATH-}"
 [[ -n "$PEERS" ]] && export PYTHONPATH="$PEERS${PYTHONPATH:+:$PYTHONPATH}"
