@@ -125,6 +125,8 @@ def scorers(device):
                                                              device=device), DTYPES.values())
     except ImportError as e:
         found["colpali-engine"] = f"not installed ({e}); pip install --no-deps -r bench/requirements.txt"
+    except Exception as e:  # installed without its dependencies (--no-deps) against another stack: name the error
+        found["colpali-engine"] = f"installed but cannot be imported here ({type(e).__name__}: {e})"
     if torch.device(device).type != "cpu":
         found["maxsim-cpu"] = "CPU only"
     else:

@@ -3,12 +3,21 @@ a few thousand synthetic pages, exact and FAISS, and how well FAISS agrees with 
 
     python bench/bench_mining.py                                   # tiny random InternVL on the CPU, 2,000 pages
     python bench/bench_mining.py --size 1b --device cuda --pages 2000 --page_size 896 896 --max_tiles 4   # a GPU
+    python bench/bench_mining.py --encode_only --size 1b --device cuda --pages 512 --page_size 896 896 --doc_batch 32
 
 It builds a random InternVL (`make_tiny_model.build`: 'tiny' for CPU, '1b' = InternVL3.5-1B shapes), saves an
 untrained ColIntern checkpoint (seeded heads + LoRA), renders --pages pages with PIL (a keyword title on a token-grid
 position, a few layouts of text lines, boxes and bars; --duplicates of them repeated byte for byte), writes them as a
 hub-layout dataset, then runs the real CLI: exact search, the same again (every shard from the cache), and FAISS.
 Prints one line a figure. Everything goes under --work_dir (default: a temporary folder, removed afterwards).
+
+--encode_only times the page-encoding part of mining alone, in memory (no checkpoint, dataset, cache or search, so
+neither datasets nor faiss is needed): the same random ColIntern (seeded heads + LoRA r 8) encodes --pages rendered
+pages in batches of --doc_batch, and it prints (1) ColInternProcessor.process_pages on one CPU thread, pages/s
+(mining does this in --num_workers DataLoader workers); (2) the model alone, forward_pages + unpad to fp16 as
+mine_hard_negatives.encode_shard does, on pages processed ahead: pages/s, page tokens/s, and on CUDA TFLOP/s and MFU
+(forward model FLOPs as bench_train.py counts them, against --peak_tflops) and the DataLoader workers it takes to
+keep the model fed; (3) ColIntern.encode_pages end to end (processing inline, one thread), pages/s.
 """
 import argparse
 import json
@@ -24,9 +33,18 @@ from PIL import Image, ImageDraw, ImageFont
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_train  # noqa: E402
 import make_tiny_model  # noqa: E402
 import mine_hard_negatives as mine  # noqa: E402
-from colintern_model import ColIntern, LoraSettings, save_checkpoint  # noqa: E402
+from colintern_model import (  # noqa: E402
+    ColIntern,
+    ColInternProcessor,
+    LoraSettings,
+    resolve_dtype,
+    save_checkpoint,
+    unpad,
+)
 
 LAYOUTS = ("lines", "boxes", "bars", "two_columns")
 
@@ -53,6 +71,13 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--work_dir", default=None, help="keep the model, data and outputs here (default: a temp folder)")
     p.add_argument("--seed", type=int, default=0, help="seed for pages and weights")
+    p.add_argument("--planted_queries", type=int, default=500,
+                   help="queries of the FAISS-vs-exact recall check on planted embeddings (it needs --pages x "
+                        "page tokens >= planted_queries x --k x query tokens)")
+    p.add_argument("--encode_only", action="store_true",
+                   help="time only the page encoding (processing, model, encode_pages), in memory; see above")
+    p.add_argument("--peak_tflops", type=float, default=989.0,
+                   help="--encode_only on CUDA: accelerator peak for MFU, TFLOP/s (H100/H200 dense bf16: 989)")
     return p.parse_args(argv)
 
 
@@ -184,11 +209,78 @@ def planted_recall(args, page_len: int, query_len: int, dim: int, n_queries: int
     return recall
 
 
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def encode_only(args, tile: int, size) -> dict:
+    """The page-encoding part of mining, in memory (see the module docstring) -> the figures, by name."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(args.dtype, device)
+    start = time.perf_counter()
+    backbone, hf_processor = make_tiny_model.build(args.size, tile=tile, seed=args.seed)
+    processor = ColInternProcessor(hf_processor, max_tiles=args.max_tiles)
+    torch.manual_seed(args.seed)
+    model = ColIntern(backbone.to(device=device, dtype=dtype), lora=LoraSettings(r=8, alpha=8),
+                      max_tiles=args.max_tiles, **processor.pixel_normalisation()).eval()
+    rng = random.Random(args.seed)
+    images = [render_page(i, size, tile, rng) for i in range(args.pages)]
+    print(f"encode only: random {args.size} InternVL on {device} ({dtype}), {args.pages} pages {size[0]}x{size[1]}, "
+          f"--max_tiles {args.max_tiles}, --doc_batch {args.doc_batch}, torch threads {torch.get_num_threads()}; "
+          f"built and rendered in {time.perf_counter() - start:.1f} s", flush=True)
+
+    chunks = [images[i:i + args.doc_batch] for i in range(0, len(images), args.doc_batch)]
+    start = time.perf_counter()
+    batches = [processor.process_pages(chunk) for chunk in chunks]
+    processing = len(images) / (time.perf_counter() - start)
+    tiles = sum(b["pixel_values"].shape[0] for b in batches) / len(images)
+    print(f"processing (ColInternProcessor.process_pages, one CPU thread): {processing:.1f} pages/s, "
+          f"{tiles:.1f} tiles/page", flush=True)
+
+    def forward(batch):
+        emb, mask = model.forward_pages(batch)
+        return unpad(emb.to(torch.float16), mask)
+
+    with torch.inference_mode():
+        forward(batches[0])  # warm-up: kernels, allocator
+        sync(device)
+        start = time.perf_counter()
+        tokens = 0
+        for batch in batches:
+            tokens += sum(len(e) for e in forward(batch))
+        sync(device)
+    seconds = time.perf_counter() - start
+    figures = {"processing_pages_s": processing, "model_pages_s": len(images) / seconds}
+    line = (f"model (forward_pages + unpad to fp16, pages processed ahead): {figures['model_pages_s']:.1f} pages/s, "
+            f"{tokens / seconds:.0f} page tokens/s ({tokens / len(images):.0f} kept per page)")
+    if device.type == "cuda":
+        flops = 0.0
+        for batch in batches:
+            vision, lm, n_tokens = bench_train.forward_flops(model, batch)
+            flops += vision + lm + 2 * model.hidden_size * model.proj_dim * n_tokens
+        achieved = flops / seconds
+        figures["mfu"] = achieved / (args.peak_tflops * 1e12)
+        line += f", {achieved / 1e12:.1f} TFLOP/s, MFU {figures['mfu']:.1%}"
+    line += f"; keeping it fed takes ~{figures['model_pages_s'] / processing:.1f} DataLoader workers"
+    print(line, flush=True)
+
+    start = time.perf_counter()
+    model.encode_pages(processor, images, batch_size=args.doc_batch, out_dtype=torch.float16)
+    sync(device)
+    figures["encode_pages_s"] = len(images) / (time.perf_counter() - start)
+    print(f"ColIntern.encode_pages end to end (processing inline, one thread): {figures['encode_pages_s']:.1f} "
+          f"pages/s", flush=True)
+    return figures
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     tile = args.tile or (224 if args.size == "tiny" else 448)
     size = tuple(args.page_size or (tile, 2 * tile))
+    if args.encode_only:
+        return encode_only(args, tile, size)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_mining_")
     try:
         inputs = build_inputs(args, work, tile, size)
@@ -213,7 +305,8 @@ def main(args):
         total = sum(len(a["negs"]) for a in rows["exact"])
         print(f"faiss negatives that exact search also wrote (untrained model: near-tied scores): "
               f"{hits / max(total, 1):.3f} ({hits} of {total})")
-        planted_recall(args, round(tokens / exact["distinct_pages"]), round(query_tokens / exact["queries"]), dim)
+        planted_recall(args, round(tokens / exact["distinct_pages"]), round(query_tokens / exact["queries"]), dim,
+                       n_queries=args.planted_queries)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

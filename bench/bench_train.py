@@ -3,8 +3,13 @@
     python bench/bench_train.py                                   # tiny model on CPU (seconds)
     python bench/bench_train.py --size 1b --device cuda           # InternVL3.5-1B shapes, random weights, on a GPU
     python bench/bench_train.py --size 1b --device cuda --batch_sizes 8,16,32,64 --max_tiles 4
+    # gradient caching (train.py --grad_accum): one optimizer step at contrastive batches C, as C/--micro cached
+    # micro-batches, against plain batches of C
+    python bench/bench_train.py --contrastive 4,8,16 --micro 2 --plain 4,8
+    python bench/bench_train.py --size 1b --device cuda --contrastive 32,64,128,256 --micro 16 --plain 16,32,64 \
+        --gradient_checkpointing --lora_dropout 0.1 --steps 2 --warmup 1        # what bench/gpu.sh runs
 
-Sweeps batch size x gradient checkpointing {off, on} x LoRA {off, on} and prints one line per configuration:
+Default mode: sweeps batch size x gradient checkpointing {off, on} x LoRA {off, on}, one line per configuration:
 samples/s (queries per second, each with its positive page; collation excluded, as DataLoader workers do it in
 parallel), peak memory (CUDA: max_memory_allocated; CPU: peak RSS of this process, VmHWM, reset before each
 configuration), model FLOPs utilisation on CUDA, and the ratio to heads-only without checkpointing at that batch.
@@ -18,9 +23,25 @@ counted), with P = parameters in the linear layers of a tower, T = its tokens, L
   with LoRA the backward pass computes input gradients through the language model: the same again (LoRA's own
   weight gradients are negligible); without LoRA nothing is back-propagated through the backbone; heads: 6 H D T.
 MFU = model FLOPs / step time / peak (--peak_tflops, default 989 = H100 SXM dense bf16).
+
+--contrastive mode: ONE model with LoRA (and --gradient_checkpointing if given) and one optimizer serve every
+configuration; after --warmup steps on one micro-batch (Adam's state then exists), each configuration times --steps
+optimizer steps of train.step_forward_backward + optimizer step: contrastive batch C as C/--micro micro-batches with
+gradient caching ("cached"), and each --plain C as one batch without caching ("plain"). One line a configuration:
+time per step, samples/s, peak memory and its growth over the memory in use just before the step (CUDA:
+max_memory_allocated after a reset, over memory_allocated; CPU: peak RSS (VmHWM reset) over RSS, with glibc's mmap
+threshold fixed at 128 KiB so that freed activations go back to the OS and RSS follows the live tensors), that
+growth as a multiple of the smallest C's of the same kind (and, on a plain line, the cached growth at that C as a
+multiple of the plain one), and MFU on CUDA (model FLOPs as above, summed over the micro-batches, plus the loss's
+MaxSim matmul 2 C Np Lq Lp D; caching's second forward is recomputation, not counted).
+With caching the growth should stay near one micro-batch's activations plus what the "expected" line prints for C:
+the cached embeddings and their gradients, C x (Lq + (1 + num_negs) x Lp) x D x 4 bytes x 2, and the loss's
+(C, Np, Lq) maxima, argmax indices and gradient weights plus its similarity blocks. Without caching it grows with C.
 """
 import argparse
 import copy
+import ctypes
+import gc
 import os
 import statistics
 import sys
@@ -32,7 +53,15 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import make_tiny_model  # noqa: E402
 import train  # noqa: E402
-from colintern_model import ColIntern, ColInternProcessor, LoraSettings, resolve_dtype  # noqa: E402
+from colintern_model import (  # noqa: E402
+    CPU_TRAIN_SIM_BLOCK,
+    GPU_TRAIN_SIM_BLOCK,
+    ColIntern,
+    ColInternProcessor,
+    LoraSettings,
+    _index_dtype,
+    resolve_dtype,
+)
 
 
 def parse_args(argv=None):
@@ -48,11 +77,42 @@ def parse_args(argv=None):
                    help="page size in tiles (COLSxROWS): 2x2 gives 4 tiles + 1 thumbnail at --max_tiles 4")
     p.add_argument("--num_negs", type=int, default=0, help="hard negatives per query, as train.py --num_negs")
     p.add_argument("--lora_r", type=int, default=32, help="LoRA rank when LoRA is on")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps first: per configuration on its batch (default mode), or once, on one "
+                        "micro-batch, before all configurations (--contrastive)")
+    g = p.add_argument_group("gradient caching (--contrastive mode)")
+    g.add_argument("--contrastive", default=None,
+                   help="comma-separated contrastive batches C (queries per loss), each measured as C/--micro "
+                        "micro-batches with gradient caching (train.py --batch_size MICRO --grad_accum C/MICRO); "
+                        "switches from the default sweep to this mode (LoRA on)")
+    g.add_argument("--micro", type=int, default=2, help="queries per micro-batch for --contrastive")
+    g.add_argument("--plain", default="",
+                   help="comma-separated batches measured as one plain batch, without caching, for comparison")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="--contrastive: checkpoint the language model's layers (train.py --gradient_checkpointing)")
+    g.add_argument("--lora_dropout", type=float, default=0.0,
+                   help="--contrastive: LoRA dropout (the recipe's is 0.1; caching replays its masks)")
+    g.add_argument("--optimizer", default="adamw", choices=train.OPTIMIZERS,
+                   help="--contrastive: optimizer, as train.py --optimizer (the 8-bit ones need bitsandbytes)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--peak_tflops", type=float, default=989.0,
                    help="accelerator peak for MFU, TFLOP/s (H100 SXM dense bf16: 989; H200 the same)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.contrastive:
+        if args.micro < 1:
+            p.error(f"--micro must be >= 1, got {args.micro}")
+        bad = [c for c in int_list(args.contrastive) if c % args.micro or c < 2 * args.micro]
+        if bad:
+            p.error(f"--contrastive {bad}: each C must be a multiple of --micro {args.micro} and at least two "
+                    f"micro-batches (one micro-batch is a plain step: list it in --plain)")
+    elif args.plain:
+        p.error("--plain compares against --contrastive: pass --contrastive too")
+    return args
+
+
+def int_list(text: str) -> list:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def keyword_page(word: str, size) -> Image.Image:
@@ -79,31 +139,81 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise OSError("no VmRSS in /proc/self/status: the CPU memory figures need Linux")
+
+
+def libc():
+    try:
+        lib = ctypes.CDLL(None)
+        return lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def mmap_large_allocations() -> bool:
+    """Fix glibc's mmap threshold at its starting 128 KiB (M_MMAP_THRESHOLD = -3). glibc otherwise raises it after
+    each free of an mmapped block, up to 32 MiB, so that activations of one step stay in the heap after they are
+    freed and RSS before the next step would count them. -> whether it worked (glibc)."""
+    lib = libc()
+    return bool(lib and lib.mallopt(-3, 128 * 1024))
+
+
+def memory_now_mib(device) -> float:
+    """Memory in use: CUDA allocated, or RSS after returning freed heap memory to the OS."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device) / 2 ** 20
+    lib = libc()
+    if lib:
+        lib.malloc_trim(0)
+    return rss_mib()
+
+
 def linear_params(module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
-def model_flops(model: ColIntern, batch: dict, lora: bool) -> float:
-    """Model FLOPs of one training step on `batch` (see the module docstring)."""
+def forward_flops(model: ColIntern, inputs: dict) -> tuple:
+    """Forward FLOPs of the backbone on one processed batch of queries or pages (see the module docstring)
+    -> (vision tower + projector FLOPs, language model FLOPs, real tokens)."""
     cfg = model.backbone.config
     vis, txt = cfg.vision_config, cfg.text_config
-    pixel_values = batch["pages"]["pixel_values"]
-    tiles = pixel_values.shape[0]
-    patch = vis.patch_size[0] if isinstance(vis.patch_size, (list, tuple)) else vis.patch_size
-    tile_tokens = (pixel_values.shape[-1] // patch) ** 2 + 1  # + class token
-    conv = 3 * patch ** 2 * vis.hidden_size * (tile_tokens - 1)
-    vision = tiles * (2 * linear_params(model.backbone.vision_tower) * tile_tokens + 2 * conv
-                      + 4 * vis.num_hidden_layers * tile_tokens ** 2 * vis.hidden_size)
-    vision += 2 * linear_params(model.backbone.multi_modal_projector) * tiles * cfg.image_seq_length
+    vision = 0.0
+    if "pixel_values" in inputs:
+        pixel_values = inputs["pixel_values"]
+        tiles = pixel_values.shape[0]
+        patch = vis.patch_size[0] if isinstance(vis.patch_size, (list, tuple)) else vis.patch_size
+        tile_tokens = (pixel_values.shape[-1] // patch) ** 2 + 1  # + class token
+        conv = 3 * patch ** 2 * vis.hidden_size * (tile_tokens - 1)
+        vision = tiles * (2 * linear_params(model.backbone.vision_tower) * tile_tokens + 2 * conv
+                          + 4 * vis.num_hidden_layers * tile_tokens ** 2 * vis.hidden_size)
+        vision += 2 * linear_params(model.backbone.multi_modal_projector) * tiles * cfg.image_seq_length
     p_lm = linear_params(model.backbone.language_model)
     d_attn = txt.num_attention_heads * txt.head_dim
     lm, tokens = 0.0, 0
-    for part in ("queries", "pages"):
-        for s in batch[part]["attention_mask"].sum(dim=1).tolist():  # real tokens per sequence
-            lm += 2 * p_lm * s + 4 * txt.num_hidden_layers * s ** 2 * d_attn
-            tokens += s
-    heads = 6 * model.hidden_size * model.proj_dim * tokens
-    return vision + lm * (2 if lora else 1) + heads
+    for s in inputs["attention_mask"].sum(dim=1).tolist():  # real tokens per sequence
+        lm += 2 * p_lm * s + 4 * txt.num_hidden_layers * s ** 2 * d_attn
+        tokens += s
+    return vision, lm, tokens
+
+
+def model_flops(model: ColIntern, batch: dict, lora: bool) -> float:
+    """Model FLOPs of one training step on `batch` (see the module docstring)."""
+    _, lm_q, tokens_q = forward_flops(model, batch["queries"])
+    vision, lm_p, tokens_p = forward_flops(model, batch["pages"])
+    heads = 6 * model.hidden_size * model.proj_dim * (tokens_q + tokens_p)
+    return vision + (lm_q + lm_p) * (2 if lora else 1) + heads
+
+
+def loss_flops(n_queries: int, n_pages: int, query_len: int, page_len: int, dim: int) -> float:
+    """The loss's MaxSim similarities, 2 Nq Np Lq Lp D (its backward gathers, no matmul)."""
+    return 2.0 * n_queries * n_pages * query_len * page_len * dim
 
 
 def make_batches(processor, batch_size, num_negs, page_size, n=3):
@@ -118,7 +228,7 @@ def make_batches(processor, batch_size, num_negs, page_size, n=3):
     return batches, collate_rate
 
 
-def run_config(backbone_fn, processor, batch, lora_r, lora, checkpointing, steps, device):
+def run_config(backbone_fn, processor, batch, lora_r, lora, checkpointing, steps, warmup, device):
     """-> (samples/s, peak MiB, step seconds, model) for one configuration, on a fresh ColIntern."""
     torch.manual_seed(0)
     model = ColIntern(backbone_fn(), lora=LoraSettings(r=lora_r, alpha=lora_r, dropout=0.0) if lora else None,
@@ -128,14 +238,13 @@ def run_config(backbone_fn, processor, batch, lora_r, lora, checkpointing, steps
     model.train()
     encoder = train.QueryPageEncoder(model)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-    batch = {"queries": {k: v.to(device) for k, v in batch["queries"].items()},
-             "pages": {k: v.to(device) for k, v in batch["pages"].items()}, "n_queries": batch["n_queries"]}
+    batch = to_device(batch, device)
 
     def step():
         train.batch_loss(encoder, batch, 0.02).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    for _ in range(2):
+    for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -154,28 +263,145 @@ def run_config(backbone_fn, processor, batch, lora_r, lora, checkpointing, steps
     return batch["n_queries"] / seconds, peak, seconds, model
 
 
+def expected_line(c: int, micro_batches: list, num_negs: int, dim: int, device) -> str:
+    """What gradient caching must hold besides one micro-batch's activations, for contrastive batch c."""
+    lq = max(b["queries"]["input_ids"].shape[1] for b in micro_batches)
+    lp = max(b["pages"]["input_ids"].shape[1] for b in micro_batches)
+    n_pages = c * (1 + num_negs)
+    embeddings = c * (lq + (1 + num_negs) * lp) * dim * 4 * 2
+    index_bytes = torch.empty((), dtype=_index_dtype(lp)).element_size()
+    block = GPU_TRAIN_SIM_BLOCK if device.type == "cuda" else CPU_TRAIN_SIM_BLOCK
+    loss = c * n_pages * lq * (4 + index_bytes + 4) + 2 * block * 4
+    return (f"expected C {c}: embeddings (values + grads) {c} x (Lq {lq} + {1 + num_negs} x Lp {lp}) x D {dim} x "
+            f"4 B x 2 = {embeddings / 2 ** 20:.1f} MiB; loss ({c} x {n_pages} x {lq}) x (4 + {index_bytes} + 4) B "
+            f"+ 2 blocks of {block} fp32 = {loss / 2 ** 20:.1f} MiB; together {(embeddings + loss) / 2 ** 20:.1f} MiB")
+
+
+def measure_step(encoder, optimizer, micro_batches, steps, device):
+    """-> (median step seconds, peak MiB, MiB in use before the step) over `steps` optimizer steps."""
+    before = memory_now_mib(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        peak_rss_reset()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        train.step_forward_backward(encoder, micro_batches, 0.02, 0, 1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else peak_rss_mib()
+    return statistics.median(times), peak, before
+
+
+def contrastive_sweep(args, backbone, processor, page_size, device):
+    """One optimizer step at each contrastive batch, cached (C/micro micro-batches) and plain (one batch)."""
+    cached, plain = int_list(args.contrastive), int_list(args.plain)
+    configs = sorted([(c, args.micro, True) for c in cached] + [(c, c, False) for c in plain],
+                     key=lambda x: (x[0], not x[2]))  # by C, cached first: a cut run loses the largest C only
+    torch.manual_seed(0)
+    model = ColIntern(backbone, lora=LoraSettings(r=args.lora_r, alpha=args.lora_r, dropout=args.lora_dropout),
+                      max_tiles=processor.max_tiles, **processor.pixel_normalisation())
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    encoder = train.QueryPageEncoder(model)
+    optimizer = train.make_optimizer(args.optimizer, model.trainable_parameters(), 1e-4)
+    n_trainable = sum(p.numel() for p in model.trainable_parameters())
+    print(f"contrastive mode: LoRA r {args.lora_r} dropout {args.lora_dropout}, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}, optimizer {args.optimizer}, "
+          f"{n_trainable / 1e6:.1f}M trainable parameters; {args.warmup} warm-up step(s) on one micro-batch of "
+          f"{args.micro}, then {args.steps} timed step(s) per configuration", flush=True)
+    warm, _ = make_batches(processor, args.micro, args.num_negs, page_size, n=1)
+    warm = [to_device(b, device) for b in warm]
+    for _ in range(args.warmup):
+        train.step_forward_backward(encoder, warm, 0.02, 0, 1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    del warm
+    kind = "GPU" if device.type == "cuda" else "RSS"
+    smallest, growths, shown = {}, {}, set()
+    for c, micro, caching in configs:
+        micro_batches, _ = make_batches(processor, micro, args.num_negs, page_size, n=c // micro)
+        micro_batches = [to_device(b, device) for b in micro_batches]
+        if c not in shown:
+            print(expected_line(c, micro_batches, args.num_negs, model.proj_dim, device), flush=True)
+            shown.add(c)
+        label = (f"C {c:4d} micro {micro:3d} {'cached' if caching else 'plain '} "
+                 f"({len(micro_batches)} x {micro} queries)")
+        fits = True
+        try:
+            seconds, peak, before = measure_step(encoder, optimizer, micro_batches, args.steps, device)
+        except torch.cuda.OutOfMemoryError:
+            fits = False  # leave the except block first, so the exception's frames (and tensors) are freed
+        if not fits:
+            optimizer.zero_grad(set_to_none=True)
+            print(f"{label}: out of GPU memory", flush=True)
+            del micro_batches
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        growth = peak - before
+        growths[(c, caching)] = growth
+        base_c, base_growth = smallest.setdefault(caching, (c, growth))
+        line = (f"{label}: step {seconds:8.2f} s, {c / seconds:8.3g} samples/s, peak {kind} {peak:8.0f} MiB, "
+                f"+{growth:7.0f} MiB over the {before:.0f} MiB before the step, growth "
+                f"{ratio_text(growth, base_growth)} vs C {base_c} {'cached' if caching else 'plain'}")
+        if not caching and (c, True) in growths:
+            line += f", {ratio_text(growths[(c, True)], growth)} with caching"
+        if device.type == "cuda":
+            b0 = micro_batches[0]
+            flops = sum(model_flops(model, b, lora=True) for b in micro_batches) + loss_flops(
+                c, c * (1 + args.num_negs), b0["queries"]["input_ids"].shape[1],
+                b0["pages"]["input_ids"].shape[1], model.proj_dim)
+            achieved = flops / seconds
+            line += f", {achieved / 1e12:6.1f} TFLOP/s, MFU {achieved / (args.peak_tflops * 1e12):.1%}"
+        print(line, flush=True)
+        del micro_batches
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def ratio_text(a: float, b: float) -> str:
+    return f"x{a / b:.2f}" if b > 0 else "x n/a (no growth to compare with)"
+
+
+def to_device(batch: dict, device) -> dict:
+    return {"queries": {k: v.to(device) for k, v in batch["queries"].items()},
+            "pages": {k: v.to(device) for k, v in batch["pages"].items()}, "n_queries": batch["n_queries"]}
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, args.device)
-    sizes = [int(b) for b in (args.batch_sizes or ("8,16,32,64" if device.type == "cuda" else "4,8,16")).split(",")]
     tile = 224 if args.size == "tiny" else 448
-    _, hf_processor = make_tiny_model.build(args.size, tile=tile, seed=0)
+    pristine, hf_processor = make_tiny_model.build(args.size, tile=tile, seed=0)
     processor = ColInternProcessor(hf_processor, max_tiles=args.max_tiles)
     cols, rows = (int(x) for x in args.page_tiles.lower().split("x"))
     page_size = (cols * tile, rows * tile)
-
-    pristine, _ = make_tiny_model.build(args.size, tile=tile, seed=0)
     pristine = pristine.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    where = f"{args.device} ({hardware})"
+    memory = ""
+    if device.type == "cpu" and args.contrastive:
+        memory = ", RSS follows live tensors (mmap threshold fixed)" if mmap_large_allocations() else \
+            ", glibc mallopt unavailable: freed memory may stay in RSS"
+    print(f"bench_train: size {args.size}, {where}, dtype {dtype}, page {page_size[0]}x{page_size[1]} px, "
+          f"max_tiles {args.max_tiles}, num_negs {args.num_negs}, {args.steps} timed steps per config{memory}",
+          flush=True)
+    if args.contrastive:
+        return contrastive_sweep(args, pristine, processor, page_size, device)
 
     def backbone_fn():
         return copy.deepcopy(pristine)  # LoRA is injected into a fresh copy for each configuration
 
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    where = f"{args.device} ({hardware})"
-    print(f"bench_train: size {args.size}, {where}, dtype {dtype}, page {page_size[0]}x{page_size[1]} px, "
-          f"max_tiles {args.max_tiles}, num_negs {args.num_negs}, {args.steps} timed steps per config")
+    sizes = int_list(args.batch_sizes or ("8,16,32,64" if device.type == "cuda" else "4,8,16"))
     for b in sizes:
         batches, collate_rate = make_batches(processor, b, args.num_negs, page_size, n=1)
         batch = batches[0]
@@ -190,7 +416,7 @@ def main(args):
                 label = f"batch {b:3d} lora {'on ' if lora else 'off'} ckpt {'on ' if checkpointing else 'off'}"
                 try:
                     rate, peak, seconds, model = run_config(backbone_fn, processor, batch, args.lora_r, lora,
-                                                            checkpointing, args.steps, device)
+                                                            checkpointing, args.steps, args.warmup, device)
                 except torch.cuda.OutOfMemoryError:
                     print(f"{label}: out of GPU memory")
                     torch.cuda.empty_cache()

@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Every GPU figure this repo produces, in one run of at most 8 minutes, for a borrowed GPU machine (one H100/H200
+# class card, its own python3 with torch, transformers, peft, PIL; no network, no venv):
+#
+#     bash bench/gpu.sh              # from the repo root; expected 3-5 minutes on an H200 (not yet run on one)
+#     bash bench/gpu.sh --quick      # tiny model, CPU allowed, seconds: what tests/test_bench.py runs
+#
+# Sections, each under its own time limit (`timeout`), each line of a bench prefixed with its letter:
+#   (a) bench/bench_train.py --contrastive: one optimizer step at InternVL3.5-1B shapes (random weights), bf16, pages
+#       of 2x2 tiles + thumbnail (--max_tiles 4), LoRA + gradient checkpointing, micro-batch 16, contrastive batches
+#       32-256 with gradient caching and 16-64 plain: samples/s, peak memory and its growth, MFU
+#   (b) bench/bench_maxsim.py --device cuda: ColIntern's MaxSim against colpali-engine, if a colpali-engine wheel is
+#       in $COLINTERN_BENCH_WHEELS (default .whl/; installed with pip --no-deps --target into a temporary folder),
+#       else ColIntern's scorers alone
+#   (c) bench/bench_mining.py --encode_only: the page encoding of mining at 1B shapes: processing, model pages/s and
+#       MFU, ColIntern.encode_pages pages/s
+#   (d) bench/bench_mining.py end to end (mine_hard_negatives.py, exact and FAISS): only if datasets and faiss import
+#       and time is left
+# A section whose package is missing is skipped with a line that names it; a section that fails or runs out of time
+# says so and the next one runs; the exit status is 0 only if no section failed.
+#
+# Environment:
+#   PYTHON                    interpreter (default python3)
+#   COLINTERN_BENCH_QUICK=1   same as --quick
+#   COLINTERN_BENCH_MISSING   comma-separated modules to treat as not installed (e.g. "bitsandbytes,datasets,faiss,
+#                             mteb"): the package check reports them missing, and every bench runs with them made
+#                             unimportable, so a module-level import of one of them fails there as on the GPU machine
+#   COLINTERN_BENCH_WHEELS    folder with peer wheels for (b) (default .whl)
+#   COLINTERN_BENCH_LOGS      folder for each section's full stdout/stderr (default $OUT/bench_logs if $OUT is set,
+#                             else a temporary folder)
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+
+QUICK="${COLINTERN_BENCH_QUICK:-0}"
+for arg in "$@"; do
+    case "$arg" in
+        --quick) QUICK=1 ;;
+        -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "gpu.sh: unknown argument $arg (only --quick)" >&2; exit 2 ;;
+    esac
+done
+PY="${PYTHON:-python3}"
+WHEELS="${COLINTERN_BENCH_WHEELS:-.whl}"
+LOGS="${COLINTERN_BENCH_LOGS:-${OUT:+$OUT/bench_logs}}"
+LOGS="${LOGS:-$(mktemp -d -t colintern_bench_logs.XXXXXX)}"
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+TOTAL_S=460  # the whole script: 8 minutes less a margin for the checks and python start-up
+QUICK_S=240  # each section in --quick mode (python start-up dominates; a busy 2-core CPU is several times slower)
+[[ "$QUICK" == 1 ]] && TOTAL_S=$((4 * QUICK_S))
+START=$SECONDS
+
+# Runs a bench script as __main__ with the COLINTERN_BENCH_MISSING modules made unimportable (sys.modules[m] = None
+# makes `import m` raise ImportError and find_spec return None, as for a package that is not installed).
+RUN_PY='import os, runpy, sys
+for m in filter(None, (x.strip() for x in os.environ.get("COLINTERN_BENCH_MISSING", "").split(","))):
+    sys.modules[m] = None
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+runpy.run_path(script, run_name="__main__")'
+
+# --- packages, checked up front by importing them
+CHECK_PY='import importlib, os, platform, sys
+missing = set(filter(None, (x.strip() for x in os.environ.get("COLINTERN_BENCH_MISSING", "").split(","))))
+for m in missing:
+    sys.modules[m] = None
+required, optional = sys.argv[1].split(","), sys.argv[2].split(",")
+absent = []
+for name in required + optional:
+    try:
+        version = getattr(importlib.import_module(name), "__version__", "present")
+        print(f"package {name}: {version}")
+    except Exception as e:  # a broken install counts as missing, with its error
+        why = "treated as missing (COLINTERN_BENCH_MISSING)" if name in missing else f"{type(e).__name__}: {e}"
+        print(f"package {name}: MISSING ({why})")
+        absent.append(name)
+if "torch" not in absent:
+    import torch
+    cuda = torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name(0) if cuda else "no CUDA device"
+    print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), {gpu}, "
+          f"{torch.get_num_threads()} CPU threads")
+    print("DEVICE=" + ("cuda" if cuda else "cpu"))
+print("ABSENT=" + ",".join(absent))'
+check_out="$("$PY" -c "$CHECK_PY" torch,transformers,peft,PIL,tokenizers,tqdm,numpy bitsandbytes,datasets,faiss 2>&1)"
+echo "$check_out" | grep -v -e '^ABSENT=' -e '^DEVICE='
+ABSENT=",$(echo "$check_out" | sed -n 's/^ABSENT=//p'),"
+DEVICE="$(echo "$check_out" | sed -n 's/^DEVICE=//p')"
+for m in torch transformers peft PIL tokenizers tqdm numpy; do
+    if [[ "$ABSENT" == *",$m,"* ]]; then
+        echo "gpu.sh: required package $m is missing: nothing can run" >&2
+        exit 2
+    fi
+done
+has() { [[ "$ABSENT" != *",$1,"* ]]; }
+if [[ -z "$DEVICE" ]]; then
+    echo "gpu.sh: the package check did not run to the end with $PY (output above)" >&2
+    exit 2
+fi
+
+if [[ "$QUICK" != 1 && "$DEVICE" != cuda ]]; then
+    echo "gpu.sh: no CUDA device; on a CPU run bash bench/gpu.sh --quick (tiny model)" >&2
+    exit 2
+fi
+echo "mode $([[ "$QUICK" == 1 ]] && echo "quick (tiny model)" || echo full), device $DEVICE, logs in $LOGS"
+
+declare -A STATUS
+FAILED=0
+
+# section LETTER BUDGET_S TITLE SCRIPT ARGS...: runs one bench under min(BUDGET_S, time left of TOTAL_S)
+section() {
+    local tag="$1" budget="$2" title="$3"
+    shift 3
+    local left=$((TOTAL_S - (SECONDS - START)))
+    ((budget > left)) && budget=$left
+    if ((budget < 20)); then
+        echo "skip: ($tag) $title: no time left of the ${TOTAL_S} s total"
+        STATUS[$tag]="skipped (time)"
+        return
+    fi
+    echo "== ($tag) $title (limit ${budget} s)"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$budget" "$PY" -c "$RUN_PY" "$@" 2>"$LOGS/$tag.err" \
+        | tee "$LOGS/$tag.out" | sed -u "s/^/[$tag] /"
+    local rc=${PIPESTATUS[0]}
+    if ((rc == 0)); then
+        STATUS[$tag]="ok in $((SECONDS - t0)) s"
+    elif ((rc == 124 || rc == 137)); then
+        STATUS[$tag]="TIMED OUT after ${budget} s (its lines above are what finished)"
+        FAILED=1
+    else
+        STATUS[$tag]="FAILED (exit $rc, stderr in $LOGS/$tag.err)"
+        tail -n 15 "$LOGS/$tag.err" | sed "s/^/[$tag stderr] /"
+        FAILED=1
+    fi
+    echo "== ($tag) ${STATUS[$tag]}"
+}
+
+# --- (a) training step with gradient caching
+OPTIMIZER=paged_adamw_8bit
+if ! has bitsandbytes; then
+    OPTIMIZER=adamw
+    echo "skip: the recipe's optimizer paged_adamw_8bit (bitsandbytes missing): (a) uses torch AdamW (LoRA's" \
+         "optimizer state is ~0.2 GB either way)"
+fi
+if [[ "$QUICK" == 1 ]]; then
+    section a "$QUICK_S" "training step, gradient caching vs plain (tiny model)" bench/bench_train.py --size tiny \
+        --device "$DEVICE" --threads 1 --max_tiles 1 --page_tiles 1x1 --contrastive 4,8 --micro 2 --plain 4 \
+        --steps 1 --warmup 1 --gradient_checkpointing --lora_dropout 0.1 --optimizer "$OPTIMIZER"
+else
+    section a 240 "training step at 1B shapes, bf16, 5 tiles/page, LoRA + checkpointing, gradient caching vs plain" \
+        bench/bench_train.py --size 1b --device cuda --dtype bf16 --max_tiles 4 --page_tiles 2x2 \
+        --contrastive 32,64,128,256 --micro 16 --plain 16,32,64 --steps 2 --warmup 1 --gradient_checkpointing \
+        --lora_dropout 0.1 --optimizer "$OPTIMIZER"
+fi
+
+# --- (b) MaxSim scorer, with colpali-engine if its wheel was carried
+PEERS=""
+wheel="$(ls "$WHEELS"/colpali_engine-*.whl 2>/dev/null | sort -V | tail -n 1)"
+if [[ -n "$wheel" ]]; then
+    PEERS="$(mktemp -d -t colintern_bench_peers.XXXXXX)"
+    if "$PY" -m pip install --quiet --no-deps --no-index --target "$PEERS" "$wheel" >"$LOGS/pip.log" 2>&1; then
+        echo "colpali-engine peer: installed $(basename "$wheel") into $PEERS (--no-deps)"
+    else
+        echo "skip: colpali-engine peer wheel: pip could not install $wheel ($(tail -n 1 "$LOGS/pip.log"))"
+        PEERS=""
+    fi
+else
+    echo "skip: colpali-engine peer wheel (no colpali_engine-*.whl in $WHEELS/; carry one from" \
+         "\`pip download --no-deps colpali-engine==0.3.18 -d .whl\`): (b) compares against colpali-engine only" \
+         "if this python has it"
+fi
+SAVED_PYTHONPATH="${PYTHONPATH-}"
+[[ -n "$PEERS" ]] && export PYTHONPATH="$PEERS${PYTHONPATH:+:$PYTHONPATH}"
+if [[ "$QUICK" == 1 ]]; then
+    section b "$QUICK_S" "MaxSim scorers (small)" bench/bench_maxsim.py --device "$DEVICE" --threads 1 --queries 8 \
+        --pages 80 --page_tokens 64 128 --repeats 1 --check_queries 8
+else
+    section b 100 "MaxSim scorers on the GPU" bench/bench_maxsim.py --device cuda --queries 2048 --pages 4000
+fi
+if [[ -n "$PEERS" ]]; then
+    rm -rf "$PEERS"
+    if [[ -n "$SAVED_PYTHONPATH" ]]; then export PYTHONPATH="$SAVED_PYTHONPATH"; else unset PYTHONPATH; fi
+fi
+
+# --- (c) page encoding of mining
+if [[ "$QUICK" == 1 ]]; then
+    section c "$QUICK_S" "page encoding of mining (tiny model)" bench/bench_mining.py --encode_only --size tiny \
+        --device "$DEVICE" --threads 1 --pages 8 --doc_batch 4
+else
+    section c 120 "page encoding of mining at 1B shapes, 5 tiles/page" bench/bench_mining.py --encode_only \
+        --size 1b --device cuda --pages 512 --page_size 896 896 --max_tiles 4 --doc_batch 32
+fi
+
+# --- (d) mining end to end (needs datasets for the page dataset and faiss for --search faiss)
+need=()
+has datasets || need+=(datasets)
+has faiss || need+=(faiss)
+if ((${#need[@]})); then
+    echo "skip: (d) mining end to end through mine_hard_negatives.py (needs ${need[*]}, missing)"
+    STATUS[d]="skipped (${need[*]} missing)"
+elif [[ "$QUICK" == 1 ]]; then
+    section d "$QUICK_S" "mining end to end (tiny model)" bench/bench_mining.py --size tiny --threads 1 --pages 64 \
+        --planted_queries 8 --num_workers 0 --device "$DEVICE"
+else
+    section d 400 "mining end to end at 1B shapes" bench/bench_mining.py --size 1b --device cuda --pages 2000 \
+        --page_size 896 896 --max_tiles 4 --doc_batch 32
+fi
+
+summary="gpu.sh: done in $((SECONDS - START)) s:"
+for tag in a b c d; do
+    summary+=" ($tag) ${STATUS[$tag]:-not run};"
+done
+echo "${summary%;}"
+exit $FAILED
