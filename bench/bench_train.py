@@ -357,12 +357,16 @@ def contrastive_sweep(args, backbone, processor, page_size, device):
             flops = sum(model_flops(model, b, lora=True) for b in micro_batches) + loss_flops(
                 c, c * (1 + args.num_negs), b0["queries"]["input_ids"].shape[1],
                 b0["pages"]["input_ids"].shape[1], model.proj_dim)
-            achieved = flops / seconds
-            line += f", {achieved / 1e12:6.1f} TFLOP/s, MFU {achieved / (args.peak_tflops * 1e12):.1%}"
+            line += mfu_text(flops, seconds, args.peak_tflops)
         print(line, flush=True)
         del micro_batches
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def mfu_text(flops: float, seconds: float, peak_tflops: float) -> str:
+    achieved = flops / seconds
+    return f", {achieved / 1e12:6.1f} TFLOP/s, MFU {achieved / (peak_tflops * 1e12):.1%}"
 
 
 def ratio_text(a: float, b: float) -> str:
@@ -426,9 +430,7 @@ def main(args):
                         f"{'GPU' if device.type == 'cuda' else 'RSS'} {peak:8.0f} MiB, x{rate / base:.2f} vs "
                         f"heads-only")
                 if device.type == "cuda":
-                    flops = model_flops(model, batch, lora)
-                    achieved = flops / seconds
-                    line += f", {achieved / 1e12:6.1f} TFLOP/s, MFU {achieved / (args.peak_tflops * 1e12):.1%}"
+                    line += mfu_text(model_flops(model, batch, lora), seconds, args.peak_tflops)
                 print(line, flush=True)
                 del model
                 if device.type == "cuda":
