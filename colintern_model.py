@@ -131,7 +131,7 @@ def resolve_dtype(dtype, device="cpu") -> torch.dtype:
 IGNORED_UNEXPECTED_KEYS = re.compile(r"(^|\.)lm_head\.")
 
 
-def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=None, attn_implementation=None):
+def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=None):
     """Load a frozen HF-native InternVL3.5 (`InternVLModel`) in eval mode through `AutoModel.from_pretrained`.
 
     Fails loudly on a remote-code id, a missing folder, and on any missing, unexpected or mismatched weight key
@@ -142,8 +142,6 @@ def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=Non
     kwargs = {"dtype": resolve_dtype(dtype, device_map)}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
     backbone, info = AutoModel.from_pretrained(model_id, output_loading_info=True, **kwargs)
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not IGNORED_UNEXPECTED_KEYS.search(k))
     problems = {"missing": sorted(info.get("missing_keys", ())), "unexpected": unexpected,
@@ -838,14 +836,6 @@ def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_element
     return best
 
 
-def maxsim_padded(queries: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-    """(Nq, Lq, D) zero-padded queries x (Np, Lp, D) pages from pad_pages -> (Nq, Np) float32.
-    All query tokens x all page tokens in cache-sized matmul blocks, a max over each page's tokens, a sum per query."""
-    nq, lq, d = queries.shape
-    best = maxsim_tokens(queries.reshape(nq * lq, d), pages)  # (Nq*Lq, Np)
-    return best.view(nq, lq, -1).float().sum(dim=1)
-
-
 def pack_queries(queries: Sequence[torch.Tensor], dtype, device) -> tuple:
     """Ragged queries -> (tokens (T, D), owner (T,) query index of each token): no padding, so no wasted FLOPs."""
     tokens = torch.cat([q.to(device=device, dtype=dtype) for q in queries])
@@ -872,7 +862,7 @@ def _sum_by_query(best: torch.Tensor, owner: torch.Tensor, n_queries: int) -> to
 
 
 def maxsim_scores(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], device="cpu",
-                  dtype=torch.float32, max_sim_elements: int | None = None, progress: bool = False) -> torch.Tensor:
+                  dtype=torch.float32, max_sim_elements: int | None = None) -> torch.Tensor:
     """Exact MaxSim of ragged queries x ragged pages -> (Nq, Np) float32 on the CPU.
 
     Query tokens are packed (no padding), pages sorted by length and padded in chunks with their own first token,
@@ -883,19 +873,17 @@ def maxsim_scores(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor]
         return torch.zeros(len(queries), len(pages))
     compute = matmul_dtype(dtype, device)
     scores = torch.empty(len(queries), len(pages))
-    with scoring_threads(device) as workers, progress_bar(total=len(pages), desc="maxsim", unit="page",
-                                                          disable=not progress) as bar:
+    with scoring_threads(device) as workers:
         tokens, owner = pack_queries([q.to(dtype) for q in queries], compute, device)  # (T, D), (T,)
         for idx, chunk in page_chunks([p.to(dtype) for p in pages], compute, device):
             best = maxsim_tokens(tokens, chunk, max_sim_elements, workers)
             scores[:, idx.cpu()] = _sum_by_query(best, owner, len(queries)).cpu()
-            bar.update(len(idx))
     return scores
 
 
 def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], k: int, device="cpu",
                 dtype=torch.float32, max_sim_elements: int | None = None, on_scores=None,
-                query_block_tokens: int = QUERY_BLOCK_TOKENS, progress: bool = False) -> tuple:
+                query_block_tokens: int = QUERY_BLOCK_TOKENS) -> tuple:
     """The k best pages per query by exact MaxSim, never holding the (Nq, Np) matrix: each block of queries keeps
     a running top-k while page chunks stream past.
 
@@ -917,8 +905,7 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
         blocks.append((q0, q1))
         q0 = q1
     compute = matmul_dtype(dtype, device)
-    with scoring_threads(device) as workers, progress_bar(total=len(queries) * len(pages), desc="maxsim top-k",
-                                                          unit="pair", unit_scale=True, disable=not progress) as bar:
+    with scoring_threads(device) as workers:
         chunks = list(page_chunks([p.to(dtype) for p in pages], compute, device))
         for q0, q1 in blocks:
             tokens, owner = pack_queries(queries[q0:q1], compute, device)
@@ -933,7 +920,6 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
                 merged_i = torch.cat([best_i, idx.expand(q1 - q0, -1)], dim=1)
                 best_v, pick = merged_v.topk(k, dim=1)
                 best_i = merged_i.gather(1, pick)
-                bar.update((q1 - q0) * len(idx))
             values[q0:q1], indices[q0:q1] = best_v.cpu(), best_i.cpu()
     indices[values == float("-inf")] = -1
     return values, indices

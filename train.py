@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute backbone activations in the backward pass (less memory, ~30%% slower); "
                         "only matters with --lora (without LoRA nothing is back-propagated through the backbone)")
     g.add_argument("--compile_heads", action="store_true",
-                   help="torch.compile the projection heads (linear + L2 normalise + mask) on CUDA; no-op on CPU")
+                   help="accepted so the original ColIntern commands run as written; does nothing (the heads are "
+                        "a negligible part of a step)")
 
     g = p.add_argument_group("data")
     src = g.add_mutually_exclusive_group(required=True)
@@ -687,10 +688,8 @@ def train(args, rank, world, device_map, say):
             say("--gradient_checkpointing: no effect without LoRA (nothing is back-propagated through the "
                 "frozen backbone, so it keeps no activations)")
     if args.compile_heads:
-        if model.device.type == "cuda":
-            model._project = torch.compile(ColIntern._project, dynamic=True)
-        else:
-            say("--compile_heads: no-op on CPU (the heads are a negligible cost there)")
+        say("--compile_heads: accepted for the original ColIntern commands, and does nothing: the heads are one "
+            "linear layer and a normalisation, a negligible part of a step")
 
     batch_size, grad_accum = args.batch_size, args.grad_accum
     if exact and args.auto_batch:
