@@ -422,7 +422,7 @@ class ColIntern(nn.Module):
     """
 
     def __init__(self, backbone, proj_dim: int = 128, lora: LoraSettings | None = None,
-                 keep_all_page_tokens: bool = False, model_id: str | None = None, max_tiles: int = 4,
+                 model_id: str | None = None, max_tiles: int = 4,
                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
                  rescale_factor: float = 1 / 255):
         super().__init__()
@@ -430,7 +430,6 @@ class ColIntern(nn.Module):
         self.hidden_size = backbone.config.text_config.hidden_size
         self.proj_dim = proj_dim
         self.lora = lora
-        self.keep_all_page_tokens = keep_all_page_tokens
         self.model_id = model_id
         self.max_tiles = max_tiles
         self.image_token_id = backbone.config.image_token_id
@@ -466,12 +465,12 @@ class ColIntern(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_id: str = DEFAULT_MODEL_ID, proj_dim: int = 128, lora: LoraSettings | None = None,
-                        max_tiles: int = 4, keep_all_page_tokens: bool = False, dtype="auto", device_map=None):
+                        max_tiles: int = 4, dtype="auto", device_map=None):
         """-> (model, processor) built on a fresh backbone, heads randomly initialised."""
         backbone = load_backbone(model_id, dtype=dtype, device_map=device_map)
         processor = ColInternProcessor.from_pretrained(model_id, max_tiles=max_tiles)
-        model = cls(backbone, proj_dim=proj_dim, lora=lora, keep_all_page_tokens=keep_all_page_tokens,
-                    model_id=model_id, max_tiles=max_tiles, **processor.pixel_normalisation())
+        model = cls(backbone, proj_dim=proj_dim, lora=lora, model_id=model_id, max_tiles=max_tiles,
+                    **processor.pixel_normalisation())
         return model, processor
 
     def train(self, mode: bool = True):
@@ -539,11 +538,9 @@ class ColIntern(nn.Module):
 
     def forward_pages(self, batch):
         """batch from ColInternProcessor.process_pages -> (emb (B, Lp, D), mask (B, Lp) bool).
-        The mask keeps the image tokens, or every non-pad token with keep_all_page_tokens."""
+        The mask keeps the page's image tokens (not the prompt's text tokens)."""
         ids = batch["input_ids"].to(self.device)
-        mask = batch["attention_mask"].to(self.device).bool()
-        if not self.keep_all_page_tokens:
-            mask = mask & (ids == self.image_token_id)
+        mask = batch["attention_mask"].to(self.device).bool() & (ids == self.image_token_id)
         return self._project(self.page_head, self._hidden(batch), mask), mask
 
     @torch.inference_mode()
@@ -571,7 +568,7 @@ class ColIntern(nn.Module):
     # -- checkpoints ---------------------------------------------------------
     def metadata(self) -> dict:
         return {"model_id": self.model_id, "hidden_size": self.hidden_size, "proj_dim": self.proj_dim,
-                "max_tiles": self.max_tiles, "keep_all_page_tokens": self.keep_all_page_tokens,
+                "max_tiles": self.max_tiles,
                 "lora": dataclasses.asdict(self.lora) if self.lora else None, "format": query_format()}
 
     def trainable_state_dict(self) -> dict:
@@ -584,6 +581,9 @@ class ColIntern(nn.Module):
     def load_trainable_state(self, ckpt: dict, source: str = "checkpoint") -> None:
         """Load heads + LoRA from a checkpoint dict, refusing one made for another shape or LoRA layout."""
         meta = ckpt["meta"]
+        if meta.get("keep_all_page_tokens"):  # older checkpoints carry the key; nothing ever set it
+            raise ValueError(f"{source} was trained with every page token kept (keep_all_page_tokens), which this "
+                             f"code no longer supports: its page embeddings would not match")
         if meta["hidden_size"] != self.hidden_size:
             raise ValueError(f"{source} was trained on a backbone with hidden size {meta['hidden_size']} "
                              f"({meta['model_id']}), this backbone has {self.hidden_size} ({self.model_id}): "
@@ -620,8 +620,7 @@ class ColIntern(nn.Module):
         lora = LoraSettings(**meta["lora"]) if meta["lora"] else None
         max_tiles = max_tiles or meta["max_tiles"]
         model, processor = cls.from_pretrained(model_id, proj_dim=meta["proj_dim"], lora=lora, max_tiles=max_tiles,
-                                               keep_all_page_tokens=meta["keep_all_page_tokens"], dtype=dtype,
-                                               device_map=device_map)
+                                               dtype=dtype, device_map=device_map)
         model.load_trainable_state(ckpt, source=f"checkpoint {path}")
         return model, processor, ckpt
 

@@ -480,7 +480,6 @@ def build_model(args, ckpt: dict | None, device_map):
     dtype = resolve_dtype(args.dtype, device_map)
     torch.manual_seed(args.seed)  # heads and LoRA start from the same weights on every rank and every rerun
     model, processor = ColIntern.from_pretrained(model_id, proj_dim=proj_dim, lora=lora, max_tiles=max_tiles,
-                                                 keep_all_page_tokens=bool(meta and meta["keep_all_page_tokens"]),
                                                  dtype=dtype, device_map=device_map)
     if ckpt is not None:
         model.load_trainable_state(ckpt, source=f"--resume_ckpt {args.resume_ckpt}")
