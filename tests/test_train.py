@@ -699,7 +699,8 @@ def test_grad_cache_replays_dropout_masks(tiny_model_dir, pages, tmp_path, monke
 
 
 # -----------------------------------------------------------------------------
-# it learns (REFERENCE.md: "Making a tiny frozen-random InternVL learn")
+# it learns: a tiny frozen random InternVL with LoRA + heads, keyword pages snapped to the token grid (see the
+# docstring of make_synthetic_data.py for why the grid matters)
 
 def retrieval_metrics(scores):
     """Query i's one relevant page is page i -> (Recall@1, nDCG@5); ties count against the query."""
