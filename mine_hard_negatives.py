@@ -48,7 +48,6 @@ from colintern_model import (
     PSEUDO_PATH,
     atomic_torch_save,
     check_model_id,
-    load_checkpoint,
     load_page_dataset,
     matmul_dtype,
     maxsim_tokens,
@@ -636,20 +635,19 @@ def main(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
     timings = {}
-    load_checkpoint(args.ckpt)  # a wrong --ckpt fails now, not after hashing every page of the data
+
+    start = time.perf_counter()  # the model first: a wrong --ckpt fails now, not after hashing every page
+    model, processor, ckpt = ColIntern.from_checkpoint(
+        args.ckpt, model_id=args.model_id, dtype=dtype, max_tiles=args.max_tiles,
+        device_map=device if torch.device(device).type == "cuda" else None)
+    model.eval()
+    timings["load_model"] = time.perf_counter() - start
 
     start = time.perf_counter()
     data = (hub_input(args.hub_name, args.split) if args.hub_name else jsonl_input(args.train_jsonl, args.root))
     timings["hash_pages"] = time.perf_counter() - start
     n_pages = len(data.page_hashes)
     print(f"{len(data.queries)} queries; {data.page_mentions} page references -> {n_pages} distinct pages")
-
-    start = time.perf_counter()
-    model, processor, ckpt = ColIntern.from_checkpoint(
-        args.ckpt, model_id=args.model_id, dtype=dtype, max_tiles=args.max_tiles,
-        device_map=device if torch.device(device).type == "cuda" else None)
-    model.eval()
-    timings["load_model"] = time.perf_counter() - start
 
     folder, manifest = cache_folder(args, model, data, dtype)
     start = time.perf_counter()
