@@ -158,21 +158,29 @@ def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=Non
 # -----------------------------------------------------------------------------
 # Data: training datasets, HF pseudo-paths, JSONL of triples
 
+def files_fingerprint(folder: str) -> str:
+    """A cheap fingerprint of a local folder (a dataset copy): every file's path, size and modification time (hidden
+    files and folders, such as the download cache `hf download` keeps, left out). Editing a file changes it."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            h.update(f"{os.path.relpath(path, folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 @contextlib.contextmanager
 def datasets_cache_for(folder: str):
     """Load a local folder through a datasets cache of its own. datasets 5.x caches a folder whose README has a
     `configs:` block under the folder's name and config alone, ignoring the files read: another folder of the same
     name (two `eval` sets, a regenerated copy) would silently load the first one's data. The cache here is keyed
-    by the folder's path and its files' sizes and modification times."""
+    by the folder's path and its files_fingerprint."""
     import datasets
-    h = hashlib.sha256(os.path.abspath(folder).encode())
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            stat = os.stat(os.path.join(root, name))
-            h.update(f"{os.path.relpath(os.path.join(root, name), folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    key = hashlib.sha256(f"{os.path.abspath(folder)}\n{files_fingerprint(folder)}".encode()).hexdigest()[:16]
     previous = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = os.path.join(previous, "colintern_local", h.hexdigest()[:16])
+    datasets.config.HF_DATASETS_CACHE = os.path.join(previous, "colintern_local", key)
     try:
         yield
     finally:

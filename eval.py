@@ -38,15 +38,17 @@ import argparse
 import copy
 import datetime
 import hashlib
+import json
 import os
 import random
 import re
+import traceback
 
 import torch
 
 from colintern_cli import ArgumentParser, existing_file, one_line, run_cli, validated
 from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, check_model_id, datasets_cache_for,
-                             maxsim_scores, write_json)
+                             files_fingerprint, maxsim_scores, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +173,7 @@ def model_identity(ckpt: str | None, model_id: str, seed: int = 0, proj_dim: int
     else:
         parts.append(f"untrained seed={seed} proj_dim={proj_dim}")
         label = f"untrained-seed{seed}"
-    return label, hashlib.sha256(chr(10).join(parts).encode()).hexdigest()
+    return label, hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 # load_encoder keywords kept out of score_settings: those model_identity hashes, and where the model runs (the dtype
@@ -192,23 +194,9 @@ def result_key(model_hash: str, settings: dict, data_fingerprint: str | None) ->
     """The one key cached results are filed under (mteb's model revision): the weights, the settings that change
     scores, and the data (`files_fingerprint` of a local copy; None for hub data, pinned by mteb's task metadata).
     mteb serves a cached result whenever the key matches, so everything that changes scores must be in it."""
-    import json
     blob = json.dumps({"model": model_hash, "settings": settings, "data": data_fingerprint}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def files_fingerprint(folder: str) -> str:
-    """A cheap fingerprint of a local dataset copy: every file's path, size and modification time (hidden folders,
-    such as the download cache `hf download` keeps, left out). Editing a file (a corrected qrels) changes it."""
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            path = os.path.join(root, name)
-            stat = os.stat(path)
-            h.update(f"{os.path.relpath(path, folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 # hub training sets -> the mteb tasks built from them, as mteb's own model metadata declares them
@@ -794,7 +782,6 @@ def evaluate_each(encoder, tasks: list, data_fingerprints: dict, cache, predicti
                   batch_size: int) -> tuple[dict, dict, dict]:
     """Run mteb on one task at a time under its own revision (result_key of the model, its settings and the task's
     data), so a failing task loses only itself. -> ({task: TaskResult}, {task: error}, {task: ModelMeta})."""
-    import traceback
     base = encoder.mteb_model_meta
     results, failed, metas = {}, {}, {}
     for i, task in enumerate(tasks, 1):
