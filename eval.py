@@ -803,7 +803,7 @@ def evaluate_each(encoder, tasks: list, data_fingerprints: dict, cache, predicti
         finally:
             encoder.mteb_model_meta = base
         for error in outcome.exceptions or []:  # how mteb reports a private dataset it cannot load
-            failed[error.task_name] = " ".join(str(error.exception).split())
+            failed[error.task_name] = one_line(str(error.exception))
         for result in outcome.task_results:
             # read back what mteb stored (it rounds some scores when saving), so a resumed run reports the same
             results[result.task_name] = cache.load_task_result(result.task_name, meta) or result
