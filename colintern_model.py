@@ -11,21 +11,20 @@ Everything the scripts share, in pipeline order:
 """
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
 import re
-import tempfile
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from colintern_cli import progress_bar
+from colintern_data import atomic_path, looks_like_local_path, open_image
 
 DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
 
@@ -61,10 +60,6 @@ INTERNVL3_5_HUB_ID = re.compile(r"OpenGVLab/InternVL3_5-[^/]+", re.IGNORECASE)
 def hf_id_for(model_id: str) -> str:
     """The HF-native checkpoint that matches a remote-code InternVL id (e.g. ...-1B-Instruct -> ...-1B-HF)."""
     return REMOTE_CODE_SUFFIXES.sub("", model_id.rstrip("/")) + "-HF"
-
-
-def looks_like_local_path(model_id: str) -> bool:
-    return model_id.startswith((".", "/", "~")) or model_id.count("/") != 1 or os.path.exists(model_id)
 
 
 def check_model_id(model_id: str) -> None:
@@ -156,186 +151,7 @@ def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=Non
 
 
 # -----------------------------------------------------------------------------
-# Data: training datasets, HF pseudo-paths, JSONL of triples
-
-def files_fingerprint(folder: str) -> str:
-    """A cheap fingerprint of a local folder (a dataset copy): every file's path, size and modification time (hidden
-    files and folders, such as the download cache `hf download` keeps, left out). Editing a file changes it."""
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            path = os.path.join(root, name)
-            stat = os.stat(path)
-            h.update(f"{os.path.relpath(path, folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def datasets_cache_for(folder: str):
-    """Load a local folder through a datasets cache of its own. datasets 5.x caches a folder whose README has a
-    `configs:` block under the folder's name and config alone, ignoring the files read: another folder of the same
-    name (two `eval` sets, a regenerated copy) would silently load the first one's data. The cache here is keyed
-    by the folder's path and its files_fingerprint."""
-    import datasets
-    key = hashlib.sha256(f"{os.path.abspath(folder)}\n{files_fingerprint(folder)}".encode()).hexdigest()[:16]
-    previous = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = os.path.join(previous, "colintern_local", key)
-    try:
-        yield
-    finally:
-        datasets.config.HF_DATASETS_CACHE = previous
-
-
-def load_page_dataset(name: str, split: str = "train"):
-    """A hub dataset (`vidore/colpali_train_set`) or a local folder with its columns (`query`, `image`, ...):
-    a `save_to_disk` folder, or a folder of data files in the hub layout (`data/train-*.parquet`)."""
-    import datasets
-    if not os.path.isdir(name) and looks_like_local_path(name):
-        raise FileNotFoundError(f"dataset folder {name} does not exist")
-    saved_to_disk = any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json"))
-    try:
-        if saved_to_disk:
-            ds = datasets.load_from_disk(name)
-        elif os.path.isdir(name):
-            with datasets_cache_for(name):
-                ds = datasets.load_dataset(name, split=split)
-        else:
-            ds = datasets.load_dataset(name, split=split)
-    except Exception as e:
-        raise ValueError(f"cannot open dataset {name} split {split!r}: {type(e).__name__}: {e}") from e
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise ValueError(f"dataset folder {name} has splits {sorted(ds)}, not {split!r}")
-        ds = ds[split]
-    if len(ds) == 0:
-        raise ValueError(f"dataset {name} split {split!r} is empty")
-    return ds
-
-
-PSEUDO_PATH = re.compile(r"^(?P<dataset>.+)/(?P<split>[^/]+)/doc_(?P<index>\d+)\.png$")
-
-
-def pseudo_path(dataset: str, split: str, index: int) -> str:
-    """How a page of a HF dataset is named in JSONL: `{dataset}/{split}/doc_{i}.png` is row i of that split."""
-    return f"{dataset}/{split}/doc_{index}.png"
-
-
-class PageResolver:
-    """Turns a JSONL page reference into a PIL image: a file under `root`, else an HF pseudo-path.
-
-    Each dataset is opened once (lazily, memory-mapped) and images are decoded on demand, so DataLoader workers
-    can share one resolver."""
-
-    def __init__(self, root: str = "."):
-        self.root = root
-        self._datasets = {}
-
-    def dataset(self, name: str, split: str):
-        if (name, split) not in self._datasets:
-            self._datasets[(name, split)] = load_page_dataset(name, split)
-        return self._datasets[(name, split)]
-
-    def check(self, ref: str, where: str = "") -> None:
-        """Raise now (naming `where`, e.g. 'file.jsonl line 3') if `ref` cannot resolve, without decoding it."""
-        if os.path.isfile(os.path.join(self.root, ref)):
-            return
-        m = PSEUDO_PATH.match(ref)
-        if m is None:
-            raise FileNotFoundError(f"{where}: page {ref!r} is neither a file under --root {self.root!r} nor an "
-                                    f"HF pseudo-path 'DATASET/SPLIT/doc_N.png'")
-        try:
-            ds = self.dataset(m["dataset"], m["split"])
-        except Exception as e:
-            raise FileNotFoundError(f"{where}: page {ref!r} is not a file under --root {self.root!r}, and its "
-                                    f"dataset {m['dataset']!r} split {m['split']!r} cannot be opened: {e}") from e
-        if int(m["index"]) >= len(ds):
-            raise IndexError(f"{where}: page {ref!r} points at row {m['index']} but {m['dataset']} split "
-                             f"{m['split']!r} has {len(ds)} rows")
-
-    def __call__(self, ref: str, where: str = "") -> Image.Image:
-        path = os.path.join(self.root, ref)
-        if os.path.isfile(path):
-            return open_image(path)
-        self.check(ref, where)
-        m = PSEUDO_PATH.match(ref)
-        image = self.dataset(m["dataset"], m["split"])[int(m["index"])]["image"]
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"{where}: page {ref!r} has no decodable 'image' column value")
-        return image.convert("RGB")
-
-
-def read_triples(path: str) -> list:
-    """Read a JSONL of `{"query": str, "pos": str, "negs": [str, ...]}` (negs optional). Errors name file and line."""
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object with 'query' and 'pos'")
-            if not isinstance(row.get("query"), str) or not row["query"].strip():
-                raise ValueError(f"{where}: 'query' is missing or empty")
-            if not isinstance(row.get("pos"), str) or not row["pos"]:
-                raise ValueError(f"{where}: 'pos' is missing or not a page path")
-            negs = row.get("negs", [])
-            if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
-                raise ValueError(f"{where}: 'negs' must be a list of page paths")
-            rows.append({"query": row["query"], "pos": row["pos"], "negs": negs, "line": n})
-    if not rows:
-        raise ValueError(f"{path} has no triples")
-    return rows
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-    """Yield a temp path beside `path` to write; on success it is renamed over `path`, on any error removed, so a
-    crash leaves the previous file intact. The temp name starts with '.' so that a leftover never matches a
-    data-files pattern like `data/train-*`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_jsonl(path: str, rows) -> None:
-    """Write dicts one per line, atomically (a crash leaves any previous file intact)."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def write_json(path: str, obj) -> None:
-    """Write one indented JSON document, atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-# -----------------------------------------------------------------------------
 # Inputs
-
-def open_image(path) -> Image.Image:
-    """Open an image file as RGB, with an error that names the file."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"image {path} does not exist") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"image {path} cannot be decoded: {e}") from e
-
 
 class ColInternProcessor:
     """Owns the query format, the page prompt and tiling: the one way text and pages become model inputs."""

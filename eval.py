@@ -47,8 +47,8 @@ import traceback
 import torch
 
 from colintern_cli import ArgumentParser, existing_file, one_line, run_cli, validated
-from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, check_model_id, datasets_cache_for,
-                             files_fingerprint, maxsim_scores, write_json)
+from colintern_data import datasets_cache_for, file_sha256, files_fingerprint, write_json
+from colintern_model import DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, check_model_id, maxsim_scores
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,14 +131,6 @@ COLPALI_TRAIN_SET = "vidore/colpali_train_set"
 
 # -----------------------------------------------------------------------------
 # Identity: what the mteb revision is made of
-
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 def backbone_fingerprint(model_id: str) -> str:
     """A cheap content fingerprint of the backbone: a local folder's config and weight files (name, size, first and

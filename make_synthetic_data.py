@@ -396,7 +396,7 @@ def make_eval_rows(topics: list, n_pages: int, geometries: list, seed: int, prog
 # Writing
 
 def write_text(path: str, text: str) -> None:
-    from colintern_model import atomic_path  # temp file + rename (imported here: rendering workers need no torch)
+    from colintern_data import atomic_path  # temp file + rename
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
 
@@ -405,7 +405,7 @@ def write_parquet(path: str, rows: list, features) -> str:
     """Rows -> parquet with the datasets feature schema embedded (so `image` loads back as PIL images).
     -> the file's sha256, which the dataset card records (see `card`)."""
     import datasets
-    from colintern_model import atomic_path
+    from colintern_data import atomic_path
     columns = {name: [row[name] for row in rows] for name in features}
     dataset = datasets.Dataset.from_dict(columns, features=features)
     with atomic_path(path) as tmp:

@@ -41,25 +41,20 @@ import torch
 from PIL import Image
 
 from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
+from colintern_data import (PSEUDO_PATH, PageResolver, file_sha256, load_page_dataset, pseudo_path, read_triples,
+                            write_json, write_jsonl)
 from colintern_model import (
     FORMAT_VERSION,
     ColIntern,
-    PageResolver,
-    PSEUDO_PATH,
     atomic_torch_save,
     check_model_id,
-    load_page_dataset,
     matmul_dtype,
     maxsim_tokens,
     maxsim_topk,
     pack_queries,
-    pseudo_path,
-    read_triples,
     resolve_dtype,
     scoring_threads,
     unpad,
-    write_json,
-    write_jsonl,
 )
 
 FLAT_MAX_TOKENS = 1 << 22  # exact token index up to 4M page tokens (2 GB fp32); IVF-PQ above
@@ -283,11 +278,6 @@ def jsonl_input(path: str, root: str) -> MiningInput:
 
 # -----------------------------------------------------------------------------
 # Page embeddings: fp16 shards on disk, reused across runs
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
 
 def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype) -> tuple:
     """-> (folder, manifest). The folder is named by a hash of what the embeddings depend on (checkpoint content,

@@ -14,11 +14,11 @@ because its negatives are harder, not because training regressed.
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
 from colintern_cli import ArgumentParser, run_cli
+from colintern_data import atomic_path
 
 COLUMNS = ("step", "epoch", "loss")
 
@@ -144,17 +144,9 @@ def plot(runs: list, smooth: int):
 
 def save_figure(fig, path: str) -> None:
     """PNG written to a temp file then renamed: a crash never leaves a half-written image."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
     finally:
         pyplot().close(fig)
 

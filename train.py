@@ -48,22 +48,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
+from colintern_data import PageResolver, atomic_path, load_page_dataset, read_triples, write_json
 from colintern_model import (
     DEFAULT_MODEL_ID,
     ColIntern,
     ColInternProcessor,
     LoraSettings,
-    PageResolver,
-    atomic_path,
     atomic_torch_save,
     check_model_id,
     checkpoint_dict,
     contrastive_loss,
     load_checkpoint,
-    load_page_dataset,
-    read_triples,
     resolve_dtype,
-    write_json,
 )
 
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
@@ -629,7 +625,7 @@ def training_data_lineage(args, rows, ckpt: dict | None) -> list:
     """Every dataset the weights this run saves were trained on, written into each checkpoint's meta (eval.py declares
     it to mteb as training_datasets): --train_hub's name, or the datasets --train_jsonl's pseudo-paths point into (and
     --root for plain image files), plus the lineage of the --resume_ckpt the run starts from."""
-    from colintern_model import PSEUDO_PATH
+    from colintern_data import PSEUDO_PATH
     if args.train_hub:
         sources = {args.train_hub}
     else:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import colintern_data
 import colintern_model as cm
 import mine_hard_negatives as mine
 import train
@@ -303,7 +304,7 @@ class UndecodablePages(torch.utils.data.Dataset):
         return 1
 
     def __getitem__(self, i):
-        return cm.open_image(self.path)
+        return colintern_data.open_image(self.path)
 
 
 def test_error_raised_in_a_dataloader_worker_is_one_line(tmp_path, capsys):

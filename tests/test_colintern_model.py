@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import colintern_data
 import colintern_model as cm
 from colintern_model import ColIntern, ColInternProcessor, LoraSettings
 
@@ -483,7 +484,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 def test_read_triples_errors_name_file_and_line(tmp_path):
     good = tmp_path / "ok.jsonl"
     good.write_text('{"query": "q1", "pos": "a.png", "negs": ["b.png"]}\n\n{"query": "q2", "pos": "c.png"}\n')
-    rows = cm.read_triples(str(good))
+    rows = colintern_data.read_triples(str(good))
     assert [(r["query"], r["negs"], r["line"]) for r in rows] == [("q1", ["b.png"], 1), ("q2", [], 3)]
     cases = {'{"query": "q", "pos": "a.png"}\n{"query": "q", \n': "line 2: not valid JSON",
              '{"query": "q"}\n': "line 1: 'pos' is missing",
@@ -494,7 +495,7 @@ def test_read_triples_errors_name_file_and_line(tmp_path):
         bad = tmp_path / f"bad{i}.jsonl"
         bad.write_text(text)
         with pytest.raises(ValueError, match=f"bad{i}.jsonl {message}" if "line" in message else message):
-            cm.read_triples(str(bad))
+            colintern_data.read_triples(str(bad))
 
 
 def test_page_resolver_files_and_pseudo_paths(tmp_path, keyword_page):
@@ -505,21 +506,21 @@ def test_page_resolver_files_and_pseudo_paths(tmp_path, keyword_page):
                                features=datasets.Features({"query": datasets.Value("string"),
                                                            "image": datasets.Image()})).save_to_disk(str(folder))
     keyword_page("file").save(tmp_path / "p.png")
-    resolve = cm.PageResolver(root=str(tmp_path))
+    resolve = colintern_data.PageResolver(root=str(tmp_path))
     assert resolve("p.png").size == (224, 224)
-    ref = cm.pseudo_path(str(folder), "train", 2)
+    ref = colintern_data.pseudo_path(str(folder), "train", 2)
     assert ref == f"{folder}/train/doc_2.png"
     assert resolve(ref).tobytes() == pages[2].convert("RGB").tobytes()
     with pytest.raises(IndexError, match="row 9 but .* has 3 rows"):
-        resolve(cm.pseudo_path(str(folder), "train", 9), "x.jsonl line 4")
+        resolve(colintern_data.pseudo_path(str(folder), "train", 9), "x.jsonl line 4")
     with pytest.raises(FileNotFoundError, match="x.jsonl line 5: page 'nope.png' is neither a file"):
         resolve("nope.png", "x.jsonl line 5")
     with pytest.raises(FileNotFoundError, match="dataset .*missing.* cannot be opened"):
-        resolve(cm.pseudo_path(str(tmp_path / "missing"), "train", 0), "x.jsonl line 6")
+        resolve(colintern_data.pseudo_path(str(tmp_path / "missing"), "train", 0), "x.jsonl line 6")
     empty = tmp_path / "empty"
     (empty / "data").mkdir(parents=True)
     datasets.Dataset.from_dict({"query": ["x"]}).select([]).to_parquet(str(empty / "data" / "train-00000-of-00001.parquet"))
     with pytest.raises(ValueError, match="dataset .*empty split 'train'.*(is empty|no data)"):
-        cm.load_page_dataset(str(empty), "train")
+        colintern_data.load_page_dataset(str(empty), "train")
     with pytest.raises(FileNotFoundError, match="dataset folder .*nowhere does not exist"):
-        cm.load_page_dataset(str(tmp_path / "nowhere"), "train")
+        colintern_data.load_page_dataset(str(tmp_path / "nowhere"), "train")

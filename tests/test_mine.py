@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import mine_hard_negatives as mine
-from colintern_model import ColIntern, LoraSettings, maxsim_scores, maxsim_topk, pseudo_path, save_checkpoint
+from colintern_data import pseudo_path
+from colintern_model import ColIntern, LoraSettings, maxsim_scores, maxsim_topk, save_checkpoint
 from conftest import query, render_keyword_page
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "maple", "robot", "zebra", "candle",

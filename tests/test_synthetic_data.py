@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 import make_synthetic_data as gen
-from colintern_model import ColInternProcessor, PageResolver, load_page_dataset, pseudo_path
+from colintern_data import PageResolver, load_page_dataset, pseudo_path
+from colintern_model import ColInternProcessor
 
 FLAGS = ["--topics", "4", "--train_pages", "10", "--eval_pages", "3", "--no_progress"]
 

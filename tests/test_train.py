@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 import train
-from colintern_model import PSEUDO_PATH, ColIntern, LoraSettings, load_checkpoint, maxsim_scores, pseudo_path
+from colintern_data import PSEUDO_PATH, pseudo_path
+from colintern_model import ColIntern, LoraSettings, load_checkpoint, maxsim_scores
 from conftest import ROOT, query, render_keyword_page
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "maple", "robot", "zebra", "candle",
