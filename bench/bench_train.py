@@ -48,9 +48,10 @@ import sys
 import time
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # keyword_pages.py: the tests' page renderer
 import make_tiny_model  # noqa: E402
 import train  # noqa: E402
 from colintern_model import (  # noqa: E402
@@ -62,6 +63,7 @@ from colintern_model import (  # noqa: E402
     _index_dtype,
     resolve_dtype,
 )
+from keyword_pages import render_keyword_page  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -113,12 +115,6 @@ def parse_args(argv=None):
 
 def int_list(text: str) -> list:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def keyword_page(word: str, size) -> Image.Image:
-    page = Image.new("RGB", size, "white")
-    ImageDraw.Draw(page).text((28, 28), word, fill="black", font=ImageFont.load_default(size=40))
-    return page
 
 
 def peak_rss_reset() -> None:
@@ -219,8 +215,9 @@ def loss_flops(n_queries: int, n_pages: int, query_len: int, page_len: int, dim:
 def make_batches(processor, batch_size, num_negs, page_size, n=3):
     collate = train.Collate(processor)
     words = [f"page {i} about topic {i * 7 % 13}" for i in range(batch_size * (1 + num_negs) * n)]
-    examples = [{"query": f"Which page is about topic {i}?", "pos": keyword_page(words[i], page_size),
-                 "negs": [keyword_page(words[i + batch_size * k * n], page_size) for k in range(1, num_negs + 1)]}
+    examples = [{"query": f"Which page is about topic {i}?", "pos": render_keyword_page(words[i], page_size),
+                 "negs": [render_keyword_page(words[i + batch_size * k * n], page_size)
+                          for k in range(1, num_negs + 1)]}
                 for i in range(batch_size * n)]
     t = time.perf_counter()
     batches = [collate(examples[i * batch_size:(i + 1) * batch_size]) for i in range(n)]

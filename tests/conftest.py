@@ -1,16 +1,16 @@
-"""Shared fixtures: a tiny random InternVL saved with save_pretrained, and keyword pages rendered with PIL."""
+"""Shared fixtures: a tiny random InternVL saved with save_pretrained, and keyword pages (keyword_pages.py)."""
 import os
 import sys
 
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
 import make_tiny_model  # noqa: E402
+from keyword_pages import render_keyword_page  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,15 +37,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def render_keyword_page(keyword: str, size=(224, 224), variant: int = 0) -> Image.Image:
-    """A page whose only content that matters is `keyword`, drawn at a position snapped to the 28 px token grid
-    (a frozen random vision tower has no shift invariance), with a variant-dependent grey level as noise."""
-    page = Image.new("RGB", size, (255 - 3 * (variant % 5),) * 3)
-    draw = ImageDraw.Draw(page)
-    draw.text((28, 28), keyword, fill="black", font=ImageFont.load_default(size=40))
-    return page
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import ROOT, render_keyword_page
+from conftest import ROOT
+from keyword_pages import render_keyword_page
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_train  # noqa: E402

@@ -11,9 +11,9 @@ import torch
 
 import eval as colintern_eval
 from colintern_model import ColIntern, LoraSettings, load_checkpoint, save_checkpoint
-from conftest import render_keyword_page
+from keyword_pages import WORDS, render_keyword_page
 
-KEYWORDS = ["apple", "river", "chart", "table", "market", "growth", "report", "energy", "revenue", "title"]
+KEYWORDS = WORDS[:10]
 # query i is about KEYWORDS[i]; query 0 has a second relevant page (9) so nDCG's ideal ranking has two entries
 QRELS = [(i, i) for i in range(8)] + [(0, 9)]
 README = "---\nconfigs:\n" + "".join(

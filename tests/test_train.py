@@ -14,12 +14,8 @@ from PIL import Image
 import train
 from colintern_data import PSEUDO_PATH, pseudo_path
 from colintern_model import ColIntern, LoraSettings, load_checkpoint, maxsim_scores
-from conftest import ROOT, query, render_keyword_page
-
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "maple", "robot", "zebra", "candle",
-         "forest", "rocket", "violin", "desert", "garden", "island", "jacket", "kettle", "ladder", "magnet", "needle",
-         "orange", "pepper", "quartz", "saddle", "tunnel", "walnut", "yogurt", "bridge", "castle"]
-
+from conftest import ROOT, query
+from keyword_pages import WORDS, render_keyword_page
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
