@@ -60,7 +60,6 @@ from colintern_model import (  # noqa: E402
     ColIntern,
     ColInternProcessor,
     LoraSettings,
-    _index_dtype,
     resolve_dtype,
 )
 from keyword_pages import render_keyword_page  # noqa: E402
@@ -266,7 +265,8 @@ def expected_line(c: int, micro_batches: list, num_negs: int, dim: int, device) 
     lp = max(b["pages"]["input_ids"].shape[1] for b in micro_batches)
     n_pages = c * (1 + num_negs)
     embeddings = c * (lq + (1 + num_negs) * lp) * dim * 4 * 2
-    index_bytes = torch.empty((), dtype=_index_dtype(lp)).element_size()
+    # the loss keeps each argmax in the smallest integer type that holds 0..Lp-1 (uint8, int16, int32)
+    index_bytes = 1 if lp <= 2 ** 8 else 2 if lp <= 2 ** 15 else 4
     block = GPU_TRAIN_SIM_BLOCK if device.type == "cuda" else CPU_TRAIN_SIM_BLOCK
     loss = c * n_pages * lq * (4 + index_bytes + 4) + 2 * block * 4
     return (f"expected C {c}: embeddings (values + grads) {c} x (Lq {lq} + {1 + num_negs} x Lp {lp}) x D {dim} x "
