@@ -39,8 +39,10 @@ FLAG_ERRORS = {
 }
 
 # Runs `SCRIPT --help` and each of its FLAG_ERRORS through the real `__main__` entry (runpy), scripts one after
-# another in one interpreter, and reports exit codes, output, the heavy modules loaded so far and the parser's
-# defaults. Loaded modules only accumulate, so a script that loads one fails its own check and every later one's.
+# another in one interpreter, and reports exit codes, output, the heavy modules loaded so far and, from the parser
+# that printed the help, each option: its first flag, how --help names it, the default --help must show
+# (HelpFormatter's rule; None: none to show) and its choices. Loaded modules only accumulate, so a script that loads
+# one fails its own check and every later one's.
 PROBE = r"""
 import argparse, contextlib, io, json, runpy, sys
 import colintern_cli
@@ -64,9 +66,12 @@ def run(script, argv):
 report = {}
 for script, errors in json.loads(sys.argv[1]).items():
     report[script] = {"help": run(script, ["--help"]), "errors": [run(script, argv) for argv in errors]}
-    report[script]["defaults"] = [(a.option_strings[-1], str(a.default)) for a in parsers[-1]._actions
-                                  if a.option_strings and a.default is not None and a.nargs != 0
-                                  and a.default != argparse.SUPPRESS]
+    formatter = parsers[-1]._get_formatter()
+    report[script]["options"] = [
+        {"flag": a.option_strings[0], "invocation": formatter._format_action_invocation(a),
+         "default": None if a.default is None or a.nargs == 0 or a.default == argparse.SUPPRESS else str(a.default),
+         "choices": [str(c) for c in a.choices or ()]}
+        for a in parsers[-1]._actions if a.option_strings]
 print(json.dumps(report))
 """
 
@@ -139,14 +144,26 @@ def help_entries(text: str) -> dict:
 # --help and command-line mistakes: fast, light, every default shown
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help_shows_every_default_and_loads_no_heavy_module(probed, script):
+def test_help_explains_every_option_shows_its_default_and_loads_no_heavy_module(probed, script):
+    """Every option of the script's own parser (so a new flag needs no edit here): listed, explained in words, its
+    choices named, and its default shown."""
     result = probed[script]["help"]
     assert result["code"] == 0, result["err"]
     allowed = [] if script in TORCH_FREE else ["torch"]
     assert result["modules"] == allowed, f"{script} --help imported {result['modules']}"
     entries = help_entries(result["out"])
-    for flag, default in probed[script]["defaults"]:
-        assert re.search(rf"\(default:? {re.escape(default)}\)", entries[flag]), (flag, default, entries[flag])
+    options = probed[script]["options"]
+    assert {o["flag"] for o in options} == set(entries), "the parser's options are not the ones --help lists"
+    for option in options:
+        entry = entries[option["flag"]]
+        assert entry.startswith(option["invocation"]), (option, entry)
+        explanation = entry[len(option["invocation"]):]
+        if option["default"] is not None:
+            shown = rf"\(default:? {re.escape(option['default'])}\)"
+            assert re.search(shown, explanation), (option["flag"], option["default"], entry)
+            explanation = re.sub(shown, "", explanation)
+        assert len(explanation.strip()) > 15, (option["flag"], entry)  # a few words, not just a default
+        assert all(choice in entry for choice in option["choices"]), (option["flag"], option["choices"], entry)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
