@@ -51,9 +51,12 @@ from colintern_model import (
     matmul_dtype,
     maxsim_tokens,
     maxsim_topk,
+    merge_topk,
     pack_queries,
     resolve_dtype,
     scoring_threads,
+    sum_by_query,
+    sync,
     unpad,
 )
 
@@ -416,7 +419,7 @@ def score_pairs(queries: list, pages: list, pairs, device, dtype) -> torch.Tenso
             page = pages[int(p_idx[sel[0]])].to(device=device, dtype=dtype).to(compute)[None]  # (1, Lp, D)
             tokens, owner = pack_queries([queries[i] for i in q_idx[sel].tolist()], compute, device)
             best = maxsim_tokens(tokens, page, workers=workers)  # (T, 1)
-            out[sel] = torch.zeros(len(sel), device=device).index_add_(0, owner, best[:, 0].float()).cpu()
+            out[sel] = sum_by_query(best, owner, len(sel))[:, 0].cpu()
             start = end
     return out
 
@@ -437,11 +440,6 @@ def margin_ceiling(pos_scores: torch.Tensor, margin: float) -> torch.Tensor:
     if math.isinf(margin):
         return torch.full_like(pos_scores, float("inf"))
     return margin * pos_scores
-
-
-def merge_topk(values, indices, new_values, new_indices, k: int) -> tuple:
-    v, pick = torch.cat([values, new_values], dim=1).topk(k, dim=1)
-    return v, torch.cat([indices, new_indices], dim=1).gather(1, pick)
 
 
 def exact_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device,
@@ -613,11 +611,6 @@ def rank_metrics(rank: torch.Tensor) -> dict:
 
 def stats_path(out_jsonl: str) -> str:
     return os.path.splitext(out_jsonl)[0] + ".stats.json"
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(args):
