@@ -1,8 +1,8 @@
-"""ColIntern's data and file helpers: page datasets, page references in JSONL, triples, content hashes, atomic writes.
+"""ColIntern's data and file helpers: page datasets, page references, query rows, content hashes, atomic writes.
 
 No torch here: make_synthetic_data.py's rendering workers and the plot scripts import it cheaply. Everything that
 opens a page (a file under --root, or a row of a hub dataset named by its pseudo-path) goes through PageResolver,
-whose errors name the page and where it was referenced.
+whose errors name the page and where it was referenced (file and line, or dataset row).
 """
 import contextlib
 import hashlib
@@ -21,6 +21,23 @@ def file_sha256(path: str) -> str:
     """sha256 of a file's bytes (hex)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_sha1(path: str) -> str:
+    """sha1 of a file's bytes (hex): a page file's page_hash, and a training JSONL's identity (sha1 because step
+    snapshots and mining caches already record it so)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+def page_hash(*chunks: bytes) -> str:
+    """Content hash of a page (sha1, hex): of its stored bytes, to find repeated pages before decoding any. One
+    helper for every page key: eval.py's page_key (a decoded page) can be page_hash(f"{mode}:{size}".encode(),
+    pixels) and keep its keys."""
+    h = hashlib.sha1()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def files_fingerprint(folder: str) -> str:
@@ -117,6 +134,32 @@ def load_page_dataset(name: str, split: str = "train"):
     return ds
 
 
+def open_image(path) -> Image.Image:
+    """Open an image file as RGB, with an error that names the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"image {path} does not exist") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"image {path} cannot be decoded: {e}") from e
+
+
+def raw_images(ds):
+    """The dataset with its 'image' column left as stored ({"bytes", "path"}): hashing must not decode every page."""
+    import datasets
+    return ds.cast_column("image", datasets.Image(decode=False))
+
+
+def stored_page_hash(value, where: str) -> str:
+    """page_hash of a raw_images 'image' value as stored, without decoding it; errors name `where`."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return page_hash(value["bytes"])
+    if isinstance(value, dict) and value.get("path") and os.path.isfile(value["path"]):
+        return file_sha1(value["path"])
+    raise ValueError(f"{where}: the 'image' value holds no image bytes or readable file ({str(value)[:80]!r})")
+
+
 PSEUDO_PATH = re.compile(r"^(?P<dataset>.+)/(?P<split>[^/]+)/doc_(?P<index>\d+)\.png$")
 
 
@@ -126,23 +169,39 @@ def pseudo_path(dataset: str, split: str, index: int) -> str:
 
 
 class PageResolver:
-    """Turns a JSONL page reference into a PIL image: a file under `root`, else an HF pseudo-path.
+    """The one place a page reference is opened: a file under `root`, else an HF pseudo-path (row N of a dataset's
+    split; with root=None, pseudo-paths only: the rows of a --train_hub or --hub_name dataset). Every error names
+    the reference and `where` it came from ('file.jsonl line 3', "--hub_name NAME split 'train' row 5"), so
+    callers need not wrap them.
 
     Each dataset is opened once (lazily, memory-mapped) and images are decoded on demand, so DataLoader workers
     can share one resolver."""
 
-    def __init__(self, root: str = "."):
+    def __init__(self, root: str | None = "."):
         self.root = root
-        self._datasets = {}
+        self._datasets, self._raw = {}, {}
 
-    def dataset(self, name: str, split: str):
+    def dataset(self, name: str, split: str, columns=("image",)):
+        """The dataset, opened once; refused, naming it, when it lacks any of `columns` (the one column check)."""
         if (name, split) not in self._datasets:
             self._datasets[(name, split)] = load_page_dataset(name, split)
-        return self._datasets[(name, split)]
+        ds = self._datasets[(name, split)]
+        missing = [c for c in columns if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"dataset {name} split {split!r} lacks column(s) {missing} (it has {ds.column_names}): "
+                             f"pages are read from an 'image' column and queries from 'query', as in "
+                             f"vidore/colpali_train_set")
+        return ds
+
+    def file(self, ref: str) -> str | None:
+        """The file `ref` names under root, if there is one (files win over pseudo-paths)."""
+        if self.root is not None and os.path.isfile(os.path.join(self.root, ref)):
+            return os.path.join(self.root, ref)
+        return None
 
     def check(self, ref: str, where: str = "") -> None:
-        """Raise now (naming `where`, e.g. 'file.jsonl line 3') if `ref` cannot resolve, without decoding it."""
-        if os.path.isfile(os.path.join(self.root, ref)):
+        """Raise now if `ref` cannot resolve, without decoding it."""
+        if self.file(ref):
             return
         m = PSEUDO_PATH.match(ref)
         if m is None:
@@ -158,33 +217,39 @@ class PageResolver:
                              f"{m['split']!r} has {len(ds)} rows")
 
     def __call__(self, ref: str, where: str = "") -> Image.Image:
-        path = os.path.join(self.root, ref)
-        if os.path.isfile(path):
-            return open_image(path)
+        """`ref` decoded as RGB."""
+        path = self.file(ref)
+        if path:
+            try:
+                return open_image(path)
+            except (OSError, ValueError) as e:  # open_image names the file; this adds the reference and its line
+                raise ValueError(f"{where}: page {ref!r} cannot be read: {e}") from e
         self.check(ref, where)
         m = PSEUDO_PATH.match(ref)
-        image = self.dataset(m["dataset"], m["split"])[int(m["index"])]["image"]
+        try:
+            image = self.dataset(m["dataset"], m["split"])[int(m["index"])]["image"]
+        except Exception as e:  # datasets' decode errors name no row
+            raise ValueError(f"{where}: page {ref!r} cannot be read: {type(e).__name__}: {e}") from e
         if not isinstance(image, Image.Image):
-            raise ValueError(f"{where}: page {ref!r} has no decodable 'image' column value")
+            raise ValueError(f"{where}: page {ref!r} cannot be read: 'image' is {type(image).__name__}, not an "
+                             f"image")
         return image.convert("RGB")
 
-
-
-
-
-def open_image(path) -> Image.Image:
-    """Open an image file as RGB, with an error that names the file."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"image {path} does not exist") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"image {path} cannot be decoded: {e}") from e
+    def content_hash(self, ref: str, where: str) -> str:
+        """page_hash of `ref` as stored (a file's bytes, a dataset row's image bytes), without decoding it."""
+        self.check(ref, where)
+        path = self.file(ref)
+        if path:
+            return file_sha1(path)
+        m = PSEUDO_PATH.match(ref)
+        key = (m["dataset"], m["split"])
+        if key not in self._raw:
+            self._raw[key] = raw_images(self.dataset(*key))
+        return stored_page_hash(self._raw[key][int(m["index"])]["image"], f"{where}: page {ref!r}")
 
 
 # -----------------------------------------------------------------------------
-# Triples: the training JSONL
+# Query rows: a training JSONL's triples, a hub dataset's queries
 
 def read_triples(path: str) -> list:
     """Read a JSONL of `{"query": str, "pos": str, "negs": [str, ...]}` (negs optional). Errors name file and line."""
@@ -211,3 +276,14 @@ def read_triples(path: str) -> list:
     if not rows:
         raise ValueError(f"{path} has no triples")
     return rows
+
+
+def read_queries(ds, what: str) -> list:
+    """The 'query' column of a dataset whose rows are a query and its positive page (vidore/colpali_train_set's
+    layout), refusing empty queries; `what` names the data, e.g. "--train_hub NAME split 'train'"."""
+    queries = list(ds["query"])  # reads one column; images stay undecoded
+    bad = [i for i, q in enumerate(queries) if not isinstance(q, str) or not q.strip()]
+    if bad:
+        raise ValueError(f"{what}: rows {bad[:5]} ({len(bad)} in all) have an empty query; filter them out of the "
+                         f"dataset first")
+    return queries

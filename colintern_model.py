@@ -679,9 +679,22 @@ def page_chunks(pages: Sequence[torch.Tensor], dtype, device, chunk_tokens: int 
         start = end
 
 
-def _sum_by_query(best: torch.Tensor, owner: torch.Tensor, n_queries: int) -> torch.Tensor:
+def sum_by_query(best: torch.Tensor, owner: torch.Tensor, n_queries: int) -> torch.Tensor:
     """(T, n) per-token best similarities -> (n_queries, n) float32 MaxSim scores."""
     return best.new_zeros((n_queries, best.shape[1]), dtype=torch.float32).index_add_(0, owner, best.float())
+
+
+def merge_topk(values: torch.Tensor, indices: torch.Tensor, new_values: torch.Tensor, new_indices: torch.Tensor,
+               k: int) -> tuple:
+    """A running top-k per row, (n, k) values and indices, merged with (n, m) new ones -> the k best of both."""
+    v, pick = torch.cat([values, new_values], dim=1).topk(k, dim=1)
+    return v, torch.cat([indices, new_indices], dim=1).gather(1, pick)
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work (before reading a clock); nothing on a CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def maxsim_scores(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], device="cpu",
@@ -700,7 +713,7 @@ def maxsim_scores(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor]
         tokens, owner = pack_queries([q.to(dtype) for q in queries], compute, device)  # (T, D), (T,)
         for idx, chunk in page_chunks([p.to(dtype) for p in pages], compute, device):
             best = maxsim_tokens(tokens, chunk, max_sim_elements, workers)
-            scores[:, idx.cpu()] = _sum_by_query(best, owner, len(queries)).cpu()
+            scores[:, idx.cpu()] = sum_by_query(best, owner, len(queries)).cpu()
     return scores
 
 
@@ -736,13 +749,10 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
             best_i = torch.full((q1 - q0, k), -1, dtype=torch.long, device=device)
             for idx, chunk in chunks:
                 best = maxsim_tokens(tokens, chunk, max_sim_elements, workers)
-                scores = _sum_by_query(best, owner, q1 - q0)  # (nq, n)
+                scores = sum_by_query(best, owner, q1 - q0)  # (nq, n)
                 if on_scores is not None:
                     on_scores(q0, q1, idx, scores)
-                merged_v = torch.cat([best_v, scores], dim=1)
-                merged_i = torch.cat([best_i, idx.expand(q1 - q0, -1)], dim=1)
-                best_v, pick = merged_v.topk(k, dim=1)
-                best_i = merged_i.gather(1, pick)
+                best_v, best_i = merge_topk(best_v, best_i, scores, idx.expand(q1 - q0, -1), k)
             values[q0:q1], indices[q0:q1] = best_v.cpu(), best_i.cpu()
     indices[values == float("-inf")] = -1
     return values, indices

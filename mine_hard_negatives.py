@@ -38,11 +38,10 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
-from colintern_data import (PSEUDO_PATH, PageResolver, file_sha256, load_page_dataset, pseudo_path, read_triples,
-                            write_json, write_jsonl)
+from colintern_data import (PageResolver, file_sha1, file_sha256, pseudo_path, raw_images, read_queries, read_triples,
+                            stored_page_hash, write_json, write_jsonl)
 from colintern_model import (
     FORMAT_VERSION,
     ColIntern,
@@ -51,9 +50,12 @@ from colintern_model import (
     matmul_dtype,
     maxsim_tokens,
     maxsim_topk,
+    merge_topk,
     pack_queries,
     resolve_dtype,
     scoring_threads,
+    sum_by_query,
+    sync,
     unpad,
 )
 
@@ -131,69 +133,17 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # Input: queries, their positives, and the distinct pages (by content)
 
-def bytes_hash(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()
-
-
-def stored_image_hash(value, where: str) -> str:
-    """Hash of a datasets Image value as stored ({"bytes", "path"}), without decoding it."""
-    if isinstance(value, dict) and value.get("bytes"):
-        return bytes_hash(value["bytes"])
-    if isinstance(value, dict) and value.get("path") and os.path.isfile(value["path"]):
-        with open(value["path"], "rb") as f:
-            return bytes_hash(f.read())
-    raise ValueError(f"{where}: the 'image' value holds no image bytes or readable file ({str(value)[:80]!r})")
-
-
-def raw_images(ds):
-    """The dataset with its 'image' column left as stored bytes (hashing must not decode every page)."""
-    import datasets
-    return ds.cast_column("image", datasets.Image(decode=False))
-
-
-class HubPages:
-    """Opens row i of a hub dataset's 'image' column as RGB, naming the row when it cannot be decoded."""
-
-    def __init__(self, ds, name: str, split: str, rows: list):
-        self.ds, self.name, self.split, self.rows = ds, name, split, rows
-
-    def __call__(self, i: int) -> Image.Image:
-        row = self.rows[i]
-        ref = pseudo_path(self.name, self.split, row)
-        try:
-            image = self.ds[row]["image"]
-        except Exception as e:  # datasets' decode errors name no row: re-raise with it
-            raise ValueError(f"page {ref} (--hub_name {self.name} split {self.split!r} row {row}) cannot be "
-                             f"decoded: {type(e).__name__}: {e}") from e
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"page {ref} (row {row}): 'image' is {type(image).__name__}, not an image")
-        return image.convert("RGB")
-
-
-class JsonlPages:
-    """Opens a JSONL page reference (a file under --root or an HF pseudo-path) as RGB, naming it on failure."""
-
-    def __init__(self, resolver: PageResolver, refs: list, wheres: list):
-        self.resolver, self.refs, self.wheres = resolver, refs, wheres
-
-    def __call__(self, i: int) -> Image.Image:
-        ref, where = self.refs[i], self.wheres[i]
-        try:
-            return self.resolver(ref, where)
-        except Exception as e:
-            raise ValueError(f"{where}: page {ref!r} cannot be decoded: {type(e).__name__}: {e}") from e
-
-
 @dataclasses.dataclass
 class MiningInput:
     source: dict  # what was mined, for the cache manifest and the stats
     queries: list  # query texts, in input order
     pos_refs: list  # each query's positive, named as in the input
     positives: list  # each query's positive as a distinct-page index
-    page_refs: list  # each distinct page's name (its first occurrence in the input)
+    page_refs: list  # each distinct page's reference (its first occurrence in the input)
+    page_wheres: list  # where that occurrence is, for errors: "FILE line N" or "--hub_name NAME split S row N"
     page_hashes: list  # each distinct page's content hash
     page_mentions: int  # page references before deduplication
-    open_page: object  # callable: distinct-page index -> PIL image (picklable, for DataLoader workers)
+    resolver: PageResolver  # opens page_refs (picklable, for DataLoader workers)
 
 
 class Deduper:
@@ -212,15 +162,11 @@ class Deduper:
 
 
 def hub_input(name: str, split: str) -> MiningInput:
-    ds = load_page_dataset(name, split)  # names the dataset and split when missing or empty
-    missing = {"query", "image"} - set(ds.column_names)
-    if missing:
-        raise ValueError(f"--hub_name {name} split {split!r} lacks column(s) {sorted(missing)} "
-                         f"(has {ds.column_names}): each row needs a query and its page image")
-    queries = ds["query"]
-    for row, q in enumerate(queries):
-        if not isinstance(q, str) or not q.strip():
-            raise ValueError(f"--hub_name {name} split {split!r} row {row}: 'query' is empty or missing")
+    """Each row of a hub dataset is a query and its positive page, named by its pseudo-path."""
+    what = f"--hub_name {name} split {split!r}"
+    resolver = PageResolver(root=None)  # the rows' pseudo-paths only, never a file
+    ds = resolver.dataset(name, split, columns=("query", "image"))
+    queries = read_queries(ds, what)
     dedup, positives = Deduper(), []
     raw = raw_images(ds).select_columns(["image"])
     batch = 512
@@ -228,52 +174,36 @@ def hub_input(name: str, split: str) -> MiningInput:
         for start, values in zip(range(0, len(ds), batch), raw.iter(batch_size=batch)):
             for offset, value in enumerate(values["image"]):
                 row = start + offset
-                h = stored_image_hash(value, f"--hub_name {name} split {split!r} row {row}")
-                positives.append(dedup.add(h, row))
+                positives.append(dedup.add(stored_page_hash(value, f"{what} row {row}"), row))
             bar.update(len(values["image"]))
     return MiningInput(
-        source={"hub_name": name, "split": split, "rows": len(ds)}, queries=list(queries),
+        source={"hub_name": name, "split": split, "rows": len(ds)}, queries=queries,
         pos_refs=[pseudo_path(name, split, row) for row in range(len(ds))], positives=positives,
-        page_refs=[pseudo_path(name, split, row) for row in dedup.firsts], page_hashes=dedup.hashes,
-        page_mentions=dedup.mentions, open_page=HubPages(ds, name, split, dedup.firsts))
-
-
-def reference_hash(resolver: PageResolver, raw_cache: dict, ref: str, where: str) -> str:
-    """Content hash of a JSONL page reference: the file's bytes, or the stored bytes of a pseudo-path's row."""
-    resolver.check(ref, where)  # names file and line when it does not resolve
-    path = os.path.join(resolver.root, ref)
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            return bytes_hash(f.read())
-    m = PSEUDO_PATH.match(ref)
-    key = (m["dataset"], m["split"])
-    if key not in raw_cache:
-        raw_cache[key] = raw_images(resolver.dataset(*key))
-    return stored_image_hash(raw_cache[key][int(m["index"])]["image"], f"{where}: page {ref!r}")
+        page_refs=[pseudo_path(name, split, row) for row in dedup.firsts],
+        page_wheres=[f"{what} row {row}" for row in dedup.firsts], page_hashes=dedup.hashes,
+        page_mentions=dedup.mentions, resolver=resolver)
 
 
 def jsonl_input(path: str, root: str) -> MiningInput:
+    """The queries of a {"query","pos","negs"} JSONL, over every page it names."""
     rows = read_triples(path)  # names file and line of a row without 'query' or 'pos'
-    resolver, raw_cache = PageResolver(root), {}
+    resolver = PageResolver(root)
     dedup, by_ref, positives = Deduper(), {}, []
     for row in progress_bar(rows, desc="hash pages", unit="row"):
         where = f"{path} line {row['line']}"
         for j, ref in enumerate([row["pos"], *row["negs"]]):
             if ref not in by_ref:
-                by_ref[ref] = dedup.add(reference_hash(resolver, raw_cache, ref, where), (ref, where))
+                by_ref[ref] = dedup.add(resolver.content_hash(ref, where), (ref, where))
             else:
                 dedup.mentions += 1
             if j == 0:
                 positives.append(by_ref[ref])
-    refs = [ref for ref, _ in dedup.firsts]
-    with open(path, "rb") as f:
-        sha1 = hashlib.file_digest(f, "sha1").hexdigest()
     return MiningInput(
         source={"train_jsonl": os.path.abspath(path), "root": os.path.abspath(root), "rows": len(rows),
-                "sha1": sha1},
+                "sha1": file_sha1(path)},
         queries=[row["query"] for row in rows], pos_refs=[row["pos"] for row in rows], positives=positives,
-        page_refs=refs, page_hashes=dedup.hashes, page_mentions=dedup.mentions,
-        open_page=JsonlPages(resolver, refs, [where for _, where in dedup.firsts]))
+        page_refs=[ref for ref, _ in dedup.firsts], page_wheres=[where for _, where in dedup.firsts],
+        page_hashes=dedup.hashes, page_mentions=dedup.mentions, resolver=resolver)
 
 
 # -----------------------------------------------------------------------------
@@ -329,20 +259,22 @@ def load_shard(folder: str, s: int, expected_hashes: list) -> list | None:
 
 
 class PageImages(torch.utils.data.Dataset):
-    """Distinct pages of one shard, decoded and tiled in DataLoader workers."""
+    """Distinct pages of one shard, opened in DataLoader workers by the resolver (its errors name the page and
+    where it was referenced); the processor tiles them."""
 
-    def __init__(self, open_page, indices: list):
-        self.open_page, self.indices = open_page, indices
+    def __init__(self, data: MiningInput, indices: list):
+        self.resolver = data.resolver
+        self.pages = [(data.page_refs[i], data.page_wheres[i]) for i in indices]  # only this shard's go to workers
 
     def __len__(self):
-        return len(self.indices)
+        return len(self.pages)
 
     def __getitem__(self, i):
-        return self.open_page(self.indices[i])
+        return self.resolver(*self.pages[i])
 
 
 def encode_shard(model, processor, data: MiningInput, indices: list, args, bar) -> list:
-    loader = torch.utils.data.DataLoader(PageImages(data.open_page, indices), batch_size=args.doc_batch,
+    loader = torch.utils.data.DataLoader(PageImages(data, indices), batch_size=args.doc_batch,
                                          num_workers=args.num_workers, collate_fn=processor.process_pages)
     out = []
     with torch.inference_mode():
@@ -416,7 +348,7 @@ def score_pairs(queries: list, pages: list, pairs, device, dtype) -> torch.Tenso
             page = pages[int(p_idx[sel[0]])].to(device=device, dtype=dtype).to(compute)[None]  # (1, Lp, D)
             tokens, owner = pack_queries([queries[i] for i in q_idx[sel].tolist()], compute, device)
             best = maxsim_tokens(tokens, page, workers=workers)  # (T, 1)
-            out[sel] = torch.zeros(len(sel), device=device).index_add_(0, owner, best[:, 0].float()).cpu()
+            out[sel] = sum_by_query(best, owner, len(sel))[:, 0].cpu()
             start = end
     return out
 
@@ -437,11 +369,6 @@ def margin_ceiling(pos_scores: torch.Tensor, margin: float) -> torch.Tensor:
     if math.isinf(margin):
         return torch.full_like(pos_scores, float("inf"))
     return margin * pos_scores
-
-
-def merge_topk(values, indices, new_values, new_indices, k: int) -> tuple:
-    v, pick = torch.cat([values, new_values], dim=1).topk(k, dim=1)
-    return v, torch.cat([indices, new_indices], dim=1).gather(1, pick)
 
 
 def exact_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device,
@@ -613,11 +540,6 @@ def rank_metrics(rank: torch.Tensor) -> dict:
 
 def stats_path(out_jsonl: str) -> str:
     return os.path.splitext(out_jsonl)[0] + ".stats.json"
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(args):

@@ -31,7 +31,6 @@ all their pages. Precision: LoRA and heads train in fp32 over a bf16/fp16 backbo
 """
 import argparse
 import contextlib
-import hashlib
 import math
 import os
 import random
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
-from colintern_data import PageResolver, atomic_path, load_page_dataset, read_triples, write_json
+from colintern_data import PageResolver, atomic_path, file_sha1, pseudo_path, read_queries, read_triples, write_json
 from colintern_model import (
     DEFAULT_MODEL_ID,
     ColIntern,
@@ -184,39 +183,24 @@ def check_args(p, args):
 # -----------------------------------------------------------------------------
 # Data: training rows, the seeded batch order, collation (decoding and tiling happen in the DataLoader workers)
 
-class HubPages(torch.utils.data.Dataset):
-    """Rows of a dataset with vidore/colpali_train_set columns: a query and its one positive page."""
+class HubPairs(torch.utils.data.Dataset):
+    """Rows of a dataset with vidore/colpali_train_set's columns: a query and its one positive page."""
 
     def __init__(self, name: str, split: str):
-        ds = load_page_dataset(name, split)
-        missing = {"query", "image"} - set(ds.column_names)
-        if missing:
-            raise ValueError(f"--train_hub {name} split {split!r} lacks column(s) {sorted(missing)} (it has "
-                             f"{ds.column_names}); it needs vidore/colpali_train_set's 'query' and 'image'")
-        self.name, self.split = name, split
-        self.rows = ds.select_columns(["query", "image"])
-        self.queries = list(ds["query"])  # reads one column; images stay undecoded until a worker asks
-        bad = [i for i, q in enumerate(self.queries) if not isinstance(q, str) or not q.strip()]
-        if bad:
-            raise ValueError(f"--train_hub {name} split {split!r}: rows {bad[:5]} ({len(bad)} in all) have an "
-                             f"empty query; filter them out of the dataset first")
-        self.fingerprint = {"source": "hub", "rows": len(self.rows), "id": getattr(ds, "_fingerprint", None)}
-        self.label = f"{name} split {split} ({len(self.rows)} rows, in-batch negatives)"
+        self.name, self.split, self.what = name, split, f"--train_hub {name} split {split!r}"
+        self.resolver = PageResolver(root=None)  # the rows' pseudo-paths only, never a file
+        ds = self.resolver.dataset(name, split, columns=("query", "image"))
+        self.queries = read_queries(ds, self.what)  # images stay undecoded until a worker asks
+        self.fingerprint = {"source": "hub", "rows": len(ds), "id": getattr(ds, "_fingerprint", None)}
+        self.label = f"{name} split {split} ({len(ds)} rows, in-batch negatives)"
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.queries)
 
     def __getitem__(self, key):
         _, i = key
-        try:
-            image = self.rows[i]["image"]
-        except Exception as e:  # re-raised with the row named; datasets' decode errors name no row
-            raise ValueError(f"--train_hub {self.name} split {self.split!r} row {i}: image cannot be decoded "
-                             f"({type(e).__name__}: {e})") from e
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"--train_hub {self.name} split {self.split!r} row {i}: 'image' is "
-                             f"{type(image).__name__}, not a decodable image")
-        return {"query": self.queries[i], "pos": image.convert("RGB"), "negs": []}
+        page = self.resolver(pseudo_path(self.name, self.split, i), f"{self.what} row {i}")
+        return {"query": self.queries[i], "pos": page, "negs": []}
 
 
 class JsonlTriples(torch.utils.data.Dataset):
@@ -239,9 +223,7 @@ class JsonlTriples(torch.utils.data.Dataset):
         self.short = sum(len(row["negs"]) < num_negs for row in self.rows)
         if num_negs and len(self.pool) < 2 and self.short:
             raise ValueError(f"{path}: rows lack negatives and there is no other page to draw one from")
-        with open(path, "rb") as f:
-            sha1 = hashlib.file_digest(f, "sha1").hexdigest()
-        self.fingerprint = {"source": "jsonl", "rows": len(self.rows), "id": sha1}
+        self.fingerprint = {"source": "jsonl", "rows": len(self.rows), "id": file_sha1(path)}
         self.label = f"{path} ({len(self.rows)} rows, {num_negs} hard negative(s) per query)"
 
     def __len__(self):
@@ -257,18 +239,12 @@ class JsonlTriples(torch.utils.data.Dataset):
                 negs.append(ref)
         return negs
 
-    def page(self, ref: str, where: str) -> Image.Image:
-        try:
-            return self.resolver(ref, where)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{where}: page {ref!r} cannot be read: {e}") from e
-
     def __getitem__(self, key):
         epoch, i = key
         row = self.rows[i]
         where = f"{self.path} line {row['line']}"
-        return {"query": row["query"], "pos": self.page(row["pos"], where),
-                "negs": [self.page(ref, where) for ref in self.negatives(epoch, i)]}
+        return {"query": row["query"], "pos": self.resolver(row["pos"], where),
+                "negs": [self.resolver(ref, where) for ref in self.negatives(epoch, i)]}
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -310,7 +286,7 @@ class Collate:
 
 def load_training_rows(args):
     if args.train_hub:
-        return HubPages(args.train_hub, args.split)
+        return HubPairs(args.train_hub, args.split)
     return JsonlTriples(args.train_jsonl, args.root, args.num_negs, args.seed)
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from colintern_model import matmul_dtype, maxsim_scores, maxsim_topk, resolve_dtype  # noqa: E402
+from colintern_model import matmul_dtype, maxsim_scores, maxsim_topk, resolve_dtype, sync  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOLERANCE = {"fp32": 1e-3, "bf16": 0.1}  # max |score error| vs float64: 30 query tokens, rounding per similarity
@@ -48,11 +48,6 @@ def parse_args(argv=None):
                    help="queries whose scores and top-10 are checked against the float64 reference")
     p.add_argument("--seed", type=int, default=0, help="seed for the embeddings")
     return p.parse_args(argv)
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def best_time(fn, device, repeats, warmup=True):

@@ -43,6 +43,7 @@ from colintern_model import (  # noqa: E402
     LoraSettings,
     resolve_dtype,
     save_checkpoint,
+    sync,
     unpad,
 )
 
@@ -207,11 +208,6 @@ def planted_recall(args, page_len: int, query_len: int, dim: int, n_queries: int
           f"FAISS {spec} + exact re-rank of {args.candidates} candidates, top-{args.k} recall vs exact {recall:.3f} "
           f"({faiss_s:.2f} s; exact top-k {exact_s:.2f} s)")
     return recall
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def encode_only(args, tile: int, size) -> dict:

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import colintern_data
 import colintern_model as cm
 from colintern_model import ColIntern, ColInternProcessor, LoraSettings
 
@@ -477,50 +476,3 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(path, weights_only=True)["v"].item() == 1.0
     assert os.listdir(tmp_path) == ["ck.pt"]
-
-
-# -- data helpers ----------------------------------------------------------------------
-
-def test_read_triples_errors_name_file_and_line(tmp_path):
-    good = tmp_path / "ok.jsonl"
-    good.write_text('{"query": "q1", "pos": "a.png", "negs": ["b.png"]}\n\n{"query": "q2", "pos": "c.png"}\n')
-    rows = colintern_data.read_triples(str(good))
-    assert [(r["query"], r["negs"], r["line"]) for r in rows] == [("q1", ["b.png"], 1), ("q2", [], 3)]
-    cases = {'{"query": "q", "pos": "a.png"}\n{"query": "q", \n': "line 2: not valid JSON",
-             '{"query": "q"}\n': "line 1: 'pos' is missing",
-             '{"query": "", "pos": "a.png"}\n': "line 1: 'query' is missing or empty",
-             '{"query": "q", "pos": "a.png", "negs": "b.png"}\n': "line 1: 'negs' must be a list",
-             "\n": "has no triples"}
-    for i, (text, message) in enumerate(cases.items()):
-        bad = tmp_path / f"bad{i}.jsonl"
-        bad.write_text(text)
-        with pytest.raises(ValueError, match=f"bad{i}.jsonl {message}" if "line" in message else message):
-            colintern_data.read_triples(str(bad))
-
-
-def test_page_resolver_files_and_pseudo_paths(tmp_path, keyword_page):
-    import datasets
-    pages = [keyword_page(w) for w in ["alpha", "beta", "gamma"]]
-    folder = tmp_path / "sets" / "mini"
-    datasets.Dataset.from_dict({"query": ["a", "b", "c"], "image": pages},
-                               features=datasets.Features({"query": datasets.Value("string"),
-                                                           "image": datasets.Image()})).save_to_disk(str(folder))
-    keyword_page("file").save(tmp_path / "p.png")
-    resolve = colintern_data.PageResolver(root=str(tmp_path))
-    assert resolve("p.png").size == (224, 224)
-    ref = colintern_data.pseudo_path(str(folder), "train", 2)
-    assert ref == f"{folder}/train/doc_2.png"
-    assert resolve(ref).tobytes() == pages[2].convert("RGB").tobytes()
-    with pytest.raises(IndexError, match="row 9 but .* has 3 rows"):
-        resolve(colintern_data.pseudo_path(str(folder), "train", 9), "x.jsonl line 4")
-    with pytest.raises(FileNotFoundError, match="x.jsonl line 5: page 'nope.png' is neither a file"):
-        resolve("nope.png", "x.jsonl line 5")
-    with pytest.raises(FileNotFoundError, match="dataset .*missing.* cannot be opened"):
-        resolve(colintern_data.pseudo_path(str(tmp_path / "missing"), "train", 0), "x.jsonl line 6")
-    empty = tmp_path / "empty"
-    (empty / "data").mkdir(parents=True)
-    datasets.Dataset.from_dict({"query": ["x"]}).select([]).to_parquet(str(empty / "data" / "train-00000-of-00001.parquet"))
-    with pytest.raises(ValueError, match="dataset .*empty split 'train'.*(is empty|no data)"):
-        colintern_data.load_page_dataset(str(empty), "train")
-    with pytest.raises(FileNotFoundError, match="dataset folder .*nowhere does not exist"):
-        colintern_data.load_page_dataset(str(tmp_path / "nowhere"), "train")
