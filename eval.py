@@ -46,7 +46,7 @@ import traceback
 
 import torch
 
-from colintern_cli import ArgumentParser, existing_file, one_line, run_cli, validated
+from colintern_cli import ArgumentParser, existing_file, metric_label, one_line, run_cli, validated
 from colintern_data import datasets_cache_for, file_sha256, files_fingerprint, write_json
 from colintern_model import DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, check_model_id, maxsim_scores
 
@@ -120,10 +120,8 @@ if __name__ == "__main__":
 import mteb  # noqa: E402
 from mteb.models.abs_encoder import AbsEncoder  # noqa: E402
 
-# The metrics reported, as mteb names them, and as the table heads them.
+# The metrics reported, as mteb names them (the table and the plots head them with colintern_cli.metric_label)
 METRICS = ["ndcg_at_5", "ndcg_at_10", "recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10"]
-METRIC_LABELS = {"ndcg_at_5": "nDCG@5", "ndcg_at_10": "nDCG@10", "recall_at_1": "R@1", "recall_at_5": "R@5",
-                 "recall_at_10": "R@10", "mrr_at_10": "MRR@10"}
 LOCAL_BENCHMARK = "local"
 HUB_CONFIGS = ("corpus", "queries", "qrels")  # the ViDoRe v1 hub layout, which --local_task reads too
 COLPALI_TRAIN_SET = "vidore/colpali_train_set"
@@ -734,10 +732,11 @@ def format_table(benchmarks: dict) -> str:
     rows = [t for e in benchmarks.values() for t in [*e["tasks"], *e["skipped"], *e["failed"]]]
     rows += ["  " + s for e in benchmarks.values() for subsets in e["subsets"].values() for s in subsets]
     width = max(len(r) for r in ["task", "average (99 of 99 tasks)", *rows])
-    head = f"{'task':<{width}}  " + "  ".join(f"{METRIC_LABELS[m]:>7}" for m in METRICS)
+    columns = {m: max(7, len(metric_label(m))) for m in METRICS}
+    head = f"{'task':<{width}}  " + "  ".join(f"{metric_label(m):>{w}}" for m, w in columns.items())
 
     def row(name, metrics):
-        return f"{name:<{width}}  " + "  ".join(f"{100 * metrics[m]:7.2f}" for m in METRICS)
+        return f"{name:<{width}}  " + "  ".join(f"{100 * metrics[m]:{w}.2f}" for m, w in columns.items())
 
     lines = []
     for bench, entry in benchmarks.items():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval as colintern_eval
+from colintern_cli import metric_label
 from colintern_model import ColIntern, LoraSettings, load_checkpoint, save_checkpoint
 from conftest import render_keyword_page
 
@@ -362,6 +363,11 @@ def test_v3_average_is_labelled_as_the_public_tasks_only(capsys):
     assert entry["average"]["ndcg_at_10"] == pytest.approx(sum(0.1 * i for i in range(8)) / 8)
     table = colintern_eval.format_table({"ViDoRe(v3)": entry})
     assert "ViDoRe(v3), 8 of 10 tasks (2 private)  (scores x100)" in table and "not the ViDoRe(v3) score" in table
+    # the columns are headed as the plots name the metrics (colintern_cli.metric_label), and line up
+    head, rule, first = table.splitlines()[2:5]
+    assert head.split() == ["task", "nDCG@5", "nDCG@10", "Recall@1", "Recall@5", "Recall@10", "MRR@10"]
+    assert head.split()[1:] == [metric_label(m) for m in colintern_eval.METRICS]
+    assert len(head) == len(rule) == len(first)
 
 
 def test_private_skipped_failure_isolated_and_languages_reported(tmp_path, tiny_model_dir, pages, queries, counts,
