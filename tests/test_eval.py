@@ -155,6 +155,59 @@ def test_local_task_metrics_match_independent_computation_and_resume(tmp_path, p
     assert counts == {"queries": 3, "pages": 5}
 
 
+def test_mteb_internals_eval_relies_on(tmp_path, tiny_model_dir, pages, queries, capsys):
+    """What eval.py's mteb adapter (uses_generic_retrieval_loader, read_dataset_from, subsample_on_load) and its
+    custom local task rely on, checked directly, so that an mteb upgrade breaking one fails here, naming it."""
+    import inspect
+
+    import mteb
+    from colintern_data import datasets_cache_for
+
+    missing = {"cache", "overwrite_strategy", "encode_kwargs", "prediction_folder", "co2_tracker"} - set(
+        inspect.signature(mteb.evaluate).parameters)
+    assert not missing, f"mteb.evaluate no longer takes {missing}, which evaluate_each passes"
+
+    loaders = {name: colintern_eval.uses_generic_retrieval_loader(mteb.get_task(name))
+               for name in ("VidoreArxivQARetrieval", "Vidore2ESGReportsRetrieval", "Vidore3HrRetrieval")}
+    assert loaders == {"VidoreArxivQARetrieval": False, "Vidore2ESGReportsRetrieval": False,
+                       "Vidore3HrRetrieval": True}, \
+        f"mteb's ViDoRe tasks changed loaders ({loaders}): required_configs no longer names the configs they read"
+
+    # a hub task pointed at a local copy (read_dataset_from) loads from that folder, subsampled (subsample_on_load)
+    copy = write_hub_layout(tmp_path / "copies" / "arxivqa_test_subsampled_beir", pages[:4], queries[:4],
+                            [(i, i) for i in range(4)])
+    task = mteb.get_task("VidoreArxivQARetrieval")
+    assert colintern_eval.point_at_local_copy(task, str(tmp_path / "copies")) == copy
+    colintern_eval.subsample_on_load(task, max_queries=2, max_pages=3, seed=0)
+    with datasets_cache_for(copy):
+        task.load_data()
+    loaded = task.dataset["default"]["test"]
+    assert set(loaded["queries"]["text"]) < set(queries[:4]) and len(loaded["queries"]) == 2, \
+        "VidoreArxivQARetrieval did not load the local copy's queries through the instance's metadata.dataset path"
+    assert len(loaded["corpus"]) == 3 and set(loaded["relevant_docs"]) == set(loaded["queries"]["id"]), \
+        "convert_v1_dataset_format_to_v2 no longer leaves task.dataset[subset][split] for subsample_on_load"
+    assert type(task).metadata.dataset["path"] == "mteb/arxivqa_test_subsampled_beir"
+
+    # a local task (mteb's custom-task pattern) goes through mteb.evaluate: it loads through the instance's
+    # load_data (so subsampled), keeps its metadata after mteb unloads it, and is not reloaded once cached
+    task = colintern_eval.make_local_task(write_hub_layout(tmp_path / "eval", pages[:4], queries[:4],
+                                                           [(i, i) for i in range(4)]))
+    name = task.metadata.name
+    colintern_eval.subsample_on_load(task, max_queries=2, max_pages=None, seed=0)
+    encoder = colintern_eval.load_encoder(model_id=tiny_model_dir)
+    cache = mteb.ResultCache(str(tmp_path / "cache"))
+    capsys.readouterr()
+    outcomes = [mteb.evaluate(encoder, task, cache=cache, overwrite_strategy="only-missing", co2_tracker=False,
+                              encode_kwargs={"batch_size": 4, "show_progress_bar": False}) for _ in range(2)]
+    printed = capsys.readouterr().out
+    assert [[r.task_name for r in o.task_results] for o in outcomes] == [[name], [name]]
+    assert task.metadata.name == name, "mteb.evaluate dropped the local task's class metadata"
+    assert printed.count(f"{name} default/test: 2 of 4 queries") == 1 and encoder.queries_encoded == 2, \
+        "mteb.evaluate no longer loads a task through its instance's load_data, only when its results are missing"
+    scores = [o.task_results[0].get_score(getter=lambda s: s["ndcg_at_5"]) for o in outcomes]
+    assert scores[0] == pytest.approx(scores[1])
+
+
 def test_subsample_keeps_relevant_pages_of_kept_queries():
     queries = datasets.Dataset.from_dict({"id": [f"q{i}" for i in range(20)], "text": ["x"] * 20})
     corpus = datasets.Dataset.from_dict({"id": [f"p{i}" for i in range(50)]})
