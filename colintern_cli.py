@@ -1,5 +1,5 @@
-"""The command-line layer every ColIntern script shares: its argument parser, how it reports errors, and its
-progress bars. No torch here, so the plot scripts and the page renderer start at once.
+"""The command-line layer every ColIntern script shares: its argument parser, how it reports errors, its progress
+bars and the names it prints metrics under. No torch here, so the plot scripts and the page renderer start at once.
 
     from colintern_cli import ArgumentParser, progress_bar, run_cli
 
@@ -166,6 +166,19 @@ def in_stdlib(filename: str) -> bool:
 
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+# -----------------------------------------------------------------------------
+# Reporting scores
+
+def metric_label(metric: str) -> str:
+    """How eval.py's table and the plots name an mteb metric: 'ndcg_at_5' -> 'nDCG@5', 'recall_at_1' -> 'Recall@1',
+    'mrr_at_10' -> 'MRR@10'; a name of another shape as it is."""
+    m = re.fullmatch(r"([a-z_]+)_at_(\d+)", metric)
+    if m is None:
+        return metric
+    names = {"ndcg": "nDCG", "recall": "Recall", "mrr": "MRR", "map": "MAP", "precision": "P", "hit_rate": "Hit"}
+    return f"{names.get(m[1], m[1])}@{m[2]}"
 
 
 # -----------------------------------------------------------------------------

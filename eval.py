@@ -35,6 +35,7 @@ Outputs: a printed table (scores x100), `--out_json` (default `outputs/eval/<rev
 `--predictions_dir/<task revision>[__<experiment>]/`.
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import hashlib
@@ -46,7 +47,7 @@ import traceback
 
 import torch
 
-from colintern_cli import ArgumentParser, existing_file, one_line, run_cli, validated
+from colintern_cli import ArgumentParser, existing_file, metric_label, one_line, run_cli, validated
 from colintern_data import datasets_cache_for, file_sha256, files_fingerprint, write_json
 from colintern_model import DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, check_model_id, maxsim_scores
 
@@ -120,10 +121,8 @@ if __name__ == "__main__":
 import mteb  # noqa: E402
 from mteb.models.abs_encoder import AbsEncoder  # noqa: E402
 
-# The metrics reported, as mteb names them, and as the table heads them.
+# The metrics reported, as mteb names them (the table and the plots head them with colintern_cli.metric_label)
 METRICS = ["ndcg_at_5", "ndcg_at_10", "recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10"]
-METRIC_LABELS = {"ndcg_at_5": "nDCG@5", "ndcg_at_10": "nDCG@10", "recall_at_1": "R@1", "recall_at_5": "R@5",
-                 "recall_at_10": "R@10", "mrr_at_10": "MRR@10"}
 LOCAL_BENCHMARK = "local"
 HUB_CONFIGS = ("corpus", "queries", "qrels")  # the ViDoRe v1 hub layout, which --local_task reads too
 COLPALI_TRAIN_SET = "vidore/colpali_train_set"
@@ -463,8 +462,7 @@ def dataset_folder_name(task) -> str:
 
 def required_configs(task) -> list:
     """The dataset configs a task's loader reads, as alternatives: [("corpus",), ("queries", "query"), ...]."""
-    from mteb.abstasks.retrieval import AbsTaskRetrieval
-    if type(task).load_data is not AbsTaskRetrieval.load_data:
+    if not uses_generic_retrieval_loader(task):
         return [(c,) for c in HUB_CONFIGS]  # the ViDoRe v1/v2 loaders read these three configs, split by split
     if not task.metadata.is_multilingual:  # mteb's generic loader (ViDoRe v3)
         return [("corpus",), ("queries", "query"), ("qrels", "default")]
@@ -542,19 +540,9 @@ def parquet_rows(files: list) -> int | None:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
-def load_in_own_cache(task, folder: str) -> None:
-    """Make the task's own loader read `folder` through `datasets_cache_for(folder)`."""
-    load = task.load_data
-
-    def load_data(*args, **kwargs):
-        with datasets_cache_for(folder):
-            load(*args, **kwargs)
-
-    task.load_data = load_data
-
-
 def point_at_local_copy(task, data_dir: str) -> str:
-    """Make `task` load its dataset from `data_dir/<last part of its hub id>`; -> that folder."""
+    """Make `task` load its dataset from `data_dir/<last part of its hub id>`, checked first; -> that folder (whose
+    datasets cache evaluate_each runs the task in)."""
     hub_id = task.metadata.dataset["path"]
     folder = os.path.join(data_dir, dataset_folder_name(task))
     if not os.path.isdir(folder):
@@ -565,12 +553,7 @@ def point_at_local_copy(task, data_dir: str) -> str:
     check_hub_layout(folder, required_configs(task), task.eval_splits, f"task {task.metadata.name}",
                      hint=f"Get them with: hf download {hub_id} --repo-type dataset "
                           f"--revision {task.metadata.dataset.get('revision')} --local-dir {folder}")
-    # a copy on the instance: the class-level metadata (the hub id) stays as mteb registered it
-    task.metadata = task.metadata.model_copy(deep=True)
-    task.metadata.dataset["path"] = folder
-    # datasets ignores the revision of a local folder; results record where the data came from
-    task.metadata.dataset["revision"] = f"local-copy-of-{task.metadata.dataset.get('revision')}"
-    load_in_own_cache(task, folder)
+    read_dataset_from(task, folder)
     return folder
 
 
@@ -587,36 +570,39 @@ def folder_fingerprint(folder: str) -> str:
 def make_local_task(folder: str):
     """A retrieval task over a folder in the ViDoRe v1 hub layout (corpus/queries/qrels configs, split test).
 
-    Its name carries a fingerprint of the folder's files, so mteb's cache never reports scores of other data."""
-    from mteb.abstasks.retrieval import AbsTaskRetrieval
-    from mteb.abstasks.task_metadata import TaskMetadata
+    Its name carries a fingerprint of the folder's files, so mteb's cache never reports scores of other data. The
+    task follows mteb's pattern for custom tasks: an AbsTaskRetrieval subclass with `metadata = TaskMetadata(...)` on
+    the class (mteb's unload_data drops metadata set on an instance), so each folder gets a class of its own. mteb's
+    generic loader does not read this layout (it wants `id`/`text` columns): the class brings its own loader, as
+    mteb's ViDoRe v1 tasks do."""
+    from mteb.abstasks import AbsTaskRetrieval
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--local_task {folder} does not exist")
     check_hub_layout(folder, [(c,) for c in HUB_CONFIGS], ["test"], f"--local_task {folder}")
     fingerprint = folder_fingerprint(folder)
     base = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.abspath(folder)))
-    metadata = TaskMetadata(
+    folder_metadata = mteb.TaskMetadata(
         name=f"{base}@{fingerprint[:8]}", description=f"Page retrieval on the local folder {os.path.abspath(folder)}",
         dataset={"path": os.path.abspath(folder), "revision": fingerprint}, type="DocumentUnderstanding",
         category="t2i", modalities=["text", "image"], eval_splits=["test"], eval_langs=["eng-Latn"],
         main_score="ndcg_at_5", task_subtypes=["Image Text Retrieval"])
 
-    def load_data(self, num_proc=None, **kwargs):
-        if self.data_loaded:
-            return
-        self.dataset = {"default": {"test": load_hub_layout(self.metadata.dataset["path"], "test")}}
-        self.data_loaded = True
+    class LocalPageRetrieval(AbsTaskRetrieval):
+        metadata = folder_metadata
 
-    # metadata on a class of its own: mteb restores class metadata when it unloads a task's data
-    cls = type("LocalPageRetrieval", (AbsTaskRetrieval,), {"metadata": metadata, "load_data": load_data})
-    return cls()
+        def load_data(self, num_proc=None, **kwargs):
+            if self.data_loaded:
+                return
+            self.dataset = {"default": {"test": load_hub_layout(self.metadata.dataset["path"], "test")}}
+            self.data_loaded = True
+
+    return LocalPageRetrieval()
 
 
 def load_hub_layout(folder: str, split: str) -> dict:
-    """corpus/queries/qrels configs of a hub-layout folder -> mteb's RetrievalSplitData, ids as mteb's ViDoRe
-    loaders write them."""
+    """corpus/queries/qrels configs of a hub-layout folder -> one split of a retrieval task's data as mteb holds it
+    ({"corpus", "queries", "relevant_docs", "top_ranked"}), ids as mteb's ViDoRe loaders write them."""
     import datasets
-    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
     with datasets_cache_for(folder):
         parts = {c: datasets.load_dataset(folder, c, split=split) for c in HUB_CONFIGS}
     for config, columns in (("corpus", ["corpus-id", "image"]), ("queries", ["query-id", "query"]),
@@ -630,8 +616,8 @@ def load_hub_layout(folder: str, split: str) -> dict:
     for row in parts["qrels"]:
         relevant.setdefault(f"query-{split}-{row['query-id']}", {})[f"corpus-{split}-{row['corpus-id']}"] = \
             int(row["score"])
-    return RetrievalSplitData(corpus=corpus, queries=queries.select_columns(["id", "text"]), relevant_docs=relevant,
-                              top_ranked=None)
+    return {"corpus": corpus, "queries": queries.select_columns(["id", "text"]), "relevant_docs": relevant,
+            "top_ranked": None}
 
 
 # -----------------------------------------------------------------------------
@@ -662,22 +648,56 @@ def subsample_split(data: dict, max_queries: int | None, max_pages: int | None, 
     return dict(data, corpus=corpus, queries=queries, relevant_docs=qrels, top_ranked=top_ranked)
 
 
+def subsample_task_data(task, max_queries: int | None, max_pages: int | None, seed: int) -> None:
+    """subsample_split on every subset and split of a task's loaded data (`task.dataset`), saying what is left."""
+    for subset, splits in task.dataset.items():
+        for split in list(splits):
+            before = (len(splits[split]["queries"]), len(splits[split]["corpus"]))
+            splits[split] = subsample_split(splits[split], max_queries, max_pages, seed)
+            print(f"{task.metadata.name} {subset}/{split}: {len(splits[split]['queries'])} of {before[0]} "
+                  f"queries, {len(splits[split]['corpus'])} of {before[1]} pages")
+
+
+# -----------------------------------------------------------------------------
+# mteb adapter: the only code here that relies on mteb's internals rather than its public API (get_benchmarks,
+# TaskMetadata, custom AbsTaskRetrieval subclasses, evaluate, ResultCache). It is pinned, with messages that name
+# what changed, by tests/test_eval.py::test_mteb_internals_eval_relies_on: run it after upgrading mteb.
+
+def uses_generic_retrieval_loader(task) -> bool:
+    """Whether `task` loads through mteb's generic retrieval loader (AbsTaskRetrieval.load_data, as ViDoRe v3 does:
+    configs corpus/queries/qrels, or <subset>-corpus/-queries/-qrels), rather than a loader of its class's own
+    (ViDoRe v1/v2: configs corpus, queries, qrels, split by split). mteb says which only by whether the task's class
+    overrides load_data; check_hub_layout needs it to name a local copy's missing configs before anything loads."""
+    from mteb.abstasks import AbsTaskRetrieval
+    return type(task).load_data is AbsTaskRetrieval.load_data
+
+
+def read_dataset_from(task, folder: str) -> None:
+    """Make `task`'s own loader read `folder` instead of its hub dataset. Relies on every ViDoRe loader passing the
+    instance's `metadata.dataset["path"]` to datasets.load_dataset. The metadata changed is a copy on the instance
+    (the class keeps the hub id, as mteb registered it); mteb's unload_data drops it once the task is evaluated,
+    which is harmless: eval.py evaluates each task once, and mteb records the result before unloading."""
+    task.metadata = task.metadata.model_copy(deep=True)
+    task.metadata.dataset["path"] = folder
+    # datasets ignores the revision of a local folder; results record where the data came from
+    task.metadata.dataset["revision"] = f"local-copy-of-{task.metadata.dataset.get('revision')}"
+
+
 def subsample_on_load(task, max_queries: int | None, max_pages: int | None, seed: int) -> None:
-    """Subsample right after the task loads its data: mteb loads a task only when its results are not cached, so
-    resuming a run does not reload finished tasks."""
+    """Subsample right after the task loads its data, by wrapping the instance's load_data. mteb has no hook that
+    runs after every task's loading (dataset_transform is not called by the ViDoRe v1/v2 loaders), so this relies on:
+    mteb.evaluate calling `task.load_data(...)` only when the task's results are missing from its cache (so resuming
+    a run does not reload finished tasks) and `task.data_loaded` is false; and AbsTaskRetrieval's
+    convert_v1_dataset_format_to_v2 turning what the ViDoRe v1/v2 loaders leave (task.queries/corpus/relevant_docs)
+    into `task.dataset[subset][split]` (mteb calls it again before evaluating, a no-op by then)."""
     load = task.load_data
 
     def load_data(*args, **kwargs):
         if task.data_loaded:
             return
         load(*args, **kwargs)
-        task.convert_v1_dataset_format_to_v2(num_proc=kwargs.get("num_proc"))  # ViDoRe v1/v2 load the v1 format
-        for subset, splits in task.dataset.items():
-            for split in list(splits):
-                before = (len(splits[split]["queries"]), len(splits[split]["corpus"]))
-                splits[split] = subsample_split(splits[split], max_queries, max_pages, seed)
-                print(f"{task.metadata.name} {subset}/{split}: {len(splits[split]['queries'])} of {before[0]} "
-                      f"queries, {len(splits[split]['corpus'])} of {before[1]} pages")
+        task.convert_v1_dataset_format_to_v2(num_proc=kwargs.get("num_proc"))
+        subsample_task_data(task, max_queries, max_pages, seed)
 
     task.load_data = load_data
 
@@ -734,10 +754,11 @@ def format_table(benchmarks: dict) -> str:
     rows = [t for e in benchmarks.values() for t in [*e["tasks"], *e["skipped"], *e["failed"]]]
     rows += ["  " + s for e in benchmarks.values() for subsets in e["subsets"].values() for s in subsets]
     width = max(len(r) for r in ["task", "average (99 of 99 tasks)", *rows])
-    head = f"{'task':<{width}}  " + "  ".join(f"{METRIC_LABELS[m]:>7}" for m in METRICS)
+    columns = {m: max(7, len(metric_label(m))) for m in METRICS}
+    head = f"{'task':<{width}}  " + "  ".join(f"{metric_label(m):>{w}}" for m, w in columns.items())
 
     def row(name, metrics):
-        return f"{name:<{width}}  " + "  ".join(f"{100 * metrics[m]:7.2f}" for m in METRICS)
+        return f"{name:<{width}}  " + "  ".join(f"{100 * metrics[m]:{w}.2f}" for m, w in columns.items())
 
     lines = []
     for bench, entry in benchmarks.items():
@@ -770,10 +791,12 @@ def error_line(error: Exception) -> str:
     return f"{type(error).__name__}: {one_line(str(error))}"
 
 
-def evaluate_each(encoder, tasks: list, data_fingerprints: dict, cache, predictions_root: str, overwrite: bool,
-                  batch_size: int) -> tuple[dict, dict, dict]:
+def evaluate_each(encoder, tasks: list, data_fingerprints: dict, local_copies: dict, cache, predictions_root: str,
+                  overwrite: bool, batch_size: int) -> tuple[dict, dict, dict]:
     """Run mteb on one task at a time under its own revision (result_key of the model, its settings and the task's
-    data), so a failing task loses only itself. -> ({task: TaskResult}, {task: error}, {task: ModelMeta})."""
+    data), so a failing task loses only itself. A task whose loader reads a --data_dir copy (`local_copies`: {task:
+    folder}) runs in that folder's datasets cache (datasets_cache_for): mteb loads the data inside evaluate.
+    -> ({task: TaskResult}, {task: error}, {task: ModelMeta})."""
     base = encoder.mteb_model_meta
     results, failed, metas = {}, {}, {}
     for i, task in enumerate(tasks, 1):
@@ -783,10 +806,11 @@ def evaluate_each(encoder, tasks: list, data_fingerprints: dict, cache, predicti
         print(f"[{i}/{len(tasks)}] {name}" + (f" (local data, revision {meta.revision})" if name in data_fingerprints
                                                else ""))
         try:
-            outcome = mteb.evaluate(
-                encoder, task, cache=cache, overwrite_strategy="always" if overwrite else "only-missing",
-                encode_kwargs={"batch_size": batch_size, "show_progress_bar": True},
-                prediction_folder=os.path.join(predictions_root, run_name(meta)), co2_tracker=False)
+            with datasets_cache_for(local_copies[name]) if name in local_copies else contextlib.nullcontext():
+                outcome = mteb.evaluate(
+                    encoder, task, cache=cache, overwrite_strategy="always" if overwrite else "only-missing",
+                    encode_kwargs={"batch_size": batch_size, "show_progress_bar": True},
+                    prediction_folder=os.path.join(predictions_root, run_name(meta)), co2_tracker=False)
         except Exception as e:
             traceback.print_exc()
             failed[name] = error_line(e)
@@ -816,9 +840,11 @@ def main(args):
     groups = select_tasks(args.benchmarks, args.tasks) if (args.benchmarks or args.tasks) else []
     public, skipped = drop_private(groups)
     data_fingerprints = {}  # task name -> files_fingerprint of its local data (hub data: none)
+    local_copies = {}  # task name -> the --data_dir copy its mteb loader reads
     if args.data_dir is not None:
         for _, task in public:
-            data_fingerprints[task.metadata.name] = files_fingerprint(point_at_local_copy(task, args.data_dir))
+            local_copies[task.metadata.name] = point_at_local_copy(task, args.data_dir)
+            data_fingerprints[task.metadata.name] = files_fingerprint(local_copies[task.metadata.name])
     for folder in args.local_task or []:
         task = make_local_task(folder)
         data_fingerprints[task.metadata.name] = files_fingerprint(folder)
@@ -845,7 +871,7 @@ def main(args):
           f"training_datasets: {', '.join(sorted(meta.training_datasets)) or 'none (zero-shot)'}")
 
     cache = mteb.ResultCache(args.results_dir)
-    results, failed, metas = evaluate_each(encoder, tasks, data_fingerprints, cache, predictions_root,
+    results, failed, metas = evaluate_each(encoder, tasks, data_fingerprints, local_copies, cache, predictions_root,
                                            args.overwrite, args.batch_size)
 
     benchmarks = summarize(groups, results, skipped, failed)

@@ -6,8 +6,9 @@ r"""Compare eval.py summaries: per benchmark and metric, one figure of per-task 
 
 Reads the `--out_json` files of eval.py (`{"benchmarks": {name: {"tasks": {task: {metric: value}},
 "average": {metric: value}}}}`, mteb's 0-1 values) and writes `OUTDIR/<benchmark>_<metric>.png` for every benchmark
-found in any input, with scores x100 as in eval.py's table. A task or benchmark missing from an input has no bar
-for it. The average group is each input's own benchmark average, as eval.py computed it.
+found in any input, with scores x100 and metric names (colintern_cli.metric_label) as in eval.py's table. A task or
+benchmark missing from an input has no bar for it. The average group is each input's own benchmark average, as
+eval.py computed it.
 """
 import json
 import os
@@ -15,19 +16,10 @@ import re
 
 import numpy as np
 
-from colintern_cli import ArgumentParser, run_cli
+from colintern_cli import ArgumentParser, metric_label, run_cli
 from plot_training_loss import pyplot, save_figure  # Agg pyplot on first use; temp file + rename, closes the figure
 
 AVERAGE = "average"
-
-
-def metric_label(metric: str) -> str:
-    """'ndcg_at_5' -> 'nDCG@5', 'recall_at_1' -> 'Recall@1', 'mrr_at_10' -> 'MRR@10'."""
-    m = re.fullmatch(r"([a-z_]+)_at_(\d+)", metric)
-    if m is None:
-        return metric
-    names = {"ndcg": "nDCG", "recall": "Recall", "mrr": "MRR", "map": "MAP", "precision": "P", "hit_rate": "Hit"}
-    return f"{names.get(m[1], m[1])}@{m[2]}"
 
 
 def read_summary(path: str) -> dict:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval as colintern_eval
+from colintern_cli import metric_label
 from colintern_model import ColIntern, LoraSettings, load_checkpoint, save_checkpoint
 from keyword_pages import WORDS, render_keyword_page
 
@@ -152,6 +153,59 @@ def test_local_task_metrics_match_independent_computation_and_resume(tmp_path, p
     small = run_eval(tmp_path, "--ckpt", ckpt, "--local_task", folder, "--max_queries", "3", "--max_pages", "5")
     assert small["revision"] == summary["revision"] and small["experiment"]
     assert counts == {"queries": 3, "pages": 5}
+
+
+def test_mteb_internals_eval_relies_on(tmp_path, tiny_model_dir, pages, queries, capsys):
+    """What eval.py's mteb adapter (uses_generic_retrieval_loader, read_dataset_from, subsample_on_load) and its
+    custom local task rely on, checked directly, so that an mteb upgrade breaking one fails here, naming it."""
+    import inspect
+
+    import mteb
+    from colintern_data import datasets_cache_for
+
+    missing = {"cache", "overwrite_strategy", "encode_kwargs", "prediction_folder", "co2_tracker"} - set(
+        inspect.signature(mteb.evaluate).parameters)
+    assert not missing, f"mteb.evaluate no longer takes {missing}, which evaluate_each passes"
+
+    loaders = {name: colintern_eval.uses_generic_retrieval_loader(mteb.get_task(name))
+               for name in ("VidoreArxivQARetrieval", "Vidore2ESGReportsRetrieval", "Vidore3HrRetrieval")}
+    assert loaders == {"VidoreArxivQARetrieval": False, "Vidore2ESGReportsRetrieval": False,
+                       "Vidore3HrRetrieval": True}, \
+        f"mteb's ViDoRe tasks changed loaders ({loaders}): required_configs no longer names the configs they read"
+
+    # a hub task pointed at a local copy (read_dataset_from) loads from that folder, subsampled (subsample_on_load)
+    copy = write_hub_layout(tmp_path / "copies" / "arxivqa_test_subsampled_beir", pages[:4], queries[:4],
+                            [(i, i) for i in range(4)])
+    task = mteb.get_task("VidoreArxivQARetrieval")
+    assert colintern_eval.point_at_local_copy(task, str(tmp_path / "copies")) == copy
+    colintern_eval.subsample_on_load(task, max_queries=2, max_pages=3, seed=0)
+    with datasets_cache_for(copy):
+        task.load_data()
+    loaded = task.dataset["default"]["test"]
+    assert set(loaded["queries"]["text"]) < set(queries[:4]) and len(loaded["queries"]) == 2, \
+        "VidoreArxivQARetrieval did not load the local copy's queries through the instance's metadata.dataset path"
+    assert len(loaded["corpus"]) == 3 and set(loaded["relevant_docs"]) == set(loaded["queries"]["id"]), \
+        "convert_v1_dataset_format_to_v2 no longer leaves task.dataset[subset][split] for subsample_on_load"
+    assert type(task).metadata.dataset["path"] == "mteb/arxivqa_test_subsampled_beir"
+
+    # a local task (mteb's custom-task pattern) goes through mteb.evaluate: it loads through the instance's
+    # load_data (so subsampled), keeps its metadata after mteb unloads it, and is not reloaded once cached
+    task = colintern_eval.make_local_task(write_hub_layout(tmp_path / "eval", pages[:4], queries[:4],
+                                                           [(i, i) for i in range(4)]))
+    name = task.metadata.name
+    colintern_eval.subsample_on_load(task, max_queries=2, max_pages=None, seed=0)
+    encoder = colintern_eval.load_encoder(model_id=tiny_model_dir)
+    cache = mteb.ResultCache(str(tmp_path / "cache"))
+    capsys.readouterr()
+    outcomes = [mteb.evaluate(encoder, task, cache=cache, overwrite_strategy="only-missing", co2_tracker=False,
+                              encode_kwargs={"batch_size": 4, "show_progress_bar": False}) for _ in range(2)]
+    printed = capsys.readouterr().out
+    assert [[r.task_name for r in o.task_results] for o in outcomes] == [[name], [name]]
+    assert task.metadata.name == name, "mteb.evaluate dropped the local task's class metadata"
+    assert printed.count(f"{name} default/test: 2 of 4 queries") == 1 and encoder.queries_encoded == 2, \
+        "mteb.evaluate no longer loads a task through its instance's load_data, only when its results are missing"
+    scores = [o.task_results[0].get_score(getter=lambda s: s["ndcg_at_5"]) for o in outcomes]
+    assert scores[0] == pytest.approx(scores[1])
 
 
 def test_subsample_keeps_relevant_pages_of_kept_queries():
@@ -362,6 +416,11 @@ def test_v3_average_is_labelled_as_the_public_tasks_only(capsys):
     assert entry["average"]["ndcg_at_10"] == pytest.approx(sum(0.1 * i for i in range(8)) / 8)
     table = colintern_eval.format_table({"ViDoRe(v3)": entry})
     assert "ViDoRe(v3), 8 of 10 tasks (2 private)  (scores x100)" in table and "not the ViDoRe(v3) score" in table
+    # the columns are headed as the plots name the metrics (colintern_cli.metric_label), and line up
+    head, rule, first = table.splitlines()[2:5]
+    assert head.split() == ["task", "nDCG@5", "nDCG@10", "Recall@1", "Recall@5", "Recall@10", "MRR@10"]
+    assert head.split()[1:] == [metric_label(m) for m in colintern_eval.METRICS]
+    assert len(head) == len(rule) == len(first)
 
 
 def test_private_skipped_failure_isolated_and_languages_reported(tmp_path, tiny_model_dir, pages, queries, counts,

@@ -117,6 +117,10 @@ def test_metrics_plots_one_figure_per_benchmark_and_metric(tmp_path, inputs):
     assert groups == ["eval@d4fc2cf5"]  # one task: no "average" group repeating it
     assert np.isnan(values[0]).all() and np.allclose(values[1], [100])
     assert plot_vidore_metrics.task_label("eval@d4fc2cf5") == "eval"  # a --local_task folder's name, readable
+    # metrics are named as eval.py's table heads them (colintern_cli.metric_label)
+    fig = plot_vidore_metrics.plot_benchmark("local", "recall_at_1", groups, values, ["E1", "E2"])
+    assert fig.axes[0].get_ylabel() == "Recall@1 (x100)" and fig.axes[0].get_title() == "local: Recall@1 (1 task)"
+    plot_training_loss.pyplot().close(fig)
     assert plot_vidore_metrics.task_label("Vidore2ESGReportsRetrieval") == "Vidore2ESGReportsRetrieval"
 
     only = tmp_path / "only"
