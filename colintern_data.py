@@ -31,9 +31,8 @@ def file_sha1(path: str) -> str:
 
 
 def page_hash(*chunks: bytes) -> str:
-    """Content hash of a page (sha1, hex): of its stored bytes, to find repeated pages before decoding any. One
-    helper for every page key: eval.py's page_key (a decoded page) can be page_hash(f"{mode}:{size}".encode(),
-    pixels) and keep its keys."""
+    """Content hash of a page (sha1, hex): of its stored bytes (mining finds repeated pages before decoding any), or
+    of its mode, size and pixels (eval.py's page_key)."""
     h = hashlib.sha1()
     for chunk in chunks:
         h.update(chunk)

@@ -48,7 +48,7 @@ import traceback
 import torch
 
 from colintern_cli import ArgumentParser, existing_file, metric_label, one_line, run_cli, validated
-from colintern_data import datasets_cache_for, file_sha256, files_fingerprint, write_json
+from colintern_data import datasets_cache_for, file_sha256, files_fingerprint, page_hash, write_json
 from colintern_model import DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, check_model_id, maxsim_scores
 
 
@@ -232,9 +232,7 @@ def page_key(image) -> str:
     """Content hash of a page image: the cache key that lets language subsets share page embeddings."""
     if not hasattr(image, "tobytes"):
         raise TypeError(f"page is a {type(image).__name__}, not a PIL image")
-    h = hashlib.sha1(f"{image.mode}:{image.size}".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
+    return page_hash(f"{image.mode}:{image.size}".encode(), image.tobytes())
 
 
 # -----------------------------------------------------------------------------

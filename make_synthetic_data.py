@@ -28,7 +28,6 @@ tile/448, and the title sits at a fixed offset from a GRID = 56 px lattice: one 
 two at tile 448 (InternVL3.5). Same seed, same bytes.
 """
 import functools
-import hashlib
 import io
 import os
 import random
@@ -405,13 +404,12 @@ def write_parquet(path: str, rows: list, features) -> str:
     """Rows -> parquet with the datasets feature schema embedded (so `image` loads back as PIL images).
     -> the file's sha256, which the dataset card records (see `card`)."""
     import datasets
-    from colintern_data import atomic_path
+    from colintern_data import atomic_path, file_sha256
     columns = {name: [row[name] for row in rows] for name in features}
     dataset = datasets.Dataset.from_dict(columns, features=features)
     with atomic_path(path) as tmp:
         dataset.to_parquet(tmp)
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return file_sha256(path)
 
 
 def train_features():
