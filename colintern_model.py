@@ -389,9 +389,9 @@ class ColIntern(nn.Module):
 
     @torch.inference_mode()
     def encode_queries(self, processor: ColInternProcessor, queries: Sequence[str], batch_size: int = 32,
-                       out_dtype=torch.float32, progress: bool = False) -> list:
-        """-> one (Lq_i, D) tensor per query on the CPU, pad tokens removed."""
-        return self._encode(processor.process_queries, self.forward_queries, queries, batch_size, out_dtype,
+                       progress: bool = False) -> list:
+        """-> one (Lq_i, D) float32 tensor per query on the CPU, pad tokens removed."""
+        return self._encode(processor.process_queries, self.forward_queries, queries, batch_size, torch.float32,
                             progress, "queries")
 
     @torch.inference_mode()
@@ -517,10 +517,10 @@ def pad_queries(queries: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(list(queries), batch_first=True)
 
 
-def pad_pages(pages: Sequence[torch.Tensor], length: int | None = None) -> torch.Tensor:
+def pad_pages(pages: Sequence[torch.Tensor]) -> torch.Tensor:
     """Pad ragged pages to (Np, Lp, D) by repeating each page's own first token: a copy never changes the max,
     so the padded batch scores exactly, with no mask pass (zero-padding would win a max over negative scores)."""
-    length = length or max(p.shape[0] for p in pages)
+    length = max(p.shape[0] for p in pages)
     out = pages[0].new_empty((len(pages), length, pages[0].shape[1]))
     for i, p in enumerate(pages):
         if p.shape[0] == 0:
@@ -629,13 +629,13 @@ def pack_queries(queries: Sequence[torch.Tensor], dtype, device) -> tuple:
     return tokens, torch.repeat_interleave(torch.arange(len(queries), device=device), lengths)
 
 
-def page_chunks(pages: Sequence[torch.Tensor], dtype, device, chunk_tokens: int = PAGE_CHUNK_TOKENS):
+def page_chunks(pages: Sequence[torch.Tensor], dtype, device):
     """Yield (page indices, padded pages (n, Lp, D)), pages sorted by length so padding stays small."""
     order = sorted(range(len(pages)), key=lambda i: pages[i].shape[0])
     start = 0
     while start < len(order):
         end = start + 1  # lengths ascend, so a chunk's padded size is (pages in it) x (its last page's length)
-        while end < len(order) and (end + 1 - start) * pages[order[end]].shape[0] <= chunk_tokens:
+        while end < len(order) and (end + 1 - start) * pages[order[end]].shape[0] <= PAGE_CHUNK_TOKENS:
             end += 1
         idx = order[start:end]
         yield torch.tensor(idx, device=device), pad_pages([pages[i].to(device=device, dtype=dtype) for i in idx])
