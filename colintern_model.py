@@ -752,10 +752,14 @@ def checkpoint_dict(model: ColIntern, step: int = 0, epoch: int = 0, train_state
 
 
 def trainable_state_dict(model: ColIntern) -> dict:
-    """Heads + LoRA weights, copied to the CPU."""
+    """Heads + LoRA weights, copied to the CPU. LoRA as peft's get_peft_model_state_dict names it, without the
+    adapter name: "language_model.layers.0.self_attn.q_proj.lora_A.weight"."""
     heads = {f"{name}.{k}": v.detach().cpu().clone() for name in ("query_head", "page_head")
              for k, v in getattr(model, name).state_dict().items()}
-    lora = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items() if "lora_" in k}
+    lora = {}
+    if model.lora is not None:
+        from peft import get_peft_model_state_dict
+        lora = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model.backbone).items()}
     return {"heads": heads, "lora": lora}
 
 
@@ -786,6 +790,12 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+# Checkpoints written before LoRA went through peft's get_peft_model_state_dict hold the backbone's own state_dict
+# keys, which carry peft's adapter name: "language_model.layers.0.self_attn.q_proj.lora_A.default.weight" is now
+# "language_model.layers.0.self_attn.q_proj.lora_A.weight". tests/data/checkpoint-lora-keys-v0.pt is one.
+LORA_KEY_ADAPTER_NAME = re.compile(r"(\.lora_\w+)\.default(\.\w+)?$")
+
+
 def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint") -> None:
     """Load heads + LoRA from a checkpoint dict into `model`, refusing one made for another shape or LoRA layout."""
     meta = ckpt["meta"]
@@ -802,8 +812,12 @@ def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint
     if meta["format"]["version"] != FORMAT_VERSION:
         raise ValueError(f"{source} uses query/page format v{meta['format']['version']}, this code uses "
                          f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code")
-    own = {k for k in model.backbone.state_dict() if "lora_" in k}
-    theirs = set(ckpt["lora"])
+    lora = {LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v for k, v in ckpt["lora"].items()}  # older checkpoints' keys
+    own = set()
+    if model.lora is not None:
+        from peft import get_peft_model_state_dict
+        own = set(get_peft_model_state_dict(model.backbone))
+    theirs = set(lora)
     if own != theirs:
         raise ValueError(f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
                          f"have no place (e.g. {sorted(theirs - own)[:2]}), {len(own - theirs)} model keys are "
@@ -813,7 +827,8 @@ def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint
         head = getattr(model, name)
         state = {k.split(".", 1)[1]: v for k, v in ckpt["heads"].items() if k.startswith(name + ".")}
         head.load_state_dict(state)
-    if theirs:
-        result = model.backbone.load_state_dict(ckpt["lora"], strict=False)
+    if lora:
+        from peft import set_peft_model_state_dict
+        result = set_peft_model_state_dict(model.backbone, lora)
         if result.unexpected_keys:
             raise ValueError(f"{source}: unexpected LoRA keys {result.unexpected_keys[:3]}")
