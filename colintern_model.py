@@ -3,11 +3,13 @@
 Everything the scripts share, in pipeline order:
     load backbone -> process inputs -> encode (ColIntern) -> score (MaxSim) -> loss -> checkpoint.
 
-    from colintern_model import ColIntern
+    from colintern_model import ColIntern, LoraSettings, maxsim_scores, save_checkpoint
     model, processor = ColIntern.from_pretrained("OpenGVLab/InternVL3_5-1B-HF", lora=LoraSettings())
     q = model.encode_queries(processor, ["Which page shows revenue?"])      # list of (Lq, D)
     p = model.encode_pages(processor, [Image.open("page.png")])             # list of (Lp, D)
     scores = maxsim_scores(q, p)                                            # (Nq, Np)
+    save_checkpoint("ck.pt", model)                                         # heads + LoRA
+    model, processor, ckpt = ColIntern.from_checkpoint("ck.pt")
 """
 import contextlib
 import dataclasses
@@ -34,20 +36,6 @@ DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
 BNB_OPTIONAL_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not str(record.msg).startswith(BNB_OPTIONAL_KERNEL_WARNING))
-
-# -----------------------------------------------------------------------------
-# Query and page formats. Training, mining and evaluation all go through ColInternProcessor, which reads these,
-# so the formats cannot drift apart. Bump FORMAT_VERSION whenever any of them changes: checkpoints record it.
-FORMAT_VERSION = 1
-QUERY_PREFIX = "Query: "
-QUERY_AUGMENTATION_TOKENS = 10  # pad tokens appended to each query, kept in the mask ("reasoning buffers", ColPali)
-PAGE_PROMPT = "{image}\nDescribe the page."
-
-
-def query_format() -> dict:
-    return {"version": FORMAT_VERSION, "query_prefix": QUERY_PREFIX,
-            "query_augmentation_tokens": QUERY_AUGMENTATION_TOKENS, "page_prompt": PAGE_PROMPT}
-
 
 # -----------------------------------------------------------------------------
 # Backbone loading
@@ -151,6 +139,20 @@ def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=Non
 
 
 # -----------------------------------------------------------------------------
+# Query and page formats. Training, mining and evaluation all go through ColInternProcessor, which reads these,
+# so the formats cannot drift apart. Bump FORMAT_VERSION whenever any of them changes: checkpoints record it.
+FORMAT_VERSION = 1
+QUERY_PREFIX = "Query: "
+QUERY_AUGMENTATION_TOKENS = 10  # pad tokens appended to each query, kept in the mask ("reasoning buffers", ColPali)
+PAGE_PROMPT = "{image}\nDescribe the page."
+
+
+def query_format() -> dict:
+    return {"version": FORMAT_VERSION, "query_prefix": QUERY_PREFIX,
+            "query_augmentation_tokens": QUERY_AUGMENTATION_TOKENS, "page_prompt": PAGE_PROMPT}
+
+
+# -----------------------------------------------------------------------------
 # Inputs
 
 class ColInternProcessor:
@@ -182,7 +184,7 @@ class ColInternProcessor:
         """-> BatchFeature(input_ids, attention_mask), left padded."""
         return self.tokenizer(self.query_texts(queries), padding="longest", padding_side="left", return_tensors="pt")
 
-    def process_pages(self, images: Sequence) -> "BatchFeature":
+    def process_pages(self, images: Sequence):
         """-> BatchFeature(input_ids, attention_mask, pixel_values uint8); each page tiled into at most max_tiles
         tiles (+ a thumbnail when tiled), 'tile tokens' per tile (256 at 448px). ColIntern normalises the pixels."""
         pages = []
@@ -297,6 +299,24 @@ class ColIntern(nn.Module):
                     **processor.pixel_normalisation())
         return model, processor
 
+    @classmethod
+    def from_checkpoint(cls, path: str, model_id: str | None = None, dtype="auto", device_map=None,
+                        max_tiles: int | None = None):
+        """-> (model, processor, ckpt): the backbone of the checkpoint (or model_id), heads + LoRA loaded."""
+        ckpt = load_checkpoint(path)
+        meta = ckpt["meta"]
+        model_id = model_id or meta["model_id"]
+        lora = LoraSettings(**meta["lora"]) if meta["lora"] else None
+        max_tiles = max_tiles or meta["max_tiles"]
+        model, processor = cls.from_pretrained(model_id, proj_dim=meta["proj_dim"], lora=lora, max_tiles=max_tiles,
+                                               dtype=dtype, device_map=device_map)
+        load_trainable_state(model, ckpt, source=f"checkpoint {path}")
+        return model, processor, ckpt
+
+    def load_trainable_state(self, ckpt: dict, source: str = "checkpoint") -> None:
+        """Heads + LoRA from a checkpoint dict: load_trainable_state in the Checkpoints section."""
+        load_trainable_state(self, ckpt, source)
+
     def train(self, mode: bool = True):
         # The frozen backbone always runs in eval mode; only LoRA's own dropout follows the training flag.
         super().train(mode)
@@ -369,9 +389,9 @@ class ColIntern(nn.Module):
 
     @torch.inference_mode()
     def encode_queries(self, processor: ColInternProcessor, queries: Sequence[str], batch_size: int = 32,
-                       out_dtype=torch.float32, progress: bool = False) -> list:
-        """-> one (Lq_i, D) tensor per query on the CPU, pad tokens removed."""
-        return self._encode(processor.process_queries, self.forward_queries, queries, batch_size, out_dtype,
+                       progress: bool = False) -> list:
+        """-> one (Lq_i, D) float32 tensor per query on the CPU, pad tokens removed."""
+        return self._encode(processor.process_queries, self.forward_queries, queries, batch_size, torch.float32,
                             progress, "queries")
 
     @torch.inference_mode()
@@ -388,65 +408,6 @@ class ColIntern(nn.Module):
             emb, mask = forward(process(items[start:start + batch_size]))
             out.extend(unpad(emb.to(out_dtype), mask))
         return out
-
-    # -- checkpoints ---------------------------------------------------------
-    def metadata(self) -> dict:
-        return {"model_id": self.model_id, "hidden_size": self.hidden_size, "proj_dim": self.proj_dim,
-                "max_tiles": self.max_tiles,
-                "lora": dataclasses.asdict(self.lora) if self.lora else None, "format": query_format()}
-
-    def trainable_state_dict(self) -> dict:
-        """Heads + LoRA weights (the backbone is frozen and comes from model_id)."""
-        heads = {f"{name}.{k}": v.detach().cpu().clone() for name in ("query_head", "page_head")
-                 for k, v in getattr(self, name).state_dict().items()}
-        lora = {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items() if "lora_" in k}
-        return {"heads": heads, "lora": lora}
-
-    def load_trainable_state(self, ckpt: dict, source: str = "checkpoint") -> None:
-        """Load heads + LoRA from a checkpoint dict, refusing one made for another shape or LoRA layout."""
-        meta = ckpt["meta"]
-        if meta.get("keep_all_page_tokens"):  # older checkpoints carry the key; nothing ever set it
-            raise ValueError(f"{source} was trained with every page token kept (keep_all_page_tokens), which this "
-                             f"code no longer supports: its page embeddings would not match")
-        if meta["hidden_size"] != self.hidden_size:
-            raise ValueError(f"{source} was trained on a backbone with hidden size {meta['hidden_size']} "
-                             f"({meta['model_id']}), this backbone has {self.hidden_size} ({self.model_id}): "
-                             f"pass the matching --model_id")
-        if meta["proj_dim"] != self.proj_dim:
-            raise ValueError(f"{source} has proj_dim {meta['proj_dim']}, the model was built with {self.proj_dim}: "
-                             f"use --proj_dim {meta['proj_dim']} (or build the model from the checkpoint)")
-        if meta["format"]["version"] != FORMAT_VERSION:
-            raise ValueError(f"{source} uses query/page format v{meta['format']['version']}, this code uses "
-                             f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code")
-        own = {k for k in self.backbone.state_dict() if "lora_" in k}
-        theirs = set(ckpt["lora"])
-        if own != theirs:
-            raise ValueError(f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
-                             f"have no place (e.g. {sorted(theirs - own)[:2]}), {len(own - theirs)} model keys are "
-                             f"missing (e.g. {sorted(own - theirs)[:2]}). Build the model with the checkpoint's "
-                             f"LoRA settings {meta['lora']}")
-        for name in ("query_head", "page_head"):
-            head = getattr(self, name)
-            state = {k.split(".", 1)[1]: v for k, v in ckpt["heads"].items() if k.startswith(name + ".")}
-            head.load_state_dict(state)
-        if theirs:
-            result = self.backbone.load_state_dict(ckpt["lora"], strict=False)
-            if result.unexpected_keys:
-                raise ValueError(f"{source}: unexpected LoRA keys {result.unexpected_keys[:3]}")
-
-    @classmethod
-    def from_checkpoint(cls, path: str, model_id: str | None = None, dtype="auto", device_map=None,
-                        max_tiles: int | None = None):
-        """-> (model, processor, ckpt): the backbone of the checkpoint (or model_id), heads + LoRA loaded."""
-        ckpt = load_checkpoint(path)
-        meta = ckpt["meta"]
-        model_id = model_id or meta["model_id"]
-        lora = LoraSettings(**meta["lora"]) if meta["lora"] else None
-        max_tiles = max_tiles or meta["max_tiles"]
-        model, processor = cls.from_pretrained(model_id, proj_dim=meta["proj_dim"], lora=lora, max_tiles=max_tiles,
-                                               dtype=dtype, device_map=device_map)
-        model.load_trainable_state(ckpt, source=f"checkpoint {path}")
-        return model, processor, ckpt
 
 
 def unpad(emb: torch.Tensor, mask: torch.Tensor) -> list:
@@ -556,10 +517,10 @@ def pad_queries(queries: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(list(queries), batch_first=True)
 
 
-def pad_pages(pages: Sequence[torch.Tensor], length: int | None = None) -> torch.Tensor:
+def pad_pages(pages: Sequence[torch.Tensor]) -> torch.Tensor:
     """Pad ragged pages to (Np, Lp, D) by repeating each page's own first token: a copy never changes the max,
     so the padded batch scores exactly, with no mask pass (zero-padding would win a max over negative scores)."""
-    length = length or max(p.shape[0] for p in pages)
+    length = max(p.shape[0] for p in pages)
     out = pages[0].new_empty((len(pages), length, pages[0].shape[1]))
     for i, p in enumerate(pages):
         if p.shape[0] == 0:
@@ -573,17 +534,6 @@ def pad_pages(pages: Sequence[torch.Tensor], length: int | None = None) -> torch
 # run near the matmul peak, 32M-value blocks that spill to memory at a third of it. A GPU wants big blocks.
 CPU_SIM_BLOCK = 1 << 18
 GPU_SIM_BLOCK = 1 << 28
-_CPU_POOL = None  # maxsim_tokens' worker threads on a CPU, one per torch thread
-
-
-def _cpu_pool(workers: int):
-    global _CPU_POOL
-    if _CPU_POOL is None or _CPU_POOL._max_workers != workers:
-        from concurrent.futures import ThreadPoolExecutor
-        if _CPU_POOL is not None:
-            _CPU_POOL.shutdown(wait=False)
-        _CPU_POOL = ThreadPoolExecutor(workers, thread_name_prefix="maxsim")
-    return _CPU_POOL
 PAGE_CHUNK_TOKENS = 1 << 15  # page tokens padded together (sorted by length, so little padding)
 QUERY_BLOCK_TOKENS = 1 << 15  # query tokens scored together by maxsim_topk (bounds its (tokens, pages) buffer)
 
@@ -613,6 +563,19 @@ def scoring_threads(device):
         yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+_CPU_POOL = None  # maxsim_tokens' worker threads on a CPU, one per torch thread
+
+
+def _cpu_pool(workers: int):
+    global _CPU_POOL
+    if _CPU_POOL is None or _CPU_POOL._max_workers != workers:
+        from concurrent.futures import ThreadPoolExecutor
+        if _CPU_POOL is not None:
+            _CPU_POOL.shutdown(wait=False)
+        _CPU_POOL = ThreadPoolExecutor(workers, thread_name_prefix="maxsim")
+    return _CPU_POOL
 
 
 @torch.no_grad()
@@ -666,13 +629,13 @@ def pack_queries(queries: Sequence[torch.Tensor], dtype, device) -> tuple:
     return tokens, torch.repeat_interleave(torch.arange(len(queries), device=device), lengths)
 
 
-def page_chunks(pages: Sequence[torch.Tensor], dtype, device, chunk_tokens: int = PAGE_CHUNK_TOKENS):
+def page_chunks(pages: Sequence[torch.Tensor], dtype, device):
     """Yield (page indices, padded pages (n, Lp, D)), pages sorted by length so padding stays small."""
     order = sorted(range(len(pages)), key=lambda i: pages[i].shape[0])
     start = 0
     while start < len(order):
         end = start + 1  # lengths ascend, so a chunk's padded size is (pages in it) x (its last page's length)
-        while end < len(order) and (end + 1 - start) * pages[order[end]].shape[0] <= chunk_tokens:
+        while end < len(order) and (end + 1 - start) * pages[order[end]].shape[0] <= PAGE_CHUNK_TOKENS:
             end += 1
         idx = order[start:end]
         yield torch.tensor(idx, device=device), pad_pages([pages[i].to(device=device, dtype=dtype) for i in idx])
@@ -777,21 +740,37 @@ def contrastive_loss(queries: torch.Tensor, query_mask: torch.Tensor, pages: tor
 
 # -----------------------------------------------------------------------------
 # Checkpoints: one .pt dict, loadable with weights_only=True
+#     {"kind": "colintern", "meta": {...}, "heads": {...}, "lora": {...}, "train_state": {...} (train.py only)}
+# Only what training changes is saved, the heads and LoRA: the frozen backbone comes from meta["model_id"].
 
 CHECKPOINT_KIND = "colintern"
 
 
 def checkpoint_dict(model: ColIntern, step: int = 0, epoch: int = 0, train_state: dict | None = None,
                     training_data: list | None = None) -> dict:
-    meta = dict(model.metadata(), step=step, epoch=epoch)
+    meta = {"model_id": model.model_id, "hidden_size": model.hidden_size, "proj_dim": model.proj_dim,
+            "max_tiles": model.max_tiles, "lora": dataclasses.asdict(model.lora) if model.lora else None,
+            "format": query_format(), "step": step, "epoch": epoch}
     if training_data is not None:
         # lineage: every dataset these weights were trained on, warm starts included (train.py); eval.py declares it
         # to mteb. Checkpoints without it (older ones, untrained heads) still load.
         meta["training_data"] = sorted(training_data)
-    ckpt = {"kind": CHECKPOINT_KIND, "meta": meta, **model.trainable_state_dict()}
+    ckpt = {"kind": CHECKPOINT_KIND, "meta": meta, **trainable_state_dict(model)}
     if train_state is not None:
         ckpt["train_state"] = train_state
     return ckpt
+
+
+def trainable_state_dict(model: ColIntern) -> dict:
+    """Heads + LoRA weights, copied to the CPU. LoRA as peft's get_peft_model_state_dict names it, without the
+    adapter name: "language_model.layers.0.self_attn.q_proj.lora_A.weight"."""
+    heads = {f"{name}.{k}": v.detach().cpu().clone() for name in ("query_head", "page_head")
+             for k, v in getattr(model, name).state_dict().items()}
+    lora = {}
+    if model.lora is not None:
+        from peft import get_peft_model_state_dict
+        lora = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model.backbone).items()}
+    return {"heads": heads, "lora": lora}
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -819,3 +798,47 @@ def load_checkpoint(path: str) -> dict:
         raise ValueError(f"{path} is not a ColIntern checkpoint (made by train.py): it has no "
                          f"kind={CHECKPOINT_KIND!r} entry")
     return ckpt
+
+
+# Checkpoints written before LoRA went through peft's get_peft_model_state_dict hold the backbone's own state_dict
+# keys, which carry peft's adapter name: "language_model.layers.0.self_attn.q_proj.lora_A.default.weight" is now
+# "language_model.layers.0.self_attn.q_proj.lora_A.weight". tests/data/checkpoint-lora-keys-v0.pt is one.
+LORA_KEY_ADAPTER_NAME = re.compile(r"(\.lora_\w+)\.default(\.\w+)?$")
+
+
+def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint") -> None:
+    """Load heads + LoRA from a checkpoint dict into `model`, refusing one made for another shape or LoRA layout."""
+    meta = ckpt["meta"]
+    if meta.get("keep_all_page_tokens"):  # older checkpoints carry the key; nothing ever set it
+        raise ValueError(f"{source} was trained with every page token kept (keep_all_page_tokens), which this "
+                         f"code no longer supports: its page embeddings would not match")
+    if meta["hidden_size"] != model.hidden_size:
+        raise ValueError(f"{source} was trained on a backbone with hidden size {meta['hidden_size']} "
+                         f"({meta['model_id']}), this backbone has {model.hidden_size} ({model.model_id}): "
+                         f"pass the matching --model_id")
+    if meta["proj_dim"] != model.proj_dim:
+        raise ValueError(f"{source} has proj_dim {meta['proj_dim']}, the model was built with {model.proj_dim}: "
+                         f"use --proj_dim {meta['proj_dim']} (or build the model from the checkpoint)")
+    if meta["format"]["version"] != FORMAT_VERSION:
+        raise ValueError(f"{source} uses query/page format v{meta['format']['version']}, this code uses "
+                         f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code")
+    lora = {LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v for k, v in ckpt["lora"].items()}  # older checkpoints' keys
+    own = set()
+    if model.lora is not None:
+        from peft import get_peft_model_state_dict
+        own = set(get_peft_model_state_dict(model.backbone))
+    theirs = set(lora)
+    if own != theirs:
+        raise ValueError(f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
+                         f"have no place (e.g. {sorted(theirs - own)[:2]}), {len(own - theirs)} model keys are "
+                         f"missing (e.g. {sorted(own - theirs)[:2]}). Build the model with the checkpoint's "
+                         f"LoRA settings {meta['lora']}")
+    for name in ("query_head", "page_head"):
+        head = getattr(model, name)
+        state = {k.split(".", 1)[1]: v for k, v in ckpt["heads"].items() if k.startswith(name + ".")}
+        head.load_state_dict(state)
+    if lora:
+        from peft import set_peft_model_state_dict
+        result = set_peft_model_state_dict(model.backbone, lora)
+        if result.unexpected_keys:
+            raise ValueError(f"{source}: unexpected LoRA keys {result.unexpected_keys[:3]}")

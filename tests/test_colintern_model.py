@@ -416,6 +416,8 @@ def test_checkpoint_round_trip_gives_identical_scores(tiny_model_dir, tmp_path, 
     cm.save_checkpoint(str(path), model, step=7, epoch=1)
     raw = torch.load(path, weights_only=True)
     assert raw["meta"]["step"] == 7 and raw["meta"]["proj_dim"] == 16 and raw["meta"]["lora"]["r"] == 4
+    # LoRA as peft's get_peft_model_state_dict names it: no adapter name in the keys
+    assert len(raw["lora"]) == 28 and not any(".default." in k for k in raw["lora"])
     assert raw["meta"]["model_id"] == tiny_model_dir and raw["meta"]["format"]["version"] == cm.FORMAT_VERSION
     loaded, processor2, ckpt = ColIntern.from_checkpoint(str(path))
     queries, pages = ["alpha", "beta gamma"], [keyword_page("alpha"), keyword_page("beta", size=(448, 224))]
@@ -447,6 +449,60 @@ def test_checkpoint_mismatches_are_clear_errors(tiny_model_dir, tmp_path):
     old_format = dict(ckpt, meta=dict(ckpt["meta"], format=dict(ckpt["meta"]["format"], version=0)))
     with pytest.raises(ValueError, match="format v0"):
         model.load_trainable_state(old_format)
+
+
+OLD_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "checkpoint-lora-keys-v0.pt")
+
+
+def test_checkpoint_with_the_old_lora_keys_loads_exactly(tiny_model_dir, keyword_page):
+    """tests/data/checkpoint-lora-keys-v0.pt (tests/data/make_old_checkpoint.py) holds LoRA under the backbone's own
+    state_dict keys, peft's adapter name included ("...q_proj.lora_A.default.weight"), as every checkpoint did
+    before LoRA went through peft's get_peft_model_state_dict. Every old tensor must land in its own parameter."""
+    raw = torch.load(OLD_CHECKPOINT, weights_only=True)
+    assert len(raw["lora"]) == 28 and all(k.endswith((".lora_A.default.weight", ".lora_B.default.weight"))
+                                          for k in raw["lora"])
+    loaded, processor, _ = ColIntern.from_checkpoint(OLD_CHECKPOINT, model_id=tiny_model_dir)
+    # each old key is the name of the model parameter it belongs to, and peft names that tensor without "default"
+    from peft import get_peft_model_state_dict
+    params = dict(loaded.backbone.named_parameters())
+    by_peft = get_peft_model_state_dict(loaded.backbone)
+    assert len(by_peft) == len(raw["lora"])
+    for key, value in raw["lora"].items():
+        assert torch.equal(params[key], value)
+        assert torch.equal(by_peft[key.replace(".default.weight", ".weight")], value)
+    for key, value in raw["heads"].items():
+        assert torch.equal(loaded.get_parameter(key), value)
+
+    # the same scores as a model whose parameters are assigned the raw tensors by hand
+    meta = raw["meta"]
+    by_hand, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=meta["proj_dim"],
+                                           lora=LoraSettings(**meta["lora"]), max_tiles=meta["max_tiles"])
+    queries, pages = ["alpha", "beta gamma"], [keyword_page("alpha"), keyword_page("beta", size=(448, 224))]
+
+    def scores(model):
+        return cm.maxsim_scores(model.encode_queries(processor, queries), model.encode_pages(processor, pages))
+
+    untouched = scores(by_hand)
+    with torch.no_grad():
+        for key, value in raw["lora"].items():
+            by_hand.backbone.get_parameter(key).copy_(value)
+        for key, value in raw["heads"].items():
+            by_hand.get_parameter(key).copy_(value)
+    expected = scores(by_hand)
+    assert not torch.allclose(expected, untouched)
+    assert torch.equal(scores(loaded), expected)
+
+
+def test_old_checkpoint_in_a_wrong_lora_layout_is_a_clear_error(tiny_model_dir):
+    ckpt = cm.load_checkpoint(OLD_CHECKPOINT)
+    q_only, _ = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(target_modules=r".*language_model.*\.q_proj$"))
+    with pytest.raises(ValueError, match=r"(?s)LoRA layout does not match the model: 24 checkpoint keys have no place "
+                                         r"\(e.g. \['language_model.layers.0.mlp.down_proj.lora_A.weight'.*"
+                                         r"0 model keys are missing.*LoRA settings \{'r': 32"):
+        q_only.load_trainable_state(ckpt)
+    no_lora, _ = ColIntern.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="LoRA layout does not match the model: 28 checkpoint keys have no place"):
+        no_lora.load_trainable_state(ckpt)
 
 
 def test_bad_checkpoint_files(tmp_path):
