@@ -515,7 +515,10 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 
 
 def find_batch_size(try_batch, start: int, say=print) -> int:
-    """Largest batch size <= start (halving) for which try_batch(b) raises no CUDA out-of-memory error."""
+    """Largest batch size <= start (halving) for which try_batch(b) raises no CUDA out-of-memory error.
+    Not accelerate's find_executable_batch_size: it recognises out-of-memory by message text (" out of memory."),
+    so torch's cudaMallocAsync backend's OutOfMemoryError ("... (out of memory)") would escape it, and halving (so
+    --grad_accum grows by a whole factor) and saying each size need a closure that tracks the size it hides."""
     size = start
     while True:
         fits = True
