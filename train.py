@@ -737,7 +737,7 @@ def resume_snapshot(state: RunState, snapshot: dict, path: str, optimizer, sched
 
 
 def save_run(kind: str, state: RunState, args, rank: int, model: ColIntern, lineage: list,
-         optimizer, scheduler, scaler) -> str:
+             optimizer, scheduler, scaler) -> str:
     """A step snapshot (colintern_heads_step{N}.pt: + optimizer, schedule, loss scale, to resume exactly) or an
     epoch checkpoint (colintern_heads_epoch{E}.pt) -> its path. Rank 0 writes, atomically; the other ranks hold
     identical weights (DDP)."""
@@ -770,7 +770,7 @@ def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, r
         loss /= world
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-    overflow = scaler.is_enabled() and not torch.isfinite(grad_norm)
+    overflow = scaler.is_enabled() and not torch.isfinite(grad_norm)  # fp16: the scaler skips the step
     if not torch.isfinite(loss) or not (torch.isfinite(grad_norm) or overflow):
         raise FloatingPointError(
             f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {state.step + 1} (epoch "
@@ -781,7 +781,7 @@ def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, r
     with interrupts_deferred():
         scaler.step(optimizer)
         scaler.update()
-        if not overflow:
+        if not overflow:  # a skipped step leaves the schedule where it is (as the weights)
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.run_step += 1
