@@ -391,22 +391,20 @@ class ColIntern(nn.Module):
     def encode_queries(self, processor: ColInternProcessor, queries: Sequence[str], batch_size: int = 32,
                        progress: bool = False) -> list:
         """-> one (Lq_i, D) float32 tensor per query on the CPU, pad tokens removed."""
-        return self._encode(processor.process_queries, self.forward_queries, queries, batch_size, torch.float32,
-                            progress, "queries")
+        return self._encode(processor.process_queries, self.forward_queries, queries, batch_size, progress, "queries")
 
     @torch.inference_mode()
     def encode_pages(self, processor: ColInternProcessor, pages: Sequence, batch_size: int = 4,
-                     out_dtype=torch.float32, progress: bool = False) -> list:
-        """-> one (Lp_i, D) tensor per page (PIL image or path) on the CPU, masked tokens removed."""
-        return self._encode(processor.process_pages, self.forward_pages, pages, batch_size, out_dtype,
-                            progress, "pages")
+                     progress: bool = False) -> list:
+        """-> one (Lp_i, D) float32 tensor per page (PIL image or path) on the CPU, masked tokens removed."""
+        return self._encode(processor.process_pages, self.forward_pages, pages, batch_size, progress, "pages")
 
-    def _encode(self, process, forward, items, batch_size, out_dtype, progress, what):
+    def _encode(self, process, forward, items, batch_size, progress, what):
         out = []
         for start in progress_bar(range(0, len(items), batch_size), desc=f"encode {what}", disable=not progress,
                                   unit="batch"):
             emb, mask = forward(process(items[start:start + batch_size]))
-            out.extend(unpad(emb.to(out_dtype), mask))
+            out.extend(unpad(emb.float(), mask))
         return out
 
 

@@ -31,6 +31,8 @@ all their pages. Precision: LoRA and heads train in fp32 over a bf16/fp16 backbo
 """
 import argparse
 import contextlib
+import dataclasses
+import functools
 import math
 import os
 import random
@@ -53,12 +55,11 @@ from colintern_model import (
     ColIntern,
     ColInternProcessor,
     LoraSettings,
-    atomic_torch_save,
     check_model_id,
-    checkpoint_dict,
     contrastive_loss,
     load_checkpoint,
     resolve_dtype,
+    save_checkpoint,
 )
 
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
@@ -490,7 +491,10 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 
 
 def find_batch_size(try_batch, start: int, say=print) -> int:
-    """Largest batch size <= start (halving) for which try_batch(b) raises no CUDA out-of-memory error."""
+    """Largest batch size <= start (halving) for which try_batch(b) raises no CUDA out-of-memory error.
+    Not accelerate's find_executable_batch_size: it recognises out-of-memory by message text (" out of memory."),
+    so torch's cudaMallocAsync backend's OutOfMemoryError ("... (out of memory)") would escape it, and halving (so
+    --grad_accum grows by a whole factor) and saying each size need a closure that tracks the size it hides."""
     size = start
     while True:
         fits = True
@@ -590,6 +594,34 @@ def interrupts_deferred():
 # -----------------------------------------------------------------------------
 # Training
 
+@dataclasses.dataclass
+class RunState:
+    """Where a run stands. run_step counts this run's optimizer steps (a warm start begins a new run); the global step
+    and epoch numbers (file names, the loss log) go on from the checkpoint's, step_offset and epoch_offset. The data
+    position is (data_epoch, batch_in_epoch): this run's epoch, 0-based, and its next micro-batch."""
+    run: dict  # run_config: what a step snapshot must share with the run that resumes it
+    batches_per_epoch: int
+    total_steps: int  # of this run
+    run_step: int = 0
+    step_offset: int = 0
+    epoch_offset: int = 0
+    data_epoch: int = 0
+    batch_in_epoch: int = 0
+    last_saved: str | None = None  # the last checkpoint written (or resumed from)
+
+    @property
+    def step(self) -> int:
+        return self.step_offset + self.run_step
+
+    @property
+    def epoch(self) -> int:  # the epoch being trained, 1-based, counted on from the checkpoint's
+        return self.epoch_offset + self.data_epoch + 1
+
+    @property
+    def epoch_ended(self) -> bool:
+        return self.batch_in_epoch >= self.batches_per_epoch
+
+
 def run_config(args, rows, batch_size, grad_accum, world, total_steps) -> dict:
     """What a step snapshot must share with the run that resumes it for the continuation to be exact."""
     return {"data": rows.fingerprint, "global_batch": batch_size * world, "grad_accum": grad_accum,
@@ -627,6 +659,142 @@ def check_same_run(saved: dict, ours: dict, path: str) -> None:
                          f"set the schedule). To start new training from it, resume an epoch checkpoint instead.")
 
 
+def choose_batch_size(args, model, processor, snapshot: dict | None, world: int, say) -> tuple[int, int]:
+    """-> (micro-batch per device, micro-batches per step): the flags', or with --auto_batch on CUDA the largest
+    micro-batch that fits on every rank, --grad_accum raised by the same factor. A step snapshot keeps its own."""
+    batch_size, grad_accum = args.batch_size, args.grad_accum
+    if not args.auto_batch:
+        return batch_size, grad_accum
+    if snapshot:
+        batch_size, grad_accum = snapshot["run"]["global_batch"] // world, snapshot["run"]["grad_accum"]
+        say(f"--auto_batch: resuming a step snapshot, so its batch {batch_size} x --grad_accum {grad_accum} is kept")
+        return batch_size, grad_accum
+    if model.device.type != "cuda":
+        say(f"--auto_batch: CPU has no out-of-memory error to probe (the OS kills the process instead); keeping "
+            f"--batch_size {batch_size}")
+        return batch_size, grad_accum
+    model.train()
+    found = find_batch_size(probe_batch(model, processor, args.num_negs, args.temperature, batch_size * grad_accum,
+                                        world), batch_size, say)
+    if world > 1:  # every rank steps with the same micro-batch: the smallest that fits anywhere
+        t = torch.tensor([found], device=model.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        found = int(t)
+    grad_accum *= batch_size // found
+    say(f"--auto_batch: batch {found} per device fits; --grad_accum {grad_accum} keeps "
+        f"{found * grad_accum * world} queries per step")
+    return found, grad_accum
+
+
+def count_steps(args, n_rows: int, batch_size: int, grad_accum: int, world: int) -> tuple[int, int]:
+    """-> (micro-batches per epoch, optimizer steps of this run). An epoch ends on a full step; --max_steps caps."""
+    global_batch = batch_size * world
+    batches_per_epoch = n_rows // global_batch // grad_accum * grad_accum
+    steps_per_epoch = batches_per_epoch // grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"training data has {n_rows} rows; one optimizer step needs --batch_size {batch_size} x "
+                         f"{world} process(es) x --grad_accum {grad_accum} = {global_batch * grad_accum}: lower them "
+                         f"or add data")
+    total_steps = steps_per_epoch * args.epochs
+    return batches_per_epoch, min(total_steps, args.max_steps) if args.max_steps else total_steps
+
+
+def resume_snapshot(state: RunState, snapshot: dict, path: str, optimizer, scheduler, scaler) -> None:
+    """Continue a step snapshot exactly: the same run (else an error), its optimizer, schedule, loss scale,
+    counters and data position."""
+    check_same_run(snapshot["run"], state.run, path)
+    optimizer.load_state_dict(snapshot["optimizer"])
+    scheduler.load_state_dict(snapshot["scheduler"])
+    if "scaler" in snapshot:
+        scaler.load_state_dict(snapshot["scaler"])
+    state.run_step, state.step_offset, state.epoch_offset = (snapshot["run_step"], snapshot["step_offset"],
+                                                             snapshot["epoch_offset"])
+    state.data_epoch, state.batch_in_epoch = snapshot["position"]["epoch"], snapshot["position"]["batch"]
+
+
+def save_run(kind: str, state: RunState, args, rank: int, model: ColIntern, lineage: list,
+             optimizer, scheduler, scaler) -> str:
+    """A step snapshot (colintern_heads_step{N}.pt: + optimizer, schedule, loss scale, to resume exactly) or an
+    epoch checkpoint (colintern_heads_epoch{E}.pt) -> its path. Rank 0 writes, atomically; the other ranks hold
+    identical weights (DDP)."""
+    epochs_done = state.epoch_offset + state.data_epoch + state.epoch_ended
+    name = f"colintern_heads_step{state.step}.pt" if kind == "step" else f"colintern_heads_epoch{epochs_done}.pt"
+    path = os.path.join(args.out_dir, name)
+    if rank == 0:
+        train_state = {"kind": kind, "run_step": state.run_step, "step_offset": state.step_offset,
+                       "epoch_offset": state.epoch_offset,
+                       "position": {"epoch": state.data_epoch, "batch": state.batch_in_epoch}, "run": state.run,
+                       "args": vars(args), "git_commit": git_commit()}
+        if kind == "step":
+            train_state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                               scaler=scaler.state_dict())
+        save_checkpoint(path, model, step=state.step, epoch=epochs_done, train_state=train_state,
+                        training_data=lineage)
+    return path
+
+
+def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, rank: int, world: int, params: list,
+               optimizer, scheduler, scaler, log: LossLog | None):
+    """One optimizer step: forward and backward of the micro-batches (dropout seeded by the step), the loss averaged
+    over ranks, then, Ctrl-C held, the update, the schedule, the counters and the loss log together. A non-finite loss
+    or gradient stops the run; fp16 gradients that overflowed make the scaler skip the update, and the schedule stays
+    where it is (as the weights). -> (loss, lr, overflowed)."""
+    seed_step(args.seed, rank, state.step)
+    loss = step_forward_backward(encoder, micro_batches, args.temperature, rank, world, scaler.scale)
+    if world > 1:
+        dist.all_reduce(loss)  # gloo has no AVG
+        loss /= world
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    overflow = scaler.is_enabled() and not torch.isfinite(grad_norm)  # fp16: the scaler skips the step
+    if not torch.isfinite(loss) or not (torch.isfinite(grad_norm) or overflow):
+        raise FloatingPointError(
+            f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {state.step + 1} (epoch "
+            f"{state.epoch}, micro-batch {state.batch_in_epoch + len(micro_batches)}): stopping without saving. Last "
+            f"good checkpoint: {state.last_saved or 'none'}. Lower --lr, raise --temperature, or check the data; "
+            f"resume from that checkpoint.")
+    lr = optimizer.param_groups[0]["lr"]
+    with interrupts_deferred():
+        scaler.step(optimizer)
+        scaler.update()
+        if not overflow:  # a skipped step leaves the schedule where it is (as the weights)
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.run_step += 1
+        state.batch_in_epoch += len(micro_batches)
+        if log:
+            log.write(state.step, state.epoch, float(loss), lr)
+    return loss, lr, overflow
+
+
+def ddp_encoder(model: ColIntern, world: int) -> nn.Module:
+    """The training forward; with several processes under DDP, which all-reduces the gradients in backward."""
+    encoder = QueryPageEncoder(model)
+    if world == 1:
+        return encoder
+    return nn.parallel.DistributedDataParallel(
+        encoder, device_ids=[model.device.index] if model.device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def write_args_json(args, world: int, device_map, batch_size: int, grad_accum: int, total_steps: int) -> None:
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_json(os.path.join(args.out_dir, "args.json"),
+               {**vars(args), "git_commit": git_commit(), "world_size": world, "device_map": str(device_map),
+                "effective_batch_size": batch_size, "effective_grad_accum": grad_accum, "total_steps": total_steps,
+                "argv": sys.argv})
+
+
+def epoch_loader(rows, processor: ColInternProcessor, state: RunState, args, batch_size: int, rank: int, world: int,
+                 device: torch.device) -> torch.utils.data.DataLoader:
+    """This rank's micro-batches from the data position to the end of its epoch, decoded by the DataLoader workers."""
+    sampler = EpochBatches(len(rows), state.data_epoch, args.seed, batch_size, rank, world, state.batches_per_epoch,
+                           start=state.batch_in_epoch)
+    return torch.utils.data.DataLoader(rows, batch_sampler=sampler, collate_fn=Collate(processor),
+                                       num_workers=args.num_workers,
+                                       prefetch_factor=args.prefetch_factor if args.num_workers else None,
+                                       pin_memory=device.type == "cuda")
+
+
 def main(args):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers tokenize; the forked Rust pool would warn
     rank, world, device_map = setup_distributed(args.device_map)
@@ -640,8 +808,8 @@ def main(args):
 
 def train(args, rank, world, device_map, say):
     ckpt = load_checkpoint(args.resume_ckpt) if args.resume_ckpt else None
-    state = (ckpt or {}).get("train_state") or {}
-    exact = state.get("kind") == "step"
+    train_state = (ckpt or {}).get("train_state") or {}
+    snapshot = train_state if train_state.get("kind") == "step" else None  # resumed exactly; else a warm start
     rows = load_training_rows(args)
     say(f"training data: {rows.label}")
     if getattr(rows, "short", 0):
@@ -662,180 +830,82 @@ def train(args, rank, world, device_map, say):
         say("--compile_heads: accepted for the original ColIntern commands, and does nothing: the heads are one "
             "linear layer and a normalisation, a negligible part of a step")
 
-    batch_size, grad_accum = args.batch_size, args.grad_accum
-    if exact and args.auto_batch:
-        batch_size = state["run"]["global_batch"] // world
-        grad_accum = state["run"]["grad_accum"]
-        say(f"--auto_batch: resuming a step snapshot, so its batch {batch_size} x --grad_accum {grad_accum} is kept")
-    elif args.auto_batch and model.device.type == "cuda":
-        model.train()
-        found = find_batch_size(probe_batch(model, processor, args.num_negs, args.temperature,
-                                            batch_size * grad_accum, world), batch_size, say)
-        if world > 1:
-            t = torch.tensor([found], device=model.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            found = int(t)
-        grad_accum *= batch_size // found
-        say(f"--auto_batch: batch {found} per device fits; --grad_accum {grad_accum} keeps "
-            f"{found * grad_accum * world} queries per step")
-        batch_size = found
-    elif args.auto_batch:
-        say(f"--auto_batch: CPU has no out-of-memory error to probe (the OS kills the process instead); keeping "
-            f"--batch_size {batch_size}")
-
-    global_batch = batch_size * world
-    batches_per_epoch = len(rows) // global_batch // grad_accum * grad_accum  # an epoch ends on a full step
-    steps_per_epoch = batches_per_epoch // grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"training data has {len(rows)} rows; one optimizer step needs --batch_size {batch_size} x "
-                         f"{world} process(es) x --grad_accum {grad_accum} = {global_batch * grad_accum}: lower them "
-                         f"or add data")
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    config = run_config(args, rows, batch_size, grad_accum, world, total_steps)
+    batch_size, grad_accum = choose_batch_size(args, model, processor, snapshot, world, say)
+    batches_per_epoch, total_steps = count_steps(args, len(rows), batch_size, grad_accum, world)
+    state = RunState(run_config(args, rows, batch_size, grad_accum, world, total_steps), batches_per_epoch,
+                     total_steps, last_saved=args.resume_ckpt)
     lineage = training_data_lineage(args, rows, ckpt)
     say(f"checkpoints record the training data: {', '.join(lineage)}")
 
-    encoder = QueryPageEncoder(model)
-    if world > 1:
-        encoder = nn.parallel.DistributedDataParallel(
-            encoder, device_ids=[model.device.index] if model.device.type == "cuda" else None,
-            broadcast_buffers=False)
+    encoder = ddp_encoder(model, world)
     optimizer = make_optimizer(args.optimizer, params, args.lr, say)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total_steps))
     # fp16 backbone: dynamic loss scaling, so that small activation gradients do not underflow fp16's range
     # (bf16 has fp32's range and needs none); parameters and their gradients are fp32 either way.
     scaler = torch.amp.GradScaler(model.device.type, enabled=model.backbone.dtype == torch.float16)
-
-    # counters: run_step counts this run's optimizer steps (a warm start begins a new run); the global step and
-    # epoch numbers in file names go on from the checkpoint
-    run_step, data_epoch, batch_in_epoch = 0, 0, 0
-    step_offset = ckpt["meta"]["step"] if ckpt else 0
-    epoch_offset = ckpt["meta"]["epoch"] if ckpt else 0
-    if exact:
-        check_same_run(state["run"], config, args.resume_ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        run_step, step_offset, epoch_offset = state["run_step"], state["step_offset"], state["epoch_offset"]
-        data_epoch, batch_in_epoch = state["position"]["epoch"], state["position"]["batch"]
-        say(f"resuming step snapshot {args.resume_ckpt} exactly: step {step_offset + run_step}, epoch "
-            f"{epoch_offset + data_epoch + 1}, micro-batch {batch_in_epoch} of {batches_per_epoch}")
+    if snapshot:
+        resume_snapshot(state, snapshot, args.resume_ckpt, optimizer, scheduler, scaler)
+        say(f"resuming step snapshot {args.resume_ckpt} exactly: step {state.step}, epoch {state.epoch}, "
+            f"micro-batch {state.batch_in_epoch} of {batches_per_epoch}")
     elif ckpt is not None:
-        say(f"warm start from {args.resume_ckpt} (epoch {epoch_offset}, step {step_offset}): heads"
+        state.step_offset, state.epoch_offset = ckpt["meta"]["step"], ckpt["meta"]["epoch"]
+        say(f"warm start from {args.resume_ckpt} (epoch {state.epoch_offset}, step {state.step_offset}): heads"
             f"{' + LoRA' if model.lora else ''} loaded, fresh optimizer and schedule; epochs continue at "
-            f"{epoch_offset + 1}")
+            f"{state.epoch}")
 
     if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
-        write_json(os.path.join(args.out_dir, "args.json"),
-                   {**vars(args), "git_commit": git_commit(), "world_size": world, "device_map": str(device_map),
-                    "effective_batch_size": batch_size, "effective_grad_accum": grad_accum,
-                    "total_steps": total_steps, "argv": sys.argv})
-    log = LossLog(args.out_dir, step_offset + run_step) if rank == 0 else None
-
-    def train_state(kind: str) -> dict:
-        out = {"kind": kind, "run_step": run_step, "step_offset": step_offset, "epoch_offset": epoch_offset,
-               "position": {"epoch": data_epoch, "batch": batch_in_epoch}, "run": config, "args": vars(args),
-               "git_commit": git_commit()}
-        if kind == "step":
-            out.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict())
-        return out
-
-    def save(kind: str) -> str:
-        """Rank 0 writes, atomically; the other ranks hold identical weights (DDP)."""
-        epochs_done = epoch_offset + data_epoch + (batch_in_epoch >= batches_per_epoch)
-        name = (f"colintern_heads_step{step_offset + run_step}.pt" if kind == "step"
-                else f"colintern_heads_epoch{epochs_done}.pt")
-        path = os.path.join(args.out_dir, name)
-        if rank == 0:
-            atomic_torch_save(checkpoint_dict(model, step=step_offset + run_step, epoch=epochs_done,
-                                              train_state=train_state(kind), training_data=lineage), path)
-        return path
+        write_args_json(args, world, device_map, batch_size, grad_accum, total_steps)
+    log = LossLog(args.out_dir, state.step) if rank == 0 else None
+    save = functools.partial(save_run, args=args, rank=rank, model=model, lineage=lineage, optimizer=optimizer,
+                             scheduler=scheduler, scaler=scaler)  # save(kind, state) -> path
 
     model.train()
-    samples_per_step = global_batch * grad_accum
-    last_saved = args.resume_ckpt
-    bar = progress_bar(total=total_steps, initial=run_step, desc="train", unit="step", disable=rank != 0,
+    bar = progress_bar(total=total_steps, initial=state.run_step, desc="train", unit="step", disable=rank != 0,
                        dynamic_ncols=True)
     started, steps_here = time.perf_counter(), 0
     try:
-        while run_step < total_steps and data_epoch < args.epochs:
-            if batch_in_epoch >= batches_per_epoch:
-                data_epoch, batch_in_epoch = data_epoch + 1, 0
+        while state.run_step < total_steps and state.data_epoch < args.epochs:
+            if state.epoch_ended:
+                state.data_epoch, state.batch_in_epoch = state.data_epoch + 1, 0
                 continue
-            epoch_number = epoch_offset + data_epoch + 1
-            sampler = EpochBatches(len(rows), data_epoch, args.seed, batch_size, rank, world, batches_per_epoch,
-                                   start=batch_in_epoch)
-            loader = torch.utils.data.DataLoader(
-                rows, batch_sampler=sampler, collate_fn=Collate(processor), num_workers=args.num_workers,
-                prefetch_factor=args.prefetch_factor if args.num_workers else None,
-                pin_memory=model.device.type == "cuda")
             micro_batches = []
-            for batch in loader:
+            for batch in epoch_loader(rows, processor, state, args, batch_size, rank, world, model.device):
                 micro_batches.append(batch)
                 if len(micro_batches) < grad_accum:
                     continue
-                seed_step(args.seed, rank, step_offset + run_step)
-                step_loss = step_forward_backward(encoder, micro_batches, args.temperature, rank, world,
-                                                  scaler.scale)
-                if world > 1:
-                    dist.all_reduce(step_loss)  # gloo has no AVG
-                    step_loss /= world
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-                step = step_offset + run_step + 1
-                overflow = scaler.is_enabled() and not torch.isfinite(grad_norm)  # fp16: the scaler skips the step
-                if not torch.isfinite(step_loss) or not (torch.isfinite(grad_norm) or overflow):
-                    raise FloatingPointError(
-                        f"non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient'} at step {step} "
-                        f"(epoch {epoch_number}, micro-batch {batch_in_epoch + len(micro_batches)}): stopping "
-                        f"without saving. Last good checkpoint: {last_saved or 'none'}. Lower --lr, raise "
-                        f"--temperature, or check the data; resume from that checkpoint.")
-                lr = optimizer.param_groups[0]["lr"]
-                with interrupts_deferred():
-                    scaler.step(optimizer)
-                    scaler.update()
-                    if not overflow:  # a skipped step leaves the schedule where it is (as the weights)
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    run_step, steps_here = run_step + 1, steps_here + 1
-                    batch_in_epoch += len(micro_batches)
-                    if log:
-                        log.write(step, epoch_number, float(step_loss), lr)
+                loss, lr, overflow = train_step(encoder, micro_batches, state, args, rank, world, params, optimizer,
+                                                scheduler, scaler, log)
+                micro_batches, steps_here = [], steps_here + 1
                 if overflow:
-                    say(f"step {step}: fp16 gradients overflowed at loss scale {scaler.get_scale() * 2:g}; "
+                    say(f"step {state.step}: fp16 gradients overflowed at loss scale {scaler.get_scale() * 2:g}; "
                         f"step skipped, scale lowered")
-                micro_batches = []
-                rate = steps_here * samples_per_step / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{float(step_loss):.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+                rate = steps_here * batch_size * world * grad_accum / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                 bar.update(1)
-                if args.save_every and run_step % args.save_every == 0:
-                    last_saved = save("step")
-                if run_step >= total_steps:
+                if args.save_every and state.run_step % args.save_every == 0:
+                    state.last_saved = save("step", state)
+                if state.run_step >= total_steps:
                     break
-            if batch_in_epoch >= batches_per_epoch:
-                last_saved = save("epoch")
-                say(f"epoch {epoch_number} done: {last_saved}")
-        if run_step == total_steps and batch_in_epoch < batches_per_epoch and \
-                not (args.save_every and run_step % args.save_every == 0):
-            last_saved = save("step")  # --max_steps stopped mid-epoch: keep the end point resumable
+            if state.epoch_ended:
+                state.last_saved = save("epoch", state)
+                say(f"epoch {state.epoch} done: {state.last_saved}")
+        if state.run_step == total_steps and not state.epoch_ended and \
+                not (args.save_every and state.run_step % args.save_every == 0):
+            state.last_saved = save("step", state)  # --max_steps stopped mid-epoch: keep it resumable
     except KeyboardInterrupt:
         bar.close()
-        if run_step > 0 or ckpt is not None:
-            path = save("step")
+        if state.run_step > 0 or ckpt is not None:
+            path = save("step", state)
             if rank == 0:
-                print(f"interrupted: wrote step snapshot {path} (step {step_offset + run_step}); resume with "
-                      f"--resume_ckpt {path} and the same flags", file=sys.stderr)
+                print(f"interrupted: wrote step snapshot {path} (step {state.step}); resume with --resume_ckpt "
+                      f"{path} and the same flags", file=sys.stderr)
         raise SystemExit(130)
     finally:
         bar.close()
         if log:
             log.close()
-    say(f"done at step {step_offset + run_step} ({run_step} in this run); last checkpoint {last_saved}")
-    return last_saved
+    say(f"done at step {state.step} ({state.run_step} in this run); last checkpoint {state.last_saved}")
+    return state.last_saved
 
 
 if __name__ == "__main__":

@@ -262,7 +262,7 @@ def encode_only(args, tile: int, size) -> dict:
     print(line, flush=True)
 
     start = time.perf_counter()
-    model.encode_pages(processor, images, batch_size=args.doc_batch, out_dtype=torch.float16)
+    model.encode_pages(processor, images, batch_size=args.doc_batch)
     sync(device)
     figures["encode_pages_s"] = len(images) / (time.perf_counter() - start)
     print(f"ColIntern.encode_pages end to end (processing inline, one thread): {figures['encode_pages_s']:.1f} "

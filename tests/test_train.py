@@ -371,52 +371,62 @@ def corrupt_file(path):
     return path
 
 
-@pytest.mark.parametrize("case", ["malformed_line", "missing_image", "unreadable_image", "pseudo_path_row",
-                                  "pseudo_path_dataset", "empty_jsonl", "empty_hub", "hub_empty_query",
-                                  "too_few_rows"])
-def test_bad_input_names_the_culprit(case, tiny_model_dir, pages, tmp_path):
-    good = {"query": "q", "pos": "img/apple.png", "negs": ["img/river.png"]}
-    jsonl = tmp_path / "bad.jsonl"
-    flags = base_flags(tiny_model_dir, pages, tmp_path / "out", **{"--batch_size": 2, "--train_jsonl": jsonl})
-    if case == "malformed_line":
-        jsonl.write_text(json.dumps(good) + "\n" + '{"query": "q", "pos": \n')
-        error, pattern = ValueError, rf"{jsonl} line 2: not valid JSON"
-    elif case == "missing_image":
-        write_jsonl(jsonl, [good, {**good, "negs": ["img/nope.png"]}])
-        error, pattern = FileNotFoundError, rf"{jsonl} line 2: page 'img/nope.png'"
-    elif case == "unreadable_image":
-        corrupt_file(tmp_path / "broken.png")
-        write_jsonl(jsonl, [good, {**good, "pos": "broken.png"}])
-        flags += ["--root", tmp_path]
-        os.symlink(os.path.join(pages["root"], "img"), tmp_path / "img")
-        error, pattern = ValueError, rf"{jsonl} line 2: page 'broken.png' cannot be read: image .*broken.png"
-    elif case == "pseudo_path_row":
-        write_jsonl(jsonl, [good, {**good, "pos": pseudo_path(pages["hub"], "train", 99)}])
-        error, pattern = IndexError, rf"{jsonl} line 2: .*doc_99.png' points at row 99 .* has 16 rows"
-    elif case == "pseudo_path_dataset":
-        write_jsonl(jsonl, [{**good, "negs": [pseudo_path(str(tmp_path / "no-such"), "train", 0)]}, good])
-        error, pattern = FileNotFoundError, rf"{jsonl} line 1: .*no-such.* cannot be opened"
-    elif case == "empty_jsonl":
-        jsonl.write_text("\n")
-        error, pattern = ValueError, rf"{jsonl} has no triples"
-    elif case == "empty_hub":
-        empty = save_hub_folder(tmp_path / "empty", [])
-        flags = base_flags(tiny_model_dir, pages, tmp_path / "out", **{"--train_jsonl": None, "--num_negs": None,
-                                                                       "--train_hub": empty})
-        # datasets itself refuses a split with no rows ("corresponds to no data"); either way the folder is named
-        error, pattern = ValueError, rf"dataset {empty} split 'train'.*(no data|empty)"
-    elif case == "hub_empty_query":
-        hub = tmp_path / "hub"
-        datasets.Dataset.from_dict({"query": ["q", " "], "image": [render_keyword_page("a")] * 2}).cast_column(
-            "image", datasets.Image()).save_to_disk(str(hub))
-        flags = base_flags(tiny_model_dir, pages, tmp_path / "out", **{"--train_jsonl": None, "--num_negs": None,
-                                                                       "--train_hub": hub})
-        error, pattern = ValueError, rf"--train_hub {hub} split 'train': rows \[1\] .* empty query"
-    else:
-        write_jsonl(jsonl, [good])
-        error, pattern = ValueError, r"has 1 rows; one optimizer step needs --batch_size 2"
-    with pytest.raises(error, match=pattern):
-        run_train(*flags)
+GOOD_ROW = {"query": "q", "pos": "img/apple.png", "negs": ["img/river.png"]}
+HUB_FLAGS = {"--train_jsonl": None, "--num_negs": None}
+
+
+def bad_jsonl(tmp, *rows):
+    """The run's --train_jsonl, tmp/bad.jsonl: a dict is one JSON line, a str is written as it is."""
+    (tmp / "bad.jsonl").write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows))
+
+
+def write_unreadable_image(tmp, pages):
+    corrupt_file(tmp / "broken.png")
+    os.symlink(os.path.join(pages["root"], "img"), tmp / "img")
+    bad_jsonl(tmp, GOOD_ROW, {**GOOD_ROW, "pos": "broken.png"})
+
+
+def write_hub_with_empty_query(tmp, pages):
+    datasets.Dataset.from_dict({"query": ["q", " "], "image": [render_keyword_page("a")] * 2}).cast_column(
+        "image", datasets.Image()).save_to_disk(str(tmp / "hub"))
+
+
+# write(tmp, pages) puts the bad input under tmp; flags change the run's (--train_jsonl {tmp}/bad.jsonl,
+# --batch_size 2); the error's message matches `message`. {tmp} and {jsonl} stand for those paths in both.
+BAD_INPUTS = [
+    pytest.param(lambda tmp, pages: bad_jsonl(tmp, GOOD_ROW, '{"query": "q", "pos": \n'),
+                 {}, ValueError, r"{jsonl} line 2: not valid JSON", id="malformed_line"),
+    pytest.param(lambda tmp, pages: bad_jsonl(tmp, GOOD_ROW, {**GOOD_ROW, "negs": ["img/nope.png"]}),
+                 {}, FileNotFoundError, r"{jsonl} line 2: page 'img/nope.png'", id="missing_image"),
+    pytest.param(write_unreadable_image, {"--root": "{tmp}"},
+                 ValueError, r"{jsonl} line 2: page 'broken.png' cannot be read: image .*broken.png",
+                 id="unreadable_image"),
+    pytest.param(lambda tmp, pages: bad_jsonl(tmp, GOOD_ROW,
+                                              {**GOOD_ROW, "pos": pseudo_path(pages["hub"], "train", 99)}),
+                 {}, IndexError, r"{jsonl} line 2: .*doc_99.png' points at row 99 .* has 16 rows",
+                 id="pseudo_path_row"),
+    pytest.param(lambda tmp, pages: bad_jsonl(tmp, {**GOOD_ROW, "negs": [pseudo_path(f"{tmp}/no-such", "train", 0)]},
+                                              GOOD_ROW),
+                 {}, FileNotFoundError, r"{jsonl} line 1: .*no-such.* cannot be opened", id="pseudo_path_dataset"),
+    pytest.param(lambda tmp, pages: bad_jsonl(tmp, "\n"),
+                 {}, ValueError, r"{jsonl} has no triples", id="empty_jsonl"),
+    # datasets itself refuses a split with no rows ("corresponds to no data"); either way the folder is named
+    pytest.param(lambda tmp, pages: save_hub_folder(tmp / "empty", []), {**HUB_FLAGS, "--train_hub": "{tmp}/empty"},
+                 ValueError, r"dataset {tmp}/empty split 'train'.*(no data|empty)", id="empty_hub"),
+    pytest.param(write_hub_with_empty_query, {**HUB_FLAGS, "--train_hub": "{tmp}/hub"},
+                 ValueError, r"--train_hub {tmp}/hub split 'train': rows \[1\] .* empty query", id="hub_empty_query"),
+    pytest.param(lambda tmp, pages: bad_jsonl(tmp, GOOD_ROW),
+                 {}, ValueError, r"has 1 rows; one optimizer step needs --batch_size 2", id="too_few_rows"),
+]
+
+
+@pytest.mark.parametrize("write,flags,error,message", BAD_INPUTS)
+def test_bad_input_names_the_culprit(write, flags, error, message, tiny_model_dir, pages, tmp_path):
+    write(tmp_path, pages)
+    flags = {"--batch_size": 2, "--train_jsonl": "{tmp}/bad.jsonl", **flags}
+    flags = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in flags.items()}
+    with pytest.raises(error, match=message.format(jsonl=tmp_path / "bad.jsonl", tmp=tmp_path)):
+        run_train(*base_flags(tiny_model_dir, pages, tmp_path / "out", **flags))
 
 
 def test_num_negs_with_hub_data_is_refused(pages, tmp_path):
