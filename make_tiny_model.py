@@ -32,7 +32,20 @@ TOKENIZER_CORPUS = [
     "the quick brown fox jumps over the lazy dog 0123456789 percent total growth market",
 ] * 20
 
-# Real InternVL3.5 shapes (InternViT-300M + Qwen3), for measuring speed and memory without a download.
+# Real InternVL3.5 shapes, for measuring speed and memory without a download: InternViT-300M (1B-14B) or InternViT-6B
+# (38B) + an MLP projector + Qwen3-0.6B / 1.7B / 4B / 8B / 14B / 32B. InternVLModel has no LM head, so each size here
+# has vocab x hidden fewer parameters than its published total (bench/bench_memory.py counts every part).
+VIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                attention_bias=True)  # InternViT-300M-448px-V2_5: qkv_bias
+VIT_6B = dict(hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800,
+              attention_bias=False, use_qk_norm=True, norm_type="rms_norm")  # InternViT-6B-448px-V2_5
+
+
+def qwen3(hidden, intermediate, layers, heads, kv_heads=8):
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=128)
+
+
 SIZES = {
     "tiny": dict(
         vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
@@ -40,12 +53,12 @@ SIZES = {
                   num_key_value_heads=2, head_dim=16),
         vocab_size=None,  # the trained tokenizer's size
     ),
-    "1b": dict(
-        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-        text=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=128),
-        vocab_size=151936,
-    ),
+    "1b": dict(vision=VIT_300M, text=qwen3(1024, 3072, 28, 16), vocab_size=151936),    # Qwen3-0.6B
+    "2b": dict(vision=VIT_300M, text=qwen3(2048, 6144, 28, 16), vocab_size=151936),    # Qwen3-1.7B
+    "4b": dict(vision=VIT_300M, text=qwen3(2560, 9728, 36, 32), vocab_size=151936),    # Qwen3-4B
+    "8b": dict(vision=VIT_300M, text=qwen3(4096, 12288, 36, 32), vocab_size=151936),   # Qwen3-8B
+    "14b": dict(vision=VIT_300M, text=qwen3(5120, 17408, 40, 40), vocab_size=151936),  # Qwen3-14B
+    "38b": dict(vision=VIT_6B, text=qwen3(5120, 25600, 64, 64), vocab_size=151936),    # Qwen3-32B
 }
 
 
@@ -97,9 +110,12 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="folder to write the checkpoint into (created; existing files replaced)")
     p.add_argument("--size", default="tiny", choices=sorted(SIZES),
-                   help="'tiny': ~0.15M params for CPU tests; '1b': InternVL3.5-1B shapes (1.06B params, random)")
+                   help="'tiny': ~0.15M params for CPU tests; the others: InternVL3.5-1B/2B/4B/8B/14B/38B shapes, "
+                        "random weights (InternVLModel, no LM head: 1b has 0.91B params, 1.06B published with its LM "
+                        "head); python bench/bench_memory.py lists every size's parameters and weight memory")
     p.add_argument("--tile", type=int, default=None,
-                   help="image tile side in pixels (multiple of 28); default 224 for tiny, 448 (the real one) for 1b")
+                   help="image tile side in pixels (multiple of 28); default 224 for tiny, 448 (the real one) for "
+                        "the real sizes")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     return p.parse_args(argv)
 
