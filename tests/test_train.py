@@ -13,7 +13,7 @@ from PIL import Image
 
 import train
 from colintern_data import PSEUDO_PATH, pseudo_path
-from colintern_model import ColIntern, LoraSettings, load_checkpoint, maxsim_scores
+from colintern_model import ColIntern, LoraSettings, load_checkpoint, maxsim_scores, trainable_state_dict
 from conftest import ROOT, query
 from keyword_pages import WORDS, render_keyword_page
 
@@ -746,7 +746,7 @@ def test_it_learns_held_out_pages(tiny_model_dir, tmp_path):
     assert before[0] < 0.2 and before[1] < 0.3, before  # chance: R@1 1/32, nDCG@5 ~0.1
     assert after[0] > 0.6 and after[1] > 0.7, (before, after)
     # LoRA was trained too, not only the heads: B starts at zero and A at train.py's seeded init
-    init = {k: v for k, v in untrained.backbone.state_dict().items() if "lora_" in k}
+    init = trainable_state_dict(untrained)["lora"]
     assert init.keys() == ckpt["lora"].keys() and len(init) > 0
     for k, v in ckpt["lora"].items():
         assert not torch.equal(v, init[k]), k
