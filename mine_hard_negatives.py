@@ -220,8 +220,8 @@ def jsonl_input(path: str, root: str) -> MiningInput:
 def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype, scoring: torch.dtype) -> tuple:
     """-> (folder, manifest). The folder is named by a hash of what the embeddings depend on (checkpoint content,
     model id, tiles, dtype, format; and the score dtype, so that one folder's runs all scored alike) and of where the
-    pages come from; within it, a shard is reused only if it holds
-    exactly the pages this run puts there, so a changed page re-encodes its shard, not the corpus."""
+    pages come from; within it, a shard is reused only if it holds exactly the pages this run puts there, so a
+    changed page re-encodes its shard, not the corpus."""
     source = {k: v for k, v in data.source.items() if k in ("hub_name", "split", "train_jsonl", "root")}
     identity = {"cache_version": CACHE_VERSION, "ckpt_sha256": file_sha256(args.ckpt), "model_id": model.model_id,
                 "max_tiles": model.max_tiles, "format_version": FORMAT_VERSION, "dtype": str(dtype),
