@@ -13,10 +13,12 @@ Everything the scripts share, in pipeline order:
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
+import platform
 import re
 from typing import Sequence
 
@@ -515,11 +517,12 @@ def pad_queries(queries: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(list(queries), batch_first=True)
 
 
-def pad_pages(pages: Sequence[torch.Tensor]) -> torch.Tensor:
+def pad_pages(pages: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
     """Pad ragged pages to (Np, Lp, D) by repeating each page's own first token: a copy never changes the max,
-    so the padded batch scores exactly, with no mask pass (zero-padding would win a max over negative scores)."""
+    so the padded batch scores exactly, with no mask pass (zero-padding would win a max over negative scores).
+    `dtype`: the padded batch's (default the pages'); the copy converts, no extra pass."""
     length = max(p.shape[0] for p in pages)
-    out = pages[0].new_empty((len(pages), length, pages[0].shape[1]))
+    out = pages[0].new_empty((len(pages), length, pages[0].shape[1]), dtype=dtype)
     for i, p in enumerate(pages):
         if p.shape[0] == 0:
             raise ValueError(f"page {i} has no tokens to score")
@@ -529,22 +532,65 @@ def pad_pages(pages: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 # Similarity values per block in maxsim_tokens. On a CPU a block must stay in cache: blocks of 256K-1M fp32 values
-# run near the matmul peak, 32M-value blocks that spill to memory at a third of it. A GPU wants big blocks.
+# run near the matmul peak, 32M-value blocks that spill to memory at a third of it. A bf16 block (native bf16 only:
+# the matmul writes bf16) takes half the bytes, so the same cache holds twice the values. A GPU wants big blocks.
 CPU_SIM_BLOCK = 1 << 18
+CPU_SIM_BLOCK_BF16 = 1 << 19
 GPU_SIM_BLOCK = 1 << 28
 PAGE_CHUNK_TOKENS = 1 << 15  # page tokens padded together (sorted by length, so little padding)
 QUERY_BLOCK_TOKENS = 1 << 15  # query tokens scored together by maxsim_topk (bounds its (tokens, pages) buffer)
+SCORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware, probed once per process. oneDNN must take bf16 matmuls
+    (torch.ops.mkldnn._is_mkldnn_bf16_supported) and, on x86, the CPU must have AVX512-BF16 or AMX: oneDNN also says
+    yes on plain AVX512 CPUs, where it emulates bf16 in software and fp32 is as fast or faster. Elsewhere (ARM's
+    BF16 extension) oneDNN's answer is the hardware's. No timing: the answer must not change from run to run, since
+    it is part of mining's page-cache key."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    if platform.machine().lower() in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return True
+
+
+def score_dtype(requested="auto", device="cpu") -> torch.dtype:
+    """The dtype MaxSim scores in: embeddings are rounded to it block by block, and each block is multiplied in it
+    where the hardware has it (see matmul_dtype); per-query sums are float32 either way.
+
+    `requested`: a torch dtype or a name (fp32, bf16, fp16, ...) is taken as given; 'auto' (or None) is bf16 on a CPU
+    with native bf16 (cpu_has_native_bf16) and on a GPU (fp16 on one without bf16), and fp32 on any other CPU, where
+    bf16 would be no faster: the blocks would be upcast to fp32 anyway."""
+    if requested not in (None, "auto"):
+        return resolve_dtype(requested)
+    if torch.device(device).type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return resolve_dtype("auto", device)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bf16': how flags, logs and stats name a score dtype."""
+    return {v: k for k, v in SCORE_DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def matmul_dtype(dtype: torch.dtype, device) -> torch.dtype:
     """The dtype scores are computed in for embeddings rounded to `dtype`: `dtype` itself, except bf16/fp16 on a
-    CPU without native support (no AVX512-BF16/AMX: torch's fallback matmul runs below 1 GFLOP/s), where each block
-    is upcast to fp32: the same rounded inputs, fp32 arithmetic, at the fp32 speed."""
+    CPU without native support (bf16: see cpu_has_native_bf16; torch's fallback matmul runs ~100x below fp32), where
+    each block is upcast to fp32: the same rounded inputs, fp32 arithmetic, at the fp32 speed."""
     if torch.device(device).type != "cpu" or dtype == torch.float32:
         return dtype
-    native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype)
-    return dtype if native is not None and native() else torch.float32
+    if dtype == torch.bfloat16:
+        return dtype if cpu_has_native_bf16() else torch.float32
+    if dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return dtype
+    return torch.float32
+
+
+def cpu_sim_block(compute: torch.dtype) -> int:
+    """maxsim_tokens' default block on a CPU for blocks computed in `compute`."""
+    return CPU_SIM_BLOCK if compute == torch.float32 else CPU_SIM_BLOCK_BF16
 
 
 @contextlib.contextmanager
@@ -579,8 +625,9 @@ def _cpu_pool(workers: int):
 @torch.no_grad()
 def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_elements: int | None = None,
                   workers: int | None = None) -> torch.Tensor:
-    """(T, D) query tokens x (Np, Lp, D) pages from pad_pages -> (T, Np): each query token's best similarity on
-    each page. Tiled so that one similarity block holds at most `block_elements` values (cache-sized on a CPU).
+    """(T, D) query tokens x (Np, Lp, D) pages from pad_pages, both in the dtype to multiply in -> (T, Np) in that
+    dtype: each query token's best similarity on each page. Tiled so that one similarity block holds at most
+    `block_elements` values (default: cpu_sim_block on a CPU, GPU_SIM_BLOCK on a GPU).
 
     On a CPU, the blocks go to `workers` single-threaded worker threads (default: torch's thread count) instead of
     splitting every small matmul across all threads: no barrier per block, so a core taken by another process
@@ -588,7 +635,7 @@ def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_element
     """
     t, d = query_tokens.shape
     np_, lp, _ = pages.shape
-    budget = block_elements or (GPU_SIM_BLOCK if query_tokens.is_cuda else CPU_SIM_BLOCK)
+    budget = block_elements or (GPU_SIM_BLOCK if query_tokens.is_cuda else cpu_sim_block(query_tokens.dtype))
     # roughly square blocks of (query tokens) x (whole pages); everything at once when it fits
     group = np_ if t * np_ * lp <= budget else max(1, min(np_, math.isqrt(budget) // lp))
     rows = max(1, min(t, budget // (group * lp)))
@@ -620,15 +667,27 @@ def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_element
     return best
 
 
-def pack_queries(queries: Sequence[torch.Tensor], dtype, device) -> tuple:
-    """Ragged queries -> (tokens (T, D), owner (T,) query index of each token): no padding, so no wasted FLOPs."""
-    tokens = torch.cat([q.to(device=device, dtype=dtype) for q in queries])
+def _rounded(x: torch.Tensor, dtype: torch.dtype, compute: torch.dtype, device) -> torch.Tensor:
+    """`x` on `device`, its values rounded to `dtype`, ready to be copied into a `compute` buffer. The rounding is
+    a pass of its own only when the compute dtype differs (bf16 scored in fp32): otherwise the copy into the
+    buffer rounds."""
+    x = x.to(device)
+    return x.to(dtype) if dtype != compute and x.dtype != dtype else x
+
+
+def pack_queries(queries: Sequence[torch.Tensor], dtype, device, compute: torch.dtype | None = None) -> tuple:
+    """Ragged queries -> (tokens (T, D) rounded to `dtype`, in `compute` (default `dtype`), owner (T,) query index
+    of each token): no padding, so no wasted FLOPs."""
+    compute = compute or dtype
+    tokens = torch.cat([_rounded(q, dtype, compute, device).to(compute) for q in queries])
     lengths = torch.tensor([q.shape[0] for q in queries], device=device)
     return tokens, torch.repeat_interleave(torch.arange(len(queries), device=device), lengths)
 
 
-def page_chunks(pages: Sequence[torch.Tensor], dtype, device):
-    """Yield (page indices, padded pages (n, Lp, D)), pages sorted by length so padding stays small."""
+def page_chunks(pages: Sequence[torch.Tensor], dtype, device, compute: torch.dtype | None = None):
+    """Yield (page indices, padded pages (n, Lp, D) rounded to `dtype`, in `compute` (default `dtype`)), pages
+    sorted by length so padding stays small. Each page is converted as it is padded, one chunk at a time."""
+    compute = compute or dtype
     order = sorted(range(len(pages)), key=lambda i: pages[i].shape[0])
     start = 0
     while start < len(order):
@@ -636,7 +695,8 @@ def page_chunks(pages: Sequence[torch.Tensor], dtype, device):
         while end < len(order) and (end + 1 - start) * pages[order[end]].shape[0] <= PAGE_CHUNK_TOKENS:
             end += 1
         idx = order[start:end]
-        yield torch.tensor(idx, device=device), pad_pages([pages[i].to(device=device, dtype=dtype) for i in idx])
+        yield (torch.tensor(idx, device=device),
+               pad_pages([_rounded(pages[i], dtype, compute, device) for i in idx], dtype=compute))
         start = end
 
 
@@ -658,21 +718,42 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+# How far a bf16 score can be from the exact (float64) one, per query token, for unit vectors of dimension D
+# (see bf16_score_bound): bf16 keeps 8 significand bits, so rounding to it has unit roundoff u = 2^-8. Each input
+# carries a relative error <= u per element, so a rounded product q_i p_i is off by <= (2u + u^2)|q_i p_i| and the
+# dot product by <= ~2u sum|q_i p_i| <= 2u |q| |p| = 2u (Cauchy-Schwarz, unit vectors). fp32 accumulation of D terms
+# adds <= D 2^-24 sum|q_i p_i| <= D 2^-24; a native bf16 matmul writes bf16, one more rounding: <= u |s| <= u. A max
+# over page tokens is 1-Lipschitz, so a token's best similarity is off by at most the worst similarity error; the
+# float32 sum over Lq query tokens adds the Lq errors (and <= Lq^2 2^-24 of its own).
+BF16_UNIT_ROUNDOFF = 2.0 ** -8
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def score_error_bound(dtype: torch.dtype, query_tokens: int, dim: int) -> float:
+    """Worst-case |score - exact score| of one query of `query_tokens` unit vectors of size `dim` scored in
+    `dtype` (fp32 inputs taken as exact; the derivation is above)."""
+    rounding = 3 * BF16_UNIT_ROUNDOFF if dtype == torch.bfloat16 else 0.0
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"no bound derived for {dtype}")
+    return query_tokens * (rounding + (dim + query_tokens) * FP32_UNIT_ROUNDOFF)
+
+
 def maxsim_scores(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], device="cpu",
                   dtype=torch.float32, max_sim_elements: int | None = None) -> torch.Tensor:
     """Exact MaxSim of ragged queries x ragged pages -> (Nq, Np) float32 on the CPU.
 
     Query tokens are packed (no padding), pages sorted by length and padded in chunks with their own first token,
     and each chunk scored in similarity blocks of at most `max_sim_elements` values (default: cache-sized on a CPU,
-    large on a GPU). `dtype` is what embeddings are rounded to before scoring (see matmul_dtype); scores are summed
-    in float32."""
+    large on a GPU). `dtype` is the score dtype (see score_dtype; 'auto' resolves there): what embeddings are
+    rounded to before scoring; scores are summed in float32."""
     if len(queries) == 0 or len(pages) == 0:
         return torch.zeros(len(queries), len(pages))
+    dtype = score_dtype(dtype, device)
     compute = matmul_dtype(dtype, device)
     scores = torch.empty(len(queries), len(pages))
     with scoring_threads(device) as workers:
-        tokens, owner = pack_queries([q.to(dtype) for q in queries], compute, device)  # (T, D), (T,)
-        for idx, chunk in page_chunks([p.to(dtype) for p in pages], compute, device):
+        tokens, owner = pack_queries(queries, dtype, device, compute)  # (T, D), (T,)
+        for idx, chunk in page_chunks(pages, dtype, device, compute):
             best = maxsim_tokens(tokens, chunk, max_sim_elements, workers)
             scores[:, idx.cpu()] = sum_by_query(best, owner, len(queries)).cpu()
     return scores
@@ -682,7 +763,7 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
                 dtype=torch.float32, max_sim_elements: int | None = None, on_scores=None,
                 query_block_tokens: int = QUERY_BLOCK_TOKENS) -> tuple:
     """The k best pages per query by exact MaxSim, never holding the (Nq, Np) matrix: each block of queries keeps
-    a running top-k while page chunks stream past.
+    a running top-k while page chunks stream past. `dtype`: the score dtype, as in maxsim_scores.
 
     -> (scores (Nq, k) float32, page indices (Nq, k) int64), best first, on the CPU; k is capped at len(pages),
     and slots no page filled are (-inf, -1). `on_scores(q0, q1, page_idx, scores)`, if given, sees every
@@ -701,11 +782,12 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
             q1 += 1
         blocks.append((q0, q1))
         q0 = q1
+    dtype = score_dtype(dtype, device)
     compute = matmul_dtype(dtype, device)
     with scoring_threads(device) as workers:
-        chunks = list(page_chunks([p.to(dtype) for p in pages], compute, device))
+        chunks = list(page_chunks(pages, dtype, device, compute))
         for q0, q1 in blocks:
-            tokens, owner = pack_queries(queries[q0:q1], compute, device)
+            tokens, owner = pack_queries(queries[q0:q1], dtype, device, compute)
             best_v = torch.full((q1 - q0, k), float("-inf"), device=device)
             best_i = torch.full((q1 - q0, k), -1, dtype=torch.long, device=device)
             for idx, chunk in chunks:

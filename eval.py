@@ -49,7 +49,9 @@ import torch
 
 from colintern_cli import ArgumentParser, existing_file, metric_label, one_line, run_cli, validated
 from colintern_data import datasets_cache_for, file_sha256, files_fingerprint, page_hash, write_json
-from colintern_model import DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, check_model_id, maxsim_scores
+from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, check_model_id, dtype_name, matmul_dtype,
+                             maxsim_scores)
+from colintern_model import score_dtype as resolve_score_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
                    help="device for the model and the scoring: cuda:0 when there is a GPU, else cpu")
     g.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
+    g.add_argument("--score_dtype", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="the dtype MaxSim scores in, apart from --dtype: fp32 (default: exact scores, the same on "
+                        "every machine), bf16 (embeddings rounded to bf16; multiplied in bf16 where the hardware has "
+                        "it), or auto (mine_hard_negatives.py's pick: bf16 on a GPU or a CPU with native bf16, else "
+                        "fp32). The pick is printed and is part of the result key")
 
     g = p.add_argument_group("output")
     g.add_argument("--results_dir", default="outputs/mteb_cache", help="mteb's result cache; finished tasks found "
@@ -251,9 +258,10 @@ def as_multivectors(x) -> list:
     return [t[t.abs().sum(dim=-1) > 0] for t in x]
 
 
-def exact_maxsim(queries, pages, device="cpu") -> torch.Tensor:
-    """(Nq, Np) exact MaxSim scores: for each query token its best page token, summed."""
-    return maxsim_scores(as_multivectors(queries), as_multivectors(pages), device=device)
+def exact_maxsim(queries, pages, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """(Nq, Np) exact MaxSim scores: for each query token its best page token, summed (in `dtype`, the score
+    dtype: see colintern_model.score_dtype)."""
+    return maxsim_scores(as_multivectors(queries), as_multivectors(pages), device=device, dtype=dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -264,11 +272,12 @@ class ColInternEncoder(AbsEncoder):
     page embeddings cached by image content within a task (language subsets of one task share their pages)."""
 
     def __init__(self, model: ColIntern, processor, model_meta, device="cpu", result_identity=None,
-                 training_data=((), "")):
+                 training_data=((), ""), score_dtype=torch.float32):
         self.model = model
         self.processor = processor
         self.mteb_model_meta = model_meta
         self.device = device
+        self.score_dtype = score_dtype  # what similarity() and similarity_pairwise() score in
         self.result_identity = result_identity  # (label, model hash, score settings): see result_key
         self.training_data, self.lineage_from = training_data  # see checkpoint_training_data
         self.page_cache = {}  # page_key -> (Lp, D) float32 CPU tensor
@@ -330,13 +339,14 @@ class ColInternEncoder(AbsEncoder):
         return out
 
     def similarity(self, embeddings1, embeddings2):
-        return exact_maxsim(embeddings1, embeddings2, device=self.device)
+        return exact_maxsim(embeddings1, embeddings2, device=self.device, dtype=self.score_dtype)
 
     def similarity_pairwise(self, embeddings1, embeddings2):
         a, b = as_multivectors(embeddings1), as_multivectors(embeddings2)
         if len(a) != len(b):
             raise ValueError(f"similarity_pairwise needs as many queries as pages, got {len(a)} and {len(b)}")
-        return torch.stack([maxsim_scores([q], [p], device=self.device)[0, 0] for q, p in zip(a, b)])
+        return torch.stack([maxsim_scores([q], [p], device=self.device, dtype=self.score_dtype)[0, 0]
+                            for q, p in zip(a, b)])
 
 
 def build_model_meta(model: ColIntern, model_id: str, revision: str, ckpt: str | None, loader_kwargs: dict,
@@ -365,9 +375,14 @@ def build_model_meta(model: ColIntern, model_id: str, revision: str, ckpt: str |
 
 def load_encoder(model_name: str | None = None, revision: str | None = None, *, ckpt: str | None = None,
                  model_id: str | None = None, device: str = "cpu", dtype: str = "auto", max_tiles: int | None = None,
-                 seed: int = 0, proj_dim: int = 128, experiment_kwargs: dict | None = None) -> ColInternEncoder:
+                 seed: int = 0, proj_dim: int = 128, experiment_kwargs: dict | None = None,
+                 score_dtype: str = "fp32") -> ColInternEncoder:
     """The ModelMeta loader: a checkpoint (heads + LoRA on its backbone, or on `model_id`), or with no checkpoint
-    the untrained baseline (seeded random heads, no LoRA) on `model_id`."""
+    the untrained baseline (seeded random heads, no LoRA) on `model_id`. `score_dtype` (fp32, bf16, auto): the
+    dtype MaxSim scores in, resolved here and kept resolved in the loader keywords (so in the result key)."""
+    scoring = resolve_score_dtype(score_dtype, device)
+    print(f"score dtype {dtype_name(scoring)} (--score_dtype {score_dtype}; multiplied in "
+          f"{dtype_name(matmul_dtype(scoring, device))} on {device})")
     device_map = None if device == "cpu" else device
     if ckpt is not None:
         model, processor, ckpt_dict = ColIntern.from_checkpoint(ckpt, model_id=model_id, dtype=dtype,
@@ -384,13 +399,14 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
         model.query_head.reset_parameters()
         model.page_head.reset_parameters()
     loader_kwargs = {"ckpt": ckpt, "model_id": model_id, "device": device, "dtype": dtype,
-                     "max_tiles": model.max_tiles, "seed": seed, "proj_dim": model.proj_dim}
+                     "max_tiles": model.max_tiles, "seed": seed, "proj_dim": model.proj_dim,
+                     "score_dtype": dtype_name(scoring)}
     label, model_hash = model_identity(ckpt, model_id, seed=seed, proj_dim=model.proj_dim)
     settings = score_settings(loader_kwargs, model)
     training_data, lineage_from = checkpoint_training_data(ckpt, ckpt_dict)
     encoder = ColInternEncoder(model.eval(), processor, None, device=device,
                                result_identity=(label, model_hash, settings),
-                               training_data=(training_data, lineage_from))
+                               training_data=(training_data, lineage_from), score_dtype=scoring)
     encoder.mteb_model_meta = build_model_meta(model, model_id, encoder.revision_for(None), ckpt, loader_kwargs,
                                                experiment_kwargs, training_data)
     return encoder
@@ -859,7 +875,7 @@ def main(args):
 
     encoder = load_encoder(ckpt=args.ckpt, model_id=args.model_id, device=args.device, dtype=args.dtype,
                            max_tiles=args.max_tiles, seed=args.seed, proj_dim=args.proj_dim or 128,
-                           experiment_kwargs=subsample)
+                           experiment_kwargs=subsample, score_dtype=args.score_dtype)
     meta = encoder.mteb_model_meta
     out_json = args.out_json or os.path.join("outputs", "eval", f"{run_name(meta)}.json")
     predictions_root = args.predictions_dir or os.path.splitext(out_json)[0] + "_predictions"

@@ -17,8 +17,8 @@ How:
 1. Pages are deduplicated by a hash of their stored image bytes (colpali_train_set repeats pages): each distinct
    page is encoded once, and a query's positive and every page with the same content are one page, never a negative.
 2. Distinct pages are encoded in shards of --shard_pages pages, each saved (fp16, atomically) in --cache_dir, in a
-   folder keyed by the checkpoint's content, model id, tiles, dtype and data source. A re-run reuses every shard
-   that holds exactly the pages it needs; a kill loses at most the shard being encoded.
+   folder keyed by the checkpoint's content, model id, tiles, dtype, score dtype and data source. A re-run reuses
+   every shard that holds exactly the pages it needs; a kill loses at most the shard being encoded.
 3. Each query's positive is scored first. The positive (and so every copy of it) is never a candidate, a page
    scoring above --margin x the positive's score is dropped as a likely false negative (NV-Retriever's
    TopK-PercPos), and the k best of the rest are written.
@@ -47,12 +47,14 @@ from colintern_model import (
     ColIntern,
     atomic_torch_save,
     check_model_id,
+    dtype_name,
     matmul_dtype,
     maxsim_tokens,
     maxsim_topk,
     merge_topk,
     pack_queries,
     resolve_dtype,
+    score_dtype,
     scoring_threads,
     sum_by_query,
     sync,
@@ -74,8 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many tiles per page (256 tokens per 448px tile); default: the checkpoint's")
     g.add_argument("--device", default=None, help="where the model and the search run (default cuda if available)")
     g.add_argument("--dtype", default="auto",
-                   help="model and scoring dtype: auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 or fp32. "
-                        "Cached page embeddings are always fp16")
+                   help="the model's dtype (encoding): auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 or fp32. "
+                        "Cached page embeddings are always fp16. The search's dtype is --score_dtype")
+    g.add_argument("--score_dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="the dtype MaxSim scores in (search and positives; sums are fp32 either way), apart from "
+                        "--dtype: auto is bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16 or AMX, probed "
+                        "once per process), fp32 on other CPUs; bf16 forced on a CPU without it rounds the "
+                        "embeddings to bf16 and multiplies in fp32. The pick is printed, kept in the stats and in "
+                        "the page cache's key")
     g = p.add_argument_group("data (one of --hub_name or --train_jsonl)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--hub_name", default=None,
@@ -209,13 +217,15 @@ def jsonl_input(path: str, root: str) -> MiningInput:
 # -----------------------------------------------------------------------------
 # Page embeddings: fp16 shards on disk, reused across runs
 
-def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype) -> tuple:
+def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype, scoring: torch.dtype) -> tuple:
     """-> (folder, manifest). The folder is named by a hash of what the embeddings depend on (checkpoint content,
-    model id, tiles, dtype, format) and of where the pages come from; within it, a shard is reused only if it holds
-    exactly the pages this run puts there, so a changed page re-encodes its shard, not the corpus."""
+    model id, tiles, dtype, format; and the score dtype, so that one folder's runs all scored alike) and of where the
+    pages come from; within it, a shard is reused only if it holds exactly the pages this run puts there, so a
+    changed page re-encodes its shard, not the corpus."""
     source = {k: v for k, v in data.source.items() if k in ("hub_name", "split", "train_jsonl", "root")}
     identity = {"cache_version": CACHE_VERSION, "ckpt_sha256": file_sha256(args.ckpt), "model_id": model.model_id,
                 "max_tiles": model.max_tiles, "format_version": FORMAT_VERSION, "dtype": str(dtype),
+                "score_dtype": str(scoring),
                 "source": source, "shard_pages": args.shard_pages}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     base = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_jsonl)), "page_cache")
@@ -345,8 +355,9 @@ def score_pairs(queries: list, pages: list, pairs, device, dtype) -> torch.Tenso
     with scoring_threads(device) as workers:
         for end in bounds:
             sel = order[start:end]
-            page = pages[int(p_idx[sel[0]])].to(device=device, dtype=dtype).to(compute)[None]  # (1, Lp, D)
-            tokens, owner = pack_queries([queries[i] for i in q_idx[sel].tolist()], compute, device)
+            # the page's tokens, rounded and converted as a query's are: (1, Lp, D)
+            page = pack_queries([pages[int(p_idx[sel[0]])]], dtype, device, compute)[0][None]
+            tokens, owner = pack_queries([queries[i] for i in q_idx[sel].tolist()], dtype, device, compute)
             best = maxsim_tokens(tokens, page, workers=workers)  # (T, 1)
             out[sel] = sum_by_query(best, owner, len(sel))[:, 0].cpu()
             start = end
@@ -546,6 +557,9 @@ def main(args):
     t_start = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
+    scoring = score_dtype(args.score_dtype, device)
+    print(f"score dtype {dtype_name(scoring)} (--score_dtype {args.score_dtype}; multiplied in "
+          f"{dtype_name(matmul_dtype(scoring, device))} on {device}); model dtype {dtype_name(dtype)}")
     timings = {}
 
     start = time.perf_counter()  # the model first: a wrong --ckpt fails now, not after hashing every page
@@ -561,25 +575,25 @@ def main(args):
     n_pages = len(data.page_hashes)
     print(f"{len(data.queries)} queries; {data.page_mentions} page references -> {n_pages} distinct pages")
 
-    folder, manifest = cache_folder(args, model, data, dtype)
+    folder, manifest = cache_folder(args, model, data, dtype, scoring)
     start = time.perf_counter()
     shard_counts = ensure_shards(model, processor, data, folder, manifest, args)
     sync(device)
     timings["encode_pages"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    queries = [q.to(device=device, dtype=dtype)
+    queries = [q.to(device=device, dtype=scoring)
                for q in model.encode_queries(processor, data.queries, batch_size=args.query_batch, progress=True)]
     sync(device)
     timings["encode_queries"] = time.perf_counter() - start
     del model
 
     start = time.perf_counter()
-    pos_scores = positive_scores(queries, data, folder, args, device, dtype)
+    pos_scores = positive_scores(queries, data, folder, args, device, scoring)
     if args.search == "exact":
-        result = exact_search(queries, data, pos_scores, folder, args, device, dtype)
+        result = exact_search(queries, data, pos_scores, folder, args, device, scoring)
     else:
-        result = faiss_search(queries, data, pos_scores, folder, args, device, dtype, timings)
+        result = faiss_search(queries, data, pos_scores, folder, args, device, scoring, timings)
     sync(device)
     timings["search"] = time.perf_counter() - start
 
@@ -595,6 +609,8 @@ def main(args):
         "search": args.search, **({"faiss_index": result["index"], "candidates": args.candidates,
                                    "token_hits": args.token_hits} if args.search == "faiss" else {}),
         "k": args.k, "margin": args.margin, "device": str(device), "dtype": str(dtype),
+        "score_dtype": {"requested": args.score_dtype, "used": str(scoring),
+                        "matmul": str(matmul_dtype(scoring, device))},
         "queries": len(data.queries), "page_references": data.page_mentions, "distinct_pages": n_pages,
         "duplicates_removed": data.page_mentions - n_pages,
         # rank of the positive among all pages (exact) or among the re-ranked candidates (faiss)

@@ -7,12 +7,19 @@ on the same ragged embeddings, each comparison at the same dtype.
 Peers are optional (`pip install --no-deps -r bench/requirements.txt`); a missing one is skipped with a line saying so.
 The embeddings have planted relevant pages: query i's 10 relevant pages hold noisy copies of 30, 27, ..., 3 of its
 tokens, so its top-10 is well separated (random embeddings give near-tied scores that any rounding reorders).
-For each dtype (fp32, bf16) and scorer it prints: the time, useful GFLOP/s (2 x query tokens x page tokens x dim,
-padding not counted), the fraction of this machine's matmul peak at that dtype (a big square matmul, measured here),
-the largest score error against a float64 reference (on the first --check_queries queries: the plain definition is
-slow), whether the top-10 of those queries equals the reference's,
-and the speed ratio against colpali-engine at the same dtype and at fp32. A peer too slow to finish within
---peer_budget_s (colpali-engine's bf16 on a CPU without bf16 units) is timed on a subset of the queries, said so.
+For each dtype (fp32, bf16) and scorer it prints: the time and useful GFLOP/s (2 x query tokens x page tokens x dim,
+padding not counted) of the best and the median of --repeats timed runs, the fraction of this machine's matmul peak
+at that dtype, the largest score error against a float64 reference (on the first --check_queries queries: the plain
+definition is slow), whether the top-10 of those queries equals the reference's, and the speed ratios against
+colpali-engine (and maxsim-cpu) at the same dtype and at fp32, as min / median over the runs (best time against best
+time, median against median). A peer too slow to finish within --peer_budget_s (colpali-engine's bf16 on a CPU
+without bf16 units) is timed on a subset of the queries, said so.
+
+The matmul peak at a dtype is the best GFLOP/s of square matmuls of 1024, 2048 and 4096 (GPU: 2048, 4096, 8192), best
+of --repeats runs each, all printed. Where the CPU has no native bf16 (colintern_model.cpu_has_native_bf16), torch's
+bf16 matmul is a slow fallback, timed on a small matrix only to say how slow; the peak a bf16 scorer can reach there
+is the fp32 one (ColIntern rounds to bf16 and multiplies in fp32). The bench also prints the score dtype mining's
+default (--score_dtype auto) picks here, and the default mode's ratio against colpali-engine's fp32.
 """
 import argparse
 import os
@@ -23,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from colintern_model import matmul_dtype, maxsim_scores, maxsim_topk, resolve_dtype, sync  # noqa: E402
+from colintern_model import (cpu_has_native_bf16, dtype_name, matmul_dtype, maxsim_scores, maxsim_topk,  # noqa: E402
+                             score_dtype, sync)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOLERANCE = {"fp32": 1e-3, "bf16": 0.1}  # max |score error| vs float64: 30 query tokens, rounding per similarity
@@ -40,7 +48,8 @@ def parse_args(argv=None):
                    help="page lengths are uniform in [MIN, MAX]")
     p.add_argument("--dim", type=int, default=128, help="embedding size")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="dtypes to compare at")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per scorer (the best is reported)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per scorer and per peak matmul (the best and the median are reported)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--peer_budget_s", type=float, default=60.0,
                    help="a scorer projected to need longer than this for all queries runs on a subset of them")
@@ -50,28 +59,35 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def best_time(fn, device, repeats, warmup=True):
-    """(best seconds over `repeats` runs, after one warm-up run unless told otherwise; last result)."""
+def run_times(fn, device, repeats, warmup=True):
+    """(seconds of each of `repeats` runs, after one warm-up run unless told otherwise; the last result)."""
     out = fn() if warmup else None
     sync(device)
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn()
         sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        times.append(time.perf_counter() - start)
+    return times, out
 
 
-def matmul_peak(dtype, device, repeats) -> float:
-    """GFLOP/s of a big square matmul at `dtype` (the machine's practical peak for that dtype)."""
-    n = 2048 if torch.device(device).type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+def median(values):
+    return float(torch.tensor(values, dtype=torch.float64).median())  # the lower middle one for an even count
+
+
+def matmul_peak(dtype, device, repeats) -> tuple:
+    """-> (peak GFLOP/s, {n: best GFLOP/s of an n x n matmul}): the best square matmul of 1024, 2048 and 4096 at
+    `dtype` (GPU: 2048-8192), each the best of `repeats` runs: the machine's practical peak for that dtype."""
+    sizes = (1024, 2048, 4096) if torch.device(device).type == "cpu" else (2048, 4096, 8192)
     if torch.device(device).type == "cpu" and matmul_dtype(dtype, device) != dtype:
-        n = 256  # no native kernel (torch falls back to a scalar loop): a small one says how slow
-        a, b = a[:n, :n].contiguous(), b[:n, :n].contiguous()
-    seconds, _ = best_time(lambda: a @ b, device, repeats)
-    return 2 * n ** 3 / seconds / 1e9
+        sizes = (256,)  # no native kernel (torch's fallback runs ~100x slower): a small one says how slow
+    best = {}
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        times, _ = run_times(lambda: a @ b, device, repeats)
+        best[n] = 2 * n ** 3 / min(times) / 1e9
+    return max(best.values()), best
 
 
 def planted(args):
@@ -149,14 +165,24 @@ def main(args):
           f"{'' if on.type == 'cuda' else 'cores, '}torch threads {torch.get_num_threads()}); {len(queries)} queries x "
           f"{args.query_tokens} tokens, {len(pages)} pages x {args.page_tokens[0]}-{args.page_tokens[1]} tokens, "
           f"dim {args.dim}: {flops_per_query * len(queries) / 1e9:.1f} GFLOP per full scoring")
-    peaks = {name: matmul_peak(dtype, device, args.repeats) for name, dtype in DTYPES.items()}
+    peaks, native = {}, {}
+    for name, dtype in DTYPES.items():
+        peaks[name], by_size = matmul_peak(dtype, device, args.repeats)
+        native[name] = matmul_dtype(dtype, device) == dtype
+        note = "" if native[name] else " (no native matmul at this dtype on this machine: torch's fallback)"
+        sizes = ", ".join(f"{n}: {g:.1f}" for n, g in by_size.items())
+        print(f"matmul peak {name}: {peaks[name]:.1f} GFLOP/s (square n x n, best of {args.repeats} runs each: "
+              f"{sizes}){note}")
     # the peak a scorer at that dtype can reach here: without a native bf16 matmul, the fp32 one (rounded bf16
     # inputs computed in fp32 are what ColIntern does there)
-    native = {name: matmul_dtype(dtype, device) == dtype for name, dtype in DTYPES.items()}
     usable = {name: peaks[name] if native[name] else peaks["fp32"] for name in DTYPES}
-    for name, peak in peaks.items():
-        note = "" if native[name] else " (no native matmul at this dtype on this machine: torch's fallback)"
-        print(f"matmul peak {name}: {peak:.1f} GFLOP/s{note}")
+    default = dtype_name(score_dtype("auto", device))
+    if on.type == "cpu":
+        print(f"default mode (mining's --score_dtype auto): {default} (native bf16 on this CPU: "
+              f"{cpu_has_native_bf16()}; torch.ops.mkldnn._is_mkldnn_bf16_supported() "
+              f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()})")
+    else:
+        print(f"default mode (mining's --score_dtype auto): {default}")
     checked = min(args.check_queries, len(queries))
     reference = reference_scores(queries[:checked], pages, device)
     ref_top = reference.topk(TOP, dim=1).indices
@@ -164,7 +190,7 @@ def main(args):
     print(f"reference top-{TOP} = planted pages for {(ref_top == planted_top).all(1).float().mean():.0%} of queries")
     q_dev = [q.to(device) for q in queries]
     p_dev = [p.to(device) for p in pages]
-    results = {}
+    results = {}  # (scorer, dtype) -> (best GFLOP/s, median GFLOP/s)
     for name, entry in scorers(device).items():
         if isinstance(entry, str):
             print(f"{name}: skipped, {entry}")
@@ -179,11 +205,12 @@ def main(args):
             start = time.perf_counter()
             out = fn(q_dev[:n], p_dev, dtype)
             sync(device)
-            seconds = time.perf_counter() - start
-            if seconds * len(queries) / n <= args.peer_budget_s:
+            times = [time.perf_counter() - start]
+            if times[0] * len(queries) / n <= args.peer_budget_s:
                 n = len(queries)
-                seconds, out = best_time(lambda: fn(q_dev, p_dev, dtype), device, args.repeats, warmup=False)
-            gflops = flops_per_query * n / seconds / 1e9
+                times, out = run_times(lambda: fn(q_dev, p_dev, dtype), device, args.repeats, warmup=False)
+            best, mid = min(times), median(times)
+            gflops, gflops_mid = flops_per_query * n / best / 1e9, flops_per_query * n / mid / 1e9
             if name.endswith("topk"):
                 top, err = out.cpu(), float("nan")
             else:
@@ -192,27 +219,30 @@ def main(args):
                 err = float((out[:m].double().cpu() - reference[:m]).abs().max())
             m = min(n, checked)
             same_top = float((top[:m] == ref_top[:m]).all(dim=1).float().mean())
-            results[(name, dname)] = gflops
+            results[(name, dname)] = (gflops, gflops_mid)
             subset = f" (on {n} of {len(queries)} queries: too slow for all)" if n < len(queries) else ""
             tol = TOLERANCE[dname]
             err_text = "n/a (top-k only)" if err != err else f"{err:.2e} ({'within' if err <= tol else 'OVER'} {tol})"
-            print(f"{name} {dname}: {seconds * len(queries) / n:.3f} s, {gflops:.1f} GFLOP/s "
-                  f"= {gflops / usable[dname]:.0%} of the {dname if native[dname] else 'fp32'} matmul peak; "
+            peak_name = dname if native[dname] else "fp32"
+            print(f"{name} {dname}: {best * len(queries) / n:.3f} s, {gflops:.1f} GFLOP/s "
+                  f"= {gflops / usable[dname]:.0%} of the {peak_name} matmul peak (median of {len(times)}: "
+                  f"{mid * len(queries) / n:.3f} s, {gflops_mid:.1f} GFLOP/s, {gflops_mid / usable[dname]:.0%}); "
                   f"max |score error| {err_text}; "
                   f"top-{TOP} identical to the reference for {same_top:.0%} of queries{subset}")
-    default = {"cpu": "fp32"}.get(on.type, "bf16" if resolve_dtype("auto", device) == torch.bfloat16 else "fp32")
+
+    def ratio(a, b):
+        (a_min, a_mid), (b_min, b_mid) = results[a], results[b]
+        return f"{a_min / b_min:.2f}x / {a_mid / b_mid:.2f}x (min / median)"
+
     for dname in args.dtypes:
         for ours in ("colintern", "colintern-topk"):
-            if (ours, dname) in results and ("colpali-engine", dname) in results:
-                print(f"ratio {ours} / colpali-engine at {dname}: "
-                      f"{results[(ours, dname)] / results[('colpali-engine', dname)]:.2f}x")
-            if (ours, dname) in results and ("maxsim-cpu", dname) in results:
-                print(f"ratio {ours} / maxsim-cpu at {dname}: "
-                      f"{results[(ours, dname)] / results[('maxsim-cpu', dname)]:.2f}x")
+            for peer in ("colpali-engine", "maxsim-cpu"):
+                if (ours, dname) in results and (peer, dname) in results:
+                    print(f"ratio {ours} / {peer} at {dname}: {ratio((ours, dname), (peer, dname))}")
     for ours in ("colintern", "colintern-topk"):
         if (ours, default) in results and ("colpali-engine", "fp32") in results:
             print(f"ratio {ours} default mode ({default}) / colpali-engine fp32: "
-                  f"{results[(ours, default)] / results[('colpali-engine', 'fp32')]:.2f}x")
+                  f"{ratio((ours, default), ('colpali-engine', 'fp32'))}")
     return results
 
 

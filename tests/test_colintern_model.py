@@ -532,3 +532,116 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(path, weights_only=True)["v"].item() == 1.0
     assert os.listdir(tmp_path) == ["ck.pt"]
+
+
+# -- score dtype: the probe, its overrides, the bf16 bound -----------------------
+
+def unit_vectors(n_rows, dim, g):
+    return torch.nn.functional.normalize(torch.randn(n_rows, dim, generator=g), dim=-1)
+
+
+def float64_maxsim(queries, pages):
+    return torch.tensor([[float((q.double() @ p.double().T).amax(dim=1).sum()) for p in pages] for q in queries],
+                        dtype=torch.float64)
+
+
+def planted_pages(n_queries=8, n_pages=40, q_len=16, p_len=(60, 120), dim=128, top=10, seed=0):
+    """Random unit-vector pages; query i's pages i*top .. i*top+top-1 (mod n_pages, at offsets that do not collide)
+    hold noisy copies of q_len, ..., of its tokens, so its top-`top` is well separated."""
+    g = torch.Generator().manual_seed(seed)
+    pages = [unit_vectors(int(n), dim, g) for n in torch.randint(p_len[0], p_len[1] + 1, (n_pages,), generator=g)]
+    queries = []
+    for i in range(n_queries):
+        q = unit_vectors(q_len, dim, g)
+        for rank in range(top):
+            slot = i * top + rank
+            page, offset = pages[slot % n_pages], q_len * (slot // n_pages)
+            copies = max(1, round(q_len * (top - rank) / top))
+            noise = 0.3 * torch.randn(copies, dim, generator=g) / dim ** 0.5
+            page[offset:offset + copies] = torch.nn.functional.normalize(q[:copies] + noise, dim=-1)
+        queries.append(q)
+    return queries, pages
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Set what the probe says (True: torch's own bf16 matmul runs, slowly where the CPU lacks it; False: the
+    fp32 fallback), so both paths run on any CPU."""
+    def force(native: bool):
+        monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: native)
+    return force
+
+
+def test_cpu_probe_is_cached_and_consistent_with_torch():
+    first = cm.cpu_has_native_bf16()
+    assert isinstance(first, bool) and cm.cpu_has_native_bf16() is first
+    assert cm.cpu_has_native_bf16.cache_info().hits >= 1
+    if first:  # never says yes where oneDNN cannot take a bf16 matmul
+        assert torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_score_dtype_auto_follows_the_probe_and_overrides_win(native_bf16, native):
+    native_bf16(native)
+    assert cm.score_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert cm.score_dtype(None, "cpu") == cm.score_dtype("auto", "cpu")
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), (torch.bfloat16, torch.bfloat16)):
+        assert cm.score_dtype(name, "cpu") == dtype
+    # bf16 multiplied natively, or rounded to bf16 and multiplied in fp32
+    assert cm.matmul_dtype(torch.bfloat16, "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert cm.matmul_dtype(torch.float32, "cpu") == torch.float32
+    assert cm.dtype_name(cm.score_dtype("auto", "cpu")) == ("bf16" if native else "fp32")
+
+
+def test_score_error_bound_values():
+    # 3 bf16 roundings per similarity (2 inputs, the bf16 output) + fp32 accumulation of D terms and of Lq sums
+    assert cm.score_error_bound(torch.bfloat16, 1, 128) == pytest.approx(3 / 256 + 129 / 2 ** 24)
+    assert cm.score_error_bound(torch.float32, 30, 128) == pytest.approx(30 * 158 / 2 ** 24)
+    with pytest.raises(ValueError, match="no bound"):
+        cm.score_error_bound(torch.float16, 1, 128)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
+@pytest.mark.parametrize("name", ["fp32", "bf16"])
+def test_scores_within_the_derived_bound_of_float64_and_in_the_dtype_asked(native_bf16, monkeypatch, native, name):
+    """Random unit vectors (D 128), forced score dtype, against float64: within score_error_bound, and computed in the
+    dtype the override asked for (bf16-rounded inputs; a bf16 matmul only where bf16 is native). An ignored override
+    fails the dtype checks; an fp32 run also stays within the much tighter fp32 bound."""
+    native_bf16(native)
+    g = torch.Generator().manual_seed(5)
+    q_len, dim = 12, 128
+    queries = [unit_vectors(q_len, dim, g) for _ in range(6)]
+    pages = [unit_vectors(int(n), dim, g) for n in torch.randint(20, 90, (25,), generator=g)]
+    seen = []
+    real = cm.maxsim_tokens
+
+    def spy(tokens, chunk, *args, **kwargs):
+        seen.append((tokens.dtype, chunk.dtype, bool((tokens.float() == tokens.bfloat16().float()).all())))
+        return real(tokens, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(cm, "maxsim_tokens", spy)
+    dtype = cm.score_dtype(name, "cpu")
+    reference = float64_maxsim(queries, pages)
+    got = cm.maxsim_scores(queries, pages, dtype=name)
+    topk_values, _ = cm.maxsim_topk(queries, pages, len(pages), dtype=name)
+    compute = torch.bfloat16 if name == "bf16" and native else torch.float32
+    assert seen and all(s[:2] == (compute, compute) for s in seen)
+    assert all(s[2] for s in seen) == (name == "bf16")  # inputs rounded to bf16 exactly when asked
+    error = float((got.double() - reference).abs().max())
+    bound = cm.score_error_bound(dtype, q_len, dim)
+    assert error <= bound, (error, bound)
+    assert torch.allclose(topk_values.double(), reference.sort(dim=1, descending=True).values, atol=bound, rtol=0)
+    fp32_bound = cm.score_error_bound(torch.float32, q_len, dim)
+    assert (error <= fp32_bound) == (name == "fp32"), (error, fp32_bound)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
+@pytest.mark.parametrize("name", ["fp32", "bf16", "auto"])
+def test_topk_on_planted_data_equals_float64_in_every_score_dtype(native_bf16, native, name):
+    native_bf16(native)
+    queries, pages = planted_pages()
+    reference = float64_maxsim(queries, pages).topk(10, dim=1).indices
+    planted = torch.tensor([[(i * 10 + r) % len(pages) for r in range(10)] for i in range(len(queries))])
+    assert (reference == planted).all()
+    assert (cm.maxsim_topk(queries, pages, 10, dtype=name)[1] == reference).all()
+    assert (cm.maxsim_scores(queries, pages, dtype=name).topk(10, dim=1).indices == reference).all()

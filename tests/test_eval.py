@@ -518,3 +518,36 @@ def test_bad_input_names_the_problem(tmp_path, tiny_model_dir, trained):
         run("--ckpt", bad, "--local_task", folder)
     with pytest.raises(SystemExit):
         colintern_eval.parse_args(["--ckpt", bad])  # nothing to evaluate
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_score_dtype_defaults_to_exact_fp32_is_printed_used_and_keys_results(tiny_model_dir, monkeypatch, capsys,
+                                                                             native):
+    """Evaluation scores in fp32 unless asked (whatever the CPU probe says); --score_dtype bf16 or auto is printed,
+    resolved in the loader keywords (so in the result key) and is what similarity() multiplies in."""
+    import colintern_model as cm
+    monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: native)
+    assert colintern_eval.parse_args(["--model_id", "x", "--local_task", "x"]).score_dtype == "fp32"
+    encoders = {flag: colintern_eval.load_encoder(model_id=tiny_model_dir, score_dtype=flag)
+                for flag in ("fp32", "bf16", "auto")}
+    printed = capsys.readouterr().out
+    auto = "bf16" if native else "fp32"
+    for flag, used in (("fp32", "fp32"), ("bf16", "bf16"), ("auto", auto)):
+        assert f"score dtype {used} (--score_dtype {flag}; " in printed
+        assert encoders[flag].mteb_model_meta.loader_kwargs["score_dtype"] == used
+        assert encoders[flag].score_dtype == cm.SCORE_DTYPES[used]
+    assert encoders["fp32"].revision_for(None) != encoders["bf16"].revision_for(None)
+    assert encoders["auto"].revision_for(None) == encoders[auto].revision_for(None)
+    assert colintern_eval.load_encoder(model_id=tiny_model_dir).revision_for(None) == encoders["fp32"].revision_for(None)
+
+    seen = []
+    real = cm.maxsim_tokens
+    monkeypatch.setattr(cm, "maxsim_tokens", lambda t, p, *a, **k: seen.append(t.dtype) or real(t, p, *a, **k))
+    g = torch.Generator().manual_seed(0)
+    q = [torch.nn.functional.normalize(torch.randn(5, 128, generator=g), dim=-1)]
+    p = [torch.nn.functional.normalize(torch.randn(9, 128, generator=g), dim=-1)]
+    exact = encoders["fp32"].similarity(q, p)
+    assert seen == [torch.float32] and torch.allclose(exact, (q[0] @ p[0].T).amax(dim=1).sum().view(1, 1))
+    rounded = encoders["bf16"].similarity(q, p)
+    assert seen[1] == (torch.bfloat16 if native else torch.float32)
+    assert 0 < float((rounded - exact).abs().max()) <= cm.score_error_bound(torch.bfloat16, 5, 128)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import mine_hard_negatives as mine
 from colintern_data import pseudo_path
+import colintern_model as cm
 from colintern_model import ColIntern, LoraSettings, maxsim_scores, maxsim_topk, save_checkpoint
 from conftest import query
 from keyword_pages import WORDS as ALL_WORDS
@@ -88,8 +89,9 @@ def expected_negatives(scores, k, margin):
 
 
 def mine_hub(ckpt, hub, out, *extra):
+    # fp32 scores pinned: the comparisons with brute force must not change with the CPU's bf16 (auto's pick)
     return run_mine("--ckpt", ckpt, "--hub_name", hub["dir"], "--split", "train", "--out_jsonl", out,
-                    "--shard_pages", 5, "--num_workers", 0, "--doc_batch", 4, *extra)
+                    "--shard_pages", 5, "--num_workers", 0, "--doc_batch", 4, "--score_dtype", "fp32", *extra)
 
 
 def read_rows(path):
@@ -303,9 +305,60 @@ def test_help_explains_every_flag(capsys):
         mine.parse_args(["--help"])
     text = capsys.readouterr().out
     flags = ("model_id ckpt hub_name split out_jsonl k doc_batch query_batch train_jsonl root search candidates "
-             "margin max_tiles cache_dir device dtype shard_pages token_hits faiss_index nprobe num_workers seed")
+             "margin max_tiles cache_dir device dtype score_dtype shard_pages token_hits faiss_index nprobe num_workers "
+             "seed")
     for flag in flags.split():
         assert f"--{flag} " in text or f"--{flag}\n" in text, flag
     actions = mine.build_parser()._actions
     assert {a.dest for a in actions} >= set(flags.split())
     assert all(a.help and len(a.help) > 15 for a in actions), [a.dest for a in actions if not a.help]
+
+
+@pytest.mark.parametrize("native, flag, used, matmul", [
+    (False, "auto", torch.float32, torch.float32),
+    (True, "auto", torch.bfloat16, torch.bfloat16),
+    (False, "bf16", torch.bfloat16, torch.float32),  # forced where bf16 is not native: rounded, multiplied in fp32
+    (True, "fp32", torch.float32, torch.float32),  # forced fp32 where it is
+])
+def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(ckpt, hub, brute, tmp_path, monkeypatch,
+                                                                        capsys, native, flag, used, matmul):
+    """--score_dtype against what the CPU probe says (forced both ways, so any CPU runs every case): the dtype picked
+    is printed, kept in the stats, part of the page cache's key, and the one the search multiplies in."""
+    monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: native)
+    seen = set()
+    real = cm.maxsim_tokens
+
+    def spy(tokens, pages, *args, **kwargs):
+        seen.add((tokens.dtype, pages.dtype, bool((tokens.float() == tokens.bfloat16().float()).all())))
+        return real(tokens, pages, *args, **kwargs)
+
+    monkeypatch.setattr(cm, "maxsim_tokens", spy)
+    monkeypatch.setattr(mine, "maxsim_tokens", spy)
+    out = tmp_path / "mined.jsonl"
+    stats = run_mine("--ckpt", ckpt, "--hub_name", hub["dir"], "--out_jsonl", out, "--shard_pages", 5,
+                     "--num_workers", 0, "--k", 3, "--margin", "inf", "--score_dtype", flag, "--cache_dir",
+                     tmp_path / "cache")
+    name = cm.dtype_name(used)
+    assert f"score dtype {name} (--score_dtype {flag}; multiplied in {cm.dtype_name(matmul)} on cpu)" in \
+        capsys.readouterr().out
+    assert stats["score_dtype"] == {"requested": flag, "used": str(used), "matmul": str(matmul)}
+    assert json.load(open(mine.stats_path(str(out))))["score_dtype"]["used"] == str(used)
+    assert {(t, p) for t, p, _ in seen} == {(matmul, matmul)}
+    assert all(rounded for _, _, rounded in seen) == (used == torch.bfloat16)
+    manifest = json.load(open(os.path.join(stats["cache"]["dir"], "manifest.json")))
+    assert manifest["score_dtype"] == str(used)
+    # the other score dtype is another cache folder; the same one is this folder again
+    other = "fp32" if used == torch.bfloat16 else "bf16"
+    args = mine.parse_args([str(f) for f in ("--ckpt", ckpt, "--hub_name", hub["dir"], "--out_jsonl", out,
+                                             "--shard_pages", 5)])
+    model = ColIntern.from_checkpoint(ckpt)[0]
+    data = mine.hub_input(hub["dir"], "train")
+    args.cache_dir = str(tmp_path / "cache")
+    folder = lambda dtype: mine.cache_folder(args, model, data, torch.float32, cm.score_dtype(dtype))[0]  # noqa: E731
+    assert folder(name) == stats["cache"]["dir"] != folder(other)
+    # the negatives are the brute-force ones (fp32 scores; bf16 may swap near-ties, so compare by score)
+    expected = expected_negatives(brute, 3, math.inf)
+    tol = 1e-5 if used == torch.float32 else cm.score_error_bound(torch.bfloat16, 64, 128)  # queries: < 64 tokens
+    for i, row in enumerate(read_rows(out)):
+        got = [row_of(ref) for ref in row["negs"]]
+        assert torch.allclose(brute[i, got], brute[i, expected[i]["negs"]], atol=2 * tol), (i, got)
