@@ -44,6 +44,7 @@ from colintern_data import (PageResolver, file_sha1, file_sha256, pseudo_path, r
                             stored_page_hash, write_json, write_jsonl)
 from colintern_model import (
     FORMAT_VERSION,
+    QUANTIZE,
     ColIntern,
     atomic_torch_save,
     check_model_id,
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto",
                    help="model and scoring dtype: auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 or fp32. "
                         "Cached page embeddings are always fp16")
+    g.add_argument("--quantize", default=None, choices=QUANTIZE,
+                   help="load the backbone's language model in 8-bit or 4-bit (bitsandbytes; vision tower stays bf16, "
+                        "--dtype auto means bf16) or unquantised (none). Default: as the checkpoint was trained; "
+                        "another choice says so in one line. Part of the page cache's key")
     g = p.add_argument_group("data (one of --hub_name or --train_jsonl)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--hub_name", default=None,
@@ -211,12 +216,14 @@ def jsonl_input(path: str, root: str) -> MiningInput:
 
 def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype) -> tuple:
     """-> (folder, manifest). The folder is named by a hash of what the embeddings depend on (checkpoint content,
-    model id, tiles, dtype, format) and of where the pages come from; within it, a shard is reused only if it holds
-    exactly the pages this run puts there, so a changed page re-encodes its shard, not the corpus."""
+    model id, tiles, dtype, quantisation, format) and of where the pages come from; within it, a shard is reused only
+    if it holds exactly the pages this run puts there, so a changed page re-encodes its shard, not the corpus."""
     source = {k: v for k, v in data.source.items() if k in ("hub_name", "split", "train_jsonl", "root")}
     identity = {"cache_version": CACHE_VERSION, "ckpt_sha256": file_sha256(args.ckpt), "model_id": model.model_id,
                 "max_tiles": model.max_tiles, "format_version": FORMAT_VERSION, "dtype": str(dtype),
                 "source": source, "shard_pages": args.shard_pages}
+    if model.quantize != "none":  # only then, so caches written before --quantize stay valid
+        identity["quantize"] = model.quantize
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     base = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_jsonl)), "page_cache")
     folder = os.path.join(base, key)
@@ -545,14 +552,15 @@ def stats_path(out_jsonl: str) -> str:
 def main(args):
     t_start = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(args.dtype, device)
     timings = {}
 
     start = time.perf_counter()  # the model first: a wrong --ckpt fails now, not after hashing every page
     model, processor, ckpt = ColIntern.from_checkpoint(
-        args.ckpt, model_id=args.model_id, dtype=dtype, max_tiles=args.max_tiles,
+        args.ckpt, model_id=args.model_id, dtype=args.dtype, max_tiles=args.max_tiles, quantize=args.quantize,
         device_map=device if torch.device(device).type == "cuda" else None)
     model.eval()
+    quantize = model.quantize
+    dtype = resolve_dtype(args.dtype, device, quantize)  # the model's; scores are computed in it too
     timings["load_model"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -595,6 +603,7 @@ def main(args):
         "search": args.search, **({"faiss_index": result["index"], "candidates": args.candidates,
                                    "token_hits": args.token_hits} if args.search == "faiss" else {}),
         "k": args.k, "margin": args.margin, "device": str(device), "dtype": str(dtype),
+        "quantize": quantize,
         "queries": len(data.queries), "page_references": data.page_mentions, "distinct_pages": n_pages,
         "duplicates_removed": data.page_mentions - n_pages,
         # rank of the positive among all pages (exact) or among the re-ranked candidates (faiss)

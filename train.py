@@ -55,10 +55,10 @@ from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
 from colintern_data import PageResolver, atomic_path, file_sha1, pseudo_path, read_queries, read_triples, write_json
 from colintern_model import (
     DEFAULT_MODEL_ID,
+    QUANTIZE,
     ColIntern,
     ColInternProcessor,
     LoraSettings,
-    QUANTIZE,
     check_model_id,
     checkpoint_quantization,
     contrastive_loss,
