@@ -38,6 +38,12 @@ DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
 BNB_OPTIONAL_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not str(record.msg).startswith(BNB_OPTIONAL_KERNEL_WARNING))
+# An 8-bit (LLM.int8) matmul quantises its input through fp16 whatever the compute dtype, and bitsandbytes logs that
+# cast at every call of every layer for a bf16 input. The cast is the method, not a fault: the vision tower and the
+# rest of a --quantize 8bit backbone stay bf16 (an fp16 backbone would need loss scaling), so drop that one record.
+BNB_INT8_CAST_WARNING = "MatMul8bitLt: inputs will be cast from"
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    lambda record: not str(record.msg).startswith(BNB_INT8_CAST_WARNING))
 
 # -----------------------------------------------------------------------------
 # Backbone loading
@@ -95,36 +101,80 @@ def check_internvl_config(model_id: str, config: dict) -> None:
                          f"checkpoint (model_type 'internvl'), e.g. {DEFAULT_MODEL_ID!r}")
 
 
-def resolve_dtype(dtype, device="cpu") -> torch.dtype:
+def resolve_dtype(dtype, device="cpu", quantize="none") -> torch.dtype:
     """'auto' is bfloat16 when `device` (a device or a device_map: 'cuda:0', 'auto', a dict) puts the model on a
-    GPU, else float32; names like 'bf16', 'float16', 'fp32' are accepted."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    GPU, else float32; names like 'bf16', 'float16', 'fp32' are accepted. A quantised backbone (`quantize` 8bit or
+    4bit) keeps its unquantised parts in bf16 (fp16 on a GPU without bf16), on a CPU too; fp32 is refused."""
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-    if dtype in (None, "auto"):
+    check_quantize(quantize)
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype in (None, "auto"):
         on_gpu = device is not None and str(device) != "cpu" and torch.cuda.is_available()
         if not on_gpu:
-            return torch.float32
+            return torch.float32 if quantize == "none" else torch.bfloat16
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in names:
+    elif dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(names)}")
-    return names[dtype]
+    else:
+        resolved = names[dtype]
+    if quantize != "none" and resolved == torch.float32:
+        raise ValueError(f"--quantize {quantize} with --dtype fp32: a quantised backbone keeps its vision tower, "
+                         f"embeddings and norms in bf16 or fp16 (and computes in it); use --dtype auto, bf16 or fp16")
+    return resolved
+
+
+# --quantize: the frozen language model's linear layers in 8-bit (LLM.int8) or 4-bit NF4 (QLoRA) through
+# bitsandbytes. The vision tower and projector stay unquantised: they are a small part of the weights (0.3B of 8B;
+# 6B of 38B), quantising them costs quality, and bitsandbytes' CPU 4-bit path fails on narrow (32-wide) layers.
+QUANTIZE = ("none", "8bit", "4bit")
+UNQUANTISED_MODULES = ["vision_tower", "multi_modal_projector"]
+
+
+def check_quantize(quantize: str) -> None:
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantisation {quantize!r}: use one of {', '.join(QUANTIZE)}")
+
+
+def quantization_config(quantize: str, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for --quantize 8bit / 4bit (NF4, double quantisation, computing in `dtype`,
+    the backbone's), language model only; None for none."""
+    check_quantize(quantize)
+    if quantize == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=UNQUANTISED_MODULES)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTISED_MODULES)
+
+
+def backbone_quantization(backbone) -> str:
+    """'4bit', '8bit' or 'none': how the backbone was loaded (its config's quantization_config)."""
+    config = getattr(backbone.config, "quantization_config", None)
+    if config is None:
+        return "none"
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, False)
+    return "4bit" if get("load_in_4bit") else "8bit" if get("load_in_8bit") else "none"
 
 
 # Keys an InternVLForConditionalGeneration checkpoint has that the bare InternVLModel does not use.
 IGNORED_UNEXPECTED_KEYS = re.compile(r"(^|\.)lm_head\.")
 
 
-def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=None):
-    """Load a frozen HF-native InternVL3.5 (`InternVLModel`) in eval mode through `AutoModel.from_pretrained`.
+def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=None, quantize: str = "none"):
+    """Load a frozen HF-native InternVL3.5 (`InternVLModel`) in eval mode through `AutoModel.from_pretrained`,
+    its language model quantised with bitsandbytes for `quantize` 8bit / 4bit (see QUANTIZE).
 
     Fails loudly on a remote-code id, a missing folder, and on any missing, unexpected or mismatched weight key
     (a silently re-initialised weight is the costliest bug this model family has).
     """
     from transformers import AutoModel
     check_internvl_config(model_id, read_model_config(model_id))
-    kwargs = {"dtype": resolve_dtype(dtype, device_map)}
+    kwargs = {"dtype": resolve_dtype(dtype, device_map, quantize)}
+    if quantize != "none":
+        kwargs["quantization_config"] = quantization_config(quantize, kwargs["dtype"])
     if device_map is not None:
         kwargs["device_map"] = device_map
     backbone, info = AutoModel.from_pretrained(model_id, output_loading_info=True, **kwargs)
@@ -261,6 +311,7 @@ class ColIntern(nn.Module):
         self.model_id = model_id
         self.max_tiles = max_tiles
         self.image_token_id = backbone.config.image_token_id
+        self.quantize = backbone_quantization(backbone)  # recorded in checkpoints
         backbone.requires_grad_(False)
         if lora is not None:
             from peft import LoraConfig, inject_adapter_in_model
@@ -273,6 +324,8 @@ class ColIntern(nn.Module):
                     # peft gives an adapter its base layer's dtype; a bf16 adapter rounds away Adam updates below
                     # half an ulp (lr 5e-5 on weights ~0.03), so adapters keep fp32 weights over any backbone
                     # dtype. peft's forward casts the input to the adapter's dtype and the sum back to the base's.
+                    # Over a quantised layer peft takes the dtype from the bitsandbytes layer's compute dtype
+                    # (bf16), and its bitsandbytes LoRA layers cast inputs the same way: fp32 there too.
                     p.data = p.data.float()
             if not any(p.requires_grad for p in backbone.parameters()):
                 raise ValueError(f"LoRA target {lora.target_modules!r} matched no module of the backbone")
@@ -293,9 +346,10 @@ class ColIntern(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_id: str = DEFAULT_MODEL_ID, proj_dim: int = 128, lora: LoraSettings | None = None,
-                        max_tiles: int = 4, dtype="auto", device_map=None):
-        """-> (model, processor) built on a fresh backbone, heads randomly initialised."""
-        backbone = load_backbone(model_id, dtype=dtype, device_map=device_map)
+                        max_tiles: int = 4, dtype="auto", device_map=None, quantize: str = "none"):
+        """-> (model, processor) built on a fresh backbone (quantised for `quantize` 8bit/4bit), heads randomly
+        initialised."""
+        backbone = load_backbone(model_id, dtype=dtype, device_map=device_map, quantize=quantize)
         processor = ColInternProcessor.from_pretrained(model_id, max_tiles=max_tiles)
         model = cls(backbone, proj_dim=proj_dim, lora=lora, model_id=model_id, max_tiles=max_tiles,
                     **processor.pixel_normalisation())
@@ -303,15 +357,18 @@ class ColIntern(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str, model_id: str | None = None, dtype="auto", device_map=None,
-                        max_tiles: int | None = None):
-        """-> (model, processor, ckpt): the backbone of the checkpoint (or model_id), heads + LoRA loaded."""
+                        max_tiles: int | None = None, quantize: str | None = None, say=print):
+        """-> (model, processor, ckpt): the backbone of the checkpoint (or model_id), quantised as the checkpoint's
+        was (or as `quantize` says: `say` tells of the change), heads + LoRA loaded."""
         ckpt = load_checkpoint(path)
         meta = ckpt["meta"]
         model_id = model_id or meta["model_id"]
         lora = LoraSettings(**meta["lora"]) if meta["lora"] else None
         max_tiles = max_tiles or meta["max_tiles"]
+        quantize = quantize or checkpoint_quantization(meta)
+        say_if_quantization_differs(meta, quantize, f"checkpoint {path}", say)
         model, processor = cls.from_pretrained(model_id, proj_dim=meta["proj_dim"], lora=lora, max_tiles=max_tiles,
-                                               dtype=dtype, device_map=device_map)
+                                               dtype=dtype, device_map=device_map, quantize=quantize)
         load_trainable_state(model, ckpt, source=f"checkpoint {path}")
         return model, processor, ckpt
 
@@ -830,7 +887,7 @@ def checkpoint_dict(model: ColIntern, step: int = 0, epoch: int = 0, train_state
                     training_data: list | None = None) -> dict:
     meta = {"model_id": model.model_id, "hidden_size": model.hidden_size, "proj_dim": model.proj_dim,
             "max_tiles": model.max_tiles, "lora": dataclasses.asdict(model.lora) if model.lora else None,
-            "format": query_format(), "step": step, "epoch": epoch}
+            "quantize": model.quantize, "format": query_format(), "step": step, "epoch": epoch}
     if training_data is not None:
         # lineage: every dataset these weights were trained on, warm starts included (train.py); eval.py declares it
         # to mteb. Checkpoints without it (older ones, untrained heads) still load.
@@ -851,6 +908,20 @@ def trainable_state_dict(model: ColIntern) -> dict:
         from peft import get_peft_model_state_dict
         lora = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model.backbone).items()}
     return {"heads": heads, "lora": lora}
+
+
+def checkpoint_quantization(meta: dict) -> str:
+    """How the backbone a checkpoint was trained on was quantised; checkpoints from before --quantize: none."""
+    return meta.get("quantize", "none")
+
+
+def say_if_quantization_differs(meta: dict, quantize: str, source: str, say=print) -> None:
+    """One line when heads + LoRA trained over one quantisation are loaded over another: allowed (LoRA sits beside
+    the frozen weights, whatever their storage), but the backbone's outputs move by the quantisation error."""
+    trained = checkpoint_quantization(meta)
+    if quantize != trained:
+        say(f"{source} was trained on a --quantize {trained} backbone and is loaded on a --quantize {quantize} one: "
+            f"heads and LoRA load unchanged; scores may shift by the quantisation error")
 
 
 def atomic_torch_save(obj, path: str) -> None:

@@ -49,8 +49,8 @@ import torch
 
 from colintern_cli import ArgumentParser, existing_file, metric_label, one_line, run_cli, validated
 from colintern_data import datasets_cache_for, file_sha256, files_fingerprint, page_hash, write_json
-from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, ColIntern, check_model_id, dtype_name, matmul_dtype,
-                             maxsim_scores)
+from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, QUANTIZE, ColIntern, check_model_id, dtype_name,
+                             matmul_dtype, maxsim_scores)
 from colintern_model import score_dtype as resolve_score_dtype
 
 
@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "every machine), bf16 (embeddings rounded to bf16; multiplied in bf16 where the hardware has "
                         "it), or auto (mine_hard_negatives.py's pick: bf16 on a GPU or a CPU with native bf16, else "
                         "fp32). The pick is printed and is part of the result key")
+    g.add_argument("--quantize", default=None, choices=QUANTIZE,
+                   help="load the backbone's language model in 8-bit or 4-bit (bitsandbytes; vision tower stays bf16, "
+                        "--dtype auto means bf16) or unquantised (none). Default: as the checkpoint was trained "
+                        "(another choice says so in one line); none without --ckpt. Part of the results' key")
 
     g = p.add_argument_group("output")
     g.add_argument("--results_dir", default="outputs/mteb_cache", help="mteb's result cache; finished tasks found "
@@ -376,31 +380,35 @@ def build_model_meta(model: ColIntern, model_id: str, revision: str, ckpt: str |
 def load_encoder(model_name: str | None = None, revision: str | None = None, *, ckpt: str | None = None,
                  model_id: str | None = None, device: str = "cpu", dtype: str = "auto", max_tiles: int | None = None,
                  seed: int = 0, proj_dim: int = 128, experiment_kwargs: dict | None = None,
-                 score_dtype: str = "fp32") -> ColInternEncoder:
+                 score_dtype: str = "fp32", quantize: str | None = None) -> ColInternEncoder:
     """The ModelMeta loader: a checkpoint (heads + LoRA on its backbone, or on `model_id`), or with no checkpoint
     the untrained baseline (seeded random heads, no LoRA) on `model_id`. `score_dtype` (fp32, bf16, auto): the
-    dtype MaxSim scores in, resolved here and kept resolved in the loader keywords (so in the result key)."""
+    dtype MaxSim scores in, resolved here and kept resolved in the loader keywords (so in the result key).
+    `quantize` None: the checkpoint's, or none without one; the result key holds the quantisation used, so either
+    spelling of it shares results."""
     scoring = resolve_score_dtype(score_dtype, device)
     print(f"score dtype {dtype_name(scoring)} (--score_dtype {score_dtype}; multiplied in "
           f"{dtype_name(matmul_dtype(scoring, device))} on {device})")
     device_map = None if device == "cpu" else device
     if ckpt is not None:
         model, processor, ckpt_dict = ColIntern.from_checkpoint(ckpt, model_id=model_id, dtype=dtype,
-                                                                device_map=device_map, max_tiles=max_tiles)
+                                                                device_map=device_map, max_tiles=max_tiles,
+                                                                quantize=quantize)
         model_id = model.model_id
     else:
         ckpt_dict = None
         if model_id is None:
             raise ValueError("pass --ckpt CKPT, or --model_id MODEL alone for the untrained baseline")
         model, processor = ColIntern.from_pretrained(model_id, proj_dim=proj_dim, lora=None,
-                                                     max_tiles=max_tiles or 4, dtype=dtype, device_map=device_map)
+                                                     max_tiles=max_tiles or 4, dtype=dtype, device_map=device_map,
+                                                     quantize=quantize or "none")
         # re-draw the heads from the seed alone, whatever random numbers loading the backbone consumed
         torch.manual_seed(seed)
         model.query_head.reset_parameters()
         model.page_head.reset_parameters()
     loader_kwargs = {"ckpt": ckpt, "model_id": model_id, "device": device, "dtype": dtype,
                      "max_tiles": model.max_tiles, "seed": seed, "proj_dim": model.proj_dim,
-                     "score_dtype": dtype_name(scoring)}
+                     "score_dtype": dtype_name(scoring), "quantize": model.quantize}
     label, model_hash = model_identity(ckpt, model_id, seed=seed, proj_dim=model.proj_dim)
     settings = score_settings(loader_kwargs, model)
     training_data, lineage_from = checkpoint_training_data(ckpt, ckpt_dict)
@@ -875,7 +883,7 @@ def main(args):
 
     encoder = load_encoder(ckpt=args.ckpt, model_id=args.model_id, device=args.device, dtype=args.dtype,
                            max_tiles=args.max_tiles, seed=args.seed, proj_dim=args.proj_dim or 128,
-                           experiment_kwargs=subsample, score_dtype=args.score_dtype)
+                           experiment_kwargs=subsample, score_dtype=args.score_dtype, quantize=args.quantize)
     meta = encoder.mteb_model_meta
     out_json = args.out_json or os.path.join("outputs", "eval", f"{run_name(meta)}.json")
     predictions_root = args.predictions_dir or os.path.splitext(out_json)[0] + "_predictions"

@@ -44,6 +44,7 @@ from colintern_data import (PageResolver, file_sha1, file_sha256, pseudo_path, r
                             stored_page_hash, write_json, write_jsonl)
 from colintern_model import (
     FORMAT_VERSION,
+    QUANTIZE,
     ColIntern,
     atomic_torch_save,
     check_model_id,
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "once per process), fp32 on other CPUs; bf16 forced on a CPU without it rounds the "
                         "embeddings to bf16 and multiplies in fp32. The pick is printed, kept in the stats and in "
                         "the page cache's key")
+    g.add_argument("--quantize", default=None, choices=QUANTIZE,
+                   help="load the backbone's language model in 8-bit or 4-bit (bitsandbytes; vision tower stays bf16, "
+                        "--dtype auto means bf16) or unquantised (none). Default: as the checkpoint was trained; "
+                        "another choice says so in one line. Part of the page cache's key")
     g = p.add_argument_group("data (one of --hub_name or --train_jsonl)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--hub_name", default=None,
@@ -219,14 +224,16 @@ def jsonl_input(path: str, root: str) -> MiningInput:
 
 def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype, scoring: torch.dtype) -> tuple:
     """-> (folder, manifest). The folder is named by a hash of what the embeddings depend on (checkpoint content,
-    model id, tiles, dtype, format; and the score dtype, so that one folder's runs all scored alike) and of where the
-    pages come from; within it, a shard is reused only if it holds exactly the pages this run puts there, so a
-    changed page re-encodes its shard, not the corpus."""
+    model id, tiles, dtype, quantisation, format; and the score dtype, so that one folder's runs all scored alike)
+    and of where the pages come from; within it, a shard is reused only if it holds exactly the pages this run puts
+    there, so a changed page re-encodes its shard, not the corpus."""
     source = {k: v for k, v in data.source.items() if k in ("hub_name", "split", "train_jsonl", "root")}
     identity = {"cache_version": CACHE_VERSION, "ckpt_sha256": file_sha256(args.ckpt), "model_id": model.model_id,
                 "max_tiles": model.max_tiles, "format_version": FORMAT_VERSION, "dtype": str(dtype),
                 "score_dtype": str(scoring),
                 "source": source, "shard_pages": args.shard_pages}
+    if model.quantize != "none":  # only then, so caches written before --quantize stay valid
+        identity["quantize"] = model.quantize
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     base = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_jsonl)), "page_cache")
     folder = os.path.join(base, key)
@@ -556,17 +563,18 @@ def stats_path(out_jsonl: str) -> str:
 def main(args):
     t_start = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(args.dtype, device)
-    scoring = score_dtype(args.score_dtype, device)
-    print(f"score dtype {dtype_name(scoring)} (--score_dtype {args.score_dtype}; multiplied in "
-          f"{dtype_name(matmul_dtype(scoring, device))} on {device}); model dtype {dtype_name(dtype)}")
     timings = {}
 
     start = time.perf_counter()  # the model first: a wrong --ckpt fails now, not after hashing every page
     model, processor, ckpt = ColIntern.from_checkpoint(
-        args.ckpt, model_id=args.model_id, dtype=dtype, max_tiles=args.max_tiles,
+        args.ckpt, model_id=args.model_id, dtype=args.dtype, max_tiles=args.max_tiles, quantize=args.quantize,
         device_map=device if torch.device(device).type == "cuda" else None)
     model.eval()
+    quantize = model.quantize
+    dtype = resolve_dtype(args.dtype, device, quantize)  # the model's (encoding)
+    scoring = score_dtype(args.score_dtype, device)
+    print(f"score dtype {dtype_name(scoring)} (--score_dtype {args.score_dtype}; multiplied in "
+          f"{dtype_name(matmul_dtype(scoring, device))} on {device}); model dtype {dtype_name(dtype)}")
     timings["load_model"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -611,6 +619,7 @@ def main(args):
         "k": args.k, "margin": args.margin, "device": str(device), "dtype": str(dtype),
         "score_dtype": {"requested": args.score_dtype, "used": str(scoring),
                         "matmul": str(matmul_dtype(scoring, device))},
+        "quantize": quantize,
         "queries": len(data.queries), "page_references": data.page_mentions, "distinct_pages": n_pages,
         "duplicates_removed": data.page_mentions - n_pages,
         # rank of the positive among all pages (exact) or among the re-ranked candidates (faiss)

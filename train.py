@@ -14,6 +14,8 @@ r"""Train ColIntern: frozen InternVL3.5 backbone, query/page heads (+ LoRA), in-
     # many GPUs (DDP; pages are gathered across ranks as in-batch negatives); a 38B split over one machine's GPUs
     torchrun --nproc_per_node 4 train.py --train_hub vidore/colpali_train_set --out_dir outputs/ddp ...
     python train.py --model_id OpenGVLab/InternVL3_5-38B-HF --device_map auto --lora ...
+    # a 14B or 38B backbone on one 48-80 GB GPU: its language model in 4-bit NF4 (QLoRA), LoRA and heads in fp32
+    python train.py --model_id OpenGVLab/InternVL3_5-14B-HF --quantize 4bit --lora --gradient_checkpointing ...
 
 Writes into --out_dir (rank 0 only): training_loss.txt (`# step epoch loss lr`, one line per optimizer step),
 colintern_heads_step{N}.pt every --save_every steps (and at Ctrl-C or at --max_steps), colintern_heads_epoch{E}.pt
@@ -27,7 +29,8 @@ optimizer step, and negatives are drawn from (--seed, epoch, row), so no RNG sta
 
 Batches: --batch_size is the micro-batch (what fits in memory); --grad_accum micro-batches form ONE contrastive batch
 through gradient caching (see grad_cache_step), so each loss sees batch_size x grad_accum x processes queries against
-all their pages. Precision: LoRA and heads train in fp32 over a bf16/fp16 backbone (fp16 adds loss scaling).
+all their pages. Precision: LoRA and heads train in fp32 over a bf16/fp16 backbone (fp16 adds loss scaling), or over
+one whose language model bitsandbytes holds in 8 or 4 bits (--quantize; the vision tower stays bf16).
 """
 import argparse
 import contextlib
@@ -52,14 +55,17 @@ from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
 from colintern_data import PageResolver, atomic_path, file_sha1, pseudo_path, read_queries, read_triples, write_json
 from colintern_model import (
     DEFAULT_MODEL_ID,
+    QUANTIZE,
     ColIntern,
     ColInternProcessor,
     LoraSettings,
     check_model_id,
+    checkpoint_quantization,
     contrastive_loss,
     load_checkpoint,
     resolve_dtype,
     save_checkpoint,
+    say_if_quantization_differs,
 )
 
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
@@ -90,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto",
                    help="frozen backbone dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32; LoRA, heads, "
                         "gradients and optimizer states stay fp32; fp16 adds dynamic loss scaling")
+    g.add_argument("--quantize", default=None, choices=QUANTIZE,
+                   help="store the frozen language model's linear layers in 8-bit (LLM.int8) or 4-bit NF4 with double "
+                        "quantisation (QLoRA) through bitsandbytes: about 1/2 or 1/4 of their bf16 memory (8B: "
+                        "16 GB -> ~5.5 GB at 4bit). Vision tower, projector, embeddings and norms stay bf16 (--dtype "
+                        "auto means bf16 then, on a CPU too; fp32 is refused); LoRA, heads and optimizer states stay "
+                        "fp32. Default: none, or the --resume_ckpt's (a step snapshot must keep it; a warm start may "
+                        "change it, and says so)")
     g.add_argument("--device_map", default=None,
                    help="passed to from_pretrained: 'auto' splits a backbone too big for one GPU (e.g. 38B) over "
                         "this machine's GPUs (one process, no torchrun). Default: cuda:LOCAL_RANK under torchrun, "
@@ -425,9 +438,11 @@ def step_forward_backward(encoder: nn.Module, micro_batches: list, temperature: 
 # -----------------------------------------------------------------------------
 # Model, optimizer, schedule
 
-def build_model(args, ckpt: dict | None, device_map):
+def build_model(args, ckpt: dict | None, device_map, say=print):
     """A fresh model from the flags, or one with the checkpoint's shape (heads + LoRA loaded). Flags that would
-    build another shape than the checkpoint's are an error rather than a silent choice."""
+    build another shape than the checkpoint's are an error rather than a silent choice. The backbone's quantisation
+    is --quantize, else the checkpoint's; a warm start onto another one says so (a step snapshot's run_config
+    refuses it)."""
     meta = ckpt["meta"] if ckpt else None
     lora = None
     if meta is None:
@@ -450,10 +465,13 @@ def build_model(args, ckpt: dict | None, device_map):
                                  f"--{flag} {getattr(args, flag)}: drop the flag or start a fresh run")
         proj_dim, max_tiles = meta["proj_dim"], args.max_tiles or meta["max_tiles"]
     model_id = args.model_id or (meta["model_id"] if meta else DEFAULT_MODEL_ID)
-    dtype = resolve_dtype(args.dtype, device_map)
+    quantize = args.quantize or (checkpoint_quantization(meta) if meta else "none")
+    if meta is not None and (ckpt.get("train_state") or {}).get("kind") != "step":
+        say_if_quantization_differs(meta, quantize, f"--resume_ckpt {args.resume_ckpt}", say)
+    dtype = resolve_dtype(args.dtype, device_map, quantize)
     torch.manual_seed(args.seed)  # heads and LoRA start from the same weights on every rank and every rerun
     model, processor = ColIntern.from_pretrained(model_id, proj_dim=proj_dim, lora=lora, max_tiles=max_tiles,
-                                                 dtype=dtype, device_map=device_map)
+                                                 dtype=dtype, device_map=device_map, quantize=quantize)
     if ckpt is not None:
         model.load_trainable_state(ckpt, source=f"--resume_ckpt {args.resume_ckpt}")
     return model, processor
@@ -622,11 +640,12 @@ class RunState:
         return self.batch_in_epoch >= self.batches_per_epoch
 
 
-def run_config(args, rows, batch_size, grad_accum, world, total_steps) -> dict:
+def run_config(args, rows, batch_size, grad_accum, world, total_steps, quantize="none") -> dict:
     """What a step snapshot must share with the run that resumes it for the continuation to be exact."""
     return {"data": rows.fingerprint, "global_batch": batch_size * world, "grad_accum": grad_accum,
             "seed": args.seed, "num_negs": args.num_negs, "lr": args.lr, "warmup_steps": args.warmup_steps,
-            "total_steps": total_steps, "temperature": args.temperature, "optimizer": args.optimizer}
+            "total_steps": total_steps, "temperature": args.temperature, "optimizer": args.optimizer,
+            "quantize": quantize}
 
 
 def training_data_lineage(args, rows, ckpt: dict | None) -> list:
@@ -652,6 +671,7 @@ def training_data_lineage(args, rows, ckpt: dict | None) -> list:
 
 
 def check_same_run(saved: dict, ours: dict, path: str) -> None:
+    saved = {"quantize": "none", **saved}  # snapshots from before --quantize ran unquantised
     diffs = [f"{k}: snapshot {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
     if diffs:
         raise ValueError(f"--resume_ckpt {path} is a step snapshot of another run ({'; '.join(diffs)}). A step "
@@ -816,10 +836,11 @@ def train(args, rank, world, device_map, say):
         say(f"{rows.short} row(s) have fewer than --num_negs {args.num_negs} negatives: topped up with random "
             f"other pages")
 
-    model, processor = build_model(args, ckpt, device_map)
+    model, processor = build_model(args, ckpt, device_map, say)
     params = model.trainable_parameters()
     say(f"model {model.model_id}: {sum(p.numel() for p in params) / 1e6:.3f}M trainable parameters "
-        f"(heads{' + LoRA' if model.lora else ''}), backbone dtype {model.backbone.dtype}, device {model.device}")
+        f"(heads{' + LoRA' if model.lora else ''}), backbone dtype {model.backbone.dtype}"
+        f"{'' if model.quantize == 'none' else f' (language model {model.quantize})'}, device {model.device}")
     if args.gradient_checkpointing:
         if model.lora:
             model.enable_gradient_checkpointing()
@@ -832,8 +853,8 @@ def train(args, rank, world, device_map, say):
 
     batch_size, grad_accum = choose_batch_size(args, model, processor, snapshot, world, say)
     batches_per_epoch, total_steps = count_steps(args, len(rows), batch_size, grad_accum, world)
-    state = RunState(run_config(args, rows, batch_size, grad_accum, world, total_steps), batches_per_epoch,
-                     total_steps, last_saved=args.resume_ckpt)
+    state = RunState(run_config(args, rows, batch_size, grad_accum, world, total_steps, model.quantize),
+                     batches_per_epoch, total_steps, last_saved=args.resume_ckpt)
     lineage = training_data_lineage(args, rows, ckpt)
     say(f"checkpoints record the training data: {', '.join(lineage)}")
 

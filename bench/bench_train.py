@@ -45,6 +45,7 @@ import gc
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -57,9 +58,11 @@ import train  # noqa: E402
 from colintern_model import (  # noqa: E402
     CPU_TRAIN_SIM_BLOCK,
     GPU_TRAIN_SIM_BLOCK,
+    QUANTIZE,
     ColIntern,
     ColInternProcessor,
     LoraSettings,
+    load_backbone,
     resolve_dtype,
 )
 from keyword_pages import render_keyword_page  # noqa: E402
@@ -96,6 +99,9 @@ def parse_args(argv=None):
                    help="--contrastive: LoRA dropout (the recipe's is 0.1; caching replays its masks)")
     g.add_argument("--optimizer", default="adamw", choices=train.OPTIMIZERS,
                    help="--contrastive: optimizer, as train.py --optimizer (the 8-bit ones need bitsandbytes)")
+    g.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="as train.py --quantize: the random backbone is saved to a temporary folder and loaded back "
+                        "through load_backbone with its language model in 8 or 4 bits (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--peak_tflops", type=float, default=989.0,
                    help="accelerator peak for MFU, TFLOP/s (H100 SXM dense bf16: 989; H200 the same)")
@@ -109,6 +115,8 @@ def parse_args(argv=None):
                     f"micro-batches (one micro-batch is a plain step: list it in --plain)")
     elif args.plain:
         p.error("--plain compares against --contrastive: pass --contrastive too")
+    elif args.quantize != "none":
+        p.error("--quantize is measured in --contrastive mode (the sweep copies its backbone per configuration)")
     return args
 
 
@@ -379,13 +387,20 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = resolve_dtype(args.dtype, args.device)
+    dtype = resolve_dtype(args.dtype, args.device, args.quantize)
     tile = 224 if args.size == "tiny" else 448
     pristine, hf_processor = make_tiny_model.build(args.size, tile=tile, seed=0)
     processor = ColInternProcessor(hf_processor, max_tiles=args.max_tiles)
     cols, rows = (int(x) for x in args.page_tiles.lower().split("x"))
     page_size = (cols * tile, rows * tile)
-    pristine = pristine.to(device=device, dtype=dtype).requires_grad_(False).eval()
+    if args.quantize == "none":
+        pristine = pristine.to(device=device, dtype=dtype).requires_grad_(False).eval()
+    else:  # bitsandbytes quantises while from_pretrained loads: through a save_pretrained folder, as train.py does
+        with tempfile.TemporaryDirectory(prefix="colintern_bench_") as folder:
+            pristine.to(dtype).save_pretrained(folder)
+            hf_processor.save_pretrained(folder)
+            del pristine
+            pristine = load_backbone(folder, dtype=dtype, device_map=str(device), quantize=args.quantize)
 
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     where = f"{args.device} ({hardware})"
@@ -393,7 +408,7 @@ def main(args):
     if device.type == "cpu" and args.contrastive:
         memory = ", RSS follows live tensors (mmap threshold fixed)" if mmap_large_allocations() else \
             ", glibc mallopt unavailable: freed memory may stay in RSS"
-    print(f"bench_train: size {args.size}, {where}, dtype {dtype}, page {page_size[0]}x{page_size[1]} px, "
+    print(f"bench_train: size {args.size}, {where}, dtype {dtype}, quantize {args.quantize}, page {page_size[0]}x{page_size[1]} px, "
           f"max_tiles {args.max_tiles}, num_negs {args.num_negs}, {args.steps} timed steps per config{memory}",
           flush=True)
     if args.contrastive:

@@ -16,6 +16,10 @@
 #       MFU, ColIntern.encode_pages pages/s
 #   (d) bench/bench_mining.py end to end (mine_hard_negatives.py, exact and FAISS): only if datasets and faiss import
 #       and time is left
+#   (e) bench/bench_train.py --contrastive --quantize 4bit: one optimizer step at InternVL3.5-8B shapes (random
+#       weights), language model 4-bit NF4 (vision tower bf16), LoRA + checkpointing, micro-batch 32: step time and
+#       peak memory. Full mode only, if bitsandbytes imports and time is left (building and saving the random 8B
+#       backbone takes a few minutes of CPU). Not yet run on a GPU
 # A section whose package is missing is skipped with a line that names it; a section that fails or runs out of time
 # says so and the next one runs; the exit status is 0 only if no section failed.
 #
@@ -208,8 +212,21 @@ else
         --page_size 896 896 --max_tiles 4 --doc_batch 32
 fi
 
+# --- (e) a 4-bit 8B training step
+if [[ "$QUICK" == 1 ]]; then
+    echo "skip: (e) 4-bit training step at 8B shapes (full mode only: it needs a GPU)"
+    STATUS[e]="skipped (quick mode)"
+elif ! has bitsandbytes; then
+    echo "skip: (e) 4-bit training step at 8B shapes (needs bitsandbytes, missing)"
+    STATUS[e]="skipped (bitsandbytes missing)"
+else
+    section e 400 "one training step at 8B shapes, language model 4-bit NF4, LoRA + checkpointing" \
+        bench/bench_train.py --size 8b --device cuda --quantize 4bit --max_tiles 4 --page_tiles 2x2 \
+        --contrastive 64 --micro 32 --steps 1 --warmup 1 --gradient_checkpointing --optimizer "$OPTIMIZER"
+fi
+
 summary="gpu.sh: done in $((SECONDS - START)) s:"
-for tag in a b c d; do
+for tag in a b c d e; do
     summary+=" ($tag) ${STATUS[$tag]:-not run};"
 done
 echo "${summary%;}"

@@ -645,3 +645,85 @@ def test_topk_on_planted_data_equals_float64_in_every_score_dtype(native_bf16, n
     assert (reference == planted).all()
     assert (cm.maxsim_topk(queries, pages, 10, dtype=name)[1] == reference).all()
     assert (cm.maxsim_scores(queries, pages, dtype=name).topk(10, dim=1).indices == reference).all()
+
+
+# -- quantised backbones (--quantize) ------------------------------------------------
+
+@pytest.mark.parametrize("quantize,layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_quantize_language_model_only_with_fp32_lora_and_heads(tiny_model_dir, keyword_page, quantize, layer):
+    """bitsandbytes layers are exactly the language model's linears; the vision tower and projector stay
+    torch.nn.Linear in bf16; LoRA (on the bnb layers) and heads are fp32, and a loss reaches LoRA on CPU."""
+    import bitsandbytes as bnb
+    torch.manual_seed(0)
+    model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, quantize=quantize,
+                                                 lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    assert model.quantize == quantize and model.backbone.dtype == torch.bfloat16
+    bnb_kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    quantised = {n for n, m in model.backbone.named_modules() if isinstance(m, bnb_kinds)}
+    expected = {n + ".base_layer" for n, m in model.backbone.named_modules()
+                if n.startswith("language_model.layers.") and hasattr(m, "lora_A")}
+    assert quantised == expected and len(expected) == 14  # 2 layers x q k v o gate up down
+    assert {type(m).__name__ for n, m in model.backbone.named_modules() if n in quantised} == {layer}
+    for part in (model.backbone.vision_tower, model.backbone.multi_modal_projector):
+        linears = [m for m in part.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 for m in linears)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert sum("lora_" in n for n in trainable) == 28
+    model.train()
+    try:
+        q, qm = model.forward_queries(processor.process_queries(["alpha page", "beta page"]))
+        p, pm = model.forward_pages(processor.process_pages([keyword_page("alpha"), keyword_page("beta")]))
+        cm.contrastive_loss(q, qm, p, pm, torch.arange(2)).backward()
+    finally:
+        model.eval()
+    assert all(trainable[n].grad is not None and trainable[n].grad.abs().sum() > 0 for n in trainable
+               if "lora_B" in n or "_head." in n)
+
+
+def test_quantize_with_fp32_is_refused_and_auto_means_bf16():
+    assert cm.resolve_dtype("auto", "cpu", "4bit") == torch.bfloat16
+    assert cm.resolve_dtype("auto", "cpu") == torch.float32
+    with pytest.raises(ValueError, match="--quantize 4bit with --dtype fp32"):
+        cm.resolve_dtype("fp32", "cpu", "4bit")
+    with pytest.raises(ValueError, match="unknown quantisation '3bit'"):
+        cm.resolve_dtype("auto", "cpu", "3bit")
+
+
+def test_checkpoint_records_quantization_and_loads_across_it(tiny_model_dir, tmp_path, keyword_page):
+    """A bf16-trained checkpoint on a 4-bit base and the reverse: one line says so, the very same heads + LoRA load
+    and the model scores; quantize=None keeps the checkpoint's quantisation, silently."""
+    torch.manual_seed(1)
+    model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8),
+                                                 dtype="bf16")
+    perturb(model)
+    bf16_path = str(tmp_path / "bf16.pt")
+    cm.save_checkpoint(bf16_path, model)
+    assert cm.load_checkpoint(bf16_path)["meta"]["quantize"] == "none"
+    lines = []
+    q4, _, _ = ColIntern.from_checkpoint(bf16_path, quantize="4bit", say=lines.append)
+    assert q4.quantize == "4bit" and len(lines) == 1
+    assert "trained on a --quantize none backbone and is loaded on a --quantize 4bit one" in lines[0]
+    assert_same_trainable(model, q4)
+    q4_path = str(tmp_path / "q4.pt")
+    cm.save_checkpoint(q4_path, q4)
+    assert cm.load_checkpoint(q4_path)["meta"]["quantize"] == "4bit"
+    lines.clear()
+    same, _, _ = ColIntern.from_checkpoint(q4_path, say=lines.append)  # the checkpoint's quantisation
+    assert same.quantize == "4bit" and lines == []
+    back, processor2, _ = ColIntern.from_checkpoint(q4_path, quantize="none", dtype="bf16", say=lines.append)
+    assert back.quantize == "none" and len(lines) == 1 and "trained on a --quantize 4bit" in lines[0]
+    assert_same_trainable(model, back)
+    scores = cm.maxsim_scores(back.encode_queries(processor2, ["alpha"]),
+                              back.encode_pages(processor2, [keyword_page("alpha")]))
+    assert torch.isfinite(scores).all()
+    old = dict(cm.load_checkpoint(bf16_path))
+    old["meta"] = {k: v for k, v in old["meta"].items() if k != "quantize"}  # written before --quantize
+    assert cm.checkpoint_quantization(old["meta"]) == "none"
+
+
+def assert_same_trainable(a, b):
+    sa, sb = cm.trainable_state_dict(a), cm.trainable_state_dict(b)
+    for part in ("heads", "lora"):
+        assert sa[part].keys() == sb[part].keys()
+        assert all(torch.equal(sa[part][k], sb[part][k]) for k in sa[part]), part

@@ -551,3 +551,26 @@ def test_score_dtype_defaults_to_exact_fp32_is_printed_used_and_keys_results(tin
     rounded = encoders["bf16"].similarity(q, p)
     assert seen[1] == (torch.bfloat16 if native else torch.float32)
     assert 0 < float((rounded - exact).abs().max()) <= cm.score_error_bound(torch.bfloat16, 5, 128)
+
+
+def test_quantized_checkpoint_evaluates_under_its_own_result_key(tmp_path, tiny_model_dir, pages, queries, counts,
+                                                                capsys):
+    """A checkpoint trained on a 4-bit backbone evaluates on one; naming its quantisation explicitly is the same
+    setting (cached, nothing encoded), evaluating it unquantised is another result key (and says so)."""
+    torch.manual_seed(1)
+    model, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=32, lora=LoraSettings(r=4, alpha=8), max_tiles=4,
+                                         quantize="4bit")
+    ckpt = str(tmp_path / "q4.pt")
+    save_checkpoint(ckpt, model, step=10, epoch=1)
+    folder = write_hub_layout(tmp_path / "eval", pages, queries, QRELS)
+    summary = run_eval(tmp_path, "--ckpt", ckpt, "--local_task", folder)
+    assert counts == {"queries": len(queries), "pages": len(pages)}
+    (task, reported), = summary["benchmarks"]["local"]["tasks"].items()
+    assert 0 <= reported["ndcg_at_5"] <= 1
+    counts.update(queries=0, pages=0)
+    explicit = run_eval(tmp_path, "--ckpt", ckpt, "--local_task", folder, "--quantize", "4bit")
+    assert explicit["revision"] == summary["revision"] and counts == {"queries": 0, "pages": 0}
+    assert "was trained on" not in capsys.readouterr().out
+    plain = run_eval(tmp_path, "--ckpt", ckpt, "--local_task", folder, "--quantize", "none", "--dtype", "bf16")
+    assert "trained on a --quantize 4bit backbone and is loaded on a --quantize none one" in capsys.readouterr().out
+    assert plain["revision"] != summary["revision"] and counts == {"queries": len(queries), "pages": len(pages)}

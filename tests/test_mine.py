@@ -362,3 +362,23 @@ def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(ckpt, hu
     for i, row in enumerate(read_rows(out)):
         got = [row_of(ref) for ref in row["negs"]]
         assert torch.allclose(brute[i, got], brute[i, expected[i]["negs"]], atol=2 * tol), (i, got)
+
+
+def test_mining_on_a_4bit_checkpoint(tiny_model_dir, ckpt, hub, tmp_path, capsys):
+    """A checkpoint trained on a 4-bit backbone mines on one (its own quantisation, or the same one asked for: one
+    cache), the stats record it, and its page cache is not the unquantised run's."""
+    torch.manual_seed(0)
+    model, _ = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(r=4, alpha=4), max_tiles=1,
+                                         quantize="4bit")
+    q4 = str(tmp_path / "q4.pt")
+    save_checkpoint(q4, model, epoch=1)
+    stats = mine_hub(q4, hub, tmp_path / "q4.jsonl", "--k", 2)
+    assert stats["quantize"] == "4bit" and stats["dtype"] == "torch.bfloat16"
+    assert stats["cache"]["encoded"] == 4 and len(read_rows(tmp_path / "q4.jsonl")) == len(WORDS)
+    assert "was trained on" not in capsys.readouterr().out
+    again = mine_hub(q4, hub, tmp_path / "again.jsonl", "--k", 2, "--quantize", "4bit")
+    assert again["cache"] == dict(stats["cache"], reused=4, encoded=0)
+    plain = mine_hub(q4, hub, tmp_path / "plain.jsonl", "--k", 2, "--quantize", "none", "--dtype", "bf16")
+    assert "trained on a --quantize 4bit backbone and is loaded on a --quantize none one" in capsys.readouterr().out
+    assert plain["quantize"] == "none" and plain["cache"]["dir"] != stats["cache"]["dir"]
+    assert plain["cache"]["encoded"] == 4
