@@ -93,6 +93,17 @@ def existing_file(path: str) -> str:
     return path
 
 
+
+def trained_model(path: str) -> str:
+    """An argparse `type` for a trained ColIntern: a .pt checkpoint or an exported folder that exists now, or the hub
+    id (owner/name) of an exported folder, which the loader downloads."""
+    from colintern_data import looks_like_hub_id
+    if not os.path.exists(path) and not looks_like_hub_id(path):
+        raise argparse.ArgumentTypeError(f"{path} does not exist (a .pt checkpoint, a folder of export.py, or the "
+                                         f"hub id owner/name of one)")
+    return path
+
+
 # -----------------------------------------------------------------------------
 # Running: expected errors as one line, bugs with their traceback
 

@@ -52,6 +52,43 @@ def files_fingerprint(folder: str) -> str:
     return h.hexdigest()
 
 
+def checkpoint_fingerprint(path: str) -> str:
+    """Content hash of a trained model (sha256, hex), what caches of its embeddings are keyed by: a .pt file's
+    file_sha256 (as before), or for a folder (export.py's, a hub id's download: local_checkpoint) every weight and
+    settings file's name and sha256: the .json and .safetensors files a loader reads. Hidden files (hf download's
+    .cache) and the model card and mteb registration are left out: editing them changes no embedding."""
+    path = local_checkpoint(path)
+    if not os.path.isdir(path):
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".") and f.endswith((".json", ".safetensors"))):
+            file = os.path.join(root, name)
+            h.update(os.path.relpath(file, path).encode() + b"\0" + file_sha256(file).encode() + b"\n")
+    return h.hexdigest()
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """`owner/name` that is no local file or folder (and no .pt file name): a hub repository to download."""
+    return not os.path.exists(path) and not path.endswith(".pt") and not looks_like_local_path(path)
+
+
+def local_checkpoint(path: str) -> str:
+    """A trained model's name -> where it is on disk: a .pt file or an exported folder as given; a hub id of an
+    exported folder (owner/name) -> its snapshot, downloaded into the hub cache unless already there."""
+    if not looks_like_hub_id(path):
+        return path
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path)
+    except Exception as e:  # offline, no such repository, gated, ...: the hub's own message, on one line
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise FileNotFoundError(f"{path} is no local file or folder, and downloading it as a hub repository failed "
+                                f"({reason[:300]}). Offline: on a machine with internet run `hf download {path} "
+                                f"--local-dir DIR` and pass DIR") from e
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temp path beside `path` to write; on success it is renamed over `path`, on any error removed, so a

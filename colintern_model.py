@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from colintern_cli import progress_bar
-from colintern_data import atomic_path, looks_like_local_path, open_image
+from colintern_data import atomic_path, local_checkpoint, looks_like_local_path, open_image, write_json
 
 DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
 
@@ -938,6 +938,11 @@ def save_checkpoint(path: str, model: ColIntern, step: int = 0, epoch: int = 0, 
 
 
 def load_checkpoint(path: str) -> dict:
+    """The one reader of trained models -> the checkpoint dict {"kind", "meta", "heads", "lora"} of a .pt file
+    (train.py's), an exported folder (export.py's), or the hub id of an exported folder (downloaded)."""
+    path = local_checkpoint(path)
+    if os.path.isdir(path):
+        return load_exported(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -974,22 +979,132 @@ def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint
         raise ValueError(f"{source} uses query/page format v{meta['format']['version']}, this code uses "
                          f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code")
     lora = {LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v for k, v in ckpt["lora"].items()}  # older checkpoints' keys
-    own = set()
+    own_lora = {}
     if model.lora is not None:
         from peft import get_peft_model_state_dict
-        own = set(get_peft_model_state_dict(model.backbone))
-    theirs = set(lora)
+        own_lora = get_peft_model_state_dict(model.backbone)
+    own, theirs = set(own_lora), set(lora)
     if own != theirs:
         raise ValueError(f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
                          f"have no place (e.g. {sorted(theirs - own)[:2]}), {len(own - theirs)} model keys are "
                          f"missing (e.g. {sorted(own - theirs)[:2]}). Build the model with the checkpoint's "
                          f"LoRA settings {meta['lora']}")
+    wrong = [k for k in sorted(lora) if lora[k].shape != own_lora[k].shape]
+    if wrong:
+        raise ValueError(f"{source} LoRA adapter does not fit the backbone {model.model_id}: {len(wrong)} tensors "
+                         f"have other shapes (e.g. {wrong[0]}: {tuple(lora[wrong[0]].shape)}, the model's "
+                         f"{tuple(own_lora[wrong[0]].shape)}), with LoRA settings {meta['lora']}")
     for name in ("query_head", "page_head"):
         head = getattr(model, name)
         state = {k.split(".", 1)[1]: v for k, v in ckpt["heads"].items() if k.startswith(name + ".")}
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+        if shapes != expected:
+            raise ValueError(f"{source} heads do not fit the backbone {model.model_id}: {name} holds {shapes}, "
+                             f"the model's {expected} (hidden size {model.hidden_size}, proj_dim {model.proj_dim}); "
+                             f"pass the matching --model_id")
         head.load_state_dict(state)
     if lora:
         from peft import set_peft_model_state_dict
         result = set_peft_model_state_dict(model.backbone, lora)
         if result.unexpected_keys:
             raise ValueError(f"{source}: unexpected LoRA keys {result.unexpected_keys[:3]}")
+
+
+# -----------------------------------------------------------------------------
+# Exported folders (export.py): a trained model as `hf upload` shares it, safetensors and JSON only
+#     adapter_config.json, adapter_model.safetensors  LoRA as peft's own files: PeftModel.from_pretrained(backbone,
+#                                                     folder) reads them; base_model_name_or_path = the backbone id
+#     heads.safetensors                               query_head.* and page_head.*
+#     colintern_config.json                           {"kind", "export_version", "name", **the checkpoint's meta}
+# load_checkpoint reads such a folder back into the same checkpoint dict a .pt holds.
+
+EXPORT_VERSION = 1
+EXPORT_CONFIG = "colintern_config.json"
+HEADS_FILE = "heads.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."  # PeftModel.save_pretrained's keys: the PeftModel's own parameter names
+
+
+def lora_config(settings: dict, base_model: str):
+    """peft's LoraConfig of ColIntern's LoRA settings (dataclasses.asdict of LoraSettings)."""
+    from peft import LoraConfig
+    return LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+                      target_modules=settings["target_modules"], bias="none", base_model_name_or_path=base_model,
+                      inference_mode=True)
+
+
+def write_exported(ckpt: dict, folder: str, name: str, base_model: str | None = None) -> dict:
+    """Write a checkpoint dict into `folder` (which exists) as an exported folder; -> its colintern_config.json.
+    `base_model` replaces meta["model_id"] (the hub id of the backbone a local copy was trained from). Every meta
+    key travels, so what newer code records in a checkpoint reaches the folder without changes here."""
+    from safetensors.torch import save_file
+    meta = dict(ckpt["meta"], model_id=base_model or ckpt["meta"]["model_id"])
+    save_file({k: v.contiguous() for k, v in ckpt["heads"].items()}, os.path.join(folder, HEADS_FILE),
+              metadata={"format": "pt"})
+    if meta["lora"]:
+        lora_config(meta["lora"], meta["model_id"]).save_pretrained(folder)
+        lora = {PEFT_KEY_PREFIX + LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v.contiguous()
+                for k, v in ckpt["lora"].items()}
+        save_file(lora, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = {"kind": CHECKPOINT_KIND, "export_version": EXPORT_VERSION, "name": name, **meta}
+    write_json(os.path.join(folder, EXPORT_CONFIG), config)
+    return config
+
+
+def read_json_file(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: the folder is not a complete ColIntern export ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the folder is corrupted; export it again") from e
+
+
+def read_safetensors(path: str) -> dict:
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: the folder is not a complete ColIntern export")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError on a cut-short or garbled file
+        raise ValueError(f"{path} cannot be read as safetensors ({' '.join(str(e).split())}): the file is "
+                         f"corrupted; download or export it again") from e
+
+
+def load_exported(folder: str) -> dict:
+    """An exported folder -> the checkpoint dict. LoRA settings and the backbone id come from peft's
+    adapter_config.json (what PeftModel.from_pretrained would use) and must agree with colintern_config.json."""
+    config = read_json_file(os.path.join(folder, EXPORT_CONFIG), "export.py writes colintern_config.json")
+    if config.get("kind") != CHECKPOINT_KIND or config.get("export_version") != EXPORT_VERSION:
+        raise ValueError(f"{os.path.join(folder, EXPORT_CONFIG)} is not a ColIntern export of version "
+                         f"{EXPORT_VERSION} (kind {config.get('kind')!r}, export_version "
+                         f"{config.get('export_version')!r})")
+    meta = {k: v for k, v in config.items() if k not in ("kind", "export_version")}
+    lora = {}
+    if meta.get("lora"):
+        adapter = read_json_file(os.path.join(folder, ADAPTER_CONFIG), "the LoRA adapter's peft config")
+        theirs = {"r": adapter.get("r"), "alpha": adapter.get("lora_alpha"), "dropout": adapter.get("lora_dropout"),
+                  "target_modules": adapter.get("target_modules")}
+        ours = {k: meta["lora"].get(k) for k in theirs}
+        if adapter.get("peft_type") != "LORA" or theirs != ours:
+            raise ValueError(f"{os.path.join(folder, ADAPTER_CONFIG)} does not match {EXPORT_CONFIG}: the adapter "
+                             f"is {adapter.get('peft_type')} {theirs}, the model was trained with LoRA {ours}")
+        meta["model_id"] = adapter.get("base_model_name_or_path") or meta["model_id"]
+        weights = read_safetensors(os.path.join(folder, ADAPTER_WEIGHTS))
+        outside = [k for k in weights if not k.startswith(PEFT_KEY_PREFIX)]
+        if outside:
+            raise ValueError(f"{os.path.join(folder, ADAPTER_WEIGHTS)} holds keys outside peft's "
+                             f"{PEFT_KEY_PREFIX!r} naming (e.g. {outside[0]}): not a peft adapter of this model")
+        lora = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in weights.items()}
+    heads = read_safetensors(os.path.join(folder, HEADS_FILE))
+    return {"kind": CHECKPOINT_KIND, "meta": meta, "heads": heads, "lora": lora}
+
+
+def load_trained(path_or_id: str, **kwargs):
+    """-> (model, processor) of a trained ColIntern: a .pt checkpoint, an exported folder or its hub id.
+    Keywords go to ColIntern.from_checkpoint (model_id overrides the backbone, dtype, device_map, max_tiles)."""
+    model, processor, _ = ColIntern.from_checkpoint(path_or_id, **kwargs)
+    return model, processor

@@ -47,8 +47,9 @@ import traceback
 
 import torch
 
-from colintern_cli import ArgumentParser, existing_file, metric_label, one_line, run_cli, validated
-from colintern_data import datasets_cache_for, file_sha256, files_fingerprint, page_hash, write_json
+from colintern_cli import ArgumentParser, metric_label, one_line, run_cli, trained_model, validated
+from colintern_data import (checkpoint_fingerprint, datasets_cache_for, file_sha256, files_fingerprint, page_hash,
+                            write_json)
 from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, QUANTIZE, ColIntern, check_model_id, dtype_name,
                              matmul_dtype, maxsim_scores)
 from colintern_model import score_dtype as resolve_score_dtype
@@ -77,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "untrained baseline's heads")
 
     g = p.add_argument_group("model")
-    g.add_argument("--ckpt", default=None, type=existing_file, help="ColIntern checkpoint (.pt from train.py); "
-                   "omit, with --model_id, for the untrained baseline")
+    g.add_argument("--ckpt", default=None, type=trained_model, help="ColIntern checkpoint (.pt from train.py), "
+                   "export.py folder or its hub id (reported under the folder's name); omit, with --model_id, for "
+                   "the untrained baseline")
     g.add_argument("--model_id", default=None, type=validated(check_model_id), help="backbone (hub id or "
                    "save_pretrained folder); default: the checkpoint's. Without --ckpt: evaluate it with random heads "
                    f"and no LoRA (e.g. {DEFAULT_MODEL_ID})")
@@ -170,7 +172,7 @@ def model_identity(ckpt: str | None, model_id: str, seed: int = 0, proj_dim: int
     format; with no checkpoint, the untrained heads' seed and size. The label names the revision for people."""
     parts = [f"model_id={model_id}", f"backbone={backbone_fingerprint(model_id)}", f"format={FORMAT_VERSION}"]
     if ckpt is not None:
-        parts.append(f"ckpt={file_sha256(ckpt)}")
+        parts.append(f"ckpt={checkpoint_fingerprint(ckpt)}")
         label = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(ckpt))[0])
     else:
         parts.append(f"untrained seed={seed} proj_dim={proj_dim}")
@@ -354,16 +356,16 @@ class ColInternEncoder(AbsEncoder):
 
 
 def build_model_meta(model: ColIntern, model_id: str, revision: str, ckpt: str | None, loader_kwargs: dict,
-                     experiment_kwargs: dict | None, training_data: list):
+                     experiment_kwargs: dict | None, training_data: list, name: str | None = None):
     from mteb.models.model_meta import ModelMeta, ScoringFunction
     n_params = sum(p.numel() for p in model.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     on_colpali = bool(mteb_training_datasets(training_data) & MTEB_TRAINING_DATASETS[COLPALI_TRAIN_SET])
-    stamp = os.path.getmtime(ckpt) if ckpt else datetime.datetime.now().timestamp()
+    stamp = os.path.getmtime(ckpt) if ckpt and os.path.exists(ckpt) else datetime.datetime.now().timestamp()
     text_config = model.backbone.config.text_config
     return ModelMeta(
         loader=load_encoder, loader_kwargs=loader_kwargs,
-        name=f"colintern/{os.path.basename(model_id.rstrip('/'))}", revision=revision,
+        name=name or f"colintern/{os.path.basename(model_id.rstrip('/'))}", revision=revision,
         release_date=datetime.date.fromtimestamp(stamp).isoformat(),
         languages=["eng-Latn"], n_parameters=n_params, memory_usage_mb=round(n_bytes / 2**20, 1),
         max_tokens=getattr(text_config, "max_position_embeddings", None), embed_dim=model.proj_dim,
@@ -416,7 +418,8 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
                                result_identity=(label, model_hash, settings),
                                training_data=(training_data, lineage_from), score_dtype=scoring)
     encoder.mteb_model_meta = build_model_meta(model, model_id, encoder.revision_for(None), ckpt, loader_kwargs,
-                                               experiment_kwargs, training_data)
+                                               experiment_kwargs, training_data,
+                                               name=ckpt_dict and ckpt_dict["meta"].get("name"))  # export.py's
     return encoder
 
 

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
-from colintern_data import (PageResolver, file_sha1, file_sha256, pseudo_path, raw_images, read_queries, read_triples,
-                            stored_page_hash, write_json, write_jsonl)
+from colintern_data import (PageResolver, checkpoint_fingerprint, file_sha1, pseudo_path, raw_images, read_queries,
+                            read_triples, stored_page_hash, write_json, write_jsonl)
 from colintern_model import (
     FORMAT_VERSION,
     QUANTIZE,
@@ -228,7 +228,7 @@ def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype, 
     and of where the pages come from; within it, a shard is reused only if it holds exactly the pages this run puts
     there, so a changed page re-encodes its shard, not the corpus."""
     source = {k: v for k, v in data.source.items() if k in ("hub_name", "split", "train_jsonl", "root")}
-    identity = {"cache_version": CACHE_VERSION, "ckpt_sha256": file_sha256(args.ckpt), "model_id": model.model_id,
+    identity = {"cache_version": CACHE_VERSION, "ckpt_sha256": checkpoint_fingerprint(args.ckpt), "model_id": model.model_id,
                 "max_tiles": model.max_tiles, "format_version": FORMAT_VERSION, "dtype": str(dtype),
                 "score_dtype": str(scoring),
                 "source": source, "shard_pages": args.shard_pages}

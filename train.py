@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
+from colintern_cli import ArgumentParser, progress_bar, run_cli, trained_model, validated
 from colintern_data import PageResolver, atomic_path, file_sha1, pseudo_path, read_queries, read_triples, write_json
 from colintern_model import (
     DEFAULT_MODEL_ID,
@@ -161,9 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out_dir", required=True, help="folder for checkpoints, training_loss.txt and args.json")
     g.add_argument("--save_every", type=int, default=500,
                    help="write colintern_heads_step{N}.pt every N optimizer steps (0: only at epoch ends)")
-    g.add_argument("--resume_ckpt", default=None,
+    g.add_argument("--resume_ckpt", default=None, type=trained_model,
                    help="a step snapshot continues that run exactly (same flags and data); an epoch checkpoint "
-                        "(or any heads checkpoint) is a warm start: heads + LoRA loaded, fresh optimizer")
+                        "(or any heads checkpoint, export.py folder or its hub id) is a warm start: heads + LoRA "
+                        "loaded, fresh optimizer")
     return p
 
 

@@ -20,7 +20,7 @@ import train
 from colintern_cli import progress_bar, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["train.py", "mine_hard_negatives.py", "eval.py", "make_tiny_model.py", "plot_training_loss.py",
+SCRIPTS = ["train.py", "mine_hard_negatives.py", "eval.py", "export.py", "make_tiny_model.py", "plot_training_loss.py",
            "plot_vidore_metrics.py", "make_synthetic_data.py"]
 TORCH_FREE = ("plot_training_loss.py", "plot_vidore_metrics.py", "make_synthetic_data.py")
 REMOTE_CODE = "OpenGVLab/InternVL3_5-1B"
@@ -32,6 +32,7 @@ FLAG_ERRORS = {
     "train.py": [[], ["--model_id", REMOTE_CODE, "--train_hub", "X", "--out_dir", "Y"]],
     "mine_hard_negatives.py": [[]],
     "eval.py": [[], ["--ckpt", "/nonexistent.pt", "--local_task", "x"]],
+    "export.py": [[], ["--ckpt", "/nonexistent.pt", "--out_dir", "x"]],
     "make_tiny_model.py": [[]],
     "plot_training_loss.py": [[]],
     "plot_vidore_metrics.py": [["--inputs", "a.json", "b.json", "--labels", "A", "--outdir", "x"]],
@@ -178,7 +179,8 @@ def test_flag_mistakes_print_one_error_line_and_a_hint(probed, script):
 def test_named_flag_mistakes_say_what_to_do(probed):
     assert probed["train.py"]["errors"][1]["err"].splitlines()[0] == REMOTE_CODE_LINE  # offline, no hub access
     assert probed["eval.py"]["errors"][1]["err"].splitlines()[0] == \
-        "error: argument --ckpt: /nonexistent.pt does not exist"
+        "error: argument --ckpt: /nonexistent.pt does not exist (a .pt checkpoint, a folder of export.py, or the " \
+        "hub id owner/name of one)"
     assert probed["plot_vidore_metrics.py"]["errors"][0]["err"].splitlines()[0] == \
         "error: --labels has 1 labels for 2 --inputs: give one per input"
 

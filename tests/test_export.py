@@ -1,0 +1,202 @@
+"""export.py: the hub-ready folder, loading it back (folder, hub id, peft), eval.py on it, and refusing bad folders."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import colintern_model as cm
+import eval as colintern_eval
+import export
+from colintern_data import checkpoint_fingerprint
+from keyword_pages import render_keyword_page
+from test_eval import QRELS, run_eval, write_hub_layout
+
+NAME = "me/colintern-tiny"
+LOCAL_SOURCE = "/data/private-pages"  # lineage that is no hub dataset: kept out of the card's datasets
+QUERIES = ["Which page is about alpha?", "beta gamma"]
+
+
+@pytest.fixture(scope="module")
+def pages():
+    return [render_keyword_page("alpha"), render_keyword_page("beta", size=(448, 224))]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model_dir, tmp_path_factory):
+    """A .pt whose LoRA B matrices are non-zero (LoRA changes the embeddings), with a lineage."""
+    torch.manual_seed(1)
+    model, _ = cm.ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=cm.LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    path = str(tmp_path_factory.mktemp("run") / "colintern_heads_epoch2.pt")
+    cm.save_checkpoint(path, model, step=20, epoch=2, training_data=["vidore/colpali_train_set", LOCAL_SOURCE])
+    return path
+
+
+def run_export(*flags):
+    return export.main(export.parse_args([str(f) for f in flags]))
+
+
+@pytest.fixture(scope="module")
+def folder(checkpoint, tmp_path_factory):
+    return run_export("--ckpt", checkpoint, "--out_dir", tmp_path_factory.mktemp("exp") / "colintern-tiny",
+                      "--name", NAME)
+
+
+def encodings(path, pages, **kwargs):
+    model, processor = cm.load_trained(path, **kwargs)
+    return model.encode_queries(processor, QUERIES) + model.encode_pages(processor, pages)
+
+
+def test_folder_holds_safetensors_and_json_and_encodes_as_the_checkpoint(folder, checkpoint, pages, monkeypatch):
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                          "colintern_config.json", "heads.safetensors", "mteb_model_meta.py"]
+    assert not [n for n in os.listdir(os.path.dirname(folder)) if n.startswith(".")]  # no temp folder left
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            assert not f.read(2).startswith((b"PK", b"\x80")), name  # no zip (torch.save) or pickle inside
+    config = json.load(open(os.path.join(folder, "colintern_config.json")))
+    meta = cm.load_checkpoint(checkpoint)["meta"]
+    assert config == {"kind": "colintern", "export_version": 1, "name": NAME, **meta}  # the whole meta travels
+    adapter = json.load(open(os.path.join(folder, "adapter_config.json")))
+    assert adapter["base_model_name_or_path"] == meta["model_id"] and adapter["peft_type"] == "LORA"
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8
+
+    expected = encodings(checkpoint, pages)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo_id, **kw: folder)  # the hub id's download
+    for got in (encodings(folder, pages), encodings(NAME, pages)):
+        assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert checkpoint_fingerprint(NAME) == checkpoint_fingerprint(folder) != checkpoint_fingerprint(checkpoint)
+
+
+def test_peft_loads_the_adapter_itself(folder, checkpoint, tiny_model_dir):
+    from peft import PeftModel, get_peft_model_state_dict
+    peft_model = PeftModel.from_pretrained(cm.load_backbone(tiny_model_dir), folder)
+    loaded = get_peft_model_state_dict(peft_model)
+    lora = cm.load_checkpoint(checkpoint)["lora"]
+    assert len(loaded) == len(lora) == 28
+    for key, value in lora.items():
+        assert torch.equal(loaded[cm.PEFT_KEY_PREFIX + key], value), key
+
+
+def test_model_card_and_mteb_registration(folder):
+    card = open(os.path.join(folder, "README.md")).read()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "peft" and front["license"] == "other"
+    assert {"colpali", "late-interaction", "visual-document-retrieval", "vidore"} <= set(front["tags"])
+    assert front["datasets"] == ["vidore/colpali_train_set"] and LOCAL_SOURCE not in card
+    assert f'load_trained("{NAME}")' in card
+
+    namespace = {}
+    exec(open(os.path.join(folder, "mteb_model_meta.py")).read(), namespace)
+    meta = namespace["colintern_tiny"]
+    from mteb.models.model_meta import ModelMeta, ScoringFunction
+    assert isinstance(meta, ModelMeta) and meta.name == NAME and meta.loader is colintern_eval.load_encoder
+    assert meta.loader_kwargs == {"ckpt": NAME} and meta.embed_dim == 16
+    assert meta.similarity_fn_name == ScoringFunction.MAX_SIM and meta.model_type == ["late-interaction"]
+    assert meta.training_datasets == colintern_eval.MTEB_TRAINING_DATASETS["vidore/colpali_train_set"]
+
+
+def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(tmp_path, folder, checkpoint, pages):
+    eval_pages = [render_keyword_page(w, variant=i) for i, w in enumerate(["alpha", "beta", "gamma", "delta"] * 3)]
+    queries = [f"Which page is about {w}?" for w in ["alpha", "beta", "gamma", "delta"] * 2]
+    task = write_hub_layout(tmp_path / "eval", eval_pages[:10], queries, QRELS)
+    from_pt = run_eval(tmp_path / "pt", "--ckpt", checkpoint, "--local_task", task)
+    from_folder = run_eval(tmp_path / "folder", "--ckpt", folder, "--local_task", task)
+    assert from_folder["benchmarks"] == from_pt["benchmarks"] and from_folder["revision"] != from_pt["revision"]
+    assert colintern_eval.load_encoder(ckpt=folder).mteb_model_meta.name == NAME  # reported under its name
+
+    with open(tmp_path / "summary.json", "w") as f:
+        json.dump(from_pt, f)
+    again = run_export("--ckpt", checkpoint, "--out_dir", folder, "--name", NAME, "--eval_json",
+                       tmp_path / "summary.json", "--license", "mit", "--overwrite")
+    card = open(os.path.join(again, "README.md")).read()
+    ndcg = 100 * from_pt["benchmarks"]["local"]["average"]["ndcg_at_5"]
+    assert yaml.safe_load(card.split("---\n")[1])["license"] == "mit" and f"| {ndcg:.2f} |" in card
+
+
+def test_out_dir_is_not_overwritten_by_accident(checkpoint, folder, tmp_path):
+    with pytest.raises(FileExistsError, match="exists and is not empty: pass --overwrite"):
+        run_export("--ckpt", checkpoint, "--out_dir", folder)
+    with pytest.raises(ValueError, match="mteb registration is not valid.*--license"):
+        run_export("--ckpt", checkpoint, "--out_dir", tmp_path / "x", "--license", "my-own")
+    assert os.listdir(tmp_path) == []  # the failed export left nothing behind
+
+
+def test_a_folder_edit_that_changes_no_embedding_keeps_the_fingerprint(folder, tmp_path):
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    before = checkpoint_fingerprint(str(copy))
+    with open(copy / "README.md", "a") as f:
+        f.write("more words\n")
+    assert checkpoint_fingerprint(str(copy)) == before
+    heads = load_file(copy / "heads.safetensors")
+    heads["page_head.bias"] += 1
+    save_file(heads, copy / "heads.safetensors")
+    assert checkpoint_fingerprint(str(copy)) != before
+
+
+def broken(folder, tmp_path, how):
+    copy = shutil.copytree(folder, tmp_path / "broken")
+    how(copy)
+    return str(copy)
+
+
+def truncate(copy):
+    with open(copy / "heads.safetensors", "r+b") as f:
+        f.truncate(100)
+
+
+def other_hidden_size(copy):
+    heads = load_file(copy / "heads.safetensors")
+    save_file({k: torch.zeros(16, 32) if k.endswith("weight") else v for k, v in heads.items()},
+              copy / "heads.safetensors")
+
+
+def other_rank(copy):
+    config = json.load(open(copy / "adapter_config.json"))
+    json.dump(dict(config, r=8), open(copy / "adapter_config.json", "w"))
+
+
+def other_targets(copy):
+    """A consistent folder whose adapter wraps q_proj only: the model built from it has no place for the rest."""
+    weights = load_file(copy / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if "q_proj" in k or "k_proj" in k}, copy / "adapter_model.safetensors")
+
+
+def wider_lora(copy):
+    weights = load_file(copy / "adapter_model.safetensors")
+    save_file({k: torch.zeros(v.shape[0], 2 * v.shape[1]) if "lora_A" in k else v for k, v in weights.items()},
+              copy / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("how, error", [
+    (truncate, r"heads.safetensors cannot be read as safetensors .*: the file is corrupted"),
+    (other_hidden_size, r"heads do not fit the backbone .*query_head holds"),
+    (other_rank, r"adapter_config.json does not match colintern_config.json: the adapter is LORA \{'r': 8"),
+    (other_targets, r"LoRA layout does not match the model: 0 checkpoint keys have no place"),
+    (wider_lora, r"LoRA adapter does not fit the backbone .*: 14 tensors have other shapes"),
+    (lambda copy: os.remove(copy / "colintern_config.json"), r"colintern_config.json is missing"),
+], ids=["truncated_heads", "heads_of_another_hidden_size", "adapter_config_disagrees", "adapter_of_other_modules",
+        "adapter_of_another_width", "no_config"])
+def test_corrupted_or_mismatched_folder_is_refused_in_one_line(folder, tmp_path, how, error):
+    bad = broken(folder, tmp_path, how)
+    with pytest.raises((ValueError, FileNotFoundError), match=error) as info:
+        cm.load_trained(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_hub_id_that_cannot_be_downloaded_is_one_line(monkeypatch):
+    def offline(repo_id, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match=r"nobody/nothing is no local file or folder.*Offline: .*hf download"
+                       ) as info:
+        cm.load_checkpoint("nobody/nothing")
+    assert "\n" not in str(info.value)
+    assert colintern_eval.parse_args(["--ckpt", "nobody/nothing", "--local_task", "x"]).ckpt == "nobody/nothing"
