@@ -200,3 +200,27 @@ def test_hub_id_that_cannot_be_downloaded_is_one_line(monkeypatch):
         cm.load_checkpoint("nobody/nothing")
     assert "\n" not in str(info.value)
     assert colintern_eval.parse_args(["--ckpt", "nobody/nothing", "--local_task", "x"]).ckpt == "nobody/nothing"
+
+
+def test_train_warm_starts_from_the_folder_exactly_as_from_the_checkpoint(folder, checkpoint, tiny_model_dir,
+                                                                           tmp_path):
+    """train.py --resume_ckpt takes the exported folder: two seeded steps from it give the weights two steps from the
+    .pt give, bit for bit (the same tensors loaded, then the same ops in the same order)."""
+    import train
+    from test_train import save_hub_folder
+    hub = save_hub_folder(tmp_path / "hub", ["alpha", "beta", "gamma", "delta"])
+    results = {}
+    for name, start in (("pt", checkpoint), ("folder", folder)):
+        out = tmp_path / name
+        train.main(train.parse_args([str(f) for f in (
+            "--model_id", tiny_model_dir, "--train_hub", hub, "--out_dir", out, "--resume_ckpt", start,
+            "--batch_size", 2, "--epochs", 1, "--optimizer", "adamw", "--num_workers", 0, "--lr", 1e-3)]))
+        results[name] = cm.load_checkpoint(str(out / "colintern_heads_epoch3.pt"))
+    assert results["pt"]["meta"]["step"] == results["folder"]["meta"]["step"] == 20 + 2
+    for part in ("heads", "lora"):
+        assert results["pt"][part].keys() == results["folder"][part].keys()
+        for key, value in results["pt"][part].items():
+            assert torch.equal(value, results["folder"][part][key]), key
+    # and training moved the weights (the comparison is not between two copies of the start)
+    start = cm.load_checkpoint(checkpoint)
+    assert any(not torch.equal(v, results["pt"]["heads"][k]) for k, v in start["heads"].items())
