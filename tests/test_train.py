@@ -13,7 +13,8 @@ from PIL import Image
 
 import train
 from colintern_data import PSEUDO_PATH, pseudo_path
-from colintern_model import ColIntern, LoraSettings, load_checkpoint, maxsim_scores, trainable_state_dict
+from colintern_model import (LORA_KEY_ADAPTER_NAME, ColIntern, LoraSettings, load_checkpoint, maxsim_scores,
+                             trainable_state_dict)
 from conftest import ROOT, query
 from keyword_pages import WORDS, render_keyword_page
 
@@ -792,8 +793,10 @@ def low_precision_runs(tiny_model_dir, pages, tmp_path_factory):
 
     def build_model(*a, **k):
         model, processor = real_build(*a, **k)
-        RecordingAdamW.names.update({id(p): ("lora." + n[len("backbone."):] if n.startswith("backbone.") else
-                                             "heads." + n) for n, p in model.named_parameters()})
+        # checkpoint names: LoRA as peft's state dict names it (no adapter name), heads under "heads."
+        RecordingAdamW.names.update({id(p): ("lora." + LORA_KEY_ADAPTER_NAME.sub(r"\1\2", n[len("backbone."):])
+                                             if n.startswith("backbone.") else "heads." + n)
+                                     for n, p in model.named_parameters()})
         return model, processor
     train.make_optimizer = lambda name, params, lr, say=print: RecordingAdamW(params, lr)
     train.build_model = build_model
