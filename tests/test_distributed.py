@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_mine import WORDS, ckpt, hub  # noqa: F401  (module fixtures: the checkpoint and the hub-layout pages)
+from test_mine import ckpt, hub  # noqa: F401  (module fixtures: the checkpoint and the hub-layout pages)
 
 # 24 query tokens a block: the tiny model's queries are ~10 tokens, so the 22 queries make ~10 blocks and each
 # rank searches several; --query_batch 4 gives 6 batches, 3 per rank.
@@ -109,3 +109,37 @@ def test_one_rank_failing_stops_both_with_its_error(ckpt, hub, tmp_path):  # noq
     assert "error: rank 1 of 2 failed while encoding pages: RuntimeError: injected failure" in result.stderr
     assert not os.path.exists(tmp_path / "out.jsonl")
     print(f"failed run took {time.perf_counter() - start:.1f} s")
+
+
+# -----------------------------------------------------------------------------
+# eval.py
+
+
+def run_eval_processes(tmp, flags, nproc, timeout=400):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    out = os.path.join(tmp, "out.json")
+    result = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "eval.py"), *map(str, flags), "--device",
+                             "cpu", "--batch_size", "3", "--results_dir", os.path.join(tmp, "cache"), "--out_json", out],
+                            capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path):
+    """A local task (10 pages of two shapes, 8 queries; batches of 3, so each rank encodes its own batches) with 2
+    gloo processes: the summary and the predictions equal one process's; only rank 0 wrote."""
+    from test_eval import QRELS, write_hub_layout, KEYWORDS
+    from keyword_pages import render_keyword_page
+    pages = [render_keyword_page(w, size=(224, 224) if i % 2 else (448, 224), variant=i)
+             for i, w in enumerate(KEYWORDS)]
+    folder = write_hub_layout(tmp_path / "task", pages, [f"Which page is about {w}?" for w in KEYWORDS[:8]], QRELS)
+    flags = ["--model_id", tiny_model_dir, "--local_task", folder]
+    one = run_eval_processes(tmp_path / "one", flags, nproc=1)
+    two = run_eval_processes(tmp_path / "two", flags, nproc=2)
+    assert two == one
+    predictions = [sorted(os.path.relpath(os.path.join(d, f), tmp_path / run) for d, _, fs in
+                          os.walk(tmp_path / run / "out_predictions") for f in fs) for run in ("one", "two")]
+    assert predictions[0] == predictions[1] and predictions[0]
+    for name in predictions[0]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
