@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_mine import ckpt, hub  # noqa: F401  (module fixtures: the checkpoint and the hub-layout pages)
+import test_mine
+
+ckpt, hub = test_mine.ckpt, test_mine.hub  # module fixtures: the checkpoint and the hub-layout pages
 
 # 24 query tokens a block: the tiny model's queries are ~10 tokens, so the 22 queries make ~10 blocks and each
 # rank searches several; --query_batch 4 gives 6 batches, 3 per rank.
@@ -58,14 +60,14 @@ def read_stats(out):
 
 
 @pytest.fixture(scope="module")
-def one_process(ckpt, hub, tmp_path_factory):  # noqa: F811
+def one_process(ckpt, hub, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mine1")
     result = run_mine(tmp, mine_flags(ckpt, hub, tmp / "one.jsonl", tmp / "cache"), nproc=1)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp
 
 
-def test_two_processes_mine_the_same_bytes_and_resume_from_one_process_shards(ckpt, hub, one_process,  # noqa: F811
+def test_two_processes_mine_the_same_bytes_and_resume_from_one_process_shards(ckpt, hub, one_process,
                                                                             tmp_path):
     """2 gloo processes, fresh cache: each encodes 2 of the 4 shards and searches its query blocks; rank 0 writes a
     JSONL byte-identical to one process's and the same stats. Then a 2-process run over the 1-process cache with two
@@ -99,7 +101,7 @@ def test_two_processes_mine_the_same_bytes_and_resume_from_one_process_shards(ck
     assert read_stats(tmp_path / "resumed.jsonl")["cache"]["encoded"] == 2
 
 
-def test_one_rank_failing_stops_both_with_its_error(ckpt, hub, tmp_path):  # noqa: F811
+def test_one_rank_failing_stops_both_with_its_error(ckpt, hub, tmp_path):
     """Rank 1 raises while encoding its shard: both processes exit promptly (no wait in a collective), rank 0 with
     one line naming rank 1 and its error, and no output is written."""
     start = time.perf_counter()
