@@ -899,12 +899,13 @@ def agree_on_task(name: str, failed: dict, world: int) -> bool:
     return not bad
 
 
-class ReadOnlyResultCache(mteb.ResultCache):
+def read_only_result_cache(results_dir: str):
     """mteb's result cache for ranks other than 0 under torchrun: it reads the cache (so every rank skips the same
     finished tasks) and writes nothing (rank 0 writes)."""
-
-    def save_to_cache(self, *args, **kwargs):
-        return None
+    class ReadOnlyResultCache(mteb.ResultCache):
+        def save_to_cache(self, *args, **kwargs):
+            return None
+    return ReadOnlyResultCache(results_dir)
 
 
 def run_name(meta) -> str:
@@ -968,7 +969,7 @@ def evaluate(args, rank: int, world: int):
     print(f"training data ({encoder.lineage_from}): {', '.join(encoder.training_data) or 'none'}; mteb "
           f"training_datasets: {', '.join(sorted(meta.training_datasets)) or 'none (zero-shot)'}")
 
-    cache = (mteb.ResultCache if rank == 0 else ReadOnlyResultCache)(args.results_dir)
+    cache = mteb.ResultCache(args.results_dir) if rank == 0 else read_only_result_cache(args.results_dir)
     results, failed, metas = evaluate_each(encoder, tasks, data_fingerprints, local_copies, cache,
                                            predictions_root if rank == 0 else None, args.overwrite, args.batch_size)
 
