@@ -13,6 +13,7 @@ Everything the scripts share, in pipeline order:
 """
 import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import logging
@@ -23,6 +24,7 @@ import re
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -765,8 +767,17 @@ def sum_by_query(best: torch.Tensor, owner: torch.Tensor, n_queries: int) -> tor
 def merge_topk(values: torch.Tensor, indices: torch.Tensor, new_values: torch.Tensor, new_indices: torch.Tensor,
                k: int) -> tuple:
     """A running top-k per row, (n, k) values and indices, merged with (n, m) new ones -> the k best of both."""
-    v, pick = torch.cat([values, new_values], dim=1).topk(k, dim=1)
-    return v, torch.cat([indices, new_indices], dim=1).gather(1, pick)
+    return top_k_by_index(torch.cat([values, new_values], dim=1), torch.cat([indices, new_indices], dim=1), k)
+
+
+def top_k_by_index(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple:
+    """(n, m) values and their page indices -> the k best per row, (n, k) each, best first; equal values in page
+    index order (torch.topk leaves the order of ties unspecified), so the pick never depends on how pages or queries
+    were grouped."""
+    by_index = indices.argsort(dim=1, stable=True)
+    v = values.gather(1, by_index)
+    order = v.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return v.gather(1, order), indices.gather(1, by_index).gather(1, order)
 
 
 def sync(device) -> None:
@@ -831,14 +842,7 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
     indices = torch.full((len(queries), k), -1, dtype=torch.long)
     if len(queries) == 0 or k == 0:
         return values, indices
-    blocks, q0 = [], 0
-    while q0 < len(queries):  # query blocks of about query_block_tokens tokens
-        q1, n_tokens = q0, 0
-        while q1 < len(queries) and (q1 == q0 or n_tokens + queries[q1].shape[0] <= query_block_tokens):
-            n_tokens += queries[q1].shape[0]
-            q1 += 1
-        blocks.append((q0, q1))
-        q0 = q1
+    blocks = query_blocks([q.shape[0] for q in queries], query_block_tokens)
     dtype = score_dtype(dtype, device)
     compute = matmul_dtype(dtype, device)
     with scoring_threads(device) as workers:
@@ -1108,3 +1112,76 @@ def load_trained(path_or_id: str, **kwargs):
     Keywords go to ColIntern.from_checkpoint (model_id overrides the backbone, dtype, device_map, max_tiles)."""
     model, processor, _ = ColIntern.from_checkpoint(path_or_id, **kwargs)
     return model, processor
+
+
+# -----------------------------------------------------------------------------
+# Many processes (torchrun): train, mine and evaluate share these. torchrun's environment variables give the rank
+# and world size on one node or many (its rendezvous), so no code path depends on the node count.
+
+def setup_distributed(device=None, timeout: datetime.timedelta | None = None) -> tuple:
+    """-> (rank, world, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL with one GPU per
+    process (cuda:LOCAL_RANK), gloo on CPUs. `device` None: cuda:LOCAL_RANK if there is a GPU, else cpu. `timeout`:
+    how long a collective may wait for a rank that died without raising (the backstop; see ranks_agree)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1:
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo", **({"timeout": timeout} if timeout else {}))
+    if device is None:
+        device = f"cuda:{local_rank}" if cuda else "cpu"
+    return rank, world, device
+
+
+@contextlib.contextmanager
+def ranks_agree(what: str, world: int):
+    """Around a step every rank runs with no collective inside: afterwards the ranks exchange whether it failed, so
+    that one rank's error stops all of them here, each with a message, instead of leaving the others waiting in the
+    next collective. A rank's own error is re-raised as it is; the others raise 'rank R failed while WHAT: ...'."""
+    error = None
+    try:
+        yield
+    except Exception as e:
+        error = e
+    failed = []
+    if world > 1:
+        from colintern_cli import user_error_message
+        message = None if error is None else (user_error_message(error) or f"{type(error).__name__}: {error}")
+        messages = [None] * world
+        dist.all_gather_object(messages, message)
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if error is not None:
+        raise error
+    if failed:
+        r, message = failed[0]
+        raise RuntimeError(f"rank {r} of {world} failed while {what}: {message}")
+
+
+def rank_share(n: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous share of n items (units of work: batches, query blocks): sizes differ by <= 1."""
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+def query_blocks(lengths: Sequence[int], query_block_tokens: int) -> list:
+    """maxsim_topk's blocks of queries, [(q0, q1), ...]: greedy runs of about query_block_tokens tokens. A run of
+    whole blocks sliced out of a list is blocked the same way again, which is what lets ranks split queries at
+    block boundaries and multiply exactly the matrices one process would."""
+    blocks, q0 = [], 0
+    while q0 < len(lengths):
+        q1, n_tokens = q0, 0
+        while q1 < len(lengths) and (q1 == q0 or n_tokens + lengths[q1] <= query_block_tokens):
+            n_tokens += lengths[q1]
+            q1 += 1
+        blocks.append((q0, q1))
+        q0 = q1
+    return blocks
+
+
+def gather_to_all(items: list, world: int) -> list:
+    """Each rank's list -> the lists of all ranks concatenated in rank order, on every rank."""
+    if world == 1:
+        return items
+    parts = [None] * world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]

@@ -46,12 +46,13 @@ import re
 import traceback
 
 import torch
+import torch.distributed as dist
 
 from colintern_cli import ArgumentParser, metric_label, one_line, run_cli, trained_model, validated
 from colintern_data import (checkpoint_fingerprint, datasets_cache_for, file_sha256, files_fingerprint, page_hash,
                             write_json)
 from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, QUANTIZE, ColIntern, check_model_id, dtype_name,
-                             matmul_dtype, maxsim_scores)
+                             gather_to_all, matmul_dtype, maxsim_scores, rank_share, ranks_agree, setup_distributed)
 from colintern_model import score_dtype as resolve_score_dtype
 
 
@@ -291,6 +292,7 @@ class ColInternEncoder(AbsEncoder):
         self.pages_encoded = 0
         self.page_cache_hits = 0
         self.queries_encoded = 0
+        self.rank, self.world = 0, 1  # under torchrun: set by main
 
     def revision_for(self, data_fingerprint: str | None) -> str:
         """The mteb revision of results on data with this fingerprint (None: hub data)."""
@@ -317,18 +319,48 @@ class ColInternEncoder(AbsEncoder):
         return self._encode_pages(inputs, where, show)
 
     def _encode_queries(self, loader, where, show) -> list:
+        """Under torchrun each rank encodes a contiguous share of mteb's batches, each batch exactly as one process
+        does, and every rank gets all embeddings back in order (mteb runs the same steps on every rank)."""
         from colintern_cli import progress_bar as tqdm  # tqdm on a terminal, sparse lines in a log
         out = []
-        for batch in tqdm(loader, desc=f"queries {where}", unit="batch", disable=not show):
-            texts = list(batch["text"])
-            out.extend(self.model.encode_queries(self.processor, texts, batch_size=len(texts)))
-            self.queries_encoded += len(texts)
-        return out
+        share = rank_share(len(loader), self.rank, self.world)
+        with ranks_agree(f"encoding queries of {where}", self.world):
+            for b, batch in enumerate(tqdm(loader, desc=f"queries {where}", unit="batch",
+                                           disable=not show or self.rank != 0)):
+                texts = list(batch["text"])
+                if b in share:
+                    out.extend(self.model.encode_queries(self.processor, texts, batch_size=len(texts)))
+                self.queries_encoded += len(texts)
+        return gather_to_all(out, self.world)
 
     def _encode_pages(self, loader, where, show) -> list:
+        """Each batch's pages not in the page cache are encoded together. Under torchrun a first pass over mteb's
+        loader finds those groups (as one process would meet them), the ranks encode a contiguous share of the
+        groups, each group in one forward as in one process, and every rank gets all embeddings back."""
         from colintern_cli import progress_bar as tqdm  # tqdm on a terminal, sparse lines in a log
+        if self.world > 1:
+            known, groups = set(self.page_cache), []  # groups: (batch index, keys encoded there)
+            for b, batch in enumerate(loader):
+                missing = list(dict.fromkeys(k for k in map(page_key, batch["image"]) if k not in known))
+                known.update(missing)
+                if missing:
+                    groups.append((b, missing))
+            share = [groups[g] for g in rank_share(len(groups), self.rank, self.world)]
+            own = []
+            with ranks_agree(f"encoding pages of {where}", self.world):
+                todo = dict(share)
+                for b, batch in enumerate(tqdm(loader, desc=f"pages {where}", unit="batch",
+                                               disable=not show or self.rank != 0)):
+                    if b in todo:
+                        by_key = {k: im for k, im in zip(map(page_key, batch["image"]), batch["image"])}
+                        images = [by_key[k] for k in todo[b]]
+                        own.extend(self.model.encode_pages(self.processor, images, batch_size=len(images)))
+            keys = [k for _, missing in groups for k in missing]
+            self.page_cache.update(zip(keys, gather_to_all(own, self.world)))
+            self.pages_encoded += len(keys)
+            self.page_cache_hits -= len(keys)  # the pass below finds them in the cache: not hits of the task's data
         out = []
-        bar = tqdm(loader, desc=f"pages {where}", unit="batch", disable=not show)
+        bar = tqdm(loader, desc=f"pages {where}", unit="batch", disable=not show or self.world > 1)
         for batch in bar:
             keys = [page_key(im) for im in batch["image"]]
             missing = {}
@@ -835,20 +867,45 @@ def evaluate_each(encoder, tasks: list, data_fingerprints: dict, local_copies: d
                 outcome = mteb.evaluate(
                     encoder, task, cache=cache, overwrite_strategy="always" if overwrite else "only-missing",
                     encode_kwargs={"batch_size": batch_size, "show_progress_bar": True},
-                    prediction_folder=os.path.join(predictions_root, run_name(meta)), co2_tracker=False)
+                    prediction_folder=os.path.join(predictions_root, run_name(meta)) if predictions_root else None,
+                    co2_tracker=False)
         except Exception as e:
             traceback.print_exc()
             failed[name] = error_line(e)
             print(f"task {name} failed ({failed[name]}); going on with the other tasks")
+            if encoder.world > 1:
+                agree_on_task(name, failed, encoder.world)
             continue
         finally:
             encoder.mteb_model_meta = base
+        if encoder.world > 1 and not agree_on_task(name, failed, encoder.world):
+            continue
         for error in outcome.exceptions or []:  # how mteb reports a private dataset it cannot load
             failed[error.task_name] = one_line(str(error.exception))
         for result in outcome.task_results:
             # read back what mteb stored (it rounds some scores when saving), so a resumed run reports the same
             results[result.task_name] = cache.load_task_result(result.task_name, meta) or result
     return results, failed, metas
+
+
+def agree_on_task(name: str, failed: dict, world: int) -> bool:
+    """After each task under torchrun: whether it succeeded on every rank; a task that failed on one rank counts
+    as failed on all, so the ranks move on to the next task together. -> True if it succeeded everywhere."""
+    errors = gather_to_all([failed.get(name)], world)
+    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if bad and name not in failed:
+        failed[name] = f"rank {bad[0][0]}: {bad[0][1]}"
+        print(f"task {name} failed on rank {bad[0][0]} ({bad[0][1]}); going on with the other tasks")
+    return not bad
+
+
+def read_only_result_cache(results_dir: str):
+    """mteb's result cache for ranks other than 0 under torchrun: it reads the cache (so every rank skips the same
+    finished tasks) and writes nothing (rank 0 writes)."""
+    class ReadOnlyResultCache(mteb.ResultCache):
+        def save_to_cache(self, *args, **kwargs):
+            return None
+    return ReadOnlyResultCache(results_dir)
 
 
 def run_name(meta) -> str:
@@ -861,6 +918,22 @@ def main(args):
     if args.list:
         print(list_benchmarks())
         return None
+    # under torchrun: one GPU per process (cuda:LOCAL_RANK in place of --device's cuda:N); a rank that dies without
+    # raising holds the others in a collective at most the timeout
+    rank, world, device = setup_distributed(None if args.device.startswith("cuda") else args.device,
+                                            timeout=datetime.timedelta(hours=2))
+    if world > 1:
+        args.device = device
+    try:
+        # every rank runs the same mteb steps; only rank 0 prints and writes
+        with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
+            return evaluate(args, rank, world)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def evaluate(args, rank: int, world: int):
 
     groups = select_tasks(args.benchmarks, args.tasks) if (args.benchmarks or args.tasks) else []
     public, skipped = drop_private(groups)
@@ -887,6 +960,7 @@ def main(args):
     encoder = load_encoder(ckpt=args.ckpt, model_id=args.model_id, device=args.device, dtype=args.dtype,
                            max_tiles=args.max_tiles, seed=args.seed, proj_dim=args.proj_dim or 128,
                            experiment_kwargs=subsample, score_dtype=args.score_dtype, quantize=args.quantize)
+    encoder.rank, encoder.world = rank, world
     meta = encoder.mteb_model_meta
     out_json = args.out_json or os.path.join("outputs", "eval", f"{run_name(meta)}.json")
     predictions_root = args.predictions_dir or os.path.splitext(out_json)[0] + "_predictions"
@@ -895,9 +969,9 @@ def main(args):
     print(f"training data ({encoder.lineage_from}): {', '.join(encoder.training_data) or 'none'}; mteb "
           f"training_datasets: {', '.join(sorted(meta.training_datasets)) or 'none (zero-shot)'}")
 
-    cache = mteb.ResultCache(args.results_dir)
-    results, failed, metas = evaluate_each(encoder, tasks, data_fingerprints, local_copies, cache, predictions_root,
-                                           args.overwrite, args.batch_size)
+    cache = mteb.ResultCache(args.results_dir) if rank == 0 else read_only_result_cache(args.results_dir)
+    results, failed, metas = evaluate_each(encoder, tasks, data_fingerprints, local_copies, cache,
+                                           predictions_root if rank == 0 else None, args.overwrite, args.batch_size)
 
     benchmarks = summarize(groups, results, skipped, failed)
     print(format_table(benchmarks))
@@ -906,7 +980,8 @@ def main(args):
                "task_revisions": {name: m.revision for name, m in metas.items()},
                "training_data": list(encoder.training_data), "training_datasets": sorted(meta.training_datasets),
                "failed": failed, "benchmarks": benchmarks}
-    write_json(out_json, summary)
+    if rank == 0:
+        write_json(out_json, summary)
 
     print(f"\npages encoded {encoder.pages_encoded}, served from the page cache {encoder.page_cache_hits}; "
           f"queries encoded {encoder.queries_encoded}")

@@ -30,6 +30,7 @@ How:
 """
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -38,6 +39,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
 from colintern_data import (PageResolver, checkpoint_fingerprint, file_sha1, pseudo_path, raw_images, read_queries,
@@ -45,20 +47,27 @@ from colintern_data import (PageResolver, checkpoint_fingerprint, file_sha1, pse
 from colintern_model import (
     FORMAT_VERSION,
     QUANTIZE,
+    QUERY_BLOCK_TOKENS,
     ColIntern,
     atomic_torch_save,
     check_model_id,
     dtype_name,
+    gather_to_all,
     matmul_dtype,
     maxsim_tokens,
     maxsim_topk,
     merge_topk,
     pack_queries,
+    query_blocks,
+    rank_share,
+    ranks_agree,
     resolve_dtype,
     score_dtype,
     scoring_threads,
+    setup_distributed,
     sum_by_query,
     sync,
+    top_k_by_index,
     unpad,
 )
 
@@ -302,35 +311,61 @@ def encode_shard(model, processor, data: MiningInput, indices: list, args, bar) 
     return out
 
 
-def ensure_shards(model, processor, data: MiningInput, folder: str, manifest: dict, args) -> dict:
-    """Encode every shard that is not in `folder` with exactly its pages; -> {'reused': n, 'encoded': n}.
-    Each shard is written atomically and then recorded in manifest.json, so a kill loses at most one shard."""
-    os.makedirs(folder, exist_ok=True)
-    manifest_path = os.path.join(folder, "manifest.json")
-    n_pages, counts, todo = len(data.page_hashes), {"reused": 0, "encoded": 0}, []
+def pages_note_path(folder: str, s: int) -> str:
+    """Beside each shard, written by the process that encoded it: the digest of the pages it holds."""
+    return os.path.join(folder, f"pages_{s:05d}.json")
+
+
+def finished_digest(folder: str, manifest: dict, s: int) -> str | None:
+    """The pages digest a finished shard was recorded with (its own note, or a manifest entry of a cache written
+    before the notes), or None if the shard file is absent."""
+    if not os.path.isfile(shard_path(folder, s)):
+        return None
+    try:
+        with open(pages_note_path(folder, s)) as f:
+            return json.load(f).get("pages_sha256")
+    except FileNotFoundError:
+        return manifest["shards"].get(str(s), {}).get("pages_sha256")
+
+
+def shards_to_encode(data: MiningInput, folder: str, manifest: dict, args) -> list:
+    """The shards not in `folder` with exactly the pages this run puts there."""
+    n_pages, todo = len(data.page_hashes), []
     for s in range(manifest["n_shards"]):
         pages = shard_range(s, n_pages, args.shard_pages)
-        digest = pages_digest(data.page_hashes[pages.start:pages.stop])
-        if os.path.isfile(shard_path(folder, s)) and manifest["shards"].get(str(s), {}).get("pages_sha256") == digest:
-            counts["reused"] += 1
-        else:
+        if finished_digest(folder, manifest, s) != pages_digest(data.page_hashes[pages.start:pages.stop]):
             todo.append(s)
-    if counts["reused"]:
-        print(f"page cache {folder}: reusing {counts['reused']} of {manifest['n_shards']} shard(s)")
-    total = sum(len(shard_range(s, n_pages, args.shard_pages)) for s in todo)
-    with progress_bar(total=total, desc="encode pages", unit="page", disable=total == 0) as bar:
-        for s in todo:
+    return todo
+
+
+def ensure_shards(model, processor, data: MiningInput, folder: str, todo: list, args, rank: int = 0,
+                  world: int = 1) -> None:
+    """Encode this rank's share of the shards in `todo` (every world-th, from the rank-th). Each shard is written
+    atomically, then its pages note, so a kill loses at most the shard each process is encoding and a later run, with
+    any number of processes, reuses the rest. No two processes write the same file."""
+    os.makedirs(folder, exist_ok=True)
+    n_pages, mine = len(data.page_hashes), todo[rank::world]
+    total = sum(len(shard_range(s, n_pages, args.shard_pages)) for s in mine)
+    with progress_bar(total=total, desc="encode pages", unit="page", disable=total == 0 or rank != 0) as bar:
+        for s in mine:
             pages = shard_range(s, n_pages, args.shard_pages)
             hashes = data.page_hashes[pages.start:pages.stop]
             emb = encode_shard(model, processor, data, list(pages), args, bar)
             atomic_torch_save({"embeddings": torch.cat(emb), "lengths": torch.tensor([len(e) for e in emb]),
                                "hashes": hashes}, shard_path(folder, s))
-            manifest["shards"][str(s)] = {"pages_sha256": pages_digest(hashes), "pages": len(hashes),
-                                          "tokens": sum(len(e) for e in emb)}
-            write_json(manifest_path, manifest)
-            counts["encoded"] += 1
-    write_json(manifest_path, manifest)
-    return counts
+            write_json(pages_note_path(folder, s), {"pages_sha256": pages_digest(hashes), "pages": len(hashes),
+                                                    "tokens": sum(len(e) for e in emb)})
+
+
+def write_manifest(folder: str, manifest: dict) -> None:
+    """manifest.json (for people: what the folder holds), from the shards' pages notes; one process writes it."""
+    for s in range(manifest["n_shards"]):
+        try:
+            with open(pages_note_path(folder, s)) as f:
+                manifest["shards"][str(s)] = json.load(f)
+        except FileNotFoundError:
+            pass
+    write_json(os.path.join(folder, "manifest.json"), manifest)
 
 
 def iter_shards(folder: str, data: MiningInput, shard_pages: int):
@@ -390,10 +425,13 @@ def margin_ceiling(pos_scores: torch.Tensor, margin: float) -> torch.Tensor:
 
 
 def exact_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device,
-                 dtype) -> dict:
-    """Every query x every page, shard by shard; the filter runs inside the stream, before the running top-k."""
+                 dtype, part: range | None = None) -> dict:
+    """Every query (of `part`, default all) x every page, shard by shard; the filter runs inside the stream, before
+    the running top-k. -> results for the queries of `part`, in order."""
+    part = part or range(len(queries))
+    queries, pos_scores = queries[part.start:part.stop], pos_scores[part.start:part.stop]
     nq, k = len(queries), args.k
-    positives = torch.tensor(data.positives, device=device)
+    positives = torch.tensor(data.positives[part.start:part.stop], device=device)
     pos_dev = pos_scores.to(device)
     ceiling = margin_ceiling(pos_scores, args.margin).to(device)
     above = torch.zeros(nq, dtype=torch.long, device=device)  # pages scoring above the positive
@@ -410,7 +448,8 @@ def exact_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, fol
             dropped[q0:q1] += drop.sum(dim=1)
             scores.masked_fill_(drop, float("-inf"))
 
-        v, i = maxsim_topk(queries, shard, k, device=device, dtype=dtype, on_scores=on_scores)
+        v, i = maxsim_topk(queries, shard, k, device=device, dtype=dtype, on_scores=on_scores,
+                           query_block_tokens=QUERY_BLOCK_TOKENS)
         values, indices = merge_topk(values, indices, v, torch.where(i >= 0, i + first, i), k)
     indices[values == float("-inf")] = -1
     return {"negatives": indices, "neg_scores": values, "rank": 1 + above.cpu(), "dropped": dropped.cpu()}
@@ -540,8 +579,7 @@ def faiss_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, fol
     above = (scores > pos_scores[:, None]).sum(dim=1)
     drop = scores > margin_ceiling(pos_scores, args.margin)[:, None]
     scores[drop] = float("-inf")
-    values, pick = scores.topk(args.k, dim=1)
-    negatives = candidates.gather(1, pick)
+    values, negatives = top_k_by_index(scores, candidates, args.k)
     negatives[values == float("-inf")] = -1
     timings["rerank"] = time.perf_counter() - start
     return {"negatives": negatives, "neg_scores": values, "rank": 1 + above, "dropped": drop.sum(dim=1),
@@ -560,51 +598,122 @@ def stats_path(out_jsonl: str) -> str:
     return os.path.splitext(out_jsonl)[0] + ".stats.json"
 
 
+def split_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device, dtype,
+                 rank: int, world: int) -> dict:
+    """This rank's share of the exact search: a contiguous run of maxsim_topk's query blocks (query_blocks over all
+    queries), so each block holds the same queries, and so multiplies the same matrices, as in one process."""
+    blocks = query_blocks([q.shape[0] for q in queries], QUERY_BLOCK_TOKENS)
+    share = rank_share(len(blocks), rank, world)
+    part = range(blocks[share.start][0], blocks[share.stop - 1][1]) if len(share) else range(0)
+    return exact_search(queries, data, pos_scores, folder, args, device, dtype, part)
+
+
+def gather_results(result: dict, world: int) -> dict:
+    """Per-query search results of every rank's slice -> one dict over all queries, in query order."""
+    if world == 1:
+        return result
+    rows = gather_to_all(list(zip(result["negatives"], result["neg_scores"], result["rank"], result["dropped"])),
+                         world)
+    negatives, neg_scores, rank, dropped = zip(*rows)
+    return {"negatives": torch.stack(negatives), "neg_scores": torch.stack(neg_scores), "rank": torch.stack(rank),
+            "dropped": torch.stack(dropped)}
+
+
 def main(args):
+    # a rank that dies without raising (killed, out of memory) holds the others in a collective at most this long;
+    # long enough for rank 0 to run a FAISS search alone while the others wait
+    rank, world, device = setup_distributed(args.device, timeout=datetime.timedelta(hours=2))
+    try:
+        return mine(args, rank, world, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def mine(args, rank: int, world: int, device: str):
+    """Every rank: load, hash, encode its shards and query batches, search its query blocks; rank 0 writes."""
+    if world > 1 and args.device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    say = print if rank == 0 else (lambda *a, **k: None)
     t_start = time.perf_counter()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     timings = {}
 
     start = time.perf_counter()  # the model first: a wrong --ckpt fails now, not after hashing every page
-    model, processor, ckpt = ColIntern.from_checkpoint(
-        args.ckpt, model_id=args.model_id, dtype=args.dtype, max_tiles=args.max_tiles, quantize=args.quantize,
-        device_map=device if torch.device(device).type == "cuda" else None)
-    model.eval()
-    quantize = model.quantize
-    dtype = resolve_dtype(args.dtype, device, quantize)  # the model's (encoding)
-    scoring = score_dtype(args.score_dtype, device)
-    print(f"score dtype {dtype_name(scoring)} (--score_dtype {args.score_dtype}; multiplied in "
-          f"{dtype_name(matmul_dtype(scoring, device))} on {device}); model dtype {dtype_name(dtype)}")
-    timings["load_model"] = time.perf_counter() - start
+    with ranks_agree("loading the model and hashing pages", world):
+        model, processor, ckpt = ColIntern.from_checkpoint(
+            args.ckpt, model_id=args.model_id, dtype=args.dtype, max_tiles=args.max_tiles, quantize=args.quantize,
+            device_map=device if torch.device(device).type == "cuda" else None)
+        model.eval()
+        quantize = model.quantize
+        dtype = resolve_dtype(args.dtype, device, quantize)  # the model's (encoding)
+        scoring = score_dtype(args.score_dtype, device)
+        say(f"score dtype {dtype_name(scoring)} (--score_dtype {args.score_dtype}; multiplied in "
+            f"{dtype_name(matmul_dtype(scoring, device))} on {device}); model dtype {dtype_name(dtype)}")
+        timings["load_model"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        data = (hub_input(args.hub_name, args.split) if args.hub_name else jsonl_input(args.train_jsonl, args.root))
+        timings["hash_pages"] = time.perf_counter() - start
+        n_pages = len(data.page_hashes)
+        say(f"{len(data.queries)} queries; {data.page_mentions} page references -> {n_pages} distinct pages")
+        folder, manifest = cache_folder(args, model, data, dtype, scoring)
+        if rank == 0:
+            todo = shards_to_encode(data, folder, manifest, args)
+    if world > 1:  # rank 0's list, so that the ranks split one plan even while the first shards are being written
+        todo = [todo if rank == 0 else None]
+        dist.broadcast_object_list(todo, src=0)
+        todo = todo[0]
+    shard_counts = {"reused": manifest["n_shards"] - len(todo), "encoded": len(todo)}
+    if shard_counts["reused"]:
+        say(f"page cache {folder}: reusing {shard_counts['reused']} of {manifest['n_shards']} shard(s)")
 
     start = time.perf_counter()
-    data = (hub_input(args.hub_name, args.split) if args.hub_name else jsonl_input(args.train_jsonl, args.root))
-    timings["hash_pages"] = time.perf_counter() - start
-    n_pages = len(data.page_hashes)
-    print(f"{len(data.queries)} queries; {data.page_mentions} page references -> {n_pages} distinct pages")
-
-    folder, manifest = cache_folder(args, model, data, dtype, scoring)
-    start = time.perf_counter()
-    shard_counts = ensure_shards(model, processor, data, folder, manifest, args)
-    sync(device)
+    with ranks_agree("encoding pages", world):
+        ensure_shards(model, processor, data, folder, todo, args, rank, world)
+        sync(device)
+    with ranks_agree("writing the page cache's manifest", world):
+        if rank == 0:
+            write_manifest(folder, manifest)
     timings["encode_pages"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    queries = [q.to(device=device, dtype=scoring)
-               for q in model.encode_queries(processor, data.queries, batch_size=args.query_batch, progress=True)]
+    with ranks_agree("encoding queries", world):
+        # whole --query_batch batches per rank: each query is encoded in the same batch as in one process
+        batches = rank_share(math.ceil(len(data.queries) / args.query_batch), rank, world)
+        own = model.encode_queries(processor, data.queries[batches.start * args.query_batch:
+                                                           batches.stop * args.query_batch],
+                                   batch_size=args.query_batch, progress=rank == 0)
+    queries = [q.to(device=device, dtype=scoring) for q in gather_to_all(own, world)]
     sync(device)
     timings["encode_queries"] = time.perf_counter() - start
     del model
 
     start = time.perf_counter()
-    pos_scores = positive_scores(queries, data, folder, args, device, scoring)
+    with ranks_agree("searching", world):
+        # every rank scores every positive (Nq pairs, cheap next to the search): the margin filter needs them
+        pos_scores = positive_scores(queries, data, folder, args, device, scoring)
+        if args.search == "exact":
+            result = split_search(queries, data, pos_scores, folder, args, device, scoring, rank, world)
+        elif rank == 0:  # FAISS: one index and one search, on rank 0 (see the README)
+            result = faiss_search(queries, data, pos_scores, folder, args, device, scoring, timings)
+        else:
+            result = None
+        sync(device)
     if args.search == "exact":
-        result = exact_search(queries, data, pos_scores, folder, args, device, scoring)
-    else:
-        result = faiss_search(queries, data, pos_scores, folder, args, device, scoring, timings)
-    sync(device)
+        result = gather_results(result, world)
     timings["search"] = time.perf_counter() - start
 
+    stats = None
+    with ranks_agree("writing the output", world):
+        if rank == 0:
+            stats = write_outputs(args, data, result, ckpt, device, dtype, scoring, quantize, folder, manifest,
+                                  shard_counts, world, timings, t_start)
+    return stats
+
+
+def write_outputs(args, data: MiningInput, result: dict, ckpt: dict, device, dtype, scoring, quantize, folder: str,
+                  manifest: dict, shard_counts: dict, world: int, timings: dict, t_start: float) -> dict:
+    n_pages = len(data.page_hashes)
     negatives = result["negatives"].tolist()
     rows = [{"query": q, "pos": pos, "negs": [data.page_refs[j] for j in negs if j >= 0]}
             for q, pos, negs in zip(data.queries, data.pos_refs, negatives)]
@@ -630,6 +739,7 @@ def main(args):
         "negatives_per_query": {"mean": float(n_negs.double().mean()), "min": int(n_negs.min()),
                                 "queries_short_of_k": int((n_negs < args.k).sum())},
         "cache": {"dir": folder, "shards": manifest["n_shards"], **shard_counts},
+        "processes": world,
         "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
     }
     write_json(stats_path(args.out_jsonl), stats)

@@ -67,6 +67,8 @@ from colintern_model import (
     save_checkpoint,
     say_if_quantization_differs,
 )
+from colintern_model import setup_distributed as join_torchrun_processes
+
 
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
 WEIGHT_DECAY = 0.0  # as colpali-engine's recipes (HF Trainer default)
@@ -309,19 +311,10 @@ def load_training_rows(args):
 # Distributed: torchrun's environment variables -> rank, world size, device
 
 def setup_distributed(device_map):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1:
-        if device_map == "auto":
-            raise ValueError("--device_map auto splits one model over this machine's GPUs in one process: run it "
-                             "with plain `python train.py`, not torchrun (DDP needs one device per process)")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
-    if device_map is None:
-        device_map = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    return rank, world, device_map
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device_map == "auto":
+        raise ValueError("--device_map auto splits one model over this machine's GPUs in one process: run it "
+                         "with plain `python train.py`, not torchrun (DDP needs one device per process)")
+    return join_torchrun_processes(device_map)
 
 
 def pad_left(emb: torch.Tensor, mask: torch.Tensor, length: int):

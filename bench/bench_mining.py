@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,6 +78,9 @@ def parse_args(argv=None):
                         "page tokens >= planted_queries x --k x query tokens)")
     p.add_argument("--encode_only", action="store_true",
                    help="time only the page encoding (processing, model, encode_pages), in memory; see above")
+    p.add_argument("--nproc", type=int, nargs="+", default=None,
+                   help="instead: exact mining under torchrun with each of these process counts (fresh page cache "
+                        "each), time per phase and the ratio to the first; outputs must be byte-identical")
     p.add_argument("--peak_tflops", type=float, default=989.0,
                    help="--encode_only on CUDA: accelerator peak for MFU, TFLOP/s (H100/H200 dense bf16: 989)")
     return p.parse_args(argv)
@@ -143,6 +147,35 @@ def run(args, inputs, work, name, *extra):
     if args.device:
         flags += ["--device", args.device]
     return mine.main(mine.parse_args([str(f) for f in flags]))
+
+
+def run_processes(args, inputs, work, nproc: int) -> dict:
+    """Exact mining under torchrun --nproc_per_node nproc (plain python for 1), its own cache -> the stats."""
+    out = os.path.join(work, f"nproc{nproc}.jsonl")
+    flags = ["--ckpt", inputs["ckpt"], "--hub_name", inputs["data"], "--split", "train", "--out_jsonl", out,
+             "--cache_dir", os.path.join(work, f"cache{nproc}"), "--k", args.k, "--max_tiles", args.max_tiles,
+             "--doc_batch", args.doc_batch, "--query_batch", args.query_batch, "--num_workers", args.num_workers,
+             "--shard_pages", args.shard_pages, "--dtype", args.dtype, *(["--device", args.device] if args.device
+                                                                        else [])]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1)}
+    subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "mine_hard_negatives.py"), *map(str, flags)],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    with open(mine.stats_path(out)) as f:
+        return json.load(f)
+
+
+def compare_processes(args, inputs, work) -> None:
+    phases = ("load_model", "hash_pages", "encode_pages", "encode_queries", "search", "total")
+    first, outputs = None, {}
+    for nproc in args.nproc:
+        t = run_processes(args, inputs, work, nproc)["timings_s"]
+        first = first or t
+        outputs[nproc] = open(os.path.join(work, f"nproc{nproc}.jsonl"), "rb").read()
+        print(f"{nproc} process(es): " + ", ".join(f"{k} {t[k]:.2f} s ({first[k] / max(t[k], 1e-9):.2f}x)"
+                                                   for k in phases))
+    same = all(o == outputs[args.nproc[0]] for o in outputs.values())
+    print(f"outputs byte-identical across process counts: {same}")
 
 
 def page_tokens(stats) -> int:
@@ -280,6 +313,8 @@ def main(args):
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_mining_")
     try:
         inputs = build_inputs(args, work, tile, size)
+        if args.nproc:
+            return compare_processes(args, inputs, work)
         exact = run(args, inputs, work, "exact")
         tokens = page_tokens(exact)
         from colintern_model import ColInternProcessor

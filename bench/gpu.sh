@@ -225,8 +225,18 @@ else
         --contrastive 64 --micro 32 --steps 1 --warmup 1 --gradient_checkpointing --optimizer "$OPTIMIZER"
 fi
 
+# --- (f) mining end to end on 1 GPU vs 8 (torchrun): only where 8 GPUs are present
+NGPU="$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)"
+if [[ "$QUICK" == 1 || "$NGPU" -lt 8 ]]; then
+    echo "skip: (f) mining on 1 vs 8 GPUs under torchrun (full mode with 8 GPUs only; $NGPU here)"
+    STATUS[f]="skipped (needs 8 GPUs)"
+else
+    section f 500 "mining end to end at 1B shapes on 1 GPU vs 8 (torchrun)" bench/bench_mining.py --size 1b \
+        --device cuda --pages 4000 --page_size 896 896 --max_tiles 4 --doc_batch 32 --nproc 1 8
+fi
+
 summary="gpu.sh: done in $((SECONDS - START)) s:"
-for tag in a b c d e; do
+for tag in a b c d e f; do
     summary+=" ($tag) ${STATUS[$tag]:-not run};"
 done
 echo "${summary%;}"
