@@ -54,6 +54,7 @@ from colintern_model import (
     maxsim_topk,
     merge_topk,
     pack_queries,
+    pool_pages,
     resolve_dtype,
     score_dtype,
     scoring_threads,
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the backbone's language model in 8-bit or 4-bit (bitsandbytes; vision tower stays bf16, "
                         "--dtype auto means bf16) or unquantised (none). Default: as the checkpoint was trained; "
                         "another choice says so in one line. Part of the page cache's key")
+    g.add_argument("--pool_factor", type=int, default=1,
+                   help="pool each page's vectors into max(1, L // F) (Ward clustering, renormalised means; queries "
+                        "are never pooled) before they are cached and searched: about F times smaller shards and "
+                        "search. 1: no pooling. Part of the page cache's key")
     g = p.add_argument_group("data (one of --hub_name or --train_jsonl)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--hub_name", default=None,
@@ -131,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    for flag in ("k", "candidates", "token_hits", "nprobe", "doc_batch", "query_batch", "shard_pages"):
+    for flag in ("k", "candidates", "token_hits", "nprobe", "doc_batch", "query_batch", "shard_pages", "pool_factor"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
@@ -234,6 +239,8 @@ def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype, 
                 "source": source, "shard_pages": args.shard_pages}
     if model.quantize != "none":  # only then, so caches written before --quantize stay valid
         identity["quantize"] = model.quantize
+    if args.pool_factor != 1:  # only then, so caches written before --pool_factor stay valid
+        identity["pool_factor"] = args.pool_factor
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     base = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_jsonl)), "page_cache")
     folder = os.path.join(base, key)
@@ -303,11 +310,12 @@ def encode_shard(model, processor, data: MiningInput, indices: list, args, bar) 
 
 
 def ensure_shards(model, processor, data: MiningInput, folder: str, manifest: dict, args) -> dict:
-    """Encode every shard that is not in `folder` with exactly its pages; -> {'reused': n, 'encoded': n}.
+    """Encode every shard that is not in `folder` with exactly its pages (pooled with --pool_factor > 1);
+    -> {'reused': n, 'encoded': n, 'pooling_s': seconds}.
     Each shard is written atomically and then recorded in manifest.json, so a kill loses at most one shard."""
     os.makedirs(folder, exist_ok=True)
     manifest_path = os.path.join(folder, "manifest.json")
-    n_pages, counts, todo = len(data.page_hashes), {"reused": 0, "encoded": 0}, []
+    n_pages, counts, todo = len(data.page_hashes), {"reused": 0, "encoded": 0, "pooling_s": 0.0}, []
     for s in range(manifest["n_shards"]):
         pages = shard_range(s, n_pages, args.shard_pages)
         digest = pages_digest(data.page_hashes[pages.start:pages.stop])
@@ -323,6 +331,10 @@ def ensure_shards(model, processor, data: MiningInput, folder: str, manifest: di
             pages = shard_range(s, n_pages, args.shard_pages)
             hashes = data.page_hashes[pages.start:pages.stop]
             emb = encode_shard(model, processor, data, list(pages), args, bar)
+            if args.pool_factor != 1:  # the shard is cached (and searched) pooled
+                start = time.perf_counter()
+                emb = [p.to(torch.float16) for p in pool_pages([e.float() for e in emb], args.pool_factor)]
+                counts["pooling_s"] += time.perf_counter() - start
             atomic_torch_save({"embeddings": torch.cat(emb), "lengths": torch.tensor([len(e) for e in emb]),
                                "hashes": hashes}, shard_path(folder, s))
             manifest["shards"][str(s)] = {"pages_sha256": pages_digest(hashes), "pages": len(hashes),
@@ -556,6 +568,14 @@ def rank_metrics(rank: torch.Tensor) -> dict:
     return {**{f"recall@{n}": float((r <= n).double().mean()) for n in (1, 5, 10)}, "mrr": float((1 / r).mean())}
 
 
+def page_index_stats(manifest: dict, pool_factor: int, n_pages: int, dim: int, pooling_s: float) -> dict:
+    """The searched page index: pool factor, mean vectors per page and fp16 bytes (from the cache manifest, so
+    reused shards count too), and the seconds this run spent pooling (inside encode_pages)."""
+    vectors = sum(shard["tokens"] for shard in manifest["shards"].values())
+    return {"pool_factor": pool_factor, "vectors_per_page": vectors / max(1, n_pages),
+            "page_index_bytes": vectors * dim * 2, "pooling_s": round(pooling_s, 3)}
+
+
 def stats_path(out_jsonl: str) -> str:
     return os.path.splitext(out_jsonl)[0] + ".stats.json"
 
@@ -588,12 +608,14 @@ def main(args):
     shard_counts = ensure_shards(model, processor, data, folder, manifest, args)
     sync(device)
     timings["encode_pages"] = time.perf_counter() - start
+    pooling_s = shard_counts.pop("pooling_s")
 
     start = time.perf_counter()
     queries = [q.to(device=device, dtype=scoring)
                for q in model.encode_queries(processor, data.queries, batch_size=args.query_batch, progress=True)]
     sync(device)
     timings["encode_queries"] = time.perf_counter() - start
+    model_dim = model.proj_dim
     del model
 
     start = time.perf_counter()
@@ -620,6 +642,7 @@ def main(args):
         "score_dtype": {"requested": args.score_dtype, "used": str(scoring),
                         "matmul": str(matmul_dtype(scoring, device))},
         "quantize": quantize,
+        "page_index": page_index_stats(manifest, args.pool_factor, n_pages, model_dim, pooling_s),
         "queries": len(data.queries), "page_references": data.page_mentions, "distinct_pages": n_pages,
         "duplicates_removed": data.page_mentions - n_pages,
         # rank of the positive among all pages (exact) or among the re-ranked candidates (faiss)
