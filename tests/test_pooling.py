@@ -76,3 +76,17 @@ def test_half_precision_pages_pool_in_their_dtype():
     assert pooled.dtype == torch.float16 and pooled.shape == (10, 16)
     assert cm.index_bytes([pooled]) == 10 * 16 * 2
     assert cm.index_bytes([pooled], torch.float32) == 10 * 16 * 4
+
+
+def test_bench_pooling_runs_on_a_small_planted_set(capsys):
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_pooling
+    scores = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1]])
+    assert bench_pooling.ndcg_at_5(scores, {0: {2}, 1: {0}}) == [1 / np.log2(3), 1.0]
+    bench_pooling.main(bench_pooling.parse_args(["--planted_queries", "6", "--page_tokens", "40", "60",
+                                                 "--factors", "1", "2", "--rerank", "2"]))
+    out = capsys.readouterr().out
+    assert "planted embeddings: 6 queries" in out and "ColIntern        2" in out and "colpali-engine   2" in out
+    assert "ColIntern pools" in out and "as fast as colpali-engine per page" in out
