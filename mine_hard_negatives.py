@@ -18,7 +18,9 @@ How:
    page is encoded once, and a query's positive and every page with the same content are one page, never a negative.
 2. Distinct pages are encoded in shards of --shard_pages pages, each saved (fp16, atomically) in --cache_dir, in a
    folder keyed by the checkpoint's content, model id, tiles, dtype, score dtype and data source. A re-run reuses
-   every shard that holds exactly the pages it needs; a kill loses at most the shard being encoded.
+   every shard that holds exactly the pages it needs; a kill loses at most the shard being encoded. With
+   --pool_factor F each page is pooled (colintern_model.pool_page) before its shard is saved: the cache (keyed by F)
+   and every search then hold max(1, L // F) vectors a page; queries are never pooled.
 3. Each query's positive is scored first. The positive (and so every copy of it) is never a candidate, a page
    scoring above --margin x the positive's score is dropped as a likely false negative (NV-Retriever's
    TopK-PercPos), and the k best of the rest are written.
