@@ -292,7 +292,8 @@ def exact_maxsim(queries, pages, device="cpu", dtype=torch.float32) -> torch.Ten
 
 class ColInternEncoder(AbsEncoder):
     """mteb encoder protocol around ColIntern: queries and pages in the training format, exact MaxSim scoring, and
-    page embeddings cached by image content within a task (language subsets of one task share their pages)."""
+    page embeddings cached by image content within a task (language subsets of one task share their pages). With
+    pool_factor > 1 the cache holds pooled pages, and with rerank their full vectors too (see similarity)."""
 
     def __init__(self, model: ColIntern, processor, model_meta, device="cpu", result_identity=None,
                  training_data=((), ""), score_dtype=torch.float32, pool_factor=1, rerank=0):
