@@ -863,6 +863,68 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
 
 
 # -----------------------------------------------------------------------------
+# Pooling: fewer page vectors for a smaller index (eval.py and mine_hard_negatives.py --pool_factor)
+#
+# A page's L tokens are clustered hierarchically (Ward linkage on the unit token vectors themselves) into
+# max(1, L // pool_factor) clusters, each replaced by its renormalised mean; queries are never pooled and scoring is
+# the same exact MaxSim. colpali-engine's HierarchicalTokenPooler runs Ward on the rows of 1 - E E^T instead: an
+# L-dimensional observation per token, O(L^3) per page for the distances, against O(L^2 D) here.
+
+def page_clusters(page: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """(L, D) unit vectors -> (L,) int64 cluster of each token, 0..n_clusters-1 numbered by first token. The tree is
+    cut after its first L - n_clusters merges (scipy sorts them by height, stably), so the count is exact even when
+    heights tie, where fcluster's maxclust may return fewer; otherwise the same clusters."""
+    import numpy as np
+    from scipy.cluster.hierarchy import linkage
+    n = len(page)
+    merges = linkage(page.detach().cpu().double().numpy(), method="ward")[: n - n_clusters, :2].astype(np.int64)
+    parent = np.arange(2 * n - 1)
+    parent[merges[:, 0]] = parent[merges[:, 1]] = np.arange(n, n + len(merges))
+    parent = parent[:n + len(merges)]
+    while True:  # pointer jumping: every token to its cluster's root
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            break
+        parent = up
+    _, first, inverse = np.unique(parent[:n], return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return torch.from_numpy(rank[inverse.reshape(-1)])
+
+
+def pool_page(page: torch.Tensor, pool_factor: int) -> torch.Tensor:
+    """(L, D) unit page vectors -> (max(1, L // pool_factor), D): each cluster's renormalised mean, clusters in the
+    order of their first token, in the page's dtype and device. pool_factor 1 returns `page` itself."""
+    if pool_factor < 1:
+        raise ValueError(f"pool_factor must be >= 1, got {pool_factor}")
+    n_clusters = max(1, len(page) // pool_factor)
+    if n_clusters >= len(page):
+        return page
+    label = page_clusters(page, n_clusters).to(page.device)
+    sums = torch.zeros(n_clusters, page.shape[1], dtype=torch.float32, device=page.device)
+    sums.index_add_(0, label, page.float())  # (K, D)
+    return F.normalize(sums, dim=-1).to(page.dtype)
+
+
+def pool_pages(pages: Sequence[torch.Tensor], pool_factor: int, workers: int | None = None) -> list:
+    """pool_page over a list of pages, on `workers` threads (default: torch's thread count): the distance
+    computation and the linkage run in numpy/scipy. Same result whatever the thread count."""
+    if pool_factor == 1:
+        return list(pages)
+    workers = min(len(pages), workers or torch.get_num_threads())
+    if workers <= 1:
+        return [pool_page(p, pool_factor) for p in pages]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(workers, thread_name_prefix="pool") as ex:
+        return list(ex.map(functools.partial(pool_page, pool_factor=pool_factor), pages))
+
+
+def index_bytes(pages: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> int:
+    """Bytes the pages' vectors take held in `dtype` (default: their own)."""
+    return sum(p.numel() * (dtype or p.dtype).itemsize for p in pages)
+
+
+# -----------------------------------------------------------------------------
 # Loss
 
 def contrastive_loss(queries: torch.Tensor, query_mask: torch.Tensor, pages: torch.Tensor, page_mask: torch.Tensor,

@@ -31,8 +31,12 @@ Outputs: a printed table (scores x100), `--out_json` (default `outputs/eval/<rev
 `{"ckpt", "model_id", "revision", "task_revisions", "training_data", "training_datasets", "failed",
 "benchmarks": {name: {"label", "tasks_run", "tasks_total", "tasks": {task: {metric: value}},
 "subsets": {task: {language: {metric: value}}}, "average": {metric: value}, "skipped": {task: why},
-"failed": {task: error}}}}` with mteb's 0-1 values, and mteb's per-query rankings under
-`--predictions_dir/<task revision>[__<experiment>]/`.
+"failed": {task: error}}}, "page_index": {"pool_factor", "rerank", "vectors_per_page", "page_index_bytes", ...}}`
+with mteb's 0-1 values, and mteb's per-query rankings under `--predictions_dir/<task revision>[__<experiment>]/`.
+
+Smaller page indexes (`--pool_factor F`, `--rerank N`): pages are pooled right after encoding (colintern_model.pool_page:
+Ward clusters, max(1, L // F) renormalised means), queries never; the first stage scores every page's pooled vectors
+with exact MaxSim, and with --rerank each query's top N are re-scored with the full vectors, kept in memory.
 """
 import argparse
 import contextlib
@@ -43,6 +47,7 @@ import json
 import os
 import random
 import re
+import time
 import traceback
 
 import torch
@@ -52,7 +57,8 @@ from colintern_cli import ArgumentParser, metric_label, one_line, run_cli, train
 from colintern_data import (checkpoint_fingerprint, datasets_cache_for, file_sha256, files_fingerprint, page_hash,
                             write_json)
 from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, QUANTIZE, ColIntern, check_model_id, dtype_name,
-                             gather_to_all, matmul_dtype, maxsim_scores, rank_share, ranks_agree, setup_distributed)
+                             gather_to_all, index_bytes, matmul_dtype, maxsim_scores, pool_pages, rank_share,
+                             ranks_agree, setup_distributed)
 from colintern_model import score_dtype as resolve_score_dtype
 
 
@@ -101,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the backbone's language model in 8-bit or 4-bit (bitsandbytes; vision tower stays bf16, "
                         "--dtype auto means bf16) or unquantised (none). Default: as the checkpoint was trained "
                         "(another choice says so in one line); none without --ckpt. Part of the results' key")
+    g.add_argument("--pool_factor", type=int, default=1,
+                   help="pool each page's vectors into max(1, L // F) (Ward clustering, renormalised means; queries "
+                        "are never pooled) and score them with the same exact MaxSim: about F times smaller a page "
+                        "index. 1: no pooling. Part of the results' key")
+    g.add_argument("--rerank", type=int, default=0,
+                   help="with --pool_factor > 1: re-score each query's top RERANK pages (by pooled MaxSim) with their "
+                        "full, unpooled vectors, kept in memory beside the pooled ones; those pages rank first. 0: no "
+                        "re-ranking. Part of the results' key")
 
     g = p.add_argument_group("output")
     g.add_argument("--results_dir", default="outputs/mteb_cache", help="mteb's result cache; finished tasks found "
@@ -115,10 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    for flag in ("max_queries", "max_pages", "max_tiles", "batch_size", "proj_dim"):
+    for flag in ("max_queries", "max_pages", "max_tiles", "batch_size", "proj_dim", "pool_factor"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag} must be >= 1, got {value}")
+    if args.rerank < 0:
+        p.error(f"--rerank must be >= 0, got {args.rerank}")
+    if args.rerank and args.pool_factor == 1:
+        p.error("--rerank re-scores pooled pages with their full vectors: pass --pool_factor > 1 with it")
     if not args.list:
         if args.ckpt is None and args.model_id is None:
             p.error("pass --ckpt CKPT (or --model_id MODEL alone for the untrained baseline)")
@@ -276,10 +294,11 @@ def exact_maxsim(queries, pages, device="cpu", dtype=torch.float32) -> torch.Ten
 
 class ColInternEncoder(AbsEncoder):
     """mteb encoder protocol around ColIntern: queries and pages in the training format, exact MaxSim scoring, and
-    page embeddings cached by image content within a task (language subsets of one task share their pages)."""
+    page embeddings cached by image content within a task (language subsets of one task share their pages). With
+    pool_factor > 1 the cache holds pooled pages, and with rerank their full vectors too (see similarity)."""
 
     def __init__(self, model: ColIntern, processor, model_meta, device="cpu", result_identity=None,
-                 training_data=((), ""), score_dtype=torch.float32):
+                 training_data=((), ""), score_dtype=torch.float32, pool_factor=1, rerank=0):
         self.model = model
         self.processor = processor
         self.mteb_model_meta = model_meta
@@ -287,7 +306,11 @@ class ColInternEncoder(AbsEncoder):
         self.score_dtype = score_dtype  # what similarity() and similarity_pairwise() score in
         self.result_identity = result_identity  # (label, model hash, score settings): see result_key
         self.training_data, self.lineage_from = training_data  # see checkpoint_training_data
-        self.page_cache = {}  # page_key -> (Lp, D) float32 CPU tensor
+        self.page_cache = {}  # page_key -> (Lp, D) float32 CPU tensor (pooled with pool_factor > 1)
+        self.pool_factor, self.rerank = pool_factor, rerank
+        self.full_pages = {}  # with rerank: id(pooled page in page_cache) -> its full (Lp, D) vectors
+        self.index = {"pages": 0, "vectors": 0, "full_vectors": 0, "bytes": 0, "full_bytes": 0, "pooling_s": 0.0,
+                      "first_stage_s": 0.0, "rerank_s": 0.0}  # see index_report
         self._cache_task = None
         self.pages_encoded = 0
         self.page_cache_hits = 0
@@ -315,6 +338,7 @@ class ColInternEncoder(AbsEncoder):
                              f"ColIntern retrieves page images")
         if task_metadata.name != self._cache_task:  # pages are shared within a task; bound memory to one task
             self.page_cache.clear()
+            self.full_pages.clear()
             self._cache_task = task_metadata.name
         return self._encode_pages(inputs, where, show)
 
@@ -356,7 +380,9 @@ class ColInternEncoder(AbsEncoder):
                         images = [by_key[k] for k in todo[b]]
                         own.extend(self.model.encode_pages(self.processor, images, batch_size=len(images)))
             keys = [k for _, missing in groups for k in missing]
-            self.page_cache.update(zip(keys, gather_to_all(own, self.world)))
+            # pooled after the gather, on every rank alike (pooling is deterministic): rerank keeps each pooled
+            # page's own full vectors
+            self.page_cache.update(zip(keys, self._pool(gather_to_all(own, self.world))))
             self.pages_encoded += len(keys)
             self.page_cache_hits -= len(keys)  # the pass below finds them in the cache: not hits of the task's data
         out = []
@@ -369,15 +395,64 @@ class ColInternEncoder(AbsEncoder):
                     missing[key] = image
             if missing:
                 embeddings = self.model.encode_pages(self.processor, list(missing.values()), batch_size=len(missing))
-                self.page_cache.update(zip(missing, embeddings))
+                self.page_cache.update(zip(missing, self._pool(embeddings)))
                 self.pages_encoded += len(missing)
             self.page_cache_hits += len(keys) - len(missing)
             out.extend(self.page_cache[key] for key in keys)
             bar.set_postfix(encoded=self.pages_encoded, from_cache=self.page_cache_hits)
         return out
 
+    def _pool(self, pages: list) -> list:
+        """The page vectors the first stage scores: pooled with pool_factor > 1, the full ones kept for rerank."""
+        start = time.perf_counter()
+        pooled = pool_pages(pages, self.pool_factor)
+        self.index["pooling_s"] += time.perf_counter() - start
+        if self.rerank:
+            self.full_pages.update((id(p), full) for p, full in zip(pooled, pages))
+        self.index["pages"] += len(pages)
+        self.index["vectors"] += sum(len(p) for p in pooled)
+        self.index["full_vectors"] += sum(len(p) for p in pages)
+        self.index["bytes"] += index_bytes(pooled)
+        self.index["full_bytes"] += index_bytes(pages)
+        return pooled
+
+    def index_report(self) -> dict:
+        """What the summary JSON records of the page index: the pool factor and rerank depth, the pages this run
+        encoded (results served from mteb's cache encode none), mean vectors per page pooled and unpooled, the bytes
+        the first stage holds (pooled fp32 vectors; with --rerank the full ones are held too, full_bytes), and the
+        seconds spent pooling and scoring."""
+        i, n = self.index, max(1, self.index["pages"])
+        return {"pool_factor": self.pool_factor, "rerank": self.rerank, "pages": i["pages"],
+                "vectors_per_page": i["vectors"] / n, "vectors_per_page_unpooled": i["full_vectors"] / n,
+                "page_index_bytes": i["bytes"], "full_bytes": i["full_bytes"],
+                "full_vectors_kept": "in memory" if self.rerank else "no",
+                "timings_s": {k: round(i[k], 3) for k in ("pooling_s", "first_stage_s", "rerank_s")}}
+
     def similarity(self, embeddings1, embeddings2):
-        return exact_maxsim(embeddings1, embeddings2, device=self.device, dtype=self.score_dtype)
+        start = time.perf_counter()
+        queries, pages = as_multivectors(embeddings1), as_multivectors(embeddings2)
+        scores = maxsim_scores(queries, pages, device=self.device, dtype=self.score_dtype)
+        self.index["first_stage_s"] += time.perf_counter() - start
+        if self.rerank and self.full_pages:
+            start = time.perf_counter()
+            scores = self._rerank(queries, pages, scores)
+            self.index["rerank_s"] += time.perf_counter() - start
+        return scores
+
+    def _rerank(self, queries: list, pages: list, scores: torch.Tensor) -> torch.Tensor:
+        """Each query's top `rerank` pages by pooled score, re-scored with their full vectors. They keep the exact
+        full MaxSim; every other page drops by 2 Lq + 1 (Lq: the query's tokens), below any score a page of unit
+        vectors can reach, so the re-scored pages rank first and mteb's top-k sees the two-stage ranking."""
+        full = [self.full_pages.get(id(p), p) for p in pages]
+        top = scores.topk(min(self.rerank, len(pages)), dim=1).indices  # (Nq, N)
+        out = scores - torch.tensor([2.0 * len(q) + 1 for q in queries], dtype=scores.dtype)[:, None]
+        query_of = torch.arange(len(queries))[:, None].expand_as(top).reshape(-1)
+        page_of = top.reshape(-1)
+        for page in page_of.unique().tolist():  # each page meets the queries that kept it in one scoring call
+            mine = query_of[page_of == page]
+            out[mine, page] = maxsim_scores([queries[q] for q in mine.tolist()], [full[page]], device=self.device,
+                                            dtype=self.score_dtype)[:, 0].to(out.dtype)
+        return out
 
     def similarity_pairwise(self, embeddings1, embeddings2):
         a, b = as_multivectors(embeddings1), as_multivectors(embeddings2)
@@ -414,12 +489,14 @@ def build_model_meta(model: ColIntern, model_id: str, revision: str, ckpt: str |
 def load_encoder(model_name: str | None = None, revision: str | None = None, *, ckpt: str | None = None,
                  model_id: str | None = None, device: str = "cpu", dtype: str = "auto", max_tiles: int | None = None,
                  seed: int = 0, proj_dim: int = 128, experiment_kwargs: dict | None = None,
-                 score_dtype: str = "fp32", quantize: str | None = None) -> ColInternEncoder:
+                 score_dtype: str = "fp32", quantize: str | None = None, pool_factor: int = 1,
+                 rerank: int = 0) -> ColInternEncoder:
     """The ModelMeta loader: a checkpoint (heads + LoRA on its backbone, or on `model_id`), or with no checkpoint
     the untrained baseline (seeded random heads, no LoRA) on `model_id`. `score_dtype` (fp32, bf16, auto): the
     dtype MaxSim scores in, resolved here and kept resolved in the loader keywords (so in the result key).
     `quantize` None: the checkpoint's, or none without one; the result key holds the quantisation used, so either
-    spelling of it shares results."""
+    spelling of it shares results. `pool_factor` and `rerank`: see ColInternEncoder.similarity; in the loader
+    keywords (so in the result key) only when they are set, so results cached without pooling stay valid."""
     scoring = resolve_score_dtype(score_dtype, device)
     print(f"score dtype {dtype_name(scoring)} (--score_dtype {score_dtype}; multiplied in "
           f"{dtype_name(matmul_dtype(scoring, device))} on {device})")
@@ -442,13 +519,16 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
         model.page_head.reset_parameters()
     loader_kwargs = {"ckpt": ckpt, "model_id": model_id, "device": device, "dtype": dtype,
                      "max_tiles": model.max_tiles, "seed": seed, "proj_dim": model.proj_dim,
-                     "score_dtype": dtype_name(scoring), "quantize": model.quantize}
+                     "score_dtype": dtype_name(scoring), "quantize": model.quantize,
+                     **({"pool_factor": pool_factor} if pool_factor != 1 else {}),
+                     **({"rerank": rerank} if rerank else {})}
     label, model_hash = model_identity(ckpt, model_id, seed=seed, proj_dim=model.proj_dim)
     settings = score_settings(loader_kwargs, model)
     training_data, lineage_from = checkpoint_training_data(ckpt, ckpt_dict)
     encoder = ColInternEncoder(model.eval(), processor, None, device=device,
                                result_identity=(label, model_hash, settings),
-                               training_data=(training_data, lineage_from), score_dtype=scoring)
+                               training_data=(training_data, lineage_from), score_dtype=scoring,
+                               pool_factor=pool_factor, rerank=rerank)
     encoder.mteb_model_meta = build_model_meta(model, model_id, encoder.revision_for(None), ckpt, loader_kwargs,
                                                experiment_kwargs, training_data,
                                                name=ckpt_dict and ckpt_dict["meta"].get("name"))  # export.py's
@@ -959,7 +1039,8 @@ def evaluate(args, rank: int, world: int):
 
     encoder = load_encoder(ckpt=args.ckpt, model_id=args.model_id, device=args.device, dtype=args.dtype,
                            max_tiles=args.max_tiles, seed=args.seed, proj_dim=args.proj_dim or 128,
-                           experiment_kwargs=subsample, score_dtype=args.score_dtype, quantize=args.quantize)
+                           experiment_kwargs=subsample, score_dtype=args.score_dtype, quantize=args.quantize,
+                           pool_factor=args.pool_factor, rerank=args.rerank)
     encoder.rank, encoder.world = rank, world
     meta = encoder.mteb_model_meta
     out_json = args.out_json or os.path.join("outputs", "eval", f"{run_name(meta)}.json")
@@ -979,12 +1060,16 @@ def evaluate(args, rank: int, world: int):
                "experiment": meta.experiment_name,
                "task_revisions": {name: m.revision for name, m in metas.items()},
                "training_data": list(encoder.training_data), "training_datasets": sorted(meta.training_datasets),
-               "failed": failed, "benchmarks": benchmarks}
+               "failed": failed, "benchmarks": benchmarks, "page_index": encoder.index_report()}
     if rank == 0:
         write_json(out_json, summary)
 
     print(f"\npages encoded {encoder.pages_encoded}, served from the page cache {encoder.page_cache_hits}; "
           f"queries encoded {encoder.queries_encoded}")
+    index = summary["page_index"]
+    print(f"page index: pool factor {index['pool_factor']}, rerank {index['rerank']}: "
+          f"{index['vectors_per_page']:.1f} vectors per page (unpooled {index['vectors_per_page_unpooled']:.1f}), "
+          f"{index['page_index_bytes']} bytes over {index['pages']} pages encoded; timings {index['timings_s']}")
     print(f"summary:     {out_json}")
     folders = sorted({os.path.dirname(cache.get_task_result_path(name, m)) for name, m in metas.items()})
     print(f"mteb cache:  {folders[0]}" if len(folders) == 1 else

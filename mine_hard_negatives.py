@@ -18,7 +18,9 @@ How:
    page is encoded once, and a query's positive and every page with the same content are one page, never a negative.
 2. Distinct pages are encoded in shards of --shard_pages pages, each saved (fp16, atomically) in --cache_dir, in a
    folder keyed by the checkpoint's content, model id, tiles, dtype, score dtype and data source. A re-run reuses
-   every shard that holds exactly the pages it needs; a kill loses at most the shard being encoded.
+   every shard that holds exactly the pages it needs; a kill loses at most the shard being encoded. With
+   --pool_factor F each page is pooled (colintern_model.pool_page) before its shard is saved: the cache (keyed by F)
+   and every search then hold max(1, L // F) vectors a page; queries are never pooled.
 3. Each query's positive is scored first. The positive (and so every copy of it) is never a candidate, a page
    scoring above --margin x the positive's score is dropped as a likely false negative (NV-Retriever's
    TopK-PercPos), and the k best of the rest are written.
@@ -61,6 +63,7 @@ from colintern_model import (
     query_blocks,
     rank_share,
     ranks_agree,
+    pool_pages,
     resolve_dtype,
     score_dtype,
     scoring_threads,
@@ -98,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the backbone's language model in 8-bit or 4-bit (bitsandbytes; vision tower stays bf16, "
                         "--dtype auto means bf16) or unquantised (none). Default: as the checkpoint was trained; "
                         "another choice says so in one line. Part of the page cache's key")
+    g.add_argument("--pool_factor", type=int, default=1,
+                   help="pool each page's vectors into max(1, L // F) (Ward clustering, renormalised means; queries "
+                        "are never pooled) before they are cached and searched: about F times smaller shards and "
+                        "search. 1: no pooling. Part of the page cache's key")
     g = p.add_argument_group("data (one of --hub_name or --train_jsonl)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--hub_name", default=None,
@@ -140,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    for flag in ("k", "candidates", "token_hits", "nprobe", "doc_batch", "query_batch", "shard_pages"):
+    for flag in ("k", "candidates", "token_hits", "nprobe", "doc_batch", "query_batch", "shard_pages", "pool_factor"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
@@ -243,6 +250,8 @@ def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype, 
                 "source": source, "shard_pages": args.shard_pages}
     if model.quantize != "none":  # only then, so caches written before --quantize stay valid
         identity["quantize"] = model.quantize
+    if args.pool_factor != 1:  # only then, so caches written before --pool_factor stay valid
+        identity["pool_factor"] = args.pool_factor
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     base = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_jsonl)), "page_cache")
     folder = os.path.join(base, key)
@@ -339,22 +348,28 @@ def shards_to_encode(data: MiningInput, folder: str, manifest: dict, args) -> li
 
 
 def ensure_shards(model, processor, data: MiningInput, folder: str, todo: list, args, rank: int = 0,
-                  world: int = 1) -> None:
-    """Encode this rank's share of the shards in `todo` (every world-th, from the rank-th). Each shard is written
-    atomically, then its pages note, so a kill loses at most the shard each process is encoding and a later run, with
-    any number of processes, reuses the rest. No two processes write the same file."""
+                  world: int = 1) -> float:
+    """Encode this rank's share of the shards in `todo` (every world-th, from the rank-th), pooled with
+    --pool_factor > 1; -> the seconds this process spent pooling. Each shard is written atomically, then its pages
+    note, so a kill loses at most the shard each process is encoding and a later run, with any number of processes,
+    reuses the rest. No two processes write the same file."""
     os.makedirs(folder, exist_ok=True)
-    n_pages, mine = len(data.page_hashes), todo[rank::world]
+    n_pages, mine, pooling_s = len(data.page_hashes), todo[rank::world], 0.0
     total = sum(len(shard_range(s, n_pages, args.shard_pages)) for s in mine)
     with progress_bar(total=total, desc="encode pages", unit="page", disable=total == 0 or rank != 0) as bar:
         for s in mine:
             pages = shard_range(s, n_pages, args.shard_pages)
             hashes = data.page_hashes[pages.start:pages.stop]
             emb = encode_shard(model, processor, data, list(pages), args, bar)
+            if args.pool_factor != 1:  # the shard is cached (and searched) pooled
+                start = time.perf_counter()
+                emb = [p.to(torch.float16) for p in pool_pages([e.float() for e in emb], args.pool_factor)]
+                pooling_s += time.perf_counter() - start
             atomic_torch_save({"embeddings": torch.cat(emb), "lengths": torch.tensor([len(e) for e in emb]),
                                "hashes": hashes}, shard_path(folder, s))
             write_json(pages_note_path(folder, s), {"pages_sha256": pages_digest(hashes), "pages": len(hashes),
                                                     "tokens": sum(len(e) for e in emb)})
+    return pooling_s
 
 
 def write_manifest(folder: str, manifest: dict) -> None:
@@ -594,6 +609,15 @@ def rank_metrics(rank: torch.Tensor) -> dict:
     return {**{f"recall@{n}": float((r <= n).double().mean()) for n in (1, 5, 10)}, "mrr": float((1 / r).mean())}
 
 
+def page_index_stats(manifest: dict, pool_factor: int, n_pages: int, dim: int, pooling_s: float) -> dict:
+    """The searched page index: pool factor, mean vectors per page and fp16 bytes (from the cache manifest, so
+    reused shards count too), and the seconds this process (rank 0 under torchrun) spent pooling (inside
+    encode_pages)."""
+    vectors = sum(shard["tokens"] for shard in manifest["shards"].values())
+    return {"pool_factor": pool_factor, "vectors_per_page": vectors / max(1, n_pages),
+            "page_index_bytes": vectors * dim * 2, "pooling_s": round(pooling_s, 3)}
+
+
 def stats_path(out_jsonl: str) -> str:
     return os.path.splitext(out_jsonl)[0] + ".stats.json"
 
@@ -669,7 +693,7 @@ def mine(args, rank: int, world: int, device: str):
 
     start = time.perf_counter()
     with ranks_agree("encoding pages", world):
-        ensure_shards(model, processor, data, folder, todo, args, rank, world)
+        pooling_s = ensure_shards(model, processor, data, folder, todo, args, rank, world)
         sync(device)
     with ranks_agree("writing the page cache's manifest", world):
         if rank == 0:
@@ -686,6 +710,7 @@ def mine(args, rank: int, world: int, device: str):
     queries = [q.to(device=device, dtype=scoring) for q in gather_to_all(own, world)]
     sync(device)
     timings["encode_queries"] = time.perf_counter() - start
+    page_index = page_index_stats(manifest, args.pool_factor, len(data.page_hashes), model.proj_dim, pooling_s)
     del model
 
     start = time.perf_counter()
@@ -707,12 +732,13 @@ def mine(args, rank: int, world: int, device: str):
     with ranks_agree("writing the output", world):
         if rank == 0:
             stats = write_outputs(args, data, result, ckpt, device, dtype, scoring, quantize, folder, manifest,
-                                  shard_counts, world, timings, t_start)
+                                  shard_counts, page_index, world, timings, t_start)
     return stats
 
 
 def write_outputs(args, data: MiningInput, result: dict, ckpt: dict, device, dtype, scoring, quantize, folder: str,
-                  manifest: dict, shard_counts: dict, world: int, timings: dict, t_start: float) -> dict:
+                  manifest: dict, shard_counts: dict, page_index: dict, world: int, timings: dict,
+                  t_start: float) -> dict:
     n_pages = len(data.page_hashes)
     negatives = result["negatives"].tolist()
     rows = [{"query": q, "pos": pos, "negs": [data.page_refs[j] for j in negs if j >= 0]}
@@ -729,6 +755,7 @@ def write_outputs(args, data: MiningInput, result: dict, ckpt: dict, device, dty
         "score_dtype": {"requested": args.score_dtype, "used": str(scoring),
                         "matmul": str(matmul_dtype(scoring, device))},
         "quantize": quantize,
+        "page_index": page_index,
         "queries": len(data.queries), "page_references": data.page_mentions, "distinct_pages": n_pages,
         "duplicates_removed": data.page_mentions - n_pages,
         # rank of the positive among all pages (exact) or among the re-ranked candidates (faiss)

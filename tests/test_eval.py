@@ -96,15 +96,21 @@ def run_eval(tmp_path, *flags):
     return summary
 
 
-def independent_metrics(model, processor, queries, pages, qrels) -> dict:
-    """Plain-python nDCG@5, Recall@1/5/10, MRR@10 from a naive per-pair MaxSim loop on the model's embeddings."""
+def independent_metrics(model, processor, queries, pages, qrels, pool=None, rerank=0) -> dict:
+    """Plain-python nDCG@5, Recall@1/5/10, MRR@10 from a naive per-pair MaxSim loop on the model's embeddings.
+    `pool`: a function applied to each page's embeddings first; `rerank`: the top RERANK of that ranking re-sorted
+    by their scores on the unpooled embeddings, ahead of the rest."""
     q_emb = model.encode_queries(processor, queries)
-    p_emb = model.encode_pages(processor, pages)
+    full = model.encode_pages(processor, pages)
+    p_emb = [pool(p) for p in full] if pool else full
     relevant = {q: {p for qq, p in qrels if qq == q} for q in range(len(queries))}
     totals = {"ndcg_at_5": 0.0, "recall_at_1": 0.0, "recall_at_5": 0.0, "recall_at_10": 0.0, "mrr_at_10": 0.0}
+    naive = lambda q, p: float(sum(max(float(qt @ pt) for pt in p) for qt in q))  # noqa: E731
     for qi, q in enumerate(q_emb):
-        scores = [float(sum(max(float(qt @ pt) for pt in p) for qt in q)) for p in p_emb]
+        scores = [naive(q, p) for p in p_emb]
         ranking = sorted(range(len(pages)), key=lambda j: -scores[j])
+        if rerank:
+            ranking = sorted(ranking[:rerank], key=lambda j: -naive(q, full[j])) + ranking[rerank:]
         rel = relevant[qi]
         dcg = sum(1 / math.log2(r + 2) for r, j in enumerate(ranking[:5]) if j in rel)
         idcg = sum(1 / math.log2(r + 2) for r in range(min(5, len(rel))))
@@ -574,3 +580,75 @@ def test_quantized_checkpoint_evaluates_under_its_own_result_key(tmp_path, tiny_
     plain = run_eval(tmp_path, "--ckpt", ckpt, "--local_task", folder, "--quantize", "none", "--dtype", "bf16")
     assert "trained on a --quantize 4bit backbone and is loaded on a --quantize none one" in capsys.readouterr().out
     assert plain["revision"] != summary["revision"] and counts == {"queries": len(queries), "pages": len(pages)}
+
+
+# -----------------------------------------------------------------------------
+# Pooling and re-ranking (--pool_factor, --rerank)
+
+def test_rerank_rescored_pages_keep_full_scores_and_rank_first():
+    """similarity() with rerank: each query's top N by pooled score carry their exact full MaxSim, the others sit
+    below all of them, so the order is the two-stage one."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    queries = [F.normalize(torch.randn(n, 16, generator=g), dim=-1) for n in (3, 5, 4)]
+    full = [F.normalize(torch.randn(n, 16, generator=g), dim=-1) for n in (12, 30, 7, 21, 16, 9)]
+    encoder = colintern_eval.ColInternEncoder(None, None, None, pool_factor=3, rerank=2)
+    pooled = encoder._pool(full)
+    assert [len(p) for p in pooled] == [4, 10, 2, 7, 5, 3]
+    plain = colintern_eval.exact_maxsim(queries, pooled)
+    exact_full = colintern_eval.exact_maxsim(queries, full)
+    scores = encoder.similarity(queries, pooled)
+    for qi in range(len(queries)):
+        top = plain[qi].topk(2).indices
+        rest = [j for j in range(len(full)) if j not in top.tolist()]
+        torch.testing.assert_close(scores[qi, top], exact_full[qi, top])
+        assert scores[qi, rest].max() < scores[qi, top].min()
+        torch.testing.assert_close(scores[qi, rest], plain[qi, rest] - (2 * len(queries[qi]) + 1))
+    report = encoder.index_report()
+    assert report["pages"] == 6 and report["vectors_per_page"] == 31 / 6 and report["vectors_per_page_unpooled"] == 95 / 6
+    assert report["page_index_bytes"] == 31 * 16 * 4 and report["full_bytes"] == 95 * 16 * 4
+    assert report["full_vectors_kept"] == "in memory"
+    # without rerank the full vectors are not kept
+    plain_encoder = colintern_eval.ColInternEncoder(None, None, None, pool_factor=3)
+    plain_encoder._pool(full)
+    assert plain_encoder.full_pages == {}
+    torch.testing.assert_close(plain_encoder.similarity(queries, plain_encoder._pool(full)), plain)
+
+
+def test_pooled_and_reranked_eval_match_independent_computation_and_key_results(tmp_path, pages, queries, trained,
+                                                                               counts):
+    import colintern_model as cm
+    model, processor, ckpt = trained
+    folder = write_hub_layout(tmp_path / "eval", pages, queries, QRELS)
+    lengths = [len(p) for p in model.encode_pages(processor, pages)]
+    base = run_eval(tmp_path, "--ckpt", ckpt, "--local_task", folder)
+    assert base["page_index"]["pool_factor"] == 1 and base["page_index"]["vectors_per_page"] == sum(lengths) / 10
+    revisions = {base["revision"]}
+    for flags, rerank in ((["--pool_factor", "4"], 0), (["--pool_factor", "4", "--rerank", "3"], 3)):
+        counts.update(queries=0, pages=0)
+        summary = run_eval(tmp_path, "--ckpt", ckpt, "--local_task", folder, *flags)
+        assert counts == {"queries": len(queries), "pages": len(pages)}  # its own result key: evaluated afresh
+        revisions.add(summary["revision"])
+        (task, reported), = summary["benchmarks"]["local"]["tasks"].items()
+        expected = independent_metrics(model, processor, queries, pages, QRELS,
+                                       pool=lambda p: cm.pool_page(p, 4), rerank=rerank)
+        for metric, value in expected.items():
+            assert reported[metric] == pytest.approx(value, abs=1e-5), (flags, metric)
+        index = summary["page_index"]
+        assert (index["pool_factor"], index["rerank"], index["pages"]) == (4, rerank, len(pages))
+        assert index["vectors_per_page"] == sum(max(1, n // 4) for n in lengths) / len(pages)
+        assert index["page_index_bytes"] == sum(max(1, n // 4) for n in lengths) * 32 * 4
+        assert index["full_vectors_kept"] == ("in memory" if rerank else "no")
+    assert len(revisions) == 3
+
+
+def test_pool_and_rerank_flags_are_checked(capsys):
+    ok = ["--model_id", "x", "--local_task", "x"]
+    args = colintern_eval.parse_args(ok)
+    assert (args.pool_factor, args.rerank) == (1, 0)
+    for flags, message in ((["--pool_factor", "0"], "--pool_factor must be >= 1"),
+                           (["--rerank", "-1"], "--rerank must be >= 0"),
+                           (["--rerank", "5"], "pass --pool_factor > 1")):
+        with pytest.raises(SystemExit):
+            colintern_eval.parse_args(ok + flags)
+        assert message in capsys.readouterr().err

@@ -382,3 +382,34 @@ def test_mining_on_a_4bit_checkpoint(tiny_model_dir, ckpt, hub, tmp_path, capsys
     assert "trained on a --quantize 4bit backbone and is loaded on a --quantize none one" in capsys.readouterr().out
     assert plain["quantize"] == "none" and plain["cache"]["dir"] != stats["cache"]["dir"]
     assert plain["cache"]["encoded"] == 4
+
+
+def test_pooled_mining_equals_brute_force_on_pooled_pages_and_keys_the_cache(ckpt, hub, tmp_path):
+    """--pool_factor 3: shards hold the pooled pages (pooled from the fp16-rounded embeddings the cache stores
+    unpooled), the search is exact MaxSim on them, the stats record the index, and the cache is a folder of its own
+    (the unpooled key is unchanged: no pool_factor entry)."""
+    model, processor, _ = ColIntern.from_checkpoint(ckpt)
+    q = model.encode_queries(processor, [query(w) for w in WORDS])
+    full = [x.half().float() for x in model.encode_pages(processor, hub["images"])]
+    pooled = [cm.pool_page(x, 3).half().float() for x in full]
+    scores = torch.tensor([[float((a @ b.T).amax(dim=1).sum()) for b in pooled] for a in q])
+    out = tmp_path / "mined.jsonl"
+    cache = tmp_path / "cache"
+    stats = mine_hub(ckpt, hub, out, "--k", 3, "--pool_factor", 3, "--cache_dir", cache)
+    check_against_brute_force(read_rows(out), expected_negatives(scores, 3, 0.95), scores, hub)
+    distinct = [r for r in range(len(WORDS)) if r not in COPIES]
+    vectors = sum(len(pooled[r]) for r in distinct)
+    assert vectors < sum(len(full[r]) for r in distinct) / 2
+    assert stats["page_index"]["pool_factor"] == 3
+    assert stats["page_index"]["vectors_per_page"] == vectors / len(distinct)
+    assert stats["page_index"]["page_index_bytes"] == vectors * 128 * 2
+    assert stats["page_index"]["pooling_s"] > 0
+    assert json.load(open(os.path.join(stats["cache"]["dir"], "manifest.json")))["pool_factor"] == 3
+    unpooled = mine_hub(ckpt, hub, tmp_path / "plain.jsonl", "--k", 3, "--cache_dir", cache)
+    assert unpooled["cache"]["dir"] != stats["cache"]["dir"]
+    assert "pool_factor" not in json.load(open(os.path.join(unpooled["cache"]["dir"], "manifest.json")))
+    assert unpooled["page_index"]["vectors_per_page"] == sum(len(full[r]) for r in distinct) / len(distinct)
+    again = mine_hub(ckpt, hub, tmp_path / "again.jsonl", "--k", 3, "--pool_factor", 3, "--cache_dir", cache)
+    assert again["cache"]["dir"] == stats["cache"]["dir"] and again["cache"]["encoded"] == 0
+    assert again["page_index"]["page_index_bytes"] == stats["page_index"]["page_index_bytes"]
+    assert read_rows(tmp_path / "again.jsonl") == read_rows(out)
