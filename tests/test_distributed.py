@@ -125,21 +125,26 @@ def run_eval_processes(tmp, flags, nproc, timeout=400):
                             capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out) as f:
-        return json.load(f)
+        summary = json.load(f)
+    summary["page_index"].pop("timings_s")  # seconds: the one part of the summary that differs between runs
+    return summary
 
 
-def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("pooling", [[], ["--pool_factor", 2, "--rerank", 3]], ids=["unpooled", "pooled_rerank"])
+def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path, pooling):
     """A local task (10 pages of two shapes, 8 queries; batches of 3, so each rank encodes its own batches) with 2
-    gloo processes: the summary and the predictions equal one process's; only rank 0 wrote."""
+    gloo processes: the summary and the predictions equal one process's; only rank 0 wrote. Pooled with rerank too:
+    each rank pools the gathered pages and keeps their full vectors."""
     from test_eval import QRELS, write_hub_layout, KEYWORDS
     from keyword_pages import render_keyword_page
     pages = [render_keyword_page(w, size=(224, 224) if i % 2 else (448, 224), variant=i)
              for i, w in enumerate(KEYWORDS)]
     folder = write_hub_layout(tmp_path / "task", pages, [f"Which page is about {w}?" for w in KEYWORDS[:8]], QRELS)
-    flags = ["--model_id", tiny_model_dir, "--local_task", folder]
+    flags = ["--model_id", tiny_model_dir, "--local_task", folder, *pooling]
     one = run_eval_processes(tmp_path / "one", flags, nproc=1)
     two = run_eval_processes(tmp_path / "two", flags, nproc=2)
     assert two == one
+    assert one["page_index"]["pool_factor"] == (2 if pooling else 1) and one["page_index"]["pages"] == 10
     predictions = [sorted(os.path.relpath(os.path.join(d, f), tmp_path / run) for d, _, fs in
                           os.walk(tmp_path / run / "out_predictions") for f in fs) for run in ("one", "two")]
     assert predictions[0] == predictions[1] and predictions[0]
