@@ -20,6 +20,7 @@ Scoring goes through eval.py's ColInternEncoder.similarity, the code mteb calls.
 """
 import argparse
 import glob
+import importlib.util
 import math
 import os
 import sys
@@ -156,8 +157,17 @@ def score(queries, pooled, full, rerank) -> tuple:
     return scores, time.perf_counter() - start
 
 
+def colpali_available() -> bool:
+    """colpali-engine is a bench-only peer (bench/requirements.txt, installed --no-deps): skipped when absent."""
+    return importlib.util.find_spec("colpali_engine") is not None
+
+
 def run_set(name: str, tasks: list, args) -> None:
-    poolers = {"ColIntern": colintern_pooler} | ({} if args.no_colpali else {"colpali-engine": colpali_pooler})
+    with_colpali = not args.no_colpali and colpali_available()
+    if not args.no_colpali and not with_colpali:
+        print("colpali-engine is not installed: its pooler is skipped "
+              "(pip install --no-deps -r bench/requirements.txt)")
+    poolers = {"ColIntern": colintern_pooler} | ({"colpali-engine": colpali_pooler} if with_colpali else {})
     n_pages = sum(len(p) for _, p, _ in tasks)
     n_queries = sum(len(r) for _, _, r in tasks)
     dim = tasks[0][1][0].shape[1]

@@ -88,5 +88,8 @@ def test_bench_pooling_runs_on_a_small_planted_set(capsys):
     bench_pooling.main(bench_pooling.parse_args(["--planted_queries", "6", "--page_tokens", "40", "60",
                                                  "--factors", "1", "2", "--rerank", "2"]))
     out = capsys.readouterr().out
-    assert "planted embeddings: 6 queries" in out and "ColIntern        2" in out and "colpali-engine   2" in out
-    assert "ColIntern pools" in out and "as fast as colpali-engine per page" in out
+    assert "planted embeddings: 6 queries" in out and "ColIntern        2" in out
+    if bench_pooling.colpali_available():  # the bench-only peer (bench/requirements.txt); CI does not install it
+        assert "colpali-engine   2" in out and "ColIntern pools" in out and "as fast as colpali-engine per page" in out
+    else:
+        assert "colpali-engine is not installed: its pooler is skipped" in out and "colpali-engine   2" not in out
