@@ -130,11 +130,12 @@ def run_eval_processes(tmp, flags, nproc, timeout=400):
     return summary
 
 
-@pytest.mark.parametrize("pooling", [[], ["--pool_factor", 2, "--rerank", 3]], ids=["unpooled", "pooled_rerank"])
-def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path, pooling):
+def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path):
     """A local task (10 pages of two shapes, 8 queries; batches of 3, so each rank encodes its own batches) with 2
-    gloo processes: the summary and the predictions equal one process's; only rank 0 wrote. Pooled with rerank too:
-    each rank pools the gathered pages and keeps their full vectors."""
+    gloo processes: the summary and the predictions equal one process's; only rank 0 wrote. Pooled, with rerank: the
+    ranks split the encoding and gather it as unpooled runs do, then each pools the gathered pages and keeps their full
+    vectors (an unpooled run is the same path with pooling the identity; one run pair keeps the suite short)."""
+    pooling = ["--pool_factor", 2, "--rerank", 3]
     from test_eval import QRELS, write_hub_layout, KEYWORDS
     from keyword_pages import render_keyword_page
     pages = [render_keyword_page(w, size=(224, 224) if i % 2 else (448, 224), variant=i)
@@ -144,7 +145,7 @@ def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path, pooli
     one = run_eval_processes(tmp_path / "one", flags, nproc=1)
     two = run_eval_processes(tmp_path / "two", flags, nproc=2)
     assert two == one
-    assert one["page_index"]["pool_factor"] == (2 if pooling else 1) and one["page_index"]["pages"] == 10
+    assert one["page_index"]["pool_factor"] == 2 and one["page_index"]["pages"] == 10
     predictions = [sorted(os.path.relpath(os.path.join(d, f), tmp_path / run) for d, _, fs in
                           os.walk(tmp_path / run / "out_predictions") for f in fs) for run in ("one", "two")]
     assert predictions[0] == predictions[1] and predictions[0]
