@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import re
+import threading
 from typing import Sequence
 
 import torch
@@ -576,12 +577,18 @@ def pad_queries(queries: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(list(queries), batch_first=True)
 
 
-def pad_pages(pages: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+def pad_pages(pages: Sequence[torch.Tensor], dtype: torch.dtype | None = None,
+              buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Pad ragged pages to (Np, Lp, D) by repeating each page's own first token: a copy never changes the max,
     so the padded batch scores exactly, with no mask pass (zero-padding would win a max over negative scores).
-    `dtype`: the padded batch's (default the pages'); the copy converts, no extra pass."""
+    `dtype`: the padded batch's (default the pages'); the copy converts, no extra pass. `buffer`: a flat tensor of
+    that dtype, at least Np x Lp x D long, to pad into (the result is a view of it) instead of a new tensor."""
     length = max(p.shape[0] for p in pages)
-    out = pages[0].new_empty((len(pages), length, pages[0].shape[1]), dtype=dtype)
+    shape = (len(pages), length, pages[0].shape[1])
+    if buffer is None:
+        out = pages[0].new_empty(shape, dtype=dtype)
+    else:
+        out = buffer[:math.prod(shape)].view(shape)
     for i, p in enumerate(pages):
         if p.shape[0] == 0:
             raise ValueError(f"page {i} has no tokens to score")
@@ -688,41 +695,50 @@ def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_element
     dtype: each query token's best similarity on each page. Tiled so that one similarity block holds at most
     `block_elements` values (default: cpu_sim_block on a CPU, GPU_SIM_BLOCK on a GPU).
 
-    On a CPU, the blocks go to `workers` single-threaded worker threads (default: torch's thread count) instead of
-    splitting every small matmul across all threads: no barrier per block, so a core taken by another process
-    slows only its own worker (on a busy 2-core machine: 7 GFLOP/s with split matmuls, 30-100 this way).
-    """
+    On a CPU, `workers` single-threaded worker threads (default: torch's thread count) each take the next block
+    not yet taken until none is left, instead of splitting every small matmul across all threads: no barrier per
+    block, so a core taken by another process slows only its own worker (on a busy 2-core machine: 7 GFLOP/s with
+    split matmuls, 30-100 this way). Each worker multiplies into one buffer of its own, reused for every block: a
+    fresh block-sized tensor per block is fresh memory from the allocator, thousands of page faults per scoring run
+    (bench_maxsim at its defaults: 77% -> 84% of the fp32 matmul peak with the buffers and the shared counter)."""
     t, d = query_tokens.shape
     np_, lp, _ = pages.shape
     budget = block_elements or (GPU_SIM_BLOCK if query_tokens.is_cuda else cpu_sim_block(query_tokens.dtype))
     # roughly square blocks of (query tokens) x (whole pages); everything at once when it fits
     group = np_ if t * np_ * lp <= budget else max(1, min(np_, math.isqrt(budget) // lp))
     rows = max(1, min(t, budget // (group * lp)))
+    rows = -(-t // -(-t // rows))  # as many blocks of rows, of even size: no thin last block
     flat = pages.reshape(np_ * lp, d)
     best = query_tokens.new_empty((t, np_))
-    threads = torch.get_num_threads()
-    workers = workers or threads
     blocks = [(p0, r0) for p0 in range(0, np_, group) for r0 in range(0, t, rows)]  # disjoint parts of `best`
-    pooled = query_tokens.device.type == "cpu" and workers > 1 and len(blocks) > 1
+    threads = torch.get_num_threads()
+    workers = min(len(blocks), workers or threads) if query_tokens.device.type == "cpu" else 1
+    taken, lock = iter(range(len(blocks))), threading.Lock()
     inference = torch.is_inference_mode_enabled()  # worker threads start in the default grad modes
 
-    def score_block(block):
-        p0, r0 = block
-        p1, r1 = min(np_, p0 + group), min(t, r0 + rows)
+    def work(pooled: bool):
         with torch.inference_mode(inference), torch.no_grad():
             if pooled:
                 torch.set_num_threads(1)  # this worker thread's own BLAS threads; the caller's are restored below
-            sim = torch.mm(query_tokens[r0:r1], flat[p0 * lp:p1 * lp].T)  # (rows, group*Lp)
-            best[r0:r1, p0:p1] = sim.view(r1 - r0, p1 - p0, lp).amax(dim=-1)
+            buffer = query_tokens.new_empty(rows * group * lp)
+            while True:
+                with lock:
+                    i = next(taken, None)
+                if i is None:
+                    return
+                p0, r0 = blocks[i]
+                p1, r1 = min(np_, p0 + group), min(t, r0 + rows)
+                sim = buffer[:(r1 - r0) * (p1 - p0) * lp].view(r1 - r0, (p1 - p0) * lp)
+                torch.mm(query_tokens[r0:r1], flat[p0 * lp:p1 * lp].T, out=sim)
+                best[r0:r1, p0:p1] = sim.view(r1 - r0, p1 - p0, lp).amax(dim=-1)
 
-    if not pooled:
-        for block in blocks:
-            score_block(block)
-    else:
-        try:
-            list(_cpu_pool(workers).map(score_block, blocks))
-        finally:
-            torch.set_num_threads(threads)
+    if workers <= 1:
+        work(pooled=False)
+        return best
+    try:
+        list(_cpu_pool(workers).map(work, [True] * workers))
+    finally:
+        torch.set_num_threads(threads)
     return best
 
 
@@ -743,19 +759,28 @@ def pack_queries(queries: Sequence[torch.Tensor], dtype, device, compute: torch.
     return tokens, torch.repeat_interleave(torch.arange(len(queries), device=device), lengths)
 
 
-def page_chunks(pages: Sequence[torch.Tensor], dtype, device, compute: torch.dtype | None = None):
+def page_chunks(pages: Sequence[torch.Tensor], dtype, device, compute: torch.dtype | None = None,
+                reuse: bool = False):
     """Yield (page indices, padded pages (n, Lp, D) rounded to `dtype`, in `compute` (default `dtype`)), pages
-    sorted by length so padding stays small. Each page is converted as it is padded, one chunk at a time."""
+    sorted by length so padding stays small. Each page is converted as it is padded, one chunk at a time.
+
+    `reuse`: pad every chunk into one buffer, overwritten by the next chunk, for a caller done with each chunk
+    before it takes the next. A fresh tensor per chunk is memory touched for the first time, whose page faults
+    cost as much again as the copy (on a 2-core CPU: 10% of a scoring run, against 2% with the buffer)."""
     compute = compute or dtype
     order = sorted(range(len(pages)), key=lambda i: pages[i].shape[0])
+    buffer = None
     start = 0
     while start < len(order):
         end = start + 1  # lengths ascend, so a chunk's padded size is (pages in it) x (its last page's length)
         while end < len(order) and (end + 1 - start) * pages[order[end]].shape[0] <= PAGE_CHUNK_TOKENS:
             end += 1
         idx = order[start:end]
+        size = (end - start) * pages[order[end - 1]].shape[0] * pages[order[0]].shape[1]
+        if reuse and (buffer is None or buffer.numel() < size):
+            buffer = torch.empty(max(size, PAGE_CHUNK_TOKENS * pages[order[0]].shape[1]), dtype=compute, device=device)
         yield (torch.tensor(idx, device=device),
-               pad_pages([_rounded(pages[i], dtype, compute, device) for i in idx], dtype=compute))
+               pad_pages([_rounded(pages[i], dtype, compute, device) for i in idx], dtype=compute, buffer=buffer))
         start = end
 
 
@@ -821,7 +846,7 @@ def maxsim_scores(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor]
     scores = torch.empty(len(queries), len(pages))
     with scoring_threads(device) as workers:
         tokens, owner = pack_queries(queries, dtype, device, compute)  # (T, D), (T,)
-        for idx, chunk in page_chunks(pages, dtype, device, compute):
+        for idx, chunk in page_chunks(pages, dtype, device, compute, reuse=True):
             best = maxsim_tokens(tokens, chunk, max_sim_elements, workers)
             scores[:, idx.cpu()] = sum_by_query(best, owner, len(queries)).cpu()
     return scores
@@ -846,7 +871,9 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
     dtype = score_dtype(dtype, device)
     compute = matmul_dtype(dtype, device)
     with scoring_threads(device) as workers:
-        chunks = list(page_chunks(pages, dtype, device, compute))
+        chunks = page_chunks(pages, dtype, device, compute, reuse=len(blocks) == 1)
+        if len(blocks) > 1:
+            chunks = list(chunks)  # every block of queries meets every chunk: pad them once
         for q0, q1 in blocks:
             tokens, owner = pack_queries(queries[q0:q1], dtype, device, compute)
             best_v = torch.full((q1 - q0, k), float("-inf"), device=device)

@@ -328,6 +328,27 @@ def test_pad_pages_rejects_empty_page():
         cm.pad_pages([torch.ones(2, 4), torch.ones(0, 4)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_page_chunks_into_one_reused_buffer_hold_the_same_pages(monkeypatch, dtype):
+    """reuse=True pads every chunk into one buffer (no fresh memory per chunk) with the values reuse=False gives,
+    each chunk read before the next is taken: each page's own tokens, then copies of its first token, rounded to the
+    score dtype and held in the compute dtype (fp32 here, bf16 being upcast where it is not native)."""
+    monkeypatch.setattr(cm, "PAGE_CHUNK_TOKENS", 40)
+    pages = ragged(13, [9, 3, 17, 5, 12, 50], dim=6, seed=5)  # the 50-token page overflows a chunk on its own
+    fresh = list(cm.page_chunks(pages, dtype, "cpu", torch.float32))
+    assert len(fresh) > 3
+    storages = set()
+    for (idx, chunk), (want_idx, want) in zip(cm.page_chunks(pages, dtype, "cpu", torch.float32, reuse=True), fresh,
+                                              strict=True):
+        assert torch.equal(idx, want_idx) and torch.equal(chunk, want) and chunk.dtype == torch.float32
+        for row, i in zip(chunk, idx.tolist()):
+            page = pages[i].to(dtype).float()
+            assert torch.equal(row[:len(page)], page) and (row[len(page):] == page[0]).all()
+        storages.add(chunk.untyped_storage().data_ptr())
+    assert len(storages) == 2  # one buffer, grown once for the page longer than a chunk
+    assert len({c.untyped_storage().data_ptr() for _, c in fresh}) == len(fresh)
+
+
 # -- loss --------------------------------------------------------------------------
 
 def test_contrastive_loss_matches_independent_infonce():

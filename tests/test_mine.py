@@ -162,9 +162,11 @@ def planted(n_queries=60, n_pages=300, q_len=12, p_len=40, dim=32, seed=0):
     return queries, pages
 
 
-def test_scoring_kernels_equal_a_naive_loop_with_pooled_blocks_and_filters():
+def test_scoring_kernels_equal_a_naive_loop_with_pooled_blocks_and_filters(monkeypatch):
     """maxsim_scores / maxsim_topk (the mining kernel) and score_pairs against the plain definition, with tiny blocks
-    spread over 2 worker threads, inside inference mode (as the encoders leave it), negative similarities included."""
+    spread over 2 worker threads, several page chunks and query blocks, inside inference mode (as the encoders leave
+    it), negative similarities included."""
+    monkeypatch.setattr(cm, "PAGE_CHUNK_TOKENS", 80)
     g = torch.Generator().manual_seed(3)
     queries = [F.normalize(torch.randn(int(n), 16, generator=g), dim=-1) for n in torch.randint(1, 9, (23,), generator=g)]
     pages = [F.normalize(torch.randn(int(n), 16, generator=g), dim=-1) for n in torch.randint(1, 40, (31,), generator=g)]
