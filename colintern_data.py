@@ -39,16 +39,35 @@ def page_hash(*chunks: bytes) -> str:
     return h.hexdigest()
 
 
-def files_fingerprint(folder: str) -> str:
-    """A cheap fingerprint of a local folder (a dataset copy): every file's path, size and modification time (hidden
-    files and folders, such as the download cache `hf download` keeps, left out). Editing a file changes it."""
-    h = hashlib.sha256()
+def visible_files(folder: str, suffixes: tuple = ()) -> list:
+    """(path relative to `folder`, path) of every file under `folder` in a fixed order (sorted, folder by folder),
+    hidden files and folders (such as the download cache `hf download` keeps) left out; only names ending in one of
+    `suffixes` when given. The one walk behind every folder fingerprint."""
+    found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
+        for name in sorted(f for f in files if not f.startswith(".") and (not suffixes or f.endswith(suffixes))):
             path = os.path.join(root, name)
-            stat = os.stat(path)
-            h.update(f"{os.path.relpath(path, folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            found.append((os.path.relpath(path, folder), path))
+    return found
+
+
+def files_fingerprint(folder: str) -> str:
+    """A cheap fingerprint of a local folder (a dataset copy): every visible file's path, size and modification
+    time. Editing a file changes it."""
+    h = hashlib.sha256()
+    for rel, path in visible_files(folder):
+        stat = os.stat(path)
+        h.update(f"{rel}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def folder_sha256(folder: str) -> str:
+    """Content hash of a folder (sha256, hex): every visible file's path and sha256. Touching a file without
+    changing its bytes keeps it."""
+    h = hashlib.sha256()
+    for rel, path in visible_files(folder):
+        h.update(rel.encode() + b"\0" + file_sha256(path).encode())
     return h.hexdigest()
 
 
@@ -61,12 +80,15 @@ def checkpoint_fingerprint(path: str) -> str:
     if not os.path.isdir(path):
         return file_sha256(path)
     h = hashlib.sha256()
-    for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".") and f.endswith((".json", ".safetensors"))):
-            file = os.path.join(root, name)
-            h.update(os.path.relpath(file, path).encode() + b"\0" + file_sha256(file).encode() + b"\n")
+    for rel, file in visible_files(path, (".json", ".safetensors")):
+        h.update(rel.encode() + b"\0" + file_sha256(file).encode() + b"\n")
     return h.hexdigest()
+
+
+def safe_name(text: str) -> str:
+    """`text` with every character but letters, digits, '_', '.' and '-' replaced by '_': a label fit for a file or
+    task name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 
 def looks_like_hub_id(path: str) -> bool:

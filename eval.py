@@ -54,8 +54,8 @@ import torch
 import torch.distributed as dist
 
 from colintern_cli import ArgumentParser, metric_label, one_line, run_cli, trained_model, validated
-from colintern_data import (checkpoint_fingerprint, datasets_cache_for, file_sha256, files_fingerprint, page_hash,
-                            write_json)
+from colintern_data import (checkpoint_fingerprint, datasets_cache_for, files_fingerprint, folder_sha256, page_hash,
+                            safe_name, write_json)
 from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, QUANTIZE, ColIntern, check_model_id, dtype_name,
                              gather_to_all, index_bytes, matmul_dtype, maxsim_scores, pool_pages, rank_share,
                              ranks_agree, setup_distributed)
@@ -192,7 +192,7 @@ def model_identity(ckpt: str | None, model_id: str, seed: int = 0, proj_dim: int
     parts = [f"model_id={model_id}", f"backbone={backbone_fingerprint(model_id)}", f"format={FORMAT_VERSION}"]
     if ckpt is not None:
         parts.append(f"ckpt={checkpoint_fingerprint(ckpt)}")
-        label = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(ckpt))[0])
+        label = safe_name(os.path.splitext(os.path.basename(ckpt))[0])
     else:
         parts.append(f"untrained seed={seed} proj_dim={proj_dim}")
         label = f"untrained-seed{seed}"
@@ -694,16 +694,6 @@ def point_at_local_copy(task, data_dir: str) -> str:
     return folder
 
 
-def folder_fingerprint(folder: str) -> str:
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            path = os.path.join(root, name)
-            h.update(os.path.relpath(path, folder).encode() + b"\0" + file_sha256(path).encode())
-    return h.hexdigest()
-
-
 def make_local_task(folder: str):
     """A retrieval task over a folder in the ViDoRe v1 hub layout (corpus/queries/qrels configs, split test).
 
@@ -716,8 +706,8 @@ def make_local_task(folder: str):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--local_task {folder} does not exist")
     check_hub_layout(folder, [(c,) for c in HUB_CONFIGS], ["test"], f"--local_task {folder}")
-    fingerprint = folder_fingerprint(folder)
-    base = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.abspath(folder)))
+    fingerprint = folder_sha256(folder)
+    base = safe_name(os.path.basename(os.path.abspath(folder)))
     folder_metadata = mteb.TaskMetadata(
         name=f"{base}@{fingerprint[:8]}", description=f"Page retrieval on the local folder {os.path.abspath(folder)}",
         dataset={"path": os.path.abspath(folder), "revision": fingerprint}, type="DocumentUnderstanding",

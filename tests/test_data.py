@@ -2,6 +2,7 @@
 also through the train and mine paths that open pages with it."""
 import hashlib
 import json
+import os
 import re
 
 import datasets
@@ -153,3 +154,32 @@ def test_content_hashes_of_files_and_dataset_rows_agree(tmp_path, keyword_page):
     image = keyword_page("b")
     assert (colintern_data.page_hash(f"{image.mode}:{image.size}".encode(), image.tobytes())
             == hashlib.sha1(f"{image.mode}:{image.size}".encode() + image.tobytes()).hexdigest())
+
+
+def test_folder_hashes_walk_the_visible_files_and_keep_their_formats(tmp_path):
+    """One walk (visible_files) behind the three folder hashes; each hash keeps the byte format its cache keys were
+    made with (spelled out here), so existing mteb results and embedding caches stay valid."""
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / ".cache").mkdir()
+    files = {"b.json": b"{}", "a.safetensors": b"w", "sub/c.txt": b"c", "sub/deeper/d.json": b"[1]"}
+    for name, data in {**files, ".cache/x.json": b"hidden", ".e.json": b"hidden", "sub/.f.txt": b"hidden"}.items():
+        (tmp_path / name).write_bytes(data)
+    walked = colintern_data.visible_files(str(tmp_path))
+    assert [rel for rel, _ in walked] == ["a.safetensors", "b.json", "sub/c.txt", "sub/deeper/d.json"]
+    assert all(path == str(tmp_path / rel) for rel, path in walked)
+    assert [rel for rel, _ in colintern_data.visible_files(str(tmp_path), (".json",))] == ["b.json", "sub/deeper/d.json"]
+
+    def sha(data):
+        return hashlib.sha256(data).hexdigest().encode()
+
+    content = hashlib.sha256(b"".join(rel.encode() + b"\0" + sha(files[rel]) for rel, _ in walked)).hexdigest()
+    weights = hashlib.sha256(b"".join(rel.encode() + b"\0" + sha(files[rel]) + b"\n"
+                                      for rel in ["a.safetensors", "b.json", "sub/deeper/d.json"])).hexdigest()
+    stamps = hashlib.sha256("".join(f"{rel}:{os.stat(path).st_size}:{os.stat(path).st_mtime_ns}\n"
+                                    for rel, path in walked).encode()).hexdigest()
+    assert colintern_data.folder_sha256(str(tmp_path)) == content
+    assert colintern_data.checkpoint_fingerprint(str(tmp_path)) == weights
+    assert colintern_data.files_fingerprint(str(tmp_path)) == stamps
+    os.utime(tmp_path / "sub" / "c.txt", ns=(1, 1))  # touched, same bytes: only the cheap fingerprint moves
+    assert colintern_data.folder_sha256(str(tmp_path)) == content
+    assert colintern_data.files_fingerprint(str(tmp_path)) != stamps
