@@ -22,6 +22,7 @@ from colintern_model import ColIntern, ColInternProcessor, LoraSettings  # noqa:
 GPU_MACHINE_LACKS = "bitsandbytes,datasets,faiss,mteb,colpali_engine,maxsim_cpu"
 
 
+@pytest.mark.slow
 def test_gpu_sh_quick_prints_every_figure_and_skips_what_is_missing(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, COLINTERN_BENCH_MISSING=GPU_MACHINE_LACKS,
                COLINTERN_BENCH_WHEELS=str(tmp_path / "no_wheels"), COLINTERN_BENCH_LOGS=str(tmp_path / "logs"),

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +22,7 @@ def readme_demo_files() -> list:
     return paths
 
 
+@pytest.mark.slow
 def test_shortened_demo_runs_end_to_end_and_writes_every_file_the_readme_names(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PY=sys.executable, OUT=str(out), TOPICS="4", PAGES="16", EVAL_PAGES="4",

@@ -67,6 +67,7 @@ def one_process(ckpt, hub, tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 def test_two_processes_mine_the_same_bytes_and_resume_from_one_process_shards(ckpt, hub, one_process,
                                                                             tmp_path):
     """2 gloo processes, fresh cache: each encodes 2 of the 4 shards and searches its query blocks; rank 0 writes a
@@ -101,6 +102,7 @@ def test_two_processes_mine_the_same_bytes_and_resume_from_one_process_shards(ck
     assert read_stats(tmp_path / "resumed.jsonl")["cache"]["encoded"] == 2
 
 
+@pytest.mark.slow
 def test_one_rank_failing_stops_both_with_its_error(ckpt, hub, tmp_path):
     """Rank 1 raises while encoding its shard: both processes exit promptly (no wait in a collective), rank 0 with
     one line naming rank 1 and its error, and no output is written."""
@@ -130,6 +132,7 @@ def run_eval_processes(tmp, flags, nproc, timeout=400):
     return summary
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path):
     """A local task (10 pages of two shapes, 8 queries; batches of 3, so each rank encodes its own batches) with 2
     gloo processes: the summary and the predictions equal one process's; only rank 0 wrote. Pooled, with rerank: the

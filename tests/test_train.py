@@ -649,6 +649,7 @@ def ddp_case(tiny_model_dir, tmp_path_factory):
     return {"flags": flags, "root": root, "grads": one[0], "log": one_log}
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_global_batch(ddp_case):
     """torchrun --nproc_per_node 2 on CPU (gloo), 4 queries per rank, vs one process with the same 8 queries per
     step: the same loss and the same gradients at every step (plain SGD between steps), and identical gradients on
@@ -662,6 +663,7 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(ddp_case):
     assert not [f for f in os.listdir(ddp_case["root"] / "two") if f.endswith(".tmp")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["gather_without_gradients", "local_negatives"])
 def test_ddp_comparison_fails_for_a_real_ddp_bug(ddp_case, fault):
     """The comparison above is not vacuous: a gather that drops other ranks' gradients, or a pool without other
@@ -672,6 +674,7 @@ def test_ddp_comparison_fails_for_a_real_ddp_bug(ddp_case, fault):
         assert_same_step(two[0][0], ddp_case["grads"][0], [two_log[0][2]], [ddp_case["log"][0][2]], "step 1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,batch_size,grad_accum", [(1, 2, 4), (2, 2, 2)])
 def test_grad_cache_step_equals_one_big_batch(ddp_case, nproc, batch_size, grad_accum):
     """Gradient caching: micro-batches of 2 queries, 4 per step in one process or 2 per step on each of 2 gloo
@@ -723,6 +726,7 @@ def retrieval_metrics(scores):
     return recall / len(scores), ndcg / len(scores)
 
 
+@pytest.mark.slow
 def test_it_learns_held_out_pages(tiny_model_dir, tmp_path):
     hub = tmp_path / "kw-train"
     train_words = [w for w in WORDS for _ in range(3)]
