@@ -15,13 +15,7 @@ from keyword_pages import render_keyword_page  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs scripts in several processes (20 s or more on 2 cores); "
-                                       "`-m 'not slow'` leaves them out, and the suite starts with them")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Slow tests first (stable otherwise): with `-n 2` (make test) the two workers then share out the long ones
-    at the start instead of one worker finishing a long test alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+                                       "`-m 'not slow'` leaves them out for a quick run")
 
 
 @pytest.fixture(scope="session")
