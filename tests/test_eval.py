@@ -652,3 +652,23 @@ def test_pool_and_rerank_flags_are_checked(capsys):
         with pytest.raises(SystemExit):
             colintern_eval.parse_args(ok + flags)
         assert message in capsys.readouterr().err
+
+
+def test_a_task_failing_on_one_rank_counts_as_failed_on_every_rank(monkeypatch, capsys):
+    """agree_on_task under torchrun, each rank's view (the gather of every rank's error, None for success, stands in
+    for the collective, which tests/test_distributed.py runs for real): the ranks that succeeded record the failing
+    rank's error and all move on together; a task that succeeded everywhere stays a success."""
+    def gathered(errors):
+        monkeypatch.setattr(colintern_eval, "gather_to_all", lambda items, world: list(errors))
+
+    gathered([None, "CUDA out of memory"])
+    failed = {}  # rank 0: the task ran fine here
+    assert colintern_eval.agree_on_task("DocVQA", failed, world=2) is False
+    assert failed == {"DocVQA": "rank 1: CUDA out of memory"}
+    assert "task DocVQA failed on rank 1 (CUDA out of memory); going on with the other tasks" in capsys.readouterr().out
+    failed = {"DocVQA": "CUDA out of memory"}  # rank 1 keeps its own message
+    assert colintern_eval.agree_on_task("DocVQA", failed, world=2) is False
+    assert failed == {"DocVQA": "CUDA out of memory"} and capsys.readouterr().out == ""
+    gathered([None, None])
+    failed = {"Other": "earlier"}
+    assert colintern_eval.agree_on_task("DocVQA", failed, world=2) is True and failed == {"Other": "earlier"}
