@@ -707,7 +707,7 @@ def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_element
     # roughly square blocks of (query tokens) x (whole pages); everything at once when it fits
     group = np_ if t * np_ * lp <= budget else max(1, min(np_, math.isqrt(budget) // lp))
     rows = max(1, min(t, budget // (group * lp)))
-    rows = -(-t // -(-t // rows))  # as many blocks of rows, of even size: no thin last block
+    rows = -(-t // -(-t // rows)) if t else rows  # as many blocks of rows, of even size: no thin last block
     flat = pages.reshape(np_ * lp, d)
     best = query_tokens.new_empty((t, np_))
     blocks = [(p0, r0) for p0 in range(0, np_, group) for r0 in range(0, t, rows)]  # disjoint parts of `best`

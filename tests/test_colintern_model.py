@@ -328,6 +328,20 @@ def test_pad_pages_rejects_empty_page():
         cm.pad_pages([torch.ones(2, 4), torch.ones(0, 4)])
 
 
+def test_maxsim_tokens_row_blocks_and_workers_give_the_plain_maxima():
+    """maxsim_tokens against (q @ p.T).amax per page for row counts that do and do not divide into blocks, one or
+    two workers, and no query tokens at all (an empty (0, Np) result)."""
+    g = torch.Generator().manual_seed(7)
+    pages = torch.nn.functional.normalize(torch.randn(5, 9, 6, generator=g), dim=-1)
+    for t in (0, 1, 7, 23):
+        tokens = torch.nn.functional.normalize(torch.randn(t, 6, generator=g), dim=-1)
+        want = torch.einsum("td,pld->tpl", tokens, pages).amax(dim=-1)
+        for budget in (9, 40, 10_000):
+            for workers in (1, 2):
+                got = cm.maxsim_tokens(tokens, pages, block_elements=budget, workers=workers)
+                assert got.shape == (t, 5) and torch.allclose(got, want, atol=1e-6), (t, budget, workers)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_page_chunks_into_one_reused_buffer_hold_the_same_pages(monkeypatch, dtype):
     """reuse=True pads every chunk into one buffer (no fresh memory per chunk) with the values reuse=False gives,
