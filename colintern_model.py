@@ -190,7 +190,21 @@ def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=Non
         raise RuntimeError(f"loading {model_id!r} would silently re-initialise or drop weights: {detail}. "
                            f"Check that the checkpoint and the installed transformers match.")
     backbone.requires_grad_(False)
+    if quantize == "4bit":
+        keep_4bit_weights_unpacked(backbone)
     return backbone.eval()
+
+
+def keep_4bit_weights_unpacked(backbone) -> None:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights. On a CPU with avx512_bf16, a Linear4bit repacks its
+    weight for a bf16 CPU kernel at its first forward whose input needs no grad (the frozen backbone is always in
+    eval mode), and from then on multiplies with that kernel, which has no autograd: once a no-grad encoding (mining,
+    gradient caching's first pass) packed a layer, the gradient through its frozen weight to its input is silently
+    dropped. Packing also rounds absmax to bf16, so 4-bit numerics would follow the CPU kind. GPUs never pack."""
+    import bitsandbytes as bnb
+    for module in backbone.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 # -----------------------------------------------------------------------------
@@ -399,7 +413,10 @@ class ColIntern(nn.Module):
         (and checkpointing recompute) the whole tower for nothing. Non-reentrant checkpointing needs no input
         that requires grad, so the language model's own such hook is removed too."""
         lm = self.backbone.language_model
-        lm.activation_checkpointing_enable({"use_reentrant": False})
+        # transformers 5.23 renamed gradient_checkpointing_enable (a deprecated alias since) to
+        # activation_checkpointing_enable; the versions before have only the old name, with the same first argument.
+        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
         lm.disable_input_require_grads()
         self.train(self.training)
 
@@ -997,11 +1014,21 @@ def trainable_state_dict(model: ColIntern) -> dict:
     adapter name: "language_model.layers.0.self_attn.q_proj.lora_A.weight"."""
     heads = {f"{name}.{k}": v.detach().cpu().clone() for name in ("query_head", "page_head")
              for k, v in getattr(model, name).state_dict().items()}
-    lora = {}
-    if model.lora is not None:
-        from peft import get_peft_model_state_dict
-        lora = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model.backbone).items()}
+    lora = {k: v.detach().cpu().clone() for k, v in lora_parameters(model).items()}
     return {"heads": heads, "lora": lora}
+
+
+def lora_parameters(model: ColIntern) -> dict:
+    """peft's checkpoint key -> the live LoRA parameter, the keys as get_peft_model_state_dict names them. peft is
+    handed the LoRA parameters alone: without state_dict= it would take the whole backbone's state_dict(), and on a
+    CPU with avx512_bf16 a bitsandbytes 4-bit layer repacks its weight for the CPU kernel at its first forward, and
+    its state_dict() converts it back in place, lossily (with double quantisation, absmax is requantised): every
+    save or load would then perturb the frozen backbone."""
+    if model.lora is None:
+        return {}
+    from peft import get_peft_model_state_dict
+    own = {name: p for name, p in model.backbone.named_parameters() if "lora_" in name}
+    return get_peft_model_state_dict(model.backbone, state_dict=own, save_embedding_layers=False)
 
 
 def checkpoint_quantization(meta: dict) -> str:
@@ -1073,10 +1100,7 @@ def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint
         raise ValueError(f"{source} uses query/page format v{meta['format']['version']}, this code uses "
                          f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code")
     lora = {LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v for k, v in ckpt["lora"].items()}  # older checkpoints' keys
-    own_lora = {}
-    if model.lora is not None:
-        from peft import get_peft_model_state_dict
-        own_lora = get_peft_model_state_dict(model.backbone)
+    own_lora = lora_parameters(model)
     own, theirs = set(own_lora), set(lora)
     if own != theirs:
         raise ValueError(f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
@@ -1098,11 +1122,9 @@ def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint
                              f"the model's {expected} (hidden size {model.hidden_size}, proj_dim {model.proj_dim}); "
                              f"pass the matching --model_id")
         head.load_state_dict(state)
-    if lora:
-        from peft import set_peft_model_state_dict
-        result = set_peft_model_state_dict(model.backbone, lora)
-        if result.unexpected_keys:
-            raise ValueError(f"{source}: unexpected LoRA keys {result.unexpected_keys[:3]}")
+    with torch.no_grad():  # copied into place, not through peft's set_peft_model_state_dict: see lora_parameters
+        for key, param in own_lora.items():
+            param.copy_(lora[key])
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """colintern_model.py: loading, encoders, exact MaxSim, loss, checkpoints, and the errors a user meets."""
 import json
 import os
+import platform
 import shutil
 
 import numpy as np
@@ -607,12 +608,22 @@ def native_bf16(monkeypatch):
     return force
 
 
-def test_cpu_probe_is_cached_and_consistent_with_torch():
+def cpu_flags() -> set:
+    with open("/proc/cpuinfo") as f:
+        return next(set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags"))
+
+
+def test_cpu_probe_is_cached_and_agrees_with_the_kernels_cpu_flags():
+    """On either CPU kind: the probe says yes exactly where the kernel lists avx512_bf16 or AMX tiles and oneDNN
+    takes bf16 matmuls (on plain AVX-512, oneDNN says yes and emulates bf16), and asks once per process."""
+    if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"):
+        pytest.skip(f"the CPU flags are read from Linux's /proc/cpuinfo on x86-64, not {platform.machine()}")
+    cm.cpu_has_native_bf16.cache_clear()
     first = cm.cpu_has_native_bf16()
-    assert isinstance(first, bool) and cm.cpu_has_native_bf16() is first
-    assert cm.cpu_has_native_bf16.cache_info().hits >= 1
-    if first:  # never says yes where oneDNN cannot take a bf16 matmul
-        assert torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert cm.cpu_has_native_bf16() is first and cm.cpu_has_native_bf16.cache_info().hits == 1
+    flags = cpu_flags()
+    expected = bool(flags & {"avx512_bf16", "amx_tile"}) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert first is expected, (first, sorted(flags & {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}))
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -762,3 +773,82 @@ def assert_same_trainable(a, b):
     for part in ("heads", "lora"):
         assert sa[part].keys() == sb[part].keys()
         assert all(torch.equal(sa[part][k], sb[part][k]) for k in sa[part]), part
+
+
+def four_bit_layers(model):
+    import bitsandbytes as bnb
+    return [m for m in model.backbone.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def pack_for_the_cpu_kernel(layer):
+    """What Linear4bit.forward does to its weight on a CPU with avx512_bf16 (bitsandbytes >= 0.48). The packing
+    is plain torch, so it runs on any CPU kind."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    weight = layer.weight
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+
+
+def test_saving_and_loading_lora_never_serialises_the_4bit_backbone(tiny_model_dir, tmp_path, monkeypatch):
+    """bitsandbytes' Linear4bit.state_dict() converts a weight packed for the CPU kernel back in place, lossily (with
+    double quantisation absmax is requantised), so a snapshot save through the backbone's state_dict() perturbed a
+    4-bit run on CPUs with avx512_bf16. Every layer is packed here by hand, as such a CPU does at a forward: saving a
+    checkpoint, reading it, loading it into the model, exporting and loading the export leave every packed weight and
+    absmax bit-identical, and none of the model's Linear4bit layers serialises. The backbone's own state_dict() is then
+    shown to do both, so the spy and the comparison can fail."""
+    import bitsandbytes as bnb
+    if not hasattr(bnb.functional, "_convert_weight_packed_for_cpu"):
+        pytest.skip(f"bitsandbytes {bnb.__version__} never repacks 4-bit weights for the CPU")
+    torch.manual_seed(1)
+    model, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, quantize="4bit",
+                                         lora=LoraSettings(r=4, alpha=8))
+    layers = four_bit_layers(model)
+    assert len(layers) == 14 and not any(layer.support_avx512bf16_for_cpu for layer in layers)  # ColIntern's choice
+    perturb(model)
+    for layer in layers:
+        pack_for_the_cpu_kernel(layer)
+    packed = [(layer.weight.data.clone(), layer.weight.quant_state.absmax.clone()) for layer in layers]
+    serialised = []
+    real_save = bnb.nn.Linear4bit._save_to_state_dict
+
+    def spy(self, *args, **kwargs):
+        if any(self is layer for layer in layers):  # transformers serialises a fresh backbone as it loads one
+            serialised.append(self)
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "_save_to_state_dict", spy)
+    path = str(tmp_path / "q4.pt")
+    cm.save_checkpoint(path, model)
+    ckpt = cm.load_checkpoint(path)
+    cm.load_trainable_state(model, ckpt)
+    (tmp_path / "exported").mkdir()
+    cm.write_exported(ckpt, str(tmp_path / "exported"), name="q4")
+    cm.load_trainable_state(model, cm.load_checkpoint(str(tmp_path / "exported")))
+    loaded, _, _ = ColIntern.from_checkpoint(path)
+    assert serialised == []
+    assert_same_trainable(model, loaded)
+    for layer, (weight, absmax) in zip(layers, packed):
+        state = layer.weight.quant_state
+        assert state.packing_format_for_cpu and torch.equal(layer.weight.data, weight)
+        assert torch.equal(state.absmax, absmax)
+    model.backbone.state_dict()  # what peft's get_peft_model_state_dict(backbone) did
+    assert len(serialised) == len(layers)
+    assert not any(layer.weight.quant_state.packing_format_for_cpu for layer in layers)
+    for layer in layers:
+        pack_for_the_cpu_kernel(layer)
+    assert not all(torch.equal(layer.weight.quant_state.absmax, absmax) for layer, (_, absmax) in zip(layers, packed))
+
+
+def test_4bit_layers_keep_one_layout_on_every_cpu_kind(tiny_model_dir, keyword_page, monkeypatch):
+    """Linear4bit takes `support_avx512bf16_for_cpu` from the CPU at construction; here it is told the CPU has
+    avx512_bf16, whatever it has. ColIntern turns the repacking off, so a no-grad encoding (which would pack every
+    layer on such a CPU, after which the frozen weights pass no gradient to their inputs) leaves every layer in the
+    layout that GPUs and AVX2 CPUs use."""
+    import bitsandbytes as bnb
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, quantize="4bit",
+                                                 lora=LoraSettings(r=4, alpha=8))
+    layers = four_bit_layers(model)
+    assert len(layers) == 14 and not any(layer.support_avx512bf16_for_cpu for layer in layers)
+    with torch.no_grad():
+        model.encode_pages(processor, [keyword_page("alpha")])
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
