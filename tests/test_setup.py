@@ -1,4 +1,5 @@
-"""The set-up: pinned versions (constraints.txt) against requirements.txt, and what reaches the user at import."""
+"""The set-up: both pinned sets (constraints.txt, constraints-min.txt) against requirements.txt, and what reaches the
+user at import."""
 import importlib.metadata
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from conftest import ROOT
 
@@ -16,35 +18,67 @@ def read_lines(name):
         return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
 
 
-def pins():
+# Each of the project's virtual environments and the constraints file scripts/setup.sh installs it from.
+PINNED_SETS = {".venv": "constraints.txt", ".venv-min": "constraints-min.txt"}
+
+
+def pins(constraints="constraints.txt"):
     out = {}
-    for line in read_lines("constraints.txt"):
+    for line in read_lines(constraints):
         name, _, version = line.partition("==")
-        assert version, f"constraints.txt: {line!r} is not pinned with =="
+        assert version, f"{constraints}: {line!r} is not pinned with =="
         out[canonicalize_name(name)] = version
     return out
 
 
-def test_every_requirement_is_pinned_inside_its_range():
-    pinned = pins()
-    for line in read_lines("requirements.txt"):
-        req = Requirement(line)
+def requirements():
+    return [Requirement(line) for line in read_lines("requirements.txt")]
+
+
+@pytest.mark.parametrize("constraints", PINNED_SETS.values())
+def test_every_requirement_is_pinned_inside_its_range(constraints):
+    pinned = pins(constraints)
+    for req in requirements():
         name = canonicalize_name(req.name)
-        assert name in pinned, f"requirements.txt's {req.name} has no pin in constraints.txt (run `make pins`)"
+        assert name in pinned, f"requirements.txt's {req.name} has no pin in {constraints}"
         assert req.specifier.contains(pinned[name], prereleases=True), \
-            f"constraints.txt pins {req.name}=={pinned[name]}, outside requirements.txt's {req.specifier}"
-    assert pinned["torch"] == "2.14.1" and pinned["torchvision"] == "0.29.1"  # the pair scripts/setup.sh installs
+            f"{constraints} pins {req.name}=={pinned[name]}, outside requirements.txt's {req.specifier}"
 
 
-def test_the_project_venv_holds_exactly_the_pinned_versions():
-    """In the .venv that scripts/setup.sh made (CI's), every pinned package is installed at its pin. Elsewhere
-    (a user's own environment with requirements.txt's ranges) there is nothing to hold to the pins."""
-    if os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(ROOT, ".venv")):
-        pytest.skip(f"not the project's .venv ({sys.prefix}): the pins hold there only")
+def test_the_main_set_pins_the_torch_pair_on_disk():
+    pinned = pins()
+    assert pinned["torch"] == "2.14.1" and pinned["torchvision"] == "0.29.1"
+
+
+# The direct requirements ColIntern calls into, whose lower bounds the floor set holds; the others (faiss, pillow,
+# scipy, safetensors, plotting, test tools) sit at constraints.txt's pins there too.
+AT_THEIR_FLOOR = ("torch", "torchvision", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "mteb")
+
+
+def test_the_floor_set_pins_the_lower_bounds_requirements_claims():
+    """constraints-min.txt is what requirements.txt claims at its oldest: each library ColIntern calls into is pinned
+    at its lower bound, so the suite runs on the oldest release a user may have; transformers at 5.17 with the
+    huggingface_hub and tokenizers of the GPU machines."""
+    floor = pins("constraints-min.txt")
+    claimed = {canonicalize_name(req.name): req for req in requirements()}
+    for name in AT_THEIR_FLOOR:
+        lower = [Version(s.version) for s in claimed[name].specifier if s.operator == ">="]
+        assert len(lower) == 1, f"requirements.txt's {name} needs one lower bound (>=), has {claimed[name].specifier}"
+        assert Version(floor[name]) == lower[0], \
+            f"constraints-min.txt pins {name}=={floor[name]}, requirements.txt claims >={lower[0]}"
+    assert (floor["transformers"], floor["huggingface-hub"], floor["tokenizers"]) == ("5.17.0", "1.33.0", "0.23.2")
+
+
+def test_this_venv_holds_exactly_its_pinned_versions():
+    """In a venv that scripts/setup.sh made (CI's .venv and .venv-min), every pinned package is installed at its
+    pin. Elsewhere (a user's own environment with requirements.txt's ranges) there is nothing to hold to the pins."""
+    venv = os.path.relpath(os.path.realpath(sys.prefix), os.path.realpath(ROOT))
+    if venv not in PINNED_SETS:
+        pytest.skip(f"not one of the project's venvs {sorted(PINNED_SETS)} ({sys.prefix}): the pins hold there only")
     installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
-    wrong = {name: (version, installed.get(name)) for name, version in pins().items()
+    wrong = {name: (version, installed.get(name)) for name, version in pins(PINNED_SETS[venv]).items()
              if installed.get(name, "").split("+")[0] != version}
-    assert not wrong, f"installed versions differ from constraints.txt (pinned, installed): {wrong}"
+    assert not wrong, f"installed versions differ from {PINNED_SETS[venv]} (pinned, installed): {wrong}"
 
 
 def test_bitsandbytes_optional_kernel_warning_is_dropped_and_others_kept():
