@@ -432,7 +432,9 @@ class ColIntern(nn.Module):
         batch = {k: v.to(inputs_device) for k, v in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = self._pixels(batch["pixel_values"]).to(self.backbone.dtype)
-        return self.backbone(**batch).last_hidden_state  # (B, L, H)
+        # use_cache=False: the text config's use_cache is true, and transformers would otherwise build a KV cache
+        # (a copy of every layer's keys and values) in every forward that is not checkpointed training.
+        return self.backbone(**batch, use_cache=False).last_hidden_state  # (B, L, H)
 
     def _pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 tiles (N, 3, H, W) from process_pages -> normalised fp32 tiles on the same device. Float pixels

@@ -852,3 +852,32 @@ def test_4bit_layers_keep_one_layout_on_every_cpu_kind(tiny_model_dir, keyword_p
     with torch.no_grad():
         model.encode_pages(processor, [keyword_page("alpha")])
     assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+
+
+def test_no_forward_builds_a_kv_cache(model_and_processor, keyword_page, monkeypatch):
+    """The text config says use_cache=True; a retriever never generates, so no forward may build a KV cache (a copy
+    of every layer's keys and values): neither encoding (eval, no grad) nor a training forward and backward
+    (transformers drops the cache by itself only in checkpointed training)."""
+    from transformers import cache_utils
+    model, processor = model_and_processor
+    assert model.backbone.config.text_config.use_cache
+    built = []
+    real_init = cache_utils.DynamicCache.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", spy)
+    queries, pages = processor.process_queries(["alpha page"]), processor.process_pages([keyword_page("alpha")])
+    model.encode_queries(processor, ["alpha page"]), model.encode_pages(processor, [keyword_page("alpha")])
+    model.train()
+    try:
+        model.forward_queries(queries)[0].sum().backward()
+        model.forward_pages(pages)[0].sum().backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    assert built == []
+    model.backbone(**processor.process_queries(["alpha page"]))  # the backbone's own default
+    assert built, "the spy does not see the cache transformers builds"
