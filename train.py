@@ -47,6 +47,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (all_gather with gradients, gather_pages)
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -377,14 +378,16 @@ def batch_loss(encoder: nn.Module, batch: dict, temperature: float, rank: int = 
     return contrastive_loss(q, q_mask, pages, page_mask, pos_index, temperature=temperature)
 
 
-def rng_state(device: torch.device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+def rng_state():
+    """The CPU generator and every CUDA device's: under --device_map auto, LoRA layers on each GPU draw their dropout
+    masks from that GPU's generator."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
 
-def set_rng_state(state, device: torch.device) -> None:
+def set_rng_state(state) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def grad_cache_step(encoder: nn.Module, micro_batches: list, temperature: float, rank: int, world: int,
@@ -399,23 +402,22 @@ def grad_cache_step(encoder: nn.Module, micro_batches: list, temperature: float,
          all-reduces (no_sync before it), once, over the accumulated gradients.
     -> the loss (detached). `scale` multiplies the loss before backward (fp16 loss scaling)."""
     module = encoder.module if isinstance(encoder, nn.parallel.DistributedDataParallel) else encoder
-    device = next(module.parameters()).device
     states, cached = [], []
     with torch.no_grad():
         for batch in micro_batches:
-            states.append(rng_state(device))
+            states.append(rng_state())
             q, q_mask, p, p_mask = module(batch["queries"], batch["pages"])
             cached.append((q.requires_grad_(), q_mask, p.requires_grad_(), p_mask, batch["n_queries"]))
     loss = contrastive_loss(*contrastive_pool(cached, rank, world), temperature=temperature)
     scale(loss).backward()
-    after = rng_state(device)
+    after = rng_state()
     for i, (batch, state, (q_cached, _, p_cached, _, _)) in enumerate(zip(micro_batches, states, cached)):
-        set_rng_state(state, device)
+        set_rng_state(state)
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last or world == 1 else encoder.no_sync():
             q, _, p, _ = encoder(batch["queries"], batch["pages"])
             torch.autograd.backward([q, p], [q_cached.grad, p_cached.grad])
-    set_rng_state(after, device)
+    set_rng_state(after)
     return loss.detach()
 
 

@@ -689,6 +689,61 @@ def test_grad_cache_step_equals_one_big_batch(ddp_case, nproc, batch_size, grad_
         assert_same_step(grads, single, [log[step - 1][2]], [ddp_case["log"][step - 1][2]], f"step {step}")
 
 
+class FakeCudaGenerators:
+    """Stands in for torch.cuda's per-device generators (CI has no GPU): each device's state is a counter that a
+    draw advances, as dropout advances a generator's offset."""
+
+    def __init__(self, devices: int):
+        self.states = [torch.tensor([1000 * d]) for d in range(devices)]
+
+    def draw(self, device: int) -> int:
+        self.states[device] += 1
+        return int(self.states[device])
+
+    def get_rng_state_all(self):
+        return [s.clone() for s in self.states]
+
+    def set_rng_state_all(self, states):
+        self.states = [s.clone() for s in states]
+
+
+class DrawingEncoder(torch.nn.Module):
+    """A QueryPageEncoder stand-in whose forward draws from the CPU generator and from both fake GPUs, as LoRA
+    dropout does when --device_map auto spreads the layers over two GPUs, and records the draws."""
+
+    def __init__(self, generators):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(8))
+        self.generators, self.draws = generators, []
+
+    def forward(self, queries, pages):
+        self.draws.append((int(torch.randint(10 ** 6, ())), self.generators.draw(0), self.generators.draw(1)))
+        ones = lambda x: torch.ones(x.shape[:2], dtype=torch.bool)  # noqa: E731
+        q, p = (torch.nn.functional.normalize(x * self.weight, dim=-1) for x in (queries, pages))
+        return q, ones(q), p, ones(p)
+
+
+def test_grad_cache_restores_every_devices_generator(monkeypatch):
+    """Each micro-batch's re-encoding draws what its first encoding drew on the CPU and on EVERY GPU (not only the
+    first parameter's), and the step leaves every generator where one encoding each would have: so the cached
+    gradients are pushed through the function that made them. Faked devices: unverified on real multi-GPU
+    hardware."""
+    generators = FakeCudaGenerators(devices=2)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", generators.get_rng_state_all)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", generators.set_rng_state_all)
+    encoder = DrawingEncoder(generators)
+    g = torch.Generator().manual_seed(0)
+    micro_batches = [{"queries": torch.randn(2, 3, 8, generator=g), "pages": torch.randn(2, 5, 8, generator=g),
+                      "n_queries": 2} for _ in range(2)]
+    torch.manual_seed(0)
+    train.grad_cache_step(encoder, micro_batches, temperature=0.05, rank=0, world=1)
+    first, second, again_first, again_second = encoder.draws
+    assert first != second and again_first == first and again_second == second
+    assert [int(s) for s in generators.states] == [2, 1002]  # as after the first encodings
+    assert encoder.weight.grad is not None and encoder.weight.grad.abs().sum() > 0
+
+
 def test_grad_cache_replays_dropout_masks(tiny_model_dir, pages, tmp_path, monkeypatch):
     """With LoRA dropout on, each micro-batch's second encoding (with its graph) equals its first (cached, no
     graph) exactly: the RNG state is restored, so the cached gradients belong to the graph they are pushed through."""
