@@ -195,6 +195,16 @@ def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=Non
     return backbone.eval()
 
 
+def keep_lora_inputs_in_compute_dtype(backbone) -> None:
+    """peft casts each adapted projection's input to the adapter's dtype (fp32 masters here): an fp32 copy of every
+    input, and fp32 LoRA matmuls. Off, LoRA computes on the backbone's activations under autocast
+    (ColIntern.compute_precision); a forward outside autocast then fails loudly on the dtypes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for module in backbone.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
 def keep_4bit_weights_unpacked(backbone) -> None:
     """Turn off bitsandbytes' CPU repacking of 4-bit weights. On a CPU with avx512_bf16, a Linear4bit repacks its
     weight for a bf16 CPU kernel at its first forward whose input needs no grad (the frozen backbone is always in
@@ -340,12 +350,12 @@ class ColIntern(nn.Module):
                 if "lora_" in name:
                     # peft gives an adapter its base layer's dtype; a bf16 adapter rounds away Adam updates below
                     # half an ulp (lr 5e-5 on weights ~0.03), so adapters keep fp32 weights over any backbone
-                    # dtype. peft's forward casts the input to the adapter's dtype and the sum back to the base's.
-                    # Over a quantised layer peft takes the dtype from the bitsandbytes layer's compute dtype
-                    # (bf16), and its bitsandbytes LoRA layers cast inputs the same way: fp32 there too.
+                    # dtype. They compute in the backbone's dtype all the same (see compute_precision).
                     p.data = p.data.float()
             if not any(p.requires_grad for p in backbone.parameters()):
                 raise ValueError(f"LoRA target {lora.target_modules!r} matched no module of the backbone")
+            if self.compute_dtype != torch.float32:
+                keep_lora_inputs_in_compute_dtype(backbone)
         # Heads sit where the backbone's last hidden state comes out (the last GPU under device_map="auto").
         device = backbone.language_model.norm.weight.device
         self.query_head = nn.Linear(self.hidden_size, proj_dim, device=device)
@@ -424,6 +434,27 @@ class ColIntern(nn.Module):
     def device(self) -> torch.device:
         return self.query_head.weight.device
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the backbone computes in, and so LoRA and the heads (bf16 over a quantised one)."""
+        return self.backbone.dtype
+
+    def precision_identity(self) -> dict:
+        """What cache and result keys must hold of the compute precision: over a bf16/fp16 backbone LoRA and the
+        heads compute in its dtype (compute_precision), which moves every embedding from what fp32 LoRA and heads
+        gave. Empty over an fp32 backbone, so keys made before stay valid there."""
+        if self.compute_dtype == torch.float32:
+            return {}
+        return {"lora_heads_compute": dtype_name(self.compute_dtype)}
+
+    def compute_precision(self):
+        """The context every forward runs in: over a bf16/fp16 backbone, autocast, so that LoRA's and the heads'
+        matmuls run in that dtype (casting their fp32 master weights for each matmul, gradients reaching the fp32
+        masters) instead of copying every adapted projection's input to fp32 (peft's own casting, turned off in
+        keep_lora_inputs_in_compute_dtype). Over an fp32 backbone it does nothing."""
+        dtype = self.compute_dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
+
     def trainable_parameters(self) -> list:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -453,20 +484,23 @@ class ColIntern(nn.Module):
 
     @staticmethod
     def _project(head: nn.Linear, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        emb = F.normalize(head(hidden.to(head.weight.device, head.weight.dtype)), dim=-1)  # (B, L, D)
+        # the head multiplies in the compute dtype (under compute_precision); normalised, masked and scored in fp32
+        emb = F.normalize(head(hidden.to(head.weight.device)).float(), dim=-1)  # (B, L, D)
         return emb * mask.unsqueeze(-1).to(emb.dtype)
 
     def forward_queries(self, batch):
         """batch from ColInternProcessor.process_queries -> (emb (B, Lq, D), mask (B, Lq) bool)."""
         mask = batch["attention_mask"].to(self.device).bool()
-        return self._project(self.query_head, self._hidden(batch), mask), mask
+        with self.compute_precision():
+            return self._project(self.query_head, self._hidden(batch), mask), mask
 
     def forward_pages(self, batch):
         """batch from ColInternProcessor.process_pages -> (emb (B, Lp, D), mask (B, Lp) bool).
         The mask keeps the page's image tokens (not the prompt's text tokens)."""
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool() & (ids == self.image_token_id)
-        return self._project(self.page_head, self._hidden(batch), mask), mask
+        with self.compute_precision():
+            return self._project(self.page_head, self._hidden(batch), mask), mask
 
     @torch.inference_mode()
     def encode_queries(self, processor: ColInternProcessor, queries: Sequence[str], batch_size: int = 32,

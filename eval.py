@@ -210,6 +210,7 @@ def score_settings(loader_kwargs: dict, model: ColIntern) -> dict:
     reranking, quantisation, scoring dtype) is a load_encoder keyword, so it lands in the result key by default."""
     settings = {k: v for k, v in loader_kwargs.items() if k not in IN_MODEL_IDENTITY + SCORE_NEUTRAL}
     settings["dtype"] = str(model.backbone.dtype).removeprefix("torch.")
+    settings.update(model.precision_identity())
     return settings
 
 

@@ -248,6 +248,7 @@ def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype, 
                 "max_tiles": model.max_tiles, "format_version": FORMAT_VERSION, "dtype": str(dtype),
                 "score_dtype": str(scoring),
                 "source": source, "shard_pages": args.shard_pages}
+    identity.update(model.precision_identity())
     if model.quantize != "none":  # only then, so caches written before --quantize stay valid
         identity["quantize"] = model.quantize
     if args.pool_factor != 1:  # only then, so caches written before --pool_factor stay valid

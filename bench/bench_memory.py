@@ -34,7 +34,8 @@ its bf16 copy.
 
 Activations: what autograd keeps for the backward pass, per token per decoder layer, counted on the meta device
 (no memory, no compute): one decoder layer at the size's shapes, wrapped by ColIntern with LoRA as train.py --lora
-does (fp32 adapters with LoraSettings' dropout over a bf16 backbone, as on a GPU), encodes one sequence of
+does (fp32 adapters computing in bf16, with LoraSettings' dropout, over a bf16 backbone, as on a GPU), encodes one
+sequence of
 ACT_TOKENS tokens under torch.autograd.graph.saved_tensors_hooks; every saved storage counts once, parameters and the
 (tokens x tokens) attention matrices left out (the meta device runs the math attention path; GPU SDPA kernels keep
 no such matrix). Without checkpointing a token keeps that in every layer; with --gradient_checkpointing each layer
@@ -196,6 +197,13 @@ def layer_activation_bytes(size: str, lora: LoraSettings, dtype: torch.dtype = t
     backbone in `dtype` (see the module docstring; the final norm's, one per model, is counted with the layer)."""
     model = ColIntern(one_layer_backbone(size, dtype), lora=lora).train()
     lm = model.backbone.language_model
+    if model.compute_dtype != torch.float32:
+        # LoRA computes in the backbone's dtype under autocast (ColIntern.compute_precision), which the meta device
+        # does not run: the adapters are cast instead, which saves the same per-token tensors (autocast's casts of
+        # the weights are per layer, not per token)
+        for name, p in lm.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(dtype)
     # A storage's id: meta tensors have no data pointer; _cdata is the address of the StorageImpl, kept unique
     # because `held` keeps every saved tensor alive while counting.
     skip = {t.untyped_storage()._cdata for t in list(model.parameters()) + list(model.buffers())}
@@ -275,7 +283,7 @@ def print_tables(sizes, work: Workload) -> dict:
     cal = calibration(parts.get("1b") or meta_parts("1b"), lora)
     act = {s: layer_activation_bytes(s, lora) for s in parts}
     print()
-    print(f"Activations a decoder layer keeps per token (bf16 backbone, fp32 LoRA r {lora.r} dropout {lora.dropout}, "
+    print(f"Activations a decoder layer keeps per token (bf16 backbone, LoRA r {lora.r} dropout {lora.dropout} in bf16, "
           f"counted on the meta device), and per {work.page_tokens}-token page ({work.tiles} tiles) / "
           f"{work.query_tokens}-token query over all layers, x{cal['margin']:.2f} (measured / counted at 1B, if "
           f"above 1):")

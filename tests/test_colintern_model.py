@@ -1,5 +1,7 @@
 """colintern_model.py: loading, encoders, exact MaxSim, loss, checkpoints, and the errors a user meets."""
+import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -881,3 +883,64 @@ def test_no_forward_builds_a_kv_cache(model_and_processor, keyword_page, monkeyp
     assert built == []
     model.backbone(**processor.process_queries(["alpha page"]))  # the backbone's own default
     assert built, "the spy does not see the cache transformers builds"
+
+
+def lora_linears(model):
+    return [m for n, m in model.backbone.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+
+
+def fixed_direction_grads(model, processor, keyword_page):
+    """-> gradients of a fixed random linear function of the query and page embeddings (well conditioned: a
+    contrastive loss on the tiny random model is near its ln(N) plateau, where gradients are mostly rounding)."""
+    model.zero_grad(set_to_none=True)
+    model.train()
+    try:
+        q, _ = model.forward_queries(processor.process_queries(["alpha page", "beta page", "gamma"]))
+        p, _ = model.forward_pages(processor.process_pages([keyword_page(w) for w in ("alpha", "beta", "gamma")]))
+        g = torch.Generator().manual_seed(7)
+        ((q * torch.randn(q.shape, generator=g)).sum() + (p * torch.randn(p.shape, generator=g)).sum()).backward()
+    finally:
+        model.eval()
+    assert q.dtype == p.dtype == torch.float32  # embeddings (and so MaxSim and the loss) in fp32
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_and_heads_compute_in_bf16_over_fp32_masters(tiny_model_dir, keyword_page, monkeypatch):
+    """Over a bf16 backbone every LoRA and head matmul takes bf16 inputs and gives bf16 outputs (no fp32 copy of the
+    activations) while the weights and their gradients stay fp32. One SGD step's update (lr x gradient) agrees with
+    the same model computing LoRA and heads in fp32 (peft's input casting, no autocast) within the bf16 rounding the
+    new path adds: on one gradient's path, 4 roundings in its projection's forward (weight and output of A and B),
+    4 in its backward, 2 + 2 in the head, the rest of the path bf16 in both. 12 roundings of at most u = 2^-8 each,
+    as if they all added up: 12u per tensor, and 6u over all tensors together (errors of opposite signs cancel in
+    the norm). A LoRA or head computing wrongly under autocast would be off by O(1)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    torch.manual_seed(0)
+    model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, dtype="bf16",
+                                                 lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    perturb(model)
+    seen = []
+    layers = lora_linears(model) + [model.query_head, model.page_head]
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, m.weight.dtype, out.dtype)))
+             for m in layers]
+    grads = fixed_direction_grads(model, processor, keyword_page)
+    for hook in hooks:
+        hook.remove()
+    assert len(layers) == 30 and len(seen) == 2 * 29  # queries, then pages: 28 LoRA linears and one head each
+    assert set(seen) == {(torch.bfloat16, torch.float32, torch.bfloat16)}
+    assert len(grads) == 32 and all(g.dtype == torch.float32 for g in grads.values())
+    # the reference: LoRA and heads in fp32 over the same bf16 backbone, as before autocast
+    for module in model.backbone.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = True
+    fp32_project = ColIntern.__dict__["_project"].__func__
+    monkeypatch.setattr(ColIntern, "_project", staticmethod(lambda head, hidden, mask: fp32_project(
+        head, hidden.float(), mask)))
+    monkeypatch.setattr(model, "compute_precision", contextlib.nullcontext)
+    reference = fixed_direction_grads(model, processor, keyword_page)
+    u = 2.0 ** -8
+    off = {k: float((grads[k].double() - reference[k].double()).norm() / reference[k].double().norm())
+           for k in grads}
+    assert max(off.values()) <= 12 * u, max(off.items(), key=lambda kv: kv[1])
+    total = math.sqrt(sum(float((grads[k].double() - reference[k].double()).norm()) ** 2 for k in grads) /
+                      sum(float(reference[k].double().norm()) ** 2 for k in grads))
+    assert total <= 6 * u, total

@@ -256,6 +256,10 @@ def test_result_key_follows_weights_settings_and_data(tmp_path, trained, tiny_mo
                      "seed": 0, "proj_dim": 32}
     assert colintern_eval.score_settings(loader_kwargs, model) == {"dtype": "float32", "max_tiles": 4}
     assert colintern_eval.score_settings(dict(loader_kwargs, pool_factor=3), model)["pool_factor"] == 3
+    # LoRA and heads computing in a bf16 backbone's dtype: a setting of its own
+    bf16 = ColIntern.from_checkpoint(ckpt, dtype="bf16")[0]
+    assert colintern_eval.score_settings(dict(loader_kwargs, dtype="bf16"), bf16) == {
+        "dtype": "bfloat16", "max_tiles": 4, "lora_heads_compute": "bf16"}
 
 
 def test_files_fingerprint_follows_paths_sizes_and_mtimes(tmp_path):

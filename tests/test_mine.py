@@ -358,6 +358,12 @@ def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(ckpt, hu
     args.cache_dir = str(tmp_path / "cache")
     folder = lambda dtype: mine.cache_folder(args, model, data, torch.float32, cm.score_dtype(dtype))[0]  # noqa: E731
     assert folder(name) == stats["cache"]["dir"] != folder(other)
+    # LoRA and heads computing in bf16 (over a bf16 backbone) is its own cache; fp32 keys stay as they were
+    bf16 = ColIntern.from_checkpoint(ckpt, dtype="bf16")[0]
+    fp32_as_bf16 = mine.cache_folder(args, model, data, torch.bfloat16, cm.score_dtype(name))
+    bf16_folder, bf16_manifest = mine.cache_folder(args, bf16, data, torch.bfloat16, cm.score_dtype(name))
+    assert bf16_manifest["lora_heads_compute"] == "bf16" and "lora_heads_compute" not in fp32_as_bf16[1]
+    assert bf16_folder != fp32_as_bf16[0]
     # the negatives are the brute-force ones (fp32 scores; bf16 may swap near-ties, so compare by score)
     expected = expected_negatives(brute, 3, math.inf)
     tol = 1e-5 if used == torch.float32 else cm.score_error_bound(torch.bfloat16, 64, 128)  # queries: < 64 tokens

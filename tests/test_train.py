@@ -844,10 +844,11 @@ class RecordingAdamW(torch.optim.AdamW):
 @pytest.fixture(scope="module")
 def low_precision_runs(tiny_model_dir, pages, tmp_path_factory):
     """6 steps at lr 5e-5 (the warmup, the cosine tail and the epoch-2 rate) with an fp32, a bf16 and an fp16
-    backbone, each recording its optimizer's inputs; the bf16 run saves a step snapshot at step 3."""
+    backbone, each recording its optimizer's inputs; the bf16 run saves a step snapshot at step 3. fp16 runs up to 12
+    over 4 epochs: its loss scaler starts at 2^16 and skips the steps whose fp16 gradients overflow while it halves
+    its scale (with the heads computing in fp16, the first 6 here)."""
     out = tmp_path_factory.mktemp("low-precision")
-    common = {"--lora": True, "--lora_r": 4, "--lora_dropout": 0.0, "--lr": 5e-5, "--warmup_steps": 0,
-              "--max_steps": 6, "--epochs": 2}
+    common = {"--lora": True, "--lora_r": 4, "--lora_dropout": 0.0, "--lr": 5e-5, "--warmup_steps": 0}
     runs = {}
     real, real_build = train.make_optimizer, train.build_model
 
@@ -862,8 +863,10 @@ def low_precision_runs(tiny_model_dir, pages, tmp_path_factory):
     train.build_model = build_model
     try:
         for dtype in ("fp32", "bf16", "fp16"):
+            steps = 12 if dtype == "fp16" else 6
             flags = [str(f) for f in base_flags(tiny_model_dir, pages, out / dtype, **common, **{
-                "--dtype": dtype, "--save_every": 3 if dtype == "bf16" else 0})]
+                "--dtype": dtype, "--save_every": 3 if dtype == "bf16" else 0, "--max_steps": steps,
+                "--epochs": 4 if dtype == "fp16" else 2})]
             run_train(*flags)
             runs[dtype] = {"out": out / dtype, "flags": flags, "record": RecordingAdamW.runs[-1]}
     finally:
@@ -893,11 +896,12 @@ def test_low_precision_backbone_trains_fp32_adapters_exactly(low_precision_runs,
     >10x below one step's update (~lr). bf16 adapters (peft's default over a bf16 base) miss it by the update itself:
     at lr 5e-5 an update below half a bf16 ulp of a ~0.1 weight rounds away."""
     run = low_precision_runs[dtype]
-    final = trainable(str(run["out"] / "colintern_heads_step6.pt"))
+    last = max(run["out"].glob("colintern_heads_*.pt"), key=lambda f: load_checkpoint(str(f))["meta"]["step"])
+    final = trainable(str(last))  # fp16's run may end on its epochs before its 12 steps
     record, lr = run["record"], 5e-5
     # fp16: the loss scaler starts at 2^16 and skips the steps whose gradients overflow while it finds its scale
     steps = len(record["steps"])
-    assert sorted(record["names"]) == sorted(final) and (steps == 6 if dtype == "bf16" else 1 <= steps <= 6)
+    assert sorted(record["names"]) == sorted(final) and (steps == 6 if dtype == "bf16" else 3 <= steps < 12)
     assert all(v.dtype == torch.float32 for v in final.values())
     for name, expected, start in zip(record["names"], replay_in_float64(record), record["start"]):
         atol = steps * (2.0 ** -23 * float(expected.abs().max()) + 1e-4 * lr)
@@ -908,12 +912,14 @@ def test_low_precision_backbone_trains_fp32_adapters_exactly(low_precision_runs,
         snapshot = load_checkpoint(str(run["out"] / "colintern_heads_step3.pt"))
         states = snapshot["train_state"]["optimizer"]["state"].values()
         assert states and all(st[k].dtype == torch.float32 for st in states for k in ("exp_avg", "exp_avg_sq"))
+    if dtype != "bf16":  # the fp16 run took other steps than the fp32 one
+        return
     # for the note: how far the low-precision forward itself moves the updates from the fp32-backbone run's
     ref = trainable(str(low_precision_runs["fp32"]["out"] / "colintern_heads_step6.pt"))
     starts = dict(zip(record["names"], record["start"]))
     off = {k: float((final[k].double() - ref[k].double()).norm() / (ref[k].double() - starts[k]).norm())
            for k in final}
-    print(f"{dtype} backbone vs fp32 backbone, update difference: heads {max(v for k, v in off.items() if 'heads' in k):.0%}"
+    print(f"bf16 backbone vs fp32 backbone, update difference: heads {max(v for k, v in off.items() if 'heads' in k):.0%}"
           f", LoRA up to {max(v for k, v in off.items() if 'lora' in k):.0%}")
 
 
