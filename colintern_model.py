@@ -460,7 +460,7 @@ class ColIntern(nn.Module):
 
     def _hidden(self, batch) -> torch.Tensor:
         inputs_device = self.backbone.get_input_embeddings().weight.device
-        batch = {k: v.to(inputs_device) for k, v in batch.items()}
+        batch = {k: v.to(inputs_device, non_blocking=True) for k, v in batch.items()}  # from pinned memory
         if "pixel_values" in batch:
             batch["pixel_values"] = self._pixels(batch["pixel_values"]).to(self.backbone.dtype)
         # use_cache=False: the text config's use_cache is true, and transformers would otherwise build a KV cache
@@ -524,8 +524,10 @@ class ColIntern(nn.Module):
 
 
 def unpad(emb: torch.Tensor, mask: torch.Tensor) -> list:
-    """(B, L, D) + (B, L) mask -> list of (L_i, D) on the CPU, in sequence order."""
-    return [e[m].cpu() for e, m in zip(emb, mask)]
+    """(B, L, D) + (B, L) mask -> list of (L_i, D) on the CPU, in sequence order. The batch crosses to the CPU in
+    one copy (one GPU sync), not one per sequence."""
+    emb, mask = emb.cpu(), mask.cpu()
+    return [e[m] for e, m in zip(emb, mask)]
 
 
 # -----------------------------------------------------------------------------
