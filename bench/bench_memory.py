@@ -35,9 +35,8 @@ its bf16 copy.
 Activations: what autograd keeps for the backward pass, per token per decoder layer, counted on the meta device
 (no memory, no compute): one decoder layer at the size's shapes, wrapped by ColIntern with LoRA as train.py --lora
 does (fp32 adapters computing in bf16, with LoraSettings' dropout, over a bf16 backbone, as on a GPU), encodes one
-sequence of
-ACT_TOKENS tokens under torch.autograd.graph.saved_tensors_hooks; every saved storage counts once, parameters and the
-(tokens x tokens) attention matrices left out (the meta device runs the math attention path; GPU SDPA kernels keep
+sequence of ACT_TOKENS tokens under torch.autograd.graph.saved_tensors_hooks; every saved storage counts once,
+parameters and the (tokens x tokens) attention matrices left out (the meta device runs the math attention path; GPU SDPA kernels keep
 no such matrix). Without checkpointing a token keeps that in every layer; with --gradient_checkpointing each layer
 keeps its input (hidden x 2 bytes a token) and one layer's worth is live again while it is recomputed in the
 backward pass. The same count at 1B shapes with an fp32 backbone and no dropout is checked against what
@@ -68,7 +67,7 @@ sys.path.insert(0, ROOT)
 import make_tiny_model  # noqa: E402
 import train  # noqa: E402
 from colintern_cli import ArgumentParser, run_cli  # noqa: E402
-from colintern_model import ColIntern, LoraSettings  # noqa: E402
+from colintern_model import ColIntern, LoraSettings, lora_parameters  # noqa: E402
 
 REAL_SIZES = ("1b", "2b", "4b", "8b", "14b", "38b")
 MODES = ("bf16", "8bit", "4bit")
@@ -201,9 +200,8 @@ def layer_activation_bytes(size: str, lora: LoraSettings, dtype: torch.dtype = t
         # LoRA computes in the backbone's dtype under autocast (ColIntern.compute_precision), which the meta device
         # does not run: the adapters are cast instead, which saves the same per-token tensors (autocast's casts of
         # the weights are per layer, not per token)
-        for name, p in lm.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.to(dtype)
+        for p in lora_parameters(model).values():
+            p.data = p.data.to(dtype)
     # A storage's id: meta tensors have no data pointer; _cdata is the address of the StorageImpl, kept unique
     # because `held` keeps every saved tensor alive while counting.
     skip = {t.untyped_storage()._cdata for t in list(model.parameters()) + list(model.buffers())}
