@@ -458,11 +458,41 @@ class ColIntern(nn.Module):
     def trainable_parameters(self) -> list:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def _hidden(self, batch) -> torch.Tensor:
+    @property
+    def vision_frozen(self) -> bool:
+        """True unless an adapter reaches into the vision tower or projector (ColIntern's own LoRA never does: its
+        targets are the language model's). Only then may image features be computed without a graph and reused."""
+        return not any(p.requires_grad for m in (self.backbone.vision_tower, self.backbone.multi_modal_projector)
+                       for p in m.parameters())
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles (N, 3, H, W) from process_pages -> the vision tower + projector's output (N, image_seq_length,
+        hidden) in the backbone's dtype on the tower's device: the input embeddings of a page's image tokens. No
+        graph over a frozen tower. Gradient caching computes them once a step and feeds them to both of its passes
+        (forward_pages' image_features), so the tower runs once per page per step, not twice."""
+        device = next(self.backbone.vision_tower.parameters()).device
+        pixels = self._pixels(pixel_values.to(device, non_blocking=True)).to(self.backbone.dtype)
+        with torch.no_grad() if self.vision_frozen else contextlib.nullcontext(), self.compute_precision():
+            return self.backbone.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+
+    def _hidden(self, batch, image_features: torch.Tensor | None = None) -> torch.Tensor:
         inputs_device = self.backbone.get_input_embeddings().weight.device
-        batch = {k: v.to(inputs_device, non_blocking=True) for k, v in batch.items()}  # from pinned memory
-        if "pixel_values" in batch:
-            batch["pixel_values"] = self._pixels(batch["pixel_values"]).to(self.backbone.dtype)
+        pixels = batch.get("pixel_values")
+        batch = {k: v.to(inputs_device, non_blocking=True) for k, v in batch.items()  # from pinned memory
+                 if k != "pixel_values"}
+        if image_features is None and pixels is not None:
+            image_features = self.image_features(pixels)
+        if image_features is not None:
+            # what InternVLModel.forward does with pixel_values, with the features given: both transformers 5.17
+            # (which has no mm_encoder_outputs argument) and later take the embeddings, bitwise as from pixels
+            ids = batch.pop("input_ids")
+            slots = ids == self.image_token_id
+            if int(slots.sum()) != image_features.shape[0] * image_features.shape[1]:
+                raise ValueError(f"{int(slots.sum())} image tokens in the batch but image features for "
+                                 f"{image_features.shape[0] * image_features.shape[1]}: features of another batch?")
+            embeds = self.backbone.get_input_embeddings()(ids)
+            batch["inputs_embeds"] = embeds.masked_scatter(slots.unsqueeze(-1),
+                                                           image_features.to(embeds.device, embeds.dtype))
         # use_cache=False: the text config's use_cache is true, and transformers would otherwise build a KV cache
         # (a copy of every layer's keys and values) in every forward that is not checkpointed training.
         return self.backbone(**batch, use_cache=False).last_hidden_state  # (B, L, H)
@@ -494,13 +524,14 @@ class ColIntern(nn.Module):
         with self.compute_precision():
             return self._project(self.query_head, self._hidden(batch), mask), mask
 
-    def forward_pages(self, batch):
+    def forward_pages(self, batch, image_features: torch.Tensor | None = None):
         """batch from ColInternProcessor.process_pages -> (emb (B, Lp, D), mask (B, Lp) bool).
-        The mask keeps the page's image tokens (not the prompt's text tokens)."""
+        The mask keeps the page's image tokens (not the prompt's text tokens). `image_features` (image_features() of
+        the batch's pixel_values) stand in for the pixels: the vision tower does not run again."""
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool() & (ids == self.image_token_id)
         with self.compute_precision():
-            return self._project(self.page_head, self._hidden(batch), mask), mask
+            return self._project(self.page_head, self._hidden(batch, image_features), mask), mask
 
     @torch.inference_mode()
     def encode_queries(self, processor: ColInternProcessor, queries: Sequence[str], batch_size: int = 32,

@@ -138,15 +138,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=32,
                    help="queries per device per micro-batch: what must fit in memory at once")
     g.add_argument("--auto_batch", action="store_true",
-                   help="on CUDA, halve --batch_size until a worst-case micro-step fits (pages of every rank and "
-                        "hard negatives in the loss) and raise --grad_accum by the same factor, so one loss still "
-                        "sees as many queries and pages; on CPU (no out-of-memory signal) keeps it")
+                   help="on CUDA, halve --batch_size until a worst-case micro-step fits and raise --grad_accum by "
+                        "the same factor, so one loss still sees as many queries and pages. The probe runs a "
+                        "micro-batch of 64-word queries and max-tile pages (+ hard negatives) with its graph, in "
+                        "one loss against stand-ins for every micro-batch's and rank's pages; while it runs it keeps "
+                        "free what it does not hold itself: the optimizer states, DDP's gradient buckets, the "
+                        "step's cached image features, and --auto_batch_margin. On CPU (no out-of-memory signal) "
+                        "keeps --batch_size")
+    g.add_argument("--auto_batch_margin", type=float, default=0.05,
+                   help="fraction of the GPU's memory --auto_batch also keeps free, for NCCL's buffers and the "
+                        "allocator's fragmentation over varying batch lengths (default %(default)s: 7 GB of an "
+                        "H200)")
     g.add_argument("--grad_accum", type=int, default=1,
                    help="micro-batches per optimizer step (default %(default)s). With more than one, gradient "
                         "caching makes them ONE contrastive batch: each loss sees batch_size x grad_accum x "
                         "processes queries against all their pages, batch_size x grad_accum x processes x "
-                        "(1 + num_negs), while activations are held for one micro-batch at a time (each page is "
-                        "encoded twice: once without a graph, once with)")
+                        "(1 + num_negs), while activations are held for one micro-batch at a time (the language "
+                        "model runs over each page twice, once without a graph and once with; the frozen vision "
+                        "tower once, its output kept between the two: see --offload_image_features)")
+    g.add_argument("--offload_image_features", action="store_true",
+                   help="with gradient caching, keep each page's image features (the frozen vision tower's output, "
+                        "computed once a step and reused by the second pass) in pinned CPU memory instead of on the "
+                        "GPU. They take image tokens x hidden x 2 bytes a tile (256 x hidden: 0.5 MB at 1B, 2.6 MB "
+                        "at 38B), ~0.67 GB at 1B and ~3.4 GB at 38B for 256 pages of 5 tiles, times (1 + "
+                        "num_negs); the copies cost PCIe time. Same numbers either way")
     g.add_argument("--epochs", type=int, default=1, help="passes over the training data in this run")
     g.add_argument("--max_steps", type=int, default=None,
                    help="stop after this many optimizer steps of this run (the schedule then spans them); "
@@ -194,6 +209,8 @@ def check_args(p, args):
     if args.train_hub and args.num_negs:
         p.error("--train_hub rows have one positive and no hard negatives: drop --num_negs, or mine negatives with "
                 "mine_hard_negatives.py and train on its --train_jsonl")
+    if not 0 <= args.auto_batch_margin < 1:
+        p.error(f"--auto_batch_margin is a fraction of the GPU's memory in [0, 1), got {args.auto_batch_margin}")
     if args.lr <= 0 or args.temperature <= 0:
         p.error("--lr and --temperature must be > 0")
 
@@ -346,9 +363,14 @@ class QueryPageEncoder(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, queries, pages):
+    def page_features(self, pages):
+        """The pages' image features (ColIntern.image_features) for forward's page_features, to be computed once
+        and reused; None where the vision tower trains (then they cannot be reused)."""
+        return self.model.image_features(pages["pixel_values"]) if self.model.vision_frozen else None
+
+    def forward(self, queries, pages, page_features=None):
         q, q_mask = self.model.forward_queries(queries)  # (B, Lq, D), (B, Lq)
-        p, p_mask = self.model.forward_pages(pages)  # (B * (1 + num_negs), Lp, D), (.., Lp)
+        p, p_mask = self.model.forward_pages(pages, page_features)  # (B * (1 + num_negs), Lp, D), (.., Lp)
         return q, q_mask, p, p_mask
 
 
@@ -391,23 +413,28 @@ def set_rng_state(state) -> None:
 
 
 def grad_cache_step(encoder: nn.Module, micro_batches: list, temperature: float, rank: int, world: int,
-                    scale=lambda loss: loss) -> torch.Tensor:
+                    scale=lambda loss: loss, offload_features: bool = False) -> torch.Tensor:
     """One optimizer step's forward and backward over several micro-batches with gradient caching (Gao et al.
     2021), so that all their queries form ONE contrastive batch against all their pages, while activations exist
     for one micro-batch at a time:
-      1. encode every micro-batch without a graph, keeping the embeddings (and the RNG state before each);
+      1. encode every micro-batch without a graph, keeping the embeddings, the RNG state before each, and the pages'
+         image features (the frozen vision tower's output; in pinned CPU memory with `offload_features`);
       2. the loss over the whole batch (pages gathered from every rank), backward to the embeddings only;
-      3. re-encode each micro-batch with its graph, the same RNG state (so LoRA dropout draws the same masks), and
-         back-propagate its cached embedding gradients into LoRA and the heads. Under DDP only the last re-encode
-         all-reduces (no_sync before it), once, over the accumulated gradients.
+      3. re-encode each micro-batch with its graph from its kept image features (the vision tower runs once a step),
+         the same RNG state (so LoRA dropout draws the same masks), and back-propagate its cached embedding
+         gradients into LoRA and the heads. Under DDP only the last re-encode all-reduces (no_sync before it), once,
+         over the accumulated gradients.
     -> the loss (detached). `scale` multiplies the loss before backward (fp16 loss scaling)."""
     module = encoder.module if isinstance(encoder, nn.parallel.DistributedDataParallel) else encoder
-    states, cached = [], []
+    states, cached, features = [], [], []
     with torch.no_grad():
         for batch in micro_batches:
             states.append(rng_state())
-            q, q_mask, p, p_mask = module(batch["queries"], batch["pages"])
+            f = module.page_features(batch["pages"])
+            q, q_mask, p, p_mask = module(batch["queries"], batch["pages"], f)
             cached.append((q.requires_grad_(), q_mask, p.requires_grad_(), p_mask, batch["n_queries"]))
+            features.append(to_pinned_host(f) if offload_features and f is not None else f)
+            del f
     loss = contrastive_loss(*contrastive_pool(cached, rank, world), temperature=temperature)
     scale(loss).backward()
     after = rng_state()
@@ -415,17 +442,27 @@ def grad_cache_step(encoder: nn.Module, micro_batches: list, temperature: float,
         set_rng_state(state)
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last or world == 1 else encoder.no_sync():
-            q, _, p, _ = encoder(batch["queries"], batch["pages"])
+            q, _, p, _ = encoder(batch["queries"], batch["pages"], features[i])
             torch.autograd.backward([q, p], [q_cached.grad, p_cached.grad])
+        features[i] = None  # freed as soon as used
     set_rng_state(after)
     return loss.detach()
 
 
+def to_pinned_host(t: torch.Tensor) -> torch.Tensor:
+    """A GPU tensor copied to pinned CPU memory without a sync (the copy back, on the same stream, comes after it);
+    a CPU tensor as it is."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 def step_forward_backward(encoder: nn.Module, micro_batches: list, temperature: float, rank: int, world: int,
-                          scale=lambda loss: loss) -> torch.Tensor:
+                          scale=lambda loss: loss, offload_features: bool = False) -> torch.Tensor:
     """Forward and backward of one optimizer step: one plain pass for one micro-batch, gradient caching for more."""
     if len(micro_batches) > 1:
-        return grad_cache_step(encoder, micro_batches, temperature, rank, world, scale)
+        return grad_cache_step(encoder, micro_batches, temperature, rank, world, scale, offload_features)
     loss = batch_loss(encoder, micro_batches[0], temperature, rank, world)
     scale(loss).backward()
     return loss.detach()
@@ -527,14 +564,20 @@ def find_batch_size(try_batch, start: int, say=print) -> int:
             torch.cuda.empty_cache()
 
 
+def probe_page(processor: ColInternProcessor) -> Image.Image:
+    """A page that tiles to the most tiles --max_tiles allows (+ the thumbnail)."""
+    tile = processor.hf.image_processor.size["height"]
+    return Image.new("RGB", (tile * processor.max_tiles, tile), "white")
+
+
 def probe_batch(model: ColIntern, processor: ColInternProcessor, num_negs: int, temperature: float,
                 step_queries: int, world: int):
     """A worst-case training micro-step at micro-batch b: b 64-word queries and b x (1 + num_negs) pages of
     max_tiles tiles, with their graph, in ONE loss over the whole step as gradient caching computes it: this rank's
     `step_queries` queries against the pages of every rank. The other micro-batches' and ranks' embeddings are
-    stand-ins without a graph (copies), as the cache holds them: both phases of a step at once, an upper bound."""
-    tile = processor.hf.image_processor.size["height"]
-    page = Image.new("RGB", (tile * processor.max_tiles, tile), "white")
+    stand-ins without a graph (copies), as the cache holds them: both phases of a step at once, an upper bound.
+    What a step holds besides is probe_headroom's, kept free while this runs."""
+    page = probe_page(processor)
 
     def try_batch(b):
         try:
@@ -550,6 +593,48 @@ def probe_batch(model: ColIntern, processor: ColInternProcessor, num_negs: int, 
         finally:
             model.zero_grad(set_to_none=True)
     return try_batch
+
+
+BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256  # bitsandbytes' 8-bit optimizers: smaller tensors keep fp32 states
+
+
+def optimizer_state_bytes(params: list, name: str) -> int:
+    """Bytes of the optimizer's states once it has stepped. They are made at the first step, so the probe, which
+    runs before it, never holds them. torch AdamW: two fp32 moments a value and a step count a tensor. bitsandbytes'
+    8-bit AdamW (paged or not): two uint8 moments a value, an fp32 absmax per block of 256 for each, and two
+    256-entry fp32 code books a tensor; tensors under 4096 values keep two fp32 moments."""
+    total = 0
+    for p in params:
+        n = p.numel()
+        if name == "adamw":
+            total += 2 * 4 * n + 4
+        elif n < BNB_MIN_8BIT_SIZE:
+            total += 2 * 4 * n
+        else:
+            total += 2 * n + 2 * 4 * -(-n // BNB_BLOCK) + 2 * 256 * 4
+    return total
+
+
+def image_feature_bytes(model: ColIntern, processor: ColInternProcessor, step_pages: int) -> int:
+    """What gradient caching keeps of a step's image features between its passes: `step_pages` worst-case pages
+    (probe_page) x tiles x image tokens x hidden, in the backbone's dtype."""
+    tiles = processor.process_pages([probe_page(processor)])["pixel_values"].shape[0]
+    per_tile = model.backbone.config.image_seq_length * model.hidden_size * model.backbone.dtype.itemsize
+    return step_pages * tiles * per_tile
+
+
+def probe_headroom(params: list, optimizer: str, world: int, device_bytes: int, feature_bytes: int,
+                   margin: float) -> dict:
+    """Bytes a real training step holds that the --auto_batch probe does not, by what holds them:
+      optimizer states (optimizer_state_bytes), made at the first step;
+      DDP's gradient buckets with several processes: a flat fp32 copy of the gradients, 4 bytes a trainable value;
+      gradient caching's image features of the whole step (image_feature_bytes; 0 when offloaded or not caching);
+      a margin, `margin` x the device's memory, for what no formula here knows: NCCL's lazily made buffers, the
+      allocator's fragmentation over batches of varying lengths, CUDA graphs or kernels' workspaces."""
+    return {"optimizer states": optimizer_state_bytes(params, optimizer),
+            "DDP gradient buckets": 4 * sum(p.numel() for p in params) if world > 1 else 0,
+            "cached image features": feature_bytes,
+            f"margin ({margin:.0%} of the device)": int(margin * device_bytes)}
 
 
 # -----------------------------------------------------------------------------
@@ -690,8 +775,26 @@ def choose_batch_size(args, model, processor, snapshot: dict | None, world: int,
             f"--batch_size {batch_size}")
         return batch_size, grad_accum
     model.train()
+    caching = grad_accum > 1 or batch_size > 1  # halving the micro-batch turns caching on
+    features = 0 if args.offload_image_features or not caching else \
+        image_feature_bytes(model, processor, batch_size * grad_accum * (1 + args.num_negs))
+    headroom = probe_headroom(model.trainable_parameters(), args.optimizer, world,
+                              torch.cuda.get_device_properties(model.device).total_memory, features,
+                              args.auto_batch_margin)
+    keep = sum(headroom.values())
+    say(f"--auto_batch: keeping {keep / 2 ** 30:.2f} GiB free while probing, for what a step holds that the probe "
+        f"does not: " + ", ".join(f"{k} {v / 2 ** 30:.2f} GiB" for k, v in headroom.items()))
+    try:
+        reserve = torch.empty(keep, dtype=torch.uint8, device=model.device)
+    except torch.cuda.OutOfMemoryError:
+        reserve = None
+    if reserve is None:
+        raise RuntimeError(f"--auto_batch: the {keep / 2 ** 30:.2f} GiB a step needs besides its activations do not "
+                           f"fit on {model.device}; lower --auto_batch_margin, --batch_size x --grad_accum, or pass "
+                           f"--offload_image_features")
     found = find_batch_size(probe_batch(model, processor, args.num_negs, args.temperature, batch_size * grad_accum,
                                         world), batch_size, say)
+    del reserve
     if world > 1:  # every rank steps with the same micro-batch: the smallest that fits anywhere
         t = torch.tensor([found], device=model.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -756,7 +859,8 @@ def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, r
     or gradient stops the run; fp16 gradients that overflowed make the scaler skip the update, and the schedule stays
     where it is (as the weights). -> (loss, lr, overflowed)."""
     seed_step(args.seed, rank, state.step)
-    loss = step_forward_backward(encoder, micro_batches, args.temperature, rank, world, scaler.scale)
+    loss = step_forward_backward(encoder, micro_batches, args.temperature, rank, world, scaler.scale,
+                                 args.offload_image_features)
     if world > 1:
         dist.all_reduce(loss)  # gloo has no AVG
         loss /= world

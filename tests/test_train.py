@@ -488,6 +488,45 @@ def test_auto_batch_probe_sees_the_whole_contrastive_step(tiny_model_dir, monkey
     assert all(p.grad is None for p in model.trainable_parameters())  # the probe leaves no gradients behind
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_auto_batch_headroom_counts_the_optimizer_states_a_step_makes(optimizer):
+    """The optimizer-state term of --auto_batch's headroom equals the bytes the optimizer really holds after its
+    first step (bitsandbytes' 8-bit AdamW on the CPU keeps the GPU's layout), for tensors below and above the 4096
+    values under which 8-bit AdamW keeps fp32 states. Only this arithmetic runs on the CPU; the reservation itself
+    (and whether the margin suffices) needs a GPU and is untested here."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (100, 4095, 4096, 70001)]
+    opt = train.make_optimizer(optimizer, params, 1e-3, say=lambda *a: None)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    held = sum(t.numel() * t.element_size() for p in params for t in opt.state[p].values() if torch.is_tensor(t))
+    assert train.optimizer_state_bytes(params, optimizer) == held
+    assert train.optimizer_state_bytes(params, "paged_adamw_8bit") == train.optimizer_state_bytes(params, "adamw_8bit")
+
+
+def test_auto_batch_headroom_holds_the_steps_image_features(tiny_model_dir):
+    """The cached-features term is what image_features returns for the probe's worst-case page, times the step's
+    pages; DDP's buckets count only with several processes; the margin is its fraction of the device."""
+    model, processor = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(r=4, alpha=4, dropout=0.0))
+    feats = model.image_features(processor.process_pages([train.probe_page(processor)])["pixel_values"])
+    assert feats.shape[0] == model.max_tiles + 1  # every tile + the thumbnail: the worst case
+    step_pages = 6 * (1 + 2)
+    assert train.image_feature_bytes(model, processor, step_pages) == step_pages * feats.numel() * feats.element_size()
+    params = model.trainable_parameters()
+    n = sum(p.numel() for p in params)
+    one = train.probe_headroom(params, "adamw", 1, 10_000, 123, 0.05)
+    assert one == {"optimizer states": 8 * n + 4 * len(params), "DDP gradient buckets": 0,
+                   "cached image features": 123, "margin (5% of the device)": 500}
+    assert train.probe_headroom(params, "adamw", 8, 10_000, 123, 0.05)["DDP gradient buckets"] == 4 * n
+
+
+def test_auto_batch_margin_is_a_fraction(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--train_jsonl", "x.jsonl", "--out_dir", "o", "--auto_batch_margin", "1.5"])
+    assert "--auto_batch_margin is a fraction of the GPU's memory in [0, 1), got 1.5" in capsys.readouterr().err
+
+
 def test_auto_batch_on_cpu_keeps_the_batch(tiny_model_dir, pages, tmp_path, capsys):
     run_train(*base_flags(tiny_model_dir, pages, tmp_path, **{"--auto_batch": True, "--max_steps": 1,
                                                              "--compile_heads": True}))
@@ -716,7 +755,10 @@ class DrawingEncoder(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(8))
         self.generators, self.draws = generators, []
 
-    def forward(self, queries, pages):
+    def page_features(self, pages):
+        return None
+
+    def forward(self, queries, pages, page_features=None):
         self.draws.append((int(torch.randint(10 ** 6, ())), self.generators.draw(0), self.generators.draw(1)))
         ones = lambda x: torch.ones(x.shape[:2], dtype=torch.bool)  # noqa: E731
         q, p = (torch.nn.functional.normalize(x * self.weight, dim=-1) for x in (queries, pages))
@@ -750,11 +792,11 @@ def test_grad_cache_replays_dropout_masks(tiny_model_dir, pages, tmp_path, monke
     encodings = []
     real_forward = train.QueryPageEncoder.forward
 
-    def forward(self, queries, pages):
-        out = real_forward(self, queries, pages)
+    def forward(self, queries, pages, page_features=None):
+        out = real_forward(self, queries, pages, page_features)
         if len(encodings) == 4:  # step 2 (LoRA B is 0 at step 1, so dropout cannot show): dropout is really
             # drawn, the same micro-batch with the next RNG state encodes differently
-            redrawn = real_forward(self, queries, pages)
+            redrawn = real_forward(self, queries, pages, page_features)
             assert not torch.equal(out[0], redrawn[0]) and not torch.equal(out[2], redrawn[2])
         encodings.append((torch.is_grad_enabled(), [t.detach().clone() for t in out]))
         return out
@@ -766,6 +808,50 @@ def test_grad_cache_replays_dropout_masks(tiny_model_dir, pages, tmp_path, monke
     for step in (encodings[:4], encodings[4:]):
         for (_, cached), (_, again) in zip(step[:2], step[2:]):
             assert all(torch.equal(a, b) for a, b in zip(cached, again))
+
+
+@pytest.mark.parametrize("dtype,offload", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_grad_cache_runs_the_vision_tower_once_per_micro_batch(tiny_model_dir, monkeypatch, dtype, offload):
+    """Gradient caching's second pass takes the first's image features: the frozen vision tower runs once per
+    micro-batch (not twice), and the loss and every gradient are bitwise those of re-running it (LoRA dropout on,
+    so the RNG replay is part of what must agree)."""
+    torch.manual_seed(0)
+    model, processor = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(r=4, alpha=4, dropout=0.3),
+                                                 dtype=dtype)
+    for p in model.trainable_parameters():  # LoRA B starts at 0, so the adapters would not show in the gradients
+        torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    collate = train.Collate(processor)
+    sizes = [(448, 224), (224, 224), (224, 448), (448, 448)]  # pages of 3, 1, 3 and 5 tiles
+    micro_batches = [collate([{"query": query(w), "pos": render_keyword_page(w, size=sizes[i % 4]),
+                               "negs": [render_keyword_page(WORDS[i + 8], size=sizes[(i + 1) % 4])]}
+                              for i, w in enumerate(WORDS[j:j + 2], start=j)]) for j in (0, 2, 4)]
+    tower_runs = []
+    model.backbone.vision_tower.register_forward_hook(lambda *a: tower_runs.append(torch.is_grad_enabled()))
+    encoder = train.QueryPageEncoder(model)
+
+    def step():
+        tower_runs.clear()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = train.grad_cache_step(encoder, micro_batches, temperature=0.05, rank=0, world=1,
+                                     offload_features=offload)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, list(tower_runs)
+    loss, grads, runs = step()
+    assert runs == [False] * 3  # once per micro-batch, without a graph
+    monkeypatch.setattr(train.QueryPageEncoder, "page_features", lambda self, pages: None)  # as before: twice
+    loss_before, grads_before, runs_before = step()
+    assert runs_before == [False] * 6
+    assert torch.equal(loss, loss_before) and grads.keys() == grads_before.keys()
+    assert all(torch.equal(grads[n], grads_before[n]) for n in grads)
+    assert all(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_image_features_of_another_batch_are_refused(tiny_model_dir):
+    model, processor = ColIntern.from_pretrained(tiny_model_dir)
+    one, three = (processor.process_pages([render_keyword_page("x", size=s)]) for s in ((224, 224), (448, 224)))
+    with pytest.raises(ValueError, match="image tokens in the batch but image features for"):
+        model.forward_pages(one, model.image_features(three["pixel_values"]))
 
 
 # -----------------------------------------------------------------------------
