@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -132,6 +133,23 @@ def resolve_dtype(dtype, device="cpu", quantize="none") -> torch.dtype:
 # bitsandbytes. The vision tower and projector stay unquantised: they are a small part of the weights (0.3B of 8B;
 # 6B of 38B), quantising them costs quality, and bitsandbytes' CPU 4-bit path fails on narrow (32-wide) layers.
 QUANTIZE = ("none", "8bit", "4bit")
+# How attention is computed (transformers' attn_implementation): sdpa (torch's scaled_dot_product_attention, the
+# default), eager (plain matmuls and softmax, for debugging), flash_attention_2 (needs the flash-attn package and a
+# GPU). They agree to rounding, not bitwise: the one used is in checkpoints and in every cache and result key.
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+ATTN_HELP = ("how attention is computed: sdpa (default; torch's fused kernels), eager (plain matmuls and softmax, "
+             "for debugging), flash_attention_2 (needs the flash-attn package). They agree to rounding, not bitwise, "
+             "so the choice is recorded in checkpoints and is part of the page cache's and the results' keys")
+
+
+def check_attn_implementation(name: str) -> None:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("flash_attention_2 needs the flash-attn package (pip install flash-attn, on a CUDA machine); "
+                         "sdpa, the default, needs nothing")
 UNQUANTISED_MODULES = ["vision_tower", "multi_modal_projector"]
 
 
@@ -166,16 +184,19 @@ def backbone_quantization(backbone) -> str:
 IGNORED_UNEXPECTED_KEYS = re.compile(r"(^|\.)lm_head\.")
 
 
-def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=None, quantize: str = "none"):
+def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=None, quantize: str = "none",
+                  attn_implementation: str = "sdpa"):
     """Load a frozen HF-native InternVL3.5 (`InternVLModel`) in eval mode through `AutoModel.from_pretrained`,
-    its language model quantised with bitsandbytes for `quantize` 8bit / 4bit (see QUANTIZE).
+    its language model quantised with bitsandbytes for `quantize` 8bit / 4bit (see QUANTIZE), attention computed
+    by `attn_implementation` (see ATTN_IMPLEMENTATIONS).
 
     Fails loudly on a remote-code id, a missing folder, and on any missing, unexpected or mismatched weight key
     (a silently re-initialised weight is the costliest bug this model family has).
     """
     from transformers import AutoModel
     check_internvl_config(model_id, read_model_config(model_id))
-    kwargs = {"dtype": resolve_dtype(dtype, device_map, quantize)}
+    check_attn_implementation(attn_implementation)
+    kwargs = {"dtype": resolve_dtype(dtype, device_map, quantize), "attn_implementation": attn_implementation}
     if quantize != "none":
         kwargs["quantization_config"] = quantization_config(quantize, kwargs["dtype"])
     if device_map is not None:
@@ -339,6 +360,7 @@ class ColIntern(nn.Module):
         self.max_tiles = max_tiles
         self.image_token_id = backbone.config.image_token_id
         self.quantize = backbone_quantization(backbone)  # recorded in checkpoints
+        self.attn_implementation = backbone.config._attn_implementation  # recorded in checkpoints and cache keys
         backbone.requires_grad_(False)
         if lora is not None:
             from peft import LoraConfig, inject_adapter_in_model
@@ -373,10 +395,12 @@ class ColIntern(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_id: str = DEFAULT_MODEL_ID, proj_dim: int = 128, lora: LoraSettings | None = None,
-                        max_tiles: int = 4, dtype="auto", device_map=None, quantize: str = "none"):
+                        max_tiles: int = 4, dtype="auto", device_map=None, quantize: str = "none",
+                        attn_implementation: str = "sdpa"):
         """-> (model, processor) built on a fresh backbone (quantised for `quantize` 8bit/4bit), heads randomly
         initialised."""
-        backbone = load_backbone(model_id, dtype=dtype, device_map=device_map, quantize=quantize)
+        backbone = load_backbone(model_id, dtype=dtype, device_map=device_map, quantize=quantize,
+                                 attn_implementation=attn_implementation)
         processor = ColInternProcessor.from_pretrained(model_id, max_tiles=max_tiles)
         model = cls(backbone, proj_dim=proj_dim, lora=lora, model_id=model_id, max_tiles=max_tiles,
                     **processor.pixel_normalisation())
@@ -384,9 +408,11 @@ class ColIntern(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str, model_id: str | None = None, dtype="auto", device_map=None,
-                        max_tiles: int | None = None, quantize: str | None = None, say=print):
+                        max_tiles: int | None = None, quantize: str | None = None, say=print,
+                        attn_implementation: str = "sdpa"):
         """-> (model, processor, ckpt): the backbone of the checkpoint (or model_id), quantised as the checkpoint's
-        was (or as `quantize` says: `say` tells of the change), heads + LoRA loaded."""
+        was (or as `quantize` says: `say` tells of the change), heads + LoRA loaded. Attention is
+        `attn_implementation`, whichever the checkpoint was trained with (its meta records that)."""
         ckpt = load_checkpoint(path)
         meta = ckpt["meta"]
         model_id = model_id or meta["model_id"]
@@ -395,7 +421,8 @@ class ColIntern(nn.Module):
         quantize = quantize or checkpoint_quantization(meta)
         say_if_quantization_differs(meta, quantize, f"checkpoint {path}", say)
         model, processor = cls.from_pretrained(model_id, proj_dim=meta["proj_dim"], lora=lora, max_tiles=max_tiles,
-                                               dtype=dtype, device_map=device_map, quantize=quantize)
+                                               dtype=dtype, device_map=device_map, quantize=quantize,
+                                               attn_implementation=attn_implementation)
         load_trainable_state(model, ckpt, source=f"checkpoint {path}")
         return model, processor, ckpt
 
@@ -439,13 +466,18 @@ class ColIntern(nn.Module):
         """The dtype the backbone computes in, and so LoRA and the heads (bf16 over a quantised one)."""
         return self.backbone.dtype
 
-    def precision_identity(self) -> dict:
-        """What cache and result keys must hold of the compute precision: over a bf16/fp16 backbone LoRA and the
-        heads compute in its dtype (compute_precision), which moves every embedding from what fp32 LoRA and heads
-        gave. Empty over an fp32 backbone, so keys made before stay valid there."""
-        if self.compute_dtype == torch.float32:
-            return {}
-        return {"lora_heads_compute": dtype_name(self.compute_dtype)}
+    def numerics_identity(self) -> dict:
+        """What cache and result keys must hold of how the model computes, beyond its weights and dtype: over a
+        bf16/fp16 backbone LoRA and the heads compute in its dtype (compute_precision), which moves every embedding
+        from what fp32 LoRA and heads gave; attention other than sdpa moves the last bits. Each entry is there only
+        when it differs from what keys made before it assumed (fp32 LoRA compute over an fp32 backbone, sdpa), so
+        those keys stay valid."""
+        identity = {}
+        if self.compute_dtype != torch.float32:
+            identity["lora_heads_compute"] = dtype_name(self.compute_dtype)
+        if self.attn_implementation != "sdpa":
+            identity["attn_implementation"] = self.attn_implementation
+        return identity
 
     def compute_precision(self):
         """The context every forward runs in: over a bf16/fp16 backbone, autocast, so that LoRA's and the heads'
@@ -1067,7 +1099,8 @@ def checkpoint_dict(model: ColIntern, step: int = 0, epoch: int = 0, train_state
                     training_data: list | None = None) -> dict:
     meta = {"model_id": model.model_id, "hidden_size": model.hidden_size, "proj_dim": model.proj_dim,
             "max_tiles": model.max_tiles, "lora": dataclasses.asdict(model.lora) if model.lora else None,
-            "quantize": model.quantize, "format": query_format(), "step": step, "epoch": epoch}
+            "quantize": model.quantize, "attn_implementation": model.attn_implementation, "format": query_format(),
+            "step": step, "epoch": epoch}
     if training_data is not None:
         # lineage: every dataset these weights were trained on, warm starts included (train.py); eval.py declares it
         # to mteb. Checkpoints without it (older ones, untrained heads) still load.

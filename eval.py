@@ -56,7 +56,8 @@ import torch.distributed as dist
 from colintern_cli import ArgumentParser, metric_label, one_line, run_cli, trained_model, validated
 from colintern_data import (checkpoint_fingerprint, datasets_cache_for, files_fingerprint, folder_sha256, page_hash,
                             safe_name, write_json)
-from colintern_model import (DEFAULT_MODEL_ID, FORMAT_VERSION, QUANTIZE, ColIntern, check_model_id, dtype_name,
+from colintern_model import (ATTN_HELP, DEFAULT_MODEL_ID, FORMAT_VERSION, QUANTIZE, ColIntern,
+                             check_attn_implementation, check_model_id, dtype_name,
                              gather_to_all, index_bytes, matmul_dtype, maxsim_scores, pool_pages, rank_share,
                              ranks_agree, setup_distributed)
 from colintern_model import score_dtype as resolve_score_dtype
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the backbone's language model in 8-bit or 4-bit (bitsandbytes; vision tower stays bf16, "
                         "--dtype auto means bf16) or unquantised (none). Default: as the checkpoint was trained "
                         "(another choice says so in one line); none without --ckpt. Part of the results' key")
+    g.add_argument("--attn_implementation", default="sdpa", type=validated(check_attn_implementation),
+                   help=ATTN_HELP)
     g.add_argument("--pool_factor", type=int, default=1,
                    help="pool each page's vectors into max(1, L // F) (Ward clustering, renormalised means; queries "
                         "are never pooled) and score them with the same exact MaxSim: about F times smaller a page "
@@ -210,7 +213,7 @@ def score_settings(loader_kwargs: dict, model: ColIntern) -> dict:
     reranking, quantisation, scoring dtype) is a load_encoder keyword, so it lands in the result key by default."""
     settings = {k: v for k, v in loader_kwargs.items() if k not in IN_MODEL_IDENTITY + SCORE_NEUTRAL}
     settings["dtype"] = str(model.backbone.dtype).removeprefix("torch.")
-    settings.update(model.precision_identity())
+    settings.update(model.numerics_identity())
     return settings
 
 
@@ -491,13 +494,14 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
                  model_id: str | None = None, device: str = "cpu", dtype: str = "auto", max_tiles: int | None = None,
                  seed: int = 0, proj_dim: int = 128, experiment_kwargs: dict | None = None,
                  score_dtype: str = "fp32", quantize: str | None = None, pool_factor: int = 1,
-                 rerank: int = 0) -> ColInternEncoder:
+                 rerank: int = 0, attn_implementation: str = "sdpa") -> ColInternEncoder:
     """The ModelMeta loader: a checkpoint (heads + LoRA on its backbone, or on `model_id`), or with no checkpoint
     the untrained baseline (seeded random heads, no LoRA) on `model_id`. `score_dtype` (fp32, bf16, auto): the
     dtype MaxSim scores in, resolved here and kept resolved in the loader keywords (so in the result key).
     `quantize` None: the checkpoint's, or none without one; the result key holds the quantisation used, so either
     spelling of it shares results. `pool_factor` and `rerank`: see ColInternEncoder.similarity; in the loader
-    keywords (so in the result key) only when they are set, so results cached without pooling stay valid."""
+    keywords (so in the result key) only when they are set, so results cached without pooling stay valid; so is
+    `attn_implementation` when it is not sdpa."""
     scoring = resolve_score_dtype(score_dtype, device)
     print(f"score dtype {dtype_name(scoring)} (--score_dtype {score_dtype}; multiplied in "
           f"{dtype_name(matmul_dtype(scoring, device))} on {device})")
@@ -505,7 +509,8 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
     if ckpt is not None:
         model, processor, ckpt_dict = ColIntern.from_checkpoint(ckpt, model_id=model_id, dtype=dtype,
                                                                 device_map=device_map, max_tiles=max_tiles,
-                                                                quantize=quantize)
+                                                                quantize=quantize,
+                                                                attn_implementation=attn_implementation)
         model_id = model.model_id
     else:
         ckpt_dict = None
@@ -513,7 +518,8 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
             raise ValueError("pass --ckpt CKPT, or --model_id MODEL alone for the untrained baseline")
         model, processor = ColIntern.from_pretrained(model_id, proj_dim=proj_dim, lora=None,
                                                      max_tiles=max_tiles or 4, dtype=dtype, device_map=device_map,
-                                                     quantize=quantize or "none")
+                                                     quantize=quantize or "none",
+                                                     attn_implementation=attn_implementation)
         # re-draw the heads from the seed alone, whatever random numbers loading the backbone consumed
         torch.manual_seed(seed)
         model.query_head.reset_parameters()
@@ -522,7 +528,8 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
                      "max_tiles": model.max_tiles, "seed": seed, "proj_dim": model.proj_dim,
                      "score_dtype": dtype_name(scoring), "quantize": model.quantize,
                      **({"pool_factor": pool_factor} if pool_factor != 1 else {}),
-                     **({"rerank": rerank} if rerank else {})}
+                     **({"rerank": rerank} if rerank else {}),
+                     **({"attn_implementation": attn_implementation} if attn_implementation != "sdpa" else {})}
     label, model_hash = model_identity(ckpt, model_id, seed=seed, proj_dim=model.proj_dim)
     settings = score_settings(loader_kwargs, model)
     training_data, lineage_from = checkpoint_training_data(ckpt, ckpt_dict)
@@ -1031,7 +1038,8 @@ def evaluate(args, rank: int, world: int):
     encoder = load_encoder(ckpt=args.ckpt, model_id=args.model_id, device=args.device, dtype=args.dtype,
                            max_tiles=args.max_tiles, seed=args.seed, proj_dim=args.proj_dim or 128,
                            experiment_kwargs=subsample, score_dtype=args.score_dtype, quantize=args.quantize,
-                           pool_factor=args.pool_factor, rerank=args.rerank)
+                           pool_factor=args.pool_factor, rerank=args.rerank,
+                           attn_implementation=args.attn_implementation)
     encoder.rank, encoder.world = rank, world
     meta = encoder.mteb_model_meta
     out_json = args.out_json or os.path.join("outputs", "eval", f"{run_name(meta)}.json")

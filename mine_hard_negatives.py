@@ -47,11 +47,13 @@ from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
 from colintern_data import (PageResolver, checkpoint_fingerprint, file_sha1, pseudo_path, raw_images, read_queries,
                             read_triples, stored_page_hash, write_json, write_jsonl)
 from colintern_model import (
+    ATTN_HELP,
     FORMAT_VERSION,
     QUANTIZE,
     QUERY_BLOCK_TOKENS,
     ColIntern,
     atomic_torch_save,
+    check_attn_implementation,
     check_model_id,
     dtype_name,
     gather_to_all,
@@ -101,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the backbone's language model in 8-bit or 4-bit (bitsandbytes; vision tower stays bf16, "
                         "--dtype auto means bf16) or unquantised (none). Default: as the checkpoint was trained; "
                         "another choice says so in one line. Part of the page cache's key")
+    g.add_argument("--attn_implementation", default="sdpa", type=validated(check_attn_implementation),
+                   help=ATTN_HELP)
     g.add_argument("--pool_factor", type=int, default=1,
                    help="pool each page's vectors into max(1, L // F) (Ward clustering, renormalised means; queries "
                         "are never pooled) before they are cached and searched: about F times smaller shards and "
@@ -248,7 +252,7 @@ def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype, 
                 "max_tiles": model.max_tiles, "format_version": FORMAT_VERSION, "dtype": str(dtype),
                 "score_dtype": str(scoring),
                 "source": source, "shard_pages": args.shard_pages}
-    identity.update(model.precision_identity())
+    identity.update(model.numerics_identity())
     if model.quantize != "none":  # only then, so caches written before --quantize stay valid
         identity["quantize"] = model.quantize
     if args.pool_factor != 1:  # only then, so caches written before --pool_factor stay valid
@@ -667,7 +671,8 @@ def mine(args, rank: int, world: int, device: str):
     with ranks_agree("loading the model and hashing pages", world):
         model, processor, ckpt = ColIntern.from_checkpoint(
             args.ckpt, model_id=args.model_id, dtype=args.dtype, max_tiles=args.max_tiles, quantize=args.quantize,
-            device_map=device if torch.device(device).type == "cuda" else None)
+            device_map=device if torch.device(device).type == "cuda" else None,
+            attn_implementation=args.attn_implementation)
         model.eval()
         quantize = model.quantize
         dtype = resolve_dtype(args.dtype, device, quantize)  # the model's (encoding)

@@ -56,10 +56,12 @@ from colintern_cli import ArgumentParser, progress_bar, run_cli, trained_model, 
 from colintern_data import PageResolver, atomic_path, file_sha1, pseudo_path, read_queries, read_triples, write_json
 from colintern_model import (
     DEFAULT_MODEL_ID,
+    ATTN_HELP,
     QUANTIZE,
     ColIntern,
     ColInternProcessor,
     LoraSettings,
+    check_attn_implementation,
     check_model_id,
     checkpoint_quantization,
     contrastive_loss,
@@ -110,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passed to from_pretrained: 'auto' splits a backbone too big for one GPU (e.g. 38B) over "
                         "this machine's GPUs (one process, no torchrun). Default: cuda:LOCAL_RANK under torchrun, "
                         "else cuda if available, else cpu")
+    g.add_argument("--attn_implementation", default="sdpa", type=validated(check_attn_implementation),
+                   help=ATTN_HELP + " (a step snapshot must keep it)")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute backbone activations in the backward pass (less memory, ~30%% slower); "
                         "only matters with --lora (without LoRA nothing is back-propagated through the backbone)")
@@ -504,7 +508,8 @@ def build_model(args, ckpt: dict | None, device_map, say=print):
     dtype = resolve_dtype(args.dtype, device_map, quantize)
     torch.manual_seed(args.seed)  # heads and LoRA start from the same weights on every rank and every rerun
     model, processor = ColIntern.from_pretrained(model_id, proj_dim=proj_dim, lora=lora, max_tiles=max_tiles,
-                                                 dtype=dtype, device_map=device_map, quantize=quantize)
+                                                 dtype=dtype, device_map=device_map, quantize=quantize,
+                                                 attn_implementation=args.attn_implementation)
     if ckpt is not None:
         model.load_trainable_state(ckpt, source=f"--resume_ckpt {args.resume_ckpt}")
     return model, processor
@@ -726,7 +731,7 @@ def run_config(args, rows, batch_size, grad_accum, world, total_steps, quantize=
     return {"data": rows.fingerprint, "global_batch": batch_size * world, "grad_accum": grad_accum,
             "seed": args.seed, "num_negs": args.num_negs, "lr": args.lr, "warmup_steps": args.warmup_steps,
             "total_steps": total_steps, "temperature": args.temperature, "optimizer": args.optimizer,
-            "quantize": quantize}
+            "quantize": quantize, "attn_implementation": args.attn_implementation}
 
 
 def training_data_lineage(args, rows, ckpt: dict | None) -> list:
@@ -752,7 +757,7 @@ def training_data_lineage(args, rows, ckpt: dict | None) -> list:
 
 
 def check_same_run(saved: dict, ours: dict, path: str) -> None:
-    saved = {"quantize": "none", **saved}  # snapshots from before --quantize ran unquantised
+    saved = {"quantize": "none", "attn_implementation": "sdpa", **saved}  # snapshots from before the flags
     diffs = [f"{k}: snapshot {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
     if diffs:
         raise ValueError(f"--resume_ckpt {path} is a step snapshot of another run ({'; '.join(diffs)}). A step "

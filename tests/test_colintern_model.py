@@ -40,6 +40,37 @@ def test_load_backbone_through_auto_classes_is_frozen_eval(tiny_model_dir):
     assert processor.image_token_id == backbone.config.image_token_id
 
 
+def test_attention_implementation_is_chosen_recorded_and_keyed(tiny_model_dir, keyword_page, tmp_path):
+    """eager and sdpa agree to fp32 rounding, not bitwise; the one a model runs is in its checkpoint and in its
+    numerics identity (the cache and result keys), absent for sdpa so that older keys stay valid."""
+    pages = [keyword_page("attention", size=(448, 224)), keyword_page("x")]
+    out = {}
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8),
+                                                     attn_implementation=impl)
+        assert model.backbone.config.text_config._attn_implementation == impl
+        assert model.backbone.config.vision_config._attn_implementation == impl
+        assert ("attn_implementation" in model.numerics_identity()) == (impl != "sdpa")
+        cm.save_checkpoint(str(tmp_path / f"{impl}.pt"), model)
+        assert cm.load_checkpoint(str(tmp_path / f"{impl}.pt"))["meta"]["attn_implementation"] == impl
+        out[impl] = torch.cat(model.encode_pages(processor, pages))
+    # each attention sums <= L = 200 products per output in its own order: |error| <= L u per layer (u = 2^-24),
+    # over the tower's 1 layer and the language model's 2, on unit vectors
+    bound = 200 * 2 ** -24 * 3
+    assert not torch.equal(out["sdpa"], out["eager"])
+    torch.testing.assert_close(out["sdpa"], out["eager"], atol=bound, rtol=0)
+
+
+def test_flash_attention_without_its_package_is_a_one_line_error(monkeypatch):
+    real = cm.importlib.util.find_spec
+    monkeypatch.setattr(cm.importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(ValueError, match="flash_attention_2 needs the flash-attn package"):
+        cm.check_attn_implementation("flash_attention_2")
+    with pytest.raises(ValueError, match="must be one of sdpa, eager, flash_attention_2, got 'flash'"):
+        cm.check_attn_implementation("flash")
+
+
 def test_lora_wraps_language_model_only(model_and_processor):
     model, _ = model_and_processor
     lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]

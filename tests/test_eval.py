@@ -260,6 +260,10 @@ def test_result_key_follows_weights_settings_and_data(tmp_path, trained, tiny_mo
     bf16 = ColIntern.from_checkpoint(ckpt, dtype="bf16")[0]
     assert colintern_eval.score_settings(dict(loader_kwargs, dtype="bf16"), bf16) == {
         "dtype": "bfloat16", "max_tiles": 4, "lora_heads_compute": "bf16"}
+    # attention other than sdpa: a setting of its own, whether it comes as a loader keyword or from the model
+    eager = ColIntern.from_checkpoint(ckpt, attn_implementation="eager")[0]
+    assert colintern_eval.score_settings(loader_kwargs, eager) == {"dtype": "float32", "max_tiles": 4,
+                                                                   "attn_implementation": "eager"}
 
 
 def test_files_fingerprint_follows_paths_sizes_and_mtimes(tmp_path):
