@@ -52,6 +52,7 @@ import traceback
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from colintern_cli import ArgumentParser, metric_label, one_line, run_cli, trained_model, validated
 from colintern_data import (checkpoint_fingerprint, datasets_cache_for, files_fingerprint, folder_sha256, page_hash,
@@ -490,6 +491,18 @@ def build_model_meta(model: ColIntern, model_id: str, revision: str, ckpt: str |
     )
 
 
+def baseline_heads(model: ColIntern, seed: int) -> None:
+    """The untrained baseline's heads, drawn from the seed alone (whatever random numbers loading the backbone
+    consumed) on the CPU generator and then moved, so that a seed gives the same heads on a CPU and on a GPU (whose
+    own generator draws other numbers): the result key counts the device as score-neutral."""
+    torch.manual_seed(seed)
+    for head in (model.query_head, model.page_head):
+        drawn = nn.Linear(head.in_features, head.out_features)  # on the CPU, as nn.Linear draws by default
+        with torch.no_grad():
+            head.weight.copy_(drawn.weight)
+            head.bias.copy_(drawn.bias)
+
+
 def load_encoder(model_name: str | None = None, revision: str | None = None, *, ckpt: str | None = None,
                  model_id: str | None = None, device: str = "cpu", dtype: str = "auto", max_tiles: int | None = None,
                  seed: int = 0, proj_dim: int = 128, experiment_kwargs: dict | None = None,
@@ -520,10 +533,7 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
                                                      max_tiles=max_tiles or 4, dtype=dtype, device_map=device_map,
                                                      quantize=quantize or "none",
                                                      attn_implementation=attn_implementation)
-        # re-draw the heads from the seed alone, whatever random numbers loading the backbone consumed
-        torch.manual_seed(seed)
-        model.query_head.reset_parameters()
-        model.page_head.reset_parameters()
+        baseline_heads(model, seed)
     loader_kwargs = {"ckpt": ckpt, "model_id": model_id, "device": device, "dtype": dtype,
                      "max_tiles": model.max_tiles, "seed": seed, "proj_dim": model.proj_dim,
                      "score_dtype": dtype_name(scoring), "quantize": model.quantize,

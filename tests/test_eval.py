@@ -280,6 +280,22 @@ def test_files_fingerprint_follows_paths_sizes_and_mtimes(tmp_path):
     assert colintern_eval.files_fingerprint(str(tmp_path)) != first
 
 
+def test_untrained_baseline_heads_come_from_the_cpu_generator(tiny_model_dir, monkeypatch):
+    """The baseline's heads are what nn.Linear draws on the CPU after manual_seed(seed), the same as the heads had
+    before this was device-independent (so cached CPU results stay valid), and they do not depend on the heads'
+    device: drawing them on another device's generator is what the CPU draw replaces (faked here by a head whose
+    reset_parameters would draw other numbers; a real GPU is untested)."""
+    model, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=32)
+    for head in (model.query_head, model.page_head):  # a device generator's draws, had reset_parameters been used
+        monkeypatch.setattr(head, "reset_parameters", lambda: torch.nn.init.zeros_(head.weight))
+    colintern_eval.baseline_heads(model, seed=3)
+    torch.manual_seed(3)
+    q, p = (torch.nn.Linear(model.hidden_size, 32) for _ in range(2))
+    for head, expected in ((model.query_head, q), (model.page_head, p)):
+        assert torch.equal(head.weight, expected.weight) and torch.equal(head.bias, expected.bias)
+    assert not torch.equal(model.query_head.weight, model.page_head.weight)
+
+
 def test_real_vidore_task_on_local_copy_via_data_dir(tmp_path, tiny_model_dir, pages, queries, counts):
     # the untrained baseline: seeded random heads, no LoRA
     data_dir = tmp_path / "vidore"
