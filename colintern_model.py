@@ -665,17 +665,20 @@ class _MaxSim(torch.autograd.Function):
             weight = weight * page_mask.any(dim=1)[None, :, None]
         flat_pages = pages.reshape(np_ * lp, d)
         grad_queries = queries.new_zeros(queries.shape) if need_queries else None
-        grad_pages = pages.new_zeros((np_ * lp, d)) if need_pages else None
+        grad_pages = pages.new_zeros(pages.shape) if need_pages else None
         for qs, ps in ctx.blocks:
             w = weight[qs, ps]  # (nq, n, Lq)
-            offsets = torch.arange(ps.start, ps.stop, device=pages.device)[None, :, None] * lp
-            rows = (picked[qs, ps].long() + offsets).flatten()  # each query token's best token, in flat_pages
             if need_queries:  # d score / d query token: the page token it picked
+                offsets = torch.arange(ps.start, ps.stop, device=pages.device)[None, :, None] * lp
+                rows = (picked[qs, ps].long() + offsets).flatten()  # each query token's best token, in flat_pages
                 best_tokens = flat_pages.index_select(0, rows).view(*w.shape, d)  # (nq, n, Lq, D)
                 grad_queries[qs] += torch.einsum("qpi,qpid->qid", w, best_tokens)
-            if need_pages:  # d score / d page token: the sum of the query tokens that picked it
-                grad_pages.index_add_(0, rows, (w[..., None] * queries[qs, None]).reshape(-1, d))
-        return grad_queries, None if grad_pages is None else grad_pages.view(pages.shape), None, None
+            if need_pages:  # d score / d page token: the sum of the query tokens that picked it, as a matmul over
+                # the weighted one-hot choices (a block of the forward's size): many query tokens pick one page
+                # token, and index_add_ would add them with float atomics on CUDA, in an order that varies by run
+                chose = w.new_zeros((*w.shape, lp)).scatter_(-1, picked[qs, ps].long()[..., None], w[..., None])
+                grad_pages[ps] += torch.einsum("qpij,qid->pjd", chose, queries[qs])
+        return grad_queries, grad_pages, None, None
 
 
 def maxsim(queries: torch.Tensor, pages: torch.Tensor, query_mask: torch.Tensor | None = None,
@@ -904,8 +907,18 @@ def page_chunks(pages: Sequence[torch.Tensor], dtype, device, compute: torch.dty
 
 
 def sum_by_query(best: torch.Tensor, owner: torch.Tensor, n_queries: int) -> torch.Tensor:
-    """(T, n) per-token best similarities -> (n_queries, n) float32 MaxSim scores."""
-    return best.new_zeros((n_queries, best.shape[1]), dtype=torch.float32).index_add_(0, owner, best.float())
+    """(T, n) per-token best similarities -> (n_queries, n) float32 MaxSim scores, summed in one fixed order on
+    every device: each query's tokens (a contiguous run of `owner`, as pack_queries lays them) go into a zero-padded
+    dense (n_queries, longest, n) block, summed along its token axis. index_add_ would add them with float atomics on
+    CUDA, in an order that varies from run to run (and so could flip near-ties in a top-k)."""
+    counts = torch.bincount(owner, minlength=n_queries)
+    if owner.numel() == 0:
+        return best.new_zeros((n_queries, best.shape[1]), dtype=torch.float32)
+    starts = torch.cumsum(counts, 0) - counts  # integers: exact
+    slot = torch.arange(owner.numel(), device=owner.device) - starts[owner]
+    dense = best.new_zeros((n_queries, int(counts.max()), best.shape[1]), dtype=torch.float32)
+    dense[owner, slot] = best.float()
+    return dense.sum(dim=1)
 
 
 def merge_topk(values: torch.Tensor, indices: torch.Tensor, new_values: torch.Tensor, new_indices: torch.Tensor,

@@ -282,6 +282,41 @@ def test_differentiable_maxsim_with_masks_equals_naive():
     assert torch.allclose(cm.maxsim(q, p, q_mask, p_mask), expected, atol=1e-5)
 
 
+def test_scoring_and_the_loss_add_nothing_with_float_atomics(monkeypatch):
+    """index_add_, scatter_add_ and index_put_(accumulate=True) add repeated indices with float atomics on CUDA, in an
+    order that varies by run. Scoring (maxsim_scores, maxsim_topk, mining's score_pairs) and the loss (forward and
+    backward) call none of them, and still equal a float64 reference within fp32 summation's bound. Run-to-run
+    byte identity on a GPU itself needs a GPU and is not tested here."""
+    import mine_hard_negatives as mine
+    called = []
+    for owner in (torch.Tensor, torch):
+        for name in ("index_add_", "index_add", "scatter_add_", "scatter_add"):
+            if hasattr(owner, name):
+                monkeypatch.setattr(owner, name, lambda *a, _n=name, **k: called.append(_n))
+    real_put = torch.Tensor.index_put_
+
+    def index_put_(self, indices, values, accumulate=False):
+        if accumulate:
+            called.append("index_put_(accumulate=True)")
+        return real_put(self, indices, values, accumulate)
+    monkeypatch.setattr(torch.Tensor, "index_put_", index_put_)
+    queries, pages = ragged(5, [4, 2, 6, 3], dim=16, seed=3), ragged(7, [5, 1, 9, 3], dim=16, seed=4)
+    reference = torch.tensor([[naive_maxsim(a.double(), b.double()) for b in pages] for a in queries],
+                             dtype=torch.float64)
+    bound = 6 * 2 ** -24 * 6  # at most 6 query tokens of |similarity| <= 1: summation error <= L u sum|x|
+    scores = cm.maxsim_scores(queries, pages, dtype=torch.float32)
+    top, idx = cm.maxsim_topk(queries, pages, k=3, dtype=torch.float32)
+    pairs = mine.score_pairs(queries, pages, (list(range(5)), [i * 3 % 7 for i in range(5)]), "cpu", torch.float32)
+    assert (scores.double() - reference).abs().max() <= bound
+    assert torch.allclose(top.double(), reference.gather(1, idx), atol=bound, rtol=0)
+    assert torch.allclose(pairs.double(), reference[torch.arange(5), torch.arange(5) * 3 % 7], atol=bound, rtol=0)
+    q, q_mask, p, p_mask = padded_batch([4, 2, 6], [5, 1, 9, 3, 2, 7])
+    loss = cm.contrastive_loss(q.float(), q_mask, p.float(), p_mask, torch.arange(3), temperature=0.05)
+    loss.backward()
+    assert q.grad is not None and p.grad.abs().sum() > 0
+    assert called == []
+
+
 def dense_maxsim(queries, pages, query_mask, page_mask):
     """The reference: the whole (Nq, Np, Lq, Lp) similarity tensor, padded page tokens -inf, amax, masked sum."""
     sim = torch.einsum("qid,pjd->qpij", queries, pages)
