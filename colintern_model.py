@@ -907,18 +907,27 @@ def page_chunks(pages: Sequence[torch.Tensor], dtype, device, compute: torch.dty
 
 
 def sum_by_query(best: torch.Tensor, owner: torch.Tensor, n_queries: int) -> torch.Tensor:
-    """(T, n) per-token best similarities -> (n_queries, n) float32 MaxSim scores, summed in one fixed order on
-    every device: each query's tokens (a contiguous run of `owner`, as pack_queries lays them) go into a zero-padded
-    dense (n_queries, longest, n) block, summed along its token axis. index_add_ would add them with float atomics on
-    CUDA, in an order that varies from run to run (and so could flip near-ties in a top-k)."""
-    counts = torch.bincount(owner, minlength=n_queries)
+    """(T, n) per-token best similarities -> (n_queries, n) float32 MaxSim scores, each query's tokens summed in one
+    fixed order on every device. On CUDA, index_add_ adds repeated indices with float atomics, in an order that
+    varies from run to run (and so could flip near-ties in a top-k): there each query's tokens (a contiguous run of
+    `owner`, as pack_queries lays them) go into a zero-padded dense (n_queries, longest, n) block, summed along its
+    token axis. On a CPU index_add_ adds row after row, in index order, and is kept: the dense block is ~15x slower
+    there (a fresh block is page faults)."""
+    if not adds_in_varying_order(best.device):
+        return best.new_zeros((n_queries, best.shape[1]), dtype=torch.float32).index_add_(0, owner, best.float())
     if owner.numel() == 0:
         return best.new_zeros((n_queries, best.shape[1]), dtype=torch.float32)
+    counts = torch.bincount(owner, minlength=n_queries)
     starts = torch.cumsum(counts, 0) - counts  # integers: exact
     slot = torch.arange(owner.numel(), device=owner.device) - starts[owner]
     dense = best.new_zeros((n_queries, int(counts.max()), best.shape[1]), dtype=torch.float32)
     dense[owner, slot] = best.float()
     return dense.sum(dim=1)
+
+
+def adds_in_varying_order(device) -> bool:
+    """Whether index_add_ on this device adds repeated indices in an order that varies by run (CUDA's atomics)."""
+    return torch.device(device).type == "cuda"
 
 
 def merge_topk(values: torch.Tensor, indices: torch.Tensor, new_values: torch.Tensor, new_indices: torch.Tensor,
