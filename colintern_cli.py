@@ -14,32 +14,25 @@ prints one line `error: ...` on stderr and exits 1; a command-line mistake (argp
 adds one `hint: ...` line that points at --help and exits 2. Anything else is a bug and keeps its traceback;
 `COLINTERN_DEBUG=1` keeps every traceback.
 
-What counts as the user's mistake is decided by where the exception was made, not by its type alone (a ValueError
-from inside torch or a KeyError from `d[k]` are bugs): it is
-  - an exception built by an explicit `raise SomeError(...)` statement in one of this folder's scripts: the
-    message was written for the user there (the project's convention: it names the file, line, flag or id and says
-    what to do), of a type that reports a condition rather than a misuse of the code (ValueError, LookupError,
-    OSError, RuntimeError, FloatingPointError, ImportError; not TypeError, AttributeError or AssertionError);
-  - an OSError the operating system raised (errno set) for a call made by these scripts' own code, e.g. `open` of a
-    path the user gave, or `os.makedirs` of an --out_dir where nothing may be written;
-  - either of those raised in a DataLoader worker process (torch re-raises it with the worker's traceback as text).
+What counts as the user's mistake is decided by the exception's type, never by where it was raised:
+  - a UserError, raised on purpose where the mistake is found, its message written for the user (the project's
+    convention: it names the file, line, flag or id and says what to do). It comes in the flavour a caller would
+    catch: UserValueError is a ValueError, UserFileNotFoundError a FileNotFoundError, and so on;
+  - an OSError the operating system raised for a path (errno and filename set: a missing file, a folder where
+    nothing may be written, a full disk), wherever the call was made, `os.makedirs` of an --out_dir included;
+  - a UserError raised in a DataLoader worker process: torch re-raises it with its own type, the worker's
+    traceback as its text, and the line keeps the original message.
+A ValueError from inside torch, a KeyError from `d[k]` or a plain `raise ValueError(...)` is a bug: traceback.
 """
 import argparse
 import functools
-import linecache
 import os
 import re
 import sys
-import sysconfig
 
 DEBUG_ENV = "COLINTERN_DEBUG"
-SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
-STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"])
-USER_ERROR_TYPES = (ValueError, LookupError, OSError, RuntimeError, FloatingPointError, ImportError)
-RAISE_STATEMENT = re.compile(r"\s*raise\s+[A-Za-z_][\w.]*\(")
 # How torch re-raises an exception of a DataLoader worker: its type with this message (torch/_utils.py)
 WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback", re.S)
-WORKER_FRAME = re.compile(r'^  File "([^"]+)", line (\d+), in .*$', re.M)
 # Progress bars written to a file or a pipe: one plain line at most every this many seconds, and the last one
 LOG_PROGRESS_INTERVAL = 30.0
 
@@ -107,6 +100,43 @@ def trained_model(path: str) -> str:
 # -----------------------------------------------------------------------------
 # Running: expected errors as one line, bugs with their traceback
 
+class UserError(Exception):
+    """A mistake the user can fix, raised on purpose where it is found; run_cli prints its message as one line.
+    Raise the flavour below that a caller would catch: each is also that built-in type."""
+
+
+class UserValueError(UserError, ValueError):
+    """A bad flag value, malformed data, a checkpoint of the wrong kind."""
+
+
+class UserIndexError(UserError, IndexError):
+    """A reference past the end of what it points into (a row of a dataset)."""
+
+
+class UserFileNotFoundError(UserError, FileNotFoundError):
+    """A file or folder the user named that is not there."""
+
+
+class UserFileExistsError(UserError, FileExistsError):
+    """An output that is already there and may not be replaced."""
+
+
+class UserOSError(UserError, OSError):
+    """What the machine cannot do for the user's input (fetch a model offline)."""
+
+
+class UserRuntimeError(UserError, RuntimeError):
+    """A run that cannot go on as asked (out of GPU memory at any batch, another rank's failure)."""
+
+
+class UserImportError(UserError, ImportError):
+    """A flag that needs a package that is not installed."""
+
+
+class UserFloatingPointError(UserError, FloatingPointError):
+    """Training that diverged (a non-finite loss or gradient)."""
+
+
 def run_cli(main, args) -> None:
     """main(args) as a command: see the module docstring for what becomes one `error:` line (exit 1). Ctrl-C exits
     130 without a traceback (train.py catches it first to write a snapshot)."""
@@ -128,51 +158,22 @@ def run_cli(main, args) -> None:
 
 def user_error_message(error: BaseException) -> str | None:
     """The one-line message of an error the user can fix (see the module docstring), or None for a bug."""
-    frames = []
-    tb = error.__traceback__
-    while tb is not None:
-        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
-        tb = tb.tb_next
-    if isinstance(error, OSError) and error.errno is not None:
-        caller = next((f for f in reversed(frames) if not in_stdlib(f[0])), None)
-        if caller is None or not is_script(caller[0]):
-            return None
+    if isinstance(error, UserError):
+        text = str(error)
+        worker = WORKER_ERROR.match(text)
+        return one_line(text if worker is None else worker_error_message(text, worker[1]))
+    if isinstance(error, OSError) and error.errno is not None and error.filename is not None:
         where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
-        return f"{where}: {error.strerror}" if where else error.strerror or str(error)
-    if not isinstance(error, USER_ERROR_TYPES):
-        return None
-    worker = WORKER_ERROR.match(str(error))
-    if worker is not None and worker[1] == type(error).__name__:
-        return worker_error_message(str(error))
-    if frames and raised_by_script(*frames[-1]):
-        return one_line(error.args[0] if isinstance(error, KeyError) and error.args else str(error))
+        return f"{where}: {error.strerror}"
     return None
 
 
-def worker_error_message(text: str) -> str | None:
-    """The message of a worker's exception from torch's text of it, if one of these scripts raised it."""
-    last = None
-    for last in WORKER_FRAME.finditer(text):
+def worker_error_message(text: str, type_name: str) -> str:
+    """The original message in torch's text of a worker's exception: after the traceback, `[module.]Type: message`."""
+    final = None
+    for final in re.finditer(rf"^(?:[\w.]+\.)?{type_name}: ", text, re.M):
         pass
-    if last is None or not raised_by_script(last[1], int(last[2])):
-        return None
-    # after the frame: its source line (and caret lines), then `Type: message`
-    final = re.search(r"^[A-Za-z_][\w.]*: (.*)", text[last.end():], re.M | re.S)
-    return one_line(final[1]) if final else None
-
-
-def raised_by_script(filename: str, lineno: int) -> bool:
-    return is_script(filename) and RAISE_STATEMENT.match(linecache.getline(filename, lineno)) is not None
-
-
-def is_script(filename: str) -> bool:
-    path = os.path.abspath(filename)
-    return os.path.dirname(path) == SCRIPTS_DIR and path.endswith(".py")
-
-
-def in_stdlib(filename: str) -> bool:
-    path = os.path.abspath(filename)
-    return path.startswith(STDLIB_DIR + os.sep) and not re.search(r"[/\\](site|dist)-packages[/\\]", path)
+    return text[final.end():] if final else text
 
 
 def one_line(text: str) -> str:

@@ -13,6 +13,8 @@ import tempfile
 
 from PIL import Image, UnidentifiedImageError
 
+from colintern_cli import UserFileNotFoundError, UserIndexError, UserValueError
+
 
 # -----------------------------------------------------------------------------
 # Files: content hashes, atomic writes
@@ -106,7 +108,7 @@ def local_checkpoint(path: str) -> str:
         return snapshot_download(path)
     except Exception as e:  # offline, no such repository, gated, ...: the hub's own message, on one line
         reason = " ".join(f"{type(e).__name__}: {e}".split())
-        raise FileNotFoundError(f"{path} is no local file or folder, and downloading it as a hub repository failed "
+        raise UserFileNotFoundError(f"{path} is no local file or folder, and downloading it as a hub repository failed "
                                 f"({reason[:300]}). Offline: on a machine with internet run `hf download {path} "
                                 f"--local-dir DIR` and pass DIR") from e
 
@@ -171,7 +173,7 @@ def load_page_dataset(name: str, split: str = "train"):
     a `save_to_disk` folder, or a folder of data files in the hub layout (`data/train-*.parquet`)."""
     import datasets
     if not os.path.isdir(name) and looks_like_local_path(name):
-        raise FileNotFoundError(f"dataset folder {name} does not exist")
+        raise UserFileNotFoundError(f"dataset folder {name} does not exist")
     saved_to_disk = any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json"))
     try:
         if saved_to_disk:
@@ -182,13 +184,13 @@ def load_page_dataset(name: str, split: str = "train"):
         else:
             ds = datasets.load_dataset(name, split=split)
     except Exception as e:
-        raise ValueError(f"cannot open dataset {name} split {split!r}: {type(e).__name__}: {e}") from e
+        raise UserValueError(f"cannot open dataset {name} split {split!r}: {type(e).__name__}: {e}") from e
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"dataset folder {name} has splits {sorted(ds)}, not {split!r}")
+            raise UserValueError(f"dataset folder {name} has splits {sorted(ds)}, not {split!r}")
         ds = ds[split]
     if len(ds) == 0:
-        raise ValueError(f"dataset {name} split {split!r} is empty")
+        raise UserValueError(f"dataset {name} split {split!r} is empty")
     return ds
 
 
@@ -198,9 +200,9 @@ def open_image(path) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"image {path} does not exist") from e
+        raise UserFileNotFoundError(f"image {path} does not exist") from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"image {path} cannot be decoded: {e}") from e
+        raise UserValueError(f"image {path} cannot be decoded: {e}") from e
 
 
 def raw_images(ds):
@@ -215,7 +217,7 @@ def stored_page_hash(value, where: str) -> str:
         return page_hash(value["bytes"])
     if isinstance(value, dict) and value.get("path") and os.path.isfile(value["path"]):
         return file_sha1(value["path"])
-    raise ValueError(f"{where}: the 'image' value holds no image bytes or readable file ({str(value)[:80]!r})")
+    raise UserValueError(f"{where}: the 'image' value holds no image bytes or readable file ({str(value)[:80]!r})")
 
 
 PSEUDO_PATH = re.compile(r"^(?P<dataset>.+)/(?P<split>[^/]+)/doc_(?P<index>\d+)\.png$")
@@ -246,7 +248,7 @@ class PageResolver:
         ds = self._datasets[(name, split)]
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
-            raise ValueError(f"dataset {name} split {split!r} lacks column(s) {missing} (it has {ds.column_names}): "
+            raise UserValueError(f"dataset {name} split {split!r} lacks column(s) {missing} (it has {ds.column_names}): "
                              f"pages are read from an 'image' column and queries from 'query', as in "
                              f"vidore/colpali_train_set")
         return ds
@@ -263,15 +265,15 @@ class PageResolver:
             return
         m = PSEUDO_PATH.match(ref)
         if m is None:
-            raise FileNotFoundError(f"{where}: page {ref!r} is neither a file under --root {self.root!r} nor an "
+            raise UserFileNotFoundError(f"{where}: page {ref!r} is neither a file under --root {self.root!r} nor an "
                                     f"HF pseudo-path 'DATASET/SPLIT/doc_N.png'")
         try:
             ds = self.dataset(m["dataset"], m["split"])
         except Exception as e:
-            raise FileNotFoundError(f"{where}: page {ref!r} is not a file under --root {self.root!r}, and its "
+            raise UserFileNotFoundError(f"{where}: page {ref!r} is not a file under --root {self.root!r}, and its "
                                     f"dataset {m['dataset']!r} split {m['split']!r} cannot be opened: {e}") from e
         if int(m["index"]) >= len(ds):
-            raise IndexError(f"{where}: page {ref!r} points at row {m['index']} but {m['dataset']} split "
+            raise UserIndexError(f"{where}: page {ref!r} points at row {m['index']} but {m['dataset']} split "
                              f"{m['split']!r} has {len(ds)} rows")
 
     def __call__(self, ref: str, where: str = "") -> Image.Image:
@@ -281,15 +283,15 @@ class PageResolver:
             try:
                 return open_image(path)
             except (OSError, ValueError) as e:  # open_image names the file; this adds the reference and its line
-                raise ValueError(f"{where}: page {ref!r} cannot be read: {e}") from e
+                raise UserValueError(f"{where}: page {ref!r} cannot be read: {e}") from e
         self.check(ref, where)
         m = PSEUDO_PATH.match(ref)
         try:
             image = self.dataset(m["dataset"], m["split"])[int(m["index"])]["image"]
         except Exception as e:  # datasets' decode errors name no row
-            raise ValueError(f"{where}: page {ref!r} cannot be read: {type(e).__name__}: {e}") from e
+            raise UserValueError(f"{where}: page {ref!r} cannot be read: {type(e).__name__}: {e}") from e
         if not isinstance(image, Image.Image):
-            raise ValueError(f"{where}: page {ref!r} cannot be read: 'image' is {type(image).__name__}, not an "
+            raise UserValueError(f"{where}: page {ref!r} cannot be read: 'image' is {type(image).__name__}, not an "
                              f"image")
         return image.convert("RGB")
 
@@ -320,19 +322,19 @@ def read_triples(path: str) -> list:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+                raise UserValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
             if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object with 'query' and 'pos'")
+                raise UserValueError(f"{where}: expected a JSON object with 'query' and 'pos'")
             if not isinstance(row.get("query"), str) or not row["query"].strip():
-                raise ValueError(f"{where}: 'query' is missing or empty")
+                raise UserValueError(f"{where}: 'query' is missing or empty")
             if not isinstance(row.get("pos"), str) or not row["pos"]:
-                raise ValueError(f"{where}: 'pos' is missing or not a page path")
+                raise UserValueError(f"{where}: 'pos' is missing or not a page path")
             negs = row.get("negs", [])
             if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
-                raise ValueError(f"{where}: 'negs' must be a list of page paths")
+                raise UserValueError(f"{where}: 'negs' must be a list of page paths")
             rows.append({"query": row["query"], "pos": row["pos"], "negs": negs, "line": n})
     if not rows:
-        raise ValueError(f"{path} has no triples")
+        raise UserValueError(f"{path} has no triples")
     return rows
 
 
@@ -342,6 +344,6 @@ def read_queries(ds, what: str) -> list:
     queries = list(ds["query"])  # reads one column; images stay undecoded
     bad = [i for i, q in enumerate(queries) if not isinstance(q, str) or not q.strip()]
     if bad:
-        raise ValueError(f"{what}: rows {bad[:5]} ({len(bad)} in all) have an empty query; filter them out of the "
+        raise UserValueError(f"{what}: rows {bad[:5]} ({len(bad)} in all) have an empty query; filter them out of the "
                          f"dataset first")
     return queries

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from colintern_cli import progress_bar
+from colintern_cli import UserFileNotFoundError, UserOSError, UserRuntimeError, UserValueError, progress_bar
 from colintern_data import atomic_path, local_checkpoint, looks_like_local_path, open_image, write_json
 
 DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
@@ -68,7 +68,7 @@ def check_model_id(model_id: str) -> None:
     name = model_id.rstrip("/")
     if looks_like_local_path(model_id) or not INTERNVL3_5_HUB_ID.fullmatch(name) or name.upper().endswith("-HF"):
         return
-    raise ValueError(f"{model_id!r} is a remote-code InternVL checkpoint (InternVLChatModel); ColIntern needs the "
+    raise UserValueError(f"{model_id!r} is a remote-code InternVL checkpoint (InternVLChatModel); ColIntern needs the "
                      f"HF-native transformers checkpoint: use {hf_id_for(model_id)!r} instead")
 
 
@@ -77,9 +77,9 @@ def read_model_config(model_id: str) -> dict:
     if os.path.isdir(model_id):
         path = os.path.join(model_id, "config.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"model folder {model_id!r} has no config.json: is it a save_pretrained folder?")
+            raise UserFileNotFoundError(f"model folder {model_id!r} has no config.json: is it a save_pretrained folder?")
     elif looks_like_local_path(model_id):
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"model folder {model_id!r} does not exist. Pass a hub id such as {DEFAULT_MODEL_ID!r} or a folder "
             f"written by save_pretrained (for an offline tiny model: python make_tiny_model.py --out DIR)")
     else:
@@ -88,7 +88,7 @@ def read_model_config(model_id: str) -> dict:
         try:
             path = cached_file(model_id, "config.json")
         except OSError as e:
-            raise OSError(f"could not fetch config.json of {model_id!r} from the Hugging Face hub ({e}). Offline? "
+            raise UserOSError(f"could not fetch config.json of {model_id!r} from the Hugging Face hub ({e}). Offline? "
                           f"Download it once with `hf download {model_id}` or pass a local folder.") from e
     with open(path) as f:
         return json.load(f)
@@ -97,11 +97,11 @@ def read_model_config(model_id: str) -> dict:
 def check_internvl_config(model_id: str, config: dict) -> None:
     model_type = config.get("model_type")
     if model_type == "internvl_chat":
-        raise ValueError(
+        raise UserValueError(
             f"{model_id!r} is a remote-code InternVL checkpoint (model_type 'internvl_chat', InternVLChatModel). "
             f"ColIntern needs the HF-native transformers checkpoint: use {hf_id_for(model_id)!r} instead.")
     if model_type != "internvl":
-        raise ValueError(f"{model_id!r} has model_type {model_type!r}; ColIntern needs an HF-native InternVL3.5 "
+        raise UserValueError(f"{model_id!r} has model_type {model_type!r}; ColIntern needs an HF-native InternVL3.5 "
                          f"checkpoint (model_type 'internvl'), e.g. {DEFAULT_MODEL_ID!r}")
 
 
@@ -120,11 +120,11 @@ def resolve_dtype(dtype, device="cpu", quantize="none") -> torch.dtype:
             return torch.float32 if quantize == "none" else torch.bfloat16
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     elif dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(names)}")
+        raise UserValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(names)}")
     else:
         resolved = names[dtype]
     if quantize != "none" and resolved == torch.float32:
-        raise ValueError(f"--quantize {quantize} with --dtype fp32: a quantised backbone keeps its vision tower, "
+        raise UserValueError(f"--quantize {quantize} with --dtype fp32: a quantised backbone keeps its vision tower, "
                          f"embeddings and norms in bf16 or fp16 (and computes in it); use --dtype auto, bf16 or fp16")
     return resolved
 
@@ -146,16 +146,16 @@ ATTN_HELP = ("how attention is computed: sdpa (default; torch's fused kernels), 
 
 def check_attn_implementation(name: str) -> None:
     if name not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
+        raise UserValueError(f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ValueError("flash_attention_2 needs the flash-attn package (pip install flash-attn, on a CUDA machine); "
+        raise UserValueError("flash_attention_2 needs the flash-attn package (pip install flash-attn, on a CUDA machine); "
                          "sdpa, the default, needs nothing")
 UNQUANTISED_MODULES = ["vision_tower", "multi_modal_projector"]
 
 
 def check_quantize(quantize: str) -> None:
     if quantize not in QUANTIZE:
-        raise ValueError(f"unknown quantisation {quantize!r}: use one of {', '.join(QUANTIZE)}")
+        raise UserValueError(f"unknown quantisation {quantize!r}: use one of {', '.join(QUANTIZE)}")
 
 
 def quantization_config(quantize: str, dtype: torch.dtype):
@@ -208,7 +208,7 @@ def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=Non
     problems = {k: v for k, v in problems.items() if v}
     if problems:
         detail = "; ".join(f"{k} keys: {v[:5]}{' ...' if len(v) > 5 else ''} ({len(v)})" for k, v in problems.items())
-        raise RuntimeError(f"loading {model_id!r} would silently re-initialise or drop weights: {detail}. "
+        raise UserRuntimeError(f"loading {model_id!r} would silently re-initialise or drop weights: {detail}. "
                            f"Check that the checkpoint and the installed transformers match.")
     backbone.requires_grad_(False)
     if quantize == "4bit":
@@ -260,7 +260,7 @@ class ColInternProcessor:
 
     def __init__(self, hf_processor, max_tiles: int = 4):
         if max_tiles < 1:
-            raise ValueError(f"--max_tiles must be >= 1, got {max_tiles}")
+            raise UserValueError(f"--max_tiles must be >= 1, got {max_tiles}")
         self.hf = hf_processor
         self.tokenizer = hf_processor.tokenizer
         self.max_tiles = max_tiles
@@ -277,7 +277,7 @@ class ColInternProcessor:
     def query_texts(self, queries: Sequence[str]) -> list:
         for i, q in enumerate(queries):
             if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"query {i} is empty or not a string ({q!r}): every query needs text")
+                raise UserValueError(f"query {i} is empty or not a string ({q!r}): every query needs text")
         return [QUERY_PREFIX + q + self.query_suffix for q in queries]
 
     def process_queries(self, queries: Sequence[str]):
@@ -295,7 +295,7 @@ class ColInternProcessor:
                 raise TypeError(f"page {i} is a {type(im).__name__}, not a PIL image or an image path")
             pages.append(im.convert("RGB") if im.mode != "RGB" else im)
         if not pages:
-            raise ValueError("process_pages got no pages")
+            raise UserValueError("process_pages got no pages")
         # Resized and tiled by the image processor, but not rescaled or normalised: pages leave here as uint8, 4x
         # smaller than fp32 in DataLoader shared memory and on the way to the GPU; ColIntern normalises them there.
         batch = self.hf(text=[self.page_prompt] * len(pages), images=pages, padding="longest", padding_side="left",
@@ -309,7 +309,7 @@ class ColInternProcessor:
         on the 0..1 scale) and rescale_factor (1/255)."""
         ip = self.hf.image_processor
         if not (ip.do_rescale and ip.do_normalize):
-            raise ValueError(f"{type(ip).__name__} has do_rescale={ip.do_rescale}, do_normalize={ip.do_normalize}: "
+            raise UserValueError(f"{type(ip).__name__} has do_rescale={ip.do_rescale}, do_normalize={ip.do_normalize}: "
                              f"ColIntern expects InternVL's rescaled and normalised pixels")
         return {"image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
                 "rescale_factor": float(ip.rescale_factor)}
@@ -321,10 +321,10 @@ def as_uint8_pixels(pixels: torch.Tensor) -> torch.Tensor:
     if pixels.dtype == torch.uint8:
         return pixels
     if pixels.is_floating_point() and not torch.equal(pixels, pixels.round()):
-        raise ValueError(f"unnormalised pixel_values are {pixels.dtype} with fractional values: the image processor "
+        raise UserValueError(f"unnormalised pixel_values are {pixels.dtype} with fractional values: the image processor "
                          f"did not return resized uint8 pixels, so they cannot be sent as uint8")
     if pixels.numel() and (pixels.min() < 0 or pixels.max() > 255):
-        raise ValueError(f"unnormalised pixel_values span {pixels.min().item()}..{pixels.max().item()}, not 0..255: "
+        raise UserValueError(f"unnormalised pixel_values span {pixels.min().item()}..{pixels.max().item()}, not 0..255: "
                          f"the image processor rescaled or normalised them after all")
     return pixels.to(torch.uint8)
 
@@ -375,7 +375,7 @@ class ColIntern(nn.Module):
                     # dtype. They compute in the backbone's dtype all the same (see compute_precision).
                     p.data = p.data.float()
             if not any(p.requires_grad for p in backbone.parameters()):
-                raise ValueError(f"LoRA target {lora.target_modules!r} matched no module of the backbone")
+                raise UserValueError(f"LoRA target {lora.target_modules!r} matched no module of the backbone")
             if self.compute_dtype != torch.float32:
                 keep_lora_inputs_in_compute_dtype(backbone)
         # Heads sit where the backbone's last hidden state comes out (the last GPU under device_map="auto").
@@ -386,7 +386,7 @@ class ColIntern(nn.Module):
         # as the processor folds them, (x - mean / rf) / (std / rf) in fp32, so both give bitwise-equal pixels.
         # Plain tensors, not buffers: model.to(torch.bfloat16) would round buffers. Moved to the pixels' device on use.
         if (image_mean is None) != (image_std is None):
-            raise ValueError("pass both image_mean and image_std (processor.pixel_normalisation()), or neither")
+            raise UserValueError("pass both image_mean and image_std (processor.pixel_normalisation()), or neither")
         self.pixel_mean = self.pixel_std = None
         if image_mean is not None:
             self.pixel_mean = (torch.tensor(image_mean, dtype=torch.float32) * (1.0 / rescale_factor)).view(-1, 1, 1)
@@ -520,7 +520,7 @@ class ColIntern(nn.Module):
             ids = batch.pop("input_ids")
             slots = ids == self.image_token_id
             if int(slots.sum()) != image_features.shape[0] * image_features.shape[1]:
-                raise ValueError(f"{int(slots.sum())} image tokens in the batch but image features for "
+                raise UserValueError(f"{int(slots.sum())} image tokens in the batch but image features for "
                                  f"{image_features.shape[0] * image_features.shape[1]}: features of another batch?")
             embeds = self.backbone.get_input_embeddings()(ids)
             batch["inputs_embeds"] = embeds.masked_scatter(slots.unsqueeze(-1),
@@ -538,7 +538,7 @@ class ColIntern(nn.Module):
             raise TypeError(f"pixel_values must be uint8 (ColInternProcessor.process_pages) or normalised floats, "
                             f"got {pixels.dtype}")
         if self.pixel_mean is None:
-            raise ValueError("uint8 pixel_values need the processor's normalisation: build ColIntern with "
+            raise UserValueError("uint8 pixel_values need the processor's normalisation: build ColIntern with "
                              "**processor.pixel_normalisation() (ColIntern.from_pretrained does)")
         if self.pixel_mean.device != pixels.device:
             self.pixel_mean, self.pixel_std = self.pixel_mean.to(pixels.device), self.pixel_std.to(pixels.device)
@@ -712,7 +712,7 @@ def pad_pages(pages: Sequence[torch.Tensor], dtype: torch.dtype | None = None,
         out = buffer[:math.prod(shape)].view(shape)
     for i, p in enumerate(pages):
         if p.shape[0] == 0:
-            raise ValueError(f"page {i} has no tokens to score")
+            raise UserValueError(f"page {i} has no tokens to score")
         out[i, :p.shape[0]] = p
         out[i, p.shape[0]:] = p[0]
     return out
@@ -968,7 +968,7 @@ def score_error_bound(dtype: torch.dtype, query_tokens: int, dim: int) -> float:
     `dtype` (fp32 inputs taken as exact; the derivation is above)."""
     rounding = 3 * BF16_UNIT_ROUNDOFF if dtype == torch.bfloat16 else 0.0
     if dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"no bound derived for {dtype}")
+        raise UserValueError(f"no bound derived for {dtype}")
     return query_tokens * (rounding + (dim + query_tokens) * FP32_UNIT_ROUNDOFF)
 
 
@@ -1064,7 +1064,7 @@ def pool_page(page: torch.Tensor, pool_factor: int) -> torch.Tensor:
     """(L, D) unit page vectors -> (max(1, L // pool_factor), D): each cluster's renormalised mean, clusters in the
     order of their first token, in the page's dtype and device. pool_factor 1 returns `page` itself."""
     if pool_factor < 1:
-        raise ValueError(f"pool_factor must be >= 1, got {pool_factor}")
+        raise UserValueError(f"pool_factor must be >= 1, got {pool_factor}")
     n_clusters = max(1, len(page) // pool_factor)
     if n_clusters >= len(page):
         return page
@@ -1189,14 +1189,14 @@ def load_checkpoint(path: str) -> dict:
     if os.path.isdir(path):
         return load_exported(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise UserFileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load of a text file raises KeyError, of a cut-short one RuntimeError, ...
-        raise ValueError(f"{path} is not a ColIntern checkpoint (made by train.py): torch.load cannot read "
+        raise UserValueError(f"{path} is not a ColIntern checkpoint (made by train.py): torch.load cannot read "
                          f"it") from e
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{path} is not a ColIntern checkpoint (made by train.py): it has no "
+        raise UserValueError(f"{path} is not a ColIntern checkpoint (made by train.py): it has no "
                          f"kind={CHECKPOINT_KIND!r} entry")
     return ckpt
 
@@ -1211,29 +1211,29 @@ def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint
     """Load heads + LoRA from a checkpoint dict into `model`, refusing one made for another shape or LoRA layout."""
     meta = ckpt["meta"]
     if meta.get("keep_all_page_tokens"):  # older checkpoints carry the key; nothing ever set it
-        raise ValueError(f"{source} was trained with every page token kept (keep_all_page_tokens), which this "
+        raise UserValueError(f"{source} was trained with every page token kept (keep_all_page_tokens), which this "
                          f"code no longer supports: its page embeddings would not match")
     if meta["hidden_size"] != model.hidden_size:
-        raise ValueError(f"{source} was trained on a backbone with hidden size {meta['hidden_size']} "
+        raise UserValueError(f"{source} was trained on a backbone with hidden size {meta['hidden_size']} "
                          f"({meta['model_id']}), this backbone has {model.hidden_size} ({model.model_id}): "
                          f"pass the matching --model_id")
     if meta["proj_dim"] != model.proj_dim:
-        raise ValueError(f"{source} has proj_dim {meta['proj_dim']}, the model was built with {model.proj_dim}: "
+        raise UserValueError(f"{source} has proj_dim {meta['proj_dim']}, the model was built with {model.proj_dim}: "
                          f"use --proj_dim {meta['proj_dim']} (or build the model from the checkpoint)")
     if meta["format"]["version"] != FORMAT_VERSION:
-        raise ValueError(f"{source} uses query/page format v{meta['format']['version']}, this code uses "
+        raise UserValueError(f"{source} uses query/page format v{meta['format']['version']}, this code uses "
                          f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code")
     lora = {LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v for k, v in ckpt["lora"].items()}  # older checkpoints' keys
     own_lora = lora_parameters(model)
     own, theirs = set(own_lora), set(lora)
     if own != theirs:
-        raise ValueError(f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
+        raise UserValueError(f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
                          f"have no place (e.g. {sorted(theirs - own)[:2]}), {len(own - theirs)} model keys are "
                          f"missing (e.g. {sorted(own - theirs)[:2]}). Build the model with the checkpoint's "
                          f"LoRA settings {meta['lora']}")
     wrong = [k for k in sorted(lora) if lora[k].shape != own_lora[k].shape]
     if wrong:
-        raise ValueError(f"{source} LoRA adapter does not fit the backbone {model.model_id}: {len(wrong)} tensors "
+        raise UserValueError(f"{source} LoRA adapter does not fit the backbone {model.model_id}: {len(wrong)} tensors "
                          f"have other shapes (e.g. {wrong[0]}: {tuple(lora[wrong[0]].shape)}, the model's "
                          f"{tuple(own_lora[wrong[0]].shape)}), with LoRA settings {meta['lora']}")
     for name in ("query_head", "page_head"):
@@ -1242,7 +1242,7 @@ def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
         if shapes != expected:
-            raise ValueError(f"{source} heads do not fit the backbone {model.model_id}: {name} holds {shapes}, "
+            raise UserValueError(f"{source} heads do not fit the backbone {model.model_id}: {name} holds {shapes}, "
                              f"the model's {expected} (hidden size {model.hidden_size}, proj_dim {model.proj_dim}); "
                              f"pass the matching --model_id")
         head.load_state_dict(state)
@@ -1298,19 +1298,19 @@ def read_json_file(path: str, what: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: the folder is not a complete ColIntern export ({what})") from None
+        raise UserFileNotFoundError(f"{path} is missing: the folder is not a complete ColIntern export ({what})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): the folder is corrupted; export it again") from e
+        raise UserValueError(f"{path} is not valid JSON ({e}): the folder is corrupted; export it again") from e
 
 
 def read_safetensors(path: str) -> dict:
     from safetensors.torch import load_file
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: the folder is not a complete ColIntern export")
+        raise UserFileNotFoundError(f"{path} is missing: the folder is not a complete ColIntern export")
     try:
         return load_file(path)
     except Exception as e:  # safetensors raises its own SafetensorError on a cut-short or garbled file
-        raise ValueError(f"{path} cannot be read as safetensors ({' '.join(str(e).split())}): the file is "
+        raise UserValueError(f"{path} cannot be read as safetensors ({' '.join(str(e).split())}): the file is "
                          f"corrupted; download or export it again") from e
 
 
@@ -1319,7 +1319,7 @@ def load_exported(folder: str) -> dict:
     adapter_config.json (what PeftModel.from_pretrained would use) and must agree with colintern_config.json."""
     config = read_json_file(os.path.join(folder, EXPORT_CONFIG), "export.py writes colintern_config.json")
     if config.get("kind") != CHECKPOINT_KIND or config.get("export_version") != EXPORT_VERSION:
-        raise ValueError(f"{os.path.join(folder, EXPORT_CONFIG)} is not a ColIntern export of version "
+        raise UserValueError(f"{os.path.join(folder, EXPORT_CONFIG)} is not a ColIntern export of version "
                          f"{EXPORT_VERSION} (kind {config.get('kind')!r}, export_version "
                          f"{config.get('export_version')!r})")
     meta = {k: v for k, v in config.items() if k not in ("kind", "export_version")}
@@ -1330,13 +1330,13 @@ def load_exported(folder: str) -> dict:
                   "target_modules": adapter.get("target_modules")}
         ours = {k: meta["lora"].get(k) for k in theirs}
         if adapter.get("peft_type") != "LORA" or theirs != ours:
-            raise ValueError(f"{os.path.join(folder, ADAPTER_CONFIG)} does not match {EXPORT_CONFIG}: the adapter "
+            raise UserValueError(f"{os.path.join(folder, ADAPTER_CONFIG)} does not match {EXPORT_CONFIG}: the adapter "
                              f"is {adapter.get('peft_type')} {theirs}, the model was trained with LoRA {ours}")
         meta["model_id"] = adapter.get("base_model_name_or_path") or meta["model_id"]
         weights = read_safetensors(os.path.join(folder, ADAPTER_WEIGHTS))
         outside = [k for k in weights if not k.startswith(PEFT_KEY_PREFIX)]
         if outside:
-            raise ValueError(f"{os.path.join(folder, ADAPTER_WEIGHTS)} holds keys outside peft's "
+            raise UserValueError(f"{os.path.join(folder, ADAPTER_WEIGHTS)} holds keys outside peft's "
                              f"{PEFT_KEY_PREFIX!r} naming (e.g. {outside[0]}): not a peft adapter of this model")
         lora = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in weights.items()}
     heads = read_safetensors(os.path.join(folder, HEADS_FILE))
@@ -1391,7 +1391,7 @@ def ranks_agree(what: str, world: int):
         raise error
     if failed:
         r, message = failed[0]
-        raise RuntimeError(f"rank {r} of {world} failed while {what}: {message}")
+        raise UserRuntimeError(f"rank {r} of {world} failed while {what}: {message}")
 
 
 def rank_share(n: int, rank: int, world: int) -> range:

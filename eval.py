@@ -54,7 +54,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from colintern_cli import ArgumentParser, metric_label, one_line, run_cli, trained_model, validated
+from colintern_cli import (ArgumentParser, UserFileNotFoundError, UserValueError, metric_label, one_line, run_cli,
+                             trained_model, validated)
 from colintern_data import (checkpoint_fingerprint, datasets_cache_for, files_fingerprint, folder_sha256, page_hash,
                             safe_name, write_json)
 from colintern_model import (ATTN_HELP, DEFAULT_MODEL_ID, FORMAT_VERSION, QUANTIZE, ColIntern,
@@ -284,7 +285,7 @@ def as_multivectors(x) -> list:
     if x.dim() == 2:
         x = x.unsqueeze(0)
     if x.dim() != 3:
-        raise ValueError(f"expected multi-vector embeddings (N, L, D) or a list of (L, D), got shape {tuple(x.shape)}")
+        raise UserValueError(f"expected multi-vector embeddings (N, L, D) or a list of (L, D), got shape {tuple(x.shape)}")
     return [t[t.abs().sum(dim=-1) > 0] for t in x]
 
 
@@ -336,10 +337,10 @@ class ColInternEncoder(AbsEncoder):
         show = kwargs.get("show_progress_bar", True)
         if prompt_type == PromptType.query:
             if "text" not in columns:
-                raise ValueError(f"task {task_metadata.name} gives queries without a 'text' column ({columns})")
+                raise UserValueError(f"task {task_metadata.name} gives queries without a 'text' column ({columns})")
             return self._encode_queries(inputs, where, show)
         if "image" not in columns:
-            raise ValueError(f"task {task_metadata.name} gives documents without an 'image' column ({columns}): "
+            raise UserValueError(f"task {task_metadata.name} gives documents without an 'image' column ({columns}): "
                              f"ColIntern retrieves page images")
         if task_metadata.name != self._cache_task:  # pages are shared within a task; bound memory to one task
             self.page_cache.clear()
@@ -462,7 +463,7 @@ class ColInternEncoder(AbsEncoder):
     def similarity_pairwise(self, embeddings1, embeddings2):
         a, b = as_multivectors(embeddings1), as_multivectors(embeddings2)
         if len(a) != len(b):
-            raise ValueError(f"similarity_pairwise needs as many queries as pages, got {len(a)} and {len(b)}")
+            raise UserValueError(f"similarity_pairwise needs as many queries as pages, got {len(a)} and {len(b)}")
         return torch.stack([maxsim_scores([q], [p], device=self.device, dtype=self.score_dtype)[0, 0]
                             for q, p in zip(a, b)])
 
@@ -528,7 +529,7 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
     else:
         ckpt_dict = None
         if model_id is None:
-            raise ValueError("pass --ckpt CKPT, or --model_id MODEL alone for the untrained baseline")
+            raise UserValueError("pass --ckpt CKPT, or --model_id MODEL alone for the untrained baseline")
         model, processor = ColIntern.from_pretrained(model_id, proj_dim=proj_dim, lora=None,
                                                      max_tiles=max_tiles or 4, dtype=dtype, device_map=device_map,
                                                      quantize=quantize or "none",
@@ -578,7 +579,7 @@ def select_tasks(benchmark_names, task_names) -> list:
     known = vidore_benchmarks()
     for name in benchmark_names or []:
         if name not in known:
-            raise ValueError(f"--benchmarks: unknown benchmark {name!r}. This mteb knows: "
+            raise UserValueError(f"--benchmarks: unknown benchmark {name!r}. This mteb knows: "
                              f"{', '.join(repr(b) for b in known)} (see python eval.py --list)")
     pool = [(b, known[b]) for b in benchmark_names] if benchmark_names else list(known.items())
     if not task_names:
@@ -589,7 +590,7 @@ def select_tasks(benchmark_names, task_names) -> list:
         if owner is None:
             valid = sorted({t.metadata.name for _, bench in pool for t in bench.tasks})
             where = f"benchmarks {[b for b, _ in pool]}" if benchmark_names else "the ViDoRe benchmarks"
-            raise ValueError(f"--tasks: unknown task {name!r} in {where}. Valid tasks: {', '.join(valid)}")
+            raise UserValueError(f"--tasks: unknown task {name!r} in {where}. Valid tasks: {', '.join(valid)}")
         selected.append((owner[0], copy.deepcopy(owner[1])))
     return selected
 
@@ -634,7 +635,7 @@ def check_hub_layout(folder: str, configs: list, splits, what: str, hint: str = 
     declared = {c.get("config_name", "default"): c for c in card.get("configs") or []}
     missing = [" or ".join(alts) for alts in configs if not any(c in declared for c in alts)]
     if missing:
-        raise ValueError(f"{what}: {folder} lacks the dataset configs {missing} (it has {list(declared)}). It needs "
+        raise UserValueError(f"{what}: {folder} lacks the dataset configs {missing} (it has {list(declared)}). It needs "
                          f"the hub layout: a README.md whose `configs:` block maps each config to its parquet files "
                          f"(e.g. corpus -> corpus/test-*.parquet), as `hf download ... --repo-type dataset` gives")
     rows = expected_rows(card)
@@ -646,7 +647,7 @@ def check_hub_layout(folder: str, configs: list, splits, what: str, hint: str = 
         have = sanitize_patterns(declared[config]["data_files"])
         lacking = [s for s in splits if s not in have]
         if lacking:
-            raise ValueError(f"{what}: {folder} config {config!r} has splits {list(have)}, not {lacking}")
+            raise UserValueError(f"{what}: {folder} config {config!r} has splits {list(have)}, not {lacking}")
         for split in splits:
             files = []
             for pattern in have[split]:
@@ -659,12 +660,12 @@ def check_hub_layout(folder: str, configs: list, splits, what: str, hint: str = 
                 short.append(f"{config!r} split {split!r} has {found} of the {rows[(config, split)]} rows its "
                              f"README lists ({len(files)} file(s))")
     if absent:
-        raise FileNotFoundError(f"{what}: {folder} is incomplete: its README.md lists data files that are not there "
+        raise UserFileNotFoundError(f"{what}: {folder} is incomplete: its README.md lists data files that are not there "
                                 f"(paths under the folder), for config {', '.join(absent[:6])}" +
                                 (f" and {len(absent) - 6} more" if len(absent) > 6 else "") +
                                 f". {hint or 'Copy the missing files.'}")
     if short:
-        raise ValueError(f"{what}: {folder} is incomplete: {'; '.join(short)}. {hint or 'Copy the missing files.'}")
+        raise UserValueError(f"{what}: {folder} is incomplete: {'; '.join(short)}. {hint or 'Copy the missing files.'}")
 
 
 def read_card(folder: str) -> dict:
@@ -676,7 +677,7 @@ def read_card(folder: str) -> dict:
     try:
         return metadata_load(path) or {}
     except Exception as e:
-        raise ValueError(f"{path}: its YAML header cannot be read ({type(e).__name__}: {e})") from e
+        raise UserValueError(f"{path}: its YAML header cannot be read ({type(e).__name__}: {e})") from e
 
 
 def expected_rows(card: dict) -> dict:
@@ -701,7 +702,7 @@ def point_at_local_copy(task, data_dir: str) -> str:
     hub_id = task.metadata.dataset["path"]
     folder = os.path.join(data_dir, dataset_folder_name(task))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"--data_dir {data_dir}: task {task.metadata.name} expects its dataset in {folder} (a copy of {hub_id}), "
             f"which does not exist. Get it with: hf download {hub_id} --repo-type dataset "
             f"--revision {task.metadata.dataset.get('revision')} --local-dir {folder}")
@@ -722,7 +723,7 @@ def make_local_task(folder: str):
     mteb's ViDoRe v1 tasks do."""
     from mteb.abstasks import AbsTaskRetrieval
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--local_task {folder} does not exist")
+        raise UserFileNotFoundError(f"--local_task {folder} does not exist")
     check_hub_layout(folder, [(c,) for c in HUB_CONFIGS], ["test"], f"--local_task {folder}")
     fingerprint = folder_sha256(folder)
     base = safe_name(os.path.basename(os.path.abspath(folder)))
@@ -754,7 +755,7 @@ def load_hub_layout(folder: str, split: str) -> dict:
                             ("qrels", ["query-id", "corpus-id", "score"])):
         lacking = [c for c in columns if c not in parts[config].column_names]
         if lacking:
-            raise ValueError(f"{folder} config {config!r} lacks columns {lacking} (has {parts[config].column_names})")
+            raise UserValueError(f"{folder} config {config!r} lacks columns {lacking} (has {parts[config].column_names})")
     corpus = parts["corpus"].map(lambda x: {"id": f"corpus-{split}-{x['corpus-id']}"}).select_columns(["id", "image"])
     queries = parts["queries"].map(lambda x: {"id": f"query-{split}-{x['query-id']}", "text": x["query"]})
     relevant = {}
@@ -1037,7 +1038,7 @@ def evaluate(args, rank: int, world: int):
         public.append((LOCAL_BENCHMARK, task))
         groups.append((LOCAL_BENCHMARK, task))
     if not public:
-        raise ValueError(f"nothing to evaluate: every task selected is private ({', '.join(skipped)})")
+        raise UserValueError(f"nothing to evaluate: every task selected is private ({', '.join(skipped)})")
     tasks = list({task.metadata.name: task for _, task in public}.values())  # a task in two benchmarks runs once
     subsample = {k: v for k, v in (("max_queries", args.max_queries), ("max_pages", args.max_pages)) if v}
     if subsample:

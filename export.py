@@ -28,7 +28,8 @@ import re
 import shutil
 import tempfile
 
-from colintern_cli import ArgumentParser, metric_label, one_line, run_cli, trained_model
+from colintern_cli import (ArgumentParser, UserFileExistsError, UserValueError, metric_label, one_line, run_cli,
+                             trained_model)
 
 MODEL_CARD = "README.md"
 MTEB_META = "mteb_model_meta.py"
@@ -192,7 +193,7 @@ def check_registration(source: str) -> None:
     try:
         exec(compile(source, MTEB_META, "exec"), {})
     except ValueError as e:  # pydantic's ValidationError, e.g. a license id mteb does not know
-        raise ValueError(f"the mteb registration is not valid: {one_line(str(e))} (--license takes the ids mteb "
+        raise UserValueError(f"the mteb registration is not valid: {one_line(str(e))} (--license takes the ids mteb "
                          f"knows, lower case, e.g. apache-2.0, mit, cc-by-4.0)") from e
 
 
@@ -215,17 +216,17 @@ def read_summary(path: str) -> dict:
         with open(path) as f:
             summary = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--eval_json {path} is not JSON ({e})") from e
+        raise UserValueError(f"--eval_json {path} is not JSON ({e})") from e
     if not isinstance(summary, dict) or "benchmarks" not in summary:
-        raise ValueError(f"--eval_json {path} is not an eval.py summary (no 'benchmarks' entry)")
+        raise UserValueError(f"--eval_json {path} is not an eval.py summary (no 'benchmarks' entry)")
     return summary
 
 
 def check_out_dir(out_dir: str, overwrite: bool) -> None:
     if os.path.isfile(out_dir):
-        raise FileExistsError(f"--out_dir {out_dir} is a file: pass a folder")
+        raise UserFileExistsError(f"--out_dir {out_dir} is a file: pass a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"--out_dir {out_dir} exists and is not empty: pass --overwrite to replace it, or "
+        raise UserFileExistsError(f"--out_dir {out_dir} exists and is not empty: pass --overwrite to replace it, or "
                               f"another --out_dir")
 
 

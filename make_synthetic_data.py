@@ -34,7 +34,7 @@ import random
 
 from PIL import Image, ImageDraw, ImageFont
 
-from colintern_cli import ArgumentParser, progress_bar, run_cli
+from colintern_cli import ArgumentParser, UserValueError, progress_bar, run_cli
 
 GRID = 56  # page pixels per vision token at tile 224 (pages are downscaled 2x); 2 tokens at tile 448
 
@@ -475,7 +475,7 @@ def parse_geometries(text: str) -> list:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in PAGE_SIZES]
     if unknown or not names:
-        raise ValueError(f"--page_sizes {text!r}: unknown geometry {unknown or '(none given)'}; choose a comma list "
+        raise UserValueError(f"--page_sizes {text!r}: unknown geometry {unknown or '(none given)'}; choose a comma list "
                          f"from {', '.join(f'{k} {w}x{h}' for k, (w, h) in PAGE_SIZES.items())}")
     return names
 
@@ -483,14 +483,14 @@ def parse_geometries(text: str) -> list:
 def check_args(args) -> None:
     """Refuse flag combinations that cannot make a sensible dataset, naming the flag and what to pass."""
     if not 2 <= args.topics <= len(TOPICS):
-        raise ValueError(f"--topics must be between 2 and {len(TOPICS)} (the built-in keyword list), got {args.topics}")
+        raise UserValueError(f"--topics must be between 2 and {len(TOPICS)} (the built-in keyword list), got {args.topics}")
     if args.train_pages < args.topics:
-        raise ValueError(f"--train_pages {args.train_pages} < --topics {args.topics}: every topic needs a training "
+        raise UserValueError(f"--train_pages {args.train_pages} < --topics {args.topics}: every topic needs a training "
                          f"page; pass --train_pages >= {args.topics} (several per topic is the point)")
     if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        raise UserValueError(f"--workers must be >= 1, got {args.workers}")
     if args.eval_pages is not None and not 1 <= args.eval_pages <= args.topics:
-        raise ValueError(f"--eval_pages must be between 1 and --topics {args.topics} (one page per topic, so each "
+        raise UserValueError(f"--eval_pages must be between 1 and --topics {args.topics} (one page per topic, so each "
                          f"query has one relevant page), got {args.eval_pages}")
 
 
@@ -534,6 +534,7 @@ def main(args):
     topics = TOPICS[:args.topics]
     eval_pages = args.eval_pages if args.eval_pages is not None else args.topics
     progress = not args.no_progress
+    os.makedirs(args.out_dir, exist_ok=True)  # an --out_dir that cannot be made fails before any page is drawn
     rows = make_train_rows(topics, args.train_pages, geometries, args.seed, progress, args.workers)
     train_path = write_train(os.path.join(args.out_dir, "train"), rows, args)
     corpus, queries, qrels = make_eval_rows(topics, eval_pages, geometries, args.seed, progress, args.workers)

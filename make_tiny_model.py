@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from colintern_cli import ArgumentParser, run_cli
+from colintern_cli import ArgumentParser, UserValueError, run_cli
 
 # The special tokens InternVL's processor needs, named as in the real -HF tokenizer.
 SPECIAL_TOKENS = {
@@ -83,9 +83,9 @@ def build(size: str = "tiny", tile: int = 224, seed: int = 0):
     from transformers import (GotOcr2ImageProcessor, InternVLConfig, InternVLModel, InternVLProcessor,
                               InternVLVideoProcessor, InternVLVisionConfig, Qwen3Config)
     if size not in SIZES:
-        raise ValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
+        raise UserValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
     if tile % 28:
-        raise ValueError(f"--tile must be a multiple of 28 (patch 14 x pixel-shuffle 2), got {tile}")
+        raise UserValueError(f"--tile must be a multiple of 28 (patch 14 x pixel-shuffle 2), got {tile}")
     spec = SIZES[size]
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()

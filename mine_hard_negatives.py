@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from colintern_cli import ArgumentParser, progress_bar, run_cli, validated
+from colintern_cli import ArgumentParser, UserRuntimeError, progress_bar, run_cli, validated
 from colintern_data import (PageResolver, checkpoint_fingerprint, file_sha1, pseudo_path, raw_images, read_queries,
                             read_triples, stored_page_hash, write_json, write_jsonl)
 from colintern_model import (
@@ -395,7 +395,7 @@ def iter_shards(folder: str, data: MiningInput, shard_pages: int):
         pages = shard_range(s, n_pages, shard_pages)
         shard = load_shard(folder, s, data.page_hashes[pages.start:pages.stop])
         if shard is None:
-            raise RuntimeError(f"page-embedding shard {shard_path(folder, s)} is missing, unreadable or holds other "
+            raise UserRuntimeError(f"page-embedding shard {shard_path(folder, s)} is missing, unreadable or holds other "
                                f"pages: delete it and run again (only that shard is encoded again)")
         yield pages.start, shard
 

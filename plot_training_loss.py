@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from colintern_cli import ArgumentParser, run_cli
+from colintern_cli import ArgumentParser, UserFileNotFoundError, UserValueError, run_cli
 from colintern_data import atomic_path
 
 COLUMNS = ("step", "epoch", "loss")
@@ -35,7 +35,7 @@ def read_loss_file(path: str) -> dict:
     """-> {"step": array, "epoch": array, "loss": array}. Columns come from the `# step epoch loss lr` header
     (that order when there is none); errors name the file and line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--input {path} does not exist")
+        raise UserFileNotFoundError(f"--input {path} does not exist")
     names = ["step", "epoch", "loss", "lr"]
     rows = []
     with open(path) as f:
@@ -49,15 +49,15 @@ def read_loss_file(path: str) -> dict:
                     names = header
                 continue
             if len(fields) != len(names):
-                raise ValueError(f"{path} line {n}: expected {len(names)} fields ({' '.join(names)}), "
+                raise UserValueError(f"{path} line {n}: expected {len(names)} fields ({' '.join(names)}), "
                                  f"got {len(fields)}: {line.strip()!r}")
             try:
                 values = [float(x) for x in fields]
             except ValueError as e:
-                raise ValueError(f"{path} line {n}: not numbers ({e}): {line.strip()!r}") from e
+                raise UserValueError(f"{path} line {n}: not numbers ({e}): {line.strip()!r}") from e
             rows.append(values)
     if not rows:
-        raise ValueError(f"{path} has no loss lines (expected '# step epoch loss lr' then one line per step)")
+        raise UserValueError(f"{path} has no loss lines (expected '# step epoch loss lr' then one line per step)")
     table = np.array(rows)  # (steps, columns)
     return {c: table[:, names.index(c)] for c in COLUMNS}
 

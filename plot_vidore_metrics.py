@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from colintern_cli import ArgumentParser, metric_label, run_cli
+from colintern_cli import ArgumentParser, UserFileNotFoundError, UserValueError, metric_label, run_cli
 from plot_training_loss import pyplot, save_figure  # Agg pyplot on first use; temp file + rename, closes the figure
 
 AVERAGE = "average"
@@ -25,18 +25,18 @@ AVERAGE = "average"
 def read_summary(path: str) -> dict:
     """-> {benchmark: {"tasks": {task: {metric: value}}, "average": {metric: value}}}, checked."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--inputs {path} does not exist")
+        raise UserFileNotFoundError(f"--inputs {path} does not exist")
     with open(path) as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+            raise UserValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
     benchmarks = data.get("benchmarks") if isinstance(data, dict) else None
     if not isinstance(benchmarks, dict) or not benchmarks:
-        raise ValueError(f"{path} has no 'benchmarks' entry: is it an eval.py --out_json file?")
+        raise UserValueError(f"{path} has no 'benchmarks' entry: is it an eval.py --out_json file?")
     for name, entry in benchmarks.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("tasks"), dict):
-            raise ValueError(f"{path}: benchmark {name!r} has no 'tasks' mapping")
+            raise UserValueError(f"{path}: benchmark {name!r} has no 'tasks' mapping")
     return benchmarks
 
 
@@ -137,7 +137,7 @@ def main(args):
     metrics = args.metrics or known
     unknown = [m for m in metrics if m not in known]
     if unknown:
-        raise ValueError(f"--metrics {unknown} are in none of the inputs; they have: {', '.join(known)}")
+        raise UserValueError(f"--metrics {unknown} are in none of the inputs; they have: {', '.join(known)}")
     benchmarks = list(dict.fromkeys(b for summary in summaries for b in summary))
     written = []
     for benchmark in benchmarks:

@@ -52,7 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from colintern_cli import ArgumentParser, progress_bar, run_cli, trained_model, validated
+from colintern_cli import (ArgumentParser, UserFloatingPointError, UserImportError, UserRuntimeError, UserValueError,
+                             progress_bar, run_cli, trained_model, validated)
 from colintern_data import PageResolver, atomic_path, file_sha1, pseudo_path, read_queries, read_triples, write_json
 from colintern_model import (
     DEFAULT_MODEL_ID,
@@ -151,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "keeps --batch_size")
     g.add_argument("--auto_batch_margin", type=float, default=0.05,
                    help="fraction of the GPU's memory --auto_batch also keeps free, for NCCL's buffers and the "
-                        "allocator's fragmentation over varying batch lengths (default %(default)s: 7 GB of an "
-                        "H200)")
+                        "allocator's fragmentation over varying batch lengths; 0.05 is 7 GB of an H200 (default "
+                        "%(default)s)")
     g.add_argument("--grad_accum", type=int, default=1,
                    help="micro-batches per optimizer step (default %(default)s). With more than one, gradient "
                         "caching makes them ONE contrastive batch: each loss sees batch_size x grad_accum x "
@@ -261,7 +262,7 @@ class JsonlTriples(torch.utils.data.Dataset):
         self.pool = sorted({row["pos"] for row in self.rows})
         self.short = sum(len(row["negs"]) < num_negs for row in self.rows)
         if num_negs and len(self.pool) < 2 and self.short:
-            raise ValueError(f"{path}: rows lack negatives and there is no other page to draw one from")
+            raise UserValueError(f"{path}: rows lack negatives and there is no other page to draw one from")
         self.fingerprint = {"source": "jsonl", "rows": len(self.rows), "id": file_sha1(path)}
         self.label = f"{path} ({len(self.rows)} rows, {num_negs} hard negative(s) per query)"
 
@@ -334,7 +335,7 @@ def load_training_rows(args):
 
 def setup_distributed(device_map):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device_map == "auto":
-        raise ValueError("--device_map auto splits one model over this machine's GPUs in one process: run it "
+        raise UserValueError("--device_map auto splits one model over this machine's GPUs in one process: run it "
                          "with plain `python train.py`, not torchrun (DDP needs one device per process)")
     return join_torchrun_processes(device_map)
 
@@ -487,18 +488,18 @@ def build_model(args, ckpt: dict | None, device_map, say=print):
             lora = LoraSettings(r=args.lora_r or LORA_DEFAULTS.r, alpha=args.lora_alpha or LORA_DEFAULTS.alpha,
                                 dropout=LORA_DEFAULTS.dropout if args.lora_dropout is None else args.lora_dropout)
         elif any(v is not None for v in (args.lora_r, args.lora_alpha, args.lora_dropout)):
-            raise ValueError("--lora_r/--lora_alpha/--lora_dropout need --lora")
+            raise UserValueError("--lora_r/--lora_alpha/--lora_dropout need --lora")
         proj_dim, max_tiles = args.proj_dim or 128, args.max_tiles or 4
     else:
         source = f"--resume_ckpt {args.resume_ckpt}"
         if meta["lora"] is not None:
             lora = LoraSettings(**meta["lora"])
         elif args.lora:
-            raise ValueError(f"{source} has no LoRA; drop --lora (a warm start keeps the checkpoint's layout)")
+            raise UserValueError(f"{source} has no LoRA; drop --lora (a warm start keeps the checkpoint's layout)")
         for flag, ours in (("proj_dim", meta["proj_dim"]), ("lora_r", lora and lora.r),
                            ("lora_alpha", lora and lora.alpha), ("lora_dropout", lora and lora.dropout)):
             if getattr(args, flag) is not None and getattr(args, flag) != ours:
-                raise ValueError(f"{source} was trained with --{flag} {ours}, this run asks for "
+                raise UserValueError(f"{source} was trained with --{flag} {ours}, this run asks for "
                                  f"--{flag} {getattr(args, flag)}: drop the flag or start a fresh run")
         proj_dim, max_tiles = meta["proj_dim"], args.max_tiles or meta["max_tiles"]
     model_id = args.model_id or (meta["model_id"] if meta else DEFAULT_MODEL_ID)
@@ -521,7 +522,7 @@ def make_optimizer(name: str, params: list, lr: float, say=print):
     try:
         import bitsandbytes as bnb
     except ImportError as e:
-        raise ImportError(f"--optimizer {name} needs bitsandbytes (pip install bitsandbytes), or use "
+        raise UserImportError(f"--optimizer {name} needs bitsandbytes (pip install bitsandbytes), or use "
                           f"--optimizer adamw") from e
     on_cuda = all(p.is_cuda for p in params)
     if name == "paged_adamw_8bit" and not on_cuda:
@@ -561,7 +562,7 @@ def find_batch_size(try_batch, start: int, say=print) -> int:
         if fits:
             return size
         if size == 1:
-            raise RuntimeError("--auto_batch: even one query per device runs out of GPU memory; lower --max_tiles, "
+            raise UserRuntimeError("--auto_batch: even one query per device runs out of GPU memory; lower --max_tiles, "
                                "add --gradient_checkpointing, or use more GPUs / --device_map auto")
         say(f"--auto_batch: batch {size} runs out of GPU memory, trying {size // 2}")
         size //= 2
@@ -760,7 +761,7 @@ def check_same_run(saved: dict, ours: dict, path: str) -> None:
     saved = {"quantize": "none", "attn_implementation": "sdpa", **saved}  # snapshots from before the flags
     diffs = [f"{k}: snapshot {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
     if diffs:
-        raise ValueError(f"--resume_ckpt {path} is a step snapshot of another run ({'; '.join(diffs)}). A step "
+        raise UserValueError(f"--resume_ckpt {path} is a step snapshot of another run ({'; '.join(diffs)}). A step "
                          f"snapshot continues the same run: pass the same flags and data (--max_steps and --epochs "
                          f"set the schedule). To start new training from it, resume an epoch checkpoint instead.")
 
@@ -794,7 +795,7 @@ def choose_batch_size(args, model, processor, snapshot: dict | None, world: int,
     except torch.cuda.OutOfMemoryError:
         reserve = None
     if reserve is None:
-        raise RuntimeError(f"--auto_batch: the {keep / 2 ** 30:.2f} GiB a step needs besides its activations do not "
+        raise UserRuntimeError(f"--auto_batch: the {keep / 2 ** 30:.2f} GiB a step needs besides its activations do not "
                            f"fit on {model.device}; lower --auto_batch_margin, --batch_size x --grad_accum, or pass "
                            f"--offload_image_features")
     found = find_batch_size(probe_batch(model, processor, args.num_negs, args.temperature, batch_size * grad_accum,
@@ -816,7 +817,7 @@ def count_steps(args, n_rows: int, batch_size: int, grad_accum: int, world: int)
     batches_per_epoch = n_rows // global_batch // grad_accum * grad_accum
     steps_per_epoch = batches_per_epoch // grad_accum
     if steps_per_epoch == 0:
-        raise ValueError(f"training data has {n_rows} rows; one optimizer step needs --batch_size {batch_size} x "
+        raise UserValueError(f"training data has {n_rows} rows; one optimizer step needs --batch_size {batch_size} x "
                          f"{world} process(es) x --grad_accum {grad_accum} = {global_batch * grad_accum}: lower them "
                          f"or add data")
     total_steps = steps_per_epoch * args.epochs
@@ -873,7 +874,7 @@ def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, r
     grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
     overflow = scaler.is_enabled() and not torch.isfinite(grad_norm)  # fp16: the scaler skips the step
     if not torch.isfinite(loss) or not (torch.isfinite(grad_norm) or overflow):
-        raise FloatingPointError(
+        raise UserFloatingPointError(
             f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {state.step + 1} (epoch "
             f"{state.epoch}, micro-batch {state.batch_in_epoch + len(micro_batches)}): stopping without saving. Last "
             f"good checkpoint: {state.last_saved or 'none'}. Lower --lr, raise --temperature, or check the data; "

@@ -13,9 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+import colintern_cli as cli
 import colintern_data
 import colintern_model as cm
+import make_synthetic_data
+import make_tiny_model
 import mine_hard_negatives as mine
+import plot_vidore_metrics
 import train
 from colintern_cli import progress_bar, run_cli
 
@@ -301,6 +305,38 @@ def test_bugs_and_library_errors_keep_their_traceback(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_plain_raise_is_a_bug_whatever_file_it_is_in(capsys):
+    """Only the type decides: a ValueError raised by a plain `raise` statement (here in a script's own code path) is
+    a bug and keeps its traceback; the same message as a UserValueError is one line."""
+    def plain(args):
+        raise ValueError("--flag 3 is out of range")
+
+    def user(args):
+        raise cli.UserValueError("--flag 3 is out of range")
+    with pytest.raises(ValueError, match="out of range"):
+        run_cli(plain, None)
+    assert run_script(user, None, capsys) == ["error: --flag 3 is out of range"]
+    for flavour, builtin in ((cli.UserFileNotFoundError, FileNotFoundError), (cli.UserRuntimeError, RuntimeError),
+                             (cli.UserFloatingPointError, FloatingPointError), (cli.UserImportError, ImportError)):
+        assert issubclass(flavour, cli.UserError) and issubclass(flavour, builtin)
+
+
+@pytest.mark.parametrize("script, flag", [(make_synthetic_data, "--out_dir"), (make_tiny_model, "--out"),
+                                          (plot_vidore_metrics, "--outdir")])
+def test_an_output_folder_that_cannot_be_made_is_one_line(script, flag, tmp_path, capsys):
+    """os.makedirs runs in Python 3.11's `<frozen os>`, which no check of file locations knew: the OSError it raises
+    for a path (errno and filename set) is one line whatever raised it."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    argv = [flag, str(blocker / "out")]
+    if script is plot_vidore_metrics:
+        summary = tmp_path / "summary.json"
+        summary.write_text(json.dumps({"benchmarks": {"ViDoRe(v1)": {"tasks": {"T": {"ndcg_at_5": 0.5}}}}}))
+        argv += ["--inputs", str(summary), "--labels", "run"]
+    lines = run_script(script.main, script.parse_args(argv), capsys)
+    assert lines == [f"error: {blocker / 'out'}: Not a directory"], lines
+
+
 def test_debug_env_keeps_every_traceback(monkeypatch, tmp_path):
     monkeypatch.setenv("COLINTERN_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
@@ -330,8 +366,8 @@ def test_error_raised_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
     loader = torch.utils.data.DataLoader(UndecodablePages(broken), num_workers=1, collate_fn=list)
-    with pytest.raises(ValueError, match="Caught ValueError in DataLoader worker process 0"):
-        next(iter(loader))  # what torch re-raises: the worker's traceback as text
+    with pytest.raises(cli.UserValueError, match="Caught UserValueError in DataLoader worker process 0"):
+        next(iter(loader))  # what torch re-raises: the worker's own type, its traceback as text
     lines = run_script(lambda args: next(iter(loader)), None, capsys)
     assert len(lines) == 1 and re.fullmatch(rf"error: image {re.escape(str(broken))} cannot be decoded: "
                                             rf"cannot identify image file .*", lines[0]), lines
