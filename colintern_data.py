@@ -109,8 +109,8 @@ def local_checkpoint(path: str) -> str:
     except Exception as e:  # offline, no such repository, gated, ...: the hub's own message, on one line
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise UserFileNotFoundError(f"{path} is no local file or folder, and downloading it as a hub repository failed "
-                                f"({reason[:300]}). Offline: on a machine with internet run `hf download {path} "
-                                f"--local-dir DIR` and pass DIR") from e
+                                    f"({reason[:300]}). Offline: on a machine with internet run `hf download {path} "
+                                    f"--local-dir DIR` and pass DIR") from e
 
 
 @contextlib.contextmanager
@@ -248,9 +248,10 @@ class PageResolver:
         ds = self._datasets[(name, split)]
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
-            raise UserValueError(f"dataset {name} split {split!r} lacks column(s) {missing} (it has {ds.column_names}): "
-                             f"pages are read from an 'image' column and queries from 'query', as in "
-                             f"vidore/colpali_train_set")
+            raise UserValueError(f"dataset {name} split {split!r} lacks column(s) {missing} (it has "
+                                 f"{ds.column_names}): "
+                                 f"pages are read from an 'image' column and queries from 'query', as in "
+                                 f"vidore/colpali_train_set")
         return ds
 
     def file(self, ref: str) -> str | None:
@@ -266,15 +267,15 @@ class PageResolver:
         m = PSEUDO_PATH.match(ref)
         if m is None:
             raise UserFileNotFoundError(f"{where}: page {ref!r} is neither a file under --root {self.root!r} nor an "
-                                    f"HF pseudo-path 'DATASET/SPLIT/doc_N.png'")
+                                        f"HF pseudo-path 'DATASET/SPLIT/doc_N.png'")
         try:
             ds = self.dataset(m["dataset"], m["split"])
         except Exception as e:
             raise UserFileNotFoundError(f"{where}: page {ref!r} is not a file under --root {self.root!r}, and its "
-                                    f"dataset {m['dataset']!r} split {m['split']!r} cannot be opened: {e}") from e
+                                        f"dataset {m['dataset']!r} split {m['split']!r} cannot be opened: {e}") from e
         if int(m["index"]) >= len(ds):
             raise UserIndexError(f"{where}: page {ref!r} points at row {m['index']} but {m['dataset']} split "
-                             f"{m['split']!r} has {len(ds)} rows")
+                                 f"{m['split']!r} has {len(ds)} rows")
 
     def __call__(self, ref: str, where: str = "") -> Image.Image:
         """`ref` decoded as RGB."""
@@ -292,7 +293,7 @@ class PageResolver:
             raise UserValueError(f"{where}: page {ref!r} cannot be read: {type(e).__name__}: {e}") from e
         if not isinstance(image, Image.Image):
             raise UserValueError(f"{where}: page {ref!r} cannot be read: 'image' is {type(image).__name__}, not an "
-                             f"image")
+                                 f"image")
         return image.convert("RGB")
 
     def content_hash(self, ref: str, where: str) -> str:
@@ -345,5 +346,5 @@ def read_queries(ds, what: str) -> list:
     bad = [i for i, q in enumerate(queries) if not isinstance(q, str) or not q.strip()]
     if bad:
         raise UserValueError(f"{what}: rows {bad[:5]} ({len(bad)} in all) have an empty query; filter them out of the "
-                         f"dataset first")
+                             f"dataset first")
     return queries

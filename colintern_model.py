@@ -69,7 +69,7 @@ def check_model_id(model_id: str) -> None:
     if looks_like_local_path(model_id) or not INTERNVL3_5_HUB_ID.fullmatch(name) or name.upper().endswith("-HF"):
         return
     raise UserValueError(f"{model_id!r} is a remote-code InternVL checkpoint (InternVLChatModel); ColIntern needs the "
-                     f"HF-native transformers checkpoint: use {hf_id_for(model_id)!r} instead")
+                         f"HF-native transformers checkpoint: use {hf_id_for(model_id)!r} instead")
 
 
 def read_model_config(model_id: str) -> dict:
@@ -77,7 +77,8 @@ def read_model_config(model_id: str) -> dict:
     if os.path.isdir(model_id):
         path = os.path.join(model_id, "config.json")
         if not os.path.isfile(path):
-            raise UserFileNotFoundError(f"model folder {model_id!r} has no config.json: is it a save_pretrained folder?")
+            raise UserFileNotFoundError(f"model folder {model_id!r} has no config.json: is it a save_pretrained "
+                                        "folder?")
     elif looks_like_local_path(model_id):
         raise UserFileNotFoundError(
             f"model folder {model_id!r} does not exist. Pass a hub id such as {DEFAULT_MODEL_ID!r} or a folder "
@@ -89,7 +90,7 @@ def read_model_config(model_id: str) -> dict:
             path = cached_file(model_id, "config.json")
         except OSError as e:
             raise UserOSError(f"could not fetch config.json of {model_id!r} from the Hugging Face hub ({e}). Offline? "
-                          f"Download it once with `hf download {model_id}` or pass a local folder.") from e
+                              f"Download it once with `hf download {model_id}` or pass a local folder.") from e
     with open(path) as f:
         return json.load(f)
 
@@ -102,7 +103,7 @@ def check_internvl_config(model_id: str, config: dict) -> None:
             f"ColIntern needs the HF-native transformers checkpoint: use {hf_id_for(model_id)!r} instead.")
     if model_type != "internvl":
         raise UserValueError(f"{model_id!r} has model_type {model_type!r}; ColIntern needs an HF-native InternVL3.5 "
-                         f"checkpoint (model_type 'internvl'), e.g. {DEFAULT_MODEL_ID!r}")
+                             f"checkpoint (model_type 'internvl'), e.g. {DEFAULT_MODEL_ID!r}")
 
 
 def resolve_dtype(dtype, device="cpu", quantize="none") -> torch.dtype:
@@ -125,7 +126,8 @@ def resolve_dtype(dtype, device="cpu", quantize="none") -> torch.dtype:
         resolved = names[dtype]
     if quantize != "none" and resolved == torch.float32:
         raise UserValueError(f"--quantize {quantize} with --dtype fp32: a quantised backbone keeps its vision tower, "
-                         f"embeddings and norms in bf16 or fp16 (and computes in it); use --dtype auto, bf16 or fp16")
+                             "embeddings and norms in bf16 or fp16 (and computes in it); use --dtype auto, bf16 or "
+                             "fp16")
     return resolved
 
 
@@ -148,8 +150,10 @@ def check_attn_implementation(name: str) -> None:
     if name not in ATTN_IMPLEMENTATIONS:
         raise UserValueError(f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise UserValueError("flash_attention_2 needs the flash-attn package (pip install flash-attn, on a CUDA machine); "
-                         "sdpa, the default, needs nothing")
+        raise UserValueError("flash_attention_2 needs the flash-attn package (pip install flash-attn, on a CUDA "
+                             "machine); sdpa, the default, needs nothing")
+
+
 UNQUANTISED_MODULES = ["vision_tower", "multi_modal_projector"]
 
 
@@ -209,7 +213,7 @@ def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=Non
     if problems:
         detail = "; ".join(f"{k} keys: {v[:5]}{' ...' if len(v) > 5 else ''} ({len(v)})" for k, v in problems.items())
         raise UserRuntimeError(f"loading {model_id!r} would silently re-initialise or drop weights: {detail}. "
-                           f"Check that the checkpoint and the installed transformers match.")
+                               f"Check that the checkpoint and the installed transformers match.")
     backbone.requires_grad_(False)
     if quantize == "4bit":
         keep_4bit_weights_unpacked(backbone)
@@ -310,7 +314,7 @@ class ColInternProcessor:
         ip = self.hf.image_processor
         if not (ip.do_rescale and ip.do_normalize):
             raise UserValueError(f"{type(ip).__name__} has do_rescale={ip.do_rescale}, do_normalize={ip.do_normalize}: "
-                             f"ColIntern expects InternVL's rescaled and normalised pixels")
+                                 f"ColIntern expects InternVL's rescaled and normalised pixels")
         return {"image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
                 "rescale_factor": float(ip.rescale_factor)}
 
@@ -321,11 +325,13 @@ def as_uint8_pixels(pixels: torch.Tensor) -> torch.Tensor:
     if pixels.dtype == torch.uint8:
         return pixels
     if pixels.is_floating_point() and not torch.equal(pixels, pixels.round()):
-        raise UserValueError(f"unnormalised pixel_values are {pixels.dtype} with fractional values: the image processor "
-                         f"did not return resized uint8 pixels, so they cannot be sent as uint8")
+        raise UserValueError(f"unnormalised pixel_values are {pixels.dtype} with fractional values: the image "
+                             "processor "
+                             f"did not return resized uint8 pixels, so they cannot be sent as uint8")
     if pixels.numel() and (pixels.min() < 0 or pixels.max() > 255):
-        raise UserValueError(f"unnormalised pixel_values span {pixels.min().item()}..{pixels.max().item()}, not 0..255: "
-                         f"the image processor rescaled or normalised them after all")
+        raise UserValueError(f"unnormalised pixel_values span {pixels.min().item()}..{pixels.max().item()}, not "
+                             "0..255: "
+                             f"the image processor rescaled or normalised them after all")
     return pixels.to(torch.uint8)
 
 
@@ -521,7 +527,7 @@ class ColIntern(nn.Module):
             slots = ids == self.image_token_id
             if int(slots.sum()) != image_features.shape[0] * image_features.shape[1]:
                 raise UserValueError(f"{int(slots.sum())} image tokens in the batch but image features for "
-                                 f"{image_features.shape[0] * image_features.shape[1]}: features of another batch?")
+                                     f"{image_features.shape[0] * image_features.shape[1]}: features of another batch?")
             embeds = self.backbone.get_input_embeddings()(ids)
             batch["inputs_embeds"] = embeds.masked_scatter(slots.unsqueeze(-1),
                                                            image_features.to(embeds.device, embeds.dtype))
@@ -539,7 +545,7 @@ class ColIntern(nn.Module):
                             f"got {pixels.dtype}")
         if self.pixel_mean is None:
             raise UserValueError("uint8 pixel_values need the processor's normalisation: build ColIntern with "
-                             "**processor.pixel_normalisation() (ColIntern.from_pretrained does)")
+                                 "**processor.pixel_normalisation() (ColIntern.from_pretrained does)")
         if self.pixel_mean.device != pixels.device:
             self.pixel_mean, self.pixel_std = self.pixel_mean.to(pixels.device), self.pixel_std.to(pixels.device)
         return pixels.float().sub_(self.pixel_mean).div_(self.pixel_std)  # (N, 3, H, W) fp32
@@ -1194,10 +1200,10 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load of a text file raises KeyError, of a cut-short one RuntimeError, ...
         raise UserValueError(f"{path} is not a ColIntern checkpoint (made by train.py): torch.load cannot read "
-                         f"it") from e
+                             f"it") from e
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise UserValueError(f"{path} is not a ColIntern checkpoint (made by train.py): it has no "
-                         f"kind={CHECKPOINT_KIND!r} entry")
+                             f"kind={CHECKPOINT_KIND!r} entry")
     return ckpt
 
 
@@ -1212,30 +1218,30 @@ def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint
     meta = ckpt["meta"]
     if meta.get("keep_all_page_tokens"):  # older checkpoints carry the key; nothing ever set it
         raise UserValueError(f"{source} was trained with every page token kept (keep_all_page_tokens), which this "
-                         f"code no longer supports: its page embeddings would not match")
+                             f"code no longer supports: its page embeddings would not match")
     if meta["hidden_size"] != model.hidden_size:
         raise UserValueError(f"{source} was trained on a backbone with hidden size {meta['hidden_size']} "
-                         f"({meta['model_id']}), this backbone has {model.hidden_size} ({model.model_id}): "
-                         f"pass the matching --model_id")
+                             f"({meta['model_id']}), this backbone has {model.hidden_size} ({model.model_id}): "
+                             f"pass the matching --model_id")
     if meta["proj_dim"] != model.proj_dim:
         raise UserValueError(f"{source} has proj_dim {meta['proj_dim']}, the model was built with {model.proj_dim}: "
-                         f"use --proj_dim {meta['proj_dim']} (or build the model from the checkpoint)")
+                             f"use --proj_dim {meta['proj_dim']} (or build the model from the checkpoint)")
     if meta["format"]["version"] != FORMAT_VERSION:
         raise UserValueError(f"{source} uses query/page format v{meta['format']['version']}, this code uses "
-                         f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code")
+                             f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code")
     lora = {LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v for k, v in ckpt["lora"].items()}  # older checkpoints' keys
     own_lora = lora_parameters(model)
     own, theirs = set(own_lora), set(lora)
     if own != theirs:
         raise UserValueError(f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
-                         f"have no place (e.g. {sorted(theirs - own)[:2]}), {len(own - theirs)} model keys are "
-                         f"missing (e.g. {sorted(own - theirs)[:2]}). Build the model with the checkpoint's "
-                         f"LoRA settings {meta['lora']}")
+                             f"have no place (e.g. {sorted(theirs - own)[:2]}), {len(own - theirs)} model keys are "
+                             f"missing (e.g. {sorted(own - theirs)[:2]}). Build the model with the checkpoint's "
+                             f"LoRA settings {meta['lora']}")
     wrong = [k for k in sorted(lora) if lora[k].shape != own_lora[k].shape]
     if wrong:
         raise UserValueError(f"{source} LoRA adapter does not fit the backbone {model.model_id}: {len(wrong)} tensors "
-                         f"have other shapes (e.g. {wrong[0]}: {tuple(lora[wrong[0]].shape)}, the model's "
-                         f"{tuple(own_lora[wrong[0]].shape)}), with LoRA settings {meta['lora']}")
+                             f"have other shapes (e.g. {wrong[0]}: {tuple(lora[wrong[0]].shape)}, the model's "
+                             f"{tuple(own_lora[wrong[0]].shape)}), with LoRA settings {meta['lora']}")
     for name in ("query_head", "page_head"):
         head = getattr(model, name)
         state = {k.split(".", 1)[1]: v for k, v in ckpt["heads"].items() if k.startswith(name + ".")}
@@ -1243,8 +1249,9 @@ def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint
         expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
         if shapes != expected:
             raise UserValueError(f"{source} heads do not fit the backbone {model.model_id}: {name} holds {shapes}, "
-                             f"the model's {expected} (hidden size {model.hidden_size}, proj_dim {model.proj_dim}); "
-                             f"pass the matching --model_id")
+                                 f"the model's {expected} (hidden size {model.hidden_size}, proj_dim "
+                                 f"{model.proj_dim}); "
+                                 f"pass the matching --model_id")
         head.load_state_dict(state)
     with torch.no_grad():  # copied into place, not through peft's set_peft_model_state_dict: see lora_parameters
         for key, param in own_lora.items():
@@ -1298,7 +1305,8 @@ def read_json_file(path: str, what: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise UserFileNotFoundError(f"{path} is missing: the folder is not a complete ColIntern export ({what})") from None
+        raise UserFileNotFoundError(f"{path} is missing: the folder is not a complete ColIntern export "
+                                    f"({what})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserValueError(f"{path} is not valid JSON ({e}): the folder is corrupted; export it again") from e
 
@@ -1311,7 +1319,7 @@ def read_safetensors(path: str) -> dict:
         return load_file(path)
     except Exception as e:  # safetensors raises its own SafetensorError on a cut-short or garbled file
         raise UserValueError(f"{path} cannot be read as safetensors ({' '.join(str(e).split())}): the file is "
-                         f"corrupted; download or export it again") from e
+                             f"corrupted; download or export it again") from e
 
 
 def load_exported(folder: str) -> dict:
@@ -1320,8 +1328,8 @@ def load_exported(folder: str) -> dict:
     config = read_json_file(os.path.join(folder, EXPORT_CONFIG), "export.py writes colintern_config.json")
     if config.get("kind") != CHECKPOINT_KIND or config.get("export_version") != EXPORT_VERSION:
         raise UserValueError(f"{os.path.join(folder, EXPORT_CONFIG)} is not a ColIntern export of version "
-                         f"{EXPORT_VERSION} (kind {config.get('kind')!r}, export_version "
-                         f"{config.get('export_version')!r})")
+                             f"{EXPORT_VERSION} (kind {config.get('kind')!r}, export_version "
+                             f"{config.get('export_version')!r})")
     meta = {k: v for k, v in config.items() if k not in ("kind", "export_version")}
     lora = {}
     if meta.get("lora"):
@@ -1331,13 +1339,13 @@ def load_exported(folder: str) -> dict:
         ours = {k: meta["lora"].get(k) for k in theirs}
         if adapter.get("peft_type") != "LORA" or theirs != ours:
             raise UserValueError(f"{os.path.join(folder, ADAPTER_CONFIG)} does not match {EXPORT_CONFIG}: the adapter "
-                             f"is {adapter.get('peft_type')} {theirs}, the model was trained with LoRA {ours}")
+                                 f"is {adapter.get('peft_type')} {theirs}, the model was trained with LoRA {ours}")
         meta["model_id"] = adapter.get("base_model_name_or_path") or meta["model_id"]
         weights = read_safetensors(os.path.join(folder, ADAPTER_WEIGHTS))
         outside = [k for k in weights if not k.startswith(PEFT_KEY_PREFIX)]
         if outside:
             raise UserValueError(f"{os.path.join(folder, ADAPTER_WEIGHTS)} holds keys outside peft's "
-                             f"{PEFT_KEY_PREFIX!r} naming (e.g. {outside[0]}): not a peft adapter of this model")
+                                 f"{PEFT_KEY_PREFIX!r} naming (e.g. {outside[0]}): not a peft adapter of this model")
         lora = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in weights.items()}
     heads = read_safetensors(os.path.join(folder, HEADS_FILE))
     return {"kind": CHECKPOINT_KIND, "meta": meta, "heads": heads, "lora": lora}

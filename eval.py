@@ -285,7 +285,8 @@ def as_multivectors(x) -> list:
     if x.dim() == 2:
         x = x.unsqueeze(0)
     if x.dim() != 3:
-        raise UserValueError(f"expected multi-vector embeddings (N, L, D) or a list of (L, D), got shape {tuple(x.shape)}")
+        raise UserValueError("expected multi-vector embeddings (N, L, D) or a list of (L, D), got shape "
+                             f"{tuple(x.shape)}")
     return [t[t.abs().sum(dim=-1) > 0] for t in x]
 
 
@@ -341,7 +342,7 @@ class ColInternEncoder(AbsEncoder):
             return self._encode_queries(inputs, where, show)
         if "image" not in columns:
             raise UserValueError(f"task {task_metadata.name} gives documents without an 'image' column ({columns}): "
-                             f"ColIntern retrieves page images")
+                                 f"ColIntern retrieves page images")
         if task_metadata.name != self._cache_task:  # pages are shared within a task; bound memory to one task
             self.page_cache.clear()
             self.full_pages.clear()
@@ -580,7 +581,7 @@ def select_tasks(benchmark_names, task_names) -> list:
     for name in benchmark_names or []:
         if name not in known:
             raise UserValueError(f"--benchmarks: unknown benchmark {name!r}. This mteb knows: "
-                             f"{', '.join(repr(b) for b in known)} (see python eval.py --list)")
+                                 f"{', '.join(repr(b) for b in known)} (see python eval.py --list)")
     pool = [(b, known[b]) for b in benchmark_names] if benchmark_names else list(known.items())
     if not task_names:
         return [(b, copy.deepcopy(task)) for b, bench in pool for task in bench.tasks]
@@ -635,9 +636,11 @@ def check_hub_layout(folder: str, configs: list, splits, what: str, hint: str = 
     declared = {c.get("config_name", "default"): c for c in card.get("configs") or []}
     missing = [" or ".join(alts) for alts in configs if not any(c in declared for c in alts)]
     if missing:
-        raise UserValueError(f"{what}: {folder} lacks the dataset configs {missing} (it has {list(declared)}). It needs "
-                         f"the hub layout: a README.md whose `configs:` block maps each config to its parquet files "
-                         f"(e.g. corpus -> corpus/test-*.parquet), as `hf download ... --repo-type dataset` gives")
+        raise UserValueError(f"{what}: {folder} lacks the dataset configs {missing} (it has {list(declared)}). It "
+                             "needs "
+                             "the hub layout: a README.md whose `configs:` block maps each config to its parquet "
+                             "files "
+                             f"(e.g. corpus -> corpus/test-*.parquet), as `hf download ... --repo-type dataset` gives")
     rows = expected_rows(card)
     absent, short = [], []
     for alts in configs:
@@ -660,10 +663,11 @@ def check_hub_layout(folder: str, configs: list, splits, what: str, hint: str = 
                 short.append(f"{config!r} split {split!r} has {found} of the {rows[(config, split)]} rows its "
                              f"README lists ({len(files)} file(s))")
     if absent:
-        raise UserFileNotFoundError(f"{what}: {folder} is incomplete: its README.md lists data files that are not there "
-                                f"(paths under the folder), for config {', '.join(absent[:6])}" +
-                                (f" and {len(absent) - 6} more" if len(absent) > 6 else "") +
-                                f". {hint or 'Copy the missing files.'}")
+        raise UserFileNotFoundError(f"{what}: {folder} is incomplete: its README.md lists data files that are not "
+                                    "there "
+                                    f"(paths under the folder), for config {', '.join(absent[:6])}" +
+                                    (f" and {len(absent) - 6} more" if len(absent) > 6 else "") +
+                                    f". {hint or 'Copy the missing files.'}")
     if short:
         raise UserValueError(f"{what}: {folder} is incomplete: {'; '.join(short)}. {hint or 'Copy the missing files.'}")
 
@@ -755,7 +759,8 @@ def load_hub_layout(folder: str, split: str) -> dict:
                             ("qrels", ["query-id", "corpus-id", "score"])):
         lacking = [c for c in columns if c not in parts[config].column_names]
         if lacking:
-            raise UserValueError(f"{folder} config {config!r} lacks columns {lacking} (has {parts[config].column_names})")
+            raise UserValueError(f"{folder} config {config!r} lacks columns {lacking} (has "
+                                 f"{parts[config].column_names})")
     corpus = parts["corpus"].map(lambda x: {"id": f"corpus-{split}-{x['corpus-id']}"}).select_columns(["id", "image"])
     queries = parts["queries"].map(lambda x: {"id": f"query-{split}-{x['query-id']}", "text": x["query"]})
     relevant = {}

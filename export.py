@@ -194,7 +194,7 @@ def check_registration(source: str) -> None:
         exec(compile(source, MTEB_META, "exec"), {})
     except ValueError as e:  # pydantic's ValidationError, e.g. a license id mteb does not know
         raise UserValueError(f"the mteb registration is not valid: {one_line(str(e))} (--license takes the ids mteb "
-                         f"knows, lower case, e.g. apache-2.0, mit, cc-by-4.0)") from e
+                             f"knows, lower case, e.g. apache-2.0, mit, cc-by-4.0)") from e
 
 
 def registration_meta(folder: str, config: dict, args):
@@ -227,7 +227,7 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
         raise UserFileExistsError(f"--out_dir {out_dir} is a file: pass a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise UserFileExistsError(f"--out_dir {out_dir} exists and is not empty: pass --overwrite to replace it, or "
-                              f"another --out_dir")
+                                  f"another --out_dir")
 
 
 def main(args):

@@ -475,23 +475,25 @@ def parse_geometries(text: str) -> list:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in PAGE_SIZES]
     if unknown or not names:
-        raise UserValueError(f"--page_sizes {text!r}: unknown geometry {unknown or '(none given)'}; choose a comma list "
-                         f"from {', '.join(f'{k} {w}x{h}' for k, (w, h) in PAGE_SIZES.items())}")
+        raise UserValueError(f"--page_sizes {text!r}: unknown geometry {unknown or '(none given)'}; choose a comma "
+                             "list "
+                             f"from {', '.join(f'{k} {w}x{h}' for k, (w, h) in PAGE_SIZES.items())}")
     return names
 
 
 def check_args(args) -> None:
     """Refuse flag combinations that cannot make a sensible dataset, naming the flag and what to pass."""
     if not 2 <= args.topics <= len(TOPICS):
-        raise UserValueError(f"--topics must be between 2 and {len(TOPICS)} (the built-in keyword list), got {args.topics}")
+        raise UserValueError(f"--topics must be between 2 and {len(TOPICS)} (the built-in keyword list), got "
+                             f"{args.topics}")
     if args.train_pages < args.topics:
         raise UserValueError(f"--train_pages {args.train_pages} < --topics {args.topics}: every topic needs a training "
-                         f"page; pass --train_pages >= {args.topics} (several per topic is the point)")
+                             f"page; pass --train_pages >= {args.topics} (several per topic is the point)")
     if args.workers < 1:
         raise UserValueError(f"--workers must be >= 1, got {args.workers}")
     if args.eval_pages is not None and not 1 <= args.eval_pages <= args.topics:
         raise UserValueError(f"--eval_pages must be between 1 and --topics {args.topics} (one page per topic, so each "
-                         f"query has one relevant page), got {args.eval_pages}")
+                             f"query has one relevant page), got {args.eval_pages}")
 
 
 def build_parser() -> ArgumentParser:

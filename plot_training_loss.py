@@ -50,7 +50,7 @@ def read_loss_file(path: str) -> dict:
                 continue
             if len(fields) != len(names):
                 raise UserValueError(f"{path} line {n}: expected {len(names)} fields ({' '.join(names)}), "
-                                 f"got {len(fields)}: {line.strip()!r}")
+                                     f"got {len(fields)}: {line.strip()!r}")
             try:
                 values = [float(x) for x in fields]
             except ValueError as e:

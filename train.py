@@ -336,7 +336,7 @@ def load_training_rows(args):
 def setup_distributed(device_map):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device_map == "auto":
         raise UserValueError("--device_map auto splits one model over this machine's GPUs in one process: run it "
-                         "with plain `python train.py`, not torchrun (DDP needs one device per process)")
+                             "with plain `python train.py`, not torchrun (DDP needs one device per process)")
     return join_torchrun_processes(device_map)
 
 
@@ -500,7 +500,7 @@ def build_model(args, ckpt: dict | None, device_map, say=print):
                            ("lora_alpha", lora and lora.alpha), ("lora_dropout", lora and lora.dropout)):
             if getattr(args, flag) is not None and getattr(args, flag) != ours:
                 raise UserValueError(f"{source} was trained with --{flag} {ours}, this run asks for "
-                                 f"--{flag} {getattr(args, flag)}: drop the flag or start a fresh run")
+                                     f"--{flag} {getattr(args, flag)}: drop the flag or start a fresh run")
         proj_dim, max_tiles = meta["proj_dim"], args.max_tiles or meta["max_tiles"]
     model_id = args.model_id or (meta["model_id"] if meta else DEFAULT_MODEL_ID)
     quantize = args.quantize or (checkpoint_quantization(meta) if meta else "none")
@@ -523,7 +523,7 @@ def make_optimizer(name: str, params: list, lr: float, say=print):
         import bitsandbytes as bnb
     except ImportError as e:
         raise UserImportError(f"--optimizer {name} needs bitsandbytes (pip install bitsandbytes), or use "
-                          f"--optimizer adamw") from e
+                              f"--optimizer adamw") from e
     on_cuda = all(p.is_cuda for p in params)
     if name == "paged_adamw_8bit" and not on_cuda:
         say("--optimizer paged_adamw_8bit: paging needs CUDA; using the non-paged bitsandbytes AdamW8bit on CPU")
@@ -563,7 +563,7 @@ def find_batch_size(try_batch, start: int, say=print) -> int:
             return size
         if size == 1:
             raise UserRuntimeError("--auto_batch: even one query per device runs out of GPU memory; lower --max_tiles, "
-                               "add --gradient_checkpointing, or use more GPUs / --device_map auto")
+                                   "add --gradient_checkpointing, or use more GPUs / --device_map auto")
         say(f"--auto_batch: batch {size} runs out of GPU memory, trying {size // 2}")
         size //= 2
         if torch.cuda.is_available():
@@ -762,8 +762,8 @@ def check_same_run(saved: dict, ours: dict, path: str) -> None:
     diffs = [f"{k}: snapshot {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
     if diffs:
         raise UserValueError(f"--resume_ckpt {path} is a step snapshot of another run ({'; '.join(diffs)}). A step "
-                         f"snapshot continues the same run: pass the same flags and data (--max_steps and --epochs "
-                         f"set the schedule). To start new training from it, resume an epoch checkpoint instead.")
+                             f"snapshot continues the same run: pass the same flags and data (--max_steps and --epochs "
+                             f"set the schedule). To start new training from it, resume an epoch checkpoint instead.")
 
 
 def choose_batch_size(args, model, processor, snapshot: dict | None, world: int, say) -> tuple[int, int]:
@@ -795,9 +795,11 @@ def choose_batch_size(args, model, processor, snapshot: dict | None, world: int,
     except torch.cuda.OutOfMemoryError:
         reserve = None
     if reserve is None:
-        raise UserRuntimeError(f"--auto_batch: the {keep / 2 ** 30:.2f} GiB a step needs besides its activations do not "
-                           f"fit on {model.device}; lower --auto_batch_margin, --batch_size x --grad_accum, or pass "
-                           f"--offload_image_features")
+        raise UserRuntimeError(f"--auto_batch: the {keep / 2 ** 30:.2f} GiB a step needs besides its activations do "
+                               "not "
+                               f"fit on {model.device}; lower --auto_batch_margin, --batch_size x --grad_accum, or "
+                               "pass "
+                               f"--offload_image_features")
     found = find_batch_size(probe_batch(model, processor, args.num_negs, args.temperature, batch_size * grad_accum,
                                         world), batch_size, say)
     del reserve
@@ -818,8 +820,9 @@ def count_steps(args, n_rows: int, batch_size: int, grad_accum: int, world: int)
     steps_per_epoch = batches_per_epoch // grad_accum
     if steps_per_epoch == 0:
         raise UserValueError(f"training data has {n_rows} rows; one optimizer step needs --batch_size {batch_size} x "
-                         f"{world} process(es) x --grad_accum {grad_accum} = {global_batch * grad_accum}: lower them "
-                         f"or add data")
+                             f"{world} process(es) x --grad_accum {grad_accum} = {global_batch * grad_accum}: lower "
+                             "them "
+                             f"or add data")
     total_steps = steps_per_epoch * args.epochs
     return batches_per_epoch, min(total_steps, args.max_steps) if args.max_steps else total_steps
 

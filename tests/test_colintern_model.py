@@ -64,7 +64,8 @@ def test_attention_implementation_is_chosen_recorded_and_keyed(tiny_model_dir, k
 
 def test_flash_attention_without_its_package_is_a_one_line_error(monkeypatch):
     real = cm.importlib.util.find_spec
-    monkeypatch.setattr(cm.importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    monkeypatch.setattr(cm.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real(name, *a))
     with pytest.raises(ValueError, match="flash_attention_2 needs the flash-attn package"):
         cm.check_attn_implementation("flash_attention_2")
     with pytest.raises(ValueError, match="must be one of sdpa, eager, flash_attention_2, got 'flash'"):

@@ -365,8 +365,8 @@ def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(ckpt, hu
     assert bf16_manifest["lora_heads_compute"] == "bf16" and "lora_heads_compute" not in fp32_as_bf16[1]
     assert bf16_folder != fp32_as_bf16[0]
     # so is eager attention (sdpa keys stay as they were)
-    eager_folder, eager_manifest = mine.cache_folder(args, ColIntern.from_checkpoint(ckpt, attn_implementation="eager")[0],
-                                                     data, torch.float32, cm.score_dtype(name))
+    eager = ColIntern.from_checkpoint(ckpt, attn_implementation="eager")[0]
+    eager_folder, eager_manifest = mine.cache_folder(args, eager, data, torch.float32, cm.score_dtype(name))
     assert eager_manifest["attn_implementation"] == "eager" and eager_folder != folder(name)
     # the negatives are the brute-force ones (fp32 scores; bf16 may swap near-ties, so compare by score)
     expected = expected_negatives(brute, 3, math.inf)
