@@ -60,6 +60,9 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("epilog", f"A mistake such as a missing file, a bad flag or malformed data prints one "
                                     f"error line; {DEBUG_ENV}=1 shows its traceback.")
         super().__init__(*args, **kwargs)
+        # argparse takes "-1e-3" for a flag (its own pattern knows no exponent), so `--lr -1e-3` failed with "expected
+        # one argument" instead of reaching the range check; no flag here looks like a number
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.I)
 
     def error(self, message):
         self.exit(2, f"error: {message}\nhint: python {self.prog} --help explains every flag\n")

@@ -1193,18 +1193,33 @@ def load_checkpoint(path: str) -> dict:
     (train.py's), an exported folder (export.py's), or the hub id of an exported folder (downloaded)."""
     path = local_checkpoint(path)
     if os.path.isdir(path):
-        return load_exported(path)
-    if not os.path.isfile(path):
+        ckpt = load_exported(path)
+    elif not os.path.isfile(path):
         raise UserFileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load of a text file raises KeyError, of a cut-short one RuntimeError, ...
-        raise UserValueError(f"{path} is not a ColIntern checkpoint (made by train.py): torch.load cannot read "
-                             f"it") from e
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        raise UserValueError(f"{path} is not a ColIntern checkpoint (made by train.py): it has no "
-                             f"kind={CHECKPOINT_KIND!r} entry")
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch.load of a text file raises KeyError, of a cut-short one RuntimeError, ...
+            raise UserValueError(f"{path} is not a ColIntern checkpoint (made by train.py): torch.load cannot read "
+                                 f"it") from e
+        if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+            raise UserValueError(f"{path} is not a ColIntern checkpoint (made by train.py): it has no "
+                                 f"kind={CHECKPOINT_KIND!r} entry")
+    bad = first_non_finite({**{f"heads.{k}": v for k, v in ckpt["heads"].items()},
+                            **{f"lora.{k}": v for k, v in ckpt["lora"].items()}})
+    if bad is not None:
+        raise UserValueError(f"{path}: {bad} holds non-finite values (inf or NaN): its scores would be garbage. The "
+                             f"run that wrote it diverged; use an earlier checkpoint")
     return ckpt
+
+
+def first_non_finite(tensors: dict) -> str | None:
+    """The name of the first tensor holding an inf or a NaN, or None: one reduction (and one sync) over them all,
+    the tensor-by-tensor search only once one is found."""
+    values = [t for t in tensors.values() if t.is_floating_point() and t.numel()]
+    if not values or torch.isfinite(torch.nn.utils.get_total_norm(values, norm_type=float("inf"))):
+        return None
+    return next(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
 
 
 # Checkpoints written before LoRA went through peft's get_peft_model_state_dict hold the backbone's own state_dict
@@ -1250,8 +1265,7 @@ def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint
         if shapes != expected:
             raise UserValueError(f"{source} heads do not fit the backbone {model.model_id}: {name} holds {shapes}, "
                                  f"the model's {expected} (hidden size {model.hidden_size}, proj_dim "
-                                 f"{model.proj_dim}); "
-                                 f"pass the matching --model_id")
+                                 f"{model.proj_dim}): pass the matching --model_id (hidden size) or --proj_dim")
         head.load_state_dict(state)
     with torch.no_grad():  # copied into place, not through peft's set_peft_model_state_dict: see lora_parameters
         for key, param in own_lora.items():

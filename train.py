@@ -66,6 +66,7 @@ from colintern_model import (
     check_model_id,
     checkpoint_quantization,
     contrastive_loss,
+    first_non_finite,
     load_checkpoint,
     resolve_dtype,
     save_checkpoint,
@@ -216,8 +217,9 @@ def check_args(p, args):
                 "mine_hard_negatives.py and train on its --train_jsonl")
     if not 0 <= args.auto_batch_margin < 1:
         p.error(f"--auto_batch_margin is a fraction of the GPU's memory in [0, 1), got {args.auto_batch_margin}")
-    if args.lr <= 0 or args.temperature <= 0:
-        p.error("--lr and --temperature must be > 0")
+    for flag in ("lr", "temperature"):
+        if not math.isfinite(getattr(args, flag)) or getattr(args, flag) <= 0:
+            p.error(f"--{flag} must be a finite number > 0, got {getattr(args, flag)}")
 
 
 # -----------------------------------------------------------------------------
@@ -861,12 +863,13 @@ def save_run(kind: str, state: RunState, args, rank: int, model: ColIntern, line
     return path
 
 
-def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, rank: int, world: int, params: list,
+def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, rank: int, world: int, params: dict,
                optimizer, scheduler, scaler, log: LossLog | None):
     """One optimizer step: forward and backward of the micro-batches (dropout seeded by the step), the loss averaged
     over ranks, then, Ctrl-C held, the update, the schedule, the counters and the loss log together. A non-finite loss
-    or gradient stops the run; fp16 gradients that overflowed make the scaler skip the update, and the schedule stays
-    where it is (as the weights). -> (loss, lr, overflowed)."""
+    or gradient, or an update that leaves a weight non-finite, stops the run before anything is logged or saved;
+    fp16 gradients that overflowed make the scaler skip the update, and the schedule stays where it is (as the
+    weights). `params`: the trainable parameters by name. -> (loss, lr, overflowed)."""
     seed_step(args.seed, rank, state.step)
     loss = step_forward_backward(encoder, micro_batches, args.temperature, rank, world, scaler.scale,
                                  args.offload_image_features)
@@ -874,7 +877,7 @@ def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, r
         dist.all_reduce(loss)  # gloo has no AVG
         loss /= world
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), float("inf"))
     overflow = scaler.is_enabled() and not torch.isfinite(grad_norm)  # fp16: the scaler skips the step
     if not torch.isfinite(loss) or not (torch.isfinite(grad_norm) or overflow):
         raise UserFloatingPointError(
@@ -885,6 +888,12 @@ def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, r
     lr = optimizer.param_groups[0]["lr"]
     with interrupts_deferred():
         scaler.step(optimizer)
+        bad = first_non_finite(params)
+        if bad is not None:
+            raise UserFloatingPointError(
+                f"step {state.step + 1} made {bad} non-finite (--lr {args.lr} on finite gradients): stopping without "
+                f"saving. Last good checkpoint: {state.last_saved or 'none'}. Lower --lr; resume from that "
+                f"checkpoint.")
         scaler.update()
         if not overflow:  # a skipped step leaves the schedule where it is (as the weights)
             scheduler.step()
@@ -946,8 +955,8 @@ def train(args, rank, world, device_map, say):
             f"other pages")
 
     model, processor = build_model(args, ckpt, device_map, say)
-    params = model.trainable_parameters()
-    say(f"model {model.model_id}: {sum(p.numel() for p in params) / 1e6:.3f}M trainable parameters "
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # trainable_parameters' order
+    say(f"model {model.model_id}: {sum(p.numel() for p in params.values()) / 1e6:.3f}M trainable parameters "
         f"(heads{' + LoRA' if model.lora else ''}), backbone dtype {model.backbone.dtype}"
         f"{'' if model.quantize == 'none' else f' (language model {model.quantize})'}, device {model.device}")
     if args.gradient_checkpointing:
@@ -968,7 +977,7 @@ def train(args, rank, world, device_map, say):
     say(f"checkpoints record the training data: {', '.join(lineage)}")
 
     encoder = ddp_encoder(model, world)
-    optimizer = make_optimizer(args.optimizer, params, args.lr, say)
+    optimizer = make_optimizer(args.optimizer, list(params.values()), args.lr, say)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total_steps))
     # fp16 backbone: dynamic loss scaling, so that small activation gradients do not underflow fp16's range
     # (bf16 has fp32's range and needs none); parameters and their gradients are fp32 either way.

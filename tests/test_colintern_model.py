@@ -4,6 +4,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 
 import numpy as np
@@ -618,6 +619,27 @@ def test_old_checkpoint_in_a_wrong_lora_layout_is_a_clear_error(tiny_model_dir):
     no_lora, _ = ColIntern.from_pretrained(tiny_model_dir)
     with pytest.raises(ValueError, match="LoRA layout does not match the model: 28 checkpoint keys have no place"):
         no_lora.load_trainable_state(ckpt)
+
+
+@pytest.mark.parametrize("part", ["heads", "lora"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_checkpoints_with_non_finite_weights_are_refused(tiny_model_dir, tmp_path, part, bad):
+    """A .pt and an exported folder whose weights hold an inf or a NaN are refused on load (so by eval, mining,
+    export and warm starts alike), naming the tensor."""
+    torch.manual_seed(0)
+    model, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8))
+    ckpt = cm.checkpoint_dict(model)
+    name = sorted(ckpt[part])[1]
+    ckpt[part][name].view(-1)[3] = bad
+    cm.atomic_torch_save(ckpt, str(tmp_path / "bad.pt"))
+    (tmp_path / "exported").mkdir()
+    cm.write_exported(ckpt, str(tmp_path / "exported"), name="bad")
+    for path in (tmp_path / "bad.pt", tmp_path / "exported"):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {part}\.\S+ holds non-finite values"):
+            cm.load_checkpoint(str(path))
+    ckpt[part][name].view(-1)[3] = 0.0
+    cm.atomic_torch_save(ckpt, str(tmp_path / "good.pt"))
+    assert cm.load_checkpoint(str(tmp_path / "good.pt"))["meta"]["proj_dim"] == 16
 
 
 def test_bad_checkpoint_files(tmp_path):

@@ -336,6 +336,43 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, pa
     assert [s for s, *_ in read_loss_log(out)] == [1, 2]
 
 
+
+def test_an_update_that_makes_a_weight_non_finite_stops_before_it_is_saved(tiny_model_dir, pages, tmp_path,
+                                                                             monkeypatch):
+    """Finite loss and gradients, but step 3's update leaves a weight inf (as an overflowing update would: faked by
+    the optimizer writing one): the run stops with one line naming the tensor, before that step is logged or saved;
+    step 2's snapshot stays as it was."""
+    out = tmp_path / "overflow"
+    real_step, steps = torch.optim.AdamW.step, []
+
+    def step(self, *a, **k):
+        result = real_step(self, *a, **k)
+        steps.append(1)
+        if len(steps) == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][-1].view(-1)[0] = float("inf")
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    flags = base_flags(tiny_model_dir, pages, out, **{"--save_every": 1, "--epochs": 2, "--lora": True,
+                                                     "--lora_r": 4})
+    with pytest.raises(FloatingPointError, match=r"step 3 made page_head\.bias non-finite .*Last good "
+                                                 r"checkpoint: .*colintern_heads_step2\.pt"):
+        run_train(*flags)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["colintern_heads_step1.pt",
+                                                                        "colintern_heads_step2.pt"]
+    assert load_checkpoint(str(out / "colintern_heads_step2.pt"))["meta"]["step"] == 2  # finite, or refused
+    assert [s for s, *_ in read_loss_log(out)] == [1, 2]
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--lr", "nan"), ("--lr", "-1e-3"), ("--lr", "0"),
+                                         ("--temperature", "-inf"), ("--temperature", "nan")])
+def test_learning_rate_and_temperature_must_be_finite_and_positive(flag, value, capsys):
+    """`--lr inf` used to train a run whose every weight was inf, and `--lr -1e-3` was taken for a flag."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--train_jsonl", "x.jsonl", "--out_dir", "o", flag, value])
+    assert f"error: {flag} must be a finite number > 0, got {float(value)}" in capsys.readouterr().err
+
+
 KILL_DURING_SAVE = """
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
