@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 
 from PIL import Image, UnidentifiedImageError
 
@@ -113,15 +113,44 @@ def local_checkpoint(path: str) -> str:
                                     f"--local-dir DIR` and pass DIR") from e
 
 
+def create_beside(path: str, suffix: str, folder: bool = False) -> str:
+    """Create an empty hidden file (or folder) `.<name>.<random><suffix>` beside `path`; return its path. Its mode
+    is what open() (or os.mkdir) gives: 0666 (0777) less the umask, or the parent's default ACL. tempfile.mkstemp
+    and mkdtemp make theirs 0600 (0700) instead, the rename into place keeps that, and a teammate on a shared
+    filesystem could not read the checkpoint or exported folder. Creating with the mode, rather than reading the
+    umask to chmod, leaves the process-global umask untouched."""
+    parent, name = os.path.split(os.path.abspath(path))
+    while True:
+        tmp = os.path.join(parent, f".{name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # another writer's temp name: draw another
+            continue
+
+
+def follow_umask(folder: str) -> None:
+    """Hack: safetensors (0.8; its issue #782) writes through a temp file of mode 0600 that it renames into place,
+    whatever the umask, so save_pretrained's and save_file's weights come out unreadable to a teammate. Give every
+    file directly in `folder` the mode open() gives a new file there."""
+    probe = create_beside(os.path.join(folder, "mode"), ".probe")
+    mode = os.stat(probe).st_mode & 0o777
+    os.remove(probe)
+    for name in os.listdir(folder):
+        if os.path.isfile(os.path.join(folder, name)):
+            os.chmod(os.path.join(folder, name), mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temp path beside `path` to write; on success it is renamed over `path`, on any error removed, so a
     crash leaves the previous file intact. The temp name starts with '.' so that a leftover never matches a
-    data-files pattern like `data/train-*`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    data-files pattern like `data/train-*`; the file's mode follows the umask, as open()'s would."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = create_beside(path, ".tmp")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 
 from colintern_cli import (ArgumentParser, UserFileExistsError, UserValueError, metric_label, one_line, run_cli,
                              trained_model)
@@ -72,6 +71,7 @@ if __name__ == "__main__":
     ARGS = parse_args()  # before torch and mteb are imported below: --help and flag mistakes answer at once
 
 import eval as colintern_eval  # noqa: E402
+from colintern_data import create_beside, follow_umask  # noqa: E402
 from colintern_model import ColIntern, load_checkpoint, write_exported  # noqa: E402
 
 
@@ -243,7 +243,7 @@ def main(args):
     out_dir = os.path.abspath(args.out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=parent)
+    tmp = create_beside(out_dir, ".tmp", folder=True)  # 0777 less the umask, as --out_dir itself would be
     try:
         config = write_exported(ckpt, tmp, args.name, base_model=args.base_model)
         registration = registration_meta(tmp, config, args)
@@ -254,8 +254,9 @@ def main(args):
         check_registration(source)
         with open(os.path.join(tmp, MTEB_META), "w") as f:
             f.write(source)
+        follow_umask(tmp)  # the safetensors files: see follow_umask
         if os.path.isdir(out_dir):  # empty, or --overwrite: moved aside, replaced, then removed
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".old", dir=parent)
+            old = create_beside(out_dir, ".old", folder=True)
             os.replace(out_dir, os.path.join(old, "x"))
             os.replace(tmp, out_dir)
             shutil.rmtree(old)

@@ -14,6 +14,7 @@ import os
 import torch
 
 from colintern_cli import ArgumentParser, UserValueError, run_cli
+from colintern_data import follow_umask
 
 # The special tokens InternVL's processor needs, named as in the real -HF tokenizer.
 SPECIAL_TOKENS = {
@@ -122,10 +123,11 @@ def parse_args(argv=None):
 
 def main(args):
     tile = args.tile or (224 if args.size == "tiny" else 448)
+    os.makedirs(args.out, exist_ok=True)  # before building: a 38B takes minutes
     model, processor = build(args.size, tile, args.seed)
-    os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
+    follow_umask(args.out)  # safetensors writes model.safetensors 0600
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.size} InternVL ({n_params / 1e6:.2f}M params, tile {tile}px) to {args.out}")
 

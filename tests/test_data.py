@@ -9,9 +9,11 @@ import datasets
 import pytest
 
 import colintern_data
+import colintern_model as cm
 import mine_hard_negatives as mine
 import train
 from colintern_data import PageResolver, pseudo_path
+from test_export import checkpoint, run_export  # noqa: F401 (checkpoint: test_export's fixture, a tiny .pt)
 
 
 def save_dataset(folder, columns: dict):
@@ -183,3 +185,56 @@ def test_folder_hashes_walk_the_visible_files_and_keep_their_formats(tmp_path):
     os.utime(tmp_path / "sub" / "c.txt", ns=(1, 1))  # touched, same bytes: only the cheap fingerprint moves
     assert colintern_data.folder_sha256(str(tmp_path)) == content
     assert colintern_data.files_fingerprint(str(tmp_path)) != stamps
+
+
+# -- file modes ------------------------------------------------------------------------
+
+@pytest.fixture(params=[(0o022, "0o644", "0o755"), (0o077, "0o600", "0o700")], ids=["umask022", "umask077"])
+def umask_modes(request):
+    """The process umask set for one test (restored after) and the modes open() and mkdir give under it: (file,
+    folder). Two umasks, so that a hard-coded mode fails one of them."""
+    umask, file_mode, folder_mode = request.param
+    previous = os.umask(umask)
+    yield file_mode, folder_mode
+    os.umask(previous)
+
+
+def modes(folder) -> dict:
+    """The folder's mode (as ".") and each entry's, in octal, by name."""
+    return {name: oct(os.stat(os.path.join(folder, name)).st_mode & 0o777) for name in [".", *os.listdir(folder)]}
+
+
+def test_atomic_writes_follow_the_umask_as_open_does(tmp_path, umask_modes):
+    """A checkpoint or eval JSON on a shared filesystem is readable by whom a plain open() would let read it
+    (tempfile.mkstemp would make it 0600, and the rename keeps that)."""
+    file_mode, folder_mode = umask_modes
+    open(tmp_path / "plain.txt", "w").close()
+    assert modes(tmp_path)["plain.txt"] == file_mode  # the oracle: what open() makes under this umask
+    run = tmp_path / "run"
+    with colintern_data.atomic_path(str(run / "training_loss.txt")) as tmp, open(tmp, "w") as f:
+        f.write("1 0.5\n")
+    colintern_data.write_json(str(run / "eval.json"), {"benchmarks": {}})
+    cm.atomic_torch_save({"step": 1}, str(run / "colintern_heads_step1.pt"))
+    assert modes(run) == {".": folder_mode, "training_loss.txt": file_mode, "eval.json": file_mode,
+                          "colintern_heads_step1.pt": file_mode}  # and no temp file left
+
+
+def test_exported_folder_follows_the_umask(checkpoint, tmp_path, umask_modes):  # noqa: F811
+    """The export's hidden temp folder (tempfile.mkdtemp would make it 0700) is renamed into place as --out_dir,
+    and the safetensors files (0600 from safetensors 0.8 on) get the mode open() gives (follow_umask). An empty
+    --out_dir already there is replaced through the .old folder."""
+    file_mode, folder_mode = umask_modes
+    (tmp_path / "empty").mkdir()
+    for out_dir in [tmp_path / "new", tmp_path / "empty"]:
+        run_export("--ckpt", checkpoint, "--out_dir", out_dir, "--name", "me/colintern-tiny")
+        assert modes(out_dir) == {".": folder_mode, **dict.fromkeys(os.listdir(out_dir), file_mode)}
+    assert sorted(os.listdir(tmp_path)) == ["empty", "new"]  # no temp or .old folder left
+
+
+def test_tiny_model_folder_follows_the_umask(tmp_path, umask_modes):
+    """make_tiny_model's save_pretrained writes model.safetensors through safetensors' own 0600 temp file: the
+    folder's files end with open()'s mode all the same."""
+    import make_tiny_model
+    file_mode, folder_mode = umask_modes
+    make_tiny_model.main(make_tiny_model.parse_args(["--out", str(tmp_path / "tiny")]))
+    assert modes(tmp_path / "tiny") == {".": folder_mode, **dict.fromkeys(os.listdir(tmp_path / "tiny"), file_mode)}
