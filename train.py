@@ -682,20 +682,40 @@ class LossLog:
         self.file.close()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a cluster pre-empts a job (SLURM, Kubernetes, torchrun's agent on every rank): handled as Ctrl-C,
+    a step snapshot first, then exit 143."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def terminate_as_interrupt():
+    """From now on SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread, as SIGINT raises
+    KeyboardInterrupt. -> a function that puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Hold Ctrl-C during an optimizer update (weights, optimizer and position change together), then raise it."""
+    """Hold Ctrl-C and SIGTERM during an optimizer update (weights, optimizer and position change together), then
+    raise what came (Terminated if a SIGTERM did)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending = []
-    previous = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
+    previous = {s: signal.signal(s, lambda signum, _: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if pending:
-        raise KeyboardInterrupt
+        raise Terminated if signal.SIGTERM in pending else KeyboardInterrupt
 
 
 # -----------------------------------------------------------------------------
@@ -1002,6 +1022,7 @@ def train(args, rank, world, device_map, say):
     bar = progress_bar(total=total_steps, initial=state.run_step, desc="train", unit="step", disable=rank != 0,
                        dynamic_ncols=True)
     started, steps_here = time.perf_counter(), 0
+    restore_sigterm = terminate_as_interrupt()
     try:
         while state.run_step < total_steps and state.data_epoch < args.epochs:
             if state.epoch_ended:
@@ -1031,19 +1052,21 @@ def train(args, rank, world, device_map, say):
         if state.run_step == total_steps and not state.epoch_ended and \
                 not (args.save_every and state.run_step % args.save_every == 0):
             state.last_saved = save("step", state)  # --max_steps stopped mid-epoch: keep it resumable
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bar.close()
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         if state.run_step > 0 or ckpt is not None:
             path = save("step", state)
             if rank == 0:
-                print(f"interrupted: wrote step snapshot {path} (step {state.step}); resume with --resume_ckpt "
+                print(f"{what}: wrote step snapshot {path} (step {state.step}); resume with --resume_ckpt "
                       f"{path} and the same flags", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130)
     finally:
+        restore_sigterm()
         bar.close()
         if log:
             log.close()
-    say(f"done at step {state.step} ({state.run_step} in this run); last checkpoint {state.last_saved}")
+    say(f"done at step {state.step} ({steps_here} in this invocation); last checkpoint {state.last_saved}")
     return state.last_saved
 
 
