@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: all the steps of --epochs")
     g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     g.add_argument("--warmup_steps", type=int, default=100,
-                   help="linear warmup steps, then cosine decay to 0 at the last step")
+                   help="linear warmup: step s of the first N runs at (s + 1) / (N + 1) of --lr; then cosine decay "
+                        "from --lr toward 0, which it reaches one step after the run's last (so the last step is "
+                        "not wasted at lr 0). A warmup longer than a fifth of the run is said at the start")
     g.add_argument("--optimizer", default="paged_adamw_8bit", choices=OPTIMIZERS,
                    help="bitsandbytes paged/8-bit AdamW or torch AdamW; paged falls back to non-paged on CPU")
     g.add_argument("--temperature", type=float, default=0.02,
@@ -534,8 +536,23 @@ def make_optimizer(name: str, params: list, lr: float, say=print):
     return cls(params, lr=lr, weight_decay=WEIGHT_DECAY)
 
 
+WARMUP_SHARE_NOTED = 0.2  # a warmup longer than this share of the run is said at the start
+
+
+def warmup_note(warmup_steps: int, total_steps: int, lr: float) -> str | None:
+    """A line for a run whose warmup takes more than WARMUP_SHARE_NOTED of it (a short run under the default 100
+    warmup steps never nears --lr), else None."""
+    if warmup_steps <= WARMUP_SHARE_NOTED * total_steps:
+        return None
+    factor = warmup_cosine(warmup_steps, total_steps)
+    top = max(factor(s) for s in range(total_steps))
+    return (f"--warmup_steps {warmup_steps} is {warmup_steps / total_steps:.0%} of this run's {total_steps} steps: "
+            f"the lr peaks at {top * lr:.3g} ({top:.0%} of --lr {lr:g}); lower --warmup_steps for a short run")
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int):
-    """Multiplier of the peak lr at optimizer step s (0-based): linear warmup, then cosine down to 0."""
+    """Multiplier of the peak lr at optimizer step s (0-based): linear warmup ((s + 1) / (N + 1) for the first N
+    steps), then cosine from 1 toward 0, reached at s = total_steps (one after the last step)."""
     def factor(step):
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
@@ -991,6 +1008,9 @@ def train(args, rank, world, device_map, say):
 
     batch_size, grad_accum = choose_batch_size(args, model, processor, snapshot, world, say)
     batches_per_epoch, total_steps = count_steps(args, len(rows), batch_size, grad_accum, world)
+    note = None if snapshot else warmup_note(args.warmup_steps, total_steps, args.lr)
+    if note:
+        say(note)
     state = RunState(run_config(args, rows, batch_size, grad_accum, world, total_steps, model.quantize),
                      batches_per_epoch, total_steps, last_saved=args.resume_ckpt)
     lineage = training_data_lineage(args, rows, ckpt)

@@ -161,6 +161,15 @@ def test_warmup_cosine_schedule():
     f = train.warmup_cosine(warmup_steps=4, total_steps=14)
     assert [f(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
     assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0)
+    assert f(13) == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 10)))  # the last step, as --help says
+
+
+def test_a_warmup_that_takes_most_of_a_short_run_is_said():
+    """4 steps under the default 100 warmup steps peak at 4 / 101 of --lr, said in one line; 2 of 14 are not."""
+    note = train.warmup_note(100, 4, 1e-3)
+    assert note == ("--warmup_steps 100 is 2500% of this run's 4 steps: the lr peaks at 3.96e-05 (4% of --lr 0.001); "
+                    "lower --warmup_steps for a short run")
+    assert train.warmup_note(2, 14, 1e-3) is None and train.warmup_note(3, 14, 1e-3) is not None
 
 
 # -----------------------------------------------------------------------------
