@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", default=None, help="load each task's dataset from DATA_DIR/<last part of its hub "
                    "id> (a hub-layout copy) instead of the hub, for machines without internet")
     g.add_argument("--max_queries", type=int, default=None, help="evaluate at most this many queries per task and "
-                   "language (a seeded random subset), for quick checks during training")
+                   "language (a seeded random subset), for quick checks during training (default: all)")
     g.add_argument("--max_pages", type=int, default=None, help="at most this many pages per task: the relevant "
-                   "pages of the kept queries (always kept, even past the cap) plus random others")
+                   "pages of the kept queries (always kept, even past the cap) plus random others (default: all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the --max_queries/--max_pages subsample and of the "
                    "untrained baseline's heads")
 

@@ -1,4 +1,4 @@
-"""Export a trained ColIntern as a folder to share on the Hugging Face hub: `hf upload` it as it is.
+r"""Export a trained ColIntern as a folder to share on the Hugging Face hub: `hf upload` it as it is.
 
     python export.py --ckpt outputs/colintern-1b-e2/colintern_heads_epoch2.pt --out_dir outputs/colintern-1b-v1 \
         --name my-org/colintern-1b-v1 --eval_json outputs/eval/E2.json

@@ -782,6 +782,10 @@ def write_outputs(args, data: MiningInput, result: dict, ckpt: dict, device, dty
           f"recall@1 {m['recall@1']:.3f} recall@10 {m['recall@10']:.3f} MRR {m['mrr']:.3f}; margin dropped "
           f"{stats['margin_dropped']['candidates']}; {stats['duplicates_removed']} duplicate page(s); "
           f"timings {stats['timings_s']}")
+    short = stats["negatives_per_query"]["queries_short_of_k"]
+    if short:
+        print(f"{short} of {len(rows)} queries got fewer than --k {args.k} negatives (min "
+              f"{stats['negatives_per_query']['min']}): the margin filter or too few pages left them short")
     return stats
 
 

@@ -153,12 +153,20 @@ def save_figure(fig, path: str) -> None:
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--input", nargs="+", required=True, help="training_loss.txt file(s) written by train.py")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="training_loss.txt file(s) written by train.py, or the run folders (train.py --out_dir) "
+                        "that hold them")
     p.add_argument("--output", required=True, help="PNG file to write")
     p.add_argument("--smooth", type=int, default=200, help="moving-average window in steps (clipped to the run)")
     args = p.parse_args(argv)
     if args.smooth < 1:
         p.error(f"--smooth must be >= 1, got {args.smooth}")
+    for i, path in enumerate(args.input):
+        if os.path.isdir(path):
+            args.input[i] = os.path.join(path, "training_loss.txt")
+            if not os.path.isfile(args.input[i]):
+                p.error(f"--input {path} is a folder with no training_loss.txt in it (train.py writes one into its "
+                        f"--out_dir)")
     return args
 
 

@@ -1,4 +1,4 @@
-"""Training throughput and peak memory of train.py's step (forward, InfoNCE over MaxSim, backward, AdamW).
+r"""Training throughput and peak memory of train.py's step (forward, InfoNCE over MaxSim, backward, AdamW).
 
     python bench/bench_train.py                                   # tiny model on CPU (seconds)
     python bench/bench_train.py --size 1b --device cuda           # InternVL3.5-1B shapes, random weights, on a GPU

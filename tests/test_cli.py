@@ -2,6 +2,7 @@
 user's mistakes and with one for bugs, --help that shows every default and loads no heavy library, sparse progress
 lines in logs. Subprocesses only where a fresh interpreter is the point (which modules a script imports, its real
 entry point); everything else runs in-process through run_cli."""
+import ast
 import importlib
 import json
 import os
@@ -189,9 +190,16 @@ def test_named_flag_mistakes_say_what_to_do(probed):
         "error: --labels has 1 labels for 2 --inputs: give one per input"
 
 
-def test_help_description_keeps_its_example_lines(probed):
-    text = probed["plot_vidore_metrics.py"]["help"]["out"]
-    assert "--labels E1 E2 \\\n        --outdir outputs/plots\n" in text
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_description_keeps_its_example_lines(probed, script):
+    """Every line of a script's docstring that ends in a backslash (a shell continuation in an example) reaches
+    --help as it is: a non-raw docstring would join it to the next line."""
+    text = probed[script]["help"]["out"]
+    with open(os.path.join(ROOT, script)) as f:
+        source = f.read()
+    docstring = ast.get_source_segment(source, ast.parse(source).body[0])  # as written, backslashes and all
+    lines = [x for x in docstring.splitlines() if x.endswith("\\")]
+    assert all(line.strip() + "\n" in text for line in lines), (script, lines)
 
 
 # -----------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def check_against_brute_force(rows, expected, scores, hub):
         assert content_row(i) not in got and not set(got) & set(COPIES)
 
 
-def test_exact_mining_equals_brute_force_then_reuses_cached_shards(ckpt, hub, brute, tmp_path):
+def test_exact_mining_equals_brute_force_then_reuses_cached_shards(ckpt, hub, brute, tmp_path, capsys):
     k = 4
     stats = mine_hub(ckpt, hub, tmp_path / "all.jsonl", "--k", k, "--margin", "inf")
     expected = expected_negatives(brute, k, math.inf)
@@ -135,8 +135,11 @@ def test_exact_mining_equals_brute_force_then_reuses_cached_shards(ckpt, hub, br
     ratios = ratios.sort().values
     middle = len(ratios) // 2
     margin = float(ratios[middle] + ratios[middle + 1]) / 2  # between two ratios: no candidate sits on the edge
+    capsys.readouterr()
     stats = mine_hub(ckpt, hub, tmp_path / "margin.jsonl", "--k", k, "--margin", margin)
     expected = expected_negatives(brute, k, margin)
+    short = sum(len(e["negs"]) < k for e in expected)
+    assert f"{short} of {len(WORDS)} queries got fewer than --k {k} negatives" in capsys.readouterr().out
     rows = read_rows(tmp_path / "margin.jsonl")
     check_against_brute_force(rows, expected, brute, hub)
     assert stats["margin_dropped"]["candidates"] == sum(e["dropped"] for e in expected) > 0

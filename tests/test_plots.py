@@ -146,3 +146,16 @@ def test_metrics_plot_bad_input(tmp_path, inputs, capsys):
     not_eval.write_text("{broken")
     with pytest.raises(ValueError, match="loss.json is not valid JSON"):
         plot_vidore_metrics.read_summary(str(not_eval))
+
+
+def test_loss_plot_takes_the_run_folder_and_names_an_empty_one(tmp_path, capsys):
+    """--input may be train.py's --out_dir (its training_loss.txt is read); a folder without one is named."""
+    write_loss_file(tmp_path / "run" / "training_loss.txt", range(1, 11), lambda s: 1, lambda s: 1.0 / s)
+    args = plot_training_loss.parse_args(["--input", str(tmp_path / "run"), "--output", str(tmp_path / "l.png")])
+    assert args.input == [str(tmp_path / "run" / "training_loss.txt")]
+    plot_training_loss.main(args)
+    assert "10 steps" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        plot_training_loss.parse_args(["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "e.png")])
+    assert f"--input {tmp_path / 'empty'} is a folder with no training_loss.txt" in capsys.readouterr().err
