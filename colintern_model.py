@@ -1339,6 +1339,11 @@ def read_safetensors(path: str) -> dict:
 def load_exported(folder: str) -> dict:
     """An exported folder -> the checkpoint dict. LoRA settings and the backbone id come from peft's
     adapter_config.json (what PeftModel.from_pretrained would use) and must agree with colintern_config.json."""
+    checkpoints = sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
+    if checkpoints and not os.path.isfile(os.path.join(folder, EXPORT_CONFIG)):  # train.py's --out_dir, say
+        raise UserFileNotFoundError(f"{folder} is a folder of checkpoints, not an exported model: pass one of its "
+                                    f"files, e.g. {os.path.join(folder, checkpoints[-1])} (it holds "
+                                    f"{', '.join(checkpoints[:6])}{' ...' if len(checkpoints) > 6 else ''})")
     config = read_json_file(os.path.join(folder, EXPORT_CONFIG), "export.py writes colintern_config.json")
     if config.get("kind") != CHECKPOINT_KIND or config.get("export_version") != EXPORT_VERSION:
         raise UserValueError(f"{os.path.join(folder, EXPORT_CONFIG)} is not a ColIntern export of version "

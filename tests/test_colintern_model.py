@@ -651,6 +651,11 @@ def test_bad_checkpoint_files(tmp_path):
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other.pt is not a ColIntern checkpoint \(made by train.py\): it has no"):
         cm.load_checkpoint(str(tmp_path / "other.pt"))
+    # a training --out_dir passed as --ckpt: its .pt files are named
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(tmp_path))} is a folder of checkpoints, not an "
+                                                rf"exported model: pass one of its files, e.g. .*other.pt \(it holds "
+                                                rf"junk.pt, other.pt\)"):
+        cm.load_checkpoint(str(tmp_path))
 
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
