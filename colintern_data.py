@@ -132,6 +132,24 @@ def create_beside(path: str, suffix: str, folder: bool = False) -> str:
             continue
 
 
+def check_output(path: str, flag: str, kind: str = "file") -> None:
+    """Before any work, that an output can be written where the user asked: `kind` "file" (not an existing
+    folder), "folder" (not an existing file), or "beside" (a file or folder made beside `path`, in its parent). A
+    mistake is one line now, naming the flag and the path as typed, not a temporary file's name after the work.
+    Makes the folders it needs (the script would anyway) and writes and removes one probe file."""
+    if kind == "file" and os.path.isdir(path):
+        raise UserValueError(f"{flag} {path} is a folder: pass the path of the file to write")
+    if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+        raise UserValueError(f"{flag} {path} is a file: pass a folder")
+    where = path if kind == "folder" else os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(where, exist_ok=True)
+        os.remove(create_beside(os.path.join(where, "write-check"), ".probe"))
+    except OSError as e:
+        at = "" if e.filename in (None, path, where) else f": {e.filename}"
+        raise UserValueError(f"{flag} {path}: nothing can be written there ({e.strerror}{at})") from None
+
+
 def follow_umask(folder: str) -> None:
     """Hack: safetensors (0.8; its issue #782) writes through a temp file of mode 0600 that it renames into place,
     whatever the umask, so save_pretrained's and save_file's weights come out unreadable to a teammate. Give every

@@ -56,8 +56,8 @@ import torch.nn as nn
 
 from colintern_cli import (ArgumentParser, UserFileNotFoundError, UserValueError, metric_label, one_line, run_cli,
                              trained_model, validated)
-from colintern_data import (checkpoint_fingerprint, datasets_cache_for, files_fingerprint, folder_sha256, page_hash,
-                            safe_name, write_json)
+from colintern_data import (check_output, checkpoint_fingerprint, datasets_cache_for, files_fingerprint,
+                            folder_sha256, page_hash, safe_name, write_json)
 from colintern_model import (ATTN_HELP, DEFAULT_MODEL_ID, FORMAT_VERSION, QUANTIZE, ColIntern,
                              check_attn_implementation, check_model_id, dtype_name,
                              gather_to_all, index_bytes, matmul_dtype, maxsim_scores, pool_pages, rank_share,
@@ -1012,6 +1012,10 @@ def main(args):
     if args.list:
         print(list_benchmarks())
         return None
+    check_output(args.out_json or os.path.join("outputs", "eval", "summary.json"), "--out_json")
+    check_output(args.results_dir, "--results_dir", "folder")
+    if args.predictions_dir:
+        check_output(args.predictions_dir, "--predictions_dir", "folder")
     # under torchrun: one GPU per process (cuda:LOCAL_RANK in place of --device's cuda:N); a rank that dies without
     # raising holds the others in a collective at most the timeout
     rank, world, device = setup_distributed(None if args.device.startswith("cuda") else args.device,

@@ -71,7 +71,7 @@ if __name__ == "__main__":
     ARGS = parse_args()  # before torch and mteb are imported below: --help and flag mistakes answer at once
 
 import eval as colintern_eval  # noqa: E402
-from colintern_data import create_beside, follow_umask  # noqa: E402
+from colintern_data import check_output, create_beside, follow_umask  # noqa: E402
 from colintern_model import ColIntern, load_checkpoint, write_exported  # noqa: E402
 
 
@@ -232,6 +232,7 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
 
 def main(args):
     check_out_dir(args.out_dir, args.overwrite)
+    check_output(args.out_dir, "--out_dir", "beside")  # written as a folder beside it, then renamed
     ckpt = load_checkpoint(args.ckpt)
     meta = ckpt["meta"]
     args.trained_on = meta["model_id"]

@@ -35,6 +35,7 @@ import random
 from PIL import Image, ImageDraw, ImageFont
 
 from colintern_cli import ArgumentParser, UserValueError, progress_bar, run_cli
+from colintern_data import check_output
 
 GRID = 56  # page pixels per vision token at tile 224 (pages are downscaled 2x); 2 tokens at tile 448
 
@@ -536,7 +537,7 @@ def main(args):
     topics = TOPICS[:args.topics]
     eval_pages = args.eval_pages if args.eval_pages is not None else args.topics
     progress = not args.no_progress
-    os.makedirs(args.out_dir, exist_ok=True)  # an --out_dir that cannot be made fails before any page is drawn
+    check_output(args.out_dir, "--out_dir", "folder")  # before any page is drawn
     rows = make_train_rows(topics, args.train_pages, geometries, args.seed, progress, args.workers)
     train_path = write_train(os.path.join(args.out_dir, "train"), rows, args)
     corpus, queries, qrels = make_eval_rows(topics, eval_pages, geometries, args.seed, progress, args.workers)

@@ -14,7 +14,7 @@ import os
 import torch
 
 from colintern_cli import ArgumentParser, UserValueError, run_cli
-from colintern_data import follow_umask
+from colintern_data import check_output, follow_umask
 
 # The special tokens InternVL's processor needs, named as in the real -HF tokenizer.
 SPECIAL_TOKENS = {
@@ -123,7 +123,7 @@ def parse_args(argv=None):
 
 def main(args):
     tile = args.tile or (224 if args.size == "tiny" else 448)
-    os.makedirs(args.out, exist_ok=True)  # before building: a 38B takes minutes
+    check_output(args.out, "--out", "folder")  # before building: a 38B takes minutes
     model, processor = build(args.size, tile, args.seed)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)

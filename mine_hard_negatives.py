@@ -44,8 +44,8 @@ import torch
 import torch.distributed as dist
 
 from colintern_cli import ArgumentParser, UserRuntimeError, progress_bar, run_cli, validated
-from colintern_data import (PageResolver, checkpoint_fingerprint, file_sha1, pseudo_path, raw_images, read_queries,
-                            read_triples, stored_page_hash, write_json, write_jsonl)
+from colintern_data import (PageResolver, check_output, checkpoint_fingerprint, file_sha1, pseudo_path, raw_images,
+                            read_queries, read_triples, stored_page_hash, write_json, write_jsonl)
 from colintern_model import (
     ATTN_HELP,
     FORMAT_VERSION,
@@ -667,6 +667,9 @@ def mine(args, rank: int, world: int, device: str):
     say = print if rank == 0 else (lambda *a, **k: None)
     t_start = time.perf_counter()
     timings = {}
+    check_output(args.out_jsonl, "--out_jsonl")
+    if args.cache_dir:
+        check_output(args.cache_dir, "--cache_dir", "folder")
 
     start = time.perf_counter()  # the model first: a wrong --ckpt fails now, not after hashing every page
     with ranks_agree("loading the model and hashing pages", world):

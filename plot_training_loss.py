@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from colintern_cli import ArgumentParser, UserFileNotFoundError, UserValueError, run_cli
-from colintern_data import atomic_path
+from colintern_data import atomic_path, check_output
 
 COLUMNS = ("step", "epoch", "loss")
 
@@ -171,6 +171,7 @@ def parse_args(argv=None):
 
 
 def main(args):
+    check_output(args.output, "--output")
     runs = [(run_label(path), read_loss_file(path), run_data(path)) for path in args.input]
     save_figure(plot(runs, args.smooth), args.output)
     for (label, data, _), path in zip(runs, args.input):

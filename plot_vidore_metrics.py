@@ -17,6 +17,7 @@ import re
 import numpy as np
 
 from colintern_cli import ArgumentParser, UserFileNotFoundError, UserValueError, metric_label, run_cli
+from colintern_data import check_output
 from plot_training_loss import pyplot, save_figure  # Agg pyplot on first use; temp file + rename, closes the figure
 
 AVERAGE = "average"
@@ -132,6 +133,7 @@ def parse_args(argv=None):
 
 
 def main(args):
+    check_output(args.outdir, "--outdir", "folder")
     summaries = [read_summary(path) for path in args.inputs]
     known = available_metrics(summaries)
     metrics = args.metrics or known

@@ -54,7 +54,8 @@ from PIL import Image
 
 from colintern_cli import (ArgumentParser, UserFloatingPointError, UserImportError, UserRuntimeError, UserValueError,
                              progress_bar, run_cli, trained_model, validated)
-from colintern_data import PageResolver, atomic_path, file_sha1, pseudo_path, read_queries, read_triples, write_json
+from colintern_data import (PageResolver, atomic_path, check_output, file_sha1, pseudo_path, read_queries, read_triples,
+                            write_json)
 from colintern_model import (
     DEFAULT_MODEL_ID,
     ATTN_HELP,
@@ -982,6 +983,7 @@ def main(args):
 
 
 def train(args, rank, world, device_map, say):
+    check_output(args.out_dir, "--out_dir", "folder")
     ckpt = load_checkpoint(args.resume_ckpt) if args.resume_ckpt else None
     train_state = (ckpt or {}).get("train_state") or {}
     snapshot = train_state if train_state.get("kind") == "step" else None  # resumed exactly; else a warm start

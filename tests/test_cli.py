@@ -17,9 +17,12 @@ from PIL import Image
 import colintern_cli as cli
 import colintern_data
 import colintern_model as cm
+import eval as colintern_eval
+import export
 import make_synthetic_data
 import make_tiny_model
 import mine_hard_negatives as mine
+import plot_training_loss
 import plot_vidore_metrics
 import train
 from colintern_cli import progress_bar, run_cli
@@ -329,20 +332,54 @@ def test_a_plain_raise_is_a_bug_whatever_file_it_is_in(capsys):
         assert issubclass(flavour, cli.UserError) and issubclass(flavour, builtin)
 
 
-@pytest.mark.parametrize("script, flag", [(make_synthetic_data, "--out_dir"), (make_tiny_model, "--out"),
-                                          (plot_vidore_metrics, "--outdir")])
-def test_an_output_folder_that_cannot_be_made_is_one_line(script, flag, tmp_path, capsys):
+def test_the_oss_error_for_a_path_is_one_line_wherever_it_was_raised(tmp_path, capsys):
     """os.makedirs runs in Python 3.11's `<frozen os>`, which no check of file locations knew: the OSError it raises
     for a path (errno and filename set) is one line whatever raised it."""
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    argv = [flag, str(blocker / "out")]
-    if script is plot_vidore_metrics:
-        summary = tmp_path / "summary.json"
-        summary.write_text(json.dumps({"benchmarks": {"ViDoRe(v1)": {"tasks": {"T": {"ndcg_at_5": 0.5}}}}}))
-        argv += ["--inputs", str(summary), "--labels", "run"]
-    lines = run_script(script.main, script.parse_args(argv), capsys)
-    assert lines == [f"error: {blocker / 'out'}: Not a directory"], lines
+    (tmp_path / "a_file").write_text("not a folder")
+    lines = run_script(lambda args: os.makedirs(tmp_path / "a_file" / "out"), None, capsys)
+    assert lines == [f"error: {tmp_path / 'a_file' / 'out'}: Not a directory"]
+
+
+def output_cases(tmp_path):
+    """(script module, argv, flag, path): an output under a regular file, or under /proc, for every script that
+    writes one; the other inputs exist but are never read."""
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "dummy.pt").write_bytes(b"never read")
+    (tmp_path / "loss.txt").write_text("# step epoch loss lr\n1 1 0.5 1e-3\n")
+    (tmp_path / "a_folder").mkdir()
+    under_file, ckpt = str(tmp_path / "a_file" / "out"), str(tmp_path / "dummy.pt")
+    return [
+        (train, ["--train_jsonl", str(tmp_path / "t.jsonl"), "--out_dir", under_file], "--out_dir", under_file),
+        (mine, ["--ckpt", ckpt, "--hub_name", "x/y", "--out_jsonl", under_file + ".jsonl"], "--out_jsonl",
+         under_file + ".jsonl"),
+        (mine, ["--ckpt", ckpt, "--hub_name", "x/y", "--out_jsonl", str(tmp_path / "a_folder")], "--out_jsonl",
+         str(tmp_path / "a_folder")),
+        (colintern_eval, ["--ckpt", ckpt, "--benchmarks", "ViDoRe(v1)", "--out_json", under_file + ".json"],
+         "--out_json", under_file + ".json"),
+        (colintern_eval, ["--ckpt", ckpt, "--benchmarks", "ViDoRe(v1)", "--results_dir", "/proc/colintern/cache"],
+         "--results_dir", "/proc/colintern/cache"),
+        (export, ["--ckpt", ckpt, "--out_dir", "/proc/colintern-export", "--name", "me/x"], "--out_dir",
+         "/proc/colintern-export"),
+        (plot_training_loss, ["--input", str(tmp_path / "loss.txt"), "--output", under_file + ".png"], "--output",
+         under_file + ".png"),
+        (plot_vidore_metrics, ["--inputs", str(tmp_path / "loss.txt"), "--labels", "a", "--outdir", under_file],
+         "--outdir", under_file),
+        (make_tiny_model, ["--out", under_file], "--out", under_file),
+        (make_synthetic_data, ["--out_dir", "/proc/colintern-synthetic"], "--out_dir", "/proc/colintern-synthetic"),
+    ]
+
+
+def test_outputs_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    """Every output is checked before a model is loaded or data is read: one line naming the flag and the path as
+    typed (an existing folder given for a file, a path under a regular file or under /proc), not a temporary file's
+    name after the work. Run as root in CI, where a chmod'ed folder would still be writable."""
+    monkeypatch.setattr(cm, "load_checkpoint", lambda *a, **k: pytest.fail("a checkpoint was read first"))
+    monkeypatch.setattr(cm.ColIntern, "from_checkpoint", lambda *a, **k: pytest.fail("a model was loaded first"))
+    for script, argv, flag, path in output_cases(tmp_path):
+        lines = run_script(script.main, script.parse_args(argv), capsys)
+        assert len(lines) == 1 and lines[0].startswith(f"error: {flag} {path}"), (script.__name__, lines)
+        assert "is a folder" in lines[0] or "nothing can be written there" in lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "a_folder", "dummy.pt", "loss.txt"]  # nothing left behind
 
 
 def test_debug_env_keeps_every_traceback(monkeypatch, tmp_path):
