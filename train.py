@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import random
@@ -52,8 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from colintern_cli import (ArgumentParser, UserFloatingPointError, UserImportError, UserRuntimeError, UserValueError,
-                             progress_bar, run_cli, trained_model, validated)
+from colintern_cli import (ArgumentParser, UserFileExistsError, UserFloatingPointError, UserImportError,
+                           UserRuntimeError, UserValueError, progress_bar, run_cli, trained_model, validated)
 from colintern_data import (PageResolver, atomic_path, check_output, file_sha1, pseudo_path, read_queries, read_triples,
                             write_json)
 from colintern_model import (
@@ -67,6 +68,7 @@ from colintern_model import (
     check_model_id,
     checkpoint_quantization,
     contrastive_loss,
+    dtype_name,
     first_non_finite,
     load_checkpoint,
     resolve_dtype,
@@ -188,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out_dir", required=True, help="folder for checkpoints, training_loss.txt and args.json")
     g.add_argument("--save_every", type=int, default=500,
                    help="write colintern_heads_step{N}.pt every N optimizer steps (0: only at epoch ends)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="write into an --out_dir that holds another run's files (args.json, training_loss.txt, "
+                        "colintern_heads_*.pt), replacing what this run writes; without it such a folder is refused, "
+                        "unless --resume_ckpt is one of its checkpoints or the same flags ran there before")
     g.add_argument("--resume_ckpt", default=None, type=trained_model,
                    help="a step snapshot continues that run exactly (same flags and data); an epoch checkpoint "
                         "(or any heads checkpoint, export.py folder or its hub id) is a warm start: heads + LoRA "
@@ -952,12 +958,49 @@ def ddp_encoder(model: ColIntern, world: int) -> nn.Module:
         encoder, device_ids=[model.device.index] if model.device.type == "cuda" else None, broadcast_buffers=False)
 
 
-def write_args_json(args, world: int, device_map, batch_size: int, grad_accum: int, total_steps: int) -> None:
-    os.makedirs(args.out_dir, exist_ok=True)
+RUN_FILES = ("args.json", LOSS_LOG)  # with colintern_heads_*.pt: what a run writes into its --out_dir
+FLAGS_NOT_OF_THE_RUN = ("resume_ckpt", "overwrite", "out_dir")  # may differ when the same run starts again there
+
+
+def check_out_dir_is_this_runs(args) -> None:
+    """Refuse an --out_dir that holds another run's files, so that two runs never mix in one folder (its step
+    snapshots beside the other's epoch checkpoint and log). This run's own folder is one its --resume_ckpt is in (a
+    resume, or the original recipe's epoch-2 warm start from epoch 1's folder), or one whose args.json holds these
+    very flags (the same command again, say after a crash before its first checkpoint); --overwrite allows any."""
+    if args.overwrite or not os.path.isdir(args.out_dir):
+        return
+    theirs = [f for f in RUN_FILES if os.path.isfile(os.path.join(args.out_dir, f))]
+    theirs += sorted(f for f in os.listdir(args.out_dir) if f.startswith("colintern_heads_") and f.endswith(".pt"))
+    if not theirs:
+        return
+    if args.resume_ckpt and os.path.dirname(os.path.abspath(args.resume_ckpt)) == os.path.abspath(args.out_dir):
+        return
+    try:
+        with open(os.path.join(args.out_dir, "args.json")) as f:
+            given = json.load(f).get("flags_given")
+    except (OSError, ValueError):
+        given = None
+    ours = {k: v for k, v in vars(args).items() if k not in FLAGS_NOT_OF_THE_RUN}
+    if isinstance(given, dict) and {k: given.get(k) for k in ours} == ours:
+        return
+    raise UserFileExistsError(f"--out_dir {args.out_dir} holds another run's files ({', '.join(theirs[:4])}"
+                              f"{' ...' if len(theirs) > 4 else ''}): pass a new --out_dir, --resume_ckpt one of its "
+                              f"checkpoints to continue that run, or --overwrite to write over them")
+
+
+def write_args_json(args, model: ColIntern, world: int, device_map, batch_size: int, grad_accum: int,
+                    total_steps: int) -> None:
+    """args.json: the settings this run used (a warm start's model, shape and LoRA come from its checkpoint, not
+    from flags left unset), the flags as given (`flags_given`), and how it ran."""
+    lora = dataclasses.asdict(model.lora) if model.lora else {}
+    effective = {"model_id": model.model_id, "proj_dim": model.proj_dim, "max_tiles": model.max_tiles,
+                 "lora": model.lora is not None, "lora_r": lora.get("r"), "lora_alpha": lora.get("alpha"),
+                 "lora_dropout": lora.get("dropout"), "quantize": model.quantize,
+                 "dtype": dtype_name(model.backbone.dtype), "attn_implementation": model.attn_implementation}
     write_json(os.path.join(args.out_dir, "args.json"),
-               {**vars(args), "git_commit": git_commit(), "world_size": world, "device_map": str(device_map),
-                "effective_batch_size": batch_size, "effective_grad_accum": grad_accum, "total_steps": total_steps,
-                "argv": sys.argv})
+               {**vars(args), **effective, "flags_given": vars(args), "git_commit": git_commit(), "world_size": world,
+                "device_map": str(device_map), "effective_batch_size": batch_size, "effective_grad_accum": grad_accum,
+                "total_steps": total_steps, "argv": sys.argv})
 
 
 def epoch_loader(rows, processor: ColInternProcessor, state: RunState, args, batch_size: int, rank: int, world: int,
@@ -983,6 +1026,7 @@ def main(args):
 
 
 def train(args, rank, world, device_map, say):
+    check_out_dir_is_this_runs(args)
     check_output(args.out_dir, "--out_dir", "folder")
     ckpt = load_checkpoint(args.resume_ckpt) if args.resume_ckpt else None
     train_state = (ckpt or {}).get("train_state") or {}
@@ -1035,7 +1079,7 @@ def train(args, rank, world, device_map, say):
             f"{state.epoch}")
 
     if rank == 0:
-        write_args_json(args, world, device_map, batch_size, grad_accum, total_steps)
+        write_args_json(args, model, world, device_map, batch_size, grad_accum, total_steps)
     log = LossLog(args.out_dir, state.step) if rank == 0 else None
     save = functools.partial(save_run, args=args, rank=rank, model=model, lineage=lineage, optimizer=optimizer,
                              scheduler=scheduler, scaler=scaler)  # save(kind, state) -> path

@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -293,6 +295,32 @@ def test_warm_start_from_epoch_checkpoint_on_new_data(straight_run, tiny_model_d
     # the warm start began at the checkpoint's weights: one step at a tiny lr stays close to them
     before, after = trainable(str(epoch2)), trainable(str(out / "colintern_heads_epoch3.pt"))
     assert all((before[k] - after[k]).abs().max() < 2 * 2e-3 for k in before)
+    # args.json holds what the run used (the checkpoint's model and LoRA), the flags as given beside them
+    used = json.load(open(out / "args.json"))
+    assert (used["lora"], used["lora_r"], used["proj_dim"]) == (True, 4, ckpt["meta"]["proj_dim"])
+    assert used["flags_given"]["lora"] is False and used["flags_given"]["lora_r"] is None
+    assert used["flags_given"]["proj_dim"] is None and used["model_id"] == tiny_model_dir
+
+
+def test_an_out_dir_of_another_run_is_refused_unless_it_continues_there(straight_run, pages, tmp_path, capsys):
+    """A run into a folder holding another run's files is refused before anything is written, and the folder is left
+    as it was; the same flags again, a --resume_ckpt from that folder (the original recipe's epoch-2 warm start into
+    epoch 1's folder) and --overwrite are let through."""
+    other = tmp_path / "other"
+    shutil.copytree(straight_run["out"], other)
+    before = {f: (other / f).read_bytes() for f in os.listdir(other)}
+    flags = [f if f != str(straight_run["out"]) else str(other) for f in straight_run["flags"]]
+    flags[flags.index("--lr") + 1] = "1e-3"  # another run: another learning rate
+    with pytest.raises(FileExistsError, match=rf"--out_dir {re.escape(str(other))} holds another run's files "
+                                              rf"\(args.json, training_loss.txt, colintern_heads_epoch1.pt, "
+                                              rf"colintern_heads_epoch2.pt ...\): pass a new --out_dir"):
+        run_train(*flags, "--max_steps", 1)
+    assert {f: (other / f).read_bytes() for f in os.listdir(other)} == before
+    args = train.parse_args([*flags, "--resume_ckpt", str(other / "colintern_heads_epoch1.pt")])
+    train.check_out_dir_is_this_runs(args)  # continuing from a checkpoint there
+    train.check_out_dir_is_this_runs(train.parse_args([*flags, "--overwrite"]))
+    same = [f if f != str(straight_run["out"]) else str(other) for f in straight_run["flags"]]
+    train.check_out_dir_is_this_runs(train.parse_args(same))  # the same command again
 
 
 def test_checkpoints_record_training_data_lineage(tiny_model_dir, pages, tmp_path):
