@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import difflib
 import hashlib
 import json
 import os
@@ -591,7 +592,9 @@ def select_tasks(benchmark_names, task_names) -> list:
         if owner is None:
             valid = sorted({t.metadata.name for _, bench in pool for t in bench.tasks})
             where = f"benchmarks {[b for b, _ in pool]}" if benchmark_names else "the ViDoRe benchmarks"
-            raise UserValueError(f"--tasks: unknown task {name!r} in {where}. Valid tasks: {', '.join(valid)}")
+            close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "python eval.py --list names them"
+            raise UserValueError(f"--tasks: unknown task {name!r} in {where}: {hint} ({len(valid)} tasks there)")
         selected.append((owner[0], copy.deepcopy(owner[1])))
     return selected
 
@@ -938,6 +941,23 @@ class TasksFailed(SystemExit):
         self.summary = summary
 
 
+# What the hub clients raise when there is no network (requests, httpx, urllib3, huggingface_hub's offline mode),
+# by name: which of them a given datasets/hub version raises, and wraps, varies
+NO_NETWORK_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "MaxRetryError", "NameResolutionError",
+                     "OfflineModeIsEnabled", "LocalEntryNotFoundError", "Timeout", "ReadTimeout"}
+
+
+def cannot_reach_the_hub(error: BaseException) -> bool:
+    """Whether `error`, or an error it came from, is the network's (offline, no route, a timeout)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ConnectionError) or any(c.__name__ in NO_NETWORK_ERRORS for c in type(error).__mro__):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def error_line(error: Exception) -> str:
     return f"{type(error).__name__}: {one_line(str(error))}"
 
@@ -964,9 +984,16 @@ def evaluate_each(encoder, tasks: list, data_fingerprints: dict, local_copies: d
                     prediction_folder=os.path.join(predictions_root, run_name(meta)) if predictions_root else None,
                     co2_tracker=False)
         except Exception as e:
-            traceback.print_exc()
             failed[name] = error_line(e)
-            print(f"task {name} failed ({failed[name]}); going on with the other tasks")
+            if name not in local_copies and cannot_reach_the_hub(e):  # offline: one line, and what to do
+                hub_id = task.metadata.dataset["path"]
+                print(f"task {name} failed: its dataset {hub_id} cannot be fetched from the hub (offline?). Copy it "
+                      f"on a machine with internet: hf download {hub_id} --repo-type dataset --revision "
+                      f"{task.metadata.dataset.get('revision')} --local-dir DIR/{dataset_folder_name(task)}, then "
+                      f"pass --data_dir DIR; going on with the other tasks")
+            else:
+                traceback.print_exc()
+                print(f"task {name} failed ({failed[name]}); going on with the other tasks")
             if encoder.world > 1:
                 agree_on_task(name, failed, encoder.world)
             continue
@@ -1083,12 +1110,16 @@ def evaluate(args, rank: int, world: int):
     if rank == 0:
         write_json(out_json, summary)
 
-    print(f"\npages encoded {encoder.pages_encoded}, served from the page cache {encoder.page_cache_hits}; "
-          f"queries encoded {encoder.queries_encoded}")
     index = summary["page_index"]
-    print(f"page index: pool factor {index['pool_factor']}, rerank {index['rerank']}: "
-          f"{index['vectors_per_page']:.1f} vectors per page (unpooled {index['vectors_per_page_unpooled']:.1f}), "
-          f"{index['page_index_bytes']} bytes over {index['pages']} pages encoded; timings {index['timings_s']}")
+    if encoder.pages_encoded or encoder.queries_encoded or encoder.page_cache_hits:
+        print(f"\npages encoded {encoder.pages_encoded}, served from the page cache {encoder.page_cache_hits}; "
+              f"queries encoded {encoder.queries_encoded}")
+        print(f"page index: pool factor {index['pool_factor']}, rerank {index['rerank']}: "
+              f"{index['vectors_per_page']:.1f} vectors per page (unpooled {index['vectors_per_page_unpooled']:.1f}), "
+              f"{index['page_index_bytes']} bytes over {index['pages']} pages encoded; timings {index['timings_s']}")
+    elif not summary["failed"]:
+        print(f"\nnothing encoded: every task's results came from mteb's result cache ({args.results_dir}); "
+              f"--overwrite recomputes them")
     print(f"summary:     {out_json}")
     folders = sorted({os.path.dirname(cache.get_task_result_path(name, m)) for name, m in metas.items()})
     print(f"mteb cache:  {folders[0]}" if len(folders) == 1 else

@@ -3,6 +3,7 @@ local hub-layout copy, the page cache across language subsets, resume from mteb'
 import json
 import math
 import os
+import re
 import shutil
 
 import datasets
@@ -453,6 +454,33 @@ def test_v3_average_is_labelled_as_the_public_tasks_only(capsys):
     assert len(head) == len(rule) == len(first)
 
 
+def test_offline_without_data_dir_is_one_line_per_task_with_the_download(tmp_path, tiny_model_dir, monkeypatch,
+                                                                           capsys):
+    """A hub task whose dataset cannot be fetched (no network: a ConnectionError somewhere in the chain, as datasets
+    and huggingface_hub wrap it) fails in one line naming the hf download command and --data_dir, with no
+    traceback; another failure keeps its traceback."""
+    def evaluate(encoder, task, **kwargs):
+        try:
+            raise ConnectionError(f"Couldn't reach {task.metadata.dataset['path']} on the Hub")
+        except ConnectionError as e:
+            raise RuntimeError("dataset loading failed") from e
+    monkeypatch.setattr(colintern_eval.mteb, "evaluate", evaluate)
+    with pytest.raises(colintern_eval.TasksFailed):
+        run_eval(tmp_path, "--model_id", tiny_model_dir, "--tasks", "VidoreArxivQARetrieval", "VidoreDocVQARetrieval")
+    captured = capsys.readouterr()
+    lines = [x for x in captured.out.splitlines() if "cannot be fetched" in x]
+    assert len(lines) == 2 and "Traceback" not in captured.err + captured.out
+    assert re.fullmatch(r"task VidoreArxivQARetrieval failed: its dataset (\w+)/arxivqa_test_subsampled_beir cannot be "
+                        r"fetched from the hub \(offline\?\)\. Copy it on a machine with internet: hf download "
+                        r"\1/arxivqa_test_subsampled_beir --repo-type dataset --revision \S+ --local-dir "
+                        r"DIR/arxivqa_test_subsampled_beir, then pass --data_dir DIR; going on with the other tasks",
+                        lines[0]), lines[0]
+    monkeypatch.setattr(colintern_eval.mteb, "evaluate", lambda *a, **k: 1 / 0)
+    with pytest.raises(colintern_eval.TasksFailed):
+        run_eval(tmp_path, "--model_id", tiny_model_dir, "--tasks", "VidoreArxivQARetrieval")
+    assert "ZeroDivisionError" in capsys.readouterr().err  # a bug keeps its traceback
+
+
 def test_private_skipped_failure_isolated_and_languages_reported(tmp_path, tiny_model_dir, pages, queries, counts,
                                                                  monkeypatch):
     data_dir = tmp_path / "vidore"
@@ -526,8 +554,12 @@ def test_bad_input_names_the_problem(tmp_path, tiny_model_dir, trained):
 
     with pytest.raises(ValueError, match=r"unknown benchmark 'ViDoRe\(v9\)'.*ViDoRe\(v1\)"):
         run("--model_id", tiny_model_dir, "--benchmarks", "ViDoRe(v9)")
-    with pytest.raises(ValueError, match="unknown task 'NoSuchTask'.*VidoreArxivQARetrieval"):
+    with pytest.raises(ValueError, match=r"unknown task 'NoSuchTask' in benchmarks \['ViDoRe\(v1\)'\]: python eval.py "
+                                         r"--list names them \(\d+ tasks there\)$"):
         run("--model_id", tiny_model_dir, "--benchmarks", "ViDoRe(v1)", "--tasks", "NoSuchTask")
+    with pytest.raises(ValueError, match=r"unknown task 'VidoreArxivQARetreival' in .*: did you mean "
+                                         r"'VidoreArxivQARetrieval'"):  # a typo: the closest names, not all of them
+        run("--model_id", tiny_model_dir, "--tasks", "VidoreArxivQARetreival")
     with pytest.raises(FileNotFoundError, match="arxivqa_test_subsampled_beir"):
         run("--model_id", tiny_model_dir, "--tasks", "VidoreArxivQARetrieval", "--data_dir", str(tmp_path))
     wrong = tmp_path / "layout" / "arxivqa_test_subsampled_beir"
@@ -598,9 +630,12 @@ def test_quantized_checkpoint_evaluates_under_its_own_result_key(tmp_path, tiny_
     (task, reported), = summary["benchmarks"]["local"]["tasks"].items()
     assert 0 <= reported["ndcg_at_5"] <= 1
     counts.update(queries=0, pages=0)
+    capsys.readouterr()
     explicit = run_eval(tmp_path, "--ckpt", ckpt, "--local_task", folder, "--quantize", "4bit")
     assert explicit["revision"] == summary["revision"] and counts == {"queries": 0, "pages": 0}
-    assert "was trained on" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "was trained on" not in out and "pages encoded" not in out
+    assert "nothing encoded: every task's results came from mteb's result cache" in out
     plain = run_eval(tmp_path, "--ckpt", ckpt, "--local_task", folder, "--quantize", "none", "--dtype", "bf16")
     assert "trained on a --quantize 4bit backbone and is loaded on a --quantize none one" in capsys.readouterr().out
     assert plain["revision"] != summary["revision"] and counts == {"queries": len(queries), "pages": len(pages)}
