@@ -883,8 +883,10 @@ def summarize(groups: list, results: dict, skipped: dict, failed: dict) -> dict:
     for bench, task in groups:
         name = task.metadata.name
         total = len(known[bench].tasks) if bench in known else sum(b == bench for b, _ in groups)
-        entry = out.setdefault(bench, {"label": bench, "tasks_run": 0, "tasks_total": total, "tasks": {},
-                                       "subsets": {}, "average": {}, "skipped": {}, "failed": {}})
+        # the benchmark's own main score, as mteb's task metadata gives it (ViDoRe v1/v2 nDCG@5, v3 nDCG@10)
+        main = (known[bench].tasks[0] if bench in known else task).metadata.main_score
+        entry = out.setdefault(bench, {"label": bench, "main_score": main, "tasks_run": 0, "tasks_total": total,
+                                       "tasks": {}, "subsets": {}, "average": {}, "skipped": {}, "failed": {}})
         if name in results:
             entry["tasks"][name] = task_metrics(results[name])
             if subsets := subset_metrics(results[name]):
@@ -916,7 +918,8 @@ def format_table(benchmarks: dict) -> str:
 
     lines = []
     for bench, entry in benchmarks.items():
-        lines += ["", f"{entry['label']}  (scores x100)", head, "-" * len(head)]
+        lines += ["", f"{entry['label']}  (scores x100; main score {metric_label(entry['main_score'])})", head,
+                  "-" * len(head)]
         for task, metrics in entry["tasks"].items():
             lines.append(row(task, metrics))
             lines += [row("  " + subset, m) for subset, m in entry["subsets"].get(task, {}).items()]

@@ -4,9 +4,11 @@ r"""Compare eval.py summaries: per benchmark and metric, one figure of per-task 
         --outdir outputs/plots
     python plot_vidore_metrics.py --inputs a.json --labels untrained --outdir plots --metrics ndcg_at_5 recall_at_1
 
-Reads the `--out_json` files of eval.py (`{"benchmarks": {name: {"tasks": {task: {metric: value}},
-"average": {metric: value}}}}`, mteb's 0-1 values) and writes `OUTDIR/<benchmark>_<metric>.png` for every benchmark
-found in any input, with scores x100 and metric names (colintern_cli.metric_label) as in eval.py's table. A task or
+Reads the `--out_json` files of eval.py (`{"benchmarks": {name: {"main_score": metric, "tasks": {task: {metric:
+value}}, "average": {metric: value}}}}`, mteb's 0-1 values) and writes `OUTDIR/<benchmark>_<metric>.png` for every
+benchmark found in any input, by default for its own main score (ViDoRe v1/v2 nDCG@5, v3 nDCG@10, as mteb's
+leaderboard ranks them; `--metrics all` for every metric), with scores x100 and metric names
+(colintern_cli.metric_label) as in eval.py's table. A task or
 benchmark missing from an input has no bar for it. The average group is each input's own benchmark average, as
 eval.py computed it.
 """
@@ -49,6 +51,12 @@ def available_metrics(summaries: list) -> list:
             for metrics in list(entry["tasks"].values()) + [entry.get("average", {})]:
                 seen.update(dict.fromkeys(metrics))
     return list(seen)
+
+
+def main_score(summaries: list, benchmark: str) -> str:
+    """The benchmark's main score as eval.py recorded it (the first input that has the benchmark and says), else
+    nDCG@5 (ViDoRe v1/v2's, what summaries written before eval.py recorded it report first)."""
+    return next((s[benchmark]["main_score"] for s in summaries if "main_score" in s.get(benchmark, {})), "ndcg_at_5")
 
 
 def task_label(task: str) -> str:
@@ -125,7 +133,8 @@ def parse_args(argv=None):
     p.add_argument("--labels", nargs="+", required=True, help="one legend label per input, in the same order")
     p.add_argument("--outdir", required=True, help="folder for the PNGs (<benchmark>_<metric>.png)")
     p.add_argument("--metrics", nargs="+", default=None, help="metrics to plot, as eval.py names them "
-                   "(e.g. ndcg_at_5 recall_at_1); default: every metric in the inputs")
+                   "(e.g. ndcg_at_5 recall_at_1), or all (every metric in the inputs); default: each benchmark's "
+                   "main score (summaries from before eval.py recorded it: nDCG@5)")
     args = p.parse_args(argv)
     if len(args.labels) != len(args.inputs):
         p.error(f"--labels has {len(args.labels)} labels for {len(args.inputs)} --inputs: give one per input")
@@ -136,19 +145,20 @@ def main(args):
     check_output(args.outdir, "--outdir", "folder")
     summaries = [read_summary(path) for path in args.inputs]
     known = available_metrics(summaries)
-    metrics = args.metrics or known
-    unknown = [m for m in metrics if m not in known]
+    metrics = known if args.metrics == ["all"] else args.metrics
+    unknown = [m for m in metrics or [] if m not in known]
     if unknown:
         raise UserValueError(f"--metrics {unknown} are in none of the inputs; they have: {', '.join(known)}")
     benchmarks = list(dict.fromkeys(b for summary in summaries for b in summary))
     written = []
     for benchmark in benchmarks:
-        for metric in metrics:
+        for metric in metrics or [main_score(summaries, benchmark)]:
             groups, values = grouped_values(summaries, benchmark, metric)
             path = os.path.join(args.outdir, figure_name(benchmark, metric))
             save_figure(plot_benchmark(benchmark, metric, groups, values, args.labels), path)
             written.append(path)
-    print(f"wrote {len(written)} figures ({len(benchmarks)} benchmarks x {len(metrics)} metrics) to {args.outdir}")
+    print(f"wrote {len(written)} figures ({len(benchmarks)} benchmarks x "
+          f"{f'{len(metrics)} metrics' if metrics else 'its main score'}) to {args.outdir}")
     for path in written:
         print(f"  {path}")
     return written

@@ -101,7 +101,7 @@ def inputs(tmp_path):
 def test_metrics_plots_one_figure_per_benchmark_and_metric(tmp_path, inputs):
     outdir = tmp_path / "plots"
     written = plot_vidore_metrics.main(plot_vidore_metrics.parse_args(
-        ["--inputs", *inputs, "--labels", "E1", "E2", "--outdir", str(outdir)]))
+        ["--inputs", *inputs, "--labels", "E1", "E2", "--outdir", str(outdir), "--metrics", "all"]))
     expected = {f"{b}_{m}.png" for b in ("ViDoRe_v1", "local") for m in ("ndcg_at_5", "recall_at_1")}
     assert {p.name for p in outdir.iterdir()} == expected
     assert sorted(written) == sorted(str(outdir / name) for name in expected)
@@ -127,6 +127,23 @@ def test_metrics_plots_one_figure_per_benchmark_and_metric(tmp_path, inputs):
     plot_vidore_metrics.main(plot_vidore_metrics.parse_args(
         ["--inputs", inputs[0], "--labels", "E1", "--outdir", str(only), "--metrics", "recall_at_1"]))
     assert [p.name for p in only.iterdir()] == ["ViDoRe_v1_recall_at_1.png"]
+
+
+def test_metrics_plots_default_to_each_benchmarks_main_score(tmp_path):
+    """Without --metrics, one figure a benchmark, for the main score eval.py recorded for it (ViDoRe v3 ranks by
+    nDCG@10, v1 by nDCG@5); a summary from before it was recorded gets nDCG@5."""
+    new = summary({"ViDoRe(v1)": {"A": {"ndcg_at_5": 0.5, "ndcg_at_10": 0.6}},
+                   "ViDoRe(v3)": {"B": {"ndcg_at_5": 0.3, "ndcg_at_10": 0.4}}})
+    new["benchmarks"]["ViDoRe(v1)"]["main_score"], new["benchmarks"]["ViDoRe(v3)"]["main_score"] = \
+        "ndcg_at_5", "ndcg_at_10"
+    old = summary({"ViDoRe(v3)": {"B": {"ndcg_at_5": 0.2, "ndcg_at_10": 0.3}}, "local": {"C": {"ndcg_at_5": 1.0}}})
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    plot_vidore_metrics.main(plot_vidore_metrics.parse_args(
+        ["--inputs", str(tmp_path / "old.json"), str(tmp_path / "new.json"), "--labels", "old", "new", "--outdir",
+         str(tmp_path / "plots")]))
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "ViDoRe_v1_ndcg_at_5.png", "ViDoRe_v3_ndcg_at_10.png", "local_ndcg_at_5.png"]
 
 
 def test_metrics_plot_bad_input(tmp_path, inputs, capsys):
