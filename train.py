@@ -543,6 +543,9 @@ def make_optimizer(name: str, params: list, lr: float, say=print):
     return cls(params, lr=lr, weight_decay=WEIGHT_DECAY)
 
 
+# The schedule's definition, in step snapshots' run config: a snapshot made under another definition is refused
+# (check_same_run) rather than resumed on a schedule it did not start. Change it whenever warmup_cosine changes.
+SCHEDULE = "linear warmup (s+1)/(N+1), then cosine from 1 to 0 at s = total_steps"
 WARMUP_SHARE_NOTED = 0.2  # a warmup longer than this share of the run is said at the start
 
 
@@ -778,7 +781,7 @@ def run_config(args, rows, batch_size, grad_accum, world, total_steps, quantize=
     return {"data": rows.fingerprint, "global_batch": batch_size * world, "grad_accum": grad_accum,
             "seed": args.seed, "num_negs": args.num_negs, "lr": args.lr, "warmup_steps": args.warmup_steps,
             "total_steps": total_steps, "temperature": args.temperature, "optimizer": args.optimizer,
-            "quantize": quantize, "attn_implementation": args.attn_implementation}
+            "quantize": quantize, "attn_implementation": args.attn_implementation, "schedule": SCHEDULE}
 
 
 def training_data_lineage(args, rows, ckpt: dict | None) -> list:
@@ -804,7 +807,8 @@ def training_data_lineage(args, rows, ckpt: dict | None) -> list:
 
 
 def check_same_run(saved: dict, ours: dict, path: str) -> None:
-    saved = {"quantize": "none", "attn_implementation": "sdpa", **saved}  # snapshots from before the flags
+    # snapshots from before these were recorded: what every run did then
+    saved = {"quantize": "none", "attn_implementation": "sdpa", "schedule": SCHEDULE, **saved}
     diffs = [f"{k}: snapshot {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
     if diffs:
         raise UserValueError(f"--resume_ckpt {path} is a step snapshot of another run ({'; '.join(diffs)}). A step "

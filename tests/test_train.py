@@ -367,6 +367,15 @@ def test_step_snapshot_with_other_data_or_flags_is_refused(straight_run, pages, 
         run_train(*flags, "--train_jsonl", other, "--resume_ckpt", snapshot)
     with pytest.raises(ValueError, match="--lora_r 4, this run asks for --lora_r 8"):
         run_train(*flags, "--lora_r", 8, "--resume_ckpt", snapshot)
+    # made under another definition of the schedule: refused, not resumed on a schedule it did not start
+    ckpt = load_checkpoint(str(snapshot))
+    ckpt["train_state"]["run"]["schedule"] = "linear warmup, then constant"
+    torch.save(ckpt, tmp_path / "old_schedule.pt")
+    with pytest.raises(ValueError, match="schedule: snapshot 'linear warmup, then constant', this run 'linear warmup"):
+        run_train(*flags, "--resume_ckpt", tmp_path / "old_schedule.pt")
+    # a snapshot from before the schedule was recorded ran this one, and resumes
+    del ckpt["train_state"]["run"]["schedule"]
+    train.check_same_run(ckpt["train_state"]["run"], dict(ckpt["train_state"]["run"], schedule=train.SCHEDULE), "x")
 
 
 # -----------------------------------------------------------------------------
