@@ -1168,8 +1168,9 @@ def test_4bit_run_resumes_exactly_and_keeps_its_quantization(quantized_runs, tmp
     assert_same_weights(trainable(str(run["out"] / "colintern_heads_epoch12.pt")),
                         trainable(str(tmp_path / "resumed" / "colintern_heads_epoch12.pt")))
     assert read_loss_log(tmp_path / "resumed") == read_loss_log(run["out"])[6:]
+    elsewhere = [f if f != str(tmp_path / "resumed") else str(tmp_path / "unquantized") for f in no_flag]
     with pytest.raises(ValueError, match="step snapshot of another run .*quantize: snapshot '4bit', this run 'none'"):
-        run_train(*no_flag, "--quantize", "none", "--resume_ckpt", snapshot)
+        run_train(*elsewhere, "--quantize", "none", "--resume_ckpt", snapshot)
 
 
 def test_warm_start_onto_another_quantization_says_so(quantized_runs, tmp_path, capsys):
@@ -1181,4 +1182,4 @@ def test_warm_start_onto_another_quantization_says_so(quantized_runs, tmp_path, 
     assert "warm start" in text
     assert load_checkpoint(str(tmp_path / "colintern_heads_epoch13.pt"))["meta"]["quantize"] == "8bit"
     with pytest.raises(ValueError, match="--quantize 8bit with --dtype fp32"):
-        run_train(*flags, "--quantize", "8bit", "--dtype", "fp32")
+        run_train(*flags, "--quantize", "8bit", "--dtype", "fp32", "--overwrite")
