@@ -46,7 +46,7 @@ run $PY eval.py --ckpt "$OUT/epoch2/colintern_heads_epoch2.pt" --local_task "$OU
 run $PY plot_training_loss.py --input "$OUT/epoch1/training_loss.txt" "$OUT/epoch2/training_loss.txt" \
     --output "$OUT/plots/training_loss.png" --smooth 20
 run $PY plot_vidore_metrics.py --inputs "$OUT/eval_untrained.json" "$OUT/eval_epoch1.json" "$OUT/eval_epoch2.json" \
-    --labels untrained epoch1 epoch2 --outdir "$OUT/plots"
+    --labels untrained epoch1 epoch2 --outdir "$OUT/plots" --metrics ndcg_at_5 recall_at_1 mrr_at_10
 
 $PY - "$OUT" <<'EOF'
 import json, sys
