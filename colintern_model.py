@@ -526,8 +526,8 @@ class ColIntern(nn.Module):
             ids = batch.pop("input_ids")
             slots = ids == self.image_token_id
             if int(slots.sum()) != image_features.shape[0] * image_features.shape[1]:
-                raise UserValueError(f"{int(slots.sum())} image tokens in the batch but image features for "
-                                     f"{image_features.shape[0] * image_features.shape[1]}: features of another batch?")
+                raise ValueError(f"{int(slots.sum())} image tokens in the batch but image features for "
+                                 f"{image_features.shape[0] * image_features.shape[1]}: features of another batch?")
             embeds = self.backbone.get_input_embeddings()(ids)
             batch["inputs_embeds"] = embeds.masked_scatter(slots.unsqueeze(-1),
                                                            image_features.to(embeds.device, embeds.dtype))
@@ -919,10 +919,8 @@ def sum_by_query(best: torch.Tensor, owner: torch.Tensor, n_queries: int) -> tor
     `owner`, as pack_queries lays them) go into a zero-padded dense (n_queries, longest, n) block, summed along its
     token axis. On a CPU index_add_ adds row after row, in index order, and is kept: the dense block is ~15x slower
     there (a fresh block is page faults)."""
-    if not adds_in_varying_order(best.device):
+    if not adds_in_varying_order(best.device) or owner.numel() == 0:
         return best.new_zeros((n_queries, best.shape[1]), dtype=torch.float32).index_add_(0, owner, best.float())
-    if owner.numel() == 0:
-        return best.new_zeros((n_queries, best.shape[1]), dtype=torch.float32)
     counts = torch.bincount(owner, minlength=n_queries)
     starts = torch.cumsum(counts, 0) - counts  # integers: exact
     slot = torch.arange(owner.numel(), device=owner.device) - starts[owner]
