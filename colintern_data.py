@@ -144,19 +144,27 @@ def check_output(path: str, flag: str, kind: str = "file") -> None:
     where = path if kind == "folder" else os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(where, exist_ok=True)
-        os.remove(create_beside(os.path.join(where, "write-check"), ".probe"))
+        open_mode(where)
     except OSError as e:
         at = "" if e.filename in (None, path, where) else f": {e.filename}"
         raise UserValueError(f"{flag} {path}: nothing can be written there ({e.strerror}{at})") from None
+
+
+def open_mode(folder: str) -> int:
+    """The permission bits open() gives a new file in `folder` (the umask's, or the folder's default ACL's), read off
+    a probe file made and removed there; raises the OSError of a folder where nothing can be written."""
+    probe = create_beside(os.path.join(folder, "mode"), ".probe")
+    try:
+        return os.stat(probe).st_mode & 0o777
+    finally:
+        os.remove(probe)
 
 
 def follow_umask(folder: str) -> None:
     """Hack: safetensors (0.8; its issue #782) writes through a temp file of mode 0600 that it renames into place,
     whatever the umask, so save_pretrained's and save_file's weights come out unreadable to a teammate. Give every
     file directly in `folder` the mode open() gives a new file there."""
-    probe = create_beside(os.path.join(folder, "mode"), ".probe")
-    mode = os.stat(probe).st_mode & 0o777
-    os.remove(probe)
+    mode = open_mode(folder)
     for name in os.listdir(folder):
         if os.path.isfile(os.path.join(folder, name)):
             os.chmod(os.path.join(folder, name), mode)
@@ -296,9 +304,8 @@ class PageResolver:
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
             raise UserValueError(f"dataset {name} split {split!r} lacks column(s) {missing} (it has "
-                                 f"{ds.column_names}): "
-                                 f"pages are read from an 'image' column and queries from 'query', as in "
-                                 f"vidore/colpali_train_set")
+                                 f"{ds.column_names}): pages are read from an 'image' column and queries from "
+                                 f"'query', as in vidore/colpali_train_set")
         return ds
 
     def file(self, ref: str) -> str | None:

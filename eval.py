@@ -56,7 +56,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from colintern_cli import (ArgumentParser, UserFileNotFoundError, UserValueError, metric_label, one_line, run_cli,
-                             trained_model, validated)
+                           trained_model, validated)
 from colintern_data import (check_output, checkpoint_fingerprint, datasets_cache_for, files_fingerprint,
                             folder_sha256, page_hash, safe_name, write_json)
 from colintern_model import (ATTN_HELP, DEFAULT_MODEL_ID, FORMAT_VERSION, QUANTIZE, ColIntern,

@@ -28,7 +28,7 @@ import re
 import shutil
 
 from colintern_cli import (ArgumentParser, UserFileExistsError, UserValueError, metric_label, one_line, run_cli,
-                             trained_model)
+                           trained_model)
 
 MODEL_CARD = "README.md"
 MTEB_META = "mteb_model_meta.py"
