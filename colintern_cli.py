@@ -23,6 +23,10 @@ What counts as the user's mistake is decided by the exception's type, never by w
   - a UserError raised in a DataLoader worker process: torch re-raises it with its own type, the worker's
     traceback as its text, and the line keeps the original message.
 A ValueError from inside torch, a KeyError from `d[k]` or a plain `raise ValueError(...)` is a bug: traceback.
+
+Under torchrun, rank 0 prints a mistake that the ranks agreed on (colintern_launch.ranks_agree: 'rank R of N failed
+while ...'); the other ranks exit 1 without repeating it, and print what only they know: a bug's traceback, or a
+mistake found outside an agreed step, as `error: rank R: ...`.
 """
 import argparse
 import functools
@@ -155,8 +159,16 @@ def run_cli(main, args) -> None:
         message = user_error_message(e)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        rank = torchrun_rank()
+        if rank and getattr(e, "told_rank_0", False):
+            sys.exit(1)  # rank 0 prints it (colintern_launch.ranks_agree)
+        print(f"error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr)
         sys.exit(1)
+
+
+def torchrun_rank() -> int:
+    """This process's rank under torchrun; 0 in a plain process."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 def user_error_message(error: BaseException) -> str | None:
@@ -204,6 +216,8 @@ def progress_bar(iterable=None, **kwargs):
     LOG_PROGRESS_INTERVAL seconds (or TQDM_MININTERVAL, when set) and the final state, instead of a redraw at every
     update (a training log was mostly carriage-return redraws)."""
     from tqdm.auto import tqdm
+    if torchrun_rank():
+        kwargs["disable"] = True  # rank 0 shows the run's progress
     out = kwargs.get("file") or sys.stderr
     if "ipykernel" in sys.modules or (hasattr(out, "isatty") and out.isatty()):
         return tqdm(iterable, **kwargs)

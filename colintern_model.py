@@ -13,7 +13,6 @@ Everything the scripts share, in pipeline order:
 """
 import contextlib
 import dataclasses
-import datetime
 import functools
 import importlib.util
 import json
@@ -26,7 +25,6 @@ import threading
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -1376,53 +1374,7 @@ def load_trained(path_or_id: str, **kwargs):
 
 
 # -----------------------------------------------------------------------------
-# Many processes (torchrun): train, mine and evaluate share these. torchrun's environment variables give the rank
-# and world size on one node or many (its rendezvous), so no code path depends on the node count.
-
-def setup_distributed(device=None, timeout: datetime.timedelta | None = None) -> tuple:
-    """-> (rank, world, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL with one GPU per
-    process (cuda:LOCAL_RANK), gloo on CPUs. `device` None: cuda:LOCAL_RANK if there is a GPU, else cpu. `timeout`:
-    how long a collective may wait for a rank that died without raising (the backstop; see ranks_agree)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    if world > 1:
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo", **({"timeout": timeout} if timeout else {}))
-    if device is None:
-        device = f"cuda:{local_rank}" if cuda else "cpu"
-    return rank, world, device
-
-
-@contextlib.contextmanager
-def ranks_agree(what: str, world: int):
-    """Around a step every rank runs with no collective inside: afterwards the ranks exchange whether it failed, so
-    that one rank's error stops all of them here, each with a message, instead of leaving the others waiting in the
-    next collective. A rank's own error is re-raised as it is; the others raise 'rank R failed while WHAT: ...'."""
-    error = None
-    try:
-        yield
-    except Exception as e:
-        error = e
-    failed = []
-    if world > 1:
-        from colintern_cli import user_error_message
-        message = None if error is None else (user_error_message(error) or f"{type(error).__name__}: {error}")
-        messages = [None] * world
-        dist.all_gather_object(messages, message)
-        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-    if error is not None:
-        raise error
-    if failed:
-        r, message = failed[0]
-        raise UserRuntimeError(f"rank {r} of {world} failed while {what}: {message}")
-
-
-def rank_share(n: int, rank: int, world: int) -> range:
-    """Rank `rank`'s contiguous share of n items (units of work: batches, query blocks): sizes differ by <= 1."""
-    return range(n * rank // world, n * (rank + 1) // world)
-
+# The exact search's blocks of queries, which ranks split (colintern_launch runs the ranks)
 
 def query_blocks(lengths: Sequence[int], query_block_tokens: int) -> list:
     """maxsim_topk's blocks of queries, [(q0, q1), ...]: greedy runs of about query_block_tokens tokens. A run of
@@ -1437,12 +1389,3 @@ def query_blocks(lengths: Sequence[int], query_block_tokens: int) -> list:
         blocks.append((q0, q1))
         q0 = q1
     return blocks
-
-
-def gather_to_all(items: list, world: int) -> list:
-    """Each rank's list -> the lists of all ranks concatenated in rank order, on every rank."""
-    if world == 1:
-        return items
-    parts = [None] * world
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]

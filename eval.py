@@ -52,17 +52,14 @@ import time
 import traceback
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from colintern_cli import (ArgumentParser, UserFileNotFoundError, UserValueError, metric_label, one_line, run_cli,
-                           trained_model, validated)
+from colintern_cli import ArgumentParser, UserFileNotFoundError, UserValueError, metric_label, one_line, run_cli
 from colintern_data import (check_output, checkpoint_fingerprint, datasets_cache_for, files_fingerprint,
                             folder_sha256, page_hash, safe_name, write_json)
-from colintern_model import (ATTN_HELP, DEFAULT_MODEL_ID, FORMAT_VERSION, QUANTIZE, ColIntern,
-                             check_attn_implementation, check_model_id, dtype_name,
-                             gather_to_all, index_bytes, matmul_dtype, maxsim_scores, pool_pages, rank_share,
-                             ranks_agree, setup_distributed)
+from colintern_launch import add_model_flags, distributed_run, gather_to_all, rank_share, ranks_agree
+from colintern_model import (FORMAT_VERSION, ColIntern, dtype_name, index_bytes, matmul_dtype,
+                             maxsim_scores, pool_pages)
 from colintern_model import score_dtype as resolve_score_dtype
 
 
@@ -89,34 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "untrained baseline's heads")
 
     g = p.add_argument_group("model")
-    g.add_argument("--ckpt", default=None, type=trained_model, help="ColIntern checkpoint (.pt from train.py), "
-                   "export.py folder or its hub id (reported under the folder's name); omit, with --model_id, for "
-                   "the untrained baseline")
-    g.add_argument("--model_id", default=None, type=validated(check_model_id), help="backbone (hub id or "
-                   "save_pretrained folder); default: the checkpoint's. Without --ckpt: evaluate it with random heads "
-                   f"and no LoRA (e.g. {DEFAULT_MODEL_ID})")
+    add_model_flags(g, ckpt_required=False)
     g.add_argument("--proj_dim", type=int, default=None, help="embedding size of the untrained baseline's heads "
                    "(default 128); a checkpoint brings its own")
-    g.add_argument("--max_tiles", type=int, default=None, help="tiles per page (default: the checkpoint's, or 4)")
     g.add_argument("--batch_size", type=int, default=8, help="queries or pages per forward pass")
-    g.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
-                   help="device for the model and the scoring: cuda:0 when there is a GPU, else cpu")
-    g.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
-    g.add_argument("--score_dtype", default="fp32", choices=("fp32", "bf16", "auto"),
-                   help="the dtype MaxSim scores in, apart from --dtype: fp32 (default: exact scores, the same on "
-                        "every machine), bf16 (embeddings rounded to bf16; multiplied in bf16 where the hardware has "
-                        "it), or auto (mine_hard_negatives.py's pick: bf16 on a GPU or a CPU with native bf16, else "
-                        "fp32). The pick is printed and is part of the result key")
-    g.add_argument("--quantize", default=None, choices=QUANTIZE,
-                   help="load the backbone's language model in 8-bit or 4-bit (bitsandbytes; vision tower stays bf16, "
-                        "--dtype auto means bf16) or unquantised (none). Default: as the checkpoint was trained "
-                        "(another choice says so in one line); none without --ckpt. Part of the results' key")
-    g.add_argument("--attn_implementation", default="sdpa", type=validated(check_attn_implementation),
-                   help=ATTN_HELP)
-    g.add_argument("--pool_factor", type=int, default=1,
-                   help="pool each page's vectors into max(1, L // F) (Ward clustering, renormalised means; queries "
-                        "are never pooled) and score them with the same exact MaxSim: about F times smaller a page "
-                        "index. 1: no pooling. Part of the results' key")
     g.add_argument("--rerank", type=int, default=0,
                    help="with --pool_factor > 1: re-score each query's top RERANK pages (by pooled MaxSim) with their "
                         "full, unpooled vectors, kept in memory beside the pooled ones; those pages rank first. 0: no "
@@ -1046,19 +1019,9 @@ def main(args):
     check_output(args.results_dir, "--results_dir", "folder")
     if args.predictions_dir:
         check_output(args.predictions_dir, "--predictions_dir", "folder")
-    # under torchrun: one GPU per process (cuda:LOCAL_RANK in place of --device's cuda:N); a rank that dies without
-    # raising holds the others in a collective at most the timeout
-    rank, world, device = setup_distributed(None if args.device.startswith("cuda") else args.device,
-                                            timeout=datetime.timedelta(hours=2))
-    if world > 1:
-        args.device = device
-    try:
-        # every rank runs the same mteb steps; only rank 0 prints and writes
-        with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
-            return evaluate(args, rank, world)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    with distributed_run(args.device) as run:
+        args.device = run.device  # every rank runs the same mteb steps; only rank 0 prints and writes
+        return evaluate(args, run.rank, run.world)
 
 
 def evaluate(args, rank: int, world: int):

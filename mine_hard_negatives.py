@@ -32,7 +32,6 @@ How:
 """
 import argparse
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
@@ -43,38 +42,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from colintern_cli import ArgumentParser, UserRuntimeError, progress_bar, run_cli, validated
+from colintern_cli import ArgumentParser, UserRuntimeError, progress_bar, run_cli
 from colintern_data import (PageResolver, check_output, checkpoint_fingerprint, file_sha1, pseudo_path, raw_images,
                             read_queries, read_triples, stored_page_hash, write_json, write_jsonl)
 from colintern_model import (
-    ATTN_HELP,
     FORMAT_VERSION,
-    QUANTIZE,
     QUERY_BLOCK_TOKENS,
     ColIntern,
     atomic_torch_save,
-    check_attn_implementation,
-    check_model_id,
     dtype_name,
-    gather_to_all,
     matmul_dtype,
     maxsim_tokens,
     maxsim_topk,
     merge_topk,
     pack_queries,
     query_blocks,
-    rank_share,
-    ranks_agree,
     pool_pages,
     resolve_dtype,
     score_dtype,
     scoring_threads,
-    setup_distributed,
     sum_by_query,
     sync,
     top_k_by_index,
     unpad,
 )
+from colintern_launch import add_model_flags, distributed_run, gather_to_all, rank_share, ranks_agree
 
 FLAT_MAX_TOKENS = 1 << 22  # exact token index up to 4M page tokens (2 GB fp32); IVF-PQ above
 CACHE_VERSION = 1  # bump when the shard layout changes
@@ -82,33 +74,7 @@ CACHE_VERSION = 1  # bump when the shard layout changes
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__)
-    g = p.add_argument_group("model")
-    g.add_argument("--ckpt", required=True, help="ColIntern checkpoint to mine with (colintern_heads_epoch1.pt)")
-    g.add_argument("--model_id", default=None, type=validated(check_model_id),
-                   help="backbone (an -HF hub id or a save_pretrained folder); default: the one the checkpoint was "
-                        "trained on. The query/page format always comes from the checkpoint")
-    g.add_argument("--max_tiles", type=int, default=None,
-                   help="at most this many tiles per page (256 tokens per 448px tile); default: the checkpoint's")
-    g.add_argument("--device", default=None, help="where the model and the search run (default cuda if available)")
-    g.add_argument("--dtype", default="auto",
-                   help="the model's dtype (encoding): auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 or fp32. "
-                        "Cached page embeddings are always fp16. The search's dtype is --score_dtype")
-    g.add_argument("--score_dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="the dtype MaxSim scores in (search and positives; sums are fp32 either way), apart from "
-                        "--dtype: auto is bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16 or AMX, probed "
-                        "once per process), fp32 on other CPUs; bf16 forced on a CPU without it rounds the "
-                        "embeddings to bf16 and multiplies in fp32. The pick is printed, kept in the stats and in "
-                        "the page cache's key")
-    g.add_argument("--quantize", default=None, choices=QUANTIZE,
-                   help="load the backbone's language model in 8-bit or 4-bit (bitsandbytes; vision tower stays bf16, "
-                        "--dtype auto means bf16) or unquantised (none). Default: as the checkpoint was trained; "
-                        "another choice says so in one line. Part of the page cache's key")
-    g.add_argument("--attn_implementation", default="sdpa", type=validated(check_attn_implementation),
-                   help=ATTN_HELP)
-    g.add_argument("--pool_factor", type=int, default=1,
-                   help="pool each page's vectors into max(1, L // F) (Ward clustering, renormalised means; queries "
-                        "are never pooled) before they are cached and searched: about F times smaller shards and "
-                        "search. 1: no pooling. Part of the page cache's key")
+    add_model_flags(p.add_argument_group("model"), ckpt_required=True)
     g = p.add_argument_group("data (one of --hub_name or --train_jsonl)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--hub_name", default=None,
@@ -248,7 +214,8 @@ def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype, 
     and of where the pages come from; within it, a shard is reused only if it holds exactly the pages this run puts
     there, so a changed page re-encodes its shard, not the corpus."""
     source = {k: v for k, v in data.source.items() if k in ("hub_name", "split", "train_jsonl", "root")}
-    identity = {"cache_version": CACHE_VERSION, "ckpt_sha256": checkpoint_fingerprint(args.ckpt), "model_id": model.model_id,
+    identity = {"cache_version": CACHE_VERSION, "ckpt_sha256": checkpoint_fingerprint(args.ckpt),
+                "model_id": model.model_id,
                 "max_tiles": model.max_tiles, "format_version": FORMAT_VERSION, "dtype": str(dtype),
                 "score_dtype": str(scoring),
                 "source": source, "shard_pages": args.shard_pages}
@@ -650,20 +617,12 @@ def gather_results(result: dict, world: int) -> dict:
 
 
 def main(args):
-    # a rank that dies without raising (killed, out of memory) holds the others in a collective at most this long;
-    # long enough for rank 0 to run a FAISS search alone while the others wait
-    rank, world, device = setup_distributed(args.device, timeout=datetime.timedelta(hours=2))
-    try:
-        return mine(args, rank, world, device)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    with distributed_run(args.device) as run:
+        return mine(args, run.rank, run.world, run.device)
 
 
 def mine(args, rank: int, world: int, device: str):
     """Every rank: load, hash, encode its shards and query batches, search its query blocks; rank 0 writes."""
-    if world > 1 and args.device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     say = print if rank == 0 else (lambda *a, **k: None)
     t_start = time.perf_counter()
     timings = {}

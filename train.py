@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -75,7 +76,7 @@ from colintern_model import (
     save_checkpoint,
     say_if_quantization_differs,
 )
-from colintern_model import setup_distributed as join_torchrun_processes
+from colintern_launch import distributed_run, ranks_agree
 
 
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
@@ -342,14 +343,7 @@ def load_training_rows(args):
 
 
 # -----------------------------------------------------------------------------
-# Distributed: torchrun's environment variables -> rank, world size, device
-
-def setup_distributed(device_map):
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device_map == "auto":
-        raise UserValueError("--device_map auto splits one model over this machine's GPUs in one process: run it "
-                             "with plain `python train.py`, not torchrun (DDP needs one device per process)")
-    return join_torchrun_processes(device_map)
-
+# Many processes (torchrun): the pages of every rank in one contrastive batch
 
 def pad_left(emb: torch.Tensor, mask: torch.Tensor, length: int):
     """(N, L, D), (N, L) -> (N, length, D), (N, length): pad on the left, as the processor does, mask False."""
@@ -830,29 +824,28 @@ def choose_batch_size(args, model, processor, snapshot: dict | None, world: int,
         say(f"--auto_batch: CPU has no out-of-memory error to probe (the OS kills the process instead); keeping "
             f"--batch_size {batch_size}")
         return batch_size, grad_accum
-    model.train()
-    caching = grad_accum > 1 or batch_size > 1  # halving the micro-batch turns caching on
-    features = 0 if args.offload_image_features or not caching else \
-        image_feature_bytes(model, processor, batch_size * grad_accum * (1 + args.num_negs))
-    headroom = probe_headroom(model.trainable_parameters(), args.optimizer, world,
-                              torch.cuda.get_device_properties(model.device).total_memory, features,
-                              args.auto_batch_margin)
-    keep = sum(headroom.values())
-    say(f"--auto_batch: keeping {keep / 2 ** 30:.2f} GiB free while probing, for what a step holds that the probe "
-        f"does not: " + ", ".join(f"{k} {v / 2 ** 30:.2f} GiB" for k, v in headroom.items()))
-    try:
-        reserve = torch.empty(keep, dtype=torch.uint8, device=model.device)
-    except torch.cuda.OutOfMemoryError:
-        reserve = None
-    if reserve is None:
-        raise UserRuntimeError(f"--auto_batch: the {keep / 2 ** 30:.2f} GiB a step needs besides its activations do "
-                               "not "
-                               f"fit on {model.device}; lower --auto_batch_margin, --batch_size x --grad_accum, or "
-                               "pass "
-                               f"--offload_image_features")
-    found = find_batch_size(probe_batch(model, processor, args.num_negs, args.temperature, batch_size * grad_accum,
-                                        world), batch_size, say)
-    del reserve
+    with ranks_agree("probing the batch size", world):  # no rank may be left waiting for one that failed
+        model.train()
+        caching = grad_accum > 1 or batch_size > 1  # halving the micro-batch turns caching on
+        features = 0 if args.offload_image_features or not caching else \
+            image_feature_bytes(model, processor, batch_size * grad_accum * (1 + args.num_negs))
+        headroom = probe_headroom(model.trainable_parameters(), args.optimizer, world,
+                                  torch.cuda.get_device_properties(model.device).total_memory, features,
+                                  args.auto_batch_margin)
+        keep = sum(headroom.values())
+        say(f"--auto_batch: keeping {keep / 2 ** 30:.2f} GiB free while probing, for what a step holds that the "
+            f"probe does not: " + ", ".join(f"{k} {v / 2 ** 30:.2f} GiB" for k, v in headroom.items()))
+        try:
+            reserve = torch.empty(keep, dtype=torch.uint8, device=model.device)
+        except torch.cuda.OutOfMemoryError:
+            reserve = None
+        if reserve is None:
+            raise UserRuntimeError(f"--auto_batch: the {keep / 2 ** 30:.2f} GiB a step needs besides its activations "
+                                   f"do not fit on {model.device}; lower --auto_batch_margin, --batch_size x "
+                                   f"--grad_accum, or pass --offload_image_features")
+        found = find_batch_size(probe_batch(model, processor, args.num_negs, args.temperature, batch_size * grad_accum,
+                                            world), batch_size, say)
+        del reserve
     if world > 1:  # every rank steps with the same micro-batch: the smallest that fits anywhere
         t = torch.tensor([found], device=model.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -924,32 +917,33 @@ def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, r
     if world > 1:
         dist.all_reduce(loss)  # gloo has no AVG
         loss /= world
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), float("inf"))
-    overflow = scaler.is_enabled() and not torch.isfinite(grad_norm)  # fp16: the scaler skips the step
-    if not torch.isfinite(loss) or not (torch.isfinite(grad_norm) or overflow):
-        raise UserFloatingPointError(
-            f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {state.step + 1} (epoch "
-            f"{state.epoch}, micro-batch {state.batch_in_epoch + len(micro_batches)}): stopping without saving. Last "
-            f"good checkpoint: {state.last_saved or 'none'}. Lower --lr, raise --temperature, or check the data; "
-            f"resume from that checkpoint.")
-    lr = optimizer.param_groups[0]["lr"]
-    with interrupts_deferred():
-        scaler.step(optimizer)
-        bad = first_non_finite(params)
-        if bad is not None:
+    with ranks_agree("updating the weights", world):  # no collective from here on: one rank's error stops all
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), float("inf"))
+        overflow = scaler.is_enabled() and not torch.isfinite(grad_norm)  # fp16: the scaler skips the step
+        if not torch.isfinite(loss) or not (torch.isfinite(grad_norm) or overflow):
             raise UserFloatingPointError(
-                f"step {state.step + 1} made {bad} non-finite (--lr {args.lr} on finite gradients): stopping without "
-                f"saving. Last good checkpoint: {state.last_saved or 'none'}. Lower --lr; resume from that "
-                f"checkpoint.")
-        scaler.update()
-        if not overflow:  # a skipped step leaves the schedule where it is (as the weights)
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.run_step += 1
-        state.batch_in_epoch += len(micro_batches)
-        if log:
-            log.write(state.step, state.epoch, float(loss), lr)
+                f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {state.step + 1} (epoch "
+                f"{state.epoch}, micro-batch {state.batch_in_epoch + len(micro_batches)}): stopping without saving. "
+                f"Last good checkpoint: {state.last_saved or 'none'}. Lower --lr, raise --temperature, or check the "
+                f"data; resume from that checkpoint.")
+        lr = optimizer.param_groups[0]["lr"]
+        with interrupts_deferred():
+            scaler.step(optimizer)
+            bad = first_non_finite(params)
+            if bad is not None:
+                raise UserFloatingPointError(
+                    f"step {state.step + 1} made {bad} non-finite (--lr {args.lr} on finite gradients): stopping "
+                    f"without saving. Last good checkpoint: {state.last_saved or 'none'}. Lower --lr; resume from "
+                    f"that checkpoint.")
+            scaler.update()
+            if not overflow:  # a skipped step leaves the schedule where it is (as the weights)
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.run_step += 1
+            state.batch_in_epoch += len(micro_batches)
+            if log:
+                log.write(state.step, state.epoch, float(loss), lr)
     return loss, lr, overflow
 
 
@@ -1020,16 +1014,13 @@ def epoch_loader(rows, processor: ColInternProcessor, state: RunState, args, bat
 
 def main(args):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers tokenize; the forked Rust pool would warn
-    rank, world, device_map = setup_distributed(args.device_map)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    try:
-        return train(args, rank, world, device_map, say)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    with distributed_run(args.device_map, "--device_map", allow_auto=True) as run:
+        return train(args, run.rank, run.world, run.device, run.say)
 
 
-def train(args, rank, world, device_map, say):
+def load_inputs(args, device_map, say):
+    """The run's inputs, checked: its --out_dir, the checkpoint it resumes, the training rows and the model ->
+    (checkpoint or None, step snapshot or None, rows, model, processor)."""
     check_out_dir_is_this_runs(args)
     check_output(args.out_dir, "--out_dir", "folder")
     ckpt = load_checkpoint(args.resume_ckpt) if args.resume_ckpt else None
@@ -1042,9 +1033,9 @@ def train(args, rank, world, device_map, say):
             f"other pages")
 
     model, processor = build_model(args, ckpt, device_map, say)
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # trainable_parameters' order
-    say(f"model {model.model_id}: {sum(p.numel() for p in params.values()) / 1e6:.3f}M trainable parameters "
-        f"(heads{' + LoRA' if model.lora else ''}), backbone dtype {model.backbone.dtype}"
+    n_trainable = sum(p.numel() for p in model.trainable_parameters())
+    say(f"model {model.model_id}: {n_trainable / 1e6:.3f}M trainable parameters (heads"
+        f"{' + LoRA' if model.lora else ''}), backbone dtype {model.backbone.dtype}"
         f"{'' if model.quantize == 'none' else f' (language model {model.quantize})'}, device {model.device}")
     if args.gradient_checkpointing:
         if model.lora:
@@ -1055,7 +1046,13 @@ def train(args, rank, world, device_map, say):
     if args.compile_heads:
         say("--compile_heads: accepted for the original ColIntern commands, and does nothing: the heads are one "
             "linear layer and a normalisation, a negligible part of a step")
+    return ckpt, snapshot, rows, model, processor
 
+
+def train(args, rank, world, device_map, say):
+    with ranks_agree("loading the data and the model", world):
+        ckpt, snapshot, rows, model, processor = load_inputs(args, device_map, say)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # trainable_parameters' order
     batch_size, grad_accum = choose_batch_size(args, model, processor, snapshot, world, say)
     batches_per_epoch, total_steps = count_steps(args, len(rows), batch_size, grad_accum, world)
     note = None if snapshot else warmup_note(args.warmup_steps, total_steps, args.lr)
@@ -1082,11 +1079,17 @@ def train(args, rank, world, device_map, say):
             f"{' + LoRA' if model.lora else ''} loaded, fresh optimizer and schedule; epochs continue at "
             f"{state.epoch}")
 
-    if rank == 0:
-        write_args_json(args, model, world, device_map, batch_size, grad_accum, total_steps)
-    log = LossLog(args.out_dir, state.step) if rank == 0 else None
-    save = functools.partial(save_run, args=args, rank=rank, model=model, lineage=lineage, optimizer=optimizer,
-                             scheduler=scheduler, scaler=scaler)  # save(kind, state) -> path
+    log = None
+    with ranks_agree("writing args.json and the loss log", world):
+        if rank == 0:
+            write_args_json(args, model, world, device_map, batch_size, grad_accum, total_steps)
+            log = LossLog(args.out_dir, state.step)
+    save_here = functools.partial(save_run, args=args, rank=rank, model=model, lineage=lineage, optimizer=optimizer,
+                                  scheduler=scheduler, scaler=scaler)
+
+    def save(kind, state):  # -> path; rank 0 writes, and a failed write stops every rank
+        with ranks_agree(f"writing a {kind} checkpoint", world):
+            return save_here(kind, state)
 
     model.train()
     bar = progress_bar(total=total_steps, initial=state.run_step, desc="train", unit="step", disable=rank != 0,
@@ -1098,14 +1101,15 @@ def train(args, rank, world, device_map, say):
             if state.epoch_ended:
                 state.data_epoch, state.batch_in_epoch = state.data_epoch + 1, 0
                 continue
-            micro_batches = []
-            for batch in epoch_loader(rows, processor, state, args, batch_size, rank, world, model.device):
-                micro_batches.append(batch)
-                if len(micro_batches) < grad_accum:
-                    continue
+            batches = iter(epoch_loader(rows, processor, state, args, batch_size, rank, world, model.device))
+            while True:
+                with ranks_agree("loading a batch", world):  # a rank's bad page stops every rank, with its error
+                    micro_batches = list(itertools.islice(batches, grad_accum))
+                if len(micro_batches) < grad_accum:  # the epoch's end (it ends on a whole step, on every rank)
+                    break
                 loss, lr, overflow = train_step(encoder, micro_batches, state, args, rank, world, params, optimizer,
                                                 scheduler, scaler, log)
-                micro_batches, steps_here = [], steps_here + 1
+                steps_here += 1
                 if overflow:
                     say(f"step {state.step}: fp16 gradients overflowed at loss scale {scaler.get_scale() * 2:g}; "
                         f"step skipped, scale lowered")
@@ -1126,7 +1130,7 @@ def train(args, rank, world, device_map, say):
         bar.close()
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         if state.run_step > 0 or ckpt is not None:
-            path = save("step", state)
+            path = save_here("step", state)  # no agreement: the ranks may have been stopped at different places
             if rank == 0:
                 print(f"{what}: wrote step snapshot {path} (step {state.step}); resume with --resume_ckpt "
                       f"{path} and the same flags", file=sys.stderr)

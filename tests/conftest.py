@@ -47,3 +47,41 @@ def one_torch_thread():
 @pytest.fixture
 def keyword_page():
     return render_keyword_page
+
+
+# -----------------------------------------------------------------------------
+# Running a script in several processes, as users do
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_flags(nproc: int = 1, nnodes: int = 1) -> list:
+    """torch.distributed.run's flags: one node of nproc processes (--standalone), or one of nnodes agents of nproc
+    processes each meeting at a c10d rendezvous on localhost (the README's multi-node command, with localhost for the
+    first node's address); [] for one plain process."""
+    if nnodes == 1:
+        return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    return ["-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{free_port()}", "--rdzv_id", "colintern-test"]
+
+
+def launch(script_and_flags: list, nproc: int = 1, nnodes: int = 1, env=None, timeout: float = 400):
+    """Run `python [torchrun flags] SCRIPT FLAGS...` as one process, one torchrun node or nnodes torchrun agents on
+    this machine (started together, as on nnodes machines) -> subprocess.CompletedProcess: the first non-zero exit
+    code (else 0), and every agent's stdout and stderr, one after the other."""
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [sys.executable, *torchrun_flags(nproc, nnodes), *map(str, script_and_flags)]
+    agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              for _ in range(nnodes)]
+    try:
+        outputs = [agent.communicate(timeout=timeout) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    code = next((agent.returncode for agent in agents if agent.returncode), 0)
+    return subprocess.CompletedProcess(command, code, "".join(o for o, _ in outputs), "".join(e for _, e in outputs))

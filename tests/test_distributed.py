@@ -4,15 +4,14 @@ test_train.py's RECORD_GRADIENTS): small query blocks so that the ranks really s
 failure on one rank."""
 import json
 import os
+import re
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, launch
 import test_mine
 
 ckpt, hub = test_mine.ckpt, test_mine.hub  # module fixtures: the checkpoint and the hub-layout pages
@@ -33,16 +32,12 @@ run_cli(mine.main, mine.parse_args(sys.argv[1:]))
 """
 
 
-def run_mine(tmp, flags, nproc, fail_rank=None, timeout=300):
+def run_mine(tmp, flags, nproc, fail_rank=None, timeout=300, nnodes=1):
     script = os.path.join(tmp, "mine_harness.py")
     with open(script, "w") as f:
         f.write(MINE_HARNESS.format(root=ROOT))
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if fail_rank is not None:
-        env["COLINTERN_TEST_FAIL_RANK"] = str(fail_rank)
-    return subprocess.run([sys.executable, *launcher, script, *map(str, flags)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    env = {} if fail_rank is None else {"COLINTERN_TEST_FAIL_RANK": str(fail_rank)}
+    return launch([script, *flags], nproc=nproc, nnodes=nnodes, env=env, timeout=timeout)
 
 
 def mine_flags(ckpt, hub, out, cache):
@@ -71,8 +66,9 @@ def one_process(ckpt, hub, tmp_path_factory):
 def test_two_processes_mine_the_same_bytes_and_resume_from_one_process_shards(ckpt, hub, one_process,
                                                                             tmp_path):
     """2 gloo processes, fresh cache: each encodes 2 of the 4 shards and searches its query blocks; rank 0 writes a
-    JSONL byte-identical to one process's and the same stats. Then a 2-process run over the 1-process cache with two
-    shards deleted encodes exactly those two and again writes the same bytes."""
+    JSONL byte-identical to one process's and the same stats. Then 2 nodes (two torchrun agents of one process each,
+    c10d rendezvous on localhost) over the 1-process cache with two shards deleted encode exactly those two and again
+    write the same bytes."""
     one = one_process / "one.jsonl"
     result = run_mine(tmp_path, mine_flags(ckpt, hub, tmp_path / "two.jsonl", tmp_path / "cache"), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -95,7 +91,7 @@ def test_two_processes_mine_the_same_bytes_and_resume_from_one_process_shards(ck
     one_folder = os.path.join(resumed, os.path.basename(folder))
     for s in (1, 2):
         os.remove(os.path.join(one_folder, f"shard_{s:05d}.pt"))
-    result = run_mine(tmp_path, mine_flags(ckpt, hub, tmp_path / "resumed.jsonl", resumed), nproc=2)
+    result = run_mine(tmp_path, mine_flags(ckpt, hub, tmp_path / "resumed.jsonl", resumed), nproc=1, nnodes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reusing 2 of 4 shard(s)" in result.stdout
     assert (tmp_path / "resumed.jsonl").read_bytes() == one.read_bytes()
@@ -111,6 +107,9 @@ def test_one_rank_failing_stops_both_with_its_error(ckpt, hub, tmp_path):
                       fail_rank=1, timeout=240)
     assert result.returncode != 0
     assert "error: rank 1 of 2 failed while encoding pages: RuntimeError: injected failure" in result.stderr
+    # rank 1's traceback (a bug keeps it; torch may prefix each line of it with the rank)
+    assert re.search(r"^(\[rank1\]: )?RuntimeError: injected failure while encoding a shard$", result.stderr, re.M)
+    assert "hash pages" in result.stderr and result.stderr.count("hash pages: 100%") == 1  # rank 0's bar alone
     assert not os.path.exists(tmp_path / "out.jsonl")
     print(f"failed run took {time.perf_counter() - start:.1f} s")
 
@@ -119,12 +118,10 @@ def test_one_rank_failing_stops_both_with_its_error(ckpt, hub, tmp_path):
 # eval.py
 
 
-def run_eval_processes(tmp, flags, nproc, timeout=400):
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+def run_eval_processes(tmp, flags, nproc, timeout=400, nnodes=1):
     out = os.path.join(tmp, "out.json")
-    result = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "eval.py"), *map(str, flags), "--device",
-                             "cpu", "--batch_size", "3", "--results_dir", os.path.join(tmp, "cache"), "--out_json", out],
-                            capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = launch([os.path.join(ROOT, "eval.py"), *flags, "--device", "cpu", "--batch_size", "3", "--results_dir",
+                     os.path.join(tmp, "cache"), "--out_json", out], nproc=nproc, nnodes=nnodes, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out) as f:
         summary = json.load(f)
@@ -135,7 +132,8 @@ def run_eval_processes(tmp, flags, nproc, timeout=400):
 @pytest.mark.slow
 def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path):
     """A local task (10 pages of two shapes, 8 queries; batches of 3, so each rank encodes its own batches) with 2
-    gloo processes: the summary and the predictions equal one process's; only rank 0 wrote. Pooled, with rerank: the
+    gloo processes on one node, and on 2 nodes (two torchrun agents, c10d rendezvous on localhost): the summary and
+    the predictions equal one process's; only rank 0 wrote. Pooled, with rerank: the
     ranks split the encoding and gather it as unpooled runs do, then each pools the gathered pages and keeps their full
     vectors (an unpooled run is the same path with pooling the identity; one run pair keeps the suite short)."""
     pooling = ["--pool_factor", 2, "--rerank", 3]
@@ -147,10 +145,13 @@ def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path):
     flags = ["--model_id", tiny_model_dir, "--local_task", folder, *pooling]
     one = run_eval_processes(tmp_path / "one", flags, nproc=1)
     two = run_eval_processes(tmp_path / "two", flags, nproc=2)
-    assert two == one
+    nodes = run_eval_processes(tmp_path / "nodes", flags, nproc=1, nnodes=2)
+    assert two == one and nodes == one
     assert one["page_index"]["pool_factor"] == 2 and one["page_index"]["pages"] == 10
+    runs = ("one", "two", "nodes")
     predictions = [sorted(os.path.relpath(os.path.join(d, f), tmp_path / run) for d, _, fs in
-                          os.walk(tmp_path / run / "out_predictions") for f in fs) for run in ("one", "two")]
-    assert predictions[0] == predictions[1] and predictions[0]
+                          os.walk(tmp_path / run / "out_predictions") for f in fs) for run in runs]
+    assert predictions[0] == predictions[1] == predictions[2] and predictions[0]
     for name in predictions[0]:
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes() == \
+            (tmp_path / "nodes" / name).read_bytes()

@@ -17,7 +17,7 @@ import train
 from colintern_data import PSEUDO_PATH, pseudo_path
 from colintern_model import (LORA_KEY_ADAPTER_NAME, ColIntern, LoraSettings, load_checkpoint, maxsim_scores,
                              trainable_state_dict)
-from conftest import ROOT, query
+from conftest import ROOT, launch, query
 from keyword_pages import WORDS, render_keyword_page
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -536,12 +536,6 @@ def test_num_negs_with_hub_data_is_refused(pages, tmp_path):
         train.parse_args(["--train_hub", pages["hub"], "--num_negs", "2", "--out_dir", str(tmp_path)])
 
 
-def test_device_map_auto_under_torchrun_is_refused(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="not torchrun"):
-        train.setup_distributed("auto")
-
-
 # -----------------------------------------------------------------------------
 # optimizers, memory knobs
 
@@ -677,7 +671,8 @@ def test_gradient_checkpointing_recomputes_language_model_only(tiny_model_dir, p
 
 # Runs train.py (torchrun or plain) with plain SGD in place of the chosen optimizer, and saves every step's loss
 # and gradients (after DDP's all-reduce, before the update) per rank: what DDP guarantees is checked on them,
-# before an adaptive optimizer can amplify rounding. COLINTERN_TEST_FAULT injects a known DDP bug.
+# before an adaptive optimizer can amplify rounding. COLINTERN_TEST_FAULT injects a known DDP bug, or a data error on
+# one rank.
 RECORD_GRADIENTS = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
@@ -722,7 +717,13 @@ elif fault == "local_negatives":  # hard negatives of other ranks left out of th
         keep = list(range(world * n_queries)) + [world * n_queries + rank * n_neg + j for j in range(n_neg)]
         return gathered[keep], mask[keep]
     train.gather_pages = local_negatives
-train.main(train.parse_args(sys.argv[1:]))
+elif fault == "unreadable_page_on_rank_1" and rank == 1:  # a data error on one rank only
+    from colintern_cli import UserValueError
+    def unreadable(self, rows):
+        raise UserValueError("injected: page broken.png cannot be read")
+    train.Collate.__call__ = unreadable
+from colintern_cli import run_cli
+run_cli(train.main, train.parse_args(sys.argv[1:]))
 """
 
 # fp32 rounding bound for comparing the two runs. Both compute the same sums in another order (per-rank partial
@@ -735,21 +736,23 @@ train.main(train.parse_args(sys.argv[1:]))
 RTOL_SUM = 2e-4
 
 
-def record_gradients(flags, out, nproc=1, fault=None):
-    """Run train.py with RECORD_GRADIENTS in nproc processes -> ({rank: [grads of step 1, step 2, ...]}, loss log)."""
+def launch_recording(flags, out, nproc=1, fault=None, nnodes=1):
+    """train.py with RECORD_GRADIENTS in nproc processes on each of nnodes nodes -> its CompletedProcess."""
     os.makedirs(out, exist_ok=True)
     script = os.path.join(out, "record.py")
     with open(script, "w") as f:
         f.write(RECORD_GRADIENTS.format(root=ROOT))
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLINTERN_TEST_RECORD": str(out)}
-    if fault:
-        env["COLINTERN_TEST_FAULT"] = fault
-    result = subprocess.run([sys.executable, *launcher, script, *map(str, flags), "--out_dir", str(out)],
-                            capture_output=True, text=True, timeout=400, env=env)
+    env = {"COLINTERN_TEST_RECORD": str(out), **({"COLINTERN_TEST_FAULT": fault} if fault else {})}
+    return launch([script, *flags, "--out_dir", out], nproc=nproc, nnodes=nnodes, env=env)
+
+
+def record_gradients(flags, out, nproc=1, fault=None, nnodes=1):
+    """Run train.py with RECORD_GRADIENTS in nproc processes on each of nnodes nodes -> ({rank: [grads of step 1,
+    step 2, ...]}, loss log)."""
+    result = launch_recording(flags, out, nproc, fault, nnodes)
     assert result.returncode == 0, result.stderr[-3000:]
     grads = {}
-    for rank in range(nproc):
+    for rank in range(nproc * nnodes):
         steps = sorted(f for f in os.listdir(out) if f.startswith(f"grads_rank{rank}_"))
         grads[rank] = [torch.load(os.path.join(out, f"grads_rank{rank}_step{s}.pt")) for s in range(1, len(steps) + 1)]
     return grads, read_loss_log(out)
@@ -816,17 +819,32 @@ def test_ddp_comparison_fails_for_a_real_ddp_bug(ddp_case, fault):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,batch_size,grad_accum", [(1, 2, 4), (2, 2, 2)])
-def test_grad_cache_step_equals_one_big_batch(ddp_case, nproc, batch_size, grad_accum):
-    """Gradient caching: micro-batches of 2 queries, 4 per step in one process or 2 per step on each of 2 gloo
-    processes, make ONE contrastive batch of 8 queries against their 16 pages: the same loss and gradients (within
-    RTOL_SUM) as one process with the 8 queries in one plain forward/backward."""
-    out = ddp_case["root"] / f"cached-{nproc}x{batch_size}x{grad_accum}"
+@pytest.mark.parametrize("nnodes,batch_size,grad_accum", [(1, 2, 4), (2, 2, 2)])
+def test_grad_cache_step_equals_one_big_batch(ddp_case, nnodes, batch_size, grad_accum):
+    """Gradient caching: micro-batches of 2 queries, 4 per step in one process, or 2 per step on each of 2 nodes
+    (two torchrun agents of one gloo process each, c10d rendezvous on localhost: the README's multi-node command),
+    make ONE contrastive batch of 8 queries against their 16 pages: the same loss and gradients (within RTOL_SUM) as
+    one process with the 8 queries in one plain forward/backward."""
+    out = ddp_case["root"] / f"cached-{nnodes}x{batch_size}x{grad_accum}"
     got, log = record_gradients(ddp_case["flags"] + ["--batch_size", batch_size, "--grad_accum", grad_accum], out,
-                                nproc=nproc)
+                                nnodes=nnodes)
     assert [(s, e, lr) for s, e, _, lr in log] == [(s, e, lr) for s, e, _, lr in ddp_case["log"]]
     for step, (grads, single) in enumerate(zip(got[0], ddp_case["grads"]), 1):
         assert_same_step(grads, single, [log[step - 1][2]], [ddp_case["log"][step - 1][2]], f"step {step}")
+
+
+@pytest.mark.slow
+def test_one_ranks_data_error_stops_every_rank_with_its_message(ddp_case):
+    """A page that rank 1 alone cannot read: both processes stop at that batch instead of rank 0 waiting in the
+    step's collectives. Rank 0 prints one line naming rank 1 and its error; rank 1 leaves the line to rank 0; no
+    step was taken and nothing was saved."""
+    out = ddp_case["root"] / "rank1-fails"
+    result = launch_recording(ddp_case["flags"] + ["--batch_size", 4], out, nproc=2, fault="unreadable_page_on_rank_1")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 1 of 2 failed while loading a batch: injected: page broken.png cannot be read"], \
+        result.stderr[-3000:]
+    assert not [f for f in os.listdir(out) if f.startswith(("grads_", "colintern_heads_"))]
 
 
 class FakeCudaGenerators:
