@@ -454,9 +454,26 @@ def index_spec(spec: str, n_tokens: int, dim: int) -> str:
     return f"IVF{nlist},PQ{dim // 4}"
 
 
-def build_token_index(shards, spec: str = "auto", nprobe: int = 32, seed: int = 0) -> tuple:
-    """-> (index, token_page (n_tokens,) int64, spec): every page token in a FAISS inner-product index.
-    `shards()` yields (first page index, list of (L_i, D) page embeddings); it is called once per pass."""
+def faiss_device(device, say=print) -> int | None:
+    """The GPU FAISS builds and searches on: this rank's own (`device` cuda:N -> N, the ordinal torch and FAISS share
+    under the same CUDA_VISIBLE_DEVICES), or None for the CPU: --device cpu, or a FAISS without GPU support
+    (faiss-cpu), said in one line. Before a GPU index, torch hands its cached blocks back to the driver, for FAISS."""
+    import faiss
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        say(f"FAISS runs on the CPU: this faiss {getattr(faiss, '__version__', '')} has no GPU support (faiss-cpu); "
+            f"`make setup` on a machine with an NVIDIA GPU installs a GPU FAISS")
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def build_token_index(shards, spec: str = "auto", nprobe: int = 32, seed: int = 0, gpu: int | None = None) -> tuple:
+    """-> (index, token_page (n_tokens,) int64, spec): every page token in a FAISS inner-product index, on GPU
+    `gpu` (see faiss_device) or the CPU. `shards()` yields (first page index, list of (L_i, D) page embeddings); it
+    is called once per pass."""
     import faiss
     lengths, dim = [], None
     for _, shard in shards():
@@ -469,9 +486,9 @@ def build_token_index(shards, spec: str = "auto", nprobe: int = 32, seed: int = 
         nlist = faiss.extract_index_ivf(index).nlist
     except RuntimeError:  # not an IVF index (Flat, HNSW, ...): nothing to train lists for or probe
         nlist = None
-    on_gpu = faiss.get_num_gpus() > 0
+    on_gpu = gpu is not None
     if on_gpu:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu, index)
     if not index.is_trained:
         # a sample spread over all shards; 64 tokens per inverted list (FAISS wants >= 39)
         n_train = min(len(token_page), 64 * (nlist or 1024))
@@ -541,9 +558,12 @@ def faiss_candidates(queries: list, index, token_page: torch.Tensor, n_pages: in
 
 def faiss_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device,
                  dtype, timings: dict) -> dict:
+    gpu = faiss_device(device)
+    where = "cpu" if gpu is None else f"cuda:{gpu}"
+    print(f"FAISS index and search on {where}")
     start = time.perf_counter()
     index, token_page, spec = build_token_index(lambda: iter_shards(folder, data, args.shard_pages),
-                                                args.faiss_index, args.nprobe, args.seed)
+                                                args.faiss_index, args.nprobe, args.seed, gpu)
     timings["build_index"] = time.perf_counter() - start
     start = time.perf_counter()
     candidates = faiss_candidates([q.float().cpu() for q in queries], index, token_page, len(data.page_hashes),
@@ -571,7 +591,7 @@ def faiss_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, fol
     negatives[values == float("-inf")] = -1
     timings["rerank"] = time.perf_counter() - start
     return {"negatives": negatives, "neg_scores": values, "rank": 1 + above, "dropped": drop.sum(dim=1),
-            "index": spec}
+            "index": spec, "faiss_device": where}
 
 
 # -----------------------------------------------------------------------------
@@ -718,7 +738,8 @@ def write_outputs(args, data: MiningInput, result: dict, ckpt: dict, device, dty
     stats = {
         "out_jsonl": os.path.abspath(args.out_jsonl), "ckpt": os.path.abspath(args.ckpt),
         "model_id": ckpt["meta"]["model_id"] if args.model_id is None else args.model_id, "source": data.source,
-        "search": args.search, **({"faiss_index": result["index"], "candidates": args.candidates,
+        "search": args.search, **({"faiss_index": result["index"], "faiss_device": result["faiss_device"],
+                                   "candidates": args.candidates,
                                    "token_hits": args.token_hits} if args.search == "faiss" else {}),
         "k": args.k, "margin": args.margin, "device": str(device), "dtype": str(dtype),
         "score_dtype": {"requested": args.score_dtype, "used": str(scoring),

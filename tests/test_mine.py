@@ -216,11 +216,37 @@ def test_faiss_candidates_recall_against_exact_on_planted_embeddings(spec):
     assert recall >= 0.95, recall
 
 
+def test_faiss_goes_on_this_ranks_gpu_after_torch_hands_back_its_cache(monkeypatch, capsys):
+    """No GPU here: a GPU FAISS is faked (its GPU calls recorded, the index kept on the CPU). --device cuda:3 puts the
+    index on GPU 3, this rank's own, not on GPU 0, after torch.cuda.empty_cache; nprobe goes through the GPU
+    parameter space. --device cpu, or a FAISS without GPU support, keeps it on the CPU, the latter saying why."""
+    import faiss
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "resources", raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, gpu, index: calls.append(("to_gpu", res, gpu)) or index,
+                        raising=False)
+
+    class GpuParameterSpace:
+        def set_index_parameter(self, index, name, value):
+            calls.append((name, value))
+    monkeypatch.setattr(faiss, "GpuParameterSpace", GpuParameterSpace, raising=False)
+    assert mine.faiss_device("cpu") is None and calls == []
+    assert mine.faiss_device("cuda:3") == 3 and calls == ["empty_cache"]
+    _, pages = planted()
+    index, _, spec = mine.build_token_index(lambda: iter([(0, pages)]), "IVF16,Flat", nprobe=4, gpu=3)
+    assert spec == "IVF16,Flat" and calls[1:] == [("to_gpu", "resources", 3), ("nprobe", 4)]
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    assert mine.faiss_device("cuda:3") is None
+    assert "FAISS runs on the CPU: this faiss" in capsys.readouterr().out and calls[3:] == []
+
+
 def test_faiss_cli_agrees_with_exact(ckpt, hub, brute, tmp_path):
     k = 3
     stats = mine_hub(ckpt, hub, tmp_path / "faiss.jsonl", "--k", k, "--margin", "inf", "--search", "faiss",
                      "--candidates", 10, "--token_hits", 32)
-    assert stats["faiss_index"] == "Flat" and stats["search"] == "faiss"
+    assert stats["faiss_index"] == "Flat" and stats["search"] == "faiss" and stats["faiss_device"] == "cpu"
     rows = read_rows(tmp_path / "faiss.jsonl")
     expected = expected_negatives(brute, k, math.inf)
     hits = sum(len(set(map(row_of, row["negs"])) & set(e["negs"])) for row, e in zip(rows, expected))
