@@ -582,12 +582,29 @@ class ColIntern(nn.Module):
         return self._encode(processor.process_pages, self.forward_pages, pages, batch_size, progress, "pages")
 
     def _encode(self, process, forward, items, batch_size, progress, what):
-        out = []
+        """Batch by batch, one behind: batch k+1 is processed (tokenised, tiled: CPU work) and sent from pinned
+        memory while the GPU still runs batch k's forward, and batch k's embeddings are fetched only then. The same
+        forwards on the same batches as one at a time, so the same embeddings."""
+        out, running = [], None
         for start in progress_bar(range(0, len(items), batch_size), desc=f"encode {what}", disable=not progress,
                                   unit="batch"):
-            emb, mask = forward(process(items[start:start + batch_size]))
-            out.extend(unpad(emb.float(), mask))
+            batch = pin_batch(process(items[start:start + batch_size]), self.device)
+            launched = forward(batch)
+            if running is not None:
+                out.extend(unpad(running[0].float(), running[1]))
+            running = launched
+        if running is not None:
+            out.extend(unpad(running[0].float(), running[1]))
         return out
+
+
+def pin_batch(batch, device):
+    """A processor's batch bound for `device`, its tensors in pinned memory when that is a GPU (so the copy there is
+    asynchronous: the caller goes on with the next batch's CPU work); as it is for a CPU. Callers' own DataLoaders
+    pin with pin_memory=True; this is for batches made in the calling thread (eval's, under mteb's loader)."""
+    if torch.device(device).type != "cuda":
+        return batch
+    return type(batch)({k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
 
 
 def unpad(emb: torch.Tensor, mask: torch.Tensor) -> list:

@@ -282,7 +282,8 @@ class PageImages(torch.utils.data.Dataset):
 
 def encode_shard(model, processor, data: MiningInput, indices: list, args, bar) -> list:
     loader = torch.utils.data.DataLoader(PageImages(data, indices), batch_size=args.doc_batch,
-                                         num_workers=args.num_workers, collate_fn=processor.process_pages)
+                                         num_workers=args.num_workers, collate_fn=processor.process_pages,
+                                         pin_memory=model.device.type == "cuda")  # copied on non_blocking
     out = []
     with torch.inference_mode():
         for batch in loader:

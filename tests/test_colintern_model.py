@@ -153,6 +153,29 @@ def test_encoders_shapes_masks_norms(model_and_processor, keyword_page):
     assert torch.all(pemb[~pmask] == 0)
 
 
+def test_encode_prepares_the_next_batch_before_fetching_the_last(model_and_processor, monkeypatch):
+    """encode_queries keeps one batch in flight: batch k+1 is processed, pinned and its forward launched before batch
+    k's embeddings are fetched (on a GPU, the CPU work overlaps the forward). The embeddings are exactly those of the
+    same batches encoded one after the other. Pinning itself needs a GPU: here pin_batch is only seen being given every batch with the
+    model's device (a CPU batch passes as it is)."""
+    model, processor = model_and_processor
+    queries = [f"query number {i} about page {i}" + " word" * i for i in range(5)]
+    with torch.inference_mode():
+        one_by_one = [e.float() for i in range(0, 5, 2)
+                      for e in cm.unpad(*model.forward_queries(processor.process_queries(queries[i:i + 2])))]
+    events, real_forward, real_unpad, real_pin = [], model.forward_queries, cm.unpad, cm.pin_batch
+    monkeypatch.setattr(model, "forward_queries", lambda batch: events.append("forward") or real_forward(batch))
+    monkeypatch.setattr(cm, "unpad", lambda emb, mask: events.append("fetch") or real_unpad(emb, mask))
+    monkeypatch.setattr(cm, "pin_batch", lambda batch, device: events.append(("pin", str(device))) or
+                        real_pin(batch, device))
+    got = model.encode_queries(processor, queries, batch_size=2)
+    pin = ("pin", "cpu")
+    assert events == [pin, "forward", pin, "forward", "fetch", pin, "forward", "fetch", "fetch"]
+    assert len(got) == 5 and all(torch.equal(a, b) for a, b in zip(got, one_by_one))
+    batch = processor.process_queries(queries[:2])
+    assert cm.pin_batch(batch, "cpu") is batch
+
+
 def test_checkpoints_with_the_old_keep_all_page_tokens_key(tiny_model_dir, tmp_path):
     """Checkpoints written before keep_all_page_tokens was removed carry it as False and still load; True (which
     nothing ever wrote) would mean other page embeddings, and is refused."""
