@@ -43,8 +43,9 @@ import torch
 import torch.distributed as dist
 
 from colintern_cli import ArgumentParser, UserRuntimeError, progress_bar, run_cli
-from colintern_data import (PageResolver, check_output, checkpoint_fingerprint, file_sha1, pseudo_path, raw_images,
-                            read_queries, read_triples, stored_page_hash, write_json, write_jsonl)
+from colintern_data import (PageResolver, check_output, checkpoint_fingerprint, file_sha1, looks_like_hub_id,
+                            pseudo_path, raw_images, read_queries, read_triples, stored_page_hash, write_json,
+                            write_jsonl)
 from colintern_model import (
     FORMAT_VERSION,
     QUERY_BLOCK_TOKENS,
@@ -227,7 +228,7 @@ def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype, 
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     base = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_jsonl)), "page_cache")
     folder = os.path.join(base, key)
-    manifest = dict(identity, ckpt=os.path.abspath(args.ckpt), pages=len(data.page_hashes),
+    manifest = dict(identity, ckpt=ckpt_name(args.ckpt), pages=len(data.page_hashes),
                     n_shards=math.ceil(len(data.page_hashes) / args.shard_pages), shards={})
     try:
         with open(os.path.join(folder, "manifest.json")) as f:
@@ -291,6 +292,11 @@ def encode_shard(model, processor, data: MiningInput, indices: list, args, bar) 
             out.extend(unpad(emb.to(torch.float16), mask))
             bar.update(len(emb))
     return out
+
+
+def ckpt_name(ckpt: str) -> str:
+    """How the stats and the cache manifest name --ckpt: a local checkpoint by its absolute path, a hub id as it is."""
+    return ckpt if looks_like_hub_id(ckpt) else os.path.abspath(ckpt)
 
 
 def pages_note_path(folder: str, s: int) -> str:
@@ -737,7 +743,7 @@ def write_outputs(args, data: MiningInput, result: dict, ckpt: dict, device, dty
     n_negs = torch.tensor([len(r["negs"]) for r in rows])
     timings["total"] = time.perf_counter() - t_start
     stats = {
-        "out_jsonl": os.path.abspath(args.out_jsonl), "ckpt": os.path.abspath(args.ckpt),
+        "out_jsonl": os.path.abspath(args.out_jsonl), "ckpt": ckpt_name(args.ckpt),
         "model_id": ckpt["meta"]["model_id"] if args.model_id is None else args.model_id, "source": data.source,
         "search": args.search, **({"faiss_index": result["index"], "faiss_device": result["faiss_device"],
                                    "candidates": args.candidates,

@@ -121,6 +121,27 @@ def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(tmp_path
     assert yaml.safe_load(card.split("---\n")[1])["license"] == "mit" and f"| {ndcg:.2f} |" in card
 
 
+def test_mining_with_the_folder_writes_what_the_checkpoint_mines(tmp_path, folder, checkpoint):
+    """mine_hard_negatives.py --ckpt takes an exported folder as eval does (the one shared flag): the same JSONL as
+    the .pt it came from, the stats naming the folder, its own page cache (keyed by the folder's fingerprint)."""
+    import mine_hard_negatives as mine
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    for i, w in enumerate(words):
+        render_keyword_page(w, variant=i).save(tmp_path / f"{w}.png")
+    with open(tmp_path / "t.jsonl", "w") as f:
+        for w in words:
+            f.write(json.dumps({"query": f"Which page is about {w}?", "pos": f"{w}.png", "negs": []}) + "\n")
+    mined = {}
+    for name, ckpt in (("pt", checkpoint), ("folder", folder)):
+        out = tmp_path / f"{name}.jsonl"
+        stats = mine.main(mine.parse_args(["--ckpt", ckpt, "--train_jsonl", str(tmp_path / "t.jsonl"), "--root",
+                                           str(tmp_path), "--out_jsonl", str(out), "--k", "2", "--num_workers", "0",
+                                           "--device", "cpu", "--margin", "inf"]))
+        assert stats["ckpt"] == os.path.abspath(ckpt)
+        mined[name] = (out.read_bytes(), stats["cache"]["dir"])
+    assert mined["folder"][0] == mined["pt"][0] and mined["folder"][1] != mined["pt"][1]
+
+
 def test_out_dir_is_not_overwritten_by_accident(checkpoint, folder, tmp_path):
     with pytest.raises(FileExistsError, match="exists and is not empty: pass --overwrite"):
         run_export("--ckpt", checkpoint, "--out_dir", folder)
