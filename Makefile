@@ -3,7 +3,7 @@
 
 setup: .venv/.setup-done
 
-.venv/.setup-done: requirements.txt constraints.txt scripts/setup.sh
+.venv/.setup-done: requirements.txt constraints.txt scripts/setup.sh scripts/faiss_choice.py
 	bash scripts/setup.sh
 	touch $@
 
@@ -21,7 +21,7 @@ test: setup
 # 5.17, as on the GPU machines), in .venv-min. CI runs it after `make test`; every change keeps it green.
 setup-min: .venv-min/.setup-done
 
-.venv-min/.setup-done: requirements.txt constraints-min.txt scripts/setup.sh
+.venv-min/.setup-done: requirements.txt constraints-min.txt scripts/setup.sh scripts/faiss_choice.py
 	VENV=.venv-min CONSTRAINTS=constraints-min.txt bash scripts/setup.sh
 	touch $@
 
