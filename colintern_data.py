@@ -54,6 +54,30 @@ def visible_files(folder: str, suffixes: tuple = ()) -> list:
     return found
 
 
+def backbone_fingerprint(model_id: str) -> str:
+    """A cheap content fingerprint of a backbone: a local folder's config and weight files (name, size, first and
+    last MiB: random or retrained weights differ everywhere), or a hub id with its cached snapshot's commit (a moved
+    snapshot is another backbone)."""
+    if os.path.isdir(model_id):
+        h = hashlib.sha256()
+        for name in sorted(os.listdir(model_id)):
+            path = os.path.join(model_id, name)
+            if not os.path.isfile(path) or not name.endswith((".json", ".safetensors", ".bin")):
+                continue
+            size = os.path.getsize(path)
+            h.update(f"{name}:{size}".encode())
+            with open(path, "rb") as f:
+                h.update(f.read(1 << 20))
+                if size > 2 << 20:
+                    f.seek(-(1 << 20), os.SEEK_END)
+                    h.update(f.read())
+        return h.hexdigest()
+    from huggingface_hub import try_to_load_from_cache
+    cached = try_to_load_from_cache(model_id, "config.json")
+    snapshot = re.search(r"snapshots[/\\]([0-9a-f]{40})", cached) if isinstance(cached, str) else None
+    return f"{model_id}@{snapshot[1]}" if snapshot else model_id
+
+
 def files_fingerprint(folder: str) -> str:
     """A cheap fingerprint of a local folder (a dataset copy): every visible file's path, size and modification
     time. Editing a file changes it."""

@@ -14,6 +14,7 @@ Everything the scripts share, in pipeline order:
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from colintern_cli import UserFileNotFoundError, UserOSError, UserRuntimeError, UserValueError, progress_bar
-from colintern_data import atomic_path, local_checkpoint, looks_like_local_path, open_image, write_json
+from colintern_data import (atomic_path, backbone_fingerprint, local_checkpoint, looks_like_local_path, open_image,
+                            write_json)
 
 DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
 
@@ -244,6 +246,9 @@ def keep_4bit_weights_unpacked(backbone) -> None:
 # Query and page formats. Training, mining and evaluation all go through ColInternProcessor, which reads these,
 # so the formats cannot drift apart. Bump FORMAT_VERSION whenever any of them changes: checkpoints record it.
 FORMAT_VERSION = 1
+# What ColIntern.embedding_identity holds, and how: bump when an entry is added or changes meaning; every page cache
+# and result keyed on it is then recomputed once
+IDENTITY_VERSION = 1
 QUERY_PREFIX = "Query: "
 QUERY_AUGMENTATION_TOKENS = 10  # pad tokens appended to each query, kept in the mask ("reasoning buffers", ColPali)
 PAGE_PROMPT = "{image}\nDescribe the page."
@@ -470,18 +475,27 @@ class ColIntern(nn.Module):
         """The dtype the backbone computes in, and so LoRA and the heads (bf16 over a quantised one)."""
         return self.backbone.dtype
 
-    def numerics_identity(self) -> dict:
-        """What cache and result keys must hold of how the model computes, beyond its weights and dtype: over a
-        bf16/fp16 backbone LoRA and the heads compute in its dtype (compute_precision), which moves every embedding
-        from what fp32 LoRA and heads gave; attention other than sdpa moves the last bits. Each entry is there only
-        when it differs from what keys made before it assumed (fp32 LoRA compute over an fp32 backbone, sdpa), so
-        those keys stay valid."""
-        identity = {}
-        if self.compute_dtype != torch.float32:
-            identity["lora_heads_compute"] = dtype_name(self.compute_dtype)
-        if self.attn_implementation != "sdpa":
-            identity["attn_implementation"] = self.attn_implementation
-        return identity
+    def embedding_identity(self, pool_factor: int = 1) -> dict:
+        """Everything this model's query and page vectors depend on: the backbone's content (a folder's files, a hub
+        id's snapshot), the trained heads and LoRA (their values), the query/page format and tiles, the backbone's
+        dtype and the dtype LoRA and the heads compute in, quantisation, attention, and page pooling. Every cache and
+        result key is built on it (mining's page cache; eval's results, through score_identity). Every entry is
+        always present: adding one recomputes the caches once, and no key depends on what happened to be set."""
+        return {"identity_version": IDENTITY_VERSION, "backbone": backbone_fingerprint(self.model_id),
+                "adapters": self.adapter_fingerprint(), "proj_dim": self.proj_dim, "format_version": FORMAT_VERSION,
+                "max_tiles": self.max_tiles, "dtype": dtype_name(self.backbone.dtype),
+                "compute_dtype": dtype_name(self.compute_dtype), "quantize": self.quantize,
+                "attn_implementation": self.attn_implementation, "pool_factor": pool_factor}
+
+    def adapter_fingerprint(self) -> str:
+        """sha256 of the heads' and LoRA's values (names, dtypes, shapes, bytes): what training changed. The same
+        weights from a .pt checkpoint or an exported folder give the same fingerprint."""
+        h = hashlib.sha256()
+        for name, p in sorted(self.named_parameters()):
+            if "lora_" in name or name.startswith(("query_head.", "page_head.")):
+                t = p.detach().to("cpu", torch.float32).contiguous()
+                h.update(f"{name}:{tuple(t.shape)}\n".encode() + t.numpy().tobytes())
+        return h.hexdigest()
 
     def compute_precision(self):
         """The context every forward runs in: over a bf16/fp16 backbone, autocast, so that LoRA's and the heads'
@@ -762,6 +776,20 @@ def cpu_has_native_bf16() -> bool:
     if platform.machine().lower() in ("x86_64", "amd64", "x86", "i386", "i686"):
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return True
+
+
+# Bump when exact MaxSim's arithmetic changes (summation order, blocking, rounding): results keyed on score_identity
+# are then recomputed once
+SCORING_VERSION = 1
+
+
+def score_identity(embedding: dict, scoring: torch.dtype, device, rerank: int = 0) -> dict:
+    """What a score depends on: the embeddings' identity (ColIntern.embedding_identity), the dtype MaxSim rounds to
+    and the one it multiplies in on `device` (matmul_dtype: bf16 on a CPU without native bf16 is multiplied in fp32),
+    the scoring code's version, the rerank depth and the vectors' dimension. Every entry is always present."""
+    return {"embedding": embedding, "score_dtype": dtype_name(scoring),
+            "matmul_dtype": dtype_name(matmul_dtype(scoring, device)), "scoring_version": SCORING_VERSION,
+            "rerank": rerank, "dim": embedding["proj_dim"]}
 
 
 def score_dtype(requested="auto", device="cpu") -> torch.dtype:

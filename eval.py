@@ -47,7 +47,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import time
 import traceback
 
@@ -55,11 +54,11 @@ import torch
 import torch.nn as nn
 
 from colintern_cli import ArgumentParser, UserFileNotFoundError, UserValueError, metric_label, one_line, run_cli
-from colintern_data import (check_output, checkpoint_fingerprint, datasets_cache_for, files_fingerprint,
-                            folder_sha256, page_hash, safe_name, write_json)
+from colintern_data import (check_output, datasets_cache_for, files_fingerprint, folder_sha256, page_hash, safe_name,
+                            write_json)
 from colintern_launch import add_model_flags, distributed_run, gather_to_all, rank_share, ranks_agree
-from colintern_model import (FORMAT_VERSION, ColIntern, dtype_name, index_bytes, matmul_dtype,
-                             maxsim_scores, pool_pages)
+from colintern_model import (ColIntern, dtype_name, index_bytes, matmul_dtype, maxsim_scores, pool_pages,
+                             score_identity)
 from colintern_model import score_dtype as resolve_score_dtype
 
 
@@ -142,63 +141,17 @@ COLPALI_TRAIN_SET = "vidore/colpali_train_set"
 # -----------------------------------------------------------------------------
 # Identity: what the mteb revision is made of
 
-def backbone_fingerprint(model_id: str) -> str:
-    """A cheap content fingerprint of the backbone: a local folder's config and weight files (name, size, first and
-    last MiB: random or retrained weights differ everywhere), or a hub id's cached snapshot commit."""
-    if os.path.isdir(model_id):
-        h = hashlib.sha256()
-        for name in sorted(os.listdir(model_id)):
-            path = os.path.join(model_id, name)
-            if not os.path.isfile(path) or not name.endswith((".json", ".safetensors", ".bin")):
-                continue
-            size = os.path.getsize(path)
-            h.update(f"{name}:{size}".encode())
-            with open(path, "rb") as f:
-                h.update(f.read(1 << 20))
-                if size > 2 << 20:
-                    f.seek(-(1 << 20), os.SEEK_END)
-                    h.update(f.read())
-        return h.hexdigest()
-    from huggingface_hub import try_to_load_from_cache
-    cached = try_to_load_from_cache(model_id, "config.json")
-    snapshot = re.search(r"snapshots[/\\]([0-9a-f]{40})", cached) if isinstance(cached, str) else None
-    return snapshot[1] if snapshot else model_id
+def model_label(ckpt: str | None, seed: int) -> str:
+    """How the mteb revision names the model evaluated, for people (the key after it is what identifies it)."""
+    return safe_name(os.path.splitext(os.path.basename(os.path.normpath(ckpt)))[0]) if ckpt else f"untrained-seed{seed}"
 
 
-def model_identity(ckpt: str | None, model_id: str, seed: int = 0, proj_dim: int = 128) -> tuple[str, str]:
-    """(label, hash) of the weights evaluated: the checkpoint's bytes, the model id, the backbone and the query/page
-    format; with no checkpoint, the untrained heads' seed and size. The label names the revision for people."""
-    parts = [f"model_id={model_id}", f"backbone={backbone_fingerprint(model_id)}", f"format={FORMAT_VERSION}"]
-    if ckpt is not None:
-        parts.append(f"ckpt={checkpoint_fingerprint(ckpt)}")
-        label = safe_name(os.path.splitext(os.path.basename(ckpt))[0])
-    else:
-        parts.append(f"untrained seed={seed} proj_dim={proj_dim}")
-        label = f"untrained-seed{seed}"
-    return label, hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-# load_encoder keywords kept out of score_settings: those model_identity hashes, and where the model runs (the dtype
-# it runs in is a setting, resolved: "auto" means bf16 on CUDA and fp32 on CPU)
-IN_MODEL_IDENTITY = ("ckpt", "model_id", "seed", "proj_dim")
-SCORE_NEUTRAL = ("device",)
-
-
-def score_settings(loader_kwargs: dict, model: ColIntern) -> dict:
-    """Every setting that changes scores: all of load_encoder's keywords but the ones above. A new setting (pooling,
-    reranking, quantisation, scoring dtype) is a load_encoder keyword, so it lands in the result key by default."""
-    settings = {k: v for k, v in loader_kwargs.items() if k not in IN_MODEL_IDENTITY + SCORE_NEUTRAL}
-    settings["dtype"] = str(model.backbone.dtype).removeprefix("torch.")
-    settings.update(model.numerics_identity())
-    return settings
-
-
-def result_key(model_hash: str, settings: dict, data_fingerprint: str | None) -> str:
-    """The one key cached results are filed under (mteb's model revision): the weights, the settings that change
-    scores, and the data (`files_fingerprint` of a local copy; None for hub data, pinned by mteb's task metadata).
-    mteb serves a cached result whenever the key matches, so everything that changes scores must be in it."""
-    blob = json.dumps({"model": model_hash, "settings": settings, "data": data_fingerprint}, sort_keys=True,
-                      default=str)
+def result_key(scores: dict, data_fingerprint: str | None) -> str:
+    """The one key cached results are filed under (mteb's model revision): what the scores depend on
+    (colintern_model.score_identity: the embeddings' identity, the score dtype, scoring, rerank, dimension) and the
+    data (`files_fingerprint` of a local copy; None for hub data, pinned by mteb's task metadata). mteb serves a
+    cached result whenever the key matches, so everything that changes scores must be in it."""
+    blob = json.dumps({"scores": scores, "data": data_fingerprint}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -285,7 +238,7 @@ class ColInternEncoder(AbsEncoder):
         self.mteb_model_meta = model_meta
         self.device = device
         self.score_dtype = score_dtype  # what similarity() and similarity_pairwise() score in
-        self.result_identity = result_identity  # (label, model hash, score settings): see result_key
+        self.result_identity = result_identity  # (label, score identity): see result_key
         self.training_data, self.lineage_from = training_data  # see checkpoint_training_data
         self.page_cache = {}  # page_key -> (Lp, D) float32 CPU tensor (pooled with pool_factor > 1)
         self.pool_factor, self.rerank = pool_factor, rerank
@@ -300,8 +253,8 @@ class ColInternEncoder(AbsEncoder):
 
     def revision_for(self, data_fingerprint: str | None) -> str:
         """The mteb revision of results on data with this fingerprint (None: hub data)."""
-        label, model_hash, settings = self.result_identity
-        return f"{label}-{result_key(model_hash, settings, data_fingerprint)}"
+        label, scores = self.result_identity
+        return f"{label}-{result_key(scores, data_fingerprint)}"
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
         from mteb.types import PromptType
@@ -488,9 +441,8 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
     the untrained baseline (seeded random heads, no LoRA) on `model_id`. `score_dtype` (fp32, bf16, auto): the
     dtype MaxSim scores in, resolved here and kept resolved in the loader keywords (so in the result key).
     `quantize` None: the checkpoint's, or none without one; the result key holds the quantisation used, so either
-    spelling of it shares results. `pool_factor` and `rerank`: see ColInternEncoder.similarity; in the loader
-    keywords (so in the result key) only when they are set, so results cached without pooling stay valid; so is
-    `attn_implementation` when it is not sdpa."""
+    spelling of it shares results. `pool_factor` and `rerank`: see ColInternEncoder.similarity. The result key is
+    colintern_model.score_identity of what was loaded."""
     scoring = resolve_score_dtype(score_dtype, device)
     print(f"score dtype {dtype_name(scoring)} (--score_dtype {score_dtype}; multiplied in "
           f"{dtype_name(matmul_dtype(scoring, device))} on {device})")
@@ -512,15 +464,12 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
         baseline_heads(model, seed)
     loader_kwargs = {"ckpt": ckpt, "model_id": model_id, "device": device, "dtype": dtype,
                      "max_tiles": model.max_tiles, "seed": seed, "proj_dim": model.proj_dim,
-                     "score_dtype": dtype_name(scoring), "quantize": model.quantize,
-                     **({"pool_factor": pool_factor} if pool_factor != 1 else {}),
-                     **({"rerank": rerank} if rerank else {}),
-                     **({"attn_implementation": attn_implementation} if attn_implementation != "sdpa" else {})}
-    label, model_hash = model_identity(ckpt, model_id, seed=seed, proj_dim=model.proj_dim)
-    settings = score_settings(loader_kwargs, model)
+                     "score_dtype": dtype_name(scoring), "quantize": model.quantize, "pool_factor": pool_factor,
+                     "rerank": rerank, "attn_implementation": attn_implementation}
+    scores = score_identity(model.embedding_identity(pool_factor), scoring, device, rerank)
     training_data, lineage_from = checkpoint_training_data(ckpt, ckpt_dict)
     encoder = ColInternEncoder(model.eval(), processor, None, device=device,
-                               result_identity=(label, model_hash, settings),
+                               result_identity=(model_label(ckpt, seed), scores),
                                training_data=(training_data, lineage_from), score_dtype=scoring,
                                pool_factor=pool_factor, rerank=rerank)
     encoder.mteb_model_meta = build_model_meta(model, model_id, encoder.revision_for(None), ckpt, loader_kwargs,

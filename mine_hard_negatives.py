@@ -43,11 +43,9 @@ import torch
 import torch.distributed as dist
 
 from colintern_cli import ArgumentParser, UserRuntimeError, progress_bar, run_cli
-from colintern_data import (PageResolver, check_output, checkpoint_fingerprint, file_sha1, looks_like_hub_id,
-                            pseudo_path, raw_images, read_queries, read_triples, stored_page_hash, write_json,
-                            write_jsonl)
+from colintern_data import (PageResolver, check_output, file_sha1, looks_like_hub_id, pseudo_path, raw_images,
+                            read_queries, read_triples, stored_page_hash, write_json, write_jsonl)
 from colintern_model import (
-    FORMAT_VERSION,
     QUERY_BLOCK_TOKENS,
     ColIntern,
     atomic_torch_save,
@@ -70,7 +68,7 @@ from colintern_model import (
 from colintern_launch import add_model_flags, distributed_run, gather_to_all, rank_share, ranks_agree
 
 FLAT_MAX_TOKENS = 1 << 22  # exact token index up to 4M page tokens (2 GB fp32); IVF-PQ above
-CACHE_VERSION = 1  # bump when the shard layout changes
+CACHE_VERSION = 2  # bump when the shard layout or the key changes (2: keyed by ColIntern.embedding_identity)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,22 +207,14 @@ def jsonl_input(path: str, root: str) -> MiningInput:
 # -----------------------------------------------------------------------------
 # Page embeddings: fp16 shards on disk, reused across runs
 
-def cache_folder(args, model: ColIntern, data: MiningInput, dtype: torch.dtype, scoring: torch.dtype) -> tuple:
-    """-> (folder, manifest). The folder is named by a hash of what the embeddings depend on (checkpoint content,
-    model id, tiles, dtype, quantisation, format; and the score dtype, so that one folder's runs all scored alike)
-    and of where the pages come from; within it, a shard is reused only if it holds exactly the pages this run puts
-    there, so a changed page re-encodes its shard, not the corpus."""
+def cache_folder(args, model: ColIntern, data: MiningInput) -> tuple:
+    """-> (folder, manifest). The folder is named by a hash of what the embeddings depend on
+    (ColIntern.embedding_identity: backbone content, heads and LoRA, format, tiles, dtypes, quantisation, attention,
+    pooling) and of where the pages come from; within it, a shard is reused only if it holds exactly the pages this
+    run puts there, so a changed page re-encodes its shard, not the corpus."""
     source = {k: v for k, v in data.source.items() if k in ("hub_name", "split", "train_jsonl", "root")}
-    identity = {"cache_version": CACHE_VERSION, "ckpt_sha256": checkpoint_fingerprint(args.ckpt),
-                "model_id": model.model_id,
-                "max_tiles": model.max_tiles, "format_version": FORMAT_VERSION, "dtype": str(dtype),
-                "score_dtype": str(scoring),
+    identity = {"cache_version": CACHE_VERSION, "embedding": model.embedding_identity(args.pool_factor),
                 "source": source, "shard_pages": args.shard_pages}
-    identity.update(model.numerics_identity())
-    if model.quantize != "none":  # only then, so caches written before --quantize stay valid
-        identity["quantize"] = model.quantize
-    if args.pool_factor != 1:  # only then, so caches written before --pool_factor stay valid
-        identity["pool_factor"] = args.pool_factor
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     base = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_jsonl)), "page_cache")
     folder = os.path.join(base, key)
@@ -676,7 +666,7 @@ def mine(args, rank: int, world: int, device: str):
         timings["hash_pages"] = time.perf_counter() - start
         n_pages = len(data.page_hashes)
         say(f"{len(data.queries)} queries; {data.page_mentions} page references -> {n_pages} distinct pages")
-        folder, manifest = cache_folder(args, model, data, dtype, scoring)
+        folder, manifest = cache_folder(args, model, data)
         if rank == 0:
             todo = shards_to_encode(data, folder, manifest, args)
     if world > 1:  # rank 0's list, so that the ranks split one plan even while the first shards are being written

@@ -43,7 +43,7 @@ def test_load_backbone_through_auto_classes_is_frozen_eval(tiny_model_dir):
 
 def test_attention_implementation_is_chosen_recorded_and_keyed(tiny_model_dir, keyword_page, tmp_path):
     """eager and sdpa agree to fp32 rounding, not bitwise; the one a model runs is in its checkpoint and in its
-    numerics identity (the cache and result keys), absent for sdpa so that older keys stay valid."""
+    embedding identity (the cache and result keys)."""
     pages = [keyword_page("attention", size=(448, 224)), keyword_page("x")]
     out = {}
     for impl in ("sdpa", "eager"):
@@ -52,7 +52,7 @@ def test_attention_implementation_is_chosen_recorded_and_keyed(tiny_model_dir, k
                                                      attn_implementation=impl)
         assert model.backbone.config.text_config._attn_implementation == impl
         assert model.backbone.config.vision_config._attn_implementation == impl
-        assert ("attn_implementation" in model.numerics_identity()) == (impl != "sdpa")
+        assert model.embedding_identity()["attn_implementation"] == impl
         cm.save_checkpoint(str(tmp_path / f"{impl}.pt"), model)
         assert cm.load_checkpoint(str(tmp_path / f"{impl}.pt"))["meta"]["attn_implementation"] == impl
         out[impl] = torch.cat(model.encode_pages(processor, pages))
@@ -151,6 +151,63 @@ def test_encoders_shapes_masks_norms(model_and_processor, keyword_page):
     assert torch.equal(pmask, (batch["input_ids"] == processor.image_token_id) & batch["attention_mask"].bool())
     assert torch.allclose(pemb[pmask].norm(dim=-1), torch.ones(int(pmask.sum())), atol=1e-5)
     assert torch.all(pemb[~pmask] == 0)
+
+
+def test_every_ingredient_of_an_embedding_or_a_score_changes_its_identity(tiny_model_dir, tmp_path, monkeypatch):
+    """embedding_identity and score_identity, changed one ingredient at a time, each give a new key; the same model
+    loaded again, or its backbone copied to another folder, gives the same one. Every entry is always present."""
+    import make_tiny_model
+
+    def key(identity):
+        return json.dumps(identity, sort_keys=True)
+
+    def build(backbone=tiny_model_dir, **kwargs):
+        torch.manual_seed(0)
+        return ColIntern.from_pretrained(backbone, **{"proj_dim": 16, "lora": LoraSettings(r=4, alpha=8), **kwargs})[0]
+
+    base = build()
+    identity = base.embedding_identity()
+    assert key(identity) == key(build().embedding_identity())
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert key(build(str(copy)).embedding_identity()) == key(identity)  # content, not the folder's path
+    rebuilt = tmp_path / "rebuilt"  # the same architecture with other weights, as a backbone rebuilt in place
+    other, processor = make_tiny_model.build("tiny", tile=224, seed=1)
+    other.save_pretrained(rebuilt)
+    processor.save_pretrained(rebuilt)
+    heads = build()
+    with torch.no_grad():
+        heads.page_head.weight[0, 0] += 1e-3
+    quantized = build()
+    quantized.quantize = "4bit"  # the loading itself is test_quantize's; here only what the identity reads
+    variants = {"backbone": build(str(rebuilt)).embedding_identity(), "adapters": heads.embedding_identity(),
+                "proj_dim": build(proj_dim=8).embedding_identity(),
+                "max_tiles": build(max_tiles=2).embedding_identity(),
+                "dtype": build(dtype="bf16").embedding_identity(),  # and the compute dtype with it
+                "quantize": quantized.embedding_identity(),
+                "attn_implementation": build(attn_implementation="eager").embedding_identity(),
+                "pool_factor": base.embedding_identity(pool_factor=3)}
+    monkeypatch.setattr(cm, "FORMAT_VERSION", cm.FORMAT_VERSION + 1)
+    variants["format_version"] = base.embedding_identity()
+    monkeypatch.setattr(cm, "IDENTITY_VERSION", cm.IDENTITY_VERSION + 1)
+    variants["identity_version"] = base.embedding_identity()
+    monkeypatch.undo()
+    assert set(identity) == set(variants) | {"compute_dtype"}
+    for name, changed in variants.items():
+        assert set(changed) == set(identity) and changed[name] != identity[name], name
+
+    scores = cm.score_identity(identity, torch.float32, "cpu")
+    monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: False)
+    bf16_upcast = cm.score_identity(identity, torch.bfloat16, "cpu")
+    monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: True)
+    score_variants = {"embedding": cm.score_identity(variants["pool_factor"], torch.float32, "cpu"),
+                      "score_dtype": bf16_upcast, "matmul_dtype": cm.score_identity(identity, torch.bfloat16, "cpu"),
+                      "rerank": cm.score_identity(identity, torch.float32, "cpu", rerank=10)}
+    monkeypatch.setattr(cm, "SCORING_VERSION", cm.SCORING_VERSION + 1)
+    score_variants["scoring_version"] = cm.score_identity(identity, torch.float32, "cpu")
+    assert bf16_upcast["matmul_dtype"] == "fp32" and score_variants["matmul_dtype"]["matmul_dtype"] == "bf16"
+    assert set(scores) == set(score_variants) | {"dim"} and scores["dim"] == 16
+    assert len({key(scores), *map(key, score_variants.values())}) == 1 + len(score_variants)
 
 
 def test_encode_prepares_the_next_batch_before_fetching_the_last(model_and_processor, monkeypatch):

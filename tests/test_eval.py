@@ -10,6 +10,7 @@ import datasets
 import pytest
 import torch
 
+import colintern_model as cm
 import eval as colintern_eval
 from colintern_cli import metric_label
 from colintern_model import ColIntern, LoraSettings, load_checkpoint, save_checkpoint
@@ -230,41 +231,24 @@ def test_subsample_keeps_relevant_pages_of_kept_queries():
     assert len(tight["corpus"]) == 8  # relevant pages are never dropped, even past the cap
 
 
-def test_result_key_follows_weights_settings_and_data(tmp_path, trained, tiny_model_dir):
+def test_result_key_follows_scores_and_data(trained, tiny_model_dir):
+    """The result key is score_identity (each of its ingredients: test_colintern_model) plus the data; what
+    load_encoder loaded is what it keys: the same checkpoint twice shares a key, other heads (the untrained
+    baseline's seed) or another pool factor do not. The revision's label names the model for people."""
     _, _, ckpt = trained
-    copy = tmp_path / os.path.basename(ckpt)
-    copy.write_bytes(open(ckpt, "rb").read())
-    label, weights = colintern_eval.model_identity(str(copy), tiny_model_dir)
-    assert (label, weights) == colintern_eval.model_identity(ckpt, tiny_model_dir)
-    copy.write_bytes(open(ckpt, "rb").read() + b"\0")  # any change of the file is new weights
-    assert colintern_eval.model_identity(str(copy), tiny_model_dir)[1] != weights
-    untrained = colintern_eval.model_identity(None, tiny_model_dir, seed=0)
-    assert untrained[0] == "untrained-seed0"
-    assert untrained != colintern_eval.model_identity(None, tiny_model_dir, seed=1)
-
     key = colintern_eval.result_key
-    settings = {"dtype": "float32", "max_tiles": 4}
-    same = key(weights, settings, None)
-    assert same == key(weights, dict(reversed(settings.items())), None)
-    others = [key(weights, dict(settings, max_tiles=2), None), key(weights, dict(settings, dtype="bfloat16"), None),
-              key(weights, settings, "data-a"), key(weights, settings, "data-b"), key(untrained[1], settings, None)]
-    assert len({same, *others}) == 6
+    scores = cm.score_identity(trained[0].embedding_identity(), torch.float32, "cpu")
+    assert key(scores, None) == key(json.loads(json.dumps(scores)), None)  # order-free
+    assert len({key(scores, None), key(scores, "data-a"), key(scores, "data-b")}) == 3
 
-    # every load_encoder keyword is a setting unless it is part of the weights' identity or only says where to run,
-    # so a new one (pooling, say) changes the key without anyone remembering to add it
-    model = trained[0]
-    loader_kwargs = {"ckpt": ckpt, "model_id": tiny_model_dir, "device": "cuda:0", "dtype": "auto", "max_tiles": 4,
-                     "seed": 0, "proj_dim": 32}
-    assert colintern_eval.score_settings(loader_kwargs, model) == {"dtype": "float32", "max_tiles": 4}
-    assert colintern_eval.score_settings(dict(loader_kwargs, pool_factor=3), model)["pool_factor"] == 3
-    # LoRA and heads computing in a bf16 backbone's dtype: a setting of its own
-    bf16 = ColIntern.from_checkpoint(ckpt, dtype="bf16")[0]
-    assert colintern_eval.score_settings(dict(loader_kwargs, dtype="bf16"), bf16) == {
-        "dtype": "bfloat16", "max_tiles": 4, "lora_heads_compute": "bf16"}
-    # attention other than sdpa: a setting of its own, whether it comes as a loader keyword or from the model
-    eager = ColIntern.from_checkpoint(ckpt, attn_implementation="eager")[0]
-    assert colintern_eval.score_settings(loader_kwargs, eager) == {"dtype": "float32", "max_tiles": 4,
-                                                                   "attn_implementation": "eager"}
+    def revision(**kwargs):
+        return colintern_eval.load_encoder(**kwargs).revision_for(None)
+
+    same = revision(ckpt=ckpt)
+    assert same == revision(ckpt=ckpt) and same.startswith(os.path.splitext(os.path.basename(ckpt))[0] + "-")
+    assert revision(ckpt=ckpt, pool_factor=3) != same
+    untrained = revision(model_id=tiny_model_dir, seed=0)
+    assert untrained.startswith("untrained-seed0-") and untrained != revision(model_id=tiny_model_dir, seed=1)
 
 
 def test_files_fingerprint_follows_paths_sizes_and_mtimes(tmp_path):

@@ -123,7 +123,8 @@ def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(tmp_path
 
 def test_mining_with_the_folder_writes_what_the_checkpoint_mines(tmp_path, folder, checkpoint):
     """mine_hard_negatives.py --ckpt takes an exported folder as eval does (the one shared flag): the same JSONL as
-    the .pt it came from, the stats naming the folder, its own page cache (keyed by the folder's fingerprint)."""
+    the .pt it came from, the stats naming the folder, and the .pt's page cache reused (both are the same weights:
+    the cache is keyed by the embeddings' identity, not by the file)."""
     import mine_hard_negatives as mine
     words = ["alpha", "beta", "gamma", "delta", "epsilon"]
     for i, w in enumerate(words):
@@ -138,8 +139,9 @@ def test_mining_with_the_folder_writes_what_the_checkpoint_mines(tmp_path, folde
                                            str(tmp_path), "--out_jsonl", str(out), "--k", "2", "--num_workers", "0",
                                            "--device", "cpu", "--margin", "inf"]))
         assert stats["ckpt"] == os.path.abspath(ckpt)
-        mined[name] = (out.read_bytes(), stats["cache"]["dir"])
-    assert mined["folder"][0] == mined["pt"][0] and mined["folder"][1] != mined["pt"][1]
+        mined[name] = (out.read_bytes(), stats["cache"]["dir"], stats["cache"]["reused"])
+    assert mined["folder"][0] == mined["pt"][0] and mined["folder"][1] == mined["pt"][1]
+    assert (mined["pt"][2], mined["folder"][2]) == (0, 1)
 
 
 def test_out_dir_is_not_overwritten_by_accident(checkpoint, folder, tmp_path):

@@ -3,6 +3,7 @@ checked against a brute-force ranking computed here from the model's own encoder
 import json
 import math
 import os
+import shutil
 
 import datasets
 import pytest
@@ -354,7 +355,8 @@ def test_help_explains_every_flag(capsys):
 def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(ckpt, hub, brute, tmp_path, monkeypatch,
                                                                         capsys, native, flag, used, matmul):
     """--score_dtype against what the CPU probe says (forced both ways, so any CPU runs every case): the dtype picked
-    is printed, kept in the stats, part of the page cache's key, and the one the search multiplies in."""
+    is printed, kept in the stats, and the one the search multiplies in; the page cache is keyed by the embeddings'
+    identity alone."""
     monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: native)
     seen = set()
     real = cm.maxsim_tokens
@@ -376,27 +378,16 @@ def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(ckpt, hu
     assert json.load(open(mine.stats_path(str(out))))["score_dtype"]["used"] == str(used)
     assert {(t, p) for t, p, _ in seen} == {(matmul, matmul)}
     assert all(rounded for _, _, rounded in seen) == (used == torch.bfloat16)
+    # the page cache holds embeddings, whatever they are scored in: keyed by the model's embedding identity
     manifest = json.load(open(os.path.join(stats["cache"]["dir"], "manifest.json")))
-    assert manifest["score_dtype"] == str(used)
-    # the other score dtype is another cache folder; the same one is this folder again
-    other = "fp32" if used == torch.bfloat16 else "bf16"
-    args = mine.parse_args([str(f) for f in ("--ckpt", ckpt, "--hub_name", hub["dir"], "--out_jsonl", out,
-                                             "--shard_pages", 5)])
     model = ColIntern.from_checkpoint(ckpt)[0]
+    assert manifest["embedding"] == json.loads(json.dumps(model.embedding_identity()))
+    args = mine.parse_args([str(f) for f in ("--ckpt", ckpt, "--hub_name", hub["dir"], "--out_jsonl", out,
+                                             "--shard_pages", 5, "--cache_dir", tmp_path / "cache")])
     data = mine.hub_input(hub["dir"], "train")
-    args.cache_dir = str(tmp_path / "cache")
-    folder = lambda dtype: mine.cache_folder(args, model, data, torch.float32, cm.score_dtype(dtype))[0]  # noqa: E731
-    assert folder(name) == stats["cache"]["dir"] != folder(other)
-    # LoRA and heads computing in bf16 (over a bf16 backbone) is its own cache; fp32 keys stay as they were
-    bf16 = ColIntern.from_checkpoint(ckpt, dtype="bf16")[0]
-    fp32_as_bf16 = mine.cache_folder(args, model, data, torch.bfloat16, cm.score_dtype(name))
-    bf16_folder, bf16_manifest = mine.cache_folder(args, bf16, data, torch.bfloat16, cm.score_dtype(name))
-    assert bf16_manifest["lora_heads_compute"] == "bf16" and "lora_heads_compute" not in fp32_as_bf16[1]
-    assert bf16_folder != fp32_as_bf16[0]
-    # so is eager attention (sdpa keys stay as they were)
-    eager = ColIntern.from_checkpoint(ckpt, attn_implementation="eager")[0]
-    eager_folder, eager_manifest = mine.cache_folder(args, eager, data, torch.float32, cm.score_dtype(name))
-    assert eager_manifest["attn_implementation"] == "eager" and eager_folder != folder(name)
+    assert mine.cache_folder(args, model, data)[0] == stats["cache"]["dir"]
+    args.pool_factor = 2  # one ingredient of the identity: each one's effect is test_colintern_model's
+    assert mine.cache_folder(args, model, data)[0] != stats["cache"]["dir"]
     # the negatives are the brute-force ones (fp32 scores; bf16 may swap near-ties, so compare by score)
     expected = expected_negatives(brute, 3, math.inf)
     tol = 1e-5 if used == torch.float32 else cm.score_error_bound(torch.bfloat16, 64, 128)  # queries: < 64 tokens
@@ -425,6 +416,25 @@ def test_mining_on_a_4bit_checkpoint(tiny_model_dir, ckpt, hub, tmp_path, capsys
     assert plain["cache"]["encoded"] == 4
 
 
+def test_a_backbone_rebuilt_in_place_is_not_served_from_the_cache(ckpt, hub, tiny_model_dir, tmp_path):
+    """The backbone folder rebuilt with other weights under the same path: the page cache (keyed by the backbone's
+    content, not its path) is missed, every shard is encoded again, and the JSONL is what a fresh cache gives. Before
+    the embedding identity, mining reused the old shards and wrote the old model's negatives."""
+    import make_tiny_model
+    backbone, cache = tmp_path / "backbone", tmp_path / "cache"
+    shutil.copytree(tiny_model_dir, backbone)
+    first = mine_hub(ckpt, hub, tmp_path / "first.jsonl", "--model_id", backbone, "--cache_dir", cache)
+    other, processor = make_tiny_model.build("tiny", tile=224, seed=1)
+    other.save_pretrained(backbone)
+    processor.save_pretrained(backbone)
+    again = mine_hub(ckpt, hub, tmp_path / "again.jsonl", "--model_id", backbone, "--cache_dir", cache)
+    fresh = mine_hub(ckpt, hub, tmp_path / "fresh.jsonl", "--model_id", backbone, "--cache_dir", tmp_path / "new")
+    assert first["cache"]["encoded"] == again["cache"]["encoded"] == 4 and again["cache"]["reused"] == 0
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "fresh.jsonl").read_bytes() != \
+        (tmp_path / "first.jsonl").read_bytes()
+    assert fresh["cache"]["encoded"] == 4
+
+
 def test_pooled_mining_equals_brute_force_on_pooled_pages_and_keys_the_cache(ckpt, hub, tmp_path):
     """--pool_factor 3: shards hold the pooled pages (pooled from the fp16-rounded embeddings the cache stores
     unpooled), the search is exact MaxSim on them, the stats record the index, and the cache is a folder of its own
@@ -445,10 +455,10 @@ def test_pooled_mining_equals_brute_force_on_pooled_pages_and_keys_the_cache(ckp
     assert stats["page_index"]["vectors_per_page"] == vectors / len(distinct)
     assert stats["page_index"]["page_index_bytes"] == vectors * 128 * 2
     assert stats["page_index"]["pooling_s"] > 0
-    assert json.load(open(os.path.join(stats["cache"]["dir"], "manifest.json")))["pool_factor"] == 3
+    assert json.load(open(os.path.join(stats["cache"]["dir"], "manifest.json")))["embedding"]["pool_factor"] == 3
     unpooled = mine_hub(ckpt, hub, tmp_path / "plain.jsonl", "--k", 3, "--cache_dir", cache)
     assert unpooled["cache"]["dir"] != stats["cache"]["dir"]
-    assert "pool_factor" not in json.load(open(os.path.join(unpooled["cache"]["dir"], "manifest.json")))
+    assert json.load(open(os.path.join(unpooled["cache"]["dir"], "manifest.json")))["embedding"]["pool_factor"] == 1
     assert unpooled["page_index"]["vectors_per_page"] == sum(len(full[r]) for r in distinct) / len(distinct)
     again = mine_hub(ckpt, hub, tmp_path / "again.jsonl", "--k", 3, "--pool_factor", 3, "--cache_dir", cache)
     assert again["cache"]["dir"] == stats["cache"]["dir"] and again["cache"]["encoded"] == 0
