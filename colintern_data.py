@@ -391,7 +391,8 @@ class PageResolver:
 # Query rows: a training JSONL's triples, a hub dataset's queries
 
 def read_triples(path: str) -> list:
-    """Read a JSONL of `{"query": str, "pos": str, "negs": [str, ...]}` (negs optional). Errors name file and line."""
+    """Read a JSONL of `{"query": str, "pos": str, "negs": [str, ...]}` (negs optional; any other field is kept in
+    the row's "fields", e.g. a source for train.py --batch_by). Errors name file and line."""
     rows = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -411,7 +412,8 @@ def read_triples(path: str) -> list:
             negs = row.get("negs", [])
             if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
                 raise UserValueError(f"{where}: 'negs' must be a list of page paths")
-            rows.append({"query": row["query"], "pos": row["pos"], "negs": negs, "line": n})
+            rows.append({"query": row["query"], "pos": row["pos"], "negs": negs, "line": n,
+                         "fields": {k: v for k, v in row.items() if k not in ("query", "pos", "negs")}})
     if not rows:
         raise UserValueError(f"{path} has no triples")
     return rows

@@ -73,6 +73,11 @@ def add_model_flags(group, ckpt_required: bool) -> None:
                             "of the results' and the page cache's key")
     group.add_argument("--attn_implementation", default="sdpa", type=validated(check_attn_implementation),
                        help=ATTN_HELP)
+    group.add_argument("--dim", type=int, default=None,
+                       help="encode and score at this vector size: one of the Matryoshka prefixes the checkpoint was "
+                            "trained with (train.py --matryoshka_dims), each vector cut to it and renormalised: a "
+                            "smaller index and search. Default: the full size. Part of the results' and the page "
+                            "cache's key")
     group.add_argument("--pool_factor", type=int, default=1,
                        help="pool each page's vectors into max(1, L // F) (Ward clustering, renormalised means; "
                             "queries are never pooled) before they are kept and scored with the same exact MaxSim: "

@@ -359,17 +359,36 @@ class ColIntern(nn.Module):
     def __init__(self, backbone, proj_dim: int = 128, lora: LoraSettings | None = None,
                  model_id: str | None = None, max_tiles: int = 4,
                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
-                 rescale_factor: float = 1 / 255):
+                 rescale_factor: float = 1 / 255, bidirectional: bool = False,
+                 matryoshka_dims: Sequence[int] | None = None, dim: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.hidden_size = backbone.config.text_config.hidden_size
         self.proj_dim = proj_dim
+        # Matryoshka heads: the vector prefixes the loss trained (each renormalised; recorded in checkpoints), and
+        # the size this model encodes at, one of them: vectors are cut to `dim` and renormalised (the full size: as
+        # they come)
+        self.matryoshka_dims = sorted(set(matryoshka_dims or []) | {proj_dim}, reverse=True)
+        if max(self.matryoshka_dims) != proj_dim or min(self.matryoshka_dims) < 1:
+            raise UserValueError(f"Matryoshka dims {matryoshka_dims} must lie in 1..{proj_dim} (the heads' size)")
+        self.dim = proj_dim if dim is None else dim
+        if self.dim not in self.matryoshka_dims:
+            raise UserValueError(f"--dim {dim}: this model was trained at {', '.join(map(str, self.matryoshka_dims))} "
+                                 f"(its Matryoshka prefixes); pick one of them")
         self.lora = lora
         self.model_id = model_id
         self.max_tiles = max_tiles
         self.image_token_id = backbone.config.image_token_id
         self.quantize = backbone_quantization(backbone)  # recorded in checkpoints
         self.attn_implementation = backbone.config._attn_implementation  # recorded in checkpoints and cache keys
+        # the language model attends both ways over a query's or a page's own tokens (recorded in checkpoints and in
+        # the embedding identity): every layer's is_causal off, for kernels that read it when they get no mask
+        # (sdpa, flash attention), and a bidirectional padding mask in each forward (_hidden)
+        self.bidirectional = bidirectional
+        if bidirectional:
+            for module in backbone.language_model.modules():
+                if hasattr(module, "is_causal"):
+                    module.is_causal = False
         backbone.requires_grad_(False)
         if lora is not None:
             from peft import LoraConfig, inject_adapter_in_model
@@ -405,23 +424,28 @@ class ColIntern(nn.Module):
     @classmethod
     def from_pretrained(cls, model_id: str = DEFAULT_MODEL_ID, proj_dim: int = 128, lora: LoraSettings | None = None,
                         max_tiles: int = 4, dtype="auto", device_map=None, quantize: str = "none",
-                        attn_implementation: str = "sdpa"):
+                        attn_implementation: str = "sdpa", bidirectional: bool = False,
+                        matryoshka_dims: Sequence[int] | None = None, dim: int | None = None):
         """-> (model, processor) built on a fresh backbone (quantised for `quantize` 8bit/4bit), heads randomly
-        initialised."""
+        initialised; `bidirectional`: the language model's attention non-causal; `matryoshka_dims`, `dim`: the
+        trained vector prefixes and the one to encode at (see __init__)."""
         backbone = load_backbone(model_id, dtype=dtype, device_map=device_map, quantize=quantize,
                                  attn_implementation=attn_implementation)
         processor = ColInternProcessor.from_pretrained(model_id, max_tiles=max_tiles)
         model = cls(backbone, proj_dim=proj_dim, lora=lora, model_id=model_id, max_tiles=max_tiles,
+                    bidirectional=bidirectional, matryoshka_dims=matryoshka_dims, dim=dim,
                     **processor.pixel_normalisation())
         return model, processor
 
     @classmethod
     def from_checkpoint(cls, path: str, model_id: str | None = None, dtype="auto", device_map=None,
                         max_tiles: int | None = None, quantize: str | None = None, say=print,
-                        attn_implementation: str = "sdpa"):
+                        attn_implementation: str = "sdpa", dim: int | None = None):
         """-> (model, processor, ckpt): the backbone of the checkpoint (or model_id), quantised as the checkpoint's
         was (or as `quantize` says: `say` tells of the change), heads + LoRA loaded. Attention is
-        `attn_implementation`, whichever the checkpoint was trained with (its meta records that)."""
+        `attn_implementation`, whichever the checkpoint was trained with (its meta records that); causal or
+        bidirectional attention always as it was trained (never scored the other way). `dim`: encode at this
+        Matryoshka prefix (one the checkpoint trained; default the full size)."""
         ckpt = load_checkpoint(path)
         meta = ckpt["meta"]
         model_id = model_id or meta["model_id"]
@@ -431,7 +455,9 @@ class ColIntern(nn.Module):
         say_if_quantization_differs(meta, quantize, f"checkpoint {path}", say)
         model, processor = cls.from_pretrained(model_id, proj_dim=meta["proj_dim"], lora=lora, max_tiles=max_tiles,
                                                dtype=dtype, device_map=device_map, quantize=quantize,
-                                               attn_implementation=attn_implementation)
+                                               attn_implementation=attn_implementation,
+                                               bidirectional=meta.get("bidirectional", False),
+                                               matryoshka_dims=meta.get("matryoshka_dims"), dim=dim)
         load_trainable_state(model, ckpt, source=f"checkpoint {path}")
         return model, processor, ckpt
 
@@ -478,14 +504,16 @@ class ColIntern(nn.Module):
     def embedding_identity(self, pool_factor: int = 1) -> dict:
         """Everything this model's query and page vectors depend on: the backbone's content (a folder's files, a hub
         id's snapshot), the trained heads and LoRA (their values), the query/page format and tiles, the backbone's
-        dtype and the dtype LoRA and the heads compute in, quantisation, attention, and page pooling. Every cache and
+        dtype and the dtype LoRA and the heads compute in, quantisation, attention (kernels; causal or both ways),
+        and page pooling. Every cache and
         result key is built on it (mining's page cache; eval's results, through score_identity). Every entry is
         always present: adding one recomputes the caches once, and no key depends on what happened to be set."""
         return {"identity_version": IDENTITY_VERSION, "backbone": backbone_fingerprint(self.model_id),
                 "adapters": self.adapter_fingerprint(), "proj_dim": self.proj_dim, "format_version": FORMAT_VERSION,
                 "max_tiles": self.max_tiles, "dtype": dtype_name(self.backbone.dtype),
                 "compute_dtype": dtype_name(self.compute_dtype), "quantize": self.quantize,
-                "attn_implementation": self.attn_implementation, "pool_factor": pool_factor}
+                "attn_implementation": self.attn_implementation, "bidirectional": self.bidirectional,
+                "dim": self.dim, "pool_factor": pool_factor}
 
     def adapter_fingerprint(self) -> str:
         """sha256 of the heads' and LoRA's values (names, dtypes, shapes, bytes): what training changed. The same
@@ -543,9 +571,21 @@ class ColIntern(nn.Module):
             embeds = self.backbone.get_input_embeddings()(ids)
             batch["inputs_embeds"] = embeds.masked_scatter(slots.unsqueeze(-1),
                                                            image_features.to(embeds.device, embeds.dtype))
+        if self.bidirectional:
+            batch["attention_mask"] = self._bidirectional_mask(batch["attention_mask"])
         # use_cache=False: the text config's use_cache is true, and transformers would otherwise build a KV cache
         # (a copy of every layer's keys and values) in every forward that is not checkpointed training.
         return self.backbone(**batch, use_cache=False).last_hidden_state  # (B, L, H)
+
+    def _bidirectional_mask(self, mask: torch.Tensor):
+        """(B, L) padding mask -> what the language model's attention takes for every token attending every
+        non-pad token: transformers' own bidirectional mask in its attention implementation's form (a 4D mask,
+        passed through as it is; flash attention keeps the 2D one)."""
+        from transformers.masking_utils import create_bidirectional_mask
+        config = self.backbone.config.text_config
+        shape = torch.empty(mask.shape[0], mask.shape[1], 1, dtype=self.backbone.dtype, device=mask.device)
+        made = create_bidirectional_mask(config, shape, mask, allow_is_bidirectional_skip=False)
+        return made if isinstance(made, torch.Tensor) and made.dim() == 4 else mask
 
     def _pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 tiles (N, 3, H, W) from process_pages -> normalised fp32 tiles on the same device. Float pixels
@@ -562,10 +602,12 @@ class ColIntern(nn.Module):
             self.pixel_mean, self.pixel_std = self.pixel_mean.to(pixels.device), self.pixel_std.to(pixels.device)
         return pixels.float().sub_(self.pixel_mean).div_(self.pixel_std)  # (N, 3, H, W) fp32
 
-    @staticmethod
-    def _project(head: nn.Linear, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _project(self, head: nn.Linear, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # the head multiplies in the compute dtype (under compute_precision); normalised, masked and scored in fp32
-        emb = F.normalize(head(hidden.to(head.weight.device)).float(), dim=-1)  # (B, L, D)
+        emb = head(hidden.to(head.weight.device)).float()
+        if self.dim != self.proj_dim:  # a Matryoshka prefix
+            emb = emb[..., :self.dim]
+        emb = F.normalize(emb, dim=-1)  # (B, L, dim)
         return emb * mask.unsqueeze(-1).to(emb.dtype)
 
     def forward_queries(self, batch):
@@ -789,7 +831,7 @@ def score_identity(embedding: dict, scoring: torch.dtype, device, rerank: int = 
     the scoring code's version, the rerank depth and the vectors' dimension. Every entry is always present."""
     return {"embedding": embedding, "score_dtype": dtype_name(scoring),
             "matmul_dtype": dtype_name(matmul_dtype(scoring, device)), "scoring_version": SCORING_VERSION,
-            "rerank": rerank, "dim": embedding["proj_dim"]}
+            "rerank": rerank, "dim": embedding["dim"]}
 
 
 def score_dtype(requested="auto", device="cpu") -> torch.dtype:
@@ -1144,16 +1186,26 @@ def index_bytes(pages: Sequence[torch.Tensor], dtype: torch.dtype | None = None)
 
 def contrastive_loss(queries: torch.Tensor, query_mask: torch.Tensor, pages: torch.Tensor, page_mask: torch.Tensor,
                      pos_index: torch.Tensor, temperature: float = 0.02,
-                     normalize_by_query_length: bool = True) -> torch.Tensor:
+                     normalize_by_query_length: bool = True, dims: Sequence[int] | None = None) -> torch.Tensor:
     """InfoNCE over MaxSim: query i's positive is pages[pos_index[i]]; every other page is a negative.
 
     `pages` is the candidate pool for all queries: the in-batch positives (from every rank, when gathered), then
     any hard negatives, all shared. Multi-GPU: gather pages from all ranks and pass pos_index = rank * B + arange(B).
+    `dims` (Matryoshka): the plain sum of this loss over each vector prefix of those sizes, every prefix
+    renormalised (a masked token's zero vector stays zero), so that each prefix is a retriever of its own.
     """
+    if dims:
+        return sum(contrastive_loss(matryoshka_prefix(queries, d), query_mask, matryoshka_prefix(pages, d), page_mask,
+                                    pos_index, temperature, normalize_by_query_length) for d in dims)
     scores = maxsim(queries, pages, query_mask, page_mask)  # (B, Npages)
     if normalize_by_query_length:
         scores = scores / query_mask.sum(dim=1, keepdim=True).clamp(min=1).to(scores.dtype)
     return F.cross_entropy(scores.float() / temperature, pos_index.to(scores.device))
+
+
+def matryoshka_prefix(emb: torch.Tensor, dim: int) -> torch.Tensor:
+    """(..., D) unit vectors (or zero ones) -> their first `dim` entries, renormalised (zero vectors stay zero)."""
+    return emb if dim == emb.shape[-1] else F.normalize(emb[..., :dim], dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -1168,7 +1220,8 @@ def checkpoint_dict(model: ColIntern, step: int = 0, epoch: int = 0, train_state
                     training_data: list | None = None) -> dict:
     meta = {"model_id": model.model_id, "hidden_size": model.hidden_size, "proj_dim": model.proj_dim,
             "max_tiles": model.max_tiles, "lora": dataclasses.asdict(model.lora) if model.lora else None,
-            "quantize": model.quantize, "attn_implementation": model.attn_implementation, "format": query_format(),
+            "quantize": model.quantize, "attn_implementation": model.attn_implementation,
+            "bidirectional": model.bidirectional, "matryoshka_dims": model.matryoshka_dims, "format": query_format(),
             "step": step, "epoch": epoch}
     if training_data is not None:
         # lineage: every dataset these weights were trained on, warm starts included (train.py); eval.py declares it

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    for flag in ("max_queries", "max_pages", "max_tiles", "batch_size", "proj_dim", "pool_factor"):
+    for flag in ("max_queries", "max_pages", "max_tiles", "batch_size", "proj_dim", "pool_factor", "dim"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag} must be >= 1, got {value}")
@@ -409,7 +409,7 @@ def build_model_meta(model: ColIntern, model_id: str, revision: str, ckpt: str |
         name=name or f"colintern/{os.path.basename(model_id.rstrip('/'))}", revision=revision,
         release_date=datetime.date.fromtimestamp(stamp).isoformat(),
         languages=["eng-Latn"], n_parameters=n_params, memory_usage_mb=round(n_bytes / 2**20, 1),
-        max_tokens=getattr(text_config, "max_position_embeddings", None), embed_dim=model.proj_dim,
+        max_tokens=getattr(text_config, "max_position_embeddings", None), embed_dim=model.dim,
         license="not specified", open_weights=True, public_training_code=None,
         public_training_data=f"https://huggingface.co/datasets/{COLPALI_TRAIN_SET}" if on_colpali else None,
         framework=["PyTorch", "Transformers"], reference=None,
@@ -436,7 +436,7 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
                  model_id: str | None = None, device: str = "cpu", dtype: str = "auto", max_tiles: int | None = None,
                  seed: int = 0, proj_dim: int = 128, experiment_kwargs: dict | None = None,
                  score_dtype: str = "fp32", quantize: str | None = None, pool_factor: int = 1,
-                 rerank: int = 0, attn_implementation: str = "sdpa") -> ColInternEncoder:
+                 rerank: int = 0, attn_implementation: str = "sdpa", dim: int | None = None) -> ColInternEncoder:
     """The ModelMeta loader: a checkpoint (heads + LoRA on its backbone, or on `model_id`), or with no checkpoint
     the untrained baseline (seeded random heads, no LoRA) on `model_id`. `score_dtype` (fp32, bf16, auto): the
     dtype MaxSim scores in, resolved here and kept resolved in the loader keywords (so in the result key).
@@ -451,7 +451,7 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
         model, processor, ckpt_dict = ColIntern.from_checkpoint(ckpt, model_id=model_id, dtype=dtype,
                                                                 device_map=device_map, max_tiles=max_tiles,
                                                                 quantize=quantize,
-                                                                attn_implementation=attn_implementation)
+                                                                attn_implementation=attn_implementation, dim=dim)
         model_id = model.model_id
     else:
         ckpt_dict = None
@@ -460,12 +460,12 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
         model, processor = ColIntern.from_pretrained(model_id, proj_dim=proj_dim, lora=None,
                                                      max_tiles=max_tiles or 4, dtype=dtype, device_map=device_map,
                                                      quantize=quantize or "none",
-                                                     attn_implementation=attn_implementation)
+                                                     attn_implementation=attn_implementation, dim=dim)
         baseline_heads(model, seed)
     loader_kwargs = {"ckpt": ckpt, "model_id": model_id, "device": device, "dtype": dtype,
                      "max_tiles": model.max_tiles, "seed": seed, "proj_dim": model.proj_dim,
                      "score_dtype": dtype_name(scoring), "quantize": model.quantize, "pool_factor": pool_factor,
-                     "rerank": rerank, "attn_implementation": attn_implementation}
+                     "rerank": rerank, "attn_implementation": attn_implementation, "dim": model.dim}
     scores = score_identity(model.embedding_identity(pool_factor), scoring, device, rerank)
     training_data, lineage_from = checkpoint_training_data(ckpt, ckpt_dict)
     encoder = ColInternEncoder(model.eval(), processor, None, device=device,
@@ -1001,7 +1001,7 @@ def evaluate(args, rank: int, world: int):
                            max_tiles=args.max_tiles, seed=args.seed, proj_dim=args.proj_dim or 128,
                            experiment_kwargs=subsample, score_dtype=args.score_dtype, quantize=args.quantize,
                            pool_factor=args.pool_factor, rerank=args.rerank,
-                           attn_implementation=args.attn_implementation)
+                           attn_implementation=args.attn_implementation, dim=args.dim)
     encoder.rank, encoder.world = rank, world
     meta = encoder.mteb_model_meta
     out_json = args.out_json or os.path.join("outputs", "eval", f"{run_name(meta)}.json")

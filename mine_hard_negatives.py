@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    for flag in ("k", "candidates", "token_hits", "nprobe", "doc_batch", "query_batch", "shard_pages", "pool_factor"):
-        if getattr(args, flag) < 1:
+    for flag in ("k", "candidates", "token_hits", "nprobe", "doc_batch", "query_batch", "shard_pages", "pool_factor",
+                 "dim"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
         p.error(f"--num_workers must be >= 0, got {args.num_workers}")
@@ -142,6 +143,9 @@ class MiningInput:
     page_hashes: list  # each distinct page's content hash
     page_mentions: int  # page references before deduplication
     resolver: PageResolver  # opens page_refs (picklable, for DataLoader workers)
+    # per query, what its output row carries besides query/pos/negs: a hub row's `source`, a JSONL row's other fields
+    # (so that training on the mined JSONL can --batch_by them)
+    fields: list = dataclasses.field(default_factory=list)
 
 
 class Deduper:
@@ -165,6 +169,7 @@ def hub_input(name: str, split: str) -> MiningInput:
     resolver = PageResolver(root=None)  # the rows' pseudo-paths only, never a file
     ds = resolver.dataset(name, split, columns=("query", "image"))
     queries = read_queries(ds, what)
+    fields = [{"source": v} for v in ds["source"]] if "source" in ds.column_names else []
     dedup, positives = Deduper(), []
     raw = raw_images(ds).select_columns(["image"])
     batch = 512
@@ -179,7 +184,7 @@ def hub_input(name: str, split: str) -> MiningInput:
         pos_refs=[pseudo_path(name, split, row) for row in range(len(ds))], positives=positives,
         page_refs=[pseudo_path(name, split, row) for row in dedup.firsts],
         page_wheres=[f"{what} row {row}" for row in dedup.firsts], page_hashes=dedup.hashes,
-        page_mentions=dedup.mentions, resolver=resolver)
+        page_mentions=dedup.mentions, resolver=resolver, fields=fields)
 
 
 def jsonl_input(path: str, root: str) -> MiningInput:
@@ -201,7 +206,8 @@ def jsonl_input(path: str, root: str) -> MiningInput:
                 "sha1": file_sha1(path)},
         queries=[row["query"] for row in rows], pos_refs=[row["pos"] for row in rows], positives=positives,
         page_refs=[ref for ref, _ in dedup.firsts], page_wheres=[where for _, where in dedup.firsts],
-        page_hashes=dedup.hashes, page_mentions=dedup.mentions, resolver=resolver)
+        page_hashes=dedup.hashes, page_mentions=dedup.mentions, resolver=resolver,
+        fields=[row["fields"] for row in rows])
 
 
 # -----------------------------------------------------------------------------
@@ -652,7 +658,7 @@ def mine(args, rank: int, world: int, device: str):
         model, processor, ckpt = ColIntern.from_checkpoint(
             args.ckpt, model_id=args.model_id, dtype=args.dtype, max_tiles=args.max_tiles, quantize=args.quantize,
             device_map=device if torch.device(device).type == "cuda" else None,
-            attn_implementation=args.attn_implementation)
+            attn_implementation=args.attn_implementation, dim=args.dim)
         model.eval()
         quantize = model.quantize
         dtype = resolve_dtype(args.dtype, device, quantize)  # the model's (encoding)
@@ -727,8 +733,9 @@ def write_outputs(args, data: MiningInput, result: dict, ckpt: dict, device, dty
                   t_start: float) -> dict:
     n_pages = len(data.page_hashes)
     negatives = result["negatives"].tolist()
-    rows = [{"query": q, "pos": pos, "negs": [data.page_refs[j] for j in negs if j >= 0]}
-            for q, pos, negs in zip(data.queries, data.pos_refs, negatives)]
+    rows = [{"query": q, "pos": pos, "negs": [data.page_refs[j] for j in negs if j >= 0],
+             **(data.fields[i] if data.fields else {})}
+            for i, (q, pos, negs) in enumerate(zip(data.queries, data.pos_refs, negatives))]
     write_jsonl(args.out_jsonl, rows)
     n_negs = torch.tensor([len(r["negs"]) for r in rows])
     timings["total"] = time.perf_counter() - t_start

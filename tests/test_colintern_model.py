@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -186,6 +187,8 @@ def test_every_ingredient_of_an_embedding_or_a_score_changes_its_identity(tiny_m
                 "dtype": build(dtype="bf16").embedding_identity(),  # and the compute dtype with it
                 "quantize": quantized.embedding_identity(),
                 "attn_implementation": build(attn_implementation="eager").embedding_identity(),
+                "bidirectional": build(bidirectional=True).embedding_identity(),
+                "dim": build(matryoshka_dims=[16, 8], dim=8).embedding_identity(),
                 "pool_factor": base.embedding_identity(pool_factor=3)}
     monkeypatch.setattr(cm, "FORMAT_VERSION", cm.FORMAT_VERSION + 1)
     variants["format_version"] = base.embedding_identity()
@@ -208,6 +211,103 @@ def test_every_ingredient_of_an_embedding_or_a_score_changes_its_identity(tiny_m
     assert bf16_upcast["matmul_dtype"] == "fp32" and score_variants["matmul_dtype"]["matmul_dtype"] == "bf16"
     assert set(scores) == set(score_variants) | {"dim"} and scores["dim"] == 16
     assert len({key(scores), *map(key, score_variants.values())}) == 1 + len(score_variants)
+
+
+def test_bidirectional_attention_sees_later_tokens_ignores_padding_and_travels(tiny_model_dir, tmp_path):
+    """--bidirectional: a query token's vector depends on the tokens after it (causal: not at all), padding changes
+    nothing in either mode, sdpa and eager read their masks alike, and the checkpoint carries the setting into
+    from_checkpoint. Causal models built with bidirectional=False compute exactly what they did."""
+    def build(**kwargs):
+        torch.manual_seed(0)
+        return ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8), **kwargs)
+
+    (causal, processor), (both, _) = build(), build(bidirectional=True)
+    default = build(bidirectional=False)[0]
+    a, b = "alpha beta gamma delta", "alpha beta gamma epsilon"  # the same first tokens, another last word
+    long = "a much longer query " * 6 + "that pads the others on the left"
+
+    def vectors(model, texts):
+        return model.encode_queries(processor, texts, batch_size=len(texts))
+
+    ca, cb = vectors(causal, [a])[0], vectors(causal, [b])[0]
+    ba, bb = vectors(both, [a])[0], vectors(both, [b])[0]
+    shared = 4  # "Query: alpha beta" tokens and more sit before the first word that differs
+    # causal: the shared prefix computes the same products in the same order, up to the matmuls' blocking over
+    # another sequence length (fp32: ~1e-6 on unit vectors); bidirectional: the later word moves every vector
+    assert torch.allclose(ca[:shared], cb[:shared], atol=1e-5)
+    assert (ba[:shared] - bb[:shared]).norm(dim=-1).min() > 1e-3
+    for model in (causal, both):
+        alone, padded = vectors(model, [a])[0], vectors(model, [long, a])[1]
+        assert torch.allclose(alone, padded, atol=1e-5)
+    assert all(torch.equal(x, y) for x, y in zip(vectors(default, [a, long]), vectors(causal, [a, long])))
+    eager = build(bidirectional=True, attn_implementation="eager")[0]
+    assert torch.allclose(vectors(eager, [long, a])[1], ba, atol=1e-5)
+    cm.save_checkpoint(str(tmp_path / "both.pt"), both)
+    loaded = ColIntern.from_checkpoint(str(tmp_path / "both.pt"))[0]
+    assert loaded.bidirectional and cm.load_checkpoint(str(tmp_path / "both.pt"))["meta"]["bidirectional"]
+    assert torch.equal(vectors(loaded, [a])[0], ba)
+    assert both.embedding_identity()["bidirectional"] and not causal.embedding_identity()["bidirectional"]
+
+
+def test_matryoshka_loss_is_the_sum_over_renormalised_prefixes():
+    """The loss at dims (16, 8, 4) against a float64 computation written out here: per prefix, each vector cut and
+    renormalised, MaxSim, divided by the query's length, InfoNCE at the temperature; summed. Masked tokens (zero
+    vectors) stay out. fp32 against fp64: each score sums <= 12 maxima of 16-term dots, ~1e-6 relative, and the
+    loss is a log-sum-exp of scores / 0.05: 1e-4 absolute is far above that and far below a wrong prefix's effect."""
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(3, 12, 16, generator=g), dim=-1)
+    p = F.normalize(torch.randn(5, 20, 16, generator=g), dim=-1)
+    q_mask, p_mask = torch.ones(3, 12, dtype=torch.bool), torch.ones(5, 20, dtype=torch.bool)
+    q_mask[0, 9:], p_mask[2, 15:] = False, False
+    q, p = q * q_mask[..., None], p * p_mask[..., None]
+    pos, temperature = torch.tensor([0, 1, 2]), 0.05
+
+    def reference(d):
+        qd = torch.nn.functional.normalize(q[..., :d].double(), dim=-1)
+        pd = torch.nn.functional.normalize(p[..., :d].double(), dim=-1)
+        scores = torch.tensor([[sum(max(float(qd[i, a] @ pd[j, b]) for b in range(20) if p_mask[j, b])
+                                    for a in range(12) if q_mask[i, a]) / int(q_mask[i].sum())
+                                for j in range(5)] for i in range(3)], dtype=torch.float64)
+        return float(torch.nn.functional.cross_entropy(scores / temperature, pos))
+
+    got = cm.contrastive_loss(q, q_mask, p, p_mask, pos, temperature, dims=[16, 8, 4])
+    assert abs(float(got) - sum(reference(d) for d in (16, 8, 4))) < 1e-4
+    assert abs(float(cm.contrastive_loss(q, q_mask, p, p_mask, pos, temperature)) - reference(16)) < 1e-4
+    assert torch.equal(cm.matryoshka_prefix(q, 16), q) and torch.equal(cm.matryoshka_prefix(q, 8)[0, 9:],
+                                                                        torch.zeros(3, 8))
+
+
+def test_a_matryoshka_model_encodes_at_any_trained_prefix(tiny_model_dir, keyword_page):
+    """dim 8 of a model trained at (16, 8): vectors of size 8 and unit norm, the renormalised prefixes of the full
+    ones; dim 16 (the full size) is exactly the model without --dim; an untrained size is one line."""
+    def build(**kwargs):
+        torch.manual_seed(0)
+        return ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8),
+                                         matryoshka_dims=[16, 8], **kwargs)
+
+    (full, processor), small = build(), build(dim=8)[0]
+    pages = [keyword_page("alpha"), keyword_page("beta", size=(448, 224))]
+    f, s = full.encode_pages(processor, pages), small.encode_pages(processor, pages)
+    for a, b in zip(f, s):
+        assert b.shape == (a.shape[0], 8)
+        assert torch.allclose(b.norm(dim=-1), torch.ones(len(b)), atol=1e-6)
+        assert torch.allclose(b, F.normalize(a[:, :8], dim=-1), atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(f, build(dim=16)[0].encode_pages(processor, pages)))
+    with pytest.raises(ValueError, match="--dim 4: this model was trained at 16, 8"):
+        build(dim=4)
+
+
+@pytest.mark.parametrize("dim", [32, 64, 96, 256])
+def test_maxsim_scores_at_every_matryoshka_size(dim):
+    """The scoring kernels take any vector size a prefix can have: against float64 per-pair MaxSim."""
+    g = torch.Generator().manual_seed(dim)
+    queries = [F.normalize(torch.randn(n, dim, generator=g), dim=-1) for n in (5, 9)]
+    pages = [F.normalize(torch.randn(n, dim, generator=g), dim=-1) for n in (30, 7, 50)]
+    got = cm.maxsim_scores(queries, pages)
+    expected = torch.tensor([[float((qq.double() @ pp.double().T).max(dim=1).values.sum()) for pp in pages]
+                             for qq in queries], dtype=torch.float64)
+    # fp32 dot products of unit vectors: |error| <= dim * 2^-24 per dot, summed over <= 9 query tokens
+    assert torch.allclose(got.double(), expected, atol=9 * dim * 2 ** -24 * 2)
 
 
 def test_encode_prepares_the_next_batch_before_fetching_the_last(model_and_processor, monkeypatch):
@@ -1116,9 +1216,9 @@ def test_lora_and_heads_compute_in_bf16_over_fp32_masters(tiny_model_dir, keywor
     for module in model.backbone.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = True
-    fp32_project = ColIntern.__dict__["_project"].__func__
-    monkeypatch.setattr(ColIntern, "_project", staticmethod(lambda head, hidden, mask: fp32_project(
-        head, hidden.float(), mask)))
+    fp32_project = ColIntern._project
+    monkeypatch.setattr(ColIntern, "_project", lambda self, head, hidden, mask: fp32_project(
+        self, head, hidden.float(), mask))
     monkeypatch.setattr(model, "compute_precision", contextlib.nullcontext)
     reference = fixed_direction_grads(model, processor, keyword_page)
     u = 2.0 ** -8

@@ -87,7 +87,7 @@ def test_one_process_joins_no_group_and_prints(capsys):
 # -----------------------------------------------------------------------------
 # The model flags mine and eval share
 
-SHARED = ("--ckpt", "--model_id", "--max_tiles", "--device", "--dtype", "--score_dtype", "--quantize",
+SHARED = ("--ckpt", "--model_id", "--max_tiles", "--device", "--dtype", "--score_dtype", "--quantize", "--dim",
           "--attn_implementation", "--pool_factor")
 
 

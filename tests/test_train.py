@@ -159,6 +159,93 @@ def test_epoch_batches_split_one_global_order_across_ranks():
     assert single != list(train.EpochBatches(40, epoch=4, seed=7, batch_size=8, rank=0, world=1, n_batches=5))
 
 
+def test_batch_by_puts_each_steps_rows_in_one_group_seeded_and_resumable():
+    """--batch_by: 3 groups of 11, 6 and 3 rows, steps of 4 rows (2 per micro-batch x 2 ranks, or 4 in one process):
+    every step's rows share a group; each row at most once; each group's remainder (3 + 2 + 3 rows) left out; the
+    same order for the same (seed, epoch), another for the next epoch; ranks split one order as one process sees it,
+    and a resumed sampler continues it."""
+    groups = ["a"] * 11 + ["b"] * 6 + ["c"] * 3
+    order = train.epoch_order(20, epoch=2, seed=5, groups=groups, step_rows=4)
+    assert len(order) == train.rows_per_epoch(20, groups, 4) == 12 and len(set(order)) == 12
+    steps = [order[k:k + 4] for k in range(0, 12, 4)]
+    assert all(len({groups[i] for i in step}) == 1 for step in steps)
+    assert sorted(groups[step[0]] for step in steps) == ["a", "a", "b"]
+    assert order == train.epoch_order(20, epoch=2, seed=5, groups=groups, step_rows=4)
+    assert order != train.epoch_order(20, epoch=3, seed=5, groups=groups, step_rows=4)
+    kw = dict(epoch=2, seed=5, n_batches=6, groups=groups, step_rows=4)
+    single = list(train.EpochBatches(20, batch_size=2, rank=0, world=1, **kw))  # 2 micro-batches of 2 per step
+    ranks = [list(train.EpochBatches(20, batch_size=1, rank=r, world=2, **kw)) for r in (0, 1)]
+    assert [[i for _, i in b] for b in single] == [order[k:k + 2] for k in range(0, 12, 2)]
+    assert all(single[b] == ranks[0][b] + ranks[1][b] for b in range(6))
+    assert list(train.EpochBatches(20, batch_size=2, rank=0, world=1, start=3, **kw)) == single[3:]
+    assert train.rows_per_epoch(20, None, 4) == 20 and train.rows_per_epoch(22, None, 4) == 20
+
+
+def test_training_batched_by_a_field_counts_what_it_leaves_out_and_resumes_exactly(tiny_model_dir, pages, tmp_path,
+                                                                                   capsys):
+    """A JSONL whose rows carry a `source` (9 and 7 rows), steps of 4 queries: 2 + 1 steps an epoch, 4 rows left out
+    and said; a step snapshot resumes exactly, and with another --batch_by it is refused. A missing field or column
+    is one line."""
+    with open(pages["jsonl"]) as f:
+        rows = [json.loads(line) for line in f]
+    jsonl = write_jsonl(tmp_path / "sourced.jsonl", [dict(r, source="a" if i < 9 else "b") for i, r in enumerate(rows)])
+    out = tmp_path / "run"
+    flags = base_flags(tiny_model_dir, pages, out, **{"--train_jsonl": jsonl, "--batch_size": 2, "--grad_accum": 2,
+                                                     "--batch_by": "source", "--save_every": 2, "--epochs": 1})
+    run_train(*flags)
+    said = capsys.readouterr().out
+    assert "--batch_by source: 2 value(s), each step's 4 queries share one; a 9, b 7" in said
+    assert "4 of 16 rows left out of each epoch" in said
+    assert [s for s, *_ in read_loss_log(out)] == [1, 2, 3]
+    resumed = tmp_path / "resumed"
+    run_train(*[f if f != out else resumed for f in flags], "--resume_ckpt", out / "colintern_heads_step2.pt")
+    assert_same_weights(trainable(str(out / "colintern_heads_epoch1.pt")),
+                        trainable(str(resumed / "colintern_heads_epoch1.pt")))
+    with pytest.raises(ValueError, match="batch_by"):
+        run_train(*[f if f != "source" else "query" for f in flags], "--resume_ckpt", out / "colintern_heads_step2.pt",
+                  "--overwrite")
+    with pytest.raises(ValueError, match=f"--batch_by topic: {re.escape(jsonl)} line 1 has no 'topic' field"):
+        run_train(*[f if f != "source" else "topic" for f in flags], "--overwrite")
+    with pytest.raises(ValueError, match="--batch_by topic: --train_hub .* has no such column \\(it has query, "
+                                         "image\\)"):
+        run_train(*base_flags(tiny_model_dir, pages, tmp_path / "hub", **{"--train_jsonl": None, "--num_negs": None,
+                                                                         "--train_hub": pages["hub"],
+                                                                         "--batch_by": "topic"}))
+
+
+def test_bidirectional_training_is_recorded_and_kept_by_a_warm_start(tiny_model_dir, pages, tmp_path):
+    """--bidirectional reaches the checkpoint (meta, run config) and args.json; a warm start from it without the flag
+    keeps it (the model is never encoded the other way)."""
+    out = tmp_path / "both"
+    run_train(*base_flags(tiny_model_dir, pages, out, **{"--bidirectional": True, "--batch_size": 8, "--epochs": 1}))
+    first = load_checkpoint(str(out / "colintern_heads_epoch1.pt"))
+    assert first["meta"]["bidirectional"] and first["train_state"]["run"]["bidirectional"]
+    assert json.load(open(out / "args.json"))["bidirectional"] is True
+    warm = tmp_path / "warm"
+    run_train(*base_flags(tiny_model_dir, pages, warm, **{"--max_steps": 1, "--batch_size": 8, "--resume_ckpt":
+                                                         out / "colintern_heads_epoch1.pt"}))
+    assert load_checkpoint(str(warm / "colintern_heads_step3.pt"))["meta"]["bidirectional"]
+
+
+def test_matryoshka_training_records_its_prefixes(tiny_model_dir, pages, tmp_path, capsys):
+    """--matryoshka_dims 8 with --proj_dim 16: the loss sums the prefixes 16 and 8 (an untrained model's loss is
+    near ln(candidates) at each, so the first step's is near twice that), the checkpoint and run config record them;
+    sizes that are no prefix of the heads, or not numbers, are one line."""
+    out = tmp_path / "mrl"
+    run_train(*base_flags(tiny_model_dir, pages, out, **{"--proj_dim": 16, "--matryoshka_dims": "8", "--max_steps": 1}))
+    ckpt = load_checkpoint(str(out / "colintern_heads_step1.pt"))
+    assert ckpt["meta"]["matryoshka_dims"] == [16, 8] and ckpt["train_state"]["run"]["matryoshka_dims"] == [16, 8]
+    candidates = 4 * 2  # batch 4, each with one hard negative
+    assert 1.5 * math.log(candidates) < read_loss_log(out)[0][2] < 2.5 * math.log(candidates)
+    with pytest.raises(ValueError, match="must lie in 1..16"):
+        run_train(*base_flags(tiny_model_dir, pages, tmp_path / "big", **{"--proj_dim": 16,
+                                                                          "--matryoshka_dims": "32,16"}))
+    with pytest.raises(SystemExit):
+        train.parse_args([str(f) for f in base_flags(tiny_model_dir, pages, tmp_path / "x",
+                                                      **{"--matryoshka_dims": "16,x"})])
+    assert "--matryoshka_dims: expected sizes above 0 separated by commas" in capsys.readouterr().err
+
+
 def test_warmup_cosine_schedule():
     f = train.warmup_cosine(warmup_steps=4, total_steps=14)
     assert [f(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
