@@ -5,21 +5,26 @@ r"""Export a trained ColIntern as a folder to share on the Hugging Face hub: `hf
     hf upload my-org/colintern-1b-v1 outputs/colintern-1b-v1 .
     python eval.py --ckpt outputs/colintern-1b-v1 --benchmarks "ViDoRe(v1)"      # or --ckpt my-org/colintern-1b-v1
 
-The folder holds safetensors and JSON only (no pickles), and nothing of the frozen backbone:
+The folder holds safetensors, JSON and text only (no pickles, no code), and nothing of the frozen backbone:
     adapter_config.json, adapter_model.safetensors   the LoRA adapter in peft's own files (base_model_name_or_path:
                                                      the backbone id), which PeftModel.from_pretrained also reads
     heads.safetensors                                the query and page heads
     colintern_config.json                            name, backbone, proj_dim, max_tiles, query/page format and its
                                                      version, LoRA settings, step/epoch, training-data lineage: every
                                                      key of the checkpoint's meta
+    modules.json, 1_Router/, 2_Normalize/, ...       the same model for sentence-transformers' MultiVectorEncoder:
+    chat_template.jinja, tokenizer.json, ...         the backbone's processor with ColIntern's query and page formats
+                                                     as its chat template (colintern_st.py lists every file)
     README.md                                        the model card: hub metadata, how to load it, eval.py's scores
-    mteb_model_meta.py                               the mteb model registration (ModelMeta) for a leaderboard
-                                                     submission
+    mteb_model_meta.py                               the mteb model registration (ModelMeta, loaded by mteb's
+                                                     MultiVectorWrapper) for a leaderboard submission
 
-Load it with `colintern_model.load_trained(folder or hub id)`; eval.py, mine_hard_negatives.py (--ckpt) and train.py
+Load it with `MultiVectorEncoder(folder or hub id)` (sentence-transformers >= 6.0, without this repository), or
+`colintern_model.load_trained(folder or hub id)`; eval.py, mine_hard_negatives.py (--ckpt) and train.py
 (--resume_ckpt) take the folder wherever they take a .pt. Before the folder appears it is loaded back onto the
-backbone it was trained on, so an adapter or heads that do not fit fail here, not on the hub. Writing goes to a
-hidden folder beside --out_dir, renamed into place at the end: a crash leaves nothing half-written.
+backbone it was trained on, so an adapter or heads that do not fit fail here, not on the hub, and its chat template
+must render the query and page formats ColInternProcessor makes. Writing goes to a hidden folder beside --out_dir,
+renamed into place at the end: a crash leaves nothing half-written.
 """
 import datetime
 import json
@@ -33,7 +38,9 @@ from colintern_cli import (ArgumentParser, UserFileExistsError, UserValueError, 
 MODEL_CARD = "README.md"
 MTEB_META = "mteb_model_meta.py"
 TAGS = ["colpali", "colintern", "late-interaction", "visual-document-retrieval", "vidore", "multimodal",
-        "internvl"]
+        "internvl", "sentence-transformers", "multi-vector"]
+USAGE_QUERY = "Which page shows the revenue?"
+USAGE_PAGE = "page.png"
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
@@ -72,7 +79,9 @@ if __name__ == "__main__":
 
 import eval as colintern_eval  # noqa: E402
 from colintern_data import check_output, create_beside, follow_umask  # noqa: E402
-from colintern_model import ColIntern, load_checkpoint, write_exported  # noqa: E402
+from colintern_model import (PAGE_PROMPT, QUERY_AUGMENTATION_TOKENS, QUERY_PREFIX, ColIntern,  # noqa: E402
+                             ColInternProcessor, load_checkpoint, write_exported)
+from colintern_st import check_formats, write_sentence_transformers  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -118,9 +127,38 @@ def lora_summary(lora: dict | None) -> str:
     return f"r {lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']} (target modules: adapter_config.json)"
 
 
+def usage(name: str, proj_dim: int, max_tiles: int) -> list:
+    """The card's usage section: sentence-transformers first (load, encode, score), then ColIntern's own loader.
+    Every code block runs as written once `name` resolves (tests/test_sentence_transformers.py runs them)."""
+    return [
+        "## Usage", "",
+        "With sentence-transformers (>= 6.0, with peft >= 0.20 for the adapter); no code from ColIntern is needed:", "",
+        "```python", "from PIL import Image", "from sentence_transformers import MultiVectorEncoder", "",
+        f'model = MultiVectorEncoder("{name}")',
+        f'queries, pages = model.encode_query(["{USAGE_QUERY}"]), model.encode_document([Image.open("{USAGE_PAGE}")])',
+        "scores = model.similarity(queries, pages)  # MaxSim, one row per query", "```", "",
+        f"Each query token and each image token of a page becomes a {proj_dim}-d unit vector. ColIntern's formats "
+        f"are the folder's chat template (`chat_template.jinja`): a query is `{json_str(QUERY_PREFIX)}` + its text + "
+        f"{QUERY_AUGMENTATION_TOKENS} pad tokens, a page `{json_str(PAGE_PROMPT)}` around its image, tiled into at "
+        f"most {max_tiles} tiles (+ a thumbnail when tiled; `sentence_bert_config.json`). The modules: Transformer "
+        "(InternVL with the LoRA adapter, through peft) -> Router (the query head or the page head) -> Normalize -> "
+        "MultiVectorMask (a page keeps its image tokens).", "",
+        "With the ColIntern repository on the Python path:", "",
+        "```python", "from PIL import Image", "from colintern_model import load_trained, maxsim_scores", "",
+        f'model, processor = load_trained("{name}")',
+        f'queries = model.encode_queries(processor, ["{USAGE_QUERY}"])  # list of (query tokens, {proj_dim})',
+        f'pages = model.encode_pages(processor, [Image.open("{USAGE_PAGE}")])  # list of (image tokens, {proj_dim})',
+        "scores = maxsim_scores(queries, pages)  # (queries, pages)", "```", "",
+        "The adapter is in peft's format: `PeftModel.from_pretrained(AutoModel.from_pretrained(base), folder)` loads "
+        "it onto the backbone; the heads are in `heads.safetensors` (ColIntern) and `1_Router/` "
+        "(sentence-transformers).", "",
+        f"Evaluate with ColIntern's eval.py (`--ckpt {name}`), or with mteb (>= 2.22): `{MTEB_META}` registers the "
+        "model with mteb's `MultiVectorWrapper` as its loader."]
+
+
 def model_card(config: dict, args, hub: list, other: list, summaries: list) -> str:
     base = config["model_id"]
-    lines = ["---", f"base_model: {json_str(base)}", "library_name: peft",
+    lines = ["---", f"base_model: {json_str(base)}", "library_name: sentence-transformers",
              f"license: {args.license or 'other  # placeholder: set the license of these weights'}",
              "pipeline_tag: visual-document-retrieval", f"tags:{yaml_list(TAGS)}", f"datasets:{yaml_list(hub)}",
              "---", "", f"# {config['name']}", "",
@@ -136,18 +174,7 @@ def model_card(config: dict, args, hub: list, other: list, summaries: list) -> s
     if other:
         lines += ["", f"Also trained on {len(other)} source(s) that are not hub datasets (local folders or files, "
                       f"or lineage not recorded), left out of `datasets:` above."]
-    lines += ["", "## Usage", "", "With the ColIntern repository on the Python path:", "", "```python",
-              "from colintern_model import load_trained, maxsim_scores",
-              f'model, processor = load_trained("{config["name"]}")   # or the downloaded folder',
-              'queries = model.encode_queries(processor, ["Which page shows the revenue?"])  # list of (Lq, '
-              f'{config["proj_dim"]})',
-              "pages = model.encode_pages(processor, [PIL.Image.open(\"page.png\")])",
-              "scores = maxsim_scores(queries, pages)                     # (queries, pages)", "```", "",
-              "The adapter is in peft's format: `PeftModel.from_pretrained(AutoModel.from_pretrained(base), "
-              "folder)` loads it onto the backbone; the heads (`heads.safetensors`) and the query/page format "
-              "(`colintern_config.json`) are ColIntern's.", "",
-              "Evaluate: `python eval.py --ckpt " + config["name"] + " --benchmarks \"ViDoRe(v1)\" \"ViDoRe(v2)\"`. "
-              f"The mteb registration is `{MTEB_META}`."]
+    lines += ["", *usage(config["name"], config["proj_dim"], config["max_tiles"])]
     if summaries:
         lines += ["", "## Evaluation", "", "Scores x100 from ColIntern's eval.py (mteb, exact MaxSim)."]
         lines.append(eval_tables(summaries))
@@ -163,7 +190,7 @@ def mteb_registration(meta) -> str:
     fields = ["name", "revision", "release_date", "languages", "n_parameters", "memory_usage_mb", "max_tokens",
               "embed_dim", "license", "open_weights", "public_training_code", "public_training_data", "framework",
               "reference", "use_instructions", "adapted_from", "modalities", "model_type"]
-    body = ["    loader=load_encoder,", f"    loader_kwargs={{'ckpt': {meta.name!r}}},"]
+    body = ["    loader=MultiVectorWrapper,"]
     body += [f"    {field}={getattr(meta, field)!r}," for field in fields]
     body += ["    similarity_fn_name=ScoringFunction.MAX_SIM,",
              f"    training_datasets={python_set(meta.training_datasets)},"]
@@ -172,11 +199,11 @@ def mteb_registration(meta) -> str:
         "",
         "For a leaderboard submission, paste this ModelMeta into mteb's model implementations",
         "(mteb/models/model_implementations/), set revision to the hub commit of the upload, and run mteb on the",
-        "model. The loader is ColIntern's eval.load_encoder: the ColIntern repository must be importable.",
+        "model. The loader is mteb's MultiVectorWrapper (mteb >= 2.22): it loads the folder with",
+        "sentence-transformers' MultiVectorEncoder (>= 6.0); nothing of ColIntern is imported.",
         '"""',
         "from mteb.models.model_meta import ModelMeta, ScoringFunction",
-        "",
-        "from eval import load_encoder",
+        "from mteb.models.sentence_transformer_wrapper import MultiVectorWrapper",
         "",
         f"{variable} = ModelMeta(",
         *body,
@@ -206,7 +233,8 @@ def registration_meta(folder: str, config: dict, args):
                                            name=config["name"])
     return meta.model_copy(update={"license": args.license or "not specified",
                                    "release_date": datetime.date.today().isoformat(),
-                                   "reference": f"https://huggingface.co/{config['name']}"})
+                                   "reference": f"https://huggingface.co/{config['name']}",
+                                   "framework": ["Sentence Transformers", "PyTorch", "Transformers"]})
 
 
 # -----------------------------------------------------------------------------
@@ -235,6 +263,11 @@ def main(args):
     check_output(args.out_dir, "--out_dir", "beside")  # written as a folder beside it, then renamed
     ckpt = load_checkpoint(args.ckpt)
     meta = ckpt["meta"]
+    if meta.get("bidirectional"):
+        raise UserValueError(f"--ckpt {args.ckpt} was trained with --bidirectional, and the exported folder's "
+                             "sentence-transformers files would encode it causally (its Transformer module runs the "
+                             "language model as configured); a bidirectional model cannot be exported yet. Use the .pt "
+                             "with mine_hard_negatives.py, eval.py and search.py")
     args.trained_on = meta["model_id"]
     if "training_data" not in meta:  # a checkpoint from before lineage was recorded: what eval.py would declare
         guessed, _ = colintern_eval.checkpoint_training_data(args.ckpt, ckpt)
@@ -247,6 +280,8 @@ def main(args):
     tmp = create_beside(out_dir, ".tmp", folder=True)  # 0777 less the umask, as --out_dir itself would be
     try:
         config = write_exported(ckpt, tmp, args.name, base_model=args.base_model)
+        write_sentence_transformers(tmp, ckpt, args.trained_on)
+        check_formats(tmp, ColInternProcessor.from_pretrained(args.trained_on, max_tiles=meta["max_tiles"]))
         registration = registration_meta(tmp, config, args)
         hub, other = hub_datasets(config.get("training_data") or [])
         with open(os.path.join(tmp, MODEL_CARD), "w") as f:
@@ -255,7 +290,8 @@ def main(args):
         check_registration(source)
         with open(os.path.join(tmp, MTEB_META), "w") as f:
             f.write(source)
-        follow_umask(tmp)  # the safetensors files: see follow_umask
+        for folder, _, _ in os.walk(tmp):  # the safetensors files, the Dense heads' in 1_Router/ too: see follow_umask
+            follow_umask(folder)
         if os.path.isdir(out_dir):  # empty, or --overwrite: moved aside, replaced, then removed
             old = create_beside(out_dir, ".old", folder=True)
             os.replace(out_dir, os.path.join(old, "x"))
@@ -269,15 +305,23 @@ def main(args):
 
     if looks_local(config["model_id"]):
         print(f"note: the backbone is recorded as the local path {config['model_id']}; elsewhere the folder loads "
-              f"only with an override (load_trained(..., model_id=...), --model_id). Pass --base_model HUB_ID to "
-              f"record the hub id it is a copy of")
+              f"only with an override (load_trained(..., model_id=...), --model_id), and MultiVectorEncoder takes "
+              f"none. Pass --base_model HUB_ID to record the hub id it is a copy of")
     print(f"wrote {out_dir} ({config['name']}):")
     for name in sorted(os.listdir(out_dir)):
-        print(f"  {name:<28} {os.path.getsize(os.path.join(out_dir, name)):>12,} bytes")
+        print(f"  {name + ('/' if os.path.isdir(os.path.join(out_dir, name)) else ''):<34} "
+              f"{tree_bytes(os.path.join(out_dir, name)):>12,} bytes")
     print(f"upload: hf upload {config['name']} {args.out_dir} .")
     print(f"mteb:   {os.path.join(args.out_dir, MTEB_META)} registers it as {registration.name} (training_datasets: "
           f"{', '.join(sorted(registration.training_datasets)) or 'none'})")
     return out_dir
+
+
+def tree_bytes(path: str) -> int:
+    """A file's size, or the total of a folder's files."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 def looks_local(model_id: str) -> bool:

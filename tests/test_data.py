@@ -227,7 +227,9 @@ def test_exported_folder_follows_the_umask(checkpoint, tmp_path, umask_modes):  
     (tmp_path / "empty").mkdir()
     for out_dir in [tmp_path / "new", tmp_path / "empty"]:
         run_export("--ckpt", checkpoint, "--out_dir", out_dir, "--name", "me/colintern-tiny")
-        assert modes(out_dir) == {".": folder_mode, **dict.fromkeys(os.listdir(out_dir), file_mode)}
+        for folder, folders, files in os.walk(out_dir):  # sentence-transformers' modules are in subfolders
+            assert modes(folder) == {".": folder_mode, **dict.fromkeys(folders, folder_mode),
+                                     **dict.fromkeys(files, file_mode)}
     assert sorted(os.listdir(tmp_path)) == ["empty", "new"]  # no temp or .old folder left
 
 

@@ -39,6 +39,22 @@ def checkpoint(tiny_model_dir, tmp_path_factory):
     return path
 
 
+# Where sentence-transformers and ColIntern encode the same inputs (tests/test_sentence_transformers.py, mteb below)
+# they batch them differently: ColIntern pages 4 at a time in input order, sentence-transformers 32 at a time longest
+# first, so sequences are padded to other lengths and attention and matmuls sum in another order. Each output of a
+# layer sums at most N = 400 products (the longest sequence: 5 tiles x 64 tokens + the prompt; the matmuls are
+# narrower), in fp32 each reordering moves it by at most N u (u = 2^-24) of the unit vectors the tiny model's 3
+# layers (vision 1, language 2) end in: per component, |difference| <= 3 N u.
+VECTOR_TOL = 3 * 400 * 2.0 ** -24
+
+
+def score_tol(query_tokens: int, dim: int) -> float:
+    """A similarity q.p of unit vectors each off by <= VECTOR_TOL per component moves by <= 2 sqrt(dim) VECTOR_TOL
+    (Cauchy-Schwarz); a max is 1-Lipschitz; a score sums query_tokens of them. Each side's own fp32 scoring adds its
+    rounding (cm.score_error_bound)."""
+    return query_tokens * 2 * dim ** 0.5 * VECTOR_TOL + 2 * cm.score_error_bound(torch.float32, query_tokens, dim)
+
+
 def run_export(*flags):
     return export.main(export.parse_args([str(f) for f in flags]))
 
@@ -55,12 +71,17 @@ def encodings(path, pages, **kwargs):
 
 
 def test_folder_holds_safetensors_and_json_and_encodes_as_the_checkpoint(folder, checkpoint, pages, monkeypatch):
-    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                          "colintern_config.json", "heads.safetensors", "mteb_model_meta.py"]
+    assert sorted(os.listdir(folder)) == [
+        "1_Router", "2_Normalize", "3_MultiVectorMask", "README.md", "adapter_config.json", "adapter_model.safetensors",
+        "chat_template.jinja", "colintern_config.json", "config_sentence_transformers.json", "heads.safetensors",
+        "modules.json", "mteb_model_meta.py", "processor_config.json", "sentence_bert_config.json", "tokenizer.json",
+        "tokenizer_config.json"]
     assert not [n for n in os.listdir(os.path.dirname(folder)) if n.startswith(".")]  # no temp folder left
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            assert not f.read(2).startswith((b"PK", b"\x80")), name  # no zip (torch.save) or pickle inside
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                assert not f.read(2).startswith((b"PK", b"\x80")), name  # no zip (torch.save) or pickle inside
+            assert name.endswith((".json", ".safetensors", ".jinja", ".md")) or name == "mteb_model_meta.py", name
     config = json.load(open(os.path.join(folder, "colintern_config.json")))
     meta = cm.load_checkpoint(checkpoint)["meta"]
     assert config == {"kind": "colintern", "export_version": 1, "name": NAME, **meta}  # the whole meta travels
@@ -88,22 +109,27 @@ def test_peft_loads_the_adapter_itself(folder, checkpoint, tiny_model_dir):
 def test_model_card_and_mteb_registration(folder):
     card = open(os.path.join(folder, "README.md")).read()
     front = yaml.safe_load(card.split("---\n")[1])
-    assert front["library_name"] == "peft" and front["license"] == "other"
+    assert front["library_name"] == "sentence-transformers" and front["license"] == "other"
     assert {"colpali", "late-interaction", "visual-document-retrieval", "vidore"} <= set(front["tags"])
     assert front["datasets"] == ["vidore/colpali_train_set"] and LOCAL_SOURCE not in card
-    assert f'load_trained("{NAME}")' in card
+    assert card.index(f'MultiVectorEncoder("{NAME}")') < card.index(f'load_trained("{NAME}")')  # ST first
 
     namespace = {}
     exec(open(os.path.join(folder, "mteb_model_meta.py")).read(), namespace)
     meta = namespace["colintern_tiny"]
     from mteb.models.model_meta import ModelMeta, ScoringFunction
-    assert isinstance(meta, ModelMeta) and meta.name == NAME and meta.loader is colintern_eval.load_encoder
-    assert meta.loader_kwargs == {"ckpt": NAME} and meta.embed_dim == 16
+    from mteb.models.sentence_transformer_wrapper import MultiVectorWrapper
+    assert isinstance(meta, ModelMeta) and meta.name == NAME and meta.loader is MultiVectorWrapper
+    assert meta.loader_kwargs == {} and meta.embed_dim == 16 and "Sentence Transformers" in meta.framework
+    imports = [line for line in open(os.path.join(folder, "mteb_model_meta.py")) if line.startswith(("from", "import"))]
+    assert [line.split()[1] for line in imports] == ["mteb.models.model_meta",
+                                                     "mteb.models.sentence_transformer_wrapper"]
     assert meta.similarity_fn_name == ScoringFunction.MAX_SIM and meta.model_type == ["late-interaction"]
     assert meta.training_datasets == colintern_eval.MTEB_TRAINING_DATASETS["vidore/colpali_train_set"]
 
 
-def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(tmp_path, folder, checkpoint, pages):
+def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(tmp_path, folder, checkpoint, pages,
+                                                                       monkeypatch):
     eval_pages = [render_keyword_page(w, variant=i) for i, w in enumerate(["alpha", "beta", "gamma", "delta"] * 3)]
     queries = [f"Which page is about {w}?" for w in ["alpha", "beta", "gamma", "delta"] * 2]
     task = write_hub_layout(tmp_path / "eval", eval_pages[:10], queries, QRELS)
@@ -112,6 +138,27 @@ def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(tmp_path
     assert from_folder["benchmarks"] == from_pt["benchmarks"] and from_folder["revision"] != from_pt["revision"]
     assert colintern_eval.load_encoder(ckpt=folder).mteb_model_meta.name == NAME  # reported under its name
 
+    # mteb through the registration (MultiVectorWrapper): eval.py's scores within score_tol, so its rankings but for
+    # near-ties, and then its metrics
+    (task_name, eval_metrics), = from_folder["benchmarks"]["local"]["tasks"].items()
+    eval_scores = predictions(tmp_path / "folder" / "out_predictions" / from_folder["task_revisions"][task_name] /
+                              f"{task_name}_predictions.json")
+    model, mteb_scores, mteb_metrics = evaluate_through_the_registration(folder, task, tmp_path, monkeypatch)
+    tolerance = score_tol(max(len(q) for q in model.model.encode_query(queries)), 16)
+    assert mteb_scores.keys() == eval_scores.keys() and len(eval_scores) == len(queries)
+    near_ties = False
+    for query, scores in eval_scores.items():
+        assert mteb_scores[query].keys() == scores.keys() and len(scores) == 10
+        assert max(abs(mteb_scores[query][page] - s) for page, s in scores.items()) <= tolerance, query
+        order = ranking(scores)
+        if ranking(mteb_scores[query]) != order:  # only pages within the tolerance of each other may swap
+            assert min(scores[a] - scores[b] for a, b in zip(order, order[1:])) <= 2 * tolerance, query
+            near_ties = True
+    if not near_ties:  # the same rankings: mteb's metric code gives the same metrics
+        for metric in colintern_eval.METRICS:
+            assert mteb_metrics[metric] == pytest.approx(eval_metrics[metric], abs=1e-5), metric
+    monkeypatch.chdir(tmp_path)
+
     with open(tmp_path / "summary.json", "w") as f:
         json.dump(from_pt, f)
     again = run_export("--ckpt", checkpoint, "--out_dir", folder, "--name", NAME, "--eval_json",
@@ -119,6 +166,34 @@ def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(tmp_path
     card = open(os.path.join(again, "README.md")).read()
     ndcg = 100 * from_pt["benchmarks"]["local"]["average"]["ndcg_at_5"]
     assert yaml.safe_load(card.split("---\n")[1])["license"] == "mit" and f"| {ndcg:.2f} |" in card
+
+
+def predictions(path) -> dict:
+    """An mteb predictions file -> {query id: {page id: score}}."""
+    with open(path) as f:
+        return json.load(f)["default"]["test"]
+
+
+def ranking(scores: dict) -> list:
+    return sorted(scores, key=lambda page: -scores[page])
+
+
+def evaluate_through_the_registration(folder, task_folder, tmp_path, monkeypatch):
+    """The folder's mteb registration, loaded as mteb loads it: through mteb's MultiVectorWrapper (sentence-
+    transformers), not eval.py -> (the loaded model, mteb's scores {query: {page: score}}, its metrics)."""
+    import mteb
+    from mteb.models.sentence_transformer_wrapper import MultiVectorWrapper
+    os.makedirs(tmp_path / "hub" / os.path.dirname(NAME))
+    os.symlink(folder, tmp_path / "hub" / NAME)  # the hub id names the folder: a local path of that name comes first
+    monkeypatch.chdir(tmp_path / "hub")
+    namespace = {}
+    exec(open(os.path.join(folder, "mteb_model_meta.py")).read(), namespace)
+    model = namespace["colintern_tiny"].load_model(device="cpu")
+    assert isinstance(model, MultiVectorWrapper) and model.mteb_model_meta.modalities == ["image", "text"]
+    task = colintern_eval.make_local_task(task_folder)
+    result = mteb.evaluate(model, task, cache=None, prediction_folder=str(tmp_path / "mteb"), co2_tracker=False,
+                           encode_kwargs={"batch_size": 4, "show_progress_bar": False})
+    return model, predictions(tmp_path / "mteb" / task.prediction_file_name), result.task_results[0].scores["test"][0]
 
 
 def test_mining_with_the_folder_writes_what_the_checkpoint_mines(tmp_path, folder, checkpoint):
@@ -142,6 +217,16 @@ def test_mining_with_the_folder_writes_what_the_checkpoint_mines(tmp_path, folde
         mined[name] = (out.read_bytes(), stats["cache"]["dir"], stats["cache"]["reused"])
     assert mined["folder"][0] == mined["pt"][0] and mined["folder"][1] == mined["pt"][1]
     assert (mined["pt"][2], mined["folder"][2]) == (0, 1)
+
+
+def test_a_bidirectional_checkpoint_is_refused_in_one_line(checkpoint, tmp_path):
+    """sentence-transformers' Transformer module would run the language model causally: refused, nothing written."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["meta"]["bidirectional"] = True
+    torch.save(ckpt, tmp_path / "both.pt")
+    with pytest.raises(ValueError, match="was trained with --bidirectional.*cannot be exported yet"):
+        run_export("--ckpt", tmp_path / "both.pt", "--out_dir", tmp_path / "out", "--name", NAME)
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_out_dir_is_not_overwritten_by_accident(checkpoint, folder, tmp_path):

@@ -58,7 +58,8 @@ def test_the_main_set_pins_the_torch_pair_on_disk():
 
 # The direct requirements ColIntern calls into, whose lower bounds the floor set holds; the others (faiss, pillow,
 # scipy, safetensors, plotting, test tools) sit at constraints.txt's pins there too.
-AT_THEIR_FLOOR = ("torch", "torchvision", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "mteb")
+AT_THEIR_FLOOR = ("torch", "torchvision", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "mteb",
+                  "sentence-transformers")
 
 
 def test_the_floor_set_pins_the_lower_bounds_requirements_claims():
