@@ -60,8 +60,28 @@ def build_parser():
                    "(default: a placeholder to fill in; the backbone's license applies to what you build on it)")
     p.add_argument("--revision", default=None, help="the hub commit of the upload, for mteb's ModelMeta (known "
                    "after `hf upload`; default: none, fill it in before submitting)")
+    p.add_argument("--dim", type=int, default=None, help="export at this vector size, one of the Matryoshka "
+                   "prefixes the checkpoint was trained with (train.py --matryoshka_dims): the heads keep their first "
+                   "DIM outputs, so every loader (ours, sentence-transformers, mteb) encodes the renormalised prefix "
+                   "and the index is proj_dim / DIM times smaller (default: the full size)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_dir")
     return p
+
+
+def at_dim(ckpt: dict, dim: int | None, where: str) -> dict:
+    """The checkpoint as a model of vector size `dim`: a Matryoshka prefix it was trained at. Cutting the heads to
+    their first `dim` outputs is the prefix itself (each output is its own row of the head), and the normalisation
+    after the head then renormalises it: what ColIntern(dim=dim) encodes, up to the matmul's rounding."""
+    meta = ckpt["meta"]
+    trained = meta.get("matryoshka_dims") or [meta["proj_dim"]]
+    if dim is None or dim == meta["proj_dim"]:
+        return ckpt
+    if dim not in trained:
+        raise UserValueError(f"--dim {dim}: {where} was trained at {', '.join(map(str, trained))} (its Matryoshka "
+                             f"prefixes); pick one of them")
+    heads = {k: v[:dim].clone() for k, v in ckpt["heads"].items()}  # weight (proj_dim, hidden) rows, bias (proj_dim,)
+    meta = dict(meta, proj_dim=dim, matryoshka_dims=[d for d in trained if d <= dim])
+    return dict(ckpt, meta=meta, heads=heads)
 
 
 def parse_args(argv=None):
@@ -268,6 +288,8 @@ def main(args):
                              "sentence-transformers files would encode it causally (its Transformer module runs the "
                              "language model as configured); a bidirectional model cannot be exported yet. Use the .pt "
                              "with mine_hard_negatives.py, eval.py and search.py")
+    ckpt = at_dim(ckpt, args.dim, f"--ckpt {args.ckpt}")
+    meta = ckpt["meta"]
     args.trained_on = meta["model_id"]
     if "training_data" not in meta:  # a checkpoint from before lineage was recorded: what eval.py would declare
         guessed, _ = colintern_eval.checkpoint_training_data(args.ckpt, ckpt)

@@ -168,3 +168,28 @@ def test_model_card_snippets_run_as_written(folder, tmp_path, monkeypatch, colin
     namespace = {}
     exec(colintern_snippet, namespace)  # ROOT is on sys.path here (conftest), as the card asks
     assert torch.equal(namespace["scores"], expected)
+
+
+def test_export_at_a_matryoshka_prefix_encodes_it_everywhere(checkpoint, tmp_path, pages):  # noqa: F811
+    """export.py --dim 8 of a checkpoint trained at (16, 8): the folder is a model of size 8, whose vectors (ours
+    and sentence-transformers') are ColIntern(dim=8)'s, the renormalised prefixes: the same products as the full
+    head's first 8 rows, within fp32 rounding of a 64-long dot (~1e-6 on unit vectors). An untrained size is one
+    line."""
+    import export
+    from sentence_transformers import MultiVectorEncoder
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["meta"]["matryoshka_dims"] = [16, 8]
+    torch.save(ckpt, tmp_path / "mrl.pt")
+    folder = export.main(export.parse_args(["--ckpt", str(tmp_path / "mrl.pt"), "--out_dir", str(tmp_path / "d8"),
+                                            "--dim", "8"]))
+    reference, processor, _ = cm.ColIntern.from_checkpoint(str(tmp_path / "mrl.pt"), dim=8)
+    expected = reference.encode_pages(processor, pages[:2])
+    ours_model, ours_processor = cm.load_trained(folder)
+    assert ours_model.proj_dim == ours_model.dim == 8
+    st = MultiVectorEncoder(folder, local_files_only=True, device="cpu").encode_document(pages[:2])
+    for e, o, s in zip(expected, ours_model.encode_pages(ours_processor, pages[:2]), st):
+        assert e.shape[1] == 8 and torch.allclose(e, o, atol=1e-5)
+        assert torch.allclose(e, torch.as_tensor(s).float(), atol=1e-5)
+    with pytest.raises(ValueError, match="--dim 4: --ckpt .* was trained at 16, 8"):
+        export.main(export.parse_args(["--ckpt", str(tmp_path / "mrl.pt"), "--out_dir", str(tmp_path / "d4"),
+                                       "--dim", "4"]))
