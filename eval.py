@@ -53,13 +53,14 @@ import traceback
 import torch
 import torch.nn as nn
 
-from colintern_cli import ArgumentParser, UserFileNotFoundError, UserValueError, metric_label, one_line, run_cli
+import colintern_model
+from colintern_cli import (ArgumentParser, UserFileNotFoundError, UserValueError, metric_label, one_line,
+                           progress_bar, run_cli)
 from colintern_data import (check_output, datasets_cache_for, files_fingerprint, folder_sha256, page_hash, safe_name,
                             write_json)
 from colintern_launch import add_model_flags, distributed_run, gather_to_all, rank_share, ranks_agree
 from colintern_model import (ColIntern, dtype_name, index_bytes, matmul_dtype, maxsim_scores, pool_pages,
                              score_identity)
-from colintern_model import score_dtype as resolve_score_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,11 +280,10 @@ class ColInternEncoder(AbsEncoder):
     def _encode_queries(self, loader, where, show) -> list:
         """Under torchrun each rank encodes a contiguous share of mteb's batches, each batch exactly as one process
         does, and every rank gets all embeddings back in order (mteb runs the same steps on every rank)."""
-        from colintern_cli import progress_bar as tqdm  # tqdm on a terminal, sparse lines in a log
         out = []
         share = rank_share(len(loader), self.rank, self.world)
         with ranks_agree(f"encoding queries of {where}", self.world):
-            for b, batch in enumerate(tqdm(loader, desc=f"queries {where}", unit="batch",
+            for b, batch in enumerate(progress_bar(loader, desc=f"queries {where}", unit="batch",
                                            disable=not show or self.rank != 0)):
                 texts = list(batch["text"])
                 if b in share:
@@ -295,7 +295,6 @@ class ColInternEncoder(AbsEncoder):
         """Each batch's pages not in the page cache are encoded together. Under torchrun a first pass over mteb's
         loader finds those groups (as one process would meet them), the ranks encode a contiguous share of the
         groups, each group in one forward as in one process, and every rank gets all embeddings back."""
-        from colintern_cli import progress_bar as tqdm  # tqdm on a terminal, sparse lines in a log
         if self.world > 1:
             known, groups = set(self.page_cache), []  # groups: (batch index, keys encoded there)
             for b, batch in enumerate(loader):
@@ -307,7 +306,7 @@ class ColInternEncoder(AbsEncoder):
             own = []
             with ranks_agree(f"encoding pages of {where}", self.world):
                 todo = dict(share)
-                for b, batch in enumerate(tqdm(loader, desc=f"pages {where}", unit="batch",
+                for b, batch in enumerate(progress_bar(loader, desc=f"pages {where}", unit="batch",
                                                disable=not show or self.rank != 0)):
                     if b in todo:
                         by_key = {k: im for k, im in zip(map(page_key, batch["image"]), batch["image"])}
@@ -320,7 +319,7 @@ class ColInternEncoder(AbsEncoder):
             self.pages_encoded += len(keys)
             self.page_cache_hits -= len(keys)  # the pass below finds them in the cache: not hits of the task's data
         out = []
-        bar = tqdm(loader, desc=f"pages {where}", unit="batch", disable=not show or self.world > 1)
+        bar = progress_bar(loader, desc=f"pages {where}", unit="batch", disable=not show or self.world > 1)
         for batch in bar:
             keys = [page_key(im) for im in batch["image"]]
             missing = {}
@@ -443,7 +442,7 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
     `quantize` None: the checkpoint's, or none without one; the result key holds the quantisation used, so either
     spelling of it shares results. `pool_factor` and `rerank`: see ColInternEncoder.similarity. The result key is
     colintern_model.score_identity of what was loaded."""
-    scoring = resolve_score_dtype(score_dtype, device)
+    scoring = colintern_model.score_dtype(score_dtype, device)  # the flag's value -> a dtype
     print(f"score dtype {dtype_name(scoring)} (--score_dtype {score_dtype}; multiplied in "
           f"{dtype_name(matmul_dtype(scoring, device))} on {device})")
     device_map = None if device == "cpu" else device

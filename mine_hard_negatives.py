@@ -598,7 +598,7 @@ def faiss_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, fol
 
 
 # -----------------------------------------------------------------------------
-# Report
+# The run: the search split over ranks, main, and the output and stats it writes
 
 def rank_metrics(rank: torch.Tensor) -> dict:
     r = rank.double()
