@@ -14,9 +14,10 @@ import torch
 
 import search
 from colintern_cli import UserFileNotFoundError, UserValueError
-from colintern_model import ColIntern, LoraSettings, save_checkpoint
+from colintern_model import ColIntern
 from conftest import ROOT, query
 from keyword_pages import WORDS, render_keyword_page
+import test_mine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,13 +33,7 @@ def save_pdf(path, images):
     images[0].save(path, "PDF", save_all=True, append_images=images[1:], resolution=72)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_model_dir, tmp_path_factory):
-    torch.manual_seed(0)
-    model, _ = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(r=4, alpha=4), max_tiles=1)
-    path = str(tmp_path_factory.mktemp("ckpt") / "colintern_heads_epoch1.pt")
-    save_checkpoint(path, model, epoch=1)
-    return path
+ckpt = test_mine.ckpt  # module fixture: an untrained checkpoint (seeded heads, LoRA), one tile a page
 
 
 @pytest.fixture(scope="module")
