@@ -274,7 +274,7 @@ def index_identity(model, args, scoring: str) -> dict:
             "dpi": args.dpi, "stored_dtype": "fp16",
             "model": {"ckpt": ckpt, "model_id": args.model_id, "max_tiles": model.max_tiles,
                       "dtype": dtype_name(model.backbone.dtype), "quantize": model.quantize,
-                      "attn_implementation": model.attn_implementation},
+                      "attn_implementation": model.attn_implementation, "dim": model.dim},
             "score_dtype": scoring}
 
 
@@ -398,7 +398,8 @@ def load_model_for_index(args, device: str):
     from colintern_model import ColIntern
     model, processor, _ = ColIntern.from_checkpoint(
         args.ckpt, model_id=args.model_id, dtype=args.dtype, max_tiles=args.max_tiles, quantize=args.quantize,
-        device_map=device if device.startswith("cuda") else None, attn_implementation=args.attn_implementation)
+        device_map=device if device.startswith("cuda") else None, attn_implementation=args.attn_implementation,
+        dim=args.dim)
     return model.eval(), processor
 
 
@@ -543,7 +544,7 @@ def load_model_for_query(identity: dict, device: str, say):
     model, processor, _ = ColIntern.from_checkpoint(
         m["ckpt"], model_id=m["model_id"], dtype=m["dtype"], max_tiles=m["max_tiles"], quantize=m["quantize"],
         device_map=device if device.startswith("cuda") else None, attn_implementation=m["attn_implementation"],
-        say=say)
+        dim=m["dim"], say=say)
     differs = embedding_differences(identity["embedding"],
                                     model.embedding_identity(identity["embedding"]["pool_factor"]))
     if differs:

@@ -337,3 +337,21 @@ def test_qdrant_local_mode_returns_the_local_index_top_k(tmp_path):
     other = {"embedding": {"proj_dim": 16, "pool_factor": 3}}
     with pytest.raises(UserValueError, match="another model"):
         search.qdrant_search(Args, other, queries)
+
+
+def test_an_index_at_a_matryoshka_prefix_keeps_it_for_its_queries(ckpt, tmp_path):
+    """--dim 8 of a checkpoint trained at (16, 8) by the test's hand: the stored vectors have 8 entries, and query
+    rebuilds the model at that size (the same vectors, so no refusal) and answers."""
+    mrl = torch.load(ckpt, weights_only=True)
+    mrl["meta"]["proj_dim"] = mrl["heads"]["query_head.weight"].shape[0]
+    mrl["meta"]["matryoshka_dims"] = [mrl["meta"]["proj_dim"], 8]
+    torch.save(mrl, tmp_path / "mrl.pt")
+    (tmp_path / "docs").mkdir()
+    render_keyword_page(WORDS[0]).save(tmp_path / "docs" / "a.png")
+    render_keyword_page(WORDS[1]).save(tmp_path / "docs" / "b.png")
+    run("index", "--ckpt", tmp_path / "mrl.pt", "--docs", tmp_path / "docs", "--index", tmp_path / "index", "--dim",
+        8, "--device", "cpu")
+    pages, _ = stored_pages(str(tmp_path / "index"))
+    assert {p.shape[1] for p in pages.values()} == {8}
+    answers = run("query", "--index", tmp_path / "index", "--top", 1, "--device", "cpu", query(WORDS[0]))
+    assert len(answers[0]["results"]) == 1
