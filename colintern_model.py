@@ -1325,9 +1325,6 @@ LORA_KEY_ADAPTER_NAME = re.compile(r"(\.lora_\w+)\.default(\.\w+)?$")
 def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint") -> None:
     """Load heads + LoRA from a checkpoint dict into `model`, refusing one made for another shape or LoRA layout."""
     meta = ckpt["meta"]
-    if meta.get("keep_all_page_tokens"):  # older checkpoints carry the key; nothing ever set it
-        raise UserValueError(f"{source} was trained with every page token kept (keep_all_page_tokens), which this "
-                             f"code no longer supports: its page embeddings would not match")
     if meta["hidden_size"] != model.hidden_size:
         raise UserValueError(f"{source} was trained on a backbone with hidden size {meta['hidden_size']} "
                              f"({meta['model_id']}), this backbone has {model.hidden_size} ({model.model_id}): "

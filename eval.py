@@ -175,23 +175,13 @@ def mteb_training_datasets(sources: list) -> set:
 
 def checkpoint_training_data(ckpt: str | None, ckpt_dict: dict | None) -> tuple[list, str]:
     """-> (the datasets the weights were trained on, where that comes from): the lineage train.py records in the
-    checkpoint; for older checkpoints, whether the run's args.json names vidore/colpali_train_set."""
+    checkpoint; none for untrained heads or a checkpoint that records none."""
     if ckpt_dict is None:
         return [], "untrained heads"
     recorded = ckpt_dict["meta"].get("training_data")
-    if recorded is not None:
-        return list(recorded), "checkpoint lineage"
-    guessed = [COLPALI_TRAIN_SET] if trained_on_colpali_set(ckpt) else []
-    return guessed, "from the run's args.json: the checkpoint predates recorded lineage"
-
-
-def trained_on_colpali_set(ckpt: str | None) -> bool:
-    """Whether the run's args.json (written by train.py beside its checkpoints) names vidore/colpali_train_set."""
-    path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "args.json") if ckpt else None
-    if path is None or not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        return COLPALI_TRAIN_SET in f.read()
+    if recorded is None:
+        return [], "not recorded in the checkpoint"
+    return list(recorded), "checkpoint lineage"
 
 
 def page_key(image) -> str:

@@ -291,9 +291,6 @@ def main(args):
     ckpt = at_dim(ckpt, args.dim, f"--ckpt {args.ckpt}")
     meta = ckpt["meta"]
     args.trained_on = meta["model_id"]
-    if "training_data" not in meta:  # a checkpoint from before lineage was recorded: what eval.py would declare
-        guessed, _ = colintern_eval.checkpoint_training_data(args.ckpt, ckpt)
-        ckpt = dict(ckpt, meta=dict(meta, training_data=guessed)) if guessed else ckpt
     summaries = [read_summary(path) for path in args.eval_json or []]
 
     out_dir = os.path.abspath(args.out_dir)

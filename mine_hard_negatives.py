@@ -300,16 +300,15 @@ def pages_note_path(folder: str, s: int) -> str:
     return os.path.join(folder, f"pages_{s:05d}.json")
 
 
-def finished_digest(folder: str, manifest: dict, s: int) -> str | None:
-    """The pages digest a finished shard was recorded with (its own note, or a manifest entry of a cache written
-    before the notes), or None if the shard file is absent."""
+def finished_digest(folder: str, s: int) -> str | None:
+    """The pages digest a finished shard was recorded with (its note), or None if the shard or its note is absent."""
     if not os.path.isfile(shard_path(folder, s)):
         return None
     try:
         with open(pages_note_path(folder, s)) as f:
             return json.load(f).get("pages_sha256")
     except FileNotFoundError:
-        return manifest["shards"].get(str(s), {}).get("pages_sha256")
+        return None
 
 
 def shards_to_encode(data: MiningInput, folder: str, manifest: dict, args) -> list:
@@ -317,7 +316,7 @@ def shards_to_encode(data: MiningInput, folder: str, manifest: dict, args) -> li
     n_pages, todo = len(data.page_hashes), []
     for s in range(manifest["n_shards"]):
         pages = shard_range(s, n_pages, args.shard_pages)
-        if finished_digest(folder, manifest, s) != pages_digest(data.page_hashes[pages.start:pages.stop]):
+        if finished_digest(folder, s) != pages_digest(data.page_hashes[pages.start:pages.stop]):
             todo.append(s)
     return todo
 

@@ -333,22 +333,6 @@ def test_encode_prepares_the_next_batch_before_fetching_the_last(model_and_proce
     assert cm.pin_batch(batch, "cpu") is batch
 
 
-def test_checkpoints_with_the_old_keep_all_page_tokens_key(tiny_model_dir, tmp_path):
-    """Checkpoints written before keep_all_page_tokens was removed carry it as False and still load; True (which
-    nothing ever wrote) would mean other page embeddings, and is refused."""
-    model, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=8)
-    ckpt = cm.checkpoint_dict(model, step=1, epoch=1)
-    assert "keep_all_page_tokens" not in ckpt["meta"]
-    for value in (False, True):
-        path = tmp_path / f"old-{value}.pt"
-        torch.save({**ckpt, "meta": {**ckpt["meta"], "keep_all_page_tokens": value}}, path)
-        if value:
-            with pytest.raises(ValueError, match="every page token kept"):
-                ColIntern.from_checkpoint(str(path))
-        else:
-            assert ColIntern.from_checkpoint(str(path))[0].proj_dim == 8
-
-
 def test_left_padding_does_not_change_embeddings(model_and_processor, keyword_page):
     model, processor = model_and_processor
     alone = model.encode_queries(processor, ["revenue"])[0]

@@ -524,7 +524,7 @@ def test_training_datasets_follow_the_checkpoint_lineage(tmp_path, trained, tiny
     # a local copy named as --data_dir names it counts too; other data maps to nothing
     assert colintern_eval.mteb_training_datasets(["/copies/colpali_train_set/"]) == COLPALI_TRAINING_DATA
     assert colintern_eval.mteb_training_datasets(["outputs/synthetic/train"]) == set()
-    # a checkpoint from before lineage was recorded still loads; its run's args.json is the only clue
+    # a checkpoint that records no lineage still loads, and declares none
     assert "training_data" not in load_checkpoint(old)["meta"]
     assert colintern_eval.load_encoder(ckpt=old).mteb_model_meta.training_datasets == set()
 
