@@ -97,20 +97,6 @@ def folder_sha256(folder: str) -> str:
     return h.hexdigest()
 
 
-def checkpoint_fingerprint(path: str) -> str:
-    """Content hash of a trained model (sha256, hex), what caches of its embeddings are keyed by: a .pt file's
-    file_sha256 (as before), or for a folder (export.py's, a hub id's download: local_checkpoint) every weight and
-    settings file's name and sha256: the .json and .safetensors files a loader reads. Hidden files (hf download's
-    .cache) and the model card and mteb registration are left out: editing them changes no embedding."""
-    path = local_checkpoint(path)
-    if not os.path.isdir(path):
-        return file_sha256(path)
-    h = hashlib.sha256()
-    for rel, file in visible_files(path, (".json", ".safetensors")):
-        h.update(rel.encode() + b"\0" + file_sha256(file).encode() + b"\n")
-    return h.hexdigest()
-
-
 def safe_name(text: str) -> str:
     """`text` with every character but letters, digits, '_', '.' and '-' replaced by '_': a label fit for a file or
     task name."""

@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 import colintern_model as cm
 import eval as colintern_eval
 import export
-from colintern_data import checkpoint_fingerprint
 from keyword_pages import render_keyword_page
 from test_eval import QRELS, run_eval, write_hub_layout
 
@@ -93,7 +92,8 @@ def test_folder_holds_safetensors_and_json_and_encodes_as_the_checkpoint(folder,
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo_id, **kw: folder)  # the hub id's download
     for got in (encodings(folder, pages), encodings(NAME, pages)):
         assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, expected))
-    assert checkpoint_fingerprint(NAME) == checkpoint_fingerprint(folder) != checkpoint_fingerprint(checkpoint)
+    identities = [cm.load_trained(path)[0].embedding_identity() for path in (NAME, folder, checkpoint)]
+    assert identities[0] == identities[1] == identities[2]  # the same weights, whichever form: one cache key
 
 
 def test_peft_loads_the_adapter_itself(folder, checkpoint, tiny_model_dir):
@@ -238,15 +238,18 @@ def test_out_dir_is_not_overwritten_by_accident(checkpoint, folder, tmp_path):
 
 
 def test_a_folder_edit_that_changes_no_embedding_keeps_the_fingerprint(folder, tmp_path):
+    def identity():
+        return cm.load_trained(str(copy))[0].embedding_identity()
+
     copy = shutil.copytree(folder, tmp_path / "copy")
-    before = checkpoint_fingerprint(str(copy))
+    before = identity()
     with open(copy / "README.md", "a") as f:
         f.write("more words\n")
-    assert checkpoint_fingerprint(str(copy)) == before
+    assert identity() == before
     heads = load_file(copy / "heads.safetensors")
     heads["page_head.bias"] += 1
     save_file(heads, copy / "heads.safetensors")
-    assert checkpoint_fingerprint(str(copy)) != before
+    assert identity() != before
 
 
 def broken(folder, tmp_path, how):
