@@ -28,6 +28,7 @@ Under torchrun, rank 0 prints a mistake that the ranks agreed on (colintern_laun
 while ...'); the other ranks exit 1 without repeating it, and print what only they know: a bug's traceback, or a
 mistake found outside an agreed step, as `error: rank R: ...`.
 """
+
 import argparse
 import functools
 import os
@@ -43,6 +44,7 @@ LOG_PROGRESS_INTERVAL = 30.0
 
 # -----------------------------------------------------------------------------
 # Parsing
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The description as written (a script's docstring: its example commands keep their lines), and every flag that
@@ -61,8 +63,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
-        kwargs.setdefault("epilog", f"A mistake such as a missing file, a bad flag or malformed data prints one "
-                                    f"error line; {DEBUG_ENV}=1 shows its traceback.")
+        kwargs.setdefault(
+            "epilog",
+            f"A mistake such as a missing file, a bad flag or malformed data prints one "
+            f"error line; {DEBUG_ENV}=1 shows its traceback.",
+        )
         super().__init__(*args, **kwargs)
         # argparse takes "-1e-3" for a flag (its own pattern knows no exponent), so `--lr -1e-3` failed with "expected
         # one argument" instead of reaching the range check; no flag here looks like a number
@@ -75,12 +80,14 @@ class ArgumentParser(argparse.ArgumentParser):
 def validated(check):
     """An argparse `type` that runs check(value), which raises ValueError with a message, and keeps the value: the
     message becomes the flag's error line."""
+
     def parse(value: str) -> str:
         try:
             check(value)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from e
         return value
+
     parse.__name__ = check.__name__
     return parse
 
@@ -88,24 +95,27 @@ def validated(check):
 def existing_file(path: str) -> str:
     """An argparse `type` for a file that must exist now."""
     if not os.path.isfile(path):
-        raise argparse.ArgumentTypeError(f"{path} is a folder, not a file" if os.path.isdir(path)
-                                         else f"{path} does not exist")
+        raise argparse.ArgumentTypeError(
+            f"{path} is a folder, not a file" if os.path.isdir(path) else f"{path} does not exist"
+        )
     return path
-
 
 
 def trained_model(path: str) -> str:
     """An argparse `type` for a trained ColIntern: a .pt checkpoint or an exported folder that exists now, or the hub
     id (owner/name) of an exported folder, which the loader downloads."""
     from colintern_data import looks_like_hub_id
+
     if not os.path.exists(path) and not looks_like_hub_id(path):
-        raise argparse.ArgumentTypeError(f"{path} does not exist (a .pt checkpoint, a folder of export.py, or the "
-                                         f"hub id owner/name of one)")
+        raise argparse.ArgumentTypeError(
+            f"{path} does not exist (a .pt checkpoint, a folder of export.py, or the hub id owner/name of one)"
+        )
     return path
 
 
 # -----------------------------------------------------------------------------
 # Running: expected errors as one line, bugs with their traceback
+
 
 class UserError(Exception):
     """A mistake the user can fix, raised on purpose where it is found; run_cli prints its message as one line.
@@ -188,7 +198,7 @@ def worker_error_message(text: str, type_name: str) -> str:
     final = None
     for final in re.finditer(rf"^(?:[\w.]+\.)?{type_name}: ", text, re.M):
         pass
-    return text[final.end():] if final else text
+    return text[final.end() :] if final else text
 
 
 def one_line(text: str) -> str:
@@ -197,6 +207,7 @@ def one_line(text: str) -> str:
 
 # -----------------------------------------------------------------------------
 # Reporting scores
+
 
 def metric_label(metric: str) -> str:
     """How eval.py's table and the plots name an mteb metric: 'ndcg_at_5' -> 'nDCG@5', 'recall_at_1' -> 'Recall@1',
@@ -211,11 +222,13 @@ def metric_label(metric: str) -> str:
 # -----------------------------------------------------------------------------
 # Progress bars
 
+
 def progress_bar(iterable=None, **kwargs):
     """tqdm on a terminal (or in a notebook); written to a log file or a pipe, plain lines at most every
     LOG_PROGRESS_INTERVAL seconds (or TQDM_MININTERVAL, when set) and the final state, instead of a redraw at every
     update (a training log was mostly carriage-return redraws)."""
     from tqdm.auto import tqdm
+
     if torchrun_rank():
         kwargs["disable"] = True  # rank 0 shows the run's progress
     out = kwargs.get("file") or sys.stderr

@@ -4,6 +4,7 @@ No torch here: make_synthetic_data.py's rendering workers and the plot scripts i
 opens a page (a file under --root, or a row of a hub dataset named by its pseudo-path) goes through PageResolver,
 whose errors name the page and where it was referenced (file and line, or dataset row).
 """
+
 import contextlib
 import hashlib
 import json
@@ -18,6 +19,7 @@ from colintern_cli import UserFileNotFoundError, UserIndexError, UserValueError
 
 # -----------------------------------------------------------------------------
 # Files: content hashes, atomic writes
+
 
 def file_sha256(path: str) -> str:
     """sha256 of a file's bytes (hex)."""
@@ -73,6 +75,7 @@ def backbone_fingerprint(model_id: str) -> str:
                     h.update(f.read())
         return h.hexdigest()
     from huggingface_hub import try_to_load_from_cache
+
     cached = try_to_load_from_cache(model_id, "config.json")
     snapshot = re.search(r"snapshots[/\\]([0-9a-f]{40})", cached) if isinstance(cached, str) else None
     return f"{model_id}@{snapshot[1]}" if snapshot else model_id
@@ -114,13 +117,16 @@ def local_checkpoint(path: str) -> str:
     if not looks_like_hub_id(path):
         return path
     from huggingface_hub import snapshot_download
+
     try:
         return snapshot_download(path)
     except Exception as e:  # offline, no such repository, gated, ...: the hub's own message, on one line
         reason = " ".join(f"{type(e).__name__}: {e}".split())
-        raise UserFileNotFoundError(f"{path} is no local file or folder, and downloading it as a hub repository failed "
-                                    f"({reason[:300]}). Offline: on a machine with internet run `hf download {path} "
-                                    f"--local-dir DIR` and pass DIR") from e
+        raise UserFileNotFoundError(
+            f"{path} is no local file or folder, and downloading it as a hub repository failed "
+            f"({reason[:300]}). Offline: on a machine with internet run `hf download {path} "
+            f"--local-dir DIR` and pass DIR"
+        ) from e
 
 
 def create_beside(path: str, suffix: str, folder: bool = False) -> str:
@@ -212,6 +218,7 @@ def write_json(path: str, obj) -> None:
 # -----------------------------------------------------------------------------
 # Datasets and pages: hub datasets, local folders, HF pseudo-paths
 
+
 def looks_like_local_path(model_id: str) -> bool:
     """A folder (relative, absolute, ~, or one that exists), not an `owner/name` hub id."""
     return model_id.startswith((".", "/", "~")) or model_id.count("/") != 1 or os.path.exists(model_id)
@@ -224,6 +231,7 @@ def datasets_cache_for(folder: str):
     name (two `eval` sets, a regenerated copy) would silently load the first one's data. The cache here is keyed
     by the folder's path and its files_fingerprint."""
     import datasets
+
     key = hashlib.sha256(f"{os.path.abspath(folder)}\n{files_fingerprint(folder)}".encode()).hexdigest()[:16]
     previous = datasets.config.HF_DATASETS_CACHE
     datasets.config.HF_DATASETS_CACHE = os.path.join(previous, "colintern_local", key)
@@ -237,6 +245,7 @@ def load_page_dataset(name: str, split: str = "train"):
     """A hub dataset (`vidore/colpali_train_set`) or a local folder with its columns (`query`, `image`, ...):
     a `save_to_disk` folder, or a folder of data files in the hub layout (`data/train-*.parquet`)."""
     import datasets
+
     if not os.path.isdir(name) and looks_like_local_path(name):
         raise UserFileNotFoundError(f"dataset folder {name} does not exist")
     saved_to_disk = any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json"))
@@ -273,6 +282,7 @@ def open_image(path) -> Image.Image:
 def raw_images(ds):
     """The dataset with its 'image' column left as stored ({"bytes", "path"}): hashing must not decode every page."""
     import datasets
+
     return ds.cast_column("image", datasets.Image(decode=False))
 
 
@@ -313,9 +323,11 @@ class PageResolver:
         ds = self._datasets[(name, split)]
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
-            raise UserValueError(f"dataset {name} split {split!r} lacks column(s) {missing} (it has "
-                                 f"{ds.column_names}): pages are read from an 'image' column and queries from "
-                                 f"'query', as in vidore/colpali_train_set")
+            raise UserValueError(
+                f"dataset {name} split {split!r} lacks column(s) {missing} (it has "
+                f"{ds.column_names}): pages are read from an 'image' column and queries from "
+                f"'query', as in vidore/colpali_train_set"
+            )
         return ds
 
     def file(self, ref: str) -> str | None:
@@ -330,16 +342,22 @@ class PageResolver:
             return
         m = PSEUDO_PATH.match(ref)
         if m is None:
-            raise UserFileNotFoundError(f"{where}: page {ref!r} is neither a file under --root {self.root!r} nor an "
-                                        f"HF pseudo-path 'DATASET/SPLIT/doc_N.png'")
+            raise UserFileNotFoundError(
+                f"{where}: page {ref!r} is neither a file under --root {self.root!r} nor an "
+                f"HF pseudo-path 'DATASET/SPLIT/doc_N.png'"
+            )
         try:
             ds = self.dataset(m["dataset"], m["split"])
         except Exception as e:
-            raise UserFileNotFoundError(f"{where}: page {ref!r} is not a file under --root {self.root!r}, and its "
-                                        f"dataset {m['dataset']!r} split {m['split']!r} cannot be opened: {e}") from e
+            raise UserFileNotFoundError(
+                f"{where}: page {ref!r} is not a file under --root {self.root!r}, and its "
+                f"dataset {m['dataset']!r} split {m['split']!r} cannot be opened: {e}"
+            ) from e
         if int(m["index"]) >= len(ds):
-            raise UserIndexError(f"{where}: page {ref!r} points at row {m['index']} but {m['dataset']} split "
-                                 f"{m['split']!r} has {len(ds)} rows")
+            raise UserIndexError(
+                f"{where}: page {ref!r} points at row {m['index']} but {m['dataset']} split "
+                f"{m['split']!r} has {len(ds)} rows"
+            )
 
     def __call__(self, ref: str, where: str = "") -> Image.Image:
         """`ref` decoded as RGB."""
@@ -356,8 +374,9 @@ class PageResolver:
         except Exception as e:  # datasets' decode errors name no row
             raise UserValueError(f"{where}: page {ref!r} cannot be read: {type(e).__name__}: {e}") from e
         if not isinstance(image, Image.Image):
-            raise UserValueError(f"{where}: page {ref!r} cannot be read: 'image' is {type(image).__name__}, not an "
-                                 f"image")
+            raise UserValueError(
+                f"{where}: page {ref!r} cannot be read: 'image' is {type(image).__name__}, not an image"
+            )
         return image.convert("RGB")
 
     def content_hash(self, ref: str, where: str) -> str:
@@ -375,6 +394,7 @@ class PageResolver:
 
 # -----------------------------------------------------------------------------
 # Query rows: a training JSONL's triples, a hub dataset's queries
+
 
 def read_triples(path: str) -> list:
     """Read a JSONL of `{"query": str, "pos": str, "negs": [str, ...]}` (negs optional; any other field is kept in
@@ -398,8 +418,15 @@ def read_triples(path: str) -> list:
             negs = row.get("negs", [])
             if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
                 raise UserValueError(f"{where}: 'negs' must be a list of page paths")
-            rows.append({"query": row["query"], "pos": row["pos"], "negs": negs, "line": n,
-                         "fields": {k: v for k, v in row.items() if k not in ("query", "pos", "negs")}})
+            rows.append(
+                {
+                    "query": row["query"],
+                    "pos": row["pos"],
+                    "negs": negs,
+                    "line": n,
+                    "fields": {k: v for k, v in row.items() if k not in ("query", "pos", "negs")},
+                }
+            )
     if not rows:
         raise UserValueError(f"{path} has no triples")
     return rows
@@ -411,6 +438,7 @@ def read_queries(ds, what: str) -> list:
     queries = list(ds["query"])  # reads one column; images stay undecoded
     bad = [i for i, q in enumerate(queries) if not isinstance(q, str) or not q.strip()]
     if bad:
-        raise UserValueError(f"{what}: rows {bad[:5]} ({len(bad)} in all) have an empty query; filter them out of the "
-                             f"dataset first")
+        raise UserValueError(
+            f"{what}: rows {bad[:5]} ({len(bad)} in all) have an empty query; filter them out of the dataset first"
+        )
     return queries

@@ -20,6 +20,7 @@
 torchrun's environment gives the rank, world size and local rank on one node or many (its rendezvous), so no code
 path depends on the node count. The model flags mine and eval share are defined here once (add_model_flags).
 """
+
 import contextlib
 import dataclasses
 import datetime
@@ -40,61 +41,103 @@ DEFAULT_TIMEOUT_MIN = 120
 # -----------------------------------------------------------------------------
 # The model flags of mine_hard_negatives.py and eval.py: one definition, one default and one help text each
 
+
 def add_model_flags(group, ckpt_required: bool) -> None:
     """The flags that load and run a trained ColIntern for encoding and scoring. Whether --ckpt is required is the
     script's: eval.py without it evaluates --model_id's backbone with random heads (the untrained baseline)."""
     from colintern_model import ATTN_HELP, DEFAULT_MODEL_ID, QUANTIZE, check_attn_implementation, check_model_id
-    group.add_argument("--ckpt", required=ckpt_required, default=None, type=trained_model,
-                       help="the trained ColIntern: a .pt checkpoint of train.py (colintern_heads_epoch1.pt), a "
-                            "folder of export.py or its hub id (owner/name)" +
-                            ("" if ckpt_required else f". Omit it, with --model_id (e.g. {DEFAULT_MODEL_ID}), for "
-                                                      f"the untrained baseline: the backbone with random heads"))
-    group.add_argument("--model_id", default=None, type=validated(check_model_id),
-                       help="backbone (an -HF hub id or a save_pretrained folder); default: the one the checkpoint "
-                            "was trained on. The query/page format always comes from the checkpoint")
-    group.add_argument("--max_tiles", type=int, default=None,
-                       help="at most this many tiles per page (256 tokens per 448px tile); default: the "
-                            "checkpoint's, or 4")
+
+    group.add_argument(
+        "--ckpt",
+        required=ckpt_required,
+        default=None,
+        type=trained_model,
+        help="the trained ColIntern: a .pt checkpoint of train.py (colintern_heads_epoch1.pt), a "
+        "folder of export.py or its hub id (owner/name)"
+        + (
+            ""
+            if ckpt_required
+            else f". Omit it, with --model_id (e.g. {DEFAULT_MODEL_ID}), for "
+            f"the untrained baseline: the backbone with random heads"
+        ),
+    )
+    group.add_argument(
+        "--model_id",
+        default=None,
+        type=validated(check_model_id),
+        help="backbone (an -HF hub id or a save_pretrained folder); default: the one the checkpoint "
+        "was trained on. The query/page format always comes from the checkpoint",
+    )
+    group.add_argument(
+        "--max_tiles",
+        type=int,
+        default=None,
+        help="at most this many tiles per page (256 tokens per 448px tile); default: the checkpoint's, or 4",
+    )
     group.add_argument("--device", default=None, help=DEVICE_HELP)
-    group.add_argument("--dtype", default="auto",
-                       help="the model's dtype (encoding): auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 or fp32. "
-                            "The scores' dtype is --score_dtype")
-    group.add_argument("--score_dtype", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
-                       help="the dtype MaxSim scores in (embeddings rounded to it; per-query sums are fp32 either "
-                            "way): fp32 (exact scores, the same on every machine), bf16 or fp16 (multiplied in it "
-                            "where the hardware has it, else in fp32 on the rounded embeddings), or auto (bf16 on a "
-                            "GPU and on a CPU with native bf16, AVX512-BF16 or AMX; fp32 on other CPUs, where bf16 "
-                            "is no faster). bf16 halves a search's time and memory on a GPU. The pick is printed and "
-                            "is part of the results' and the page cache's key")
-    group.add_argument("--quantize", default=None, choices=QUANTIZE,
-                       help="load the backbone's language model in 8-bit or 4-bit (bitsandbytes; the vision tower "
-                            "stays bf16, --dtype auto means bf16) or unquantised (none). Default: as the checkpoint "
-                            "was trained (another choice says so in one line); none for the untrained baseline. Part "
-                            "of the results' and the page cache's key")
-    group.add_argument("--attn_implementation", default="sdpa", type=validated(check_attn_implementation),
-                       help=ATTN_HELP)
-    group.add_argument("--dim", type=int, default=None,
-                       help="encode and score at this vector size: one of the Matryoshka prefixes the checkpoint was "
-                            "trained with (train.py --matryoshka_dims), each vector cut to it and renormalised: a "
-                            "smaller index and search. Default: the full size. Part of the results' and the page "
-                            "cache's key")
-    group.add_argument("--pool_factor", type=int, default=1,
-                       help="pool each page's vectors into max(1, L // F) (Ward clustering, renormalised means; "
-                            "queries are never pooled) before they are kept and scored with the same exact MaxSim: "
-                            "about F times smaller a page index and search. 1: no pooling. Part of the results' and "
-                            "the page cache's key")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        help="the model's dtype (encoding): auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 or fp32. "
+        "The scores' dtype is --score_dtype",
+    )
+    group.add_argument(
+        "--score_dtype",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16", "auto"),
+        help="the dtype MaxSim scores in (embeddings rounded to it; per-query sums are fp32 either "
+        "way): fp32 (exact scores, the same on every machine), bf16 or fp16 (multiplied in it "
+        "where the hardware has it, else in fp32 on the rounded embeddings), or auto (bf16 on a "
+        "GPU and on a CPU with native bf16, AVX512-BF16 or AMX; fp32 on other CPUs, where bf16 "
+        "is no faster). bf16 halves a search's time and memory on a GPU. The pick is printed and "
+        "is part of the results' and the page cache's key",
+    )
+    group.add_argument(
+        "--quantize",
+        default=None,
+        choices=QUANTIZE,
+        help="load the backbone's language model in 8-bit or 4-bit (bitsandbytes; the vision tower "
+        "stays bf16, --dtype auto means bf16) or unquantised (none). Default: as the checkpoint "
+        "was trained (another choice says so in one line); none for the untrained baseline. Part "
+        "of the results' and the page cache's key",
+    )
+    group.add_argument(
+        "--attn_implementation", default="sdpa", type=validated(check_attn_implementation), help=ATTN_HELP
+    )
+    group.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        help="encode and score at this vector size: one of the Matryoshka prefixes the checkpoint was "
+        "trained with (train.py --matryoshka_dims), each vector cut to it and renormalised: a "
+        "smaller index and search. Default: the full size. Part of the results' and the page "
+        "cache's key",
+    )
+    group.add_argument(
+        "--pool_factor",
+        type=int,
+        default=1,
+        help="pool each page's vectors into max(1, L // F) (Ward clustering, renormalised means; "
+        "queries are never pooled) before they are kept and scored with the same exact MaxSim: "
+        "about F times smaller a page index and search. 1: no pooling. Part of the results' and "
+        "the page cache's key",
+    )
 
 
-DEVICE_HELP = ("where the model and the scoring run: cuda (cuda:LOCAL_RANK under torchrun), cuda:N (one process; "
-               "under torchrun only with one process per node), or cpu. Default: cuda if there is a GPU, else cpu")
+DEVICE_HELP = (
+    "where the model and the scoring run: cuda (cuda:LOCAL_RANK under torchrun), cuda:N (one process; "
+    "under torchrun only with one process per node), or cpu. Default: cuda if there is a GPU, else cpu"
+)
 
 
 # -----------------------------------------------------------------------------
 # Each rank's device
 
+
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """What torchrun says about this process (plain `python`: one process)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -103,8 +146,12 @@ class Launch:
     @classmethod
     def from_env(cls, env=os.environ) -> "Launch":
         world = int(env.get("WORLD_SIZE", "1"))
-        return cls(int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")),
-                   int(env.get("LOCAL_WORLD_SIZE", str(world))))
+        return cls(
+            int(env.get("RANK", "0")),
+            world,
+            int(env.get("LOCAL_RANK", "0")),
+            int(env.get("LOCAL_WORLD_SIZE", str(world))),
+        )
 
 
 # from_pretrained's device_map strategies that split one model over a machine's GPUs (train.py's --device_map)
@@ -120,8 +167,10 @@ def rank_device(spelling: str | None, flag: str, launch: Launch, gpus: int, allo
     where = f"{flag} {spelling}"
     if spelling in SPLITS and allow_auto:
         if under:
-            raise UserValueError(f"{where} splits one model over this machine's GPUs in one process: run it with "
-                                 "plain `python`, not torchrun (DDP needs one device per process)")
+            raise UserValueError(
+                f"{where} splits one model over this machine's GPUs in one process: run it with "
+                "plain `python`, not torchrun (DDP needs one device per process)"
+            )
         return spelling
     if spelling is None:
         spelling = "cuda" if gpus else "cpu"
@@ -130,32 +179,40 @@ def rank_device(spelling: str | None, flag: str, launch: Launch, gpus: int, allo
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cuda", "cpu"):
-        raise UserValueError(f"{where}: not a device here; use cuda, cuda:N or cpu"
-                             + (f" (or {', '.join(SPLITS)}: one model split over this machine's GPUs)"
-                                if allow_auto else ""))
+        raise UserValueError(
+            f"{where}: not a device here; use cuda, cuda:N or cpu"
+            + (f" (or {', '.join(SPLITS)}: one model split over this machine's GPUs)" if allow_auto else "")
+        )
     if device.type == "cpu":
         return "cpu"
     if not gpus:
-        raise UserValueError(f"{where}: no GPU is visible to this process (torch.cuda.is_available() is False); "
-                             "use cpu, or check CUDA_VISIBLE_DEVICES and the driver")
+        raise UserValueError(
+            f"{where}: no GPU is visible to this process (torch.cuda.is_available() is False); "
+            "use cpu, or check CUDA_VISIBLE_DEVICES and the driver"
+        )
     if device.index is None:
         index = launch.local_rank if under else 0
     elif under and launch.local_world > 1:
-        raise UserValueError(f"{where} puts all {launch.local_world} processes of this node on GPU {device.index}: "
-                             f"under torchrun pass cuda (process k takes cuda:k of its node) and choose the GPUs "
-                             f"with CUDA_VISIBLE_DEVICES")
+        raise UserValueError(
+            f"{where} puts all {launch.local_world} processes of this node on GPU {device.index}: "
+            f"under torchrun pass cuda (process k takes cuda:k of its node) and choose the GPUs "
+            f"with CUDA_VISIBLE_DEVICES"
+        )
     else:
         index = device.index
     if index >= gpus:
         if device.index is None:
-            raise UserValueError(f"{where}: local rank {index} needs GPU {index}, but {gpus} GPU(s) are visible; "
-                                 f"start at most {gpus} process(es) per node (--nproc_per_node)")
+            raise UserValueError(
+                f"{where}: local rank {index} needs GPU {index}, but {gpus} GPU(s) are visible; "
+                f"start at most {gpus} process(es) per node (--nproc_per_node)"
+            )
         raise UserValueError(f"{where}: {gpus} GPU(s) are visible, cuda:0 to cuda:{gpus - 1}")
     return f"cuda:{index}"
 
 
 # -----------------------------------------------------------------------------
 # The run
+
 
 @dataclasses.dataclass
 class Run:
@@ -212,6 +269,7 @@ def rank_zero_prints(rank: int):
         yield
         return
     from tqdm import std
+
     init = std.tqdm.__init__
     std.tqdm.__init__ = functools.partialmethod(init, disable=True)
     logging.disable(logging.WARNING)
@@ -227,8 +285,10 @@ def rank_zero_prints(rank: int):
 # -----------------------------------------------------------------------------
 # Many ranks, one outcome
 
+
 class RankFailed(UserRuntimeError):
     """Raised on every rank when another rank failed inside ranks_agree; rank 0 prints it, the others stay quiet."""
+
     told_rank_0 = True
 
 

@@ -11,6 +11,7 @@ Everything the scripts share, in pipeline order:
     save_checkpoint("ck.pt", model)                                         # heads + LoRA
     model, processor, ckpt = ColIntern.from_checkpoint("ck.pt")
 """
+
 import contextlib
 import dataclasses
 import functools
@@ -31,8 +32,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from colintern_cli import UserFileNotFoundError, UserOSError, UserRuntimeError, UserValueError, progress_bar
-from colintern_data import (atomic_path, backbone_fingerprint, local_checkpoint, looks_like_local_path, open_image,
-                            write_json)
+from colintern_data import (
+    atomic_path,
+    backbone_fingerprint,
+    local_checkpoint,
+    looks_like_local_path,
+    open_image,
+    write_json,
+)
 
 DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
 
@@ -41,13 +48,15 @@ DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
 # every script run. Drop that one record; every other bitsandbytes warning still reaches the user.
 BNB_OPTIONAL_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: not str(record.msg).startswith(BNB_OPTIONAL_KERNEL_WARNING))
+    lambda record: not str(record.msg).startswith(BNB_OPTIONAL_KERNEL_WARNING)
+)
 # An 8-bit (LLM.int8) matmul quantises its input through fp16 whatever the compute dtype, and bitsandbytes logs that
 # cast at every call of every layer for a bf16 input. The cast is the method, not a fault: the vision tower and the
 # rest of a --quantize 8bit backbone stay bf16 (an fp16 backbone would need loss scaling), so drop that one record.
 BNB_INT8_CAST_WARNING = "MatMul8bitLt: inputs will be cast from"
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-    lambda record: not str(record.msg).startswith(BNB_INT8_CAST_WARNING))
+    lambda record: not str(record.msg).startswith(BNB_INT8_CAST_WARNING)
+)
 
 # -----------------------------------------------------------------------------
 # Backbone loading
@@ -68,8 +77,10 @@ def check_model_id(model_id: str) -> None:
     name = model_id.rstrip("/")
     if looks_like_local_path(model_id) or not INTERNVL3_5_HUB_ID.fullmatch(name) or name.upper().endswith("-HF"):
         return
-    raise UserValueError(f"{model_id!r} is a remote-code InternVL checkpoint (InternVLChatModel); ColIntern needs the "
-                         f"HF-native transformers checkpoint: use {hf_id_for(model_id)!r} instead")
+    raise UserValueError(
+        f"{model_id!r} is a remote-code InternVL checkpoint (InternVLChatModel); ColIntern needs the "
+        f"HF-native transformers checkpoint: use {hf_id_for(model_id)!r} instead"
+    )
 
 
 def read_model_config(model_id: str) -> dict:
@@ -77,20 +88,25 @@ def read_model_config(model_id: str) -> dict:
     if os.path.isdir(model_id):
         path = os.path.join(model_id, "config.json")
         if not os.path.isfile(path):
-            raise UserFileNotFoundError(f"model folder {model_id!r} has no config.json: is it a save_pretrained "
-                                        "folder?")
+            raise UserFileNotFoundError(
+                f"model folder {model_id!r} has no config.json: is it a save_pretrained folder?"
+            )
     elif looks_like_local_path(model_id):
         raise UserFileNotFoundError(
             f"model folder {model_id!r} does not exist. Pass a hub id such as {DEFAULT_MODEL_ID!r} or a folder "
-            f"written by save_pretrained (for an offline tiny model: python make_tiny_model.py --out DIR)")
+            f"written by save_pretrained (for an offline tiny model: python make_tiny_model.py --out DIR)"
+        )
     else:
         check_model_id(model_id)
         from transformers.utils import cached_file
+
         try:
             path = cached_file(model_id, "config.json")
         except OSError as e:
-            raise UserOSError(f"could not fetch config.json of {model_id!r} from the Hugging Face hub ({e}). Offline? "
-                              f"Download it once with `hf download {model_id}` or pass a local folder.") from e
+            raise UserOSError(
+                f"could not fetch config.json of {model_id!r} from the Hugging Face hub ({e}). Offline? "
+                f"Download it once with `hf download {model_id}` or pass a local folder."
+            ) from e
     with open(path) as f:
         return json.load(f)
 
@@ -100,18 +116,29 @@ def check_internvl_config(model_id: str, config: dict) -> None:
     if model_type == "internvl_chat":
         raise UserValueError(
             f"{model_id!r} is a remote-code InternVL checkpoint (model_type 'internvl_chat', InternVLChatModel). "
-            f"ColIntern needs the HF-native transformers checkpoint: use {hf_id_for(model_id)!r} instead.")
+            f"ColIntern needs the HF-native transformers checkpoint: use {hf_id_for(model_id)!r} instead."
+        )
     if model_type != "internvl":
-        raise UserValueError(f"{model_id!r} has model_type {model_type!r}; ColIntern needs an HF-native InternVL3.5 "
-                             f"checkpoint (model_type 'internvl'), e.g. {DEFAULT_MODEL_ID!r}")
+        raise UserValueError(
+            f"{model_id!r} has model_type {model_type!r}; ColIntern needs an HF-native InternVL3.5 "
+            f"checkpoint (model_type 'internvl'), e.g. {DEFAULT_MODEL_ID!r}"
+        )
 
 
 def resolve_dtype(dtype, device="cpu", quantize="none") -> torch.dtype:
     """'auto' is bfloat16 when `device` (a device or a device_map: 'cuda:0', 'auto', a dict) puts the model on a
     GPU, else float32; names like 'bf16', 'float16', 'fp32' are accepted. A quantised backbone (`quantize` 8bit or
     4bit) keeps its unquantised parts in bf16 (fp16 on a GPU without bf16), on a CPU too; fp32 is refused."""
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    names = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "half": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "float": torch.float32,
+    }
     check_quantize(quantize)
     if isinstance(dtype, torch.dtype):
         resolved = dtype
@@ -125,9 +152,11 @@ def resolve_dtype(dtype, device="cpu", quantize="none") -> torch.dtype:
     else:
         resolved = names[dtype]
     if quantize != "none" and resolved == torch.float32:
-        raise UserValueError(f"--quantize {quantize} with --dtype fp32: a quantised backbone keeps its vision tower, "
-                             "embeddings and norms in bf16 or fp16 (and computes in it); use --dtype auto, bf16 or "
-                             "fp16")
+        raise UserValueError(
+            f"--quantize {quantize} with --dtype fp32: a quantised backbone keeps its vision tower, "
+            "embeddings and norms in bf16 or fp16 (and computes in it); use --dtype auto, bf16 or "
+            "fp16"
+        )
     return resolved
 
 
@@ -141,17 +170,21 @@ QUANTIZE = ("none", "8bit", "4bit")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
-ATTN_HELP = ("how attention is computed: sdpa (default; torch's fused kernels), eager (plain matmuls and softmax, "
-             "for debugging), flash_attention_2 (needs the flash-attn package). They agree to rounding, not bitwise, "
-             "so the choice is recorded in checkpoints and is part of the page cache's and the results' keys")
+ATTN_HELP = (
+    "how attention is computed: sdpa (default; torch's fused kernels), eager (plain matmuls and softmax, "
+    "for debugging), flash_attention_2 (needs the flash-attn package). They agree to rounding, not bitwise, "
+    "so the choice is recorded in checkpoints and is part of the page cache's and the results' keys"
+)
 
 
 def check_attn_implementation(name: str) -> None:
     if name not in ATTN_IMPLEMENTATIONS:
         raise UserValueError(f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise UserValueError("flash_attention_2 needs the flash-attn package (pip install flash-attn, on a CUDA "
-                             "machine); sdpa, the default, needs nothing")
+        raise UserValueError(
+            "flash_attention_2 needs the flash-attn package (pip install flash-attn, on a CUDA "
+            "machine); sdpa, the default, needs nothing"
+        )
 
 
 UNQUANTISED_MODULES = ["vision_tower", "multi_modal_projector"]
@@ -169,9 +202,15 @@ def quantization_config(quantize: str, dtype: torch.dtype):
     if quantize == "none":
         return None
     from transformers import BitsAndBytesConfig
+
     if quantize == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=UNQUANTISED_MODULES)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=UNQUANTISED_MODULES,
+        )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTISED_MODULES)
 
 
@@ -188,8 +227,13 @@ def backbone_quantization(backbone) -> str:
 IGNORED_UNEXPECTED_KEYS = re.compile(r"(^|\.)lm_head\.")
 
 
-def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=None, quantize: str = "none",
-                  attn_implementation: str = "sdpa"):
+def load_backbone(
+    model_id: str = DEFAULT_MODEL_ID,
+    dtype="auto",
+    device_map=None,
+    quantize: str = "none",
+    attn_implementation: str = "sdpa",
+):
     """Load a frozen HF-native InternVL3.5 (`InternVLModel`) in eval mode through `AutoModel.from_pretrained`,
     its language model quantised with bitsandbytes for `quantize` 8bit / 4bit (see QUANTIZE), attention computed
     by `attn_implementation` (see ATTN_IMPLEMENTATIONS).
@@ -198,6 +242,7 @@ def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=Non
     (a silently re-initialised weight is the costliest bug this model family has).
     """
     from transformers import AutoModel
+
     check_internvl_config(model_id, read_model_config(model_id))
     check_attn_implementation(attn_implementation)
     kwargs = {"dtype": resolve_dtype(dtype, device_map, quantize), "attn_implementation": attn_implementation}
@@ -207,13 +252,18 @@ def load_backbone(model_id: str = DEFAULT_MODEL_ID, dtype="auto", device_map=Non
         kwargs["device_map"] = device_map
     backbone, info = AutoModel.from_pretrained(model_id, output_loading_info=True, **kwargs)
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not IGNORED_UNEXPECTED_KEYS.search(k))
-    problems = {"missing": sorted(info.get("missing_keys", ())), "unexpected": unexpected,
-                "mismatched": sorted(str(k) for k in info.get("mismatched_keys", ()))}
+    problems = {
+        "missing": sorted(info.get("missing_keys", ())),
+        "unexpected": unexpected,
+        "mismatched": sorted(str(k) for k in info.get("mismatched_keys", ())),
+    }
     problems = {k: v for k, v in problems.items() if v}
     if problems:
         detail = "; ".join(f"{k} keys: {v[:5]}{' ...' if len(v) > 5 else ''} ({len(v)})" for k, v in problems.items())
-        raise UserRuntimeError(f"loading {model_id!r} would silently re-initialise or drop weights: {detail}. "
-                               f"Check that the checkpoint and the installed transformers match.")
+        raise UserRuntimeError(
+            f"loading {model_id!r} would silently re-initialise or drop weights: {detail}. "
+            f"Check that the checkpoint and the installed transformers match."
+        )
     backbone.requires_grad_(False)
     if quantize == "4bit":
         keep_4bit_weights_unpacked(backbone)
@@ -225,6 +275,7 @@ def keep_lora_inputs_in_compute_dtype(backbone) -> None:
     input, and fp32 LoRA matmuls. Off, LoRA computes on the backbone's activations under autocast
     (ColIntern.compute_precision); a forward outside autocast then fails loudly on the dtypes."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+
     for module in backbone.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = False
@@ -237,6 +288,7 @@ def keep_4bit_weights_unpacked(backbone) -> None:
     gradient caching's first pass) packed a layer, the gradient through its frozen weight to its input is silently
     dropped. Packing also rounds absmax to bf16, so 4-bit numerics would follow the CPU kind. GPUs never pack."""
     import bitsandbytes as bnb
+
     for module in backbone.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
@@ -255,12 +307,17 @@ PAGE_PROMPT = "{image}\nDescribe the page."
 
 
 def query_format() -> dict:
-    return {"version": FORMAT_VERSION, "query_prefix": QUERY_PREFIX,
-            "query_augmentation_tokens": QUERY_AUGMENTATION_TOKENS, "page_prompt": PAGE_PROMPT}
+    return {
+        "version": FORMAT_VERSION,
+        "query_prefix": QUERY_PREFIX,
+        "query_augmentation_tokens": QUERY_AUGMENTATION_TOKENS,
+        "page_prompt": PAGE_PROMPT,
+    }
 
 
 # -----------------------------------------------------------------------------
 # Inputs
+
 
 class ColInternProcessor:
     """Owns the query format, the page prompt and tiling: the one way text and pages become model inputs."""
@@ -278,6 +335,7 @@ class ColInternProcessor:
     @classmethod
     def from_pretrained(cls, model_id: str, max_tiles: int = 4):
         from transformers import AutoProcessor
+
         read_model_config(model_id)  # same clear error for a missing folder as load_backbone
         return cls(AutoProcessor.from_pretrained(model_id), max_tiles=max_tiles)
 
@@ -305,9 +363,18 @@ class ColInternProcessor:
             raise UserValueError("process_pages got no pages")
         # Resized and tiled by the image processor, but not rescaled or normalised: pages leave here as uint8, 4x
         # smaller than fp32 in DataLoader shared memory and on the way to the GPU; ColIntern normalises them there.
-        batch = self.hf(text=[self.page_prompt] * len(pages), images=pages, padding="longest", padding_side="left",
-                        crop_to_patches=True, min_patches=1, max_patches=self.max_tiles, do_rescale=False,
-                        do_normalize=False, return_tensors="pt")
+        batch = self.hf(
+            text=[self.page_prompt] * len(pages),
+            images=pages,
+            padding="longest",
+            padding_side="left",
+            crop_to_patches=True,
+            min_patches=1,
+            max_patches=self.max_tiles,
+            do_rescale=False,
+            do_normalize=False,
+            return_tensors="pt",
+        )
         batch["pixel_values"] = as_uint8_pixels(batch["pixel_values"])  # (tiles, 3, tile, tile) uint8
         return batch
 
@@ -316,10 +383,15 @@ class ColInternProcessor:
         on the 0..1 scale) and rescale_factor (1/255)."""
         ip = self.hf.image_processor
         if not (ip.do_rescale and ip.do_normalize):
-            raise UserValueError(f"{type(ip).__name__} has do_rescale={ip.do_rescale}, do_normalize={ip.do_normalize}: "
-                                 f"ColIntern expects InternVL's rescaled and normalised pixels")
-        return {"image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
-                "rescale_factor": float(ip.rescale_factor)}
+            raise UserValueError(
+                f"{type(ip).__name__} has do_rescale={ip.do_rescale}, do_normalize={ip.do_normalize}: "
+                f"ColIntern expects InternVL's rescaled and normalised pixels"
+            )
+        return {
+            "image_mean": list(ip.image_mean),
+            "image_std": list(ip.image_std),
+            "rescale_factor": float(ip.rescale_factor),
+        }
 
 
 def as_uint8_pixels(pixels: torch.Tensor) -> torch.Tensor:
@@ -328,18 +400,23 @@ def as_uint8_pixels(pixels: torch.Tensor) -> torch.Tensor:
     if pixels.dtype == torch.uint8:
         return pixels
     if pixels.is_floating_point() and not torch.equal(pixels, pixels.round()):
-        raise UserValueError(f"unnormalised pixel_values are {pixels.dtype} with fractional values: the image "
-                             "processor "
-                             f"did not return resized uint8 pixels, so they cannot be sent as uint8")
+        raise UserValueError(
+            f"unnormalised pixel_values are {pixels.dtype} with fractional values: the image "
+            "processor "
+            f"did not return resized uint8 pixels, so they cannot be sent as uint8"
+        )
     if pixels.numel() and (pixels.min() < 0 or pixels.max() > 255):
-        raise UserValueError(f"unnormalised pixel_values span {pixels.min().item()}..{pixels.max().item()}, not "
-                             "0..255: "
-                             f"the image processor rescaled or normalised them after all")
+        raise UserValueError(
+            f"unnormalised pixel_values span {pixels.min().item()}..{pixels.max().item()}, not "
+            "0..255: "
+            f"the image processor rescaled or normalised them after all"
+        )
     return pixels.to(torch.uint8)
 
 
 # -----------------------------------------------------------------------------
 # Model
+
 
 @dataclasses.dataclass
 class LoraSettings:
@@ -356,11 +433,20 @@ class ColIntern(nn.Module):
     Forward passes return L2-normalised multi-vectors with masked tokens zeroed, and the boolean mask.
     """
 
-    def __init__(self, backbone, proj_dim: int = 128, lora: LoraSettings | None = None,
-                 model_id: str | None = None, max_tiles: int = 4,
-                 image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
-                 rescale_factor: float = 1 / 255, bidirectional: bool = False,
-                 matryoshka_dims: Sequence[int] | None = None, dim: int | None = None):
+    def __init__(
+        self,
+        backbone,
+        proj_dim: int = 128,
+        lora: LoraSettings | None = None,
+        model_id: str | None = None,
+        max_tiles: int = 4,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        rescale_factor: float = 1 / 255,
+        bidirectional: bool = False,
+        matryoshka_dims: Sequence[int] | None = None,
+        dim: int | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.hidden_size = backbone.config.text_config.hidden_size
@@ -373,8 +459,10 @@ class ColIntern(nn.Module):
             raise UserValueError(f"Matryoshka dims {matryoshka_dims} must lie in 1..{proj_dim} (the heads' size)")
         self.dim = proj_dim if dim is None else dim
         if self.dim not in self.matryoshka_dims:
-            raise UserValueError(f"--dim {dim}: this model was trained at {', '.join(map(str, self.matryoshka_dims))} "
-                                 f"(its Matryoshka prefixes); pick one of them")
+            raise UserValueError(
+                f"--dim {dim}: this model was trained at {', '.join(map(str, self.matryoshka_dims))} "
+                f"(its Matryoshka prefixes); pick one of them"
+            )
         self.lora = lora
         self.model_id = model_id
         self.max_tiles = max_tiles
@@ -392,8 +480,14 @@ class ColIntern(nn.Module):
         backbone.requires_grad_(False)
         if lora is not None:
             from peft import LoraConfig, inject_adapter_in_model
-            config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                target_modules=lora.target_modules, bias="none")
+
+            config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                bias="none",
+            )
             inject_adapter_in_model(config, backbone)
             for name, p in backbone.named_parameters():
                 p.requires_grad_("lora_" in name)
@@ -422,25 +516,53 @@ class ColIntern(nn.Module):
         self.train(False)
 
     @classmethod
-    def from_pretrained(cls, model_id: str = DEFAULT_MODEL_ID, proj_dim: int = 128, lora: LoraSettings | None = None,
-                        max_tiles: int = 4, dtype="auto", device_map=None, quantize: str = "none",
-                        attn_implementation: str = "sdpa", bidirectional: bool = False,
-                        matryoshka_dims: Sequence[int] | None = None, dim: int | None = None):
+    def from_pretrained(
+        cls,
+        model_id: str = DEFAULT_MODEL_ID,
+        proj_dim: int = 128,
+        lora: LoraSettings | None = None,
+        max_tiles: int = 4,
+        dtype="auto",
+        device_map=None,
+        quantize: str = "none",
+        attn_implementation: str = "sdpa",
+        bidirectional: bool = False,
+        matryoshka_dims: Sequence[int] | None = None,
+        dim: int | None = None,
+    ):
         """-> (model, processor) built on a fresh backbone (quantised for `quantize` 8bit/4bit), heads randomly
         initialised; `bidirectional`: the language model's attention non-causal; `matryoshka_dims`, `dim`: the
         trained vector prefixes and the one to encode at (see __init__)."""
-        backbone = load_backbone(model_id, dtype=dtype, device_map=device_map, quantize=quantize,
-                                 attn_implementation=attn_implementation)
+        backbone = load_backbone(
+            model_id, dtype=dtype, device_map=device_map, quantize=quantize, attn_implementation=attn_implementation
+        )
         processor = ColInternProcessor.from_pretrained(model_id, max_tiles=max_tiles)
-        model = cls(backbone, proj_dim=proj_dim, lora=lora, model_id=model_id, max_tiles=max_tiles,
-                    bidirectional=bidirectional, matryoshka_dims=matryoshka_dims, dim=dim,
-                    **processor.pixel_normalisation())
+        model = cls(
+            backbone,
+            proj_dim=proj_dim,
+            lora=lora,
+            model_id=model_id,
+            max_tiles=max_tiles,
+            bidirectional=bidirectional,
+            matryoshka_dims=matryoshka_dims,
+            dim=dim,
+            **processor.pixel_normalisation(),
+        )
         return model, processor
 
     @classmethod
-    def from_checkpoint(cls, path: str, model_id: str | None = None, dtype="auto", device_map=None,
-                        max_tiles: int | None = None, quantize: str | None = None, say=print,
-                        attn_implementation: str = "sdpa", dim: int | None = None):
+    def from_checkpoint(
+        cls,
+        path: str,
+        model_id: str | None = None,
+        dtype="auto",
+        device_map=None,
+        max_tiles: int | None = None,
+        quantize: str | None = None,
+        say=print,
+        attn_implementation: str = "sdpa",
+        dim: int | None = None,
+    ):
         """-> (model, processor, ckpt): the backbone of the checkpoint (or model_id), quantised as the checkpoint's
         was (or as `quantize` says: `say` tells of the change), heads + LoRA loaded. Attention is
         `attn_implementation`, whichever the checkpoint was trained with (its meta records that); causal or
@@ -453,11 +575,19 @@ class ColIntern(nn.Module):
         max_tiles = max_tiles or meta["max_tiles"]
         quantize = quantize or checkpoint_quantization(meta)
         say_if_quantization_differs(meta, quantize, f"checkpoint {path}", say)
-        model, processor = cls.from_pretrained(model_id, proj_dim=meta["proj_dim"], lora=lora, max_tiles=max_tiles,
-                                               dtype=dtype, device_map=device_map, quantize=quantize,
-                                               attn_implementation=attn_implementation,
-                                               bidirectional=meta.get("bidirectional", False),
-                                               matryoshka_dims=meta.get("matryoshka_dims"), dim=dim)
+        model, processor = cls.from_pretrained(
+            model_id,
+            proj_dim=meta["proj_dim"],
+            lora=lora,
+            max_tiles=max_tiles,
+            dtype=dtype,
+            device_map=device_map,
+            quantize=quantize,
+            attn_implementation=attn_implementation,
+            bidirectional=meta.get("bidirectional", False),
+            matryoshka_dims=meta.get("matryoshka_dims"),
+            dim=dim,
+        )
         load_trainable_state(model, ckpt, source=f"checkpoint {path}")
         return model, processor, ckpt
 
@@ -508,12 +638,21 @@ class ColIntern(nn.Module):
         and page pooling. Every cache and
         result key is built on it (mining's page cache; eval's results, through score_identity). Every entry is
         always present: adding one recomputes the caches once, and no key depends on what happened to be set."""
-        return {"identity_version": IDENTITY_VERSION, "backbone": backbone_fingerprint(self.model_id),
-                "adapters": self.adapter_fingerprint(), "proj_dim": self.proj_dim, "format_version": FORMAT_VERSION,
-                "max_tiles": self.max_tiles, "dtype": dtype_name(self.backbone.dtype),
-                "compute_dtype": dtype_name(self.compute_dtype), "quantize": self.quantize,
-                "attn_implementation": self.attn_implementation, "bidirectional": self.bidirectional,
-                "dim": self.dim, "pool_factor": pool_factor}
+        return {
+            "identity_version": IDENTITY_VERSION,
+            "backbone": backbone_fingerprint(self.model_id),
+            "adapters": self.adapter_fingerprint(),
+            "proj_dim": self.proj_dim,
+            "format_version": FORMAT_VERSION,
+            "max_tiles": self.max_tiles,
+            "dtype": dtype_name(self.backbone.dtype),
+            "compute_dtype": dtype_name(self.compute_dtype),
+            "quantize": self.quantize,
+            "attn_implementation": self.attn_implementation,
+            "bidirectional": self.bidirectional,
+            "dim": self.dim,
+            "pool_factor": pool_factor,
+        }
 
     def adapter_fingerprint(self) -> str:
         """sha256 of the heads' and LoRA's values (names, dtypes, shapes, bytes): what training changed. The same
@@ -540,8 +679,11 @@ class ColIntern(nn.Module):
     def vision_frozen(self) -> bool:
         """True unless an adapter reaches into the vision tower or projector (ColIntern's own LoRA never does: its
         targets are the language model's). Only then may image features be computed without a graph and reused."""
-        return not any(p.requires_grad for m in (self.backbone.vision_tower, self.backbone.multi_modal_projector)
-                       for p in m.parameters())
+        return not any(
+            p.requires_grad
+            for m in (self.backbone.vision_tower, self.backbone.multi_modal_projector)
+            for p in m.parameters()
+        )
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Tiles (N, 3, H, W) from process_pages -> the vision tower + projector's output (N, image_seq_length,
@@ -556,8 +698,11 @@ class ColIntern(nn.Module):
     def _hidden(self, batch, image_features: torch.Tensor | None = None) -> torch.Tensor:
         inputs_device = self.backbone.get_input_embeddings().weight.device
         pixels = batch.get("pixel_values")
-        batch = {k: v.to(inputs_device, non_blocking=True) for k, v in batch.items()  # from pinned memory
-                 if k != "pixel_values"}
+        batch = {
+            k: v.to(inputs_device, non_blocking=True)
+            for k, v in batch.items()  # from pinned memory
+            if k != "pixel_values"
+        }
         if image_features is None and pixels is not None:
             image_features = self.image_features(pixels)
         if image_features is not None:
@@ -566,11 +711,14 @@ class ColIntern(nn.Module):
             ids = batch.pop("input_ids")
             slots = ids == self.image_token_id
             if int(slots.sum()) != image_features.shape[0] * image_features.shape[1]:
-                raise ValueError(f"{int(slots.sum())} image tokens in the batch but image features for "
-                                 f"{image_features.shape[0] * image_features.shape[1]}: features of another batch?")
+                raise ValueError(
+                    f"{int(slots.sum())} image tokens in the batch but image features for "
+                    f"{image_features.shape[0] * image_features.shape[1]}: features of another batch?"
+                )
             embeds = self.backbone.get_input_embeddings()(ids)
-            batch["inputs_embeds"] = embeds.masked_scatter(slots.unsqueeze(-1),
-                                                           image_features.to(embeds.device, embeds.dtype))
+            batch["inputs_embeds"] = embeds.masked_scatter(
+                slots.unsqueeze(-1), image_features.to(embeds.device, embeds.dtype)
+            )
         if self.bidirectional:
             batch["attention_mask"] = self._bidirectional_mask(batch["attention_mask"])
         # use_cache=False: the text config's use_cache is true, and transformers would otherwise build a KV cache
@@ -582,6 +730,7 @@ class ColIntern(nn.Module):
         non-pad token: transformers' own bidirectional mask in its attention implementation's form (a 4D mask,
         passed through as it is; flash attention keeps the 2D one)."""
         from transformers.masking_utils import create_bidirectional_mask
+
         config = self.backbone.config.text_config
         shape = torch.empty(mask.shape[0], mask.shape[1], 1, dtype=self.backbone.dtype, device=mask.device)
         made = create_bidirectional_mask(config, shape, mask, allow_is_bidirectional_skip=False)
@@ -593,11 +742,15 @@ class ColIntern(nn.Module):
         if pixels.is_floating_point():
             return pixels
         if pixels.dtype != torch.uint8:
-            raise TypeError(f"pixel_values must be uint8 (ColInternProcessor.process_pages) or normalised floats, "
-                            f"got {pixels.dtype}")
+            raise TypeError(
+                f"pixel_values must be uint8 (ColInternProcessor.process_pages) or normalised floats, "
+                f"got {pixels.dtype}"
+            )
         if self.pixel_mean is None:
-            raise UserValueError("uint8 pixel_values need the processor's normalisation: build ColIntern with "
-                                 "**processor.pixel_normalisation() (ColIntern.from_pretrained does)")
+            raise UserValueError(
+                "uint8 pixel_values need the processor's normalisation: build ColIntern with "
+                "**processor.pixel_normalisation() (ColIntern.from_pretrained does)"
+            )
         if self.pixel_mean.device != pixels.device:
             self.pixel_mean, self.pixel_std = self.pixel_mean.to(pixels.device), self.pixel_std.to(pixels.device)
         return pixels.float().sub_(self.pixel_mean).div_(self.pixel_std)  # (N, 3, H, W) fp32
@@ -606,7 +759,7 @@ class ColIntern(nn.Module):
         # the head multiplies in the compute dtype (under compute_precision); normalised, masked and scored in fp32
         emb = head(hidden.to(head.weight.device)).float()
         if self.dim != self.proj_dim:  # a Matryoshka prefix
-            emb = emb[..., :self.dim]
+            emb = emb[..., : self.dim]
         emb = F.normalize(emb, dim=-1)  # (B, L, dim)
         return emb * mask.unsqueeze(-1).to(emb.dtype)
 
@@ -626,14 +779,16 @@ class ColIntern(nn.Module):
             return self._project(self.page_head, self._hidden(batch, image_features), mask), mask
 
     @torch.inference_mode()
-    def encode_queries(self, processor: ColInternProcessor, queries: Sequence[str], batch_size: int = 32,
-                       progress: bool = False) -> list:
+    def encode_queries(
+        self, processor: ColInternProcessor, queries: Sequence[str], batch_size: int = 32, progress: bool = False
+    ) -> list:
         """-> one (Lq_i, D) float32 tensor per query on the CPU, pad tokens removed."""
         return self._encode(processor.process_queries, self.forward_queries, queries, batch_size, progress, "queries")
 
     @torch.inference_mode()
-    def encode_pages(self, processor: ColInternProcessor, pages: Sequence, batch_size: int = 4,
-                     progress: bool = False) -> list:
+    def encode_pages(
+        self, processor: ColInternProcessor, pages: Sequence, batch_size: int = 4, progress: bool = False
+    ) -> list:
         """-> one (Lp_i, D) float32 tensor per page (PIL image or path) on the CPU, masked tokens removed."""
         return self._encode(processor.process_pages, self.forward_pages, pages, batch_size, progress, "pages")
 
@@ -642,9 +797,10 @@ class ColIntern(nn.Module):
         memory while the GPU still runs batch k's forward, and batch k's embeddings are fetched only then. The same
         forwards on the same batches as one at a time, so the same embeddings."""
         out, running = [], None
-        for start in progress_bar(range(0, len(items), batch_size), desc=f"encode {what}", disable=not progress,
-                                  unit="batch"):
-            batch = pin_batch(process(items[start:start + batch_size]), self.device)
+        for start in progress_bar(
+            range(0, len(items), batch_size), desc=f"encode {what}", disable=not progress, unit="batch"
+        ):
+            batch = pin_batch(process(items[start : start + batch_size]), self.device)
             launched = forward(batch)
             if running is not None:
                 out.extend(unpad(running[0].float(), running[1]))
@@ -758,8 +914,12 @@ class _MaxSim(torch.autograd.Function):
         return grad_queries, grad_pages, None, None
 
 
-def maxsim(queries: torch.Tensor, pages: torch.Tensor, query_mask: torch.Tensor | None = None,
-           page_mask: torch.Tensor | None = None) -> torch.Tensor:
+def maxsim(
+    queries: torch.Tensor,
+    pages: torch.Tensor,
+    query_mask: torch.Tensor | None = None,
+    page_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Differentiable exact MaxSim of padded batches, for training.
 
     queries (Nq, Lq, D), pages (Np, Lp, D), masks True on real tokens -> scores (Nq, Np) in the inputs' dtype:
@@ -775,8 +935,9 @@ def pad_queries(queries: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(list(queries), batch_first=True)
 
 
-def pad_pages(pages: Sequence[torch.Tensor], dtype: torch.dtype | None = None,
-              buffer: torch.Tensor | None = None) -> torch.Tensor:
+def pad_pages(
+    pages: Sequence[torch.Tensor], dtype: torch.dtype | None = None, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
     """Pad ragged pages to (Np, Lp, D) by repeating each page's own first token: a copy never changes the max,
     so the padded batch scores exactly, with no mask pass (zero-padding would win a max over negative scores).
     `dtype`: the padded batch's (default the pages'); the copy converts, no extra pass. `buffer`: a flat tensor of
@@ -786,12 +947,12 @@ def pad_pages(pages: Sequence[torch.Tensor], dtype: torch.dtype | None = None,
     if buffer is None:
         out = pages[0].new_empty(shape, dtype=dtype)
     else:
-        out = buffer[:math.prod(shape)].view(shape)
+        out = buffer[: math.prod(shape)].view(shape)
     for i, p in enumerate(pages):
         if p.shape[0] == 0:
             raise UserValueError(f"page {i} has no tokens to score")
-        out[i, :p.shape[0]] = p
-        out[i, p.shape[0]:] = p[0]
+        out[i, : p.shape[0]] = p
+        out[i, p.shape[0] :] = p[0]
     return out
 
 
@@ -829,9 +990,14 @@ def score_identity(embedding: dict, scoring: torch.dtype, device, rerank: int = 
     """What a score depends on: the embeddings' identity (ColIntern.embedding_identity), the dtype MaxSim rounds to
     and the one it multiplies in on `device` (matmul_dtype: bf16 on a CPU without native bf16 is multiplied in fp32),
     the scoring code's version, the rerank depth and the vectors' dimension. Every entry is always present."""
-    return {"embedding": embedding, "score_dtype": dtype_name(scoring),
-            "matmul_dtype": dtype_name(matmul_dtype(scoring, device)), "scoring_version": SCORING_VERSION,
-            "rerank": rerank, "dim": embedding["dim"]}
+    return {
+        "embedding": embedding,
+        "score_dtype": dtype_name(scoring),
+        "matmul_dtype": dtype_name(matmul_dtype(scoring, device)),
+        "scoring_version": SCORING_VERSION,
+        "rerank": rerank,
+        "dim": embedding["dim"],
+    }
 
 
 def score_dtype(requested="auto", device="cpu") -> torch.dtype:
@@ -894,6 +1060,7 @@ def _cpu_pool(workers: int):
     global _CPU_POOL
     if _CPU_POOL is None or _CPU_POOL._max_workers != workers:
         from concurrent.futures import ThreadPoolExecutor
+
         if _CPU_POOL is not None:
             _CPU_POOL.shutdown(wait=False)
         _CPU_POOL = ThreadPoolExecutor(workers, thread_name_prefix="maxsim")
@@ -901,8 +1068,9 @@ def _cpu_pool(workers: int):
 
 
 @torch.no_grad()
-def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_elements: int | None = None,
-                  workers: int | None = None) -> torch.Tensor:
+def maxsim_tokens(
+    query_tokens: torch.Tensor, pages: torch.Tensor, block_elements: int | None = None, workers: int | None = None
+) -> torch.Tensor:
     """(T, D) query tokens x (Np, Lp, D) pages from pad_pages, both in the dtype to multiply in -> (T, Np) in that
     dtype: each query token's best similarity on each page. Tiled so that one similarity block holds at most
     `block_elements` values (default: cpu_sim_block on a CPU, GPU_SIM_BLOCK on a GPU).
@@ -941,8 +1109,8 @@ def maxsim_tokens(query_tokens: torch.Tensor, pages: torch.Tensor, block_element
                     return
                 p0, r0 = blocks[i]
                 p1, r1 = min(np_, p0 + group), min(t, r0 + rows)
-                sim = buffer[:(r1 - r0) * (p1 - p0) * lp].view(r1 - r0, (p1 - p0) * lp)
-                torch.mm(query_tokens[r0:r1], flat[p0 * lp:p1 * lp].T, out=sim)
+                sim = buffer[: (r1 - r0) * (p1 - p0) * lp].view(r1 - r0, (p1 - p0) * lp)
+                torch.mm(query_tokens[r0:r1], flat[p0 * lp : p1 * lp].T, out=sim)
                 best[r0:r1, p0:p1] = sim.view(r1 - r0, p1 - p0, lp).amax(dim=-1)
 
     if workers <= 1:
@@ -972,8 +1140,7 @@ def pack_queries(queries: Sequence[torch.Tensor], dtype, device, compute: torch.
     return tokens, torch.repeat_interleave(torch.arange(len(queries), device=device), lengths)
 
 
-def page_chunks(pages: Sequence[torch.Tensor], dtype, device, compute: torch.dtype | None = None,
-                reuse: bool = False):
+def page_chunks(pages: Sequence[torch.Tensor], dtype, device, compute: torch.dtype | None = None, reuse: bool = False):
     """Yield (page indices, padded pages (n, Lp, D) rounded to `dtype`, in `compute` (default `dtype`)), pages
     sorted by length so padding stays small. Each page is converted as it is padded, one chunk at a time.
 
@@ -992,8 +1159,10 @@ def page_chunks(pages: Sequence[torch.Tensor], dtype, device, compute: torch.dty
         size = (end - start) * pages[order[end - 1]].shape[0] * pages[order[0]].shape[1]
         if reuse and (buffer is None or buffer.numel() < size):
             buffer = torch.empty(max(size, PAGE_CHUNK_TOKENS * pages[order[0]].shape[1]), dtype=compute, device=device)
-        yield (torch.tensor(idx, device=device),
-               pad_pages([_rounded(pages[i], dtype, compute, device) for i in idx], dtype=compute, buffer=buffer))
+        yield (
+            torch.tensor(idx, device=device),
+            pad_pages([_rounded(pages[i], dtype, compute, device) for i in idx], dtype=compute, buffer=buffer),
+        )
         start = end
 
 
@@ -1019,8 +1188,9 @@ def adds_in_varying_order(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def merge_topk(values: torch.Tensor, indices: torch.Tensor, new_values: torch.Tensor, new_indices: torch.Tensor,
-               k: int) -> tuple:
+def merge_topk(
+    values: torch.Tensor, indices: torch.Tensor, new_values: torch.Tensor, new_indices: torch.Tensor, k: int
+) -> tuple:
     """A running top-k per row, (n, k) values and indices, merged with (n, m) new ones -> the k best of both."""
     return top_k_by_index(torch.cat([values, new_values], dim=1), torch.cat([indices, new_indices], dim=1), k)
 
@@ -1048,8 +1218,8 @@ def sync(device) -> None:
 # adds <= D 2^-24 sum|q_i p_i| <= D 2^-24; a native bf16 matmul writes bf16, one more rounding: <= u |s| <= u. A max
 # over page tokens is 1-Lipschitz, so a token's best similarity is off by at most the worst similarity error; the
 # float32 sum over Lq query tokens adds the Lq errors (and <= Lq^2 2^-24 of its own).
-BF16_UNIT_ROUNDOFF = 2.0 ** -8
-FP32_UNIT_ROUNDOFF = 2.0 ** -24
+BF16_UNIT_ROUNDOFF = 2.0**-8
+FP32_UNIT_ROUNDOFF = 2.0**-24
 
 
 def score_error_bound(dtype: torch.dtype, query_tokens: int, dim: int) -> float:
@@ -1061,8 +1231,13 @@ def score_error_bound(dtype: torch.dtype, query_tokens: int, dim: int) -> float:
     return query_tokens * (rounding + (dim + query_tokens) * FP32_UNIT_ROUNDOFF)
 
 
-def maxsim_scores(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], device="cpu",
-                  dtype=torch.float32, max_sim_elements: int | None = None) -> torch.Tensor:
+def maxsim_scores(
+    queries: Sequence[torch.Tensor],
+    pages: Sequence[torch.Tensor],
+    device="cpu",
+    dtype=torch.float32,
+    max_sim_elements: int | None = None,
+) -> torch.Tensor:
     """Exact MaxSim of ragged queries x ragged pages -> (Nq, Np) float32 on the CPU.
 
     Query tokens are packed (no padding), pages sorted by length and padded in chunks with their own first token,
@@ -1082,9 +1257,16 @@ def maxsim_scores(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor]
     return scores
 
 
-def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], k: int, device="cpu",
-                dtype=torch.float32, max_sim_elements: int | None = None, on_scores=None,
-                query_block_tokens: int = QUERY_BLOCK_TOKENS) -> tuple:
+def maxsim_topk(
+    queries: Sequence[torch.Tensor],
+    pages: Sequence[torch.Tensor],
+    k: int,
+    device="cpu",
+    dtype=torch.float32,
+    max_sim_elements: int | None = None,
+    on_scores=None,
+    query_block_tokens: int = QUERY_BLOCK_TOKENS,
+) -> tuple:
     """The k best pages per query by exact MaxSim, never holding the (Nq, Np) matrix: each block of queries keeps
     a running top-k while page chunks stream past. `dtype`: the score dtype, as in maxsim_scores.
 
@@ -1127,17 +1309,19 @@ def maxsim_topk(queries: Sequence[torch.Tensor], pages: Sequence[torch.Tensor], 
 # the same exact MaxSim. colpali-engine's HierarchicalTokenPooler runs Ward on the rows of 1 - E E^T instead: an
 # L-dimensional observation per token, O(L^3) per page for the distances, against O(L^2 D) here.
 
+
 def page_clusters(page: torch.Tensor, n_clusters: int) -> torch.Tensor:
     """(L, D) unit vectors -> (L,) int64 cluster of each token, 0..n_clusters-1 numbered by first token. The tree is
     cut after its first L - n_clusters merges (scipy sorts them by height, stably), so the count is exact even when
     heights tie, where fcluster's maxclust may return fewer; otherwise the same clusters."""
     import numpy as np
     from scipy.cluster.hierarchy import linkage
+
     n = len(page)
     merges = linkage(page.detach().cpu().double().numpy(), method="ward")[: n - n_clusters, :2].astype(np.int64)
     parent = np.arange(2 * n - 1)
     parent[merges[:, 0]] = parent[merges[:, 1]] = np.arange(n, n + len(merges))
-    parent = parent[:n + len(merges)]
+    parent = parent[: n + len(merges)]
     while True:  # pointer jumping: every token to its cluster's root
         up = parent[parent]
         if np.array_equal(up, parent):
@@ -1172,6 +1356,7 @@ def pool_pages(pages: Sequence[torch.Tensor], pool_factor: int, workers: int | N
     if workers <= 1:
         return [pool_page(p, pool_factor) for p in pages]
     from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(workers, thread_name_prefix="pool") as ex:
         return list(ex.map(functools.partial(pool_page, pool_factor=pool_factor), pages))
 
@@ -1184,9 +1369,17 @@ def index_bytes(pages: Sequence[torch.Tensor], dtype: torch.dtype | None = None)
 # -----------------------------------------------------------------------------
 # Loss
 
-def contrastive_loss(queries: torch.Tensor, query_mask: torch.Tensor, pages: torch.Tensor, page_mask: torch.Tensor,
-                     pos_index: torch.Tensor, temperature: float = 0.02,
-                     normalize_by_query_length: bool = True, dims: Sequence[int] | None = None) -> torch.Tensor:
+
+def contrastive_loss(
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    pages: torch.Tensor,
+    page_mask: torch.Tensor,
+    pos_index: torch.Tensor,
+    temperature: float = 0.02,
+    normalize_by_query_length: bool = True,
+    dims: Sequence[int] | None = None,
+) -> torch.Tensor:
     """InfoNCE over MaxSim: query i's positive is pages[pos_index[i]]; every other page is a negative.
 
     `pages` is the candidate pool for all queries: the in-batch positives (from every rank, when gathered), then
@@ -1195,8 +1388,18 @@ def contrastive_loss(queries: torch.Tensor, query_mask: torch.Tensor, pages: tor
     renormalised (a masked token's zero vector stays zero), so that each prefix is a retriever of its own.
     """
     if dims:
-        return sum(contrastive_loss(matryoshka_prefix(queries, d), query_mask, matryoshka_prefix(pages, d), page_mask,
-                                    pos_index, temperature, normalize_by_query_length) for d in dims)
+        return sum(
+            contrastive_loss(
+                matryoshka_prefix(queries, d),
+                query_mask,
+                matryoshka_prefix(pages, d),
+                page_mask,
+                pos_index,
+                temperature,
+                normalize_by_query_length,
+            )
+            for d in dims
+        )
     scores = maxsim(queries, pages, query_mask, page_mask)  # (B, Npages)
     if normalize_by_query_length:
         scores = scores / query_mask.sum(dim=1, keepdim=True).clamp(min=1).to(scores.dtype)
@@ -1216,13 +1419,23 @@ def matryoshka_prefix(emb: torch.Tensor, dim: int) -> torch.Tensor:
 CHECKPOINT_KIND = "colintern"
 
 
-def checkpoint_dict(model: ColIntern, step: int = 0, epoch: int = 0, train_state: dict | None = None,
-                    training_data: list | None = None) -> dict:
-    meta = {"model_id": model.model_id, "hidden_size": model.hidden_size, "proj_dim": model.proj_dim,
-            "max_tiles": model.max_tiles, "lora": dataclasses.asdict(model.lora) if model.lora else None,
-            "quantize": model.quantize, "attn_implementation": model.attn_implementation,
-            "bidirectional": model.bidirectional, "matryoshka_dims": model.matryoshka_dims, "format": query_format(),
-            "step": step, "epoch": epoch}
+def checkpoint_dict(
+    model: ColIntern, step: int = 0, epoch: int = 0, train_state: dict | None = None, training_data: list | None = None
+) -> dict:
+    meta = {
+        "model_id": model.model_id,
+        "hidden_size": model.hidden_size,
+        "proj_dim": model.proj_dim,
+        "max_tiles": model.max_tiles,
+        "lora": dataclasses.asdict(model.lora) if model.lora else None,
+        "quantize": model.quantize,
+        "attn_implementation": model.attn_implementation,
+        "bidirectional": model.bidirectional,
+        "matryoshka_dims": model.matryoshka_dims,
+        "format": query_format(),
+        "step": step,
+        "epoch": epoch,
+    }
     if training_data is not None:
         # lineage: every dataset these weights were trained on, warm starts included (train.py); eval.py declares it
         # to mteb. Checkpoints without it (older ones, untrained heads) still load.
@@ -1236,8 +1449,11 @@ def checkpoint_dict(model: ColIntern, step: int = 0, epoch: int = 0, train_state
 def trainable_state_dict(model: ColIntern) -> dict:
     """Heads + LoRA weights, copied to the CPU. LoRA as peft's get_peft_model_state_dict names it, without the
     adapter name: "language_model.layers.0.self_attn.q_proj.lora_A.weight"."""
-    heads = {f"{name}.{k}": v.detach().cpu().clone() for name in ("query_head", "page_head")
-             for k, v in getattr(model, name).state_dict().items()}
+    heads = {
+        f"{name}.{k}": v.detach().cpu().clone()
+        for name in ("query_head", "page_head")
+        for k, v in getattr(model, name).state_dict().items()
+    }
     lora = {k: v.detach().cpu().clone() for k, v in lora_parameters(model).items()}
     return {"heads": heads, "lora": lora}
 
@@ -1251,6 +1467,7 @@ def lora_parameters(model: ColIntern) -> dict:
     if model.lora is None:
         return {}
     from peft import get_peft_model_state_dict
+
     own = {name: p for name, p in model.backbone.named_parameters() if "lora_" in name}
     return get_peft_model_state_dict(model.backbone, state_dict=own, save_embedding_layers=False)
 
@@ -1265,8 +1482,10 @@ def say_if_quantization_differs(meta: dict, quantize: str, source: str, say=prin
     the frozen weights, whatever their storage), but the backbone's outputs move by the quantisation error."""
     trained = checkpoint_quantization(meta)
     if quantize != trained:
-        say(f"{source} was trained on a --quantize {trained} backbone and is loaded on a --quantize {quantize} one: "
-            f"heads and LoRA load unchanged; scores may shift by the quantisation error")
+        say(
+            f"{source} was trained on a --quantize {trained} backbone and is loaded on a --quantize {quantize} one: "
+            f"heads and LoRA load unchanged; scores may shift by the quantisation error"
+        )
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -1277,8 +1496,14 @@ def atomic_torch_save(obj, path: str) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(path: str, model: ColIntern, step: int = 0, epoch: int = 0, train_state: dict | None = None,
-                    training_data: list | None = None):
+def save_checkpoint(
+    path: str,
+    model: ColIntern,
+    step: int = 0,
+    epoch: int = 0,
+    train_state: dict | None = None,
+    training_data: list | None = None,
+):
     atomic_torch_save(checkpoint_dict(model, step, epoch, train_state, training_data), path)
 
 
@@ -1294,16 +1519,21 @@ def load_checkpoint(path: str) -> dict:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch.load of a text file raises KeyError, of a cut-short one RuntimeError, ...
-            raise UserValueError(f"{path} is not a ColIntern checkpoint (made by train.py): torch.load cannot read "
-                                 f"it") from e
+            raise UserValueError(
+                f"{path} is not a ColIntern checkpoint (made by train.py): torch.load cannot read it"
+            ) from e
         if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-            raise UserValueError(f"{path} is not a ColIntern checkpoint (made by train.py): it has no "
-                                 f"kind={CHECKPOINT_KIND!r} entry")
-    bad = first_non_finite({**{f"heads.{k}": v for k, v in ckpt["heads"].items()},
-                            **{f"lora.{k}": v for k, v in ckpt["lora"].items()}})
+            raise UserValueError(
+                f"{path} is not a ColIntern checkpoint (made by train.py): it has no kind={CHECKPOINT_KIND!r} entry"
+            )
+    bad = first_non_finite(
+        {**{f"heads.{k}": v for k, v in ckpt["heads"].items()}, **{f"lora.{k}": v for k, v in ckpt["lora"].items()}}
+    )
     if bad is not None:
-        raise UserValueError(f"{path}: {bad} holds non-finite values (inf or NaN): its scores would be garbage. The "
-                             f"run that wrote it diverged; use an earlier checkpoint")
+        raise UserValueError(
+            f"{path}: {bad} holds non-finite values (inf or NaN): its scores would be garbage. The "
+            f"run that wrote it diverged; use an earlier checkpoint"
+        )
     return ckpt
 
 
@@ -1326,37 +1556,49 @@ def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint
     """Load heads + LoRA from a checkpoint dict into `model`, refusing one made for another shape or LoRA layout."""
     meta = ckpt["meta"]
     if meta["hidden_size"] != model.hidden_size:
-        raise UserValueError(f"{source} was trained on a backbone with hidden size {meta['hidden_size']} "
-                             f"({meta['model_id']}), this backbone has {model.hidden_size} ({model.model_id}): "
-                             f"pass the matching --model_id")
+        raise UserValueError(
+            f"{source} was trained on a backbone with hidden size {meta['hidden_size']} "
+            f"({meta['model_id']}), this backbone has {model.hidden_size} ({model.model_id}): "
+            f"pass the matching --model_id"
+        )
     if meta["proj_dim"] != model.proj_dim:
-        raise UserValueError(f"{source} has proj_dim {meta['proj_dim']}, the model was built with {model.proj_dim}: "
-                             f"use --proj_dim {meta['proj_dim']} (or build the model from the checkpoint)")
+        raise UserValueError(
+            f"{source} has proj_dim {meta['proj_dim']}, the model was built with {model.proj_dim}: "
+            f"use --proj_dim {meta['proj_dim']} (or build the model from the checkpoint)"
+        )
     if meta["format"]["version"] != FORMAT_VERSION:
-        raise UserValueError(f"{source} uses query/page format v{meta['format']['version']}, this code uses "
-                             f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code")
+        raise UserValueError(
+            f"{source} uses query/page format v{meta['format']['version']}, this code uses "
+            f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code"
+        )
     lora = {LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v for k, v in ckpt["lora"].items()}  # older checkpoints' keys
     own_lora = lora_parameters(model)
     own, theirs = set(own_lora), set(lora)
     if own != theirs:
-        raise UserValueError(f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
-                             f"have no place (e.g. {sorted(theirs - own)[:2]}), {len(own - theirs)} model keys are "
-                             f"missing (e.g. {sorted(own - theirs)[:2]}). Build the model with the checkpoint's "
-                             f"LoRA settings {meta['lora']}")
+        raise UserValueError(
+            f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
+            f"have no place (e.g. {sorted(theirs - own)[:2]}), {len(own - theirs)} model keys are "
+            f"missing (e.g. {sorted(own - theirs)[:2]}). Build the model with the checkpoint's "
+            f"LoRA settings {meta['lora']}"
+        )
     wrong = [k for k in sorted(lora) if lora[k].shape != own_lora[k].shape]
     if wrong:
-        raise UserValueError(f"{source} LoRA adapter does not fit the backbone {model.model_id}: {len(wrong)} tensors "
-                             f"have other shapes (e.g. {wrong[0]}: {tuple(lora[wrong[0]].shape)}, the model's "
-                             f"{tuple(own_lora[wrong[0]].shape)}), with LoRA settings {meta['lora']}")
+        raise UserValueError(
+            f"{source} LoRA adapter does not fit the backbone {model.model_id}: {len(wrong)} tensors "
+            f"have other shapes (e.g. {wrong[0]}: {tuple(lora[wrong[0]].shape)}, the model's "
+            f"{tuple(own_lora[wrong[0]].shape)}), with LoRA settings {meta['lora']}"
+        )
     for name in ("query_head", "page_head"):
         head = getattr(model, name)
         state = {k.split(".", 1)[1]: v for k, v in ckpt["heads"].items() if k.startswith(name + ".")}
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
         if shapes != expected:
-            raise UserValueError(f"{source} heads do not fit the backbone {model.model_id}: {name} holds {shapes}, "
-                                 f"the model's {expected} (hidden size {model.hidden_size}, proj_dim "
-                                 f"{model.proj_dim}): pass the matching --model_id (hidden size) or --proj_dim")
+            raise UserValueError(
+                f"{source} heads do not fit the backbone {model.model_id}: {name} holds {shapes}, "
+                f"the model's {expected} (hidden size {model.hidden_size}, proj_dim "
+                f"{model.proj_dim}): pass the matching --model_id (hidden size) or --proj_dim"
+            )
         head.load_state_dict(state)
     with torch.no_grad():  # copied into place, not through peft's set_peft_model_state_dict: see lora_parameters
         for key, param in own_lora.items():
@@ -1382,9 +1624,16 @@ PEFT_KEY_PREFIX = "base_model.model."  # PeftModel.save_pretrained's keys: the P
 def lora_config(settings: dict, base_model: str):
     """peft's LoraConfig of ColIntern's LoRA settings (dataclasses.asdict of LoraSettings)."""
     from peft import LoraConfig
-    return LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                      target_modules=settings["target_modules"], bias="none", base_model_name_or_path=base_model,
-                      inference_mode=True)
+
+    return LoraConfig(
+        r=settings["r"],
+        lora_alpha=settings["alpha"],
+        lora_dropout=settings["dropout"],
+        target_modules=settings["target_modules"],
+        bias="none",
+        base_model_name_or_path=base_model,
+        inference_mode=True,
+    )
 
 
 def write_exported(ckpt: dict, folder: str, name: str, base_model: str | None = None) -> dict:
@@ -1392,13 +1641,18 @@ def write_exported(ckpt: dict, folder: str, name: str, base_model: str | None = 
     `base_model` replaces meta["model_id"] (the hub id of the backbone a local copy was trained from). Every meta
     key travels, so what newer code records in a checkpoint reaches the folder without changes here."""
     from safetensors.torch import save_file
+
     meta = dict(ckpt["meta"], model_id=base_model or ckpt["meta"]["model_id"])
-    save_file({k: v.contiguous() for k, v in ckpt["heads"].items()}, os.path.join(folder, HEADS_FILE),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in ckpt["heads"].items()},
+        os.path.join(folder, HEADS_FILE),
+        metadata={"format": "pt"},
+    )
     if meta["lora"]:
         lora_config(meta["lora"], meta["model_id"]).save_pretrained(folder)
-        lora = {PEFT_KEY_PREFIX + LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v.contiguous()
-                for k, v in ckpt["lora"].items()}
+        lora = {
+            PEFT_KEY_PREFIX + LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v.contiguous() for k, v in ckpt["lora"].items()
+        }
         save_file(lora, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {"kind": CHECKPOINT_KIND, "export_version": EXPORT_VERSION, "name": name, **meta}
     write_json(os.path.join(folder, EXPORT_CONFIG), config)
@@ -1410,21 +1664,25 @@ def read_json_file(path: str, what: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise UserFileNotFoundError(f"{path} is missing: the folder is not a complete ColIntern export "
-                                    f"({what})") from None
+        raise UserFileNotFoundError(
+            f"{path} is missing: the folder is not a complete ColIntern export ({what})"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserValueError(f"{path} is not valid JSON ({e}): the folder is corrupted; export it again") from e
 
 
 def read_safetensors(path: str) -> dict:
     from safetensors.torch import load_file
+
     if not os.path.isfile(path):
         raise UserFileNotFoundError(f"{path} is missing: the folder is not a complete ColIntern export")
     try:
         return load_file(path)
     except Exception as e:  # safetensors raises its own SafetensorError on a cut-short or garbled file
-        raise UserValueError(f"{path} cannot be read as safetensors ({' '.join(str(e).split())}): the file is "
-                             f"corrupted; download or export it again") from e
+        raise UserValueError(
+            f"{path} cannot be read as safetensors ({' '.join(str(e).split())}): the file is "
+            f"corrupted; download or export it again"
+        ) from e
 
 
 def load_exported(folder: str) -> dict:
@@ -1432,30 +1690,42 @@ def load_exported(folder: str) -> dict:
     adapter_config.json (what PeftModel.from_pretrained would use) and must agree with colintern_config.json."""
     checkpoints = sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
     if checkpoints and not os.path.isfile(os.path.join(folder, EXPORT_CONFIG)):  # train.py's --out_dir, say
-        raise UserFileNotFoundError(f"{folder} is a folder of checkpoints, not an exported model: pass one of its "
-                                    f"files, e.g. {os.path.join(folder, checkpoints[-1])} (it holds "
-                                    f"{', '.join(checkpoints[:6])}{' ...' if len(checkpoints) > 6 else ''})")
+        raise UserFileNotFoundError(
+            f"{folder} is a folder of checkpoints, not an exported model: pass one of its "
+            f"files, e.g. {os.path.join(folder, checkpoints[-1])} (it holds "
+            f"{', '.join(checkpoints[:6])}{' ...' if len(checkpoints) > 6 else ''})"
+        )
     config = read_json_file(os.path.join(folder, EXPORT_CONFIG), "export.py writes colintern_config.json")
     if config.get("kind") != CHECKPOINT_KIND or config.get("export_version") != EXPORT_VERSION:
-        raise UserValueError(f"{os.path.join(folder, EXPORT_CONFIG)} is not a ColIntern export of version "
-                             f"{EXPORT_VERSION} (kind {config.get('kind')!r}, export_version "
-                             f"{config.get('export_version')!r})")
+        raise UserValueError(
+            f"{os.path.join(folder, EXPORT_CONFIG)} is not a ColIntern export of version "
+            f"{EXPORT_VERSION} (kind {config.get('kind')!r}, export_version "
+            f"{config.get('export_version')!r})"
+        )
     meta = {k: v for k, v in config.items() if k not in ("kind", "export_version")}
     lora = {}
     if meta.get("lora"):
         adapter = read_json_file(os.path.join(folder, ADAPTER_CONFIG), "the LoRA adapter's peft config")
-        theirs = {"r": adapter.get("r"), "alpha": adapter.get("lora_alpha"), "dropout": adapter.get("lora_dropout"),
-                  "target_modules": adapter.get("target_modules")}
+        theirs = {
+            "r": adapter.get("r"),
+            "alpha": adapter.get("lora_alpha"),
+            "dropout": adapter.get("lora_dropout"),
+            "target_modules": adapter.get("target_modules"),
+        }
         ours = {k: meta["lora"].get(k) for k in theirs}
         if adapter.get("peft_type") != "LORA" or theirs != ours:
-            raise UserValueError(f"{os.path.join(folder, ADAPTER_CONFIG)} does not match {EXPORT_CONFIG}: the adapter "
-                                 f"is {adapter.get('peft_type')} {theirs}, the model was trained with LoRA {ours}")
+            raise UserValueError(
+                f"{os.path.join(folder, ADAPTER_CONFIG)} does not match {EXPORT_CONFIG}: the adapter "
+                f"is {adapter.get('peft_type')} {theirs}, the model was trained with LoRA {ours}"
+            )
         meta["model_id"] = adapter.get("base_model_name_or_path") or meta["model_id"]
         weights = read_safetensors(os.path.join(folder, ADAPTER_WEIGHTS))
         outside = [k for k in weights if not k.startswith(PEFT_KEY_PREFIX)]
         if outside:
-            raise UserValueError(f"{os.path.join(folder, ADAPTER_WEIGHTS)} holds keys outside peft's "
-                                 f"{PEFT_KEY_PREFIX!r} naming (e.g. {outside[0]}): not a peft adapter of this model")
+            raise UserValueError(
+                f"{os.path.join(folder, ADAPTER_WEIGHTS)} holds keys outside peft's "
+                f"{PEFT_KEY_PREFIX!r} naming (e.g. {outside[0]}): not a peft adapter of this model"
+            )
         lora = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in weights.items()}
     heads = read_safetensors(os.path.join(folder, HEADS_FILE))
     return {"kind": CHECKPOINT_KIND, "meta": meta, "heads": heads, "lora": lora}
@@ -1470,6 +1740,7 @@ def load_trained(path_or_id: str, **kwargs):
 
 # -----------------------------------------------------------------------------
 # The exact search's blocks of queries, which ranks split (colintern_launch runs the ranks)
+
 
 def query_blocks(lengths: Sequence[int], query_block_tokens: int) -> list:
     """maxsim_topk's blocks of queries, [(q0, q1), ...]: greedy runs of about query_block_tokens tokens. A run of

@@ -38,6 +38,7 @@ Smaller page indexes (`--pool_factor F`, `--rerank N`): pages are pooled right a
 Ward clusters, max(1, L // F) renormalised means), queries never; the first stage scores every page's pooled vectors
 with exact MaxSim, and with --rerank each query's top N are re-scored with the full vectors, kept in memory.
 """
+
 import argparse
 import contextlib
 import copy
@@ -54,54 +55,116 @@ import torch
 import torch.nn as nn
 
 import colintern_model
-from colintern_cli import (ArgumentParser, UserFileNotFoundError, UserValueError, metric_label, one_line,
-                           progress_bar, run_cli)
-from colintern_data import (check_output, datasets_cache_for, files_fingerprint, folder_sha256, page_hash, safe_name,
-                            write_json)
+from colintern_cli import (
+    ArgumentParser,
+    UserFileNotFoundError,
+    UserValueError,
+    metric_label,
+    one_line,
+    progress_bar,
+    run_cli,
+)
+from colintern_data import (
+    check_output,
+    datasets_cache_for,
+    files_fingerprint,
+    folder_sha256,
+    page_hash,
+    safe_name,
+    write_json,
+)
 from colintern_launch import add_model_flags, distributed_run, gather_to_all, rank_share, ranks_agree
-from colintern_model import (ColIntern, dtype_name, index_bytes, matmul_dtype, maxsim_scores, pool_pages,
-                             score_identity)
+from colintern_model import ColIntern, dtype_name, index_bytes, matmul_dtype, maxsim_scores, pool_pages, score_identity
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__)
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--list", action="store_true", help="print the ViDoRe benchmarks mteb knows, their tasks and "
-                   "dataset ids, and exit")
-    g.add_argument("--benchmarks", nargs="+", default=None, help='mteb benchmark names, e.g. "ViDoRe(v1)" '
-                   '"ViDoRe(v2)" "ViDoRe(v3)" (see --list)')
-    g.add_argument("--tasks", nargs="+", default=None, help="only these task names (from --benchmarks, or from any "
-                   "ViDoRe benchmark)")
-    g.add_argument("--local_task", nargs="+", default=None, help="folder(s) in the ViDoRe v1 hub layout "
-                   "(corpus/queries/qrels parquet + README configs), evaluated as custom tasks (benchmark 'local')")
+    g.add_argument(
+        "--list",
+        action="store_true",
+        help="print the ViDoRe benchmarks mteb knows, their tasks and dataset ids, and exit",
+    )
+    g.add_argument(
+        "--benchmarks",
+        nargs="+",
+        default=None,
+        help='mteb benchmark names, e.g. "ViDoRe(v1)" "ViDoRe(v2)" "ViDoRe(v3)" (see --list)',
+    )
+    g.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="only these task names (from --benchmarks, or from any ViDoRe benchmark)",
+    )
+    g.add_argument(
+        "--local_task",
+        nargs="+",
+        default=None,
+        help="folder(s) in the ViDoRe v1 hub layout "
+        "(corpus/queries/qrels parquet + README configs), evaluated as custom tasks (benchmark 'local')",
+    )
 
     g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default=None, help="load each task's dataset from DATA_DIR/<last part of its hub "
-                   "id> (a hub-layout copy) instead of the hub, for machines without internet")
-    g.add_argument("--max_queries", type=int, default=None, help="evaluate at most this many queries per task and "
-                   "language (a seeded random subset), for quick checks during training (default: all)")
-    g.add_argument("--max_pages", type=int, default=None, help="at most this many pages per task: the relevant "
-                   "pages of the kept queries (always kept, even past the cap) plus random others (default: all)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the --max_queries/--max_pages subsample and of the "
-                   "untrained baseline's heads")
+    g.add_argument(
+        "--data_dir",
+        default=None,
+        help="load each task's dataset from DATA_DIR/<last part of its hub "
+        "id> (a hub-layout copy) instead of the hub, for machines without internet",
+    )
+    g.add_argument(
+        "--max_queries",
+        type=int,
+        default=None,
+        help="evaluate at most this many queries per task and "
+        "language (a seeded random subset), for quick checks during training (default: all)",
+    )
+    g.add_argument(
+        "--max_pages",
+        type=int,
+        default=None,
+        help="at most this many pages per task: the relevant "
+        "pages of the kept queries (always kept, even past the cap) plus random others (default: all)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the --max_queries/--max_pages subsample and of the untrained baseline's heads",
+    )
 
     g = p.add_argument_group("model")
     add_model_flags(g, ckpt_required=False)
-    g.add_argument("--proj_dim", type=int, default=None, help="embedding size of the untrained baseline's heads "
-                   "(default 128); a checkpoint brings its own")
+    g.add_argument(
+        "--proj_dim",
+        type=int,
+        default=None,
+        help="embedding size of the untrained baseline's heads (default 128); a checkpoint brings its own",
+    )
     g.add_argument("--batch_size", type=int, default=8, help="queries or pages per forward pass")
-    g.add_argument("--rerank", type=int, default=0,
-                   help="with --pool_factor > 1: re-score each query's top RERANK pages (by pooled MaxSim) with their "
-                        "full, unpooled vectors, kept in memory beside the pooled ones; those pages rank first. 0: no "
-                        "re-ranking. Part of the results' key")
+    g.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        help="with --pool_factor > 1: re-score each query's top RERANK pages (by pooled MaxSim) with their "
+        "full, unpooled vectors, kept in memory beside the pooled ones; those pages rank first. 0: no "
+        "re-ranking. Part of the results' key",
+    )
 
     g = p.add_argument_group("output")
-    g.add_argument("--results_dir", default="outputs/mteb_cache", help="mteb's result cache; finished tasks found "
-                   "here for the same checkpoint are not recomputed")
+    g.add_argument(
+        "--results_dir",
+        default="outputs/mteb_cache",
+        help="mteb's result cache; finished tasks found here for the same checkpoint are not recomputed",
+    )
     g.add_argument("--overwrite", action="store_true", help="recompute every task even if cached")
     g.add_argument("--out_json", default=None, help="summary JSON (default outputs/eval/<revision>.json)")
-    g.add_argument("--predictions_dir", default=None, help="mteb's per-query rankings go to "
-                   "PREDICTIONS_DIR/<revision>/<task>_predictions.json (default: beside --out_json)")
+    g.add_argument(
+        "--predictions_dir",
+        default=None,
+        help="mteb's per-query rankings go to "
+        "PREDICTIONS_DIR/<revision>/<task>_predictions.json (default: beside --out_json)",
+    )
     return p
 
 
@@ -142,6 +205,7 @@ COLPALI_TRAIN_SET = "vidore/colpali_train_set"
 # -----------------------------------------------------------------------------
 # Identity: what the mteb revision is made of
 
+
 def model_label(ckpt: str | None, seed: int) -> str:
     """How the mteb revision names the model evaluated, for people (the key after it is what identifies it)."""
     return safe_name(os.path.splitext(os.path.basename(os.path.normpath(ckpt)))[0]) if ckpt else f"untrained-seed{seed}"
@@ -158,8 +222,11 @@ def result_key(scores: dict, data_fingerprint: str | None) -> str:
 
 # hub training sets -> the mteb tasks built from them, as mteb's own model metadata declares them
 # (mteb.models.model_implementations.colpali_models.COLPALI_TRAINING_DATA for vidore/colpali_train_set)
-MTEB_TRAINING_DATASETS = {COLPALI_TRAIN_SET: frozenset({"VidoreDocVQARetrieval", "VidoreInfoVQARetrieval",
-                                                        "VidoreTatdqaRetrieval", "VidoreArxivQARetrieval"})}
+MTEB_TRAINING_DATASETS = {
+    COLPALI_TRAIN_SET: frozenset(
+        {"VidoreDocVQARetrieval", "VidoreInfoVQARetrieval", "VidoreTatdqaRetrieval", "VidoreArxivQARetrieval"}
+    )
+}
 
 
 def mteb_training_datasets(sources: list) -> set:
@@ -194,6 +261,7 @@ def page_key(image) -> str:
 # -----------------------------------------------------------------------------
 # Exact MaxSim over whatever mteb hands the scorer
 
+
 def as_multivectors(x) -> list:
     """mteb passes back what encode returned (a list of (L, D) tensors), or, when reranking, a padded (N, L, D)
     tensor. All-zero rows are padding (real tokens are unit vectors) and are dropped, so padding never wins a max."""
@@ -203,8 +271,9 @@ def as_multivectors(x) -> list:
     if x.dim() == 2:
         x = x.unsqueeze(0)
     if x.dim() != 3:
-        raise UserValueError("expected multi-vector embeddings (N, L, D) or a list of (L, D), got shape "
-                             f"{tuple(x.shape)}")
+        raise UserValueError(
+            f"expected multi-vector embeddings (N, L, D) or a list of (L, D), got shape {tuple(x.shape)}"
+        )
     return [t[t.abs().sum(dim=-1) > 0] for t in x]
 
 
@@ -217,13 +286,24 @@ def exact_maxsim(queries, pages, device="cpu", dtype=torch.float32) -> torch.Ten
 # -----------------------------------------------------------------------------
 # The MTEB model
 
+
 class ColInternEncoder(AbsEncoder):
     """mteb encoder protocol around ColIntern: queries and pages in the training format, exact MaxSim scoring, and
     page embeddings cached by image content within a task (language subsets of one task share their pages). With
     pool_factor > 1 the cache holds pooled pages, and with rerank their full vectors too (see similarity)."""
 
-    def __init__(self, model: ColIntern, processor, model_meta, device="cpu", result_identity=None,
-                 training_data=((), ""), score_dtype=torch.float32, pool_factor=1, rerank=0):
+    def __init__(
+        self,
+        model: ColIntern,
+        processor,
+        model_meta,
+        device="cpu",
+        result_identity=None,
+        training_data=((), ""),
+        score_dtype=torch.float32,
+        pool_factor=1,
+        rerank=0,
+    ):
         self.model = model
         self.processor = processor
         self.mteb_model_meta = model_meta
@@ -234,8 +314,16 @@ class ColInternEncoder(AbsEncoder):
         self.page_cache = {}  # page_key -> (Lp, D) float32 CPU tensor (pooled with pool_factor > 1)
         self.pool_factor, self.rerank = pool_factor, rerank
         self.full_pages = {}  # with rerank: id(pooled page in page_cache) -> its full (Lp, D) vectors
-        self.index = {"pages": 0, "vectors": 0, "full_vectors": 0, "bytes": 0, "full_bytes": 0, "pooling_s": 0.0,
-                      "first_stage_s": 0.0, "rerank_s": 0.0}  # see index_report
+        self.index = {
+            "pages": 0,
+            "vectors": 0,
+            "full_vectors": 0,
+            "bytes": 0,
+            "full_bytes": 0,
+            "pooling_s": 0.0,
+            "first_stage_s": 0.0,
+            "rerank_s": 0.0,
+        }  # see index_report
         self._cache_task = None
         self.pages_encoded = 0
         self.page_cache_hits = 0
@@ -249,6 +337,7 @@ class ColInternEncoder(AbsEncoder):
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
         from mteb.types import PromptType
+
         columns = inputs.dataset.column_names
         if prompt_type is None:  # non-retrieval task types: decide by the data
             prompt_type = PromptType.document if "image" in columns else PromptType.query
@@ -259,8 +348,10 @@ class ColInternEncoder(AbsEncoder):
                 raise UserValueError(f"task {task_metadata.name} gives queries without a 'text' column ({columns})")
             return self._encode_queries(inputs, where, show)
         if "image" not in columns:
-            raise UserValueError(f"task {task_metadata.name} gives documents without an 'image' column ({columns}): "
-                                 f"ColIntern retrieves page images")
+            raise UserValueError(
+                f"task {task_metadata.name} gives documents without an 'image' column ({columns}): "
+                f"ColIntern retrieves page images"
+            )
         if task_metadata.name != self._cache_task:  # pages are shared within a task; bound memory to one task
             self.page_cache.clear()
             self.full_pages.clear()
@@ -273,8 +364,9 @@ class ColInternEncoder(AbsEncoder):
         out = []
         share = rank_share(len(loader), self.rank, self.world)
         with ranks_agree(f"encoding queries of {where}", self.world):
-            for b, batch in enumerate(progress_bar(loader, desc=f"queries {where}", unit="batch",
-                                           disable=not show or self.rank != 0)):
+            for b, batch in enumerate(
+                progress_bar(loader, desc=f"queries {where}", unit="batch", disable=not show or self.rank != 0)
+            ):
                 texts = list(batch["text"])
                 if b in share:
                     out.extend(self.model.encode_queries(self.processor, texts, batch_size=len(texts)))
@@ -296,8 +388,9 @@ class ColInternEncoder(AbsEncoder):
             own = []
             with ranks_agree(f"encoding pages of {where}", self.world):
                 todo = dict(share)
-                for b, batch in enumerate(progress_bar(loader, desc=f"pages {where}", unit="batch",
-                                               disable=not show or self.rank != 0)):
+                for b, batch in enumerate(
+                    progress_bar(loader, desc=f"pages {where}", unit="batch", disable=not show or self.rank != 0)
+                ):
                     if b in todo:
                         by_key = {k: im for k, im in zip(map(page_key, batch["image"]), batch["image"])}
                         images = [by_key[k] for k in todo[b]]
@@ -345,11 +438,17 @@ class ColInternEncoder(AbsEncoder):
         the first stage holds (pooled fp32 vectors; with --rerank the full ones are held too, full_bytes), and the
         seconds spent pooling and scoring."""
         i, n = self.index, max(1, self.index["pages"])
-        return {"pool_factor": self.pool_factor, "rerank": self.rerank, "pages": i["pages"],
-                "vectors_per_page": i["vectors"] / n, "vectors_per_page_unpooled": i["full_vectors"] / n,
-                "page_index_bytes": i["bytes"], "full_bytes": i["full_bytes"],
-                "full_vectors_kept": "in memory" if self.rerank else "no",
-                "timings_s": {k: round(i[k], 3) for k in ("pooling_s", "first_stage_s", "rerank_s")}}
+        return {
+            "pool_factor": self.pool_factor,
+            "rerank": self.rerank,
+            "pages": i["pages"],
+            "vectors_per_page": i["vectors"] / n,
+            "vectors_per_page_unpooled": i["full_vectors"] / n,
+            "page_index_bytes": i["bytes"],
+            "full_bytes": i["full_bytes"],
+            "full_vectors_kept": "in memory" if self.rerank else "no",
+            "timings_s": {k: round(i[k], 3) for k in ("pooling_s", "first_stage_s", "rerank_s")},
+        }
 
     def similarity(self, embeddings1, embeddings2):
         start = time.perf_counter()
@@ -373,38 +472,60 @@ class ColInternEncoder(AbsEncoder):
         page_of = top.reshape(-1)
         for page in page_of.unique().tolist():  # each page meets the queries that kept it in one scoring call
             mine = query_of[page_of == page]
-            out[mine, page] = maxsim_scores([queries[q] for q in mine.tolist()], [full[page]], device=self.device,
-                                            dtype=self.score_dtype)[:, 0].to(out.dtype)
+            out[mine, page] = maxsim_scores(
+                [queries[q] for q in mine.tolist()], [full[page]], device=self.device, dtype=self.score_dtype
+            )[:, 0].to(out.dtype)
         return out
 
     def similarity_pairwise(self, embeddings1, embeddings2):
         a, b = as_multivectors(embeddings1), as_multivectors(embeddings2)
         if len(a) != len(b):
             raise UserValueError(f"similarity_pairwise needs as many queries as pages, got {len(a)} and {len(b)}")
-        return torch.stack([maxsim_scores([q], [p], device=self.device, dtype=self.score_dtype)[0, 0]
-                            for q, p in zip(a, b)])
+        return torch.stack(
+            [maxsim_scores([q], [p], device=self.device, dtype=self.score_dtype)[0, 0] for q, p in zip(a, b)]
+        )
 
 
-def build_model_meta(model: ColIntern, model_id: str, revision: str, ckpt: str | None, loader_kwargs: dict,
-                     experiment_kwargs: dict | None, training_data: list, name: str | None = None):
+def build_model_meta(
+    model: ColIntern,
+    model_id: str,
+    revision: str,
+    ckpt: str | None,
+    loader_kwargs: dict,
+    experiment_kwargs: dict | None,
+    training_data: list,
+    name: str | None = None,
+):
     from mteb.models.model_meta import ModelMeta, ScoringFunction
+
     n_params = sum(p.numel() for p in model.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     on_colpali = bool(mteb_training_datasets(training_data) & MTEB_TRAINING_DATASETS[COLPALI_TRAIN_SET])
     stamp = os.path.getmtime(ckpt) if ckpt and os.path.exists(ckpt) else datetime.datetime.now().timestamp()
     text_config = model.backbone.config.text_config
     return ModelMeta(
-        loader=load_encoder, loader_kwargs=loader_kwargs,
-        name=name or f"colintern/{os.path.basename(model_id.rstrip('/'))}", revision=revision,
+        loader=load_encoder,
+        loader_kwargs=loader_kwargs,
+        name=name or f"colintern/{os.path.basename(model_id.rstrip('/'))}",
+        revision=revision,
         release_date=datetime.date.fromtimestamp(stamp).isoformat(),
-        languages=["eng-Latn"], n_parameters=n_params, memory_usage_mb=round(n_bytes / 2**20, 1),
-        max_tokens=getattr(text_config, "max_position_embeddings", None), embed_dim=model.dim,
-        license="not specified", open_weights=True, public_training_code=None,
+        languages=["eng-Latn"],
+        n_parameters=n_params,
+        memory_usage_mb=round(n_bytes / 2**20, 1),
+        max_tokens=getattr(text_config, "max_position_embeddings", None),
+        embed_dim=model.dim,
+        license="not specified",
+        open_weights=True,
+        public_training_code=None,
         public_training_data=f"https://huggingface.co/datasets/{COLPALI_TRAIN_SET}" if on_colpali else None,
-        framework=["PyTorch", "Transformers"], reference=None,
-        similarity_fn_name=ScoringFunction.MAX_SIM, use_instructions=True,
+        framework=["PyTorch", "Transformers"],
+        reference=None,
+        similarity_fn_name=ScoringFunction.MAX_SIM,
+        use_instructions=True,
         training_datasets=mteb_training_datasets(training_data),
-        adapted_from=model_id, modalities=["image", "text"], model_type=["late-interaction"],
+        adapted_from=model_id,
+        modalities=["image", "text"],
+        model_type=["late-interaction"],
         experiment_kwargs=experiment_kwargs or None,
     )
 
@@ -421,11 +542,25 @@ def baseline_heads(model: ColIntern, seed: int) -> None:
             head.bias.copy_(drawn.bias)
 
 
-def load_encoder(model_name: str | None = None, revision: str | None = None, *, ckpt: str | None = None,
-                 model_id: str | None = None, device: str = "cpu", dtype: str = "auto", max_tiles: int | None = None,
-                 seed: int = 0, proj_dim: int = 128, experiment_kwargs: dict | None = None,
-                 score_dtype: str = "fp32", quantize: str | None = None, pool_factor: int = 1,
-                 rerank: int = 0, attn_implementation: str = "sdpa", dim: int | None = None) -> ColInternEncoder:
+def load_encoder(
+    model_name: str | None = None,
+    revision: str | None = None,
+    *,
+    ckpt: str | None = None,
+    model_id: str | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    max_tiles: int | None = None,
+    seed: int = 0,
+    proj_dim: int = 128,
+    experiment_kwargs: dict | None = None,
+    score_dtype: str = "fp32",
+    quantize: str | None = None,
+    pool_factor: int = 1,
+    rerank: int = 0,
+    attn_implementation: str = "sdpa",
+    dim: int | None = None,
+) -> ColInternEncoder:
     """The ModelMeta loader: a checkpoint (heads + LoRA on its backbone, or on `model_id`), or with no checkpoint
     the untrained baseline (seeded random heads, no LoRA) on `model_id`. `score_dtype` (fp32, bf16, auto): the
     dtype MaxSim scores in, resolved here and kept resolved in the loader keywords (so in the result key).
@@ -433,42 +568,83 @@ def load_encoder(model_name: str | None = None, revision: str | None = None, *, 
     spelling of it shares results. `pool_factor` and `rerank`: see ColInternEncoder.similarity. The result key is
     colintern_model.score_identity of what was loaded."""
     scoring = colintern_model.score_dtype(score_dtype, device)  # the flag's value -> a dtype
-    print(f"score dtype {dtype_name(scoring)} (--score_dtype {score_dtype}; multiplied in "
-          f"{dtype_name(matmul_dtype(scoring, device))} on {device})")
+    print(
+        f"score dtype {dtype_name(scoring)} (--score_dtype {score_dtype}; multiplied in "
+        f"{dtype_name(matmul_dtype(scoring, device))} on {device})"
+    )
     device_map = None if device == "cpu" else device
     if ckpt is not None:
-        model, processor, ckpt_dict = ColIntern.from_checkpoint(ckpt, model_id=model_id, dtype=dtype,
-                                                                device_map=device_map, max_tiles=max_tiles,
-                                                                quantize=quantize,
-                                                                attn_implementation=attn_implementation, dim=dim)
+        model, processor, ckpt_dict = ColIntern.from_checkpoint(
+            ckpt,
+            model_id=model_id,
+            dtype=dtype,
+            device_map=device_map,
+            max_tiles=max_tiles,
+            quantize=quantize,
+            attn_implementation=attn_implementation,
+            dim=dim,
+        )
         model_id = model.model_id
     else:
         ckpt_dict = None
         if model_id is None:
             raise UserValueError("pass --ckpt CKPT, or --model_id MODEL alone for the untrained baseline")
-        model, processor = ColIntern.from_pretrained(model_id, proj_dim=proj_dim, lora=None,
-                                                     max_tiles=max_tiles or 4, dtype=dtype, device_map=device_map,
-                                                     quantize=quantize or "none",
-                                                     attn_implementation=attn_implementation, dim=dim)
+        model, processor = ColIntern.from_pretrained(
+            model_id,
+            proj_dim=proj_dim,
+            lora=None,
+            max_tiles=max_tiles or 4,
+            dtype=dtype,
+            device_map=device_map,
+            quantize=quantize or "none",
+            attn_implementation=attn_implementation,
+            dim=dim,
+        )
         baseline_heads(model, seed)
-    loader_kwargs = {"ckpt": ckpt, "model_id": model_id, "device": device, "dtype": dtype,
-                     "max_tiles": model.max_tiles, "seed": seed, "proj_dim": model.proj_dim,
-                     "score_dtype": dtype_name(scoring), "quantize": model.quantize, "pool_factor": pool_factor,
-                     "rerank": rerank, "attn_implementation": attn_implementation, "dim": model.dim}
+    loader_kwargs = {
+        "ckpt": ckpt,
+        "model_id": model_id,
+        "device": device,
+        "dtype": dtype,
+        "max_tiles": model.max_tiles,
+        "seed": seed,
+        "proj_dim": model.proj_dim,
+        "score_dtype": dtype_name(scoring),
+        "quantize": model.quantize,
+        "pool_factor": pool_factor,
+        "rerank": rerank,
+        "attn_implementation": attn_implementation,
+        "dim": model.dim,
+    }
     scores = score_identity(model.embedding_identity(pool_factor), scoring, device, rerank)
     training_data, lineage_from = checkpoint_training_data(ckpt, ckpt_dict)
-    encoder = ColInternEncoder(model.eval(), processor, None, device=device,
-                               result_identity=(model_label(ckpt, seed), scores),
-                               training_data=(training_data, lineage_from), score_dtype=scoring,
-                               pool_factor=pool_factor, rerank=rerank)
-    encoder.mteb_model_meta = build_model_meta(model, model_id, encoder.revision_for(None), ckpt, loader_kwargs,
-                                               experiment_kwargs, training_data,
-                                               name=ckpt_dict and ckpt_dict["meta"].get("name"))  # export.py's
+    encoder = ColInternEncoder(
+        model.eval(),
+        processor,
+        None,
+        device=device,
+        result_identity=(model_label(ckpt, seed), scores),
+        training_data=(training_data, lineage_from),
+        score_dtype=scoring,
+        pool_factor=pool_factor,
+        rerank=rerank,
+    )
+    encoder.mteb_model_meta = build_model_meta(
+        model,
+        model_id,
+        encoder.revision_for(None),
+        ckpt,
+        loader_kwargs,
+        experiment_kwargs,
+        training_data,
+        name=ckpt_dict and ckpt_dict["meta"].get("name"),
+    )  # export.py's
     return encoder
 
 
 # -----------------------------------------------------------------------------
 # Tasks: ViDoRe benchmarks, local hub copies, custom local folders
+
 
 def vidore_benchmarks() -> dict:
     return {b.name: b for b in mteb.get_benchmarks() if "vidore" in b.name.lower()}
@@ -492,8 +668,10 @@ def select_tasks(benchmark_names, task_names) -> list:
     known = vidore_benchmarks()
     for name in benchmark_names or []:
         if name not in known:
-            raise UserValueError(f"--benchmarks: unknown benchmark {name!r}. This mteb knows: "
-                                 f"{', '.join(repr(b) for b in known)} (see python eval.py --list)")
+            raise UserValueError(
+                f"--benchmarks: unknown benchmark {name!r}. This mteb knows: "
+                f"{', '.join(repr(b) for b in known)} (see python eval.py --list)"
+            )
     pool = [(b, known[b]) for b in benchmark_names] if benchmark_names else list(known.items())
     if not task_names:
         return [(b, copy.deepcopy(task)) for b, bench in pool for task in bench.tasks]
@@ -522,8 +700,10 @@ def drop_private(groups: list) -> tuple[list, dict]:
             skipped[task.metadata.name] = f"private dataset ({task.metadata.dataset['path']}), not public"
     for bench in dict.fromkeys(b for b, t in groups if t.metadata.name in skipped):
         names = [t.metadata.name for b, t in groups if b == bench and t.metadata.name in skipped]
-        print(f"{bench}: skipping {len(names)} private task(s) without a public dataset ({', '.join(names)}); "
-              f"its average covers the other tasks and is not the leaderboard's {bench} score")
+        print(
+            f"{bench}: skipping {len(names)} private task(s) without a public dataset ({', '.join(names)}); "
+            f"its average covers the other tasks and is not the leaderboard's {bench} score"
+        )
     return public, skipped
 
 
@@ -546,15 +726,18 @@ def check_hub_layout(folder: str, configs: list, splits, what: str, hint: str = 
     datasets reads split names from the README without touching the files, so a partial download (only the English
     configs, a missing shard) would pass its checks and die mid-evaluation."""
     from datasets.data_files import resolve_pattern, sanitize_patterns
+
     card = read_card(folder)
     declared = {c.get("config_name", "default"): c for c in card.get("configs") or []}
     missing = [" or ".join(alts) for alts in configs if not any(c in declared for c in alts)]
     if missing:
-        raise UserValueError(f"{what}: {folder} lacks the dataset configs {missing} (it has {list(declared)}). It "
-                             "needs "
-                             "the hub layout: a README.md whose `configs:` block maps each config to its parquet "
-                             "files "
-                             f"(e.g. corpus -> corpus/test-*.parquet), as `hf download ... --repo-type dataset` gives")
+        raise UserValueError(
+            f"{what}: {folder} lacks the dataset configs {missing} (it has {list(declared)}). It "
+            "needs "
+            "the hub layout: a README.md whose `configs:` block maps each config to its parquet "
+            "files "
+            f"(e.g. corpus -> corpus/test-*.parquet), as `hf download ... --repo-type dataset` gives"
+        )
     rows = expected_rows(card)
     absent, short = [], []
     for alts in configs:
@@ -574,14 +757,18 @@ def check_hub_layout(folder: str, configs: list, splits, what: str, hint: str = 
                     absent.append(f"{config!r} ({pattern})")
             found = parquet_rows(files)
             if files and found is not None and rows.get((config, split), found) != found:
-                short.append(f"{config!r} split {split!r} has {found} of the {rows[(config, split)]} rows its "
-                             f"README lists ({len(files)} file(s))")
+                short.append(
+                    f"{config!r} split {split!r} has {found} of the {rows[(config, split)]} rows its "
+                    f"README lists ({len(files)} file(s))"
+                )
     if absent:
-        raise UserFileNotFoundError(f"{what}: {folder} is incomplete: its README.md lists data files that are not "
-                                    "there "
-                                    f"(paths under the folder), for config {', '.join(absent[:6])}" +
-                                    (f" and {len(absent) - 6} more" if len(absent) > 6 else "") +
-                                    f". {hint or 'Copy the missing files.'}")
+        raise UserFileNotFoundError(
+            f"{what}: {folder} is incomplete: its README.md lists data files that are not "
+            "there "
+            f"(paths under the folder), for config {', '.join(absent[:6])}"
+            + (f" and {len(absent) - 6} more" if len(absent) > 6 else "")
+            + f". {hint or 'Copy the missing files.'}"
+        )
     if short:
         raise UserValueError(f"{what}: {folder} is incomplete: {'; '.join(short)}. {hint or 'Copy the missing files.'}")
 
@@ -589,6 +776,7 @@ def check_hub_layout(folder: str, configs: list, splits, what: str, hint: str = 
 def read_card(folder: str) -> dict:
     """The YAML header of a dataset folder's README.md ({} without one)."""
     from huggingface_hub.repocard import metadata_load
+
     path = os.path.join(folder, "README.md")
     if not os.path.isfile(path):
         return {}
@@ -602,8 +790,12 @@ def expected_rows(card: dict) -> dict:
     """{(config, split): rows} from a README's `dataset_info` (one dict, or a list with config names)."""
     infos = card.get("dataset_info") or []
     infos = [infos] if isinstance(infos, dict) else infos
-    return {(info.get("config_name", "default"), split["name"]): split["num_examples"]
-            for info in infos for split in info.get("splits") or [] if "num_examples" in split}
+    return {
+        (info.get("config_name", "default"), split["name"]): split["num_examples"]
+        for info in infos
+        for split in info.get("splits") or []
+        if "num_examples" in split
+    }
 
 
 def parquet_rows(files: list) -> int | None:
@@ -611,6 +803,7 @@ def parquet_rows(files: list) -> int | None:
     if not files or not all(f.endswith(".parquet") for f in files):
         return None
     import pyarrow.parquet as pq
+
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
@@ -623,10 +816,16 @@ def point_at_local_copy(task, data_dir: str) -> str:
         raise UserFileNotFoundError(
             f"--data_dir {data_dir}: task {task.metadata.name} expects its dataset in {folder} (a copy of {hub_id}), "
             f"which does not exist. Get it with: hf download {hub_id} --repo-type dataset "
-            f"--revision {task.metadata.dataset.get('revision')} --local-dir {folder}")
-    check_hub_layout(folder, required_configs(task), task.eval_splits, f"task {task.metadata.name}",
-                     hint=f"Get them with: hf download {hub_id} --repo-type dataset "
-                          f"--revision {task.metadata.dataset.get('revision')} --local-dir {folder}")
+            f"--revision {task.metadata.dataset.get('revision')} --local-dir {folder}"
+        )
+    check_hub_layout(
+        folder,
+        required_configs(task),
+        task.eval_splits,
+        f"task {task.metadata.name}",
+        hint=f"Get them with: hf download {hub_id} --repo-type dataset "
+        f"--revision {task.metadata.dataset.get('revision')} --local-dir {folder}",
+    )
     read_dataset_from(task, folder)
     return folder
 
@@ -640,16 +839,24 @@ def make_local_task(folder: str):
     generic loader does not read this layout (it wants `id`/`text` columns): the class brings its own loader, as
     mteb's ViDoRe v1 tasks do."""
     from mteb.abstasks import AbsTaskRetrieval
+
     if not os.path.isdir(folder):
         raise UserFileNotFoundError(f"--local_task {folder} does not exist")
     check_hub_layout(folder, [(c,) for c in HUB_CONFIGS], ["test"], f"--local_task {folder}")
     fingerprint = folder_sha256(folder)
     base = safe_name(os.path.basename(os.path.abspath(folder)))
     folder_metadata = mteb.TaskMetadata(
-        name=f"{base}@{fingerprint[:8]}", description=f"Page retrieval on the local folder {os.path.abspath(folder)}",
-        dataset={"path": os.path.abspath(folder), "revision": fingerprint}, type="DocumentUnderstanding",
-        category="t2i", modalities=["text", "image"], eval_splits=["test"], eval_langs=["eng-Latn"],
-        main_score="ndcg_at_5", task_subtypes=["Image Text Retrieval"])
+        name=f"{base}@{fingerprint[:8]}",
+        description=f"Page retrieval on the local folder {os.path.abspath(folder)}",
+        dataset={"path": os.path.abspath(folder), "revision": fingerprint},
+        type="DocumentUnderstanding",
+        category="t2i",
+        modalities=["text", "image"],
+        eval_splits=["test"],
+        eval_langs=["eng-Latn"],
+        main_score="ndcg_at_5",
+        task_subtypes=["Image Text Retrieval"],
+    )
 
     class LocalPageRetrieval(AbsTaskRetrieval):
         metadata = folder_metadata
@@ -667,26 +874,37 @@ def load_hub_layout(folder: str, split: str) -> dict:
     """corpus/queries/qrels configs of a hub-layout folder -> one split of a retrieval task's data as mteb holds it
     ({"corpus", "queries", "relevant_docs", "top_ranked"}), ids as mteb's ViDoRe loaders write them."""
     import datasets
+
     with datasets_cache_for(folder):
         parts = {c: datasets.load_dataset(folder, c, split=split) for c in HUB_CONFIGS}
-    for config, columns in (("corpus", ["corpus-id", "image"]), ("queries", ["query-id", "query"]),
-                            ("qrels", ["query-id", "corpus-id", "score"])):
+    for config, columns in (
+        ("corpus", ["corpus-id", "image"]),
+        ("queries", ["query-id", "query"]),
+        ("qrels", ["query-id", "corpus-id", "score"]),
+    ):
         lacking = [c for c in columns if c not in parts[config].column_names]
         if lacking:
-            raise UserValueError(f"{folder} config {config!r} lacks columns {lacking} (has "
-                                 f"{parts[config].column_names})")
+            raise UserValueError(
+                f"{folder} config {config!r} lacks columns {lacking} (has {parts[config].column_names})"
+            )
     corpus = parts["corpus"].map(lambda x: {"id": f"corpus-{split}-{x['corpus-id']}"}).select_columns(["id", "image"])
     queries = parts["queries"].map(lambda x: {"id": f"query-{split}-{x['query-id']}", "text": x["query"]})
     relevant = {}
     for row in parts["qrels"]:
-        relevant.setdefault(f"query-{split}-{row['query-id']}", {})[f"corpus-{split}-{row['corpus-id']}"] = \
-            int(row["score"])
-    return {"corpus": corpus, "queries": queries.select_columns(["id", "text"]), "relevant_docs": relevant,
-            "top_ranked": None}
+        relevant.setdefault(f"query-{split}-{row['query-id']}", {})[f"corpus-{split}-{row['corpus-id']}"] = int(
+            row["score"]
+        )
+    return {
+        "corpus": corpus,
+        "queries": queries.select_columns(["id", "text"]),
+        "relevant_docs": relevant,
+        "top_ranked": None,
+    }
 
 
 # -----------------------------------------------------------------------------
 # Subsampling for quick checks
+
 
 def subsample_split(data: dict, max_queries: int | None, max_pages: int | None, seed: int) -> dict:
     """Keep at most `max_queries` queries (those with a relevant page) and at most `max_pages` pages: every relevant
@@ -719,8 +937,10 @@ def subsample_task_data(task, max_queries: int | None, max_pages: int | None, se
         for split in list(splits):
             before = (len(splits[split]["queries"]), len(splits[split]["corpus"]))
             splits[split] = subsample_split(splits[split], max_queries, max_pages, seed)
-            print(f"{task.metadata.name} {subset}/{split}: {len(splits[split]['queries'])} of {before[0]} "
-                  f"queries, {len(splits[split]['corpus'])} of {before[1]} pages")
+            print(
+                f"{task.metadata.name} {subset}/{split}: {len(splits[split]['queries'])} of {before[0]} "
+                f"queries, {len(splits[split]['corpus'])} of {before[1]} pages"
+            )
 
 
 # -----------------------------------------------------------------------------
@@ -728,12 +948,14 @@ def subsample_task_data(task, max_queries: int | None, max_pages: int | None, se
 # TaskMetadata, custom AbsTaskRetrieval subclasses, evaluate, ResultCache). It is pinned, with messages that name
 # what changed, by tests/test_eval.py::test_mteb_internals_eval_relies_on: run it after upgrading mteb.
 
+
 def uses_generic_retrieval_loader(task) -> bool:
     """Whether `task` loads through mteb's generic retrieval loader (AbsTaskRetrieval.load_data, as ViDoRe v3 does:
     configs corpus/queries/qrels, or <subset>-corpus/-queries/-qrels), rather than a loader of its class's own
     (ViDoRe v1/v2: configs corpus, queries, qrels, split by split). mteb says which only by whether the task's class
     overrides load_data; check_hub_layout needs it to name a local copy's missing configs before anything loads."""
     from mteb.abstasks import AbsTaskRetrieval
+
     return type(task).load_data is AbsTaskRetrieval.load_data
 
 
@@ -770,6 +992,7 @@ def subsample_on_load(task, max_queries: int | None, max_pages: int | None, seed
 # -----------------------------------------------------------------------------
 # Results
 
+
 def task_metrics(result) -> dict:
     """mteb's scores of one task, each metric averaged over its language subsets (as mteb's get_score does)."""
     return {m: float(result.get_score(getter=lambda scores, m=m: scores[m])) for m in METRICS}
@@ -781,8 +1004,10 @@ def subset_metrics(result) -> dict:
     if len(scores) < 2:
         return {}
     prefix = len(result.scores) > 1
-    return {(f"{split}/" if prefix else "") + score["hf_subset"]: {m: float(score[m]) for m in METRICS}
-            for split, score in scores}
+    return {
+        (f"{split}/" if prefix else "") + score["hf_subset"]: {m: float(score[m]) for m in METRICS}
+        for split, score in scores
+    }
 
 
 def summarize(groups: list, results: dict, skipped: dict, failed: dict) -> dict:
@@ -796,8 +1021,20 @@ def summarize(groups: list, results: dict, skipped: dict, failed: dict) -> dict:
         total = len(known[bench].tasks) if bench in known else sum(b == bench for b, _ in groups)
         # the benchmark's own main score, as mteb's task metadata gives it (ViDoRe v1/v2 nDCG@5, v3 nDCG@10)
         main = (known[bench].tasks[0] if bench in known else task).metadata.main_score
-        entry = out.setdefault(bench, {"label": bench, "main_score": main, "tasks_run": 0, "tasks_total": total,
-                                       "tasks": {}, "subsets": {}, "average": {}, "skipped": {}, "failed": {}})
+        entry = out.setdefault(
+            bench,
+            {
+                "label": bench,
+                "main_score": main,
+                "tasks_run": 0,
+                "tasks_total": total,
+                "tasks": {},
+                "subsets": {},
+                "average": {},
+                "skipped": {},
+                "failed": {},
+            },
+        )
         if name in results:
             entry["tasks"][name] = task_metrics(results[name])
             if subsets := subset_metrics(results[name]):
@@ -810,8 +1047,11 @@ def summarize(groups: list, results: dict, skipped: dict, failed: dict) -> dict:
         tasks = list(entry["tasks"].values())
         entry["tasks_run"] = len(tasks)
         entry["average"] = {m: sum(t[m] for t in tasks) / len(tasks) for m in METRICS} if tasks else {}
-        left_out = [(len(entry["skipped"]), "private"), (len(entry["failed"]), "failed"),
-                    (entry["tasks_total"] - len(tasks) - len(entry["skipped"]) - len(entry["failed"]), "not selected")]
+        left_out = [
+            (len(entry["skipped"]), "private"),
+            (len(entry["failed"]), "failed"),
+            (entry["tasks_total"] - len(tasks) - len(entry["skipped"]) - len(entry["failed"]), "not selected"),
+        ]
         reasons = ", ".join(f"{n} {why}" for n, why in left_out if n)
         entry["label"] = f"{bench}, {len(tasks)} of {entry['tasks_total']} tasks" + (f" ({reasons})" if reasons else "")
     return out
@@ -829,8 +1069,12 @@ def format_table(benchmarks: dict) -> str:
 
     lines = []
     for bench, entry in benchmarks.items():
-        lines += ["", f"{entry['label']}  (scores x100; main score {metric_label(entry['main_score'])})", head,
-                  "-" * len(head)]
+        lines += [
+            "",
+            f"{entry['label']}  (scores x100; main score {metric_label(entry['main_score'])})",
+            head,
+            "-" * len(head),
+        ]
         for task, metrics in entry["tasks"].items():
             lines.append(row(task, metrics))
             lines += [row("  " + subset, m) for subset, m in entry["subsets"].get(task, {}).items()]
@@ -839,8 +1083,10 @@ def format_table(benchmarks: dict) -> str:
         lines += [f"{task:<{width}}  skipped: {why}; not in the average" for task, why in entry["skipped"].items()]
         lines += [f"{task:<{width}}  FAILED (error below); not in the average" for task in entry["failed"]]
         if entry["average"] and entry["tasks_run"] < entry["tasks_total"] and bench != LOCAL_BENCHMARK:
-            lines.append(f"the average covers {entry['tasks_run']} of {bench}'s {entry['tasks_total']} tasks: it is "
-                         f"not the {bench} score, which averages all of them")
+            lines.append(
+                f"the average covers {entry['tasks_run']} of {bench}'s {entry['tasks_total']} tasks: it is "
+                f"not the {bench} score, which averages all of them"
+            )
     return "\n".join(lines)
 
 
@@ -850,15 +1096,26 @@ class TasksFailed(SystemExit):
 
     def __init__(self, summary: dict):
         failed = summary["failed"]
-        super().__init__(f"error: {len(failed)} task(s) failed: {'; '.join(f'{t}: {e}' for t, e in failed.items())}"
-                         f" (the other tasks' results are in the summary)")
+        super().__init__(
+            f"error: {len(failed)} task(s) failed: {'; '.join(f'{t}: {e}' for t, e in failed.items())}"
+            f" (the other tasks' results are in the summary)"
+        )
         self.summary = summary
 
 
 # What the hub clients raise when there is no network (requests, httpx, urllib3, huggingface_hub's offline mode),
 # by name: which of them a given datasets/hub version raises, and wraps, varies
-NO_NETWORK_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "MaxRetryError", "NameResolutionError",
-                     "OfflineModeIsEnabled", "LocalEntryNotFoundError", "Timeout", "ReadTimeout"}
+NO_NETWORK_ERRORS = {
+    "ConnectionError",
+    "ConnectError",
+    "ConnectTimeout",
+    "MaxRetryError",
+    "NameResolutionError",
+    "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError",
+    "Timeout",
+    "ReadTimeout",
+}
 
 
 def cannot_reach_the_hub(error: BaseException) -> bool:
@@ -876,8 +1133,16 @@ def error_line(error: Exception) -> str:
     return f"{type(error).__name__}: {one_line(str(error))}"
 
 
-def evaluate_each(encoder, tasks: list, data_fingerprints: dict, local_copies: dict, cache, predictions_root: str,
-                  overwrite: bool, batch_size: int) -> tuple[dict, dict, dict]:
+def evaluate_each(
+    encoder,
+    tasks: list,
+    data_fingerprints: dict,
+    local_copies: dict,
+    cache,
+    predictions_root: str,
+    overwrite: bool,
+    batch_size: int,
+) -> tuple[dict, dict, dict]:
     """Run mteb on one task at a time under its own revision (result_key of the model, its settings and the task's
     data), so a failing task loses only itself. A task whose loader reads a --data_dir copy (`local_copies`: {task:
     folder}) runs in that folder's datasets cache (datasets_cache_for): mteb loads the data inside evaluate.
@@ -888,23 +1153,31 @@ def evaluate_each(encoder, tasks: list, data_fingerprints: dict, local_copies: d
         name = task.metadata.name
         meta = base.model_copy(update={"revision": encoder.revision_for(data_fingerprints.get(name))})
         metas[name] = encoder.mteb_model_meta = meta
-        print(f"[{i}/{len(tasks)}] {name}" + (f" (local data, revision {meta.revision})" if name in data_fingerprints
-                                               else ""))
+        print(
+            f"[{i}/{len(tasks)}] {name}"
+            + (f" (local data, revision {meta.revision})" if name in data_fingerprints else "")
+        )
         try:
             with datasets_cache_for(local_copies[name]) if name in local_copies else contextlib.nullcontext():
                 outcome = mteb.evaluate(
-                    encoder, task, cache=cache, overwrite_strategy="always" if overwrite else "only-missing",
+                    encoder,
+                    task,
+                    cache=cache,
+                    overwrite_strategy="always" if overwrite else "only-missing",
                     encode_kwargs={"batch_size": batch_size, "show_progress_bar": True},
                     prediction_folder=os.path.join(predictions_root, run_name(meta)) if predictions_root else None,
-                    co2_tracker=False)
+                    co2_tracker=False,
+                )
         except Exception as e:
             failed[name] = error_line(e)
             if name not in local_copies and cannot_reach_the_hub(e):  # offline: one line, and what to do
                 hub_id = task.metadata.dataset["path"]
-                print(f"task {name} failed: its dataset {hub_id} cannot be fetched from the hub (offline?). Copy it "
-                      f"on a machine with internet: hf download {hub_id} --repo-type dataset --revision "
-                      f"{task.metadata.dataset.get('revision')} --local-dir DIR/{dataset_folder_name(task)}, then "
-                      f"pass --data_dir DIR; going on with the other tasks")
+                print(
+                    f"task {name} failed: its dataset {hub_id} cannot be fetched from the hub (offline?). Copy it "
+                    f"on a machine with internet: hf download {hub_id} --repo-type dataset --revision "
+                    f"{task.metadata.dataset.get('revision')} --local-dir DIR/{dataset_folder_name(task)}, then "
+                    f"pass --data_dir DIR; going on with the other tasks"
+                )
             else:
                 traceback.print_exc()
                 print(f"task {name} failed ({failed[name]}); going on with the other tasks")
@@ -937,9 +1210,11 @@ def agree_on_task(name: str, failed: dict, world: int) -> bool:
 def read_only_result_cache(results_dir: str):
     """mteb's result cache for ranks other than 0 under torchrun: it reads the cache (so every rank skips the same
     finished tasks) and writes nothing (rank 0 writes)."""
+
     class ReadOnlyResultCache(mteb.ResultCache):
         def save_to_cache(self, *args, **kwargs):
             return None
+
     return ReadOnlyResultCache(results_dir)
 
 
@@ -948,6 +1223,7 @@ def run_name(meta) -> str:
 
 
 # -----------------------------------------------------------------------------
+
 
 def main(args):
     if args.list:
@@ -986,54 +1262,97 @@ def evaluate(args, rank: int, world: int):
         for task in tasks:
             subsample_on_load(task, args.max_queries, args.max_pages, args.seed)
 
-    encoder = load_encoder(ckpt=args.ckpt, model_id=args.model_id, device=args.device, dtype=args.dtype,
-                           max_tiles=args.max_tiles, seed=args.seed, proj_dim=args.proj_dim or 128,
-                           experiment_kwargs=subsample, score_dtype=args.score_dtype, quantize=args.quantize,
-                           pool_factor=args.pool_factor, rerank=args.rerank,
-                           attn_implementation=args.attn_implementation, dim=args.dim)
+    encoder = load_encoder(
+        ckpt=args.ckpt,
+        model_id=args.model_id,
+        device=args.device,
+        dtype=args.dtype,
+        max_tiles=args.max_tiles,
+        seed=args.seed,
+        proj_dim=args.proj_dim or 128,
+        experiment_kwargs=subsample,
+        score_dtype=args.score_dtype,
+        quantize=args.quantize,
+        pool_factor=args.pool_factor,
+        rerank=args.rerank,
+        attn_implementation=args.attn_implementation,
+        dim=args.dim,
+    )
     encoder.rank, encoder.world = rank, world
     meta = encoder.mteb_model_meta
     out_json = args.out_json or os.path.join("outputs", "eval", f"{run_name(meta)}.json")
     predictions_root = args.predictions_dir or os.path.splitext(out_json)[0] + "_predictions"
-    print(f"model {meta.name} revision {meta.revision}" + (f" ({meta.experiment_name})" if subsample else "") +
-          f": {len(tasks)} tasks, results cache {args.results_dir}")
-    print(f"training data ({encoder.lineage_from}): {', '.join(encoder.training_data) or 'none'}; mteb "
-          f"training_datasets: {', '.join(sorted(meta.training_datasets)) or 'none (zero-shot)'}")
+    print(
+        f"model {meta.name} revision {meta.revision}"
+        + (f" ({meta.experiment_name})" if subsample else "")
+        + f": {len(tasks)} tasks, results cache {args.results_dir}"
+    )
+    print(
+        f"training data ({encoder.lineage_from}): {', '.join(encoder.training_data) or 'none'}; mteb "
+        f"training_datasets: {', '.join(sorted(meta.training_datasets)) or 'none (zero-shot)'}"
+    )
 
     cache = mteb.ResultCache(args.results_dir) if rank == 0 else read_only_result_cache(args.results_dir)
-    results, failed, metas = evaluate_each(encoder, tasks, data_fingerprints, local_copies, cache,
-                                           predictions_root if rank == 0 else None, args.overwrite, args.batch_size)
+    results, failed, metas = evaluate_each(
+        encoder,
+        tasks,
+        data_fingerprints,
+        local_copies,
+        cache,
+        predictions_root if rank == 0 else None,
+        args.overwrite,
+        args.batch_size,
+    )
 
     benchmarks = summarize(groups, results, skipped, failed)
     print(format_table(benchmarks))
-    summary = {"ckpt": args.ckpt, "model_id": encoder.model.model_id, "revision": meta.revision,
-               "experiment": meta.experiment_name,
-               "task_revisions": {name: m.revision for name, m in metas.items()},
-               "training_data": list(encoder.training_data), "training_datasets": sorted(meta.training_datasets),
-               "failed": failed, "benchmarks": benchmarks, "page_index": encoder.index_report()}
+    summary = {
+        "ckpt": args.ckpt,
+        "model_id": encoder.model.model_id,
+        "revision": meta.revision,
+        "experiment": meta.experiment_name,
+        "task_revisions": {name: m.revision for name, m in metas.items()},
+        "training_data": list(encoder.training_data),
+        "training_datasets": sorted(meta.training_datasets),
+        "failed": failed,
+        "benchmarks": benchmarks,
+        "page_index": encoder.index_report(),
+    }
     if rank == 0:
         write_json(out_json, summary)
 
     index = summary["page_index"]
     if encoder.pages_encoded or encoder.queries_encoded or encoder.page_cache_hits:
-        print(f"\npages encoded {encoder.pages_encoded}, served from the page cache {encoder.page_cache_hits}; "
-              f"queries encoded {encoder.queries_encoded}")
-        print(f"page index: pool factor {index['pool_factor']}, rerank {index['rerank']}: "
-              f"{index['vectors_per_page']:.1f} vectors per page (unpooled {index['vectors_per_page_unpooled']:.1f}), "
-              f"{index['page_index_bytes']} bytes over {index['pages']} pages encoded; timings {index['timings_s']}")
+        print(
+            f"\npages encoded {encoder.pages_encoded}, served from the page cache {encoder.page_cache_hits}; "
+            f"queries encoded {encoder.queries_encoded}"
+        )
+        print(
+            f"page index: pool factor {index['pool_factor']}, rerank {index['rerank']}: "
+            f"{index['vectors_per_page']:.1f} vectors per page (unpooled {index['vectors_per_page_unpooled']:.1f}), "
+            f"{index['page_index_bytes']} bytes over {index['pages']} pages encoded; timings {index['timings_s']}"
+        )
     elif not summary["failed"]:
-        print(f"\nnothing encoded: every task's results came from mteb's result cache ({args.results_dir}); "
-              f"--overwrite recomputes them")
+        print(
+            f"\nnothing encoded: every task's results came from mteb's result cache ({args.results_dir}); "
+            f"--overwrite recomputes them"
+        )
     print(f"summary:     {out_json}")
     folders = sorted({os.path.dirname(cache.get_task_result_path(name, m)) for name, m in metas.items()})
-    print(f"mteb cache:  {folders[0]}" if len(folders) == 1 else
-          f"mteb cache:  {os.path.join(args.results_dir, 'results', meta.model_name_as_path())} ({len(folders)} "
-          f"revision folders: local data is keyed by its files; the summary's task_revisions says which is where)")
-    predictions = [os.path.join(predictions_root, run_name(metas[t.metadata.name]), t.prediction_file_name)
-                   for t in tasks]
+    print(
+        f"mteb cache:  {folders[0]}"
+        if len(folders) == 1
+        else f"mteb cache:  {os.path.join(args.results_dir, 'results', meta.model_name_as_path())} ({len(folders)} "
+        f"revision folders: local data is keyed by its files; the summary's task_revisions says which is where)"
+    )
+    predictions = [
+        os.path.join(predictions_root, run_name(metas[t.metadata.name]), t.prediction_file_name) for t in tasks
+    ]
     written = [p for p in predictions if os.path.exists(p)]
-    print(f"predictions: {predictions_root} ({len(written)} of {len(predictions)} tasks; tasks read from the cache "
-          f"keep the files of the run that computed them)")
+    print(
+        f"predictions: {predictions_root} ({len(written)} of {len(predictions)} tasks; tasks read from the cache "
+        f"keep the files of the run that computed them)"
+    )
     for name, error in failed.items():
         print(f"FAILED {name}: {error}")
     if failed:

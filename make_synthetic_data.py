@@ -27,6 +27,7 @@ ratios that InternVL's tiler maps to whole tiles (max_tiles 4: 1x2, 2x1, 2x2, 1x
 tile/448, and the title sits at a fixed offset from a GRID = 56 px lattice: one token at tile 224 (the tiny model),
 two at tile 448 (InternVL3.5). Same seed, same bytes.
 """
+
 import functools
 import io
 import os
@@ -41,24 +42,114 @@ GRID = 56  # page pixels per vision token at tile 224 (pages are downscaled 2x);
 
 # Page geometries: (width, height) in pixels, all exact tile multiples for tile 224 and 448 at max_tiles 4.
 PAGE_SIZES = {
-    "portrait": (448, 896),    # 1x2 tiles + thumbnail: 192 image tokens at tile 224
-    "landscape": (896, 448),   # 2x1 tiles + thumbnail: 192 (a slide)
-    "square": (896, 896),      # 2x2 tiles + thumbnail: 320
-    "tall": (448, 1344),       # 1x3 tiles + thumbnail: 256 (a long report page)
+    "portrait": (448, 896),  # 1x2 tiles + thumbnail: 192 image tokens at tile 224
+    "landscape": (896, 448),  # 2x1 tiles + thumbnail: 192 (a slide)
+    "square": (896, 896),  # 2x2 tiles + thumbnail: 320
+    "tall": (448, 1344),  # 1x3 tiles + thumbnail: 256 (a long report page)
 }
 DEFAULT_PAGE_SIZES = "portrait,landscape,square,tall"
 
 TOPICS = [
-    "Glaciers", "Railways", "Vaccines", "Orchards", "Satellites", "Copper", "Wetlands", "Tourism", "Lithium", "Poetry",
-    "Harbors", "Coffee", "Volcanoes", "Insurance", "Textiles", "Robotics", "Dairy", "Telescopes", "Wildfires", "Banking",
-    "Pottery", "Tunnels", "Malaria", "Cinema", "Fisheries", "Hydrogen", "Museums", "Spices", "Turbines", "Aviation",
-    "Coral", "Chess", "Pipelines", "Olives", "Theatre", "Drones", "Wool", "Marathons", "Silver", "Vineyards",
-    "Geology", "Whales", "Bridges", "Sugar", "Optics", "Deserts", "Rubber", "Tennis", "Plastics", "Zoology",
-    "Cycling", "Diamonds", "Forestry", "Pharmacy", "Tides", "Bakeries", "Ceramics", "Mangroves", "Lighthouses",
-    "Beekeeping", "Orchids", "Salmon", "Monsoons", "Caves", "Helicopters", "Typography", "Origami", "Jazz", "Tulips",
-    "Kites", "Meteorites", "Sailing", "Ballet", "Bamboo", "Cocoa", "Falcons", "Lanterns", "Mosaics", "Nickel",
-    "Opera", "Penguins", "Quartz", "Rowing", "Sculpture", "Tapestry", "Uranium", "Violins", "Walnuts", "Yoga",
-    "Zinc", "Archery", "Bison", "Canals", "Dolphins", "Elephants", "Fossils", "Geysers", "Honey", "Icebergs", "Judo",
+    "Glaciers",
+    "Railways",
+    "Vaccines",
+    "Orchards",
+    "Satellites",
+    "Copper",
+    "Wetlands",
+    "Tourism",
+    "Lithium",
+    "Poetry",
+    "Harbors",
+    "Coffee",
+    "Volcanoes",
+    "Insurance",
+    "Textiles",
+    "Robotics",
+    "Dairy",
+    "Telescopes",
+    "Wildfires",
+    "Banking",
+    "Pottery",
+    "Tunnels",
+    "Malaria",
+    "Cinema",
+    "Fisheries",
+    "Hydrogen",
+    "Museums",
+    "Spices",
+    "Turbines",
+    "Aviation",
+    "Coral",
+    "Chess",
+    "Pipelines",
+    "Olives",
+    "Theatre",
+    "Drones",
+    "Wool",
+    "Marathons",
+    "Silver",
+    "Vineyards",
+    "Geology",
+    "Whales",
+    "Bridges",
+    "Sugar",
+    "Optics",
+    "Deserts",
+    "Rubber",
+    "Tennis",
+    "Plastics",
+    "Zoology",
+    "Cycling",
+    "Diamonds",
+    "Forestry",
+    "Pharmacy",
+    "Tides",
+    "Bakeries",
+    "Ceramics",
+    "Mangroves",
+    "Lighthouses",
+    "Beekeeping",
+    "Orchids",
+    "Salmon",
+    "Monsoons",
+    "Caves",
+    "Helicopters",
+    "Typography",
+    "Origami",
+    "Jazz",
+    "Tulips",
+    "Kites",
+    "Meteorites",
+    "Sailing",
+    "Ballet",
+    "Bamboo",
+    "Cocoa",
+    "Falcons",
+    "Lanterns",
+    "Mosaics",
+    "Nickel",
+    "Opera",
+    "Penguins",
+    "Quartz",
+    "Rowing",
+    "Sculpture",
+    "Tapestry",
+    "Uranium",
+    "Violins",
+    "Walnuts",
+    "Yoga",
+    "Zinc",
+    "Archery",
+    "Bison",
+    "Canals",
+    "Dolphins",
+    "Elephants",
+    "Fossils",
+    "Geysers",
+    "Honey",
+    "Icebergs",
+    "Judo",
 ]
 
 QUERY_TEMPLATES = [
@@ -83,11 +174,29 @@ FILLER_WORDS = (
     "meeting board agreement framework guidelines evaluation monitoring maintenance inspection equipment facilities"
 ).split()
 SECTION_WORDS = "Overview Background Methods Results Outlook Summary Findings Context Operations Finance".split()
-ORGS = ["Northwind Institute", "Blue Ridge Council", "Harper & Cole", "Meridian Group", "Atlas Foundation",
-        "Eastgate Authority", "Lumen Partners", "Riverside Trust", "Kestrel Labs", "Oakfield University"]
+ORGS = [
+    "Northwind Institute",
+    "Blue Ridge Council",
+    "Harper & Cole",
+    "Meridian Group",
+    "Atlas Foundation",
+    "Eastgate Authority",
+    "Lumen Partners",
+    "Riverside Trust",
+    "Kestrel Labs",
+    "Oakfield University",
+]
 MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
-PALETTE = [(52, 101, 164), (204, 85, 0), (78, 154, 6), (117, 80, 123), (193, 125, 17), (32, 140, 140),
-           (164, 0, 0), (85, 87, 83)]
+PALETTE = [
+    (52, 101, 164),
+    (204, 85, 0),
+    (78, 154, 6),
+    (117, 80, 123),
+    (193, 125, 17),
+    (32, 140, 140),
+    (164, 0, 0),
+    (85, 87, 83),
+]
 INK = (20, 20, 20)
 GREY = (110, 110, 110)
 # The title is white on a house-style navy band two token rows high. Measured on the tiny model (50 topics,
@@ -106,6 +215,7 @@ def font(size: int) -> ImageFont.FreeTypeFont:
 
 # -----------------------------------------------------------------------------
 # Filler text
+
 
 def sentence(rng: random.Random) -> str:
     words = [rng.choice(FILLER_WORDS) for _ in range(rng.randint(6, 14))]
@@ -134,10 +244,11 @@ def line_height(size: int) -> int:
 # Page elements. Each draws into the box (x, y, width, max_height) and returns the height it used,
 # or 0 when it does not fit (the caller then tries something smaller or stops).
 
+
 def draw_paragraph(draw, rng, x, y, width, max_height) -> int:
     size = rng.randint(12, 15)
     lines = wrap(" ".join(sentence(rng) for _ in range(rng.randint(2, 5))), width, font(size))
-    lines = lines[:max(0, max_height // line_height(size))]
+    lines = lines[: max(0, max_height // line_height(size))]
     if len(lines) < 2:
         return 0
     for n, text in enumerate(lines):
@@ -182,7 +293,8 @@ def draw_table(draw, rng, x, y, width, max_height) -> int:
     draw.rectangle((x, top, x + col_w * n_cols, top + row_h), fill=header_fill)
     headers = [rng.choice(["Item", "Region", "Unit", "Group"])] + [
         rng.choice([f"{2010 + rng.randint(0, 14)}", rng.choice(MONTHS), f"Q{rng.randint(1, 4)}", "Total", "Change"])
-        for _ in range(n_cols - 1)]
+        for _ in range(n_cols - 1)
+    ]
     for c, text in enumerate(headers):
         draw.text((x + c * col_w + 5, top + 3), text, fill=(255, 255, 255), font=font(size))
     for r in range(1, n_rows + 1):
@@ -190,7 +302,8 @@ def draw_table(draw, rng, x, y, width, max_height) -> int:
         if r % 2 == 0:
             draw.rectangle((x, row_top, x + col_w * n_cols, row_top + row_h), fill=(238, 240, 244))
         cells = [rng.choice(FILLER_WORDS[10:]).capitalize()] + [
-            f"{rng.uniform(0, 999):,.{rng.randint(0, 2)}f}" for _ in range(n_cols - 1)]
+            f"{rng.uniform(0, 999):,.{rng.randint(0, 2)}f}" for _ in range(n_cols - 1)
+        ]
         for c, text in enumerate(cells):
             draw.text((x + c * col_w + 5, row_top + 3), text, fill=INK, font=font(size))
     draw.line((x, top + (n_rows + 1) * row_h, x + col_w * n_cols, top + (n_rows + 1) * row_h), fill=GREY)
@@ -280,6 +393,7 @@ def fill_column(draw, rng, x, y, width, bottom, figure_first: bool = False) -> N
 # -----------------------------------------------------------------------------
 # Pages
 
+
 def title_origin() -> tuple:
     """Where the title is drawn: token column 1, its ink (ascenders to descenders) centred in the band that starts
     at token row 1. The same offset from the GRID lattice on every page."""
@@ -294,20 +408,35 @@ def render_page(topic: str, geometry: str, rng: random.Random) -> Image.Image:
     page = Image.new("RGB", (width, height), paper)
     draw = ImageDraw.Draw(page)
     org = rng.choice(ORGS)
-    draw.text((GRID, 18), f"{org} · {rng.choice(['Annual report', 'Briefing', 'Working paper', 'Bulletin'])} "
-                          f"{rng.randint(2005, 2025)}", fill=GREY, font=font(12))
+    draw.text(
+        (GRID, 18),
+        f"{org} · {rng.choice(['Annual report', 'Briefing', 'Working paper', 'Bulletin'])} {rng.randint(2005, 2025)}",
+        fill=GREY,
+        font=font(12),
+    )
     draw.rectangle((0, GRID, width, (1 + TITLE_ROWS) * GRID), fill=TITLE_BAND)  # whole token rows
     draw.text(title_origin(), topic, fill=(255, 255, 255), font=font(TITLE_SIZE))
     rule_y = (1 + TITLE_ROWS) * GRID + 10
     draw.line((GRID, rule_y, width - GRID // 2, rule_y), fill=rng.choice(PALETTE), width=3)
-    draw.text((GRID, rule_y + 10), f"{rng.choice(SECTION_WORDS)} · {rng.choice(MONTHS)} {rng.randint(2005, 2025)}"
-                                   f" · {rng.choice(FILLER_WORDS[10:]).capitalize()} notes",
-              fill=GREY, font=font(14))
+    draw.text(
+        (GRID, rule_y + 10),
+        f"{rng.choice(SECTION_WORDS)} · {rng.choice(MONTHS)} {rng.randint(2005, 2025)}"
+        f" · {rng.choice(FILLER_WORDS[10:]).capitalize()} notes",
+        fill=GREY,
+        font=font(14),
+    )
     top, bottom, margin = (2 + TITLE_ROWS) * GRID + 8, height - GRID + 8, GRID // 2
     if width > 448:  # two columns; a slide puts its figure first
         mid = width // 2
-        fill_column(draw, rng, margin + GRID // 2, top, mid - margin - GRID // 2 - 12, bottom,
-                    figure_first=geometry == "landscape" and rng.random() < 0.5)
+        fill_column(
+            draw,
+            rng,
+            margin + GRID // 2,
+            top,
+            mid - margin - GRID // 2 - 12,
+            bottom,
+            figure_first=geometry == "landscape" and rng.random() < 0.5,
+        )
         fill_column(draw, rng, mid + 12, top, width - mid - margin - 12, bottom, figure_first=True)
     else:
         fill_column(draw, rng, margin, top, width - 2 * margin, bottom)
@@ -346,8 +475,13 @@ def render_train_row(job: tuple) -> dict:
     rng = page_rng(seed, "train", i)
     geometry = rng.choice(geometries)
     image = render_page(topic, geometry, rng)
-    return {"query": query_for(topic, rng), "image": {"bytes": png_bytes(image), "path": None},
-            "image_filename": f"synthetic/train/page_{i:05d}.png", "answer": topic, "source": f"synthetic_{geometry}"}
+    return {
+        "query": query_for(topic, rng),
+        "image": {"bytes": png_bytes(image), "path": None},
+        "image_filename": f"synthetic/train/page_{i:05d}.png",
+        "answer": topic,
+        "source": f"synthetic_{geometry}",
+    }
 
 
 def render_eval_row(job: tuple) -> tuple:
@@ -365,24 +499,30 @@ def render_all(render, jobs: list, workers: int, desc: str, progress: bool) -> l
     if workers <= 1 or len(jobs) < 2 * workers:
         return [render(job) for job in progress_bar(jobs, **bar)]
     import multiprocessing
+
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         return list(progress_bar(pool.imap(render, jobs, chunksize=8), **bar))
 
 
-def make_train_rows(topics: list, n_pages: int, geometries: list, seed: int, progress: bool = True,
-                    workers: int = 1) -> list:
+def make_train_rows(
+    topics: list, n_pages: int, geometries: list, seed: int, progress: bool = True, workers: int = 1
+) -> list:
     jobs = [(i, topic, geometries, seed) for i, topic in enumerate(train_topics(topics, n_pages, seed))]
     return render_all(render_train_row, jobs, workers, "train pages", progress)
 
 
-def make_eval_rows(topics: list, n_pages: int, geometries: list, seed: int, progress: bool = True,
-                   workers: int = 1):
+def make_eval_rows(topics: list, n_pages: int, geometries: list, seed: int, progress: bool = True, workers: int = 1):
     """-> corpus, queries, qrels rows: one new page per topic (its own seeds), one query, one relevant page.
     Corpus ids are shuffled against query ids so that no id order gives the answer away."""
     chosen = random.Random(f"{seed}:eval-topics").sample(topics, n_pages)
     corpus_ids = random.Random(f"{seed}:eval-ids").sample(range(n_pages), n_pages)
-    rendered = render_all(render_eval_row, [(query_id, topic, geometries, seed) for query_id, topic in
-                                            enumerate(chosen)], workers, "eval pages", progress)
+    rendered = render_all(
+        render_eval_row,
+        [(query_id, topic, geometries, seed) for query_id, topic in enumerate(chosen)],
+        workers,
+        "eval pages",
+        progress,
+    )
     corpus, queries, qrels = [], [], []
     for query_id, (png, query) in enumerate(rendered):
         corpus.append({"corpus-id": corpus_ids[query_id], "image": {"bytes": png, "path": None}})
@@ -395,8 +535,10 @@ def make_eval_rows(topics: list, n_pages: int, geometries: list, seed: int, prog
 # -----------------------------------------------------------------------------
 # Writing
 
+
 def write_text(path: str, text: str) -> None:
     from colintern_data import atomic_path  # temp file + rename
+
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
 
@@ -406,6 +548,7 @@ def write_parquet(path: str, rows: list, features) -> str:
     -> the file's sha256, which the dataset card records (see `card`)."""
     import datasets
     from colintern_data import atomic_path, file_sha256
+
     columns = {name: [row[name] for row in rows] for name in features}
     dataset = datasets.Dataset.from_dict(columns, features=features)
     with atomic_path(path) as tmp:
@@ -415,15 +558,26 @@ def write_parquet(path: str, rows: list, features) -> str:
 
 def train_features():
     from datasets import Features, Image as ImageFeature, Value
-    return Features({"query": Value("string"), "image": ImageFeature(), "image_filename": Value("string"),
-                     "answer": Value("string"), "source": Value("string")})
+
+    return Features(
+        {
+            "query": Value("string"),
+            "image": ImageFeature(),
+            "image_filename": Value("string"),
+            "answer": Value("string"),
+            "source": Value("string"),
+        }
+    )
 
 
 def eval_features():
     from datasets import Features, Image as ImageFeature, Value
-    return {"corpus": Features({"corpus-id": Value("int64"), "image": ImageFeature()}),
-            "queries": Features({"query-id": Value("int64"), "query": Value("string")}),
-            "qrels": Features({"query-id": Value("int64"), "corpus-id": Value("int64"), "score": Value("int64")})}
+
+    return {
+        "corpus": Features({"corpus-id": Value("int64"), "image": ImageFeature()}),
+        "queries": Features({"query-id": Value("int64"), "query": Value("string")}),
+        "qrels": Features({"query-id": Value("int64"), "corpus-id": Value("int64"), "score": Value("int64")}),
+    }
 
 
 def card(configs: dict, text: str) -> str:
@@ -435,8 +589,13 @@ def card(configs: dict, text: str) -> str:
     folder also called `eval`, would silently return the previously cached rows."""
     lines = ["---", "configs:"]
     for name, (split, pattern, digest) in configs.items():
-        lines += [f"- config_name: {name}", f"  description: \"sha256 {digest}\"", "  data_files:",
-                  f"  - split: {split}", f"    path: {pattern}"]
+        lines += [
+            f"- config_name: {name}",
+            f'  description: "sha256 {digest}"',
+            "  data_files:",
+            f"  - split: {split}",
+            f"    path: {pattern}",
+        ]
     return "\n".join(lines + ["---", "", text.strip(), ""])
 
 
@@ -451,11 +610,15 @@ def write_train(out: str, rows: list, args) -> str:
     remove_card(out)
     path = os.path.join(out, "data", "train-00000-of-00001.parquet")
     digest = write_parquet(path, rows, train_features())
-    write_text(os.path.join(out, "README.md"), card(
-        {"default": ("train", "data/train-*", digest)},
-        f"# ColIntern synthetic training pages\n\n{len(rows)} pages, {args.topics} topics, seed {args.seed}, written "
-        f"by `make_synthetic_data.py`. Columns as `vidore/colpali_train_set`: `query`, `image`, `image_filename`, "
-        f"`answer` (the page title), `source` (`synthetic_<geometry>`)."))
+    write_text(
+        os.path.join(out, "README.md"),
+        card(
+            {"default": ("train", "data/train-*", digest)},
+            f"# ColIntern synthetic training pages\n\n{len(rows)} pages, {args.topics} topics, seed {args.seed}, written "
+            f"by `make_synthetic_data.py`. Columns as `vidore/colpali_train_set`: `query`, `image`, `image_filename`, "
+            f"`answer` (the page title), `source` (`synthetic_<geometry>`).",
+        ),
+    )
     return path
 
 
@@ -466,53 +629,87 @@ def write_eval(out: str, corpus: list, queries: list, qrels: list, args) -> None
     for name, rows in (("corpus", corpus), ("queries", queries), ("qrels", qrels)):
         digest = write_parquet(os.path.join(out, name, "test-00000-of-00001.parquet"), rows, features[name])
         configs[name] = ("test", f"{name}/test-*", digest)
-    write_text(os.path.join(out, "README.md"), card(
-        configs, f"# ColIntern synthetic evaluation pages\n\nViDoRe v1 hub layout: {len(corpus)} pages, "
-                 f"{len(queries)} queries, one relevant page each (seed {args.seed}), written by "
-                 f"`make_synthetic_data.py`."))
+    write_text(
+        os.path.join(out, "README.md"),
+        card(
+            configs,
+            f"# ColIntern synthetic evaluation pages\n\nViDoRe v1 hub layout: {len(corpus)} pages, "
+            f"{len(queries)} queries, one relevant page each (seed {args.seed}), written by "
+            f"`make_synthetic_data.py`.",
+        ),
+    )
 
 
 def parse_geometries(text: str) -> list:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in PAGE_SIZES]
     if unknown or not names:
-        raise UserValueError(f"--page_sizes {text!r}: unknown geometry {unknown or '(none given)'}; choose a comma "
-                             "list "
-                             f"from {', '.join(f'{k} {w}x{h}' for k, (w, h) in PAGE_SIZES.items())}")
+        raise UserValueError(
+            f"--page_sizes {text!r}: unknown geometry {unknown or '(none given)'}; choose a comma "
+            "list "
+            f"from {', '.join(f'{k} {w}x{h}' for k, (w, h) in PAGE_SIZES.items())}"
+        )
     return names
 
 
 def check_args(args) -> None:
     """Refuse flag combinations that cannot make a sensible dataset, naming the flag and what to pass."""
     if not 2 <= args.topics <= len(TOPICS):
-        raise UserValueError(f"--topics must be between 2 and {len(TOPICS)} (the built-in keyword list), got "
-                             f"{args.topics}")
+        raise UserValueError(
+            f"--topics must be between 2 and {len(TOPICS)} (the built-in keyword list), got {args.topics}"
+        )
     if args.train_pages < args.topics:
-        raise UserValueError(f"--train_pages {args.train_pages} < --topics {args.topics}: every topic needs a training "
-                             f"page; pass --train_pages >= {args.topics} (several per topic is the point)")
+        raise UserValueError(
+            f"--train_pages {args.train_pages} < --topics {args.topics}: every topic needs a training "
+            f"page; pass --train_pages >= {args.topics} (several per topic is the point)"
+        )
     if args.workers < 1:
         raise UserValueError(f"--workers must be >= 1, got {args.workers}")
     if args.eval_pages is not None and not 1 <= args.eval_pages <= args.topics:
-        raise UserValueError(f"--eval_pages must be between 1 and --topics {args.topics} (one page per topic, so each "
-                             f"query has one relevant page), got {args.eval_pages}")
+        raise UserValueError(
+            f"--eval_pages must be between 1 and --topics {args.topics} (one page per topic, so each "
+            f"query has one relevant page), got {args.eval_pages}"
+        )
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--out_dir", default="outputs/synthetic",
-                   help="folder to write train/ and eval/ into (created; files of the same name are replaced)")
-    p.add_argument("--topics", type=int, default=50,
-                   help=f"number of topic keywords, each printed as the title of its pages (2..{len(TOPICS)})")
-    p.add_argument("--train_pages", type=int, default=200,
-                   help="training pages, spread evenly over the topics (>= --topics; 4 per topic by default)")
-    p.add_argument("--eval_pages", type=int, default=None,
-                   help="held-out pages = queries, one per topic, on a seeded subset of topics (default: all topics)")
-    p.add_argument("--page_sizes", default=DEFAULT_PAGE_SIZES,
-                   help="comma list of page geometries to draw from: "
-                        + ", ".join(f"{k} {w}x{h}" for k, (w, h) in PAGE_SIZES.items()))
+    p.add_argument(
+        "--out_dir",
+        default="outputs/synthetic",
+        help="folder to write train/ and eval/ into (created; files of the same name are replaced)",
+    )
+    p.add_argument(
+        "--topics",
+        type=int,
+        default=50,
+        help=f"number of topic keywords, each printed as the title of its pages (2..{len(TOPICS)})",
+    )
+    p.add_argument(
+        "--train_pages",
+        type=int,
+        default=200,
+        help="training pages, spread evenly over the topics (>= --topics; 4 per topic by default)",
+    )
+    p.add_argument(
+        "--eval_pages",
+        type=int,
+        default=None,
+        help="held-out pages = queries, one per topic, on a seeded subset of topics (default: all topics)",
+    )
+    p.add_argument(
+        "--page_sizes",
+        default=DEFAULT_PAGE_SIZES,
+        help="comma list of page geometries to draw from: "
+        + ", ".join(f"{k} {w}x{h}" for k, (w, h) in PAGE_SIZES.items()),
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of all filler, layouts, queries and orders")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="processes that render pages (min(4, CPUs) unless given); the bytes do not depend on it")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="processes that render pages (min(4, CPUs) unless given); the bytes do not depend on it",
+    )
     p.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     return p
 
@@ -533,8 +730,9 @@ def main(args):
     geometries = parse_geometries(args.page_sizes)
     if args.no_progress:
         import datasets
+
         datasets.disable_progress_bars()  # its "Creating parquet" bars
-    topics = TOPICS[:args.topics]
+    topics = TOPICS[: args.topics]
     eval_pages = args.eval_pages if args.eval_pages is not None else args.topics
     progress = not args.no_progress
     check_output(args.out_dir, "--out_dir", "folder")  # before any page is drawn

@@ -30,6 +30,7 @@ How:
    (IndexFlatIP up to FLAT_MAX_TOKENS tokens, IVF-PQ above; GPU when FAISS sees one), votes them into
    --candidates pages per query, and re-ranks those with exact MaxSim before the same filter.
 """
+
 import argparse
 import dataclasses
 import hashlib
@@ -43,8 +44,19 @@ import torch
 import torch.distributed as dist
 
 from colintern_cli import ArgumentParser, UserRuntimeError, progress_bar, run_cli
-from colintern_data import (PageResolver, check_output, file_sha1, looks_like_hub_id, pseudo_path, raw_images,
-                            read_queries, read_triples, stored_page_hash, write_json, write_jsonl)
+from colintern_data import (
+    PageResolver,
+    check_output,
+    file_sha1,
+    looks_like_hub_id,
+    pseudo_path,
+    raw_images,
+    read_queries,
+    read_triples,
+    stored_page_hash,
+    write_json,
+    write_jsonl,
+)
 from colintern_model import (
     QUERY_BLOCK_TOKENS,
     ColIntern,
@@ -76,39 +88,65 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p.add_argument_group("model"), ckpt_required=True)
     g = p.add_argument_group("data (one of --hub_name or --train_jsonl)")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hub_name", default=None,
-                     help="hub dataset (vidore/colpali_train_set) or a local copy with its columns (query, image): "
-                          "each row is a query and its positive page")
-    src.add_argument("--train_jsonl", default=None,
-                     help='JSONL of {"query","pos","negs"}: mine for its queries over every page it names')
+    src.add_argument(
+        "--hub_name",
+        default=None,
+        help="hub dataset (vidore/colpali_train_set) or a local copy with its columns (query, image): "
+        "each row is a query and its positive page",
+    )
+    src.add_argument(
+        "--train_jsonl",
+        default=None,
+        help='JSONL of {"query","pos","negs"}: mine for its queries over every page it names',
+    )
     g.add_argument("--split", default="train", help="split of --hub_name")
     g.add_argument("--root", default=".", help="folder that page paths in --train_jsonl are relative to")
     g.add_argument("--out_jsonl", required=True, help="output JSONL; the stats go to the same name + .stats.json")
     g = p.add_argument_group("mining")
     g.add_argument("--k", type=int, default=8, help="hard negatives written per query")
-    g.add_argument("--margin", type=float, default=0.95,
-                   help="drop a candidate scoring above MARGIN x the positive's score as a likely false negative "
-                        "(TopK-PercPos); --margin inf turns the filter off")
-    g.add_argument("--search", default="exact", choices=("exact", "faiss"),
-                   help="exact: MaxSim of every query with every page, streamed shard by shard; faiss: token-level "
-                        "FAISS candidates re-ranked with exact MaxSim")
-    g.add_argument("--candidates", type=int, default=100,
-                   help="--search faiss: pages per query re-ranked with exact MaxSim")
-    g.add_argument("--token_hits", type=int, default=64,
-                   help="--search faiss: nearest page tokens retrieved per query token")
-    g.add_argument("--faiss_index", default="auto",
-                   help="--search faiss: a faiss.index_factory string over page tokens, or auto (Flat up to "
-                        f"{FLAT_MAX_TOKENS} tokens, else IVF<4 sqrt(N)>,PQ<D/4>)")
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=0.95,
+        help="drop a candidate scoring above MARGIN x the positive's score as a likely false negative "
+        "(TopK-PercPos); --margin inf turns the filter off",
+    )
+    g.add_argument(
+        "--search",
+        default="exact",
+        choices=("exact", "faiss"),
+        help="exact: MaxSim of every query with every page, streamed shard by shard; faiss: token-level "
+        "FAISS candidates re-ranked with exact MaxSim",
+    )
+    g.add_argument(
+        "--candidates", type=int, default=100, help="--search faiss: pages per query re-ranked with exact MaxSim"
+    )
+    g.add_argument(
+        "--token_hits", type=int, default=64, help="--search faiss: nearest page tokens retrieved per query token"
+    )
+    g.add_argument(
+        "--faiss_index",
+        default="auto",
+        help="--search faiss: a faiss.index_factory string over page tokens, or auto (Flat up to "
+        f"{FLAT_MAX_TOKENS} tokens, else IVF<4 sqrt(N)>,PQ<D/4>)",
+    )
     g.add_argument("--nprobe", type=int, default=32, help="--search faiss with IVF: inverted lists visited per token")
     g = p.add_argument_group("throughput and cache")
     g.add_argument("--doc_batch", type=int, default=8, help="pages per forward pass when encoding")
     g.add_argument("--query_batch", type=int, default=64, help="queries per forward pass when encoding")
     g.add_argument("--num_workers", type=int, default=2, help="processes that decode and tile pages (0: in-process)")
-    g.add_argument("--shard_pages", type=int, default=1024,
-                   help="distinct pages per cached shard: the unit of resume and of search memory")
-    g.add_argument("--cache_dir", default=None,
-                   help="folder for page-embedding shards (default: page_cache/ beside --out_jsonl); one subfolder "
-                        "per checkpoint + pages, reused by later runs")
+    g.add_argument(
+        "--shard_pages",
+        type=int,
+        default=1024,
+        help="distinct pages per cached shard: the unit of resume and of search memory",
+    )
+    g.add_argument(
+        "--cache_dir",
+        default=None,
+        help="folder for page-embedding shards (default: page_cache/ beside --out_jsonl); one subfolder "
+        "per checkpoint + pages, reused by later runs",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for the FAISS IVF training sample")
     return p
 
@@ -116,8 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    for flag in ("k", "candidates", "token_hits", "nprobe", "doc_batch", "query_batch", "shard_pages", "pool_factor",
-                 "dim"):
+    for flag in (
+        "k",
+        "candidates",
+        "token_hits",
+        "nprobe",
+        "doc_batch",
+        "query_batch",
+        "shard_pages",
+        "pool_factor",
+        "dim",
+    ):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
@@ -131,6 +178,7 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # Input: queries, their positives, and the distinct pages (by content)
+
 
 @dataclasses.dataclass
 class MiningInput:
@@ -180,11 +228,17 @@ def hub_input(name: str, split: str) -> MiningInput:
                 positives.append(dedup.add(stored_page_hash(value, f"{what} row {row}"), row))
             bar.update(len(values["image"]))
     return MiningInput(
-        source={"hub_name": name, "split": split, "rows": len(ds)}, queries=queries,
-        pos_refs=[pseudo_path(name, split, row) for row in range(len(ds))], positives=positives,
+        source={"hub_name": name, "split": split, "rows": len(ds)},
+        queries=queries,
+        pos_refs=[pseudo_path(name, split, row) for row in range(len(ds))],
+        positives=positives,
         page_refs=[pseudo_path(name, split, row) for row in dedup.firsts],
-        page_wheres=[f"{what} row {row}" for row in dedup.firsts], page_hashes=dedup.hashes,
-        page_mentions=dedup.mentions, resolver=resolver, fields=fields)
+        page_wheres=[f"{what} row {row}" for row in dedup.firsts],
+        page_hashes=dedup.hashes,
+        page_mentions=dedup.mentions,
+        resolver=resolver,
+        fields=fields,
+    )
 
 
 def jsonl_input(path: str, root: str) -> MiningInput:
@@ -202,16 +256,27 @@ def jsonl_input(path: str, root: str) -> MiningInput:
             if j == 0:
                 positives.append(by_ref[ref])
     return MiningInput(
-        source={"train_jsonl": os.path.abspath(path), "root": os.path.abspath(root), "rows": len(rows),
-                "sha1": file_sha1(path)},
-        queries=[row["query"] for row in rows], pos_refs=[row["pos"] for row in rows], positives=positives,
-        page_refs=[ref for ref, _ in dedup.firsts], page_wheres=[where for _, where in dedup.firsts],
-        page_hashes=dedup.hashes, page_mentions=dedup.mentions, resolver=resolver,
-        fields=[row["fields"] for row in rows])
+        source={
+            "train_jsonl": os.path.abspath(path),
+            "root": os.path.abspath(root),
+            "rows": len(rows),
+            "sha1": file_sha1(path),
+        },
+        queries=[row["query"] for row in rows],
+        pos_refs=[row["pos"] for row in rows],
+        positives=positives,
+        page_refs=[ref for ref, _ in dedup.firsts],
+        page_wheres=[where for _, where in dedup.firsts],
+        page_hashes=dedup.hashes,
+        page_mentions=dedup.mentions,
+        resolver=resolver,
+        fields=[row["fields"] for row in rows],
+    )
 
 
 # -----------------------------------------------------------------------------
 # Page embeddings: fp16 shards on disk, reused across runs
+
 
 def cache_folder(args, model: ColIntern, data: MiningInput) -> tuple:
     """-> (folder, manifest). The folder is named by a hash of what the embeddings depend on
@@ -219,13 +284,22 @@ def cache_folder(args, model: ColIntern, data: MiningInput) -> tuple:
     pooling) and of where the pages come from; within it, a shard is reused only if it holds exactly the pages this
     run puts there, so a changed page re-encodes its shard, not the corpus."""
     source = {k: v for k, v in data.source.items() if k in ("hub_name", "split", "train_jsonl", "root")}
-    identity = {"cache_version": CACHE_VERSION, "embedding": model.embedding_identity(args.pool_factor),
-                "source": source, "shard_pages": args.shard_pages}
+    identity = {
+        "cache_version": CACHE_VERSION,
+        "embedding": model.embedding_identity(args.pool_factor),
+        "source": source,
+        "shard_pages": args.shard_pages,
+    }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     base = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_jsonl)), "page_cache")
     folder = os.path.join(base, key)
-    manifest = dict(identity, ckpt=ckpt_name(args.ckpt), pages=len(data.page_hashes),
-                    n_shards=math.ceil(len(data.page_hashes) / args.shard_pages), shards={})
+    manifest = dict(
+        identity,
+        ckpt=ckpt_name(args.ckpt),
+        pages=len(data.page_hashes),
+        n_shards=math.ceil(len(data.page_hashes) / args.shard_pages),
+        shards={},
+    )
     try:
         with open(os.path.join(folder, "manifest.json")) as f:
             manifest["shards"] = json.load(f).get("shards", {})
@@ -278,9 +352,13 @@ class PageImages(torch.utils.data.Dataset):
 
 
 def encode_shard(model, processor, data: MiningInput, indices: list, args, bar) -> list:
-    loader = torch.utils.data.DataLoader(PageImages(data, indices), batch_size=args.doc_batch,
-                                         num_workers=args.num_workers, collate_fn=processor.process_pages,
-                                         pin_memory=model.device.type == "cuda")  # copied on non_blocking
+    loader = torch.utils.data.DataLoader(
+        PageImages(data, indices),
+        batch_size=args.doc_batch,
+        num_workers=args.num_workers,
+        collate_fn=processor.process_pages,
+        pin_memory=model.device.type == "cuda",
+    )  # copied on non_blocking
     out = []
     with torch.inference_mode():
         for batch in loader:
@@ -316,13 +394,14 @@ def shards_to_encode(data: MiningInput, folder: str, manifest: dict, args) -> li
     n_pages, todo = len(data.page_hashes), []
     for s in range(manifest["n_shards"]):
         pages = shard_range(s, n_pages, args.shard_pages)
-        if finished_digest(folder, s) != pages_digest(data.page_hashes[pages.start:pages.stop]):
+        if finished_digest(folder, s) != pages_digest(data.page_hashes[pages.start : pages.stop]):
             todo.append(s)
     return todo
 
 
-def ensure_shards(model, processor, data: MiningInput, folder: str, todo: list, args, rank: int = 0,
-                  world: int = 1) -> float:
+def ensure_shards(
+    model, processor, data: MiningInput, folder: str, todo: list, args, rank: int = 0, world: int = 1
+) -> float:
     """Encode this rank's share of the shards in `todo` (every world-th, from the rank-th), pooled with
     --pool_factor > 1; -> the seconds this process spent pooling. Each shard is written atomically, then its pages
     note, so a kill loses at most the shard each process is encoding and a later run, with any number of processes,
@@ -333,16 +412,20 @@ def ensure_shards(model, processor, data: MiningInput, folder: str, todo: list, 
     with progress_bar(total=total, desc="encode pages", unit="page", disable=total == 0 or rank != 0) as bar:
         for s in mine:
             pages = shard_range(s, n_pages, args.shard_pages)
-            hashes = data.page_hashes[pages.start:pages.stop]
+            hashes = data.page_hashes[pages.start : pages.stop]
             emb = encode_shard(model, processor, data, list(pages), args, bar)
             if args.pool_factor != 1:  # the shard is cached (and searched) pooled
                 start = time.perf_counter()
                 emb = [p.to(torch.float16) for p in pool_pages([e.float() for e in emb], args.pool_factor)]
                 pooling_s += time.perf_counter() - start
-            atomic_torch_save({"embeddings": torch.cat(emb), "lengths": torch.tensor([len(e) for e in emb]),
-                               "hashes": hashes}, shard_path(folder, s))
-            write_json(pages_note_path(folder, s), {"pages_sha256": pages_digest(hashes), "pages": len(hashes),
-                                                    "tokens": sum(len(e) for e in emb)})
+            atomic_torch_save(
+                {"embeddings": torch.cat(emb), "lengths": torch.tensor([len(e) for e in emb]), "hashes": hashes},
+                shard_path(folder, s),
+            )
+            write_json(
+                pages_note_path(folder, s),
+                {"pages_sha256": pages_digest(hashes), "pages": len(hashes), "tokens": sum(len(e) for e in emb)},
+            )
     return pooling_s
 
 
@@ -362,16 +445,19 @@ def iter_shards(folder: str, data: MiningInput, shard_pages: int):
     n_pages = len(data.page_hashes)
     for s in range(math.ceil(n_pages / shard_pages)):
         pages = shard_range(s, n_pages, shard_pages)
-        shard = load_shard(folder, s, data.page_hashes[pages.start:pages.stop])
+        shard = load_shard(folder, s, data.page_hashes[pages.start : pages.stop])
         if shard is None:
-            raise UserRuntimeError(f"page-embedding shard {shard_path(folder, s)} is missing, unreadable or holds "
-                                   "other "
-                                   f"pages: delete it and run again (only that shard is encoded again)")
+            raise UserRuntimeError(
+                f"page-embedding shard {shard_path(folder, s)} is missing, unreadable or holds "
+                "other "
+                f"pages: delete it and run again (only that shard is encoded again)"
+            )
         yield pages.start, shard
 
 
 # -----------------------------------------------------------------------------
 # Scoring
+
 
 def score_pairs(queries: list, pages: list, pairs, device, dtype) -> torch.Tensor:
     """Exact MaxSim of (query i, page j) pairs -> (n_pairs,) float32 on the CPU. Pairs are grouped by page so each
@@ -400,8 +486,12 @@ def positive_scores(queries: list, data: MiningInput, folder: str, args, device,
     """Each query's exact MaxSim with its own positive page -> (Nq,) float32."""
     positives = torch.tensor(data.positives)
     scores = torch.empty(len(queries))
-    for first, shard in progress_bar(iter_shards(folder, data, args.shard_pages), desc="score positives",
-                                     unit="shard", total=math.ceil(len(data.page_hashes) / args.shard_pages)):
+    for first, shard in progress_bar(
+        iter_shards(folder, data, args.shard_pages),
+        desc="score positives",
+        unit="shard",
+        total=math.ceil(len(data.page_hashes) / args.shard_pages),
+    ):
         mine = ((positives >= first) & (positives < first + len(shard))).nonzero()[:, 0]
         scores[mine] = score_pairs(queries, shard, (mine, positives[mine] - first), device, dtype)
     return scores
@@ -414,14 +504,22 @@ def margin_ceiling(pos_scores: torch.Tensor, margin: float) -> torch.Tensor:
     return margin * pos_scores
 
 
-def exact_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device,
-                 dtype, part: range | None = None) -> dict:
+def exact_search(
+    queries: list,
+    data: MiningInput,
+    pos_scores: torch.Tensor,
+    folder: str,
+    args,
+    device,
+    dtype,
+    part: range | None = None,
+) -> dict:
     """Every query (of `part`, default all) x every page, shard by shard; the filter runs inside the stream, before
     the running top-k. -> results for the queries of `part`, in order."""
     part = part or range(len(queries))
-    queries, pos_scores = queries[part.start:part.stop], pos_scores[part.start:part.stop]
+    queries, pos_scores = queries[part.start : part.stop], pos_scores[part.start : part.stop]
     nq, k = len(queries), args.k
-    positives = torch.tensor(data.positives[part.start:part.stop], device=device)
+    positives = torch.tensor(data.positives[part.start : part.stop], device=device)
     pos_dev = pos_scores.to(device)
     ceiling = margin_ceiling(pos_scores, args.margin).to(device)
     above = torch.zeros(nq, dtype=torch.long, device=device)  # pages scoring above the positive
@@ -429,8 +527,10 @@ def exact_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, fol
     values = torch.full((nq, k), float("-inf"))
     indices = torch.full((nq, k), -1, dtype=torch.long)
     shards = math.ceil(len(data.page_hashes) / args.shard_pages)
-    for first, shard in progress_bar(iter_shards(folder, data, args.shard_pages), total=shards,
-                                     desc="exact search", unit="shard"):
+    for first, shard in progress_bar(
+        iter_shards(folder, data, args.shard_pages), total=shards, desc="exact search", unit="shard"
+    ):
+
         def on_scores(q0, q1, idx, scores, first=first):
             scores.masked_fill_((first + idx)[None, :] == positives[q0:q1, None], float("-inf"))
             above[q0:q1] += (scores > pos_dev[q0:q1, None]).sum(dim=1)
@@ -438,14 +538,16 @@ def exact_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, fol
             dropped[q0:q1] += drop.sum(dim=1)
             scores.masked_fill_(drop, float("-inf"))
 
-        v, i = maxsim_topk(queries, shard, k, device=device, dtype=dtype, on_scores=on_scores,
-                           query_block_tokens=QUERY_BLOCK_TOKENS)
+        v, i = maxsim_topk(
+            queries, shard, k, device=device, dtype=dtype, on_scores=on_scores, query_block_tokens=QUERY_BLOCK_TOKENS
+        )
         values, indices = merge_topk(values, indices, v, torch.where(i >= 0, i + first, i), k)
     indices[values == float("-inf")] = -1
     return {"negatives": indices, "neg_scores": values, "rank": 1 + above.cpu(), "dropped": dropped.cpu()}
 
 
 # -- FAISS ----------------------------------------------------------------------
+
 
 def index_spec(spec: str, n_tokens: int, dim: int) -> str:
     if spec != "auto":
@@ -461,12 +563,15 @@ def faiss_device(device, say=print) -> int | None:
     under the same CUDA_VISIBLE_DEVICES), or None for the CPU: --device cpu, or a FAISS without GPU support
     (faiss-cpu), said in one line. Before a GPU index, torch hands its cached blocks back to the driver, for FAISS."""
     import faiss
+
     device = torch.device(device)
     if device.type != "cuda":
         return None
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-        say(f"FAISS runs on the CPU: this faiss {getattr(faiss, '__version__', '')} has no GPU support (faiss-cpu); "
-            f"`make setup` on a machine with an NVIDIA GPU installs a GPU FAISS")
+        say(
+            f"FAISS runs on the CPU: this faiss {getattr(faiss, '__version__', '')} has no GPU support (faiss-cpu); "
+            f"`make setup` on a machine with an NVIDIA GPU installs a GPU FAISS"
+        )
         return None
     torch.cuda.empty_cache()
     return torch.cuda.current_device() if device.index is None else device.index
@@ -477,6 +582,7 @@ def build_token_index(shards, spec: str = "auto", nprobe: int = 32, seed: int = 
     `gpu` (see faiss_device) or the CPU. `shards()` yields (first page index, list of (L_i, D) page embeddings); it
     is called once per pass."""
     import faiss
+
     lengths, dim = [], None
     for _, shard in shards():
         lengths.extend(len(p) for p in shard)
@@ -505,13 +611,18 @@ def build_token_index(shards, spec: str = "auto", nprobe: int = 32, seed: int = 
     for _, shard in progress_bar(shards(), desc="FAISS index", unit="shard"):
         index.add(np.ascontiguousarray(torch.cat(shard).float().numpy()))
     if nlist is not None:
-        (faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()).set_index_parameter(
-            index, "nprobe", nprobe)
+        (faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()).set_index_parameter(index, "nprobe", nprobe)
     return index, torch.from_numpy(token_page), spec
 
 
-def token_votes(hit_pages: torch.Tensor, hit_sims: torch.Tensor, owner: torch.Tensor, n_queries: int,
-                n_pages: int, n_candidates: int) -> torch.Tensor:
+def token_votes(
+    hit_pages: torch.Tensor,
+    hit_sims: torch.Tensor,
+    owner: torch.Tensor,
+    n_queries: int,
+    n_pages: int,
+    n_candidates: int,
+) -> torch.Tensor:
     """Candidate pages per query from each query token's nearest page tokens -> (n_queries, n_candidates), -1 pad.
 
     A page's vote approximates its MaxSim (XTR-style): per query token, its best hit on that page, or, if the token
@@ -543,13 +654,14 @@ def token_votes(hit_pages: torch.Tensor, hit_sims: torch.Tensor, owner: torch.Te
     return out
 
 
-def faiss_candidates(queries: list, index, token_page: torch.Tensor, n_pages: int, n_candidates: int,
-                     token_hits: int) -> torch.Tensor:
+def faiss_candidates(
+    queries: list, index, token_page: torch.Tensor, n_pages: int, n_candidates: int, token_hits: int
+) -> torch.Tensor:
     """-> (Nq, candidates) page indices (-1 pad) from token-level FAISS search, queries in blocks."""
     block = max(1, 65536 // max(1, max(len(q) for q in queries)))
     out = []
     for q0 in progress_bar(range(0, len(queries), block), desc="FAISS search", unit="block"):
-        part = queries[q0:q0 + block]
+        part = queries[q0 : q0 + block]
         tokens, owner = pack_queries(part, torch.float32, "cpu")
         sims, hits = index.search(np.ascontiguousarray(tokens.numpy()), token_hits)
         hits = torch.from_numpy(hits)
@@ -558,18 +670,21 @@ def faiss_candidates(queries: list, index, token_page: torch.Tensor, n_pages: in
     return torch.cat(out)
 
 
-def faiss_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device,
-                 dtype, timings: dict) -> dict:
+def faiss_search(
+    queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device, dtype, timings: dict
+) -> dict:
     gpu = faiss_device(device)
     where = "cpu" if gpu is None else f"cuda:{gpu}"
     print(f"FAISS index and search on {where}")
     start = time.perf_counter()
-    index, token_page, spec = build_token_index(lambda: iter_shards(folder, data, args.shard_pages),
-                                                args.faiss_index, args.nprobe, args.seed, gpu)
+    index, token_page, spec = build_token_index(
+        lambda: iter_shards(folder, data, args.shard_pages), args.faiss_index, args.nprobe, args.seed, gpu
+    )
     timings["build_index"] = time.perf_counter() - start
     start = time.perf_counter()
-    candidates = faiss_candidates([q.float().cpu() for q in queries], index, token_page, len(data.page_hashes),
-                                  args.candidates, args.token_hits)
+    candidates = faiss_candidates(
+        [q.float().cpu() for q in queries], index, token_page, len(data.page_hashes), args.candidates, args.token_hits
+    )
     timings["faiss_search"] = time.perf_counter() - start
     start = time.perf_counter()
     nq, c = candidates.shape
@@ -577,9 +692,12 @@ def faiss_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, fol
     valid = candidates >= 0
     pair_q, pair_p = q_all[valid], candidates[valid]
     pair_scores = torch.full((len(pair_q),), float("nan"))
-    for first, shard in progress_bar(iter_shards(folder, data, args.shard_pages),
-                                     total=math.ceil(len(data.page_hashes) / args.shard_pages), desc="re-rank",
-                                     unit="shard"):
+    for first, shard in progress_bar(
+        iter_shards(folder, data, args.shard_pages),
+        total=math.ceil(len(data.page_hashes) / args.shard_pages),
+        desc="re-rank",
+        unit="shard",
+    ):
         mine = ((pair_p >= first) & (pair_p < first + len(shard))).nonzero()[:, 0]
         pair_scores[mine] = score_pairs(queries, shard, (pair_q[mine], pair_p[mine] - first), device, dtype)
     scores = torch.full((nq, c), float("-inf"))
@@ -592,12 +710,19 @@ def faiss_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, fol
     values, negatives = top_k_by_index(scores, candidates, args.k)
     negatives[values == float("-inf")] = -1
     timings["rerank"] = time.perf_counter() - start
-    return {"negatives": negatives, "neg_scores": values, "rank": 1 + above, "dropped": drop.sum(dim=1),
-            "index": spec, "faiss_device": where}
+    return {
+        "negatives": negatives,
+        "neg_scores": values,
+        "rank": 1 + above,
+        "dropped": drop.sum(dim=1),
+        "index": spec,
+        "faiss_device": where,
+    }
 
 
 # -----------------------------------------------------------------------------
 # The run: the search split over ranks, main, and the output and stats it writes
+
 
 def rank_metrics(rank: torch.Tensor) -> dict:
     r = rank.double()
@@ -609,16 +734,21 @@ def page_index_stats(manifest: dict, pool_factor: int, n_pages: int, dim: int, p
     reused shards count too), and the seconds this process (rank 0 under torchrun) spent pooling (inside
     encode_pages)."""
     vectors = sum(shard["tokens"] for shard in manifest["shards"].values())
-    return {"pool_factor": pool_factor, "vectors_per_page": vectors / max(1, n_pages),
-            "page_index_bytes": vectors * dim * 2, "pooling_s": round(pooling_s, 3)}
+    return {
+        "pool_factor": pool_factor,
+        "vectors_per_page": vectors / max(1, n_pages),
+        "page_index_bytes": vectors * dim * 2,
+        "pooling_s": round(pooling_s, 3),
+    }
 
 
 def stats_path(out_jsonl: str) -> str:
     return os.path.splitext(out_jsonl)[0] + ".stats.json"
 
 
-def split_search(queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device, dtype,
-                 rank: int, world: int) -> dict:
+def split_search(
+    queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device, dtype, rank: int, world: int
+) -> dict:
     """This rank's share of the exact search: a contiguous run of maxsim_topk's query blocks (query_blocks over all
     queries), so each block holds the same queries, and so multiplies the same matrices, as in one process."""
     blocks = query_blocks([q.shape[0] for q in queries], QUERY_BLOCK_TOKENS)
@@ -631,11 +761,14 @@ def gather_results(result: dict, world: int) -> dict:
     """Per-query search results of every rank's slice -> one dict over all queries, in query order."""
     if world == 1:
         return result
-    rows = gather_to_all(list(zip(result["negatives"], result["neg_scores"], result["rank"], result["dropped"])),
-                         world)
+    rows = gather_to_all(list(zip(result["negatives"], result["neg_scores"], result["rank"], result["dropped"])), world)
     negatives, neg_scores, rank, dropped = zip(*rows)
-    return {"negatives": torch.stack(negatives), "neg_scores": torch.stack(neg_scores), "rank": torch.stack(rank),
-            "dropped": torch.stack(dropped)}
+    return {
+        "negatives": torch.stack(negatives),
+        "neg_scores": torch.stack(neg_scores),
+        "rank": torch.stack(rank),
+        "dropped": torch.stack(dropped),
+    }
 
 
 def main(args):
@@ -655,19 +788,27 @@ def mine(args, rank: int, world: int, device: str):
     start = time.perf_counter()  # the model first: a wrong --ckpt fails now, not after hashing every page
     with ranks_agree("loading the model and hashing pages", world):
         model, processor, ckpt = ColIntern.from_checkpoint(
-            args.ckpt, model_id=args.model_id, dtype=args.dtype, max_tiles=args.max_tiles, quantize=args.quantize,
+            args.ckpt,
+            model_id=args.model_id,
+            dtype=args.dtype,
+            max_tiles=args.max_tiles,
+            quantize=args.quantize,
             device_map=device if torch.device(device).type == "cuda" else None,
-            attn_implementation=args.attn_implementation, dim=args.dim)
+            attn_implementation=args.attn_implementation,
+            dim=args.dim,
+        )
         model.eval()
         quantize = model.quantize
         dtype = resolve_dtype(args.dtype, device, quantize)  # the model's (encoding)
         scoring = score_dtype(args.score_dtype, device)
-        say(f"score dtype {dtype_name(scoring)} (--score_dtype {args.score_dtype}; multiplied in "
-            f"{dtype_name(matmul_dtype(scoring, device))} on {device}); model dtype {dtype_name(dtype)}")
+        say(
+            f"score dtype {dtype_name(scoring)} (--score_dtype {args.score_dtype}; multiplied in "
+            f"{dtype_name(matmul_dtype(scoring, device))} on {device}); model dtype {dtype_name(dtype)}"
+        )
         timings["load_model"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        data = (hub_input(args.hub_name, args.split) if args.hub_name else jsonl_input(args.train_jsonl, args.root))
+        data = hub_input(args.hub_name, args.split) if args.hub_name else jsonl_input(args.train_jsonl, args.root)
         timings["hash_pages"] = time.perf_counter() - start
         n_pages = len(data.page_hashes)
         say(f"{len(data.queries)} queries; {data.page_mentions} page references -> {n_pages} distinct pages")
@@ -695,9 +836,12 @@ def mine(args, rank: int, world: int, device: str):
     with ranks_agree("encoding queries", world):
         # whole --query_batch batches per rank: each query is encoded in the same batch as in one process
         batches = rank_share(math.ceil(len(data.queries) / args.query_batch), rank, world)
-        own = model.encode_queries(processor, data.queries[batches.start * args.query_batch:
-                                                           batches.stop * args.query_batch],
-                                   batch_size=args.query_batch, progress=rank == 0)
+        own = model.encode_queries(
+            processor,
+            data.queries[batches.start * args.query_batch : batches.stop * args.query_batch],
+            batch_size=args.query_batch,
+            progress=rank == 0,
+        )
     queries = [q.to(device=device, dtype=scoring) for q in gather_to_all(own, world)]
     sync(device)
     timings["encode_queries"] = time.perf_counter() - start
@@ -722,56 +866,118 @@ def mine(args, rank: int, world: int, device: str):
     stats = None
     with ranks_agree("writing the output", world):
         if rank == 0:
-            stats = write_outputs(args, data, result, ckpt, device, dtype, scoring, quantize, folder, manifest,
-                                  shard_counts, page_index, world, timings, t_start)
+            stats = write_outputs(
+                args,
+                data,
+                result,
+                ckpt,
+                device,
+                dtype,
+                scoring,
+                quantize,
+                folder,
+                manifest,
+                shard_counts,
+                page_index,
+                world,
+                timings,
+                t_start,
+            )
     return stats
 
 
-def write_outputs(args, data: MiningInput, result: dict, ckpt: dict, device, dtype, scoring, quantize, folder: str,
-                  manifest: dict, shard_counts: dict, page_index: dict, world: int, timings: dict,
-                  t_start: float) -> dict:
+def write_outputs(
+    args,
+    data: MiningInput,
+    result: dict,
+    ckpt: dict,
+    device,
+    dtype,
+    scoring,
+    quantize,
+    folder: str,
+    manifest: dict,
+    shard_counts: dict,
+    page_index: dict,
+    world: int,
+    timings: dict,
+    t_start: float,
+) -> dict:
     n_pages = len(data.page_hashes)
     negatives = result["negatives"].tolist()
-    rows = [{"query": q, "pos": pos, "negs": [data.page_refs[j] for j in negs if j >= 0],
-             **(data.fields[i] if data.fields else {})}
-            for i, (q, pos, negs) in enumerate(zip(data.queries, data.pos_refs, negatives))]
+    rows = [
+        {
+            "query": q,
+            "pos": pos,
+            "negs": [data.page_refs[j] for j in negs if j >= 0],
+            **(data.fields[i] if data.fields else {}),
+        }
+        for i, (q, pos, negs) in enumerate(zip(data.queries, data.pos_refs, negatives))
+    ]
     write_jsonl(args.out_jsonl, rows)
     n_negs = torch.tensor([len(r["negs"]) for r in rows])
     timings["total"] = time.perf_counter() - t_start
     stats = {
-        "out_jsonl": os.path.abspath(args.out_jsonl), "ckpt": ckpt_name(args.ckpt),
-        "model_id": ckpt["meta"]["model_id"] if args.model_id is None else args.model_id, "source": data.source,
-        "search": args.search, **({"faiss_index": result["index"], "faiss_device": result["faiss_device"],
-                                   "candidates": args.candidates,
-                                   "token_hits": args.token_hits} if args.search == "faiss" else {}),
-        "k": args.k, "margin": args.margin, "device": str(device), "dtype": str(dtype),
-        "score_dtype": {"requested": args.score_dtype, "used": str(scoring),
-                        "matmul": str(matmul_dtype(scoring, device))},
+        "out_jsonl": os.path.abspath(args.out_jsonl),
+        "ckpt": ckpt_name(args.ckpt),
+        "model_id": ckpt["meta"]["model_id"] if args.model_id is None else args.model_id,
+        "source": data.source,
+        "search": args.search,
+        **(
+            {
+                "faiss_index": result["index"],
+                "faiss_device": result["faiss_device"],
+                "candidates": args.candidates,
+                "token_hits": args.token_hits,
+            }
+            if args.search == "faiss"
+            else {}
+        ),
+        "k": args.k,
+        "margin": args.margin,
+        "device": str(device),
+        "dtype": str(dtype),
+        "score_dtype": {
+            "requested": args.score_dtype,
+            "used": str(scoring),
+            "matmul": str(matmul_dtype(scoring, device)),
+        },
         "quantize": quantize,
         "page_index": page_index,
-        "queries": len(data.queries), "page_references": data.page_mentions, "distinct_pages": n_pages,
+        "queries": len(data.queries),
+        "page_references": data.page_mentions,
+        "distinct_pages": n_pages,
         "duplicates_removed": data.page_mentions - n_pages,
         # rank of the positive among all pages (exact) or among the re-ranked candidates (faiss)
         "positive_rank": rank_metrics(result["rank"]),
-        "margin_dropped": {"candidates": int(result["dropped"].sum()),
-                           "queries_with_drops": int((result["dropped"] > 0).sum()),
-                           "mean_per_query": float(result["dropped"].double().mean())},
-        "negatives_per_query": {"mean": float(n_negs.double().mean()), "min": int(n_negs.min()),
-                                "queries_short_of_k": int((n_negs < args.k).sum())},
+        "margin_dropped": {
+            "candidates": int(result["dropped"].sum()),
+            "queries_with_drops": int((result["dropped"] > 0).sum()),
+            "mean_per_query": float(result["dropped"].double().mean()),
+        },
+        "negatives_per_query": {
+            "mean": float(n_negs.double().mean()),
+            "min": int(n_negs.min()),
+            "queries_short_of_k": int((n_negs < args.k).sum()),
+        },
         "cache": {"dir": folder, "shards": manifest["n_shards"], **shard_counts},
         "processes": world,
         "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
     }
     write_json(stats_path(args.out_jsonl), stats)
     m = stats["positive_rank"]
-    print(f"wrote {len(rows)} rows to {args.out_jsonl} (stats: {stats_path(args.out_jsonl)}); positive "
-          f"recall@1 {m['recall@1']:.3f} recall@10 {m['recall@10']:.3f} MRR {m['mrr']:.3f}; margin dropped "
-          f"{stats['margin_dropped']['candidates']}; {stats['duplicates_removed']} duplicate page(s); "
-          f"timings {stats['timings_s']}")
+    print(
+        f"wrote {len(rows)} rows to {args.out_jsonl} (stats: {stats_path(args.out_jsonl)}); positive "
+        f"recall@1 {m['recall@1']:.3f} recall@10 {m['recall@10']:.3f} MRR {m['mrr']:.3f}; margin dropped "
+        f"{stats['margin_dropped']['candidates']}; {stats['duplicates_removed']} duplicate page(s); "
+        f"timings {stats['timings_s']}"
+    )
     short = stats["negatives_per_query"]["queries_short_of_k"]
     if short:
-        print(f"{short} of {len(rows)} queries got fewer than --k {args.k} negatives (min "
-              f"{stats['negatives_per_query']['min']}): the margin filter or too few pages left them short")
+        print(
+            f"{short} of {len(rows)} queries got fewer than --k {args.k} negatives (min "
+            f"{stats['negatives_per_query']['min']}): the margin filter or too few pages left them short"
+        )
     return stats
 
 

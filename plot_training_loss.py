@@ -11,6 +11,7 @@ changes between runs (read from the args.json train.py writes beside each loss f
 names the new data: an epoch on mined hard negatives starts at a higher loss than the in-batch epoch before it
 because its negatives are harder, not because training regressed.
 """
+
 import json
 import math
 import os
@@ -26,8 +27,10 @@ COLUMNS = ("step", "epoch", "loss")
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend, imported when a figure is drawn (--help needs none)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -49,8 +52,10 @@ def read_loss_file(path: str) -> dict:
                     names = header
                 continue
             if len(fields) != len(names):
-                raise UserValueError(f"{path} line {n}: expected {len(names)} fields ({' '.join(names)}), "
-                                     f"got {len(fields)}: {line.strip()!r}")
+                raise UserValueError(
+                    f"{path} line {n}: expected {len(names)} fields ({' '.join(names)}), "
+                    f"got {len(fields)}: {line.strip()!r}"
+                )
             try:
                 values = [float(x) for x in fields]
             except ValueError as e:
@@ -124,8 +129,13 @@ def plot(runs: list, smooth: int):
         color = colors[i % len(colors)]
         window = min(smooth, len(data["loss"]))
         ax.plot(data["step"], data["loss"], color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(data["step"], moving_average(data["loss"], window), color=color, linewidth=2,
-                label=f"{label} (mean of {window} steps)")
+        ax.plot(
+            data["step"],
+            moving_average(data["loss"], window),
+            color=color,
+            linewidth=2,
+            label=f"{label} (mean of {window} steps)",
+        )
         for step, _ in epoch_starts(data["step"], data["epoch"]):
             ax.axvline(step, color=color, linestyle=":", linewidth=1)
     starts = epoch_labels(runs)
@@ -134,8 +144,12 @@ def plot(runs: list, smooth: int):
     top.set_xticks(list(starts), labels=list(starts.values()), fontsize=8)
     ax.set_xlabel("global step")
     ax.set_ylabel("training loss")
-    ax.set_title("Training loss (thin: per step, thick: moving average; dotted: epoch starts, labelled with the "
-                 "training data where it changes)", pad=30, fontsize=10)
+    ax.set_title(
+        "Training loss (thin: per step, thick: moving average; dotted: epoch starts, labelled with the "
+        "training data where it changes)",
+        pad=30,
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
@@ -153,9 +167,12 @@ def save_figure(fig, path: str) -> None:
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--input", nargs="+", required=True,
-                   help="training_loss.txt file(s) written by train.py, or the run folders (train.py --out_dir) "
-                        "that hold them")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="training_loss.txt file(s) written by train.py, or the run folders (train.py --out_dir) that hold them",
+    )
     p.add_argument("--output", required=True, help="PNG file to write")
     p.add_argument("--smooth", type=int, default=200, help="moving-average window in steps (clipped to the run)")
     args = p.parse_args(argv)
@@ -165,8 +182,10 @@ def parse_args(argv=None):
         if os.path.isdir(path):
             args.input[i] = os.path.join(path, "training_loss.txt")
             if not os.path.isfile(args.input[i]):
-                p.error(f"--input {path} is a folder with no training_loss.txt in it (train.py writes one into its "
-                        f"--out_dir)")
+                p.error(
+                    f"--input {path} is a folder with no training_loss.txt in it (train.py writes one into its "
+                    f"--out_dir)"
+                )
     return args
 
 
@@ -176,9 +195,11 @@ def main(args):
     save_figure(plot(runs, args.smooth), args.output)
     for (label, data, _), path in zip(runs, args.input):
         last = data["loss"][np.isfinite(data["loss"])]
-        final = f"{last[-min(len(last), args.smooth):].mean():.4f}" if len(last) else "nan"
-        print(f"{path}: {len(data['step'])} steps, epochs {int(data['epoch'].min())}-{int(data['epoch'].max())}, "
-              f"final mean loss {final}" + ("" if math.isfinite(float(data['loss'][-1])) else " (last loss not finite)"))
+        final = f"{last[-min(len(last), args.smooth) :].mean():.4f}" if len(last) else "nan"
+        print(
+            f"{path}: {len(data['step'])} steps, epochs {int(data['epoch'].min())}-{int(data['epoch'].max())}, "
+            f"final mean loss {final}" + ("" if math.isfinite(float(data["loss"][-1])) else " (last loss not finite)")
+        )
     print(f"wrote {args.output}")
 
 

@@ -12,6 +12,7 @@ leaderboard ranks them; `--metrics all` for every metric), with scores x100 and 
 benchmark missing from an input has no bar for it. The average group is each input's own benchmark average, as
 eval.py computed it.
 """
+
 import json
 import os
 import re
@@ -97,21 +98,31 @@ def plot_benchmark(benchmark: str, metric: str, groups: list, values: np.ndarray
     for i, label in enumerate(labels):
         offsets = x - 0.4 + width * (i + 0.5)
         missing = np.isnan(values[i]).all()
-        bars = ax.bar(offsets, np.nan_to_num(values[i], nan=0.0), width,
-                      label=f"{label} (not evaluated on {benchmark})" if missing else label)
+        bars = ax.bar(
+            offsets,
+            np.nan_to_num(values[i], nan=0.0),
+            width,
+            label=f"{label} (not evaluated on {benchmark})" if missing else label,
+        )
         for bar, value, is_average in zip(bars, values[i], np.arange(n_groups) == n_tasks):
             if np.isnan(value):
                 bar.set_visible(False)
             elif annotate or is_average:
-                ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
-                            fontsize=7, xytext=(0, 2), textcoords="offset points")
+                ax.annotate(
+                    f"{value:.1f}",
+                    (bar.get_x() + bar.get_width() / 2, value),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                )
     names = [task_label(g) for g in groups[:n_tasks]]
     if has_average:
         ax.axvline(x[-1] - 0.75, color="grey", linewidth=0.8, linestyle="--")
         names.append(f"{AVERAGE} ({n_tasks} tasks)")
     ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=30 if n_groups > 1 else 0, ha="right" if n_groups > 1 else "center",
-                       fontsize=8)
+    ax.set_xticklabels(names, rotation=30 if n_groups > 1 else 0, ha="right" if n_groups > 1 else "center", fontsize=8)
     ax.set_xlabel("task" if n_tasks == 1 else f"task ({n_tasks} tasks)")
     ax.set_ylabel(f"{metric_label(metric)} (x100)")
     top = np.nanmax(values) if np.isfinite(values).any() else 100
@@ -132,9 +143,14 @@ def parse_args(argv=None):
     p.add_argument("--inputs", nargs="+", required=True, help="eval.py --out_json files, one per model/checkpoint")
     p.add_argument("--labels", nargs="+", required=True, help="one legend label per input, in the same order")
     p.add_argument("--outdir", required=True, help="folder for the PNGs (<benchmark>_<metric>.png)")
-    p.add_argument("--metrics", nargs="+", default=None, help="metrics to plot, as eval.py names them "
-                   "(e.g. ndcg_at_5 recall_at_1), or all (every metric in the inputs); default: each benchmark's "
-                   "main score (summaries from before eval.py recorded it: nDCG@5)")
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        help="metrics to plot, as eval.py names them "
+        "(e.g. ndcg_at_5 recall_at_1), or all (every metric in the inputs); default: each benchmark's "
+        "main score (summaries from before eval.py recorded it: nDCG@5)",
+    )
     args = p.parse_args(argv)
     if len(args.labels) != len(args.inputs):
         p.error(f"--labels has {len(args.labels)} labels for {len(args.inputs)} --inputs: give one per input")
@@ -157,8 +173,10 @@ def main(args):
             path = os.path.join(args.outdir, figure_name(benchmark, metric))
             save_figure(plot_benchmark(benchmark, metric, groups, values, args.labels), path)
             written.append(path)
-    print(f"wrote {len(written)} figures ({len(benchmarks)} benchmarks x "
-          f"{f'{len(metrics)} metrics' if metrics else 'its main score'}) to {args.outdir}")
+    print(
+        f"wrote {len(written)} figures ({len(benchmarks)} benchmarks x "
+        f"{f'{len(metrics)} metrics' if metrics else 'its main score'}) to {args.outdir}"
+    )
     for path in written:
         print(f"  {path}")
     return written

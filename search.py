@@ -28,6 +28,7 @@ Search: every page's pooled vectors are scored with exact MaxSim (colintern_mode
 kernels mining and eval use), and each question's --rerank best are scored again with their full vectors; an index
 without pooling (--pool_factor 1), or --exact, scores every page's full vectors. The model comes from the index.
 """
+
 import argparse
 import base64
 import dataclasses
@@ -42,8 +43,15 @@ import time
 import urllib.parse
 import uuid
 
-from colintern_cli import (ArgumentParser, UserFileNotFoundError, UserImportError, UserValueError, one_line,
-                           progress_bar, run_cli)
+from colintern_cli import (
+    ArgumentParser,
+    UserFileNotFoundError,
+    UserImportError,
+    UserValueError,
+    one_line,
+    progress_bar,
+    run_cli,
+)
 from colintern_data import atomic_path, check_output, file_sha256, write_json
 
 STORE_VERSION = 1  # bump when the store's layout or index.json's meaning changes
@@ -58,43 +66,69 @@ QDRANT_UPSERT_PAGES = 16  # points per upsert request (a page is up to ~1,300 ve
 # -----------------------------------------------------------------------------
 # Command line
 
+
 def build_parser() -> argparse.ArgumentParser:
     from colintern_launch import DEVICE_HELP, add_model_flags
+
     p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="{index,query}")
     ix = sub.add_parser("index", description=__doc__, help="encode the pages of PDFs and images into --index")
     add_model_flags(ix.add_argument_group("model"), ckpt_required=True)
     g = ix.add_argument_group("documents and index")
-    g.add_argument("--docs", nargs="+", required=True,
-                   help="PDF and image files (png, jpg, jpeg, tif, tiff: every TIFF frame is a page), and folders "
-                        "walked recursively for them (hidden files and other suffixes left out). A file that "
-                        "cannot be read is named in one line and skipped. The index holds exactly these documents: "
-                        "one indexed before and no longer found is dropped")
+    g.add_argument(
+        "--docs",
+        nargs="+",
+        required=True,
+        help="PDF and image files (png, jpg, jpeg, tif, tiff: every TIFF frame is a page), and folders "
+        "walked recursively for them (hidden files and other suffixes left out). A file that "
+        "cannot be read is named in one line and skipped. The index holds exactly these documents: "
+        "one indexed before and no longer found is dropped",
+    )
     g.add_argument("--index", default=DEFAULT_INDEX, help="the index folder (made if absent)")
-    g.add_argument("--dpi", type=int, default=144,
-                   help="PDF render resolution (dots per inch): an A4 page is 1190x1684 px at 144. Part of the "
-                        "index's identity")
+    g.add_argument(
+        "--dpi",
+        type=int,
+        default=144,
+        help="PDF render resolution (dots per inch): an A4 page is 1190x1684 px at 144. Part of the index's identity",
+    )
     g.add_argument("--doc_batch", type=int, default=8, help="pages per forward pass (and in memory) when encoding")
-    g.add_argument("--chunk_pages", type=int, default=64,
-                   help="pages per stored chunk: the unit a killed run loses and a rerun resumes from")
+    g.add_argument(
+        "--chunk_pages",
+        type=int,
+        default=64,
+        help="pages per stored chunk: the unit a killed run loses and a rerun resumes from",
+    )
     add_qdrant_flags(ix)
     q = sub.add_parser("query", description=__doc__, help="the best pages of --index for each question")
     q.add_argument("questions", nargs="*", metavar="QUESTION", help="questions to ask (or --queries)")
     q.add_argument("--queries", default=None, help="a text file of questions, one a line (blank lines skipped)")
     q.add_argument("--index", default=DEFAULT_INDEX, help="the index folder written by `search.py index`")
     q.add_argument("--top", type=int, default=5, help="pages shown per question")
-    q.add_argument("--rerank", type=int, default=100,
-                   help="with a pooled index: the pages per question the pooled first stage hands to the exact "
-                        "rerank with full vectors; 0 ranks by pooled scores alone")
+    q.add_argument(
+        "--rerank",
+        type=int,
+        default=100,
+        help="with a pooled index: the pages per question the pooled first stage hands to the exact "
+        "rerank with full vectors; 0 ranks by pooled scores alone",
+    )
     q.add_argument("--exact", action="store_true", help="score every page's full vectors (no pooled first stage)")
-    q.add_argument("--json", action="store_true",
-                   help='print one JSON document: [{"query", "results": [{"path", "page", "score"}]}] (notes go '
-                        'to stderr)')
-    q.add_argument("--html", default=None,
-                   help="also write the hits as page thumbnails with scores, a section per question, to this file")
+    q.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON document: [{"query", "results": [{"path", "page", "score"}]}] (notes go to stderr)',
+    )
+    q.add_argument(
+        "--html",
+        default=None,
+        help="also write the hits as page thumbnails with scores, a section per question, to this file",
+    )
     q.add_argument("--device", default=None, help=DEVICE_HELP)
-    q.add_argument("--score_dtype", default=None, choices=("fp32", "bf16", "fp16", "auto"),
-                   help="the dtype MaxSim scores in (see `index --help`); default: the one the index was built with")
+    q.add_argument(
+        "--score_dtype",
+        default=None,
+        choices=("fp32", "bf16", "fp16", "auto"),
+        help="the dtype MaxSim scores in (see `index --help`); default: the one the index was built with",
+    )
     q.add_argument("--query_batch", type=int, default=32, help="questions per forward pass")
     add_qdrant_flags(q)
     return p
@@ -102,18 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_qdrant_flags(p) -> None:
     g = p.add_argument_group("Qdrant (optional: pip install -r requirements-qdrant.txt)")
-    g.add_argument("--qdrant", default=None,
-                   help="a Qdrant server's URL (http://localhost:6333), or a folder for qdrant-client's local mode "
-                        "(in process, on disk). index: the local index's pages are written there too; query: "
-                        "searched there (pooled first stage, then MaxSim over the full multivectors)")
+    g.add_argument(
+        "--qdrant",
+        default=None,
+        help="a Qdrant server's URL (http://localhost:6333), or a folder for qdrant-client's local mode "
+        "(in process, on disk). index: the local index's pages are written there too; query: "
+        "searched there (pooled first stage, then MaxSim over the full multivectors)",
+    )
     g.add_argument("--collection", default=None, help="the Qdrant collection (with --qdrant)")
 
 
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    positive = ("pool_factor", "dpi", "doc_batch", "chunk_pages") if args.command == "index" else ("top",
-                                                                                                    "query_batch")
+    positive = ("pool_factor", "dpi", "doc_batch", "chunk_pages") if args.command == "index" else ("top", "query_batch")
     for flag in positive:
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -140,6 +176,7 @@ def main(args):
 # -----------------------------------------------------------------------------
 # Documents: finding them, their pages, rendering
 
+
 class DocumentError(Exception):
     """A document that cannot be read: skipped with one line naming it, the rest is indexed."""
 
@@ -165,8 +202,11 @@ def find_documents(inputs: list, say) -> list:
         if os.path.isdir(name):
             for root, dirs, files in os.walk(name):
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
-                found.update(os.path.abspath(os.path.join(root, f)) for f in files
-                             if not f.startswith(".") and f.lower().endswith(PDF_SUFFIXES + IMAGE_SUFFIXES))
+                found.update(
+                    os.path.abspath(os.path.join(root, f))
+                    for f in files
+                    if not f.startswith(".") and f.lower().endswith(PDF_SUFFIXES + IMAGE_SUFFIXES)
+                )
         elif os.path.lexists(name):
             if name.lower().endswith(PDF_SUFFIXES + IMAGE_SUFFIXES):
                 found.add(os.path.abspath(name))
@@ -191,6 +231,7 @@ def pdf_open_failure(path: str, error: Exception) -> str:
 
 def open_pdf(path: str):
     import pypdfium2 as pdfium
+
     try:
         return pdfium.PdfDocument(path)
     except pdfium.PdfiumError as e:
@@ -209,6 +250,7 @@ def count_pages(path: str) -> int:
             raise DocumentError("PDF with no pages")
         return n
     from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as im:
             return getattr(im, "n_frames", 1) if im.format == "TIFF" else 1
@@ -220,6 +262,7 @@ def render_pages(doc: Document, first: int, last: int, dpi: int):
     """Yield pages first..last (1-based) of `doc` as RGB images, one at a time: a PDF page rendered at `dpi`, an
     image (a TIFF frame) decoded."""
     from PIL import Image
+
     n = first
     try:
         if doc.is_pdf:
@@ -264,18 +307,30 @@ def scan_documents(paths: list, catalog: dict, say) -> list:
 # -----------------------------------------------------------------------------
 # The store: index.json, catalog.json, objects/<sha256>/
 
+
 def index_identity(model, args, scoring: str) -> dict:
     """What every stored vector depends on; a second run must match it (refuse_mixing). `model` settings let query
     rebuild the same model; `score_dtype` is the queries' default."""
     from colintern_data import looks_like_hub_id
     from colintern_model import dtype_name
+
     ckpt = args.ckpt if looks_like_hub_id(args.ckpt) else os.path.abspath(args.ckpt)
-    return {"store_version": STORE_VERSION, "embedding": model.embedding_identity(args.pool_factor),
-            "dpi": args.dpi, "stored_dtype": "fp16",
-            "model": {"ckpt": ckpt, "model_id": args.model_id, "max_tiles": model.max_tiles,
-                      "dtype": dtype_name(model.backbone.dtype), "quantize": model.quantize,
-                      "attn_implementation": model.attn_implementation, "dim": model.dim},
-            "score_dtype": scoring}
+    return {
+        "store_version": STORE_VERSION,
+        "embedding": model.embedding_identity(args.pool_factor),
+        "dpi": args.dpi,
+        "stored_dtype": "fp16",
+        "model": {
+            "ckpt": ckpt,
+            "model_id": args.model_id,
+            "max_tiles": model.max_tiles,
+            "dtype": dtype_name(model.backbone.dtype),
+            "quantize": model.quantize,
+            "attn_implementation": model.attn_implementation,
+            "dim": model.dim,
+        },
+        "score_dtype": scoring,
+    }
 
 
 def read_json(path: str, what: str):
@@ -283,8 +338,9 @@ def read_json(path: str, what: str):
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise UserValueError(f"{path} ({what}) is not valid JSON ({e.msg} at line {e.lineno}): delete the index "
-                             f"folder and index again") from e
+        raise UserValueError(
+            f"{path} ({what}) is not valid JSON ({e.msg} at line {e.lineno}): delete the index folder and index again"
+        ) from e
 
 
 def embedding_differences(recorded: dict, embedding: dict) -> list:
@@ -299,8 +355,10 @@ def refuse_mixing(folder: str, recorded: dict, identity: dict) -> None:
     differs = [k for k in keys if recorded.get(k) != identity[k]]
     differs += embedding_differences(recorded.get("embedding", {}), identity["embedding"])
     if differs:
-        raise UserValueError(f"--index {folder} holds pages of another model or settings ({', '.join(differs)} "
-                             f"differ): pass another --index folder, or delete {folder} to rebuild it")
+        raise UserValueError(
+            f"--index {folder} holds pages of another model or settings ({', '.join(differs)} "
+            f"differ): pass another --index folder, or delete {folder} to rebuild it"
+        )
 
 
 def open_store(folder: str, identity: dict) -> None:
@@ -309,8 +367,7 @@ def open_store(folder: str, identity: dict) -> None:
     if os.path.isfile(path):
         refuse_mixing(folder, read_json(path, "the index's identity"), identity)
     elif os.path.isdir(folder) and set(os.listdir(folder)) - {"objects", "catalog.json"}:
-        raise UserValueError(f"--index {folder} is a folder of other files (no index.json): pass a new or empty "
-                             f"folder")
+        raise UserValueError(f"--index {folder} is a folder of other files (no index.json): pass a new or empty folder")
     write_json(path, identity)  # the model's path as given this time; every vector's identity unchanged
 
 
@@ -340,6 +397,7 @@ def encode_document(doc: Document, index: str, encode, pool_factor: int, args, b
     In memory: one chunk's vectors and one --doc_batch of rendered pages."""
     import torch
     from colintern_model import atomic_torch_save, pool_pages
+
     folder = object_folder(index, doc.sha256)
     os.makedirs(folder, exist_ok=True)
     chunks = chunk_ranges(doc.pages, args.chunk_pages)
@@ -359,17 +417,32 @@ def encode_document(doc: Document, index: str, encode, pool_factor: int, args, b
             full += encode(batch)
             bar.update(len(batch))
         pooled = pool_pages(full, pool_factor) if pool_factor > 1 else []
-        atomic_torch_save({"full": torch.cat(full).half(), "full_lengths": [len(e) for e in full],
-                           "pooled": torch.cat(pooled).half() if pooled else None,
-                           "pooled_lengths": [len(e) for e in pooled]}, path)
-    write_json(os.path.join(folder, "doc.json"), {"sha256": doc.sha256, "pages": doc.pages,
-                                                  "chunks": [chunk_name(a, b) for a, b in chunks]})
+        atomic_torch_save(
+            {
+                "full": torch.cat(full).half(),
+                "full_lengths": [len(e) for e in full],
+                "pooled": torch.cat(pooled).half() if pooled else None,
+                "pooled_lengths": [len(e) for e in pooled],
+            },
+            path,
+        )
+    write_json(
+        os.path.join(folder, "doc.json"),
+        {"sha256": doc.sha256, "pages": doc.pages, "chunks": [chunk_name(a, b) for a, b in chunks]},
+    )
 
 
 def write_catalog(index: str, docs: list, complete: bool) -> None:
     """catalog.json: the documents a query searches. `complete` is false while an index run is still going."""
-    write_json(os.path.join(index, "catalog.json"), {"complete": complete, "documents": {
-        d.path: {"sha256": d.sha256, "size": d.size, "mtime_ns": d.mtime_ns, "pages": d.pages} for d in docs}})
+    write_json(
+        os.path.join(index, "catalog.json"),
+        {
+            "complete": complete,
+            "documents": {
+                d.path: {"sha256": d.sha256, "size": d.size, "mtime_ns": d.mtime_ns, "pages": d.pages} for d in docs
+            },
+        },
+    )
 
 
 def read_catalog(index: str) -> dict:
@@ -394,12 +467,20 @@ def folder_bytes(folder: str) -> int:
 # -----------------------------------------------------------------------------
 # index
 
+
 def load_model_for_index(args, device: str):
     from colintern_model import ColIntern
+
     model, processor, _ = ColIntern.from_checkpoint(
-        args.ckpt, model_id=args.model_id, dtype=args.dtype, max_tiles=args.max_tiles, quantize=args.quantize,
-        device_map=device if device.startswith("cuda") else None, attn_implementation=args.attn_implementation,
-        dim=args.dim)
+        args.ckpt,
+        model_id=args.model_id,
+        dtype=args.dtype,
+        max_tiles=args.max_tiles,
+        quantize=args.quantize,
+        device_map=device if device.startswith("cuda") else None,
+        attn_implementation=args.attn_implementation,
+        dim=args.dim,
+    )
     return model.eval(), processor
 
 
@@ -407,12 +488,14 @@ def device_for(flag_value: str | None) -> str:
     """--device -> 'cpu' or 'cuda:N' by the repo's one rule (one process: search does not run under torchrun)."""
     import torch
     from colintern_launch import Launch, rank_device
+
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return rank_device(flag_value, "--device", Launch(), gpus)
 
 
 def index_command(args):
     from colintern_model import dtype_name, score_dtype
+
     check_output(args.index, "--index", "folder")
     start = time.perf_counter()
     paths = find_documents(args.docs, print)
@@ -430,8 +513,7 @@ def index_command(args):
         return model.encode_pages(processor, images, batch_size=len(images))
 
     skipped, encoded = len(paths) - len(docs), 0
-    with progress_bar(total=sum(d.pages for d in todo), desc="encode pages", unit="page",
-                      disable=not todo) as bar:
+    with progress_bar(total=sum(d.pages for d in todo), desc="encode pages", unit="page", disable=not todo) as bar:
         for doc in todo:
             try:
                 encode_document(doc, args.index, encode, args.pool_factor, args, bar)
@@ -451,28 +533,40 @@ def index_command(args):
     print(summary_line(args.index, summary))
     if args.qdrant:
         q = summary["qdrant"]
-        print(f"qdrant {args.qdrant} collection {q['collection']}: {q['points']} pages, {q['upserted']} written, "
-              f"{q['deleted']} deleted")
+        print(
+            f"qdrant {args.qdrant} collection {q['collection']}: {q['points']} pages, {q['upserted']} written, "
+            f"{q['deleted']} deleted"
+        )
     return summary
 
 
 def index_summary(index: str, docs: list, encoded: int, skipped: int, dropped: int, seconds: float) -> dict:
     contents = load_index_vectors(index, docs, full=False)
-    return {"documents": len(docs), "pages": len(contents.refs), "vectors": sum(contents.full_lengths),
-            "pooled_vectors": sum(len(p) for p in contents.pooled) if contents.pooled else None,
-            "bytes": folder_bytes(index), "documents_encoded": encoded, "documents_skipped": skipped,
-            "objects_dropped": dropped, "seconds": round(seconds, 2)}
+    return {
+        "documents": len(docs),
+        "pages": len(contents.refs),
+        "vectors": sum(contents.full_lengths),
+        "pooled_vectors": sum(len(p) for p in contents.pooled) if contents.pooled else None,
+        "bytes": folder_bytes(index),
+        "documents_encoded": encoded,
+        "documents_skipped": skipped,
+        "objects_dropped": dropped,
+        "seconds": round(seconds, 2),
+    }
 
 
 def summary_line(index: str, s: dict) -> str:
     pooled = f" ({s['pooled_vectors']} pooled)" if s["pooled_vectors"] is not None else ""
-    return (f"index {index}: {s['documents']} documents, {s['pages']} pages, {s['vectors']} vectors{pooled}, "
-            f"{s['bytes'] / 2 ** 20:.1f} MiB; {s['documents_encoded']} documents encoded, {s['documents_skipped']} "
-            f"skipped, {s['objects_dropped']} dropped; {s['seconds']:.1f} s")
+    return (
+        f"index {index}: {s['documents']} documents, {s['pages']} pages, {s['vectors']} vectors{pooled}, "
+        f"{s['bytes'] / 2**20:.1f} MiB; {s['documents_encoded']} documents encoded, {s['documents_skipped']} "
+        f"skipped, {s['objects_dropped']} dropped; {s['seconds']:.1f} s"
+    )
 
 
 # -----------------------------------------------------------------------------
 # Reading the index back
+
 
 @dataclasses.dataclass
 class IndexVectors:
@@ -485,35 +579,44 @@ class IndexVectors:
 def open_index(index: str) -> tuple:
     """-> (identity, catalog) of a finished or interrupted index; anything else is one line."""
     if not os.path.isdir(index):
-        raise UserFileNotFoundError(f"--index {index} does not exist: build it with `python search.py index --ckpt "
-                                    f"CKPT --docs FOLDER --index {index}`")
+        raise UserFileNotFoundError(
+            f"--index {index} does not exist: build it with `python search.py index --ckpt "
+            f"CKPT --docs FOLDER --index {index}`"
+        )
     if not os.path.isfile(os.path.join(index, "index.json")):
-        raise UserValueError(f"--index {index} is not a search index (no index.json): pass the folder `search.py "
-                             f"index` wrote")
+        raise UserValueError(
+            f"--index {index} is not a search index (no index.json): pass the folder `search.py index` wrote"
+        )
     if not os.path.isfile(os.path.join(index, "catalog.json")):
-        raise UserValueError(f"--index {index} is half-written (no catalog.json: its first index run stopped before "
-                             f"any page was stored): run the same index command again")
+        raise UserValueError(
+            f"--index {index} is half-written (no catalog.json: its first index run stopped before "
+            f"any page was stored): run the same index command again"
+        )
     return read_json(os.path.join(index, "index.json"), "the index's identity"), read_catalog(index)
 
 
 def load_index_vectors(index: str, docs: list, full: bool = True) -> IndexVectors:
     """Every page of `docs` (Documents or catalog rows), memory-mapped from its chunks."""
     import torch
+
     out = IndexVectors([], [], [], [])
     for doc in docs:
         path, sha = (doc.path, doc.sha256) if isinstance(doc, Document) else doc
         chunks = stored_chunks(index, sha)
         if chunks is None:
-            raise UserValueError(f"--index {index}: the pages of {path} are missing (objects/{sha}): run the index "
-                                 f"command again")
+            raise UserValueError(
+                f"--index {index}: the pages of {path} are missing (objects/{sha}): run the index command again"
+            )
         for name in chunks:
             first = int(name.split("_")[1].split("-")[0])
             file = os.path.join(object_folder(index, sha), name)
             try:
                 chunk = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
-                raise UserValueError(f"--index {index}: {file} cannot be read ({type(e).__name__}): delete it and "
-                                     f"run the index command again") from e
+                raise UserValueError(
+                    f"--index {index}: {file} cannot be read ({type(e).__name__}): delete it and "
+                    f"run the index command again"
+                ) from e
             out.refs += [(path, first + i) for i in range(len(chunk["full_lengths"]))]
             out.full_lengths += chunk["full_lengths"]
             if full:
@@ -525,6 +628,7 @@ def load_index_vectors(index: str, docs: list, full: bool = True) -> IndexVector
 
 # -----------------------------------------------------------------------------
 # query
+
 
 def read_questions(args) -> list:
     if args.queries is None:
@@ -540,17 +644,28 @@ def read_questions(args) -> list:
 def load_model_for_query(identity: dict, device: str, say):
     """The model the index was built with; refused if its weights or settings no longer give the same vectors."""
     from colintern_model import ColIntern
+
     m = identity["model"]
     model, processor, _ = ColIntern.from_checkpoint(
-        m["ckpt"], model_id=m["model_id"], dtype=m["dtype"], max_tiles=m["max_tiles"], quantize=m["quantize"],
-        device_map=device if device.startswith("cuda") else None, attn_implementation=m["attn_implementation"],
-        dim=m["dim"], say=say)
-    differs = embedding_differences(identity["embedding"],
-                                    model.embedding_identity(identity["embedding"]["pool_factor"]))
+        m["ckpt"],
+        model_id=m["model_id"],
+        dtype=m["dtype"],
+        max_tiles=m["max_tiles"],
+        quantize=m["quantize"],
+        device_map=device if device.startswith("cuda") else None,
+        attn_implementation=m["attn_implementation"],
+        dim=m["dim"],
+        say=say,
+    )
+    differs = embedding_differences(
+        identity["embedding"], model.embedding_identity(identity["embedding"]["pool_factor"])
+    )
     if differs:
-        raise UserValueError(f"the index's model {m['ckpt']} no longer gives the vectors the index holds "
-                             f"({', '.join(differs)} differ: its weights, backbone or the code changed since): "
-                             f"index the documents again into a new --index folder")
+        raise UserValueError(
+            f"the index's model {m['ckpt']} no longer gives the vectors the index holds "
+            f"({', '.join(differs)} differ: its weights, backbone or the code changed since): "
+            f"index the documents again into a new --index folder"
+        )
     return model.eval(), processor
 
 
@@ -558,6 +673,7 @@ def search_local(queries: list, vectors: IndexVectors, args, device: str, dtype)
     """-> per query [(page index, score)] best first: exact MaxSim over full vectors, or the pooled first stage and
     the exact rerank of its --rerank best."""
     from colintern_model import maxsim_scores, maxsim_topk, top_k_by_index
+
     if args.exact or not vectors.pooled:
         values, indices = maxsim_topk(queries, vectors.full, args.top, device=device, dtype=dtype)
         return [list(zip(i.tolist(), v.tolist())) for v, i in zip(values, indices)]
@@ -575,14 +691,17 @@ def search_local(queries: list, vectors: IndexVectors, args, device: str, dtype)
 
 def query_command(args):
     from colintern_model import dtype_name, matmul_dtype, score_dtype
-    say = (lambda *a: print(*a, file=sys.stderr))
+
+    say = lambda *a: print(*a, file=sys.stderr)
     if args.html:
         check_output(args.html, "--html")
     identity, catalog = open_index(args.index)
     questions = read_questions(args)
     if not catalog["complete"]:
-        say(f"note: the last index run on {args.index} did not finish: searching the "
-            f"{len(catalog['documents'])} documents it completed")
+        say(
+            f"note: the last index run on {args.index} did not finish: searching the "
+            f"{len(catalog['documents'])} documents it completed"
+        )
     device = device_for(args.device)
     dtype = score_dtype(args.score_dtype or identity["score_dtype"], device)
     say(f"score dtype {dtype_name(dtype)} (multiplied in {dtype_name(matmul_dtype(dtype, device))} on {device})")
@@ -597,10 +716,14 @@ def query_command(args):
         vectors = load_index_vectors(args.index, docs)
         start = time.perf_counter()
         hits = search_local(queries, vectors, args, device, dtype)
-        results = [[{"path": vectors.refs[j][0], "page": vectors.refs[j][1], "score": round(s, 4)}
-                    for j, s in row if j >= 0] for row in hits]
-        say(f"{len(vectors.refs)} pages searched in {time.perf_counter() - start:.3f} s "
-            f"(queries encoded in {encode_s:.3f} s)")
+        results = [
+            [{"path": vectors.refs[j][0], "page": vectors.refs[j][1], "score": round(s, 4)} for j, s in row if j >= 0]
+            for row in hits
+        ]
+        say(
+            f"{len(vectors.refs)} pages searched in {time.perf_counter() - start:.3f} s "
+            f"(queries encoded in {encode_s:.3f} s)"
+        )
     answers = [{"query": q, "results": r} for q, r in zip(questions, results)]
     if args.json:
         print(json.dumps(answers, indent=2, ensure_ascii=False))
@@ -623,6 +746,7 @@ def results_text(answers: list) -> str:
 # -----------------------------------------------------------------------------
 # --html: the hits as page thumbnails; every path and question is user input, so every one is escaped
 
+
 def thumbnail_uri(path: str, page: int, row: dict | None, dpi: int) -> str | None:
     """The page as a small JPEG data URI, or None when its file changed since it was indexed (or is gone)."""
     try:
@@ -639,31 +763,41 @@ def thumbnail_uri(path: str, page: int, row: dict | None, dpi: int) -> str | Non
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-HTML_HEAD = """<!doctype html>
+HTML_HEAD = (
+    """<!doctype html>
 <html><head><meta charset="utf-8"><title>ColIntern search</title><style>
 body{font-family:sans-serif;margin:1.5em}section{margin-bottom:2em}h2{font-size:1.1em}
 .hits{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0;width:%dpx}
 img{max-width:100%%;border:1px solid #999}figcaption{font-size:.85em;word-break:break-all}
 .missing{height:120px;border:1px dashed #999;display:flex;align-items:center;justify-content:center}
 </style></head><body><h1>ColIntern search</h1>
-""" % THUMBNAIL_PX
+"""
+    % THUMBNAIL_PX
+)
 
 
 def hit_html(hit: dict, rank: int, uri: str | None) -> str:
     link = html.escape("file://" + urllib.parse.quote(hit["path"]), quote=True)
     name = html.escape(hit["path"])
-    image = (f'<img src="{uri}" alt="page {hit["page"]}">' if uri
-             else '<div class="missing">file changed since indexing</div>')
-    return (f'<figure><a href="{link}">{image}</a><figcaption>{rank}. score {hit["score"]:.4f}<br>'
-            f'{name}, page {hit["page"]}</figcaption></figure>')
+    image = (
+        f'<img src="{uri}" alt="page {hit["page"]}">'
+        if uri
+        else '<div class="missing">file changed since indexing</div>'
+    )
+    return (
+        f'<figure><a href="{link}">{image}</a><figcaption>{rank}. score {hit["score"]:.4f}<br>'
+        f"{name}, page {hit['page']}</figcaption></figure>"
+    )
 
 
 def write_html(path: str, answers: list, documents: dict, dpi: int) -> None:
     parts = [HTML_HEAD]
     for a in answers:
-        parts.append(f"<section><h2>{html.escape(a['query'])}</h2><div class=\"hits\">")
-        parts += [hit_html(h, n, thumbnail_uri(h["path"], h["page"], documents.get(h["path"]), dpi))
-                  for n, h in enumerate(a["results"], 1)]
+        parts.append(f'<section><h2>{html.escape(a["query"])}</h2><div class="hits">')
+        parts += [
+            hit_html(h, n, thumbnail_uri(h["path"], h["page"], documents.get(h["path"]), dpi))
+            for n, h in enumerate(a["results"], 1)
+        ]
         parts.append("</div></section>")
     parts.append("</body></html>\n")
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -672,6 +806,7 @@ def write_html(path: str, answers: list, documents: dict, dpi: int) -> None:
 
 # -----------------------------------------------------------------------------
 # Qdrant: multivector points (MAX_SIM), a pooled first stage, MaxSim over the full vectors
+
 
 def qdrant_client(location: str):
     """A server's URL, or a folder for qdrant-client's local mode (in process, on disk, brute force)."""
@@ -695,10 +830,14 @@ def ensure_collection(client, name: str, identity: dict, pooled: bool) -> None:
     `pooled` with one (the first stage), as Qdrant advises for late interaction. The index identity rides in a
     marker point's payload: a collection of another model is refused."""
     from qdrant_client import models
+
     dim = identity["embedding"]["proj_dim"]
     multi = models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM)
-    fields = {"full": models.VectorParams(size=dim, distance=models.Distance.DOT, multivector_config=multi,
-                                          hnsw_config=models.HnswConfigDiff(m=0))}
+    fields = {
+        "full": models.VectorParams(
+            size=dim, distance=models.Distance.DOT, multivector_config=multi, hnsw_config=models.HnswConfigDiff(m=0)
+        )
+    }
     if pooled:
         fields["pooled"] = models.VectorParams(size=dim, distance=models.Distance.DOT, multivector_config=multi)
     marker = str(uuid.uuid5(QDRANT_NAMESPACE, "colintern-index-identity"))
@@ -708,13 +847,16 @@ def ensure_collection(client, name: str, identity: dict, pooled: bool) -> None:
         return
     found = client.retrieve(name, [marker], with_payload=True)
     if not found or found[0].payload.get("colintern_identity", {}).get("embedding") != identity["embedding"]:
-        raise UserValueError(f"--collection {name} holds points of another model or settings (or none of "
-                             f"search.py's): pass another --collection")
+        raise UserValueError(
+            f"--collection {name} holds points of another model or settings (or none of "
+            f"search.py's): pass another --collection"
+        )
 
 
 def qdrant_sync(location: str, name: str, index: str, identity: dict) -> dict:
     """Make the collection hold exactly the local index's pages: upsert the missing ones, delete the others."""
     from qdrant_client import models
+
     client = qdrant_client(location)
     _, catalog = open_index(index)
     docs = [(path, row["sha256"]) for path, row in catalog["documents"].items()]
@@ -724,14 +866,24 @@ def qdrant_sync(location: str, name: str, index: str, identity: dict) -> dict:
     ids = [point_id(path, sha[path], page) for path, page in vectors.refs]
     present = existing_points(client, name)
     todo = [i for i, pid in enumerate(ids) if pid not in present]
-    for s in progress_bar(range(0, len(todo), QDRANT_UPSERT_PAGES), desc="qdrant upsert", unit="batch",
-                          disable=not todo):
-        batch = todo[s:s + QDRANT_UPSERT_PAGES]
-        client.upsert(name, [models.PointStruct(
-            id=ids[i], payload={"path": vectors.refs[i][0], "page": vectors.refs[i][1], "sha256": sha[vectors.refs[i][0]]},
-            vector={"full": vectors.full[i].float().tolist(),
-                    **({"pooled": vectors.pooled[i].float().tolist()} if vectors.pooled else {})})
-            for i in batch])
+    for s in progress_bar(
+        range(0, len(todo), QDRANT_UPSERT_PAGES), desc="qdrant upsert", unit="batch", disable=not todo
+    ):
+        batch = todo[s : s + QDRANT_UPSERT_PAGES]
+        client.upsert(
+            name,
+            [
+                models.PointStruct(
+                    id=ids[i],
+                    payload={"path": vectors.refs[i][0], "page": vectors.refs[i][1], "sha256": sha[vectors.refs[i][0]]},
+                    vector={
+                        "full": vectors.full[i].float().tolist(),
+                        **({"pooled": vectors.pooled[i].float().tolist()} if vectors.pooled else {}),
+                    },
+                )
+                for i in batch
+            ],
+        )
     stale = sorted(present - set(ids))
     if stale:
         client.delete(name, points_selector=models.PointIdsList(points=stale))
@@ -753,10 +905,13 @@ def qdrant_search(args, identity: dict, queries: list) -> list:
     """Each query's --top pages from the collection: the pooled field's --rerank best (prefetch), then MaxSim over
     their full multivectors; an unpooled index (or --exact) scores the full field alone."""
     from qdrant_client import models
+
     client = qdrant_client(args.qdrant)
     if not client.collection_exists(args.collection):
-        raise UserValueError(f"--collection {args.collection} does not exist at --qdrant {args.qdrant}: run the "
-                             f"index command with these flags first")
+        raise UserValueError(
+            f"--collection {args.collection} does not exist at --qdrant {args.qdrant}: run the "
+            f"index command with these flags first"
+        )
     pooled = identity["embedding"]["pool_factor"] > 1
     ensure_collection(client, args.collection, identity, pooled)
     first_stage = pooled and not args.exact
@@ -764,14 +919,15 @@ def qdrant_search(args, identity: dict, queries: list) -> list:
     for q in queries:
         vector = q.float().tolist()
         if first_stage and not args.rerank:  # pooled scores alone
-            found = client.query_points(args.collection, query=vector, using="pooled", limit=args.top,
-                                        with_payload=True).points
+            found = client.query_points(
+                args.collection, query=vector, using="pooled", limit=args.top, with_payload=True
+            ).points
         else:
             prefetch = models.Prefetch(query=vector, using="pooled", limit=args.rerank) if first_stage else None
-            found = client.query_points(args.collection, query=vector, using="full", prefetch=prefetch,
-                                        limit=args.top, with_payload=True).points
-        out.append([{"path": p.payload["path"], "page": p.payload["page"], "score": round(p.score, 4)}
-                    for p in found])
+            found = client.query_points(
+                args.collection, query=vector, using="full", prefetch=prefetch, limit=args.top, with_payload=True
+            ).points
+        out.append([{"path": p.payload["path"], "page": p.payload["page"], "score": round(p.score, 4)} for p in found])
     client.close()
     return out
 

@@ -32,6 +32,7 @@ through gradient caching (see grad_cache_step), so each loss sees batch_size x g
 all their pages. Precision: LoRA and heads train in fp32 over a bf16/fp16 backbone (fp16 adds loss scaling), or over
 one whose language model bitsandbytes holds in 8 or 4 bits (--quantize; the vision tower stays bf16).
 """
+
 import argparse
 import collections
 import contextlib
@@ -55,10 +56,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from colintern_cli import (ArgumentParser, UserFileExistsError, UserFloatingPointError, UserImportError,
-                           UserRuntimeError, UserValueError, progress_bar, run_cli, trained_model, validated)
-from colintern_data import (PageResolver, atomic_path, check_output, file_sha1, pseudo_path, read_queries, read_triples,
-                            write_json)
+from colintern_cli import (
+    ArgumentParser,
+    UserFileExistsError,
+    UserFloatingPointError,
+    UserImportError,
+    UserRuntimeError,
+    UserValueError,
+    progress_bar,
+    run_cli,
+    trained_model,
+    validated,
+)
+from colintern_data import (
+    PageResolver,
+    atomic_path,
+    check_output,
+    file_sha1,
+    pseudo_path,
+    read_queries,
+    read_triples,
+    write_json,
+)
 from colintern_model import (
     DEFAULT_MODEL_ID,
     ATTN_HELP,
@@ -90,134 +109,234 @@ LORA_DEFAULTS = LoraSettings()
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__)
     g = p.add_argument_group("model")
-    g.add_argument("--model_id", default=None, type=validated(check_model_id),
-                   help=f"HF-native InternVL3.5 checkpoint (hub id ending in -HF, or a save_pretrained folder); "
-                        f"default {DEFAULT_MODEL_ID}, or the --resume_ckpt's model")
-    g.add_argument("--proj_dim", type=int, default=None,
-                   help="size of each query/page vector (the heads' output); default 128, or the checkpoint's")
-    g.add_argument("--max_tiles", type=int, default=None,
-                   help="at most this many tiles per page (+1 thumbnail when tiled; 256 tokens per 448px tile); "
-                        "default 4, or the checkpoint's")
-    g.add_argument("--lora", action="store_true",
-                   help="add LoRA adapters to the language model (vision tower stays frozen) and train them; "
-                        "a resumed checkpoint with LoRA keeps it without this flag")
+    g.add_argument(
+        "--model_id",
+        default=None,
+        type=validated(check_model_id),
+        help=f"HF-native InternVL3.5 checkpoint (hub id ending in -HF, or a save_pretrained folder); "
+        f"default {DEFAULT_MODEL_ID}, or the --resume_ckpt's model",
+    )
+    g.add_argument(
+        "--proj_dim",
+        type=int,
+        default=None,
+        help="size of each query/page vector (the heads' output); default 128, or the checkpoint's",
+    )
+    g.add_argument(
+        "--max_tiles",
+        type=int,
+        default=None,
+        help="at most this many tiles per page (+1 thumbnail when tiled; 256 tokens per 448px tile); "
+        "default 4, or the checkpoint's",
+    )
+    g.add_argument(
+        "--lora",
+        action="store_true",
+        help="add LoRA adapters to the language model (vision tower stays frozen) and train them; "
+        "a resumed checkpoint with LoRA keeps it without this flag",
+    )
     g.add_argument("--lora_r", type=int, default=None, help=f"LoRA rank (default {LORA_DEFAULTS.r})")
     g.add_argument("--lora_alpha", type=int, default=None, help=f"LoRA alpha (default {LORA_DEFAULTS.alpha})")
-    g.add_argument("--lora_dropout", type=float, default=None,
-                   help=f"dropout on the LoRA input (default {LORA_DEFAULTS.dropout})")
-    g.add_argument("--dtype", default="auto",
-                   help="frozen backbone dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32; LoRA, heads, "
-                        "gradients and optimizer states stay fp32; fp16 adds dynamic loss scaling")
-    g.add_argument("--quantize", default=None, choices=QUANTIZE,
-                   help="store the frozen language model's linear layers in 8-bit (LLM.int8) or 4-bit NF4 with double "
-                        "quantisation (QLoRA) through bitsandbytes: about 1/2 or 1/4 of their bf16 memory (8B: "
-                        "16 GB -> ~5.5 GB at 4bit). Vision tower, projector, embeddings and norms stay bf16 (--dtype "
-                        "auto means bf16 then, on a CPU too; fp32 is refused); LoRA, heads and optimizer states stay "
-                        "fp32. Default: none, or the --resume_ckpt's (a step snapshot must keep it; a warm start may "
-                        "change it, and says so)")
-    g.add_argument("--device_map", default=None,
-                   help="passed to from_pretrained: 'auto' splits a backbone too big for one GPU (e.g. 38B) over "
-                        "this machine's GPUs (one process, no torchrun). Default: cuda:LOCAL_RANK under torchrun, "
-                        "else cuda if available, else cpu")
-    g.add_argument("--attn_implementation", default="sdpa", type=validated(check_attn_implementation),
-                   help=ATTN_HELP + " (a step snapshot must keep it)")
-    g.add_argument("--bidirectional", action="store_true",
-                   help="the language model attends both ways over a query's or a page's own tokens (padding stays "
-                        "masked) instead of causally, as Nemotron ColEmbed V2, ColVec1.1 and EVIE encode. Recorded in "
-                        "the checkpoint: mining, eval and export then always encode this way. A warm start keeps its "
-                        "checkpoint's setting unless this flag turns it on")
-    g.add_argument("--matryoshka_dims", default=None, type=validated(check_dims),
-                   help="Matryoshka multi-vector heads (EVIE's prefix-MRL): a comma list of vector sizes, e.g. "
-                        "128,64,32. The loss is the plain sum of the contrastive loss at each prefix of every vector "
-                        "(each prefix renormalised), so that mining, eval and search can later pick any of them with "
-                        "--dim: a smaller index without retraining. The largest must be --proj_dim (added if left "
-                        "out). Recorded in the checkpoint; a warm start keeps its checkpoint's unless given")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="recompute backbone activations in the backward pass (less memory, ~30%% slower); "
-                        "only matters with --lora (without LoRA nothing is back-propagated through the backbone)")
-    g.add_argument("--compile_heads", action="store_true",
-                   help="accepted so the original ColIntern commands run as written; does nothing (the heads are "
-                        "a negligible part of a step)")
+    g.add_argument(
+        "--lora_dropout", type=float, default=None, help=f"dropout on the LoRA input (default {LORA_DEFAULTS.dropout})"
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="frozen backbone dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32; LoRA, heads, "
+        "gradients and optimizer states stay fp32; fp16 adds dynamic loss scaling",
+    )
+    g.add_argument(
+        "--quantize",
+        default=None,
+        choices=QUANTIZE,
+        help="store the frozen language model's linear layers in 8-bit (LLM.int8) or 4-bit NF4 with double "
+        "quantisation (QLoRA) through bitsandbytes: about 1/2 or 1/4 of their bf16 memory (8B: "
+        "16 GB -> ~5.5 GB at 4bit). Vision tower, projector, embeddings and norms stay bf16 (--dtype "
+        "auto means bf16 then, on a CPU too; fp32 is refused); LoRA, heads and optimizer states stay "
+        "fp32. Default: none, or the --resume_ckpt's (a step snapshot must keep it; a warm start may "
+        "change it, and says so)",
+    )
+    g.add_argument(
+        "--device_map",
+        default=None,
+        help="passed to from_pretrained: 'auto' splits a backbone too big for one GPU (e.g. 38B) over "
+        "this machine's GPUs (one process, no torchrun). Default: cuda:LOCAL_RANK under torchrun, "
+        "else cuda if available, else cpu",
+    )
+    g.add_argument(
+        "--attn_implementation",
+        default="sdpa",
+        type=validated(check_attn_implementation),
+        help=ATTN_HELP + " (a step snapshot must keep it)",
+    )
+    g.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help="the language model attends both ways over a query's or a page's own tokens (padding stays "
+        "masked) instead of causally, as Nemotron ColEmbed V2, ColVec1.1 and EVIE encode. Recorded in "
+        "the checkpoint: mining, eval and export then always encode this way. A warm start keeps its "
+        "checkpoint's setting unless this flag turns it on",
+    )
+    g.add_argument(
+        "--matryoshka_dims",
+        default=None,
+        type=validated(check_dims),
+        help="Matryoshka multi-vector heads (EVIE's prefix-MRL): a comma list of vector sizes, e.g. "
+        "128,64,32. The loss is the plain sum of the contrastive loss at each prefix of every vector "
+        "(each prefix renormalised), so that mining, eval and search can later pick any of them with "
+        "--dim: a smaller index without retraining. The largest must be --proj_dim (added if left "
+        "out). Recorded in the checkpoint; a warm start keeps its checkpoint's unless given",
+    )
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute backbone activations in the backward pass (less memory, ~30%% slower); "
+        "only matters with --lora (without LoRA nothing is back-propagated through the backbone)",
+    )
+    g.add_argument(
+        "--compile_heads",
+        action="store_true",
+        help="accepted so the original ColIntern commands run as written; does nothing (the heads are "
+        "a negligible part of a step)",
+    )
 
     g = p.add_argument_group("data")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--train_hub", default=None,
-                     help="hub dataset or local dataset folder with vidore/colpali_train_set columns (query, image); "
-                          "one positive page per row, in-batch negatives only")
-    src.add_argument("--train_jsonl", default=None,
-                     help='JSONL of {"query", "pos", "negs"} (e.g. from mine_hard_negatives.py); pages are image '
-                          "paths under --root or HF pseudo-paths DATASET/SPLIT/doc_N.png (row N of that dataset)")
+    src.add_argument(
+        "--train_hub",
+        default=None,
+        help="hub dataset or local dataset folder with vidore/colpali_train_set columns (query, image); "
+        "one positive page per row, in-batch negatives only",
+    )
+    src.add_argument(
+        "--train_jsonl",
+        default=None,
+        help='JSONL of {"query", "pos", "negs"} (e.g. from mine_hard_negatives.py); pages are image '
+        "paths under --root or HF pseudo-paths DATASET/SPLIT/doc_N.png (row N of that dataset)",
+    )
     g.add_argument("--split", default="train", help="split of --train_hub")
     g.add_argument("--root", default=".", help="folder that image paths in --train_jsonl are relative to")
-    g.add_argument("--num_negs", type=int, default=None,
-                   help="hard negatives drawn per query per step from its 'negs' (default 1 with --train_jsonl; "
-                        "rows with fewer are topped up with random other pages); must be 0 with --train_hub")
-    g.add_argument("--batch_by", default=None, metavar="COLUMN",
-                   help="draw each contrastive batch (all micro-batches of a step, on every rank) from rows that "
-                        "share this column's value: a --train_hub column (source in vidore/colpali_train_set) or a "
-                        "--train_jsonl field. Same-source in-batch negatives are harder (nomic-embed-multimodal: +2.9 "
-                        "nDCG@5 on ViDoRe v2). Seeded and resumable; each source's remainder below one step is left "
-                        "out of the epoch, and counted. Do not batch by a column whose rows answer each other's "
-                        "queries (a page title): the in-batch negatives would be false ones")
-    g.add_argument("--num_workers", type=int, default=2,
-                   help="DataLoader worker processes that decode and tile the pages (0: in the main process)")
+    g.add_argument(
+        "--num_negs",
+        type=int,
+        default=None,
+        help="hard negatives drawn per query per step from its 'negs' (default 1 with --train_jsonl; "
+        "rows with fewer are topped up with random other pages); must be 0 with --train_hub",
+    )
+    g.add_argument(
+        "--batch_by",
+        default=None,
+        metavar="COLUMN",
+        help="draw each contrastive batch (all micro-batches of a step, on every rank) from rows that "
+        "share this column's value: a --train_hub column (source in vidore/colpali_train_set) or a "
+        "--train_jsonl field. Same-source in-batch negatives are harder (nomic-embed-multimodal: +2.9 "
+        "nDCG@5 on ViDoRe v2). Seeded and resumable; each source's remainder below one step is left "
+        "out of the epoch, and counted. Do not batch by a column whose rows answer each other's "
+        "queries (a page title): the in-batch negatives would be false ones",
+    )
+    g.add_argument(
+        "--num_workers",
+        type=int,
+        default=2,
+        help="DataLoader worker processes that decode and tile the pages (0: in the main process)",
+    )
     g.add_argument("--prefetch_factor", type=int, default=2, help="batches each worker prepares ahead")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=32,
-                   help="queries per device per micro-batch: what must fit in memory at once")
-    g.add_argument("--auto_batch", action="store_true",
-                   help="on CUDA, halve --batch_size until a worst-case micro-step fits and raise --grad_accum by "
-                        "the same factor, so one loss still sees as many queries and pages. The probe runs a "
-                        "micro-batch of 64-word queries and max-tile pages (+ hard negatives) with its graph, in "
-                        "one loss against stand-ins for every micro-batch's and rank's pages; while it runs it keeps "
-                        "free what it does not hold itself: the optimizer states, DDP's gradient buckets, the "
-                        "step's cached image features, and --auto_batch_margin. On CPU (no out-of-memory signal) "
-                        "keeps --batch_size")
-    g.add_argument("--auto_batch_margin", type=float, default=0.05,
-                   help="fraction of the GPU's memory --auto_batch also keeps free, for NCCL's buffers and the "
-                        "allocator's fragmentation over varying batch lengths; 0.05 is 7 GB of an H200 (default "
-                        "%(default)s)")
-    g.add_argument("--grad_accum", type=int, default=1,
-                   help="micro-batches per optimizer step (default %(default)s). With more than one, gradient "
-                        "caching makes them ONE contrastive batch: each loss sees batch_size x grad_accum x "
-                        "processes queries against all their pages, batch_size x grad_accum x processes x "
-                        "(1 + num_negs), while activations are held for one micro-batch at a time (the language "
-                        "model runs over each page twice, once without a graph and once with; the frozen vision "
-                        "tower once, its output kept between the two: see --offload_image_features)")
-    g.add_argument("--offload_image_features", action="store_true",
-                   help="with gradient caching, keep each page's image features (the frozen vision tower's output, "
-                        "computed once a step and reused by the second pass) in pinned CPU memory instead of on the "
-                        "GPU. They take image tokens x hidden x 2 bytes a tile (256 x hidden: 0.5 MB at 1B, 2.6 MB "
-                        "at 38B), ~0.67 GB at 1B and ~3.4 GB at 38B for 256 pages of 5 tiles, times (1 + "
-                        "num_negs); the copies cost PCIe time. Same numbers either way")
+    g.add_argument(
+        "--batch_size", type=int, default=32, help="queries per device per micro-batch: what must fit in memory at once"
+    )
+    g.add_argument(
+        "--auto_batch",
+        action="store_true",
+        help="on CUDA, halve --batch_size until a worst-case micro-step fits and raise --grad_accum by "
+        "the same factor, so one loss still sees as many queries and pages. The probe runs a "
+        "micro-batch of 64-word queries and max-tile pages (+ hard negatives) with its graph, in "
+        "one loss against stand-ins for every micro-batch's and rank's pages; while it runs it keeps "
+        "free what it does not hold itself: the optimizer states, DDP's gradient buckets, the "
+        "step's cached image features, and --auto_batch_margin. On CPU (no out-of-memory signal) "
+        "keeps --batch_size",
+    )
+    g.add_argument(
+        "--auto_batch_margin",
+        type=float,
+        default=0.05,
+        help="fraction of the GPU's memory --auto_batch also keeps free, for NCCL's buffers and the "
+        "allocator's fragmentation over varying batch lengths; 0.05 is 7 GB of an H200 (default "
+        "%(default)s)",
+    )
+    g.add_argument(
+        "--grad_accum",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step (default %(default)s). With more than one, gradient "
+        "caching makes them ONE contrastive batch: each loss sees batch_size x grad_accum x "
+        "processes queries against all their pages, batch_size x grad_accum x processes x "
+        "(1 + num_negs), while activations are held for one micro-batch at a time (the language "
+        "model runs over each page twice, once without a graph and once with; the frozen vision "
+        "tower once, its output kept between the two: see --offload_image_features)",
+    )
+    g.add_argument(
+        "--offload_image_features",
+        action="store_true",
+        help="with gradient caching, keep each page's image features (the frozen vision tower's output, "
+        "computed once a step and reused by the second pass) in pinned CPU memory instead of on the "
+        "GPU. They take image tokens x hidden x 2 bytes a tile (256 x hidden: 0.5 MB at 1B, 2.6 MB "
+        "at 38B), ~0.67 GB at 1B and ~3.4 GB at 38B for 256 pages of 5 tiles, times (1 + "
+        "num_negs); the copies cost PCIe time. Same numbers either way",
+    )
     g.add_argument("--epochs", type=int, default=1, help="passes over the training data in this run")
-    g.add_argument("--max_steps", type=int, default=None,
-                   help="stop after this many optimizer steps of this run (the schedule then spans them); "
-                        "default: all the steps of --epochs")
+    g.add_argument(
+        "--max_steps",
+        type=int,
+        default=None,
+        help="stop after this many optimizer steps of this run (the schedule then spans them); "
+        "default: all the steps of --epochs",
+    )
     g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-    g.add_argument("--warmup_steps", type=int, default=100,
-                   help="linear warmup: step s of the first N runs at (s + 1) / (N + 1) of --lr; then cosine decay "
-                        "from --lr toward 0, which it reaches one step after the run's last (so the last step is "
-                        "not wasted at lr 0). A warmup longer than a fifth of the run is said at the start")
-    g.add_argument("--optimizer", default="paged_adamw_8bit", choices=OPTIMIZERS,
-                   help="bitsandbytes paged/8-bit AdamW or torch AdamW; paged falls back to non-paged on CPU")
-    g.add_argument("--temperature", type=float, default=0.02,
-                   help="InfoNCE temperature on MaxSim scores divided by query length")
+    g.add_argument(
+        "--warmup_steps",
+        type=int,
+        default=100,
+        help="linear warmup: step s of the first N runs at (s + 1) / (N + 1) of --lr; then cosine decay "
+        "from --lr toward 0, which it reaches one step after the run's last (so the last step is "
+        "not wasted at lr 0). A warmup longer than a fifth of the run is said at the start",
+    )
+    g.add_argument(
+        "--optimizer",
+        default="paged_adamw_8bit",
+        choices=OPTIMIZERS,
+        help="bitsandbytes paged/8-bit AdamW or torch AdamW; paged falls back to non-paged on CPU",
+    )
+    g.add_argument(
+        "--temperature", type=float, default=0.02, help="InfoNCE temperature on MaxSim scores divided by query length"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for head/LoRA init, data order, negatives, dropout")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--out_dir", required=True, help="folder for checkpoints, training_loss.txt and args.json")
-    g.add_argument("--save_every", type=int, default=500,
-                   help="write colintern_heads_step{N}.pt every N optimizer steps (0: only at epoch ends)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="write into an --out_dir that holds another run's files (args.json, training_loss.txt, "
-                        "colintern_heads_*.pt), replacing what this run writes; without it such a folder is refused, "
-                        "unless --resume_ckpt is one of its checkpoints or the same flags ran there before")
-    g.add_argument("--resume_ckpt", default=None, type=trained_model,
-                   help="a step snapshot continues that run exactly (same flags and data); an epoch checkpoint "
-                        "(or any heads checkpoint, export.py folder or its hub id) is a warm start: heads + LoRA "
-                        "loaded, fresh optimizer")
+    g.add_argument(
+        "--save_every",
+        type=int,
+        default=500,
+        help="write colintern_heads_step{N}.pt every N optimizer steps (0: only at epoch ends)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out_dir that holds another run's files (args.json, training_loss.txt, "
+        "colintern_heads_*.pt), replacing what this run writes; without it such a folder is refused, "
+        "unless --resume_ckpt is one of its checkpoints or the same flags ran there before",
+    )
+    g.add_argument(
+        "--resume_ckpt",
+        default=None,
+        type=trained_model,
+        help="a step snapshot continues that run exactly (same flags and data); an epoch checkpoint "
+        "(or any heads checkpoint, export.py folder or its hub id) is a warm start: heads + LoRA "
+        "loaded, fresh optimizer",
+    )
     return p
 
 
@@ -242,8 +361,10 @@ def check_args(p, args):
     if args.num_negs < 0:
         p.error(f"--num_negs must be >= 0, got {args.num_negs}")
     if args.train_hub and args.num_negs:
-        p.error("--train_hub rows have one positive and no hard negatives: drop --num_negs, or mine negatives with "
-                "mine_hard_negatives.py and train on its --train_jsonl")
+        p.error(
+            "--train_hub rows have one positive and no hard negatives: drop --num_negs, or mine negatives with "
+            "mine_hard_negatives.py and train on its --train_jsonl"
+        )
     if not 0 <= args.auto_batch_margin < 1:
         p.error(f"--auto_batch_margin is a fraction of the GPU's memory in [0, 1), got {args.auto_batch_margin}")
     for flag in ("lr", "temperature"):
@@ -254,6 +375,7 @@ def check_args(p, args):
 # -----------------------------------------------------------------------------
 # Data: training rows, the seeded batch order, collation (decoding and tiling happen in the DataLoader workers)
 
+
 class HubPairs(torch.utils.data.Dataset):
     """Rows of a dataset with vidore/colpali_train_set's columns: a query and its one positive page."""
 
@@ -263,8 +385,9 @@ class HubPairs(torch.utils.data.Dataset):
         ds = self.resolver.dataset(name, split, columns=("query", "image"))
         self.queries = read_queries(ds, self.what)  # images stay undecoded until a worker asks
         if batch_by is not None and batch_by not in ds.column_names:
-            raise UserValueError(f"--batch_by {batch_by}: {self.what} has no such column (it has "
-                                 f"{', '.join(ds.column_names)})")
+            raise UserValueError(
+                f"--batch_by {batch_by}: {self.what} has no such column (it has {', '.join(ds.column_names)})"
+            )
         self.groups = None if batch_by is None else [str(v) for v in ds[batch_by]]
         self.fingerprint = {"source": "hub", "rows": len(ds), "id": getattr(ds, "_fingerprint", None)}
         self.label = f"{name} split {split} ({len(ds)} rows, in-batch negatives)"
@@ -289,13 +412,16 @@ class JsonlTriples(torch.utils.data.Dataset):
         if batch_by is not None:
             missing = [row["line"] for row in self.rows if batch_by not in row["fields"]]
             if missing:
-                raise UserValueError(f"--batch_by {batch_by}: {path} line {missing[0]} has no {batch_by!r} field "
-                                     f"({len(missing)} row(s) lack it)")
+                raise UserValueError(
+                    f"--batch_by {batch_by}: {path} line {missing[0]} has no {batch_by!r} field "
+                    f"({len(missing)} row(s) lack it)"
+                )
             self.groups = [str(row["fields"][batch_by]) for row in self.rows]
         self.resolver = PageResolver(root)
         checked = set()
-        for row in progress_bar(self.rows, desc="checking pages", unit="row", mininterval=2,
-                                disable=len(self.rows) < 5000):
+        for row in progress_bar(
+            self.rows, desc="checking pages", unit="row", mininterval=2, disable=len(self.rows) < 5000
+        ):
             for ref in [row["pos"], *row["negs"]]:
                 if ref not in checked:
                     self.resolver.check(ref, where=f"{path} line {row['line']}")
@@ -325,8 +451,11 @@ class JsonlTriples(torch.utils.data.Dataset):
         epoch, i = key
         row = self.rows[i]
         where = f"{self.path} line {row['line']}"
-        return {"query": row["query"], "pos": self.resolver(row["pos"], where),
-                "negs": [self.resolver(ref, where) for ref in self.negatives(epoch, i)]}
+        return {
+            "query": row["query"],
+            "pos": self.resolver(row["pos"], where),
+            "negs": [self.resolver(ref, where) for ref in self.negatives(epoch, i)],
+        }
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -335,8 +464,19 @@ class EpochBatches(torch.utils.data.Sampler):
     sees the same rows in the same order). Starts at micro-batch `start`: consumed batches are skipped by index,
     undecoded. `groups`: each row's --batch_by value, so that the `step_rows` rows of a step share one."""
 
-    def __init__(self, n_rows: int, epoch: int, seed: int, batch_size: int, rank: int, world: int,
-                 n_batches: int, start: int = 0, groups: list | None = None, step_rows: int = 0):
+    def __init__(
+        self,
+        n_rows: int,
+        epoch: int,
+        seed: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        n_batches: int,
+        start: int = 0,
+        groups: list | None = None,
+        step_rows: int = 0,
+    ):
         self.n_rows, self.epoch, self.seed = n_rows, epoch, seed
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.n_batches, self.start = n_batches, start
@@ -350,7 +490,7 @@ class EpochBatches(torch.utils.data.Sampler):
         global_batch = self.batch_size * self.world
         for b in range(self.start, self.n_batches):
             lo = b * global_batch + self.rank * self.batch_size
-            yield [(self.epoch, i) for i in order[lo:lo + self.batch_size]]
+            yield [(self.epoch, i) for i in order[lo : lo + self.batch_size]]
 
 
 def epoch_order(n_rows: int, epoch: int, seed: int, groups: list | None = None, step_rows: int = 0) -> list:
@@ -366,7 +506,7 @@ def epoch_order(n_rows: int, epoch: int, seed: int, groups: list | None = None, 
     steps = []
     for label in sorted(members):  # a fixed order for the draws below
         rows = [members[label][j] for j in torch.randperm(len(members[label]), generator=g).tolist()]
-        steps += [rows[k:k + step_rows] for k in range(0, len(rows) - step_rows + 1, step_rows)]
+        steps += [rows[k : k + step_rows] for k in range(0, len(rows) - step_rows + 1, step_rows)]
     return [i for s in torch.randperm(len(steps), generator=g).tolist() for i in steps[s]]
 
 
@@ -388,8 +528,11 @@ class Collate:
 
     def __call__(self, examples):
         pages = [e["pos"] for e in examples] + [n for e in examples for n in e["negs"]]
-        return {"queries": dict(self.processor.process_queries([e["query"] for e in examples])),
-                "pages": dict(self.processor.process_pages(pages)), "n_queries": len(examples)}
+        return {
+            "queries": dict(self.processor.process_queries([e["query"] for e in examples])),
+            "pages": dict(self.processor.process_pages(pages)),
+            "n_queries": len(examples),
+        }
 
 
 def load_training_rows(args):
@@ -400,6 +543,7 @@ def load_training_rows(args):
 
 # -----------------------------------------------------------------------------
 # Many processes (torchrun): the pages of every rank in one contrastive batch
+
 
 def pad_left(emb: torch.Tensor, mask: torch.Tensor, length: int):
     """(N, L, D), (N, L) -> (N, length, D), (N, length): pad on the left, as the processor does, mask False."""
@@ -450,21 +594,23 @@ def contrastive_pool(encoded: list, rank: int, world: int):
     q, q_mask = (torch.cat(t) for t in zip(*(pad_left(e[0], e[1], lq) for e in encoded)))
     pages = [pad_left(e[2], e[3], lp) for e in encoded]
     n = sum(e[4] for e in encoded)
-    positives = [(p[:e[4]], m[:e[4]]) for (p, m), e in zip(pages, encoded)]
-    negatives = [(p[e[4]:], m[e[4]:]) for (p, m), e in zip(pages, encoded)]
+    positives = [(p[: e[4]], m[: e[4]]) for (p, m), e in zip(pages, encoded)]
+    negatives = [(p[e[4] :], m[e[4] :]) for (p, m), e in zip(pages, encoded)]
     pages, page_mask = (torch.cat(t) for t in zip(*positives, *negatives))
     if world > 1:
         pages, page_mask = gather_pages(pages, page_mask, n, world)
     return q, q_mask, pages, page_mask, rank * n + torch.arange(n, device=q.device)
 
 
-def batch_loss(encoder: nn.Module, batch: dict, temperature: float, rank: int = 0, world: int = 1,
-               dims: list | None = None) -> torch.Tensor:
+def batch_loss(
+    encoder: nn.Module, batch: dict, temperature: float, rank: int = 0, world: int = 1, dims: list | None = None
+) -> torch.Tensor:
     """InfoNCE of this rank's queries against the pages of every rank (positives, then hard negatives); summed over
     the Matryoshka prefixes `dims` when given."""
     q, q_mask, pages, page_mask = encoder(batch["queries"], batch["pages"])
-    q, q_mask, pages, page_mask, pos_index = contrastive_pool([(q, q_mask, pages, page_mask, batch["n_queries"])],
-                                                              rank, world)
+    q, q_mask, pages, page_mask, pos_index = contrastive_pool(
+        [(q, q_mask, pages, page_mask, batch["n_queries"])], rank, world
+    )
     return contrastive_loss(q, q_mask, pages, page_mask, pos_index, temperature=temperature, dims=dims)
 
 
@@ -480,8 +626,16 @@ def set_rng_state(state) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def grad_cache_step(encoder: nn.Module, micro_batches: list, temperature: float, rank: int, world: int,
-                    scale=lambda loss: loss, offload_features: bool = False, dims: list | None = None) -> torch.Tensor:
+def grad_cache_step(
+    encoder: nn.Module,
+    micro_batches: list,
+    temperature: float,
+    rank: int,
+    world: int,
+    scale=lambda loss: loss,
+    offload_features: bool = False,
+    dims: list | None = None,
+) -> torch.Tensor:
     """One optimizer step's forward and backward over several micro-batches with gradient caching (Gao et al.
     2021), so that all their queries form ONE contrastive batch against all their pages, while activations exist
     for one micro-batch at a time:
@@ -527,9 +681,16 @@ def to_pinned_host(t: torch.Tensor) -> torch.Tensor:
     return host.copy_(t, non_blocking=True)
 
 
-def step_forward_backward(encoder: nn.Module, micro_batches: list, temperature: float, rank: int, world: int,
-                          scale=lambda loss: loss, offload_features: bool = False,
-                          dims: list | None = None) -> torch.Tensor:
+def step_forward_backward(
+    encoder: nn.Module,
+    micro_batches: list,
+    temperature: float,
+    rank: int,
+    world: int,
+    scale=lambda loss: loss,
+    offload_features: bool = False,
+    dims: list | None = None,
+) -> torch.Tensor:
     """Forward and backward of one optimizer step: one plain pass for one micro-batch, gradient caching for more."""
     if len(micro_batches) > 1:
         return grad_cache_step(encoder, micro_batches, temperature, rank, world, scale, offload_features, dims)
@@ -540,6 +701,7 @@ def step_forward_backward(encoder: nn.Module, micro_batches: list, temperature: 
 
 # -----------------------------------------------------------------------------
 # Model, optimizer, schedule
+
 
 def parse_dims(text: str) -> list:
     """'128,64,32' -> [128, 64, 32]."""
@@ -564,8 +726,11 @@ def build_model(args, ckpt: dict | None, device_map, say=print):
     lora = None
     if meta is None:
         if args.lora:
-            lora = LoraSettings(r=args.lora_r or LORA_DEFAULTS.r, alpha=args.lora_alpha or LORA_DEFAULTS.alpha,
-                                dropout=LORA_DEFAULTS.dropout if args.lora_dropout is None else args.lora_dropout)
+            lora = LoraSettings(
+                r=args.lora_r or LORA_DEFAULTS.r,
+                alpha=args.lora_alpha or LORA_DEFAULTS.alpha,
+                dropout=LORA_DEFAULTS.dropout if args.lora_dropout is None else args.lora_dropout,
+            )
         elif any(v is not None for v in (args.lora_r, args.lora_alpha, args.lora_dropout)):
             raise UserValueError("--lora_r/--lora_alpha/--lora_dropout need --lora")
         proj_dim, max_tiles = args.proj_dim or 128, args.max_tiles or 4
@@ -575,11 +740,17 @@ def build_model(args, ckpt: dict | None, device_map, say=print):
             lora = LoraSettings(**meta["lora"])
         elif args.lora:
             raise UserValueError(f"{source} has no LoRA; drop --lora (a warm start keeps the checkpoint's layout)")
-        for flag, ours in (("proj_dim", meta["proj_dim"]), ("lora_r", lora and lora.r),
-                           ("lora_alpha", lora and lora.alpha), ("lora_dropout", lora and lora.dropout)):
+        for flag, ours in (
+            ("proj_dim", meta["proj_dim"]),
+            ("lora_r", lora and lora.r),
+            ("lora_alpha", lora and lora.alpha),
+            ("lora_dropout", lora and lora.dropout),
+        ):
             if getattr(args, flag) is not None and getattr(args, flag) != ours:
-                raise UserValueError(f"{source} was trained with --{flag} {ours}, this run asks for "
-                                     f"--{flag} {getattr(args, flag)}: drop the flag or start a fresh run")
+                raise UserValueError(
+                    f"{source} was trained with --{flag} {ours}, this run asks for "
+                    f"--{flag} {getattr(args, flag)}: drop the flag or start a fresh run"
+                )
         proj_dim, max_tiles = meta["proj_dim"], args.max_tiles or meta["max_tiles"]
     model_id = args.model_id or (meta["model_id"] if meta else DEFAULT_MODEL_ID)
     quantize = args.quantize or (checkpoint_quantization(meta) if meta else "none")
@@ -588,12 +759,21 @@ def build_model(args, ckpt: dict | None, device_map, say=print):
     dtype = resolve_dtype(args.dtype, device_map, quantize)
     torch.manual_seed(args.seed)  # heads and LoRA start from the same weights on every rank and every rerun
     bidirectional = args.bidirectional or bool(meta and meta.get("bidirectional"))
-    matryoshka_dims = parse_dims(args.matryoshka_dims) if args.matryoshka_dims else \
-        (meta.get("matryoshka_dims") if meta else None)
-    model, processor = ColIntern.from_pretrained(model_id, proj_dim=proj_dim, lora=lora, max_tiles=max_tiles,
-                                                 dtype=dtype, device_map=device_map, quantize=quantize,
-                                                 attn_implementation=args.attn_implementation,
-                                                 bidirectional=bidirectional, matryoshka_dims=matryoshka_dims)
+    matryoshka_dims = (
+        parse_dims(args.matryoshka_dims) if args.matryoshka_dims else (meta.get("matryoshka_dims") if meta else None)
+    )
+    model, processor = ColIntern.from_pretrained(
+        model_id,
+        proj_dim=proj_dim,
+        lora=lora,
+        max_tiles=max_tiles,
+        dtype=dtype,
+        device_map=device_map,
+        quantize=quantize,
+        attn_implementation=args.attn_implementation,
+        bidirectional=bidirectional,
+        matryoshka_dims=matryoshka_dims,
+    )
     if ckpt is not None:
         model.load_trainable_state(ckpt, source=f"--resume_ckpt {args.resume_ckpt}")
     return model, processor
@@ -605,8 +785,9 @@ def make_optimizer(name: str, params: list, lr: float, say=print):
     try:
         import bitsandbytes as bnb
     except ImportError as e:
-        raise UserImportError(f"--optimizer {name} needs bitsandbytes (pip install bitsandbytes), or use "
-                              f"--optimizer adamw") from e
+        raise UserImportError(
+            f"--optimizer {name} needs bitsandbytes (pip install bitsandbytes), or use --optimizer adamw"
+        ) from e
     on_cuda = all(p.is_cuda for p in params)
     if name == "paged_adamw_8bit" and not on_cuda:
         say("--optimizer paged_adamw_8bit: paging needs CUDA; using the non-paged bitsandbytes AdamW8bit on CPU")
@@ -628,24 +809,28 @@ def warmup_note(warmup_steps: int, total_steps: int, lr: float) -> str | None:
         return None
     factor = warmup_cosine(warmup_steps, total_steps)
     top = max(factor(s) for s in range(total_steps))
-    return (f"--warmup_steps {warmup_steps} is {warmup_steps / total_steps:.0%} of this run's {total_steps} steps: "
-            f"the lr peaks at {top * lr:.3g} ({top:.0%} of --lr {lr:g}); lower --warmup_steps for a short run")
+    return (
+        f"--warmup_steps {warmup_steps} is {warmup_steps / total_steps:.0%} of this run's {total_steps} steps: "
+        f"the lr peaks at {top * lr:.3g} ({top:.0%} of --lr {lr:g}); lower --warmup_steps for a short run"
+    )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
     """Multiplier of the peak lr at optimizer step s (0-based): linear warmup ((s + 1) / (N + 1) for the first N
     steps), then cosine from 1 toward 0, reached at s = total_steps (one after the last step)."""
+
     def factor(step):
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
 def seed_step(seed: int, rank: int, step: int) -> None:
     """Dropout masks are a function of (seed, rank, step): a resumed run draws exactly what the straight one did."""
-    torch.manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) % (2 ** 63))
+    torch.manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) % (2**63))
 
 
 def find_batch_size(try_batch, start: int, say=print) -> int:
@@ -663,8 +848,10 @@ def find_batch_size(try_batch, start: int, say=print) -> int:
         if fits:
             return size
         if size == 1:
-            raise UserRuntimeError("--auto_batch: even one query per device runs out of GPU memory; lower --max_tiles, "
-                                   "add --gradient_checkpointing, or use more GPUs / --device_map auto")
+            raise UserRuntimeError(
+                "--auto_batch: even one query per device runs out of GPU memory; lower --max_tiles, "
+                "add --gradient_checkpointing, or use more GPUs / --device_map auto"
+            )
         say(f"--auto_batch: batch {size} runs out of GPU memory, trying {size // 2}")
         size //= 2
         if torch.cuda.is_available():
@@ -677,8 +864,9 @@ def probe_page(processor: ColInternProcessor) -> Image.Image:
     return Image.new("RGB", (tile * processor.max_tiles, tile), "white")
 
 
-def probe_batch(model: ColIntern, processor: ColInternProcessor, num_negs: int, temperature: float,
-                step_queries: int, world: int):
+def probe_batch(
+    model: ColIntern, processor: ColInternProcessor, num_negs: int, temperature: float, step_queries: int, world: int
+):
     """A worst-case training micro-step at micro-batch b: b 64-word queries and b x (1 + num_negs) pages of
     max_tiles tiles, with their graph, in ONE loss over the whole step as gradient caching computes it: this rank's
     `step_queries` queries against the pages of every rank. The other micro-batches' and ranks' embeddings are
@@ -694,11 +882,18 @@ def probe_batch(model: ColIntern, processor: ColInternProcessor, num_negs: int, 
             copies_p = copies_q * world  # ... of every rank
             q_all = torch.cat([q] + [q.detach()] * (copies_q - 1))  # (step_queries, Lq, D)
             p_all = torch.cat([p] + [p.detach()] * (copies_p - 1))  # (world x step_queries x (1 + negs), Lp, D)
-            loss = contrastive_loss(q_all, q_mask.repeat(copies_q, 1), p_all, p_mask.repeat(copies_p, 1),
-                                    torch.arange(q_all.shape[0]), temperature)
+            loss = contrastive_loss(
+                q_all,
+                q_mask.repeat(copies_q, 1),
+                p_all,
+                p_mask.repeat(copies_p, 1),
+                torch.arange(q_all.shape[0]),
+                temperature,
+            )
             loss.backward()
         finally:
             model.zero_grad(set_to_none=True)
+
     return try_batch
 
 
@@ -730,29 +925,38 @@ def image_feature_bytes(model: ColIntern, processor: ColInternProcessor, step_pa
     return step_pages * tiles * per_tile
 
 
-def probe_headroom(params: list, optimizer: str, world: int, device_bytes: int, feature_bytes: int,
-                   margin: float) -> dict:
+def probe_headroom(
+    params: list, optimizer: str, world: int, device_bytes: int, feature_bytes: int, margin: float
+) -> dict:
     """Bytes a real training step holds that the --auto_batch probe does not, by what holds them:
-      optimizer states (optimizer_state_bytes), made at the first step;
-      DDP's gradient buckets with several processes: a flat fp32 copy of the gradients, 4 bytes a trainable value;
-      gradient caching's image features of the whole step (image_feature_bytes; 0 when offloaded or not caching);
-      a margin, `margin` x the device's memory, for what no formula here knows: NCCL's lazily made buffers, the
-      allocator's fragmentation over batches of varying lengths, CUDA graphs or kernels' workspaces."""
-    return {"optimizer states": optimizer_state_bytes(params, optimizer),
-            "DDP gradient buckets": 4 * sum(p.numel() for p in params) if world > 1 else 0,
-            "cached image features": feature_bytes,
-            f"margin ({margin:.0%} of the device)": int(margin * device_bytes)}
+    optimizer states (optimizer_state_bytes), made at the first step;
+    DDP's gradient buckets with several processes: a flat fp32 copy of the gradients, 4 bytes a trainable value;
+    gradient caching's image features of the whole step (image_feature_bytes; 0 when offloaded or not caching);
+    a margin, `margin` x the device's memory, for what no formula here knows: NCCL's lazily made buffers, the
+    allocator's fragmentation over batches of varying lengths, CUDA graphs or kernels' workspaces."""
+    return {
+        "optimizer states": optimizer_state_bytes(params, optimizer),
+        "DDP gradient buckets": 4 * sum(p.numel() for p in params) if world > 1 else 0,
+        "cached image features": feature_bytes,
+        f"margin ({margin:.0%} of the device)": int(margin * device_bytes),
+    }
 
 
 # -----------------------------------------------------------------------------
 # Outputs: loss log, args.json, checkpoints
 
+
 def git_commit() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -767,8 +971,11 @@ class LossLog:
         kept = []
         if start_step > 0 and os.path.isfile(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and not line.startswith("#")
-                        and int(line.split()[0]) <= start_step]
+                kept = [
+                    line
+                    for line in f
+                    if line.strip() and not line.startswith("#") and int(line.split()[0]) <= start_step
+                ]
         with atomic_path(self.path) as tmp, open(tmp, "w") as f:
             f.writelines([LOSS_LOG_HEADER] + kept)
         self.file = open(self.path, "a")
@@ -820,11 +1027,13 @@ def interrupts_deferred():
 # -----------------------------------------------------------------------------
 # Training
 
+
 @dataclasses.dataclass
 class RunState:
     """Where a run stands. run_step counts this run's optimizer steps (a warm start begins a new run); the global step
     and epoch numbers (file names, the loss log) go on from the checkpoint's, step_offset and epoch_offset. The data
     position is (data_epoch, batch_in_epoch): this run's epoch, 0-based, and its next micro-batch."""
+
     run: dict  # run_config: what a step snapshot must share with the run that resumes it
     batches_per_epoch: int
     total_steps: int  # of this run
@@ -848,14 +1057,36 @@ class RunState:
         return self.batch_in_epoch >= self.batches_per_epoch
 
 
-def run_config(args, rows, batch_size, grad_accum, world, total_steps, quantize="none",
-               bidirectional: bool = False, matryoshka_dims: list | None = None) -> dict:
+def run_config(
+    args,
+    rows,
+    batch_size,
+    grad_accum,
+    world,
+    total_steps,
+    quantize="none",
+    bidirectional: bool = False,
+    matryoshka_dims: list | None = None,
+) -> dict:
     """What a step snapshot must share with the run that resumes it for the continuation to be exact."""
-    return {"data": rows.fingerprint, "global_batch": batch_size * world, "grad_accum": grad_accum,
-            "seed": args.seed, "num_negs": args.num_negs, "lr": args.lr, "warmup_steps": args.warmup_steps,
-            "total_steps": total_steps, "temperature": args.temperature, "optimizer": args.optimizer,
-            "quantize": quantize, "attn_implementation": args.attn_implementation, "schedule": SCHEDULE,
-            "batch_by": args.batch_by, "bidirectional": bidirectional, "matryoshka_dims": matryoshka_dims}
+    return {
+        "data": rows.fingerprint,
+        "global_batch": batch_size * world,
+        "grad_accum": grad_accum,
+        "seed": args.seed,
+        "num_negs": args.num_negs,
+        "lr": args.lr,
+        "warmup_steps": args.warmup_steps,
+        "total_steps": total_steps,
+        "temperature": args.temperature,
+        "optimizer": args.optimizer,
+        "quantize": quantize,
+        "attn_implementation": args.attn_implementation,
+        "schedule": SCHEDULE,
+        "batch_by": args.batch_by,
+        "bidirectional": bidirectional,
+        "matryoshka_dims": matryoshka_dims,
+    }
 
 
 def training_data_lineage(args, rows, ckpt: dict | None) -> list:
@@ -863,6 +1094,7 @@ def training_data_lineage(args, rows, ckpt: dict | None) -> list:
     it to mteb as training_datasets): --train_hub's name, or the datasets --train_jsonl's pseudo-paths point into (and
     --root for plain image files), plus the lineage of the --resume_ckpt the run starts from."""
     from colintern_data import PSEUDO_PATH
+
     if args.train_hub:
         sources = {args.train_hub}
     else:
@@ -875,8 +1107,11 @@ def training_data_lineage(args, rows, ckpt: dict | None) -> list:
                 sources.add(f"image files under {os.path.abspath(args.root)}")
     if ckpt is not None:
         parent = ckpt["meta"].get("training_data")
-        sources.update(parent if parent is not None else
-                       [f"unrecorded: the training data of {args.resume_ckpt} (written before lineage was recorded)"])
+        sources.update(
+            parent
+            if parent is not None
+            else [f"unrecorded: the training data of {args.resume_ckpt} (written before lineage was recorded)"]
+        )
     return sorted(sources)
 
 
@@ -885,9 +1120,11 @@ def check_same_run(saved: dict, ours: dict, path: str) -> None:
     saved = {"quantize": "none", "attn_implementation": "sdpa", "schedule": SCHEDULE, **saved}
     diffs = [f"{k}: snapshot {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
     if diffs:
-        raise UserValueError(f"--resume_ckpt {path} is a step snapshot of another run ({'; '.join(diffs)}). A step "
-                             f"snapshot continues the same run: pass the same flags and data (--max_steps and --epochs "
-                             f"set the schedule). To start new training from it, resume an epoch checkpoint instead.")
+        raise UserValueError(
+            f"--resume_ckpt {path} is a step snapshot of another run ({'; '.join(diffs)}). A step "
+            f"snapshot continues the same run: pass the same flags and data (--max_steps and --epochs "
+            f"set the schedule). To start new training from it, resume an epoch checkpoint instead."
+        )
 
 
 def choose_batch_size(args, model, processor, snapshot: dict | None, world: int, say) -> tuple[int, int]:
@@ -901,38 +1138,57 @@ def choose_batch_size(args, model, processor, snapshot: dict | None, world: int,
         say(f"--auto_batch: resuming a step snapshot, so its batch {batch_size} x --grad_accum {grad_accum} is kept")
         return batch_size, grad_accum
     if model.device.type != "cuda":
-        say(f"--auto_batch: CPU has no out-of-memory error to probe (the OS kills the process instead); keeping "
-            f"--batch_size {batch_size}")
+        say(
+            f"--auto_batch: CPU has no out-of-memory error to probe (the OS kills the process instead); keeping "
+            f"--batch_size {batch_size}"
+        )
         return batch_size, grad_accum
     with ranks_agree("probing the batch size", world):  # no rank may be left waiting for one that failed
         model.train()
         caching = grad_accum > 1 or batch_size > 1  # halving the micro-batch turns caching on
-        features = 0 if args.offload_image_features or not caching else \
-            image_feature_bytes(model, processor, batch_size * grad_accum * (1 + args.num_negs))
-        headroom = probe_headroom(model.trainable_parameters(), args.optimizer, world,
-                                  torch.cuda.get_device_properties(model.device).total_memory, features,
-                                  args.auto_batch_margin)
+        features = (
+            0
+            if args.offload_image_features or not caching
+            else image_feature_bytes(model, processor, batch_size * grad_accum * (1 + args.num_negs))
+        )
+        headroom = probe_headroom(
+            model.trainable_parameters(),
+            args.optimizer,
+            world,
+            torch.cuda.get_device_properties(model.device).total_memory,
+            features,
+            args.auto_batch_margin,
+        )
         keep = sum(headroom.values())
-        say(f"--auto_batch: keeping {keep / 2 ** 30:.2f} GiB free while probing, for what a step holds that the "
-            f"probe does not: " + ", ".join(f"{k} {v / 2 ** 30:.2f} GiB" for k, v in headroom.items()))
+        say(
+            f"--auto_batch: keeping {keep / 2**30:.2f} GiB free while probing, for what a step holds that the "
+            f"probe does not: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in headroom.items())
+        )
         try:
             reserve = torch.empty(keep, dtype=torch.uint8, device=model.device)
         except torch.cuda.OutOfMemoryError:
             reserve = None
         if reserve is None:
-            raise UserRuntimeError(f"--auto_batch: the {keep / 2 ** 30:.2f} GiB a step needs besides its activations "
-                                   f"do not fit on {model.device}; lower --auto_batch_margin, --batch_size x "
-                                   f"--grad_accum, or pass --offload_image_features")
-        found = find_batch_size(probe_batch(model, processor, args.num_negs, args.temperature, batch_size * grad_accum,
-                                            world), batch_size, say)
+            raise UserRuntimeError(
+                f"--auto_batch: the {keep / 2**30:.2f} GiB a step needs besides its activations "
+                f"do not fit on {model.device}; lower --auto_batch_margin, --batch_size x "
+                f"--grad_accum, or pass --offload_image_features"
+            )
+        found = find_batch_size(
+            probe_batch(model, processor, args.num_negs, args.temperature, batch_size * grad_accum, world),
+            batch_size,
+            say,
+        )
         del reserve
     if world > 1:  # every rank steps with the same micro-batch: the smallest that fits anywhere
         t = torch.tensor([found], device=model.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         found = int(t)
     grad_accum *= batch_size // found
-    say(f"--auto_batch: batch {found} per device fits; --grad_accum {grad_accum} keeps "
-        f"{found * grad_accum * world} queries per step")
+    say(
+        f"--auto_batch: batch {found} per device fits; --grad_accum {grad_accum} keeps "
+        f"{found * grad_accum * world} queries per step"
+    )
     return found, grad_accum
 
 
@@ -947,16 +1203,23 @@ def count_steps(args, rows, batch_size: int, grad_accum: int, world: int, say=pr
     steps_per_epoch = batches_per_epoch // grad_accum
     within = f" of any --batch_by {args.batch_by} value" if groups is not None else ""
     if steps_per_epoch == 0:
-        raise UserValueError(f"training data has {len(rows)} rows{within}; one optimizer step needs --batch_size "
-                             f"{batch_size} x {world} process(es) x --grad_accum {grad_accum} = {step_rows}: lower "
-                             f"them or add data")
+        raise UserValueError(
+            f"training data has {len(rows)} rows{within}; one optimizer step needs --batch_size "
+            f"{batch_size} x {world} process(es) x --grad_accum {grad_accum} = {step_rows}: lower "
+            f"them or add data"
+        )
     if groups is not None:
         sizes = collections.Counter(groups)
-        say(f"--batch_by {args.batch_by}: {len(sizes)} value(s), each step's {step_rows} queries share one; "
-            + ", ".join(f"{label} {n}" for label, n in sorted(sizes.items())[:8]) + (" ..." if len(sizes) > 8 else ""))
+        say(
+            f"--batch_by {args.batch_by}: {len(sizes)} value(s), each step's {step_rows} queries share one; "
+            + ", ".join(f"{label} {n}" for label, n in sorted(sizes.items())[:8])
+            + (" ..." if len(sizes) > 8 else "")
+        )
     if used < len(rows):
-        say(f"{len(rows) - used} of {len(rows)} rows left out of each epoch: {'each value' if groups else 'the'}'s "
-            f"remainder below one step of {step_rows} (the order is reshuffled every epoch)")
+        say(
+            f"{len(rows) - used} of {len(rows)} rows left out of each epoch: {'each value' if groups else 'the'}'s "
+            f"remainder below one step of {step_rows} (the order is reshuffled every epoch)"
+        )
     total_steps = steps_per_epoch * args.epochs
     return batches_per_epoch, min(total_steps, args.max_steps) if args.max_steps else total_steps
 
@@ -969,13 +1232,17 @@ def resume_snapshot(state: RunState, snapshot: dict, path: str, optimizer, sched
     scheduler.load_state_dict(snapshot["scheduler"])
     if "scaler" in snapshot:
         scaler.load_state_dict(snapshot["scaler"])
-    state.run_step, state.step_offset, state.epoch_offset = (snapshot["run_step"], snapshot["step_offset"],
-                                                             snapshot["epoch_offset"])
+    state.run_step, state.step_offset, state.epoch_offset = (
+        snapshot["run_step"],
+        snapshot["step_offset"],
+        snapshot["epoch_offset"],
+    )
     state.data_epoch, state.batch_in_epoch = snapshot["position"]["epoch"], snapshot["position"]["batch"]
 
 
-def save_run(kind: str, state: RunState, args, rank: int, model: ColIntern, lineage: list,
-             optimizer, scheduler, scaler) -> str:
+def save_run(
+    kind: str, state: RunState, args, rank: int, model: ColIntern, lineage: list, optimizer, scheduler, scaler
+) -> str:
     """A step snapshot (colintern_heads_step{N}.pt: + optimizer, schedule, loss scale, to resume exactly) or an
     epoch checkpoint (colintern_heads_epoch{E}.pt) -> its path. Rank 0 writes, atomically; the other ranks hold
     identical weights (DDP)."""
@@ -983,28 +1250,53 @@ def save_run(kind: str, state: RunState, args, rank: int, model: ColIntern, line
     name = f"colintern_heads_step{state.step}.pt" if kind == "step" else f"colintern_heads_epoch{epochs_done}.pt"
     path = os.path.join(args.out_dir, name)
     if rank == 0:
-        train_state = {"kind": kind, "run_step": state.run_step, "step_offset": state.step_offset,
-                       "epoch_offset": state.epoch_offset,
-                       "position": {"epoch": state.data_epoch, "batch": state.batch_in_epoch}, "run": state.run,
-                       "args": vars(args), "git_commit": git_commit()}
+        train_state = {
+            "kind": kind,
+            "run_step": state.run_step,
+            "step_offset": state.step_offset,
+            "epoch_offset": state.epoch_offset,
+            "position": {"epoch": state.data_epoch, "batch": state.batch_in_epoch},
+            "run": state.run,
+            "args": vars(args),
+            "git_commit": git_commit(),
+        }
         if kind == "step":
-            train_state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                               scaler=scaler.state_dict())
-        save_checkpoint(path, model, step=state.step, epoch=epochs_done, train_state=train_state,
-                        training_data=lineage)
+            train_state.update(
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict()
+            )
+        save_checkpoint(path, model, step=state.step, epoch=epochs_done, train_state=train_state, training_data=lineage)
     return path
 
 
-def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, rank: int, world: int, params: dict,
-               optimizer, scheduler, scaler, log: LossLog | None):
+def train_step(
+    encoder: nn.Module,
+    micro_batches: list,
+    state: RunState,
+    args,
+    rank: int,
+    world: int,
+    params: dict,
+    optimizer,
+    scheduler,
+    scaler,
+    log: LossLog | None,
+):
     """One optimizer step: forward and backward of the micro-batches (dropout seeded by the step), the loss averaged
     over ranks, then, Ctrl-C held, the update, the schedule, the counters and the loss log together. A non-finite loss
     or gradient, or an update that leaves a weight non-finite, stops the run before anything is logged or saved;
     fp16 gradients that overflowed make the scaler skip the update, and the schedule stays where it is (as the
     weights). `params`: the trainable parameters by name. -> (loss, lr, overflowed)."""
     seed_step(args.seed, rank, state.step)
-    loss = step_forward_backward(encoder, micro_batches, args.temperature, rank, world, scaler.scale,
-                                 args.offload_image_features, state.run["matryoshka_dims"])
+    loss = step_forward_backward(
+        encoder,
+        micro_batches,
+        args.temperature,
+        rank,
+        world,
+        scaler.scale,
+        args.offload_image_features,
+        state.run["matryoshka_dims"],
+    )
     if world > 1:
         dist.all_reduce(loss)  # gloo has no AVG
         loss /= world
@@ -1017,7 +1309,8 @@ def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, r
                 f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {state.step + 1} (epoch "
                 f"{state.epoch}, micro-batch {state.batch_in_epoch + len(micro_batches)}): stopping without saving. "
                 f"Last good checkpoint: {state.last_saved or 'none'}. Lower --lr, raise --temperature, or check the "
-                f"data; resume from that checkpoint.")
+                f"data; resume from that checkpoint."
+            )
         lr = optimizer.param_groups[0]["lr"]
         with interrupts_deferred():
             scaler.step(optimizer)
@@ -1026,7 +1319,8 @@ def train_step(encoder: nn.Module, micro_batches: list, state: RunState, args, r
                 raise UserFloatingPointError(
                     f"step {state.step + 1} made {bad} non-finite (--lr {args.lr} on finite gradients): stopping "
                     f"without saving. Last good checkpoint: {state.last_saved or 'none'}. Lower --lr; resume from "
-                    f"that checkpoint.")
+                    f"that checkpoint."
+                )
             scaler.update()
             if not overflow:  # a skipped step leaves the schedule where it is (as the weights)
                 scheduler.step()
@@ -1044,7 +1338,8 @@ def ddp_encoder(model: ColIntern, world: int) -> nn.Module:
     if world == 1:
         return encoder
     return nn.parallel.DistributedDataParallel(
-        encoder, device_ids=[model.device.index] if model.device.type == "cuda" else None, broadcast_buffers=False)
+        encoder, device_ids=[model.device.index] if model.device.type == "cuda" else None, broadcast_buffers=False
+    )
 
 
 RUN_FILES = ("args.json", LOSS_LOG)  # with colintern_heads_*.pt: what a run writes into its --out_dir
@@ -1072,37 +1367,81 @@ def check_out_dir_is_this_runs(args) -> None:
     ours = {k: v for k, v in vars(args).items() if k not in FLAGS_NOT_OF_THE_RUN}
     if isinstance(given, dict) and {k: given.get(k) for k in ours} == ours:
         return
-    raise UserFileExistsError(f"--out_dir {args.out_dir} holds another run's files ({', '.join(theirs[:4])}"
-                              f"{' ...' if len(theirs) > 4 else ''}): pass a new --out_dir, --resume_ckpt one of its "
-                              f"checkpoints to continue that run, or --overwrite to write over them")
+    raise UserFileExistsError(
+        f"--out_dir {args.out_dir} holds another run's files ({', '.join(theirs[:4])}"
+        f"{' ...' if len(theirs) > 4 else ''}): pass a new --out_dir, --resume_ckpt one of its "
+        f"checkpoints to continue that run, or --overwrite to write over them"
+    )
 
 
-def write_args_json(args, model: ColIntern, world: int, device_map, batch_size: int, grad_accum: int,
-                    total_steps: int) -> None:
+def write_args_json(
+    args, model: ColIntern, world: int, device_map, batch_size: int, grad_accum: int, total_steps: int
+) -> None:
     """args.json: the settings this run used (a warm start's model, shape and LoRA come from its checkpoint, not
     from flags left unset), the flags as given (`flags_given`), and how it ran."""
     lora = dataclasses.asdict(model.lora) if model.lora else {}
-    effective = {"model_id": model.model_id, "proj_dim": model.proj_dim, "max_tiles": model.max_tiles,
-                 "lora": model.lora is not None, "lora_r": lora.get("r"), "lora_alpha": lora.get("alpha"),
-                 "lora_dropout": lora.get("dropout"), "quantize": model.quantize,
-                 "dtype": dtype_name(model.backbone.dtype), "attn_implementation": model.attn_implementation,
-                 "bidirectional": model.bidirectional, "matryoshka_dims": model.matryoshka_dims}
-    write_json(os.path.join(args.out_dir, "args.json"),
-               {**vars(args), **effective, "flags_given": vars(args), "git_commit": git_commit(), "world_size": world,
-                "device_map": str(device_map), "effective_batch_size": batch_size, "effective_grad_accum": grad_accum,
-                "total_steps": total_steps, "argv": sys.argv})
+    effective = {
+        "model_id": model.model_id,
+        "proj_dim": model.proj_dim,
+        "max_tiles": model.max_tiles,
+        "lora": model.lora is not None,
+        "lora_r": lora.get("r"),
+        "lora_alpha": lora.get("alpha"),
+        "lora_dropout": lora.get("dropout"),
+        "quantize": model.quantize,
+        "dtype": dtype_name(model.backbone.dtype),
+        "attn_implementation": model.attn_implementation,
+        "bidirectional": model.bidirectional,
+        "matryoshka_dims": model.matryoshka_dims,
+    }
+    write_json(
+        os.path.join(args.out_dir, "args.json"),
+        {
+            **vars(args),
+            **effective,
+            "flags_given": vars(args),
+            "git_commit": git_commit(),
+            "world_size": world,
+            "device_map": str(device_map),
+            "effective_batch_size": batch_size,
+            "effective_grad_accum": grad_accum,
+            "total_steps": total_steps,
+            "argv": sys.argv,
+        },
+    )
 
 
-def epoch_loader(rows, processor: ColInternProcessor, state: RunState, args, batch_size: int, rank: int, world: int,
-                 device: torch.device) -> torch.utils.data.DataLoader:
+def epoch_loader(
+    rows,
+    processor: ColInternProcessor,
+    state: RunState,
+    args,
+    batch_size: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> torch.utils.data.DataLoader:
     """This rank's micro-batches from the data position to the end of its epoch, decoded by the DataLoader workers."""
-    sampler = EpochBatches(len(rows), state.data_epoch, args.seed, batch_size, rank, world, state.batches_per_epoch,
-                           start=state.batch_in_epoch, groups=getattr(rows, "groups", None),
-                           step_rows=batch_size * world * state.run["grad_accum"])
-    return torch.utils.data.DataLoader(rows, batch_sampler=sampler, collate_fn=Collate(processor),
-                                       num_workers=args.num_workers,
-                                       prefetch_factor=args.prefetch_factor if args.num_workers else None,
-                                       pin_memory=device.type == "cuda")
+    sampler = EpochBatches(
+        len(rows),
+        state.data_epoch,
+        args.seed,
+        batch_size,
+        rank,
+        world,
+        state.batches_per_epoch,
+        start=state.batch_in_epoch,
+        groups=getattr(rows, "groups", None),
+        step_rows=batch_size * world * state.run["grad_accum"],
+    )
+    return torch.utils.data.DataLoader(
+        rows,
+        batch_sampler=sampler,
+        collate_fn=Collate(processor),
+        num_workers=args.num_workers,
+        prefetch_factor=args.prefetch_factor if args.num_workers else None,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def main(args):
@@ -1122,23 +1461,31 @@ def load_inputs(args, device_map, say):
     rows = load_training_rows(args)
     say(f"training data: {rows.label}")
     if getattr(rows, "short", 0):
-        say(f"{rows.short} row(s) have fewer than --num_negs {args.num_negs} negatives: topped up with random "
-            f"other pages")
+        say(
+            f"{rows.short} row(s) have fewer than --num_negs {args.num_negs} negatives: topped up with random "
+            f"other pages"
+        )
 
     model, processor = build_model(args, ckpt, device_map, say)
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
-    say(f"model {model.model_id}: {n_trainable / 1e6:.3f}M trainable parameters (heads"
+    say(
+        f"model {model.model_id}: {n_trainable / 1e6:.3f}M trainable parameters (heads"
         f"{' + LoRA' if model.lora else ''}), backbone dtype {model.backbone.dtype}"
-        f"{'' if model.quantize == 'none' else f' (language model {model.quantize})'}, device {model.device}")
+        f"{'' if model.quantize == 'none' else f' (language model {model.quantize})'}, device {model.device}"
+    )
     if args.gradient_checkpointing:
         if model.lora:
             model.enable_gradient_checkpointing()
         else:
-            say("--gradient_checkpointing: no effect without LoRA (nothing is back-propagated through the "
-                "frozen backbone, so it keeps no activations)")
+            say(
+                "--gradient_checkpointing: no effect without LoRA (nothing is back-propagated through the "
+                "frozen backbone, so it keeps no activations)"
+            )
     if args.compile_heads:
-        say("--compile_heads: accepted for the original ColIntern commands, and does nothing: the heads are one "
-            "linear layer and a normalisation, a negligible part of a step")
+        say(
+            "--compile_heads: accepted for the original ColIntern commands, and does nothing: the heads are one "
+            "linear layer and a normalisation, a negligible part of a step"
+        )
     return ckpt, snapshot, rows, model, processor
 
 
@@ -1152,9 +1499,14 @@ def train(args, rank, world, device_map, say):
     if note:
         say(note)
     loss_dims = model.matryoshka_dims if len(model.matryoshka_dims) > 1 else None  # the loss's prefixes
-    state = RunState(run_config(args, rows, batch_size, grad_accum, world, total_steps, model.quantize,
-                                model.bidirectional, loss_dims),
-                     batches_per_epoch, total_steps, last_saved=args.resume_ckpt)
+    state = RunState(
+        run_config(
+            args, rows, batch_size, grad_accum, world, total_steps, model.quantize, model.bidirectional, loss_dims
+        ),
+        batches_per_epoch,
+        total_steps,
+        last_saved=args.resume_ckpt,
+    )
     lineage = training_data_lineage(args, rows, ckpt)
     say(f"checkpoints record the training data: {', '.join(lineage)}")
 
@@ -1166,29 +1518,42 @@ def train(args, rank, world, device_map, say):
     scaler = torch.amp.GradScaler(model.device.type, enabled=model.backbone.dtype == torch.float16)
     if snapshot:
         resume_snapshot(state, snapshot, args.resume_ckpt, optimizer, scheduler, scaler)
-        say(f"resuming step snapshot {args.resume_ckpt} exactly: step {state.step}, epoch {state.epoch}, "
-            f"micro-batch {state.batch_in_epoch} of {batches_per_epoch}")
+        say(
+            f"resuming step snapshot {args.resume_ckpt} exactly: step {state.step}, epoch {state.epoch}, "
+            f"micro-batch {state.batch_in_epoch} of {batches_per_epoch}"
+        )
     elif ckpt is not None:
         state.step_offset, state.epoch_offset = ckpt["meta"]["step"], ckpt["meta"]["epoch"]
-        say(f"warm start from {args.resume_ckpt} (epoch {state.epoch_offset}, step {state.step_offset}): heads"
+        say(
+            f"warm start from {args.resume_ckpt} (epoch {state.epoch_offset}, step {state.step_offset}): heads"
             f"{' + LoRA' if model.lora else ''} loaded, fresh optimizer and schedule; epochs continue at "
-            f"{state.epoch}")
+            f"{state.epoch}"
+        )
 
     log = None
     with ranks_agree("writing args.json and the loss log", world):
         if rank == 0:
             write_args_json(args, model, world, device_map, batch_size, grad_accum, total_steps)
             log = LossLog(args.out_dir, state.step)
-    save_here = functools.partial(save_run, args=args, rank=rank, model=model, lineage=lineage, optimizer=optimizer,
-                                  scheduler=scheduler, scaler=scaler)
+    save_here = functools.partial(
+        save_run,
+        args=args,
+        rank=rank,
+        model=model,
+        lineage=lineage,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+    )
 
     def save(kind, state):  # -> path; rank 0 writes, and a failed write stops every rank
         with ranks_agree(f"writing a {kind} checkpoint", world):
             return save_here(kind, state)
 
     model.train()
-    bar = progress_bar(total=total_steps, initial=state.run_step, desc="train", unit="step", disable=rank != 0,
-                       dynamic_ncols=True)
+    bar = progress_bar(
+        total=total_steps, initial=state.run_step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True
+    )
     started, steps_here = time.perf_counter(), 0
     restore_sigterm = terminate_as_interrupt()
     try:
@@ -1202,12 +1567,15 @@ def train(args, rank, world, device_map, say):
                     micro_batches = list(itertools.islice(batches, grad_accum))
                 if len(micro_batches) < grad_accum:  # the epoch's end (it ends on a whole step, on every rank)
                     break
-                loss, lr, overflow = train_step(encoder, micro_batches, state, args, rank, world, params, optimizer,
-                                                scheduler, scaler, log)
+                loss, lr, overflow = train_step(
+                    encoder, micro_batches, state, args, rank, world, params, optimizer, scheduler, scaler, log
+                )
                 steps_here += 1
                 if overflow:
-                    say(f"step {state.step}: fp16 gradients overflowed at loss scale {scaler.get_scale() * 2:g}; "
-                        f"step skipped, scale lowered")
+                    say(
+                        f"step {state.step}: fp16 gradients overflowed at loss scale {scaler.get_scale() * 2:g}; "
+                        f"step skipped, scale lowered"
+                    )
                 rate = steps_here * batch_size * world * grad_accum / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                 bar.update(1)
@@ -1218,8 +1586,11 @@ def train(args, rank, world, device_map, say):
             if state.epoch_ended:
                 state.last_saved = save("epoch", state)
                 say(f"epoch {state.epoch} done: {state.last_saved}")
-        if state.run_step == total_steps and not state.epoch_ended and \
-                not (args.save_every and state.run_step % args.save_every == 0):
+        if (
+            state.run_step == total_steps
+            and not state.epoch_ended
+            and not (args.save_every and state.run_step % args.save_every == 0)
+        ):
             state.last_saved = save("step", state)  # --max_steps stopped mid-epoch: keep it resumable
     except KeyboardInterrupt as e:
         bar.close()
@@ -1227,8 +1598,11 @@ def train(args, rank, world, device_map, say):
         if state.run_step > 0 or ckpt is not None:
             path = save_here("step", state)  # no agreement: the ranks may have been stopped at different places
             if rank == 0:
-                print(f"{what}: wrote step snapshot {path} (step {state.step}); resume with --resume_ckpt "
-                      f"{path} and the same flags", file=sys.stderr)
+                print(
+                    f"{what}: wrote step snapshot {path} (step {state.step}); resume with --resume_ckpt "
+                    f"{path} and the same flags",
+                    file=sys.stderr,
+                )
         raise SystemExit(143 if isinstance(e, Terminated) else 130)
     finally:
         restore_sigterm()

@@ -8,6 +8,7 @@ page of a topic carries its title). Every run is the real command (train.py, the
     python bench/bench_levers.py                              # 3 seeds, 150 steps: ~15-20 min on 2 cores
     python bench/bench_levers.py --seeds 0 --steps 20         # a quick look
 """
+
 import argparse
 import json
 import os
@@ -30,9 +31,19 @@ MATRYOSHKA_DIMS = (128, 64, 32)
 
 def run(*command, env=None) -> float:
     start = time.perf_counter()
-    subprocess.run([str(c) for c in command], check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                        "HF_DATASETS_OFFLINE": "1", **(env or {})})
+    subprocess.run(
+        [str(c) for c in command],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        env={
+            **os.environ,
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            **(env or {}),
+        },
+    )
     return time.perf_counter() - start
 
 
@@ -55,8 +66,21 @@ def main():
     if not os.path.isdir(model):
         run(PY, "make_tiny_model.py", "--out", model)
     if not os.path.isdir(data):
-        run(PY, "make_synthetic_data.py", "--out_dir", data, "--topics", args.topics, "--train_pages",
-            args.train_pages, "--eval_pages", args.topics, "--seed", 0, "--no_progress")
+        run(
+            PY,
+            "make_synthetic_data.py",
+            "--out_dir",
+            data,
+            "--topics",
+            args.topics,
+            "--train_pages",
+            args.train_pages,
+            "--eval_pages",
+            args.topics,
+            "--seed",
+            0,
+            "--no_progress",
+        )
     results, seconds = {}, {}
     for name, flags in CONFIGS.items():
         for seed in args.seeds:
@@ -64,24 +88,80 @@ def main():
             out = os.path.join(args.out, tag)
             ckpt = os.path.join(out, f"colintern_heads_step{args.steps}.pt")
             if not os.path.isfile(ckpt):
-                seconds.setdefault(name, []).append(run(
-                    PY, "train.py", "--model_id", model, "--train_hub", os.path.join(data, "train"), "--out_dir", out,
-                    "--max_tiles", 4, "--proj_dim", 128, "--lora", "--lora_r", 8, "--lora_alpha", 16,
-                    "--lora_dropout", 0.0, "--optimizer", "adamw", "--batch_size", 8, "--epochs", 1, "--max_steps",
-                    args.steps, "--lr", 1e-3, "--warmup_steps", 10, "--temperature", 0.05, "--save_every", 0,
-                    "--num_workers", 1, "--seed", seed, "--overwrite", *flags, env={"OMP_NUM_THREADS": "1"}))
+                seconds.setdefault(name, []).append(
+                    run(
+                        PY,
+                        "train.py",
+                        "--model_id",
+                        model,
+                        "--train_hub",
+                        os.path.join(data, "train"),
+                        "--out_dir",
+                        out,
+                        "--max_tiles",
+                        4,
+                        "--proj_dim",
+                        128,
+                        "--lora",
+                        "--lora_r",
+                        8,
+                        "--lora_alpha",
+                        16,
+                        "--lora_dropout",
+                        0.0,
+                        "--optimizer",
+                        "adamw",
+                        "--batch_size",
+                        8,
+                        "--epochs",
+                        1,
+                        "--max_steps",
+                        args.steps,
+                        "--lr",
+                        1e-3,
+                        "--warmup_steps",
+                        10,
+                        "--temperature",
+                        0.05,
+                        "--save_every",
+                        0,
+                        "--num_workers",
+                        1,
+                        "--seed",
+                        seed,
+                        "--overwrite",
+                        *flags,
+                        env={"OMP_NUM_THREADS": "1"},
+                    )
+                )
             dims = MATRYOSHKA_DIMS if "--matryoshka_dims" in flags else (None,)
             for dim in dims:
                 label = name if dim is None else f"{name} at --dim {dim}"
                 summary = os.path.join(out, f"eval_dim{dim}.json")
                 if not os.path.isfile(summary):
-                    run(PY, "eval.py", "--ckpt", ckpt, "--local_task", os.path.join(data, "eval"), "--device", "cpu",
-                        "--score_dtype", "fp32", "--results_dir", os.path.join(args.out, "mteb_cache"), "--out_json",
-                        summary, *(["--dim", dim] if dim else []))
+                    run(
+                        PY,
+                        "eval.py",
+                        "--ckpt",
+                        ckpt,
+                        "--local_task",
+                        os.path.join(data, "eval"),
+                        "--device",
+                        "cpu",
+                        "--score_dtype",
+                        "fp32",
+                        "--results_dir",
+                        os.path.join(args.out, "mteb_cache"),
+                        "--out_json",
+                        summary,
+                        *(["--dim", dim] if dim else []),
+                    )
                 results.setdefault(label, []).append(ndcg_at_5(summary))
                 print(f"{label:40s} seed {seed}: nDCG@5 {results[label][-1]:.3f}", flush=True)
-    print(f"\nheld-out nDCG@5 after {args.steps} steps (batch 8, {args.train_pages} pages, {args.topics} topics), "
-          f"seeds {args.seeds}")
+    print(
+        f"\nheld-out nDCG@5 after {args.steps} steps (batch 8, {args.train_pages} pages, {args.topics} topics), "
+        f"seeds {args.seeds}"
+    )
     print(f"{'setting':42s} {'mean':>6s} {'sd':>6s}  per seed")
     for label, values in results.items():
         sd = statistics.stdev(values) if len(values) > 1 else 0.0

@@ -21,6 +21,7 @@ bf16 matmul is a slow fallback, timed on a small matrix only to say how slow; th
 is the fp32 one (ColIntern rounds to bf16 and multiplies in fp32). The bench also prints the score dtype mining's
 default (--score_dtype auto) picks here, and the default mode's ratio against colpali-engine's fp32.
 """
+
 import argparse
 import os
 import sys
@@ -30,8 +31,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from colintern_model import (cpu_has_native_bf16, dtype_name, matmul_dtype, maxsim_scores, maxsim_topk,  # noqa: E402
-                             score_dtype, sync)
+from colintern_model import (
+    cpu_has_native_bf16,
+    dtype_name,
+    matmul_dtype,
+    maxsim_scores,
+    maxsim_topk,  # noqa: E402
+    score_dtype,
+    sync,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOLERANCE = {"fp32": 1e-3, "bf16": 0.1}  # max |score error| vs float64: 30 query tokens, rounding per similarity
@@ -44,17 +52,35 @@ def parse_args(argv=None):
     p.add_argument("--queries", type=int, default=64, help="number of queries")
     p.add_argument("--query_tokens", type=int, default=30, help="tokens per query")
     p.add_argument("--pages", type=int, default=500, help="number of pages")
-    p.add_argument("--page_tokens", type=int, nargs=2, default=(700, 1300), metavar=("MIN", "MAX"),
-                   help="page lengths are uniform in [MIN, MAX]")
+    p.add_argument(
+        "--page_tokens",
+        type=int,
+        nargs=2,
+        default=(700, 1300),
+        metavar=("MIN", "MAX"),
+        help="page lengths are uniform in [MIN, MAX]",
+    )
     p.add_argument("--dim", type=int, default=128, help="embedding size")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="dtypes to compare at")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timed runs per scorer and per peak matmul (the best and the median are reported)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed runs per scorer and per peak matmul (the best and the median are reported)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--peer_budget_s", type=float, default=60.0,
-                   help="a scorer projected to need longer than this for all queries runs on a subset of them")
-    p.add_argument("--check_queries", type=int, default=64,
-                   help="queries whose scores and top-10 are checked against the float64 reference")
+    p.add_argument(
+        "--peer_budget_s",
+        type=float,
+        default=60.0,
+        help="a scorer projected to need longer than this for all queries runs on a subset of them",
+    )
+    p.add_argument(
+        "--check_queries",
+        type=int,
+        default=64,
+        help="queries whose scores and top-10 are checked against the float64 reference",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for the embeddings")
     return p.parse_args(argv)
 
@@ -86,7 +112,7 @@ def matmul_peak(dtype, device, repeats) -> tuple:
     for n in sizes:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         times, _ = run_times(lambda: a @ b, device, repeats)
-        best[n] = 2 * n ** 3 / min(times) / 1e9
+        best[n] = 2 * n**3 / min(times) / 1e9
     return max(best.values()), best
 
 
@@ -94,8 +120,10 @@ def planted(args):
     """Ragged unit-vector queries and pages; query i's relevant pages hold graded noisy copies of its tokens."""
     g = torch.Generator().manual_seed(args.seed)
     lo, hi = args.page_tokens
-    pages = [F.normalize(torch.randn(int(n), args.dim, generator=g), dim=-1)
-             for n in torch.randint(lo, hi + 1, (args.pages,), generator=g)]
+    pages = [
+        F.normalize(torch.randn(int(n), args.dim, generator=g), dim=-1)
+        for n in torch.randint(lo, hi + 1, (args.pages,), generator=g)
+    ]
     queries = []
     for i in range(args.queries):
         q = F.normalize(torch.randn(args.query_tokens, args.dim, generator=g), dim=-1)
@@ -103,8 +131,8 @@ def planted(args):
             slot = i * TOP + rank
             page, offset = pages[slot % args.pages], 32 * (slot // args.pages)
             copies = max(1, round(args.query_tokens * (TOP - rank) / TOP))
-            noise = 0.3 * torch.randn(copies, args.dim, generator=g) / args.dim ** 0.5
-            page[offset:offset + copies] = F.normalize(q[:copies] + noise, dim=-1)
+            noise = 0.3 * torch.randn(copies, args.dim, generator=g) / args.dim**0.5
+            page[offset : offset + copies] = F.normalize(q[:copies] + noise, dim=-1)
         queries.append(q)
     return queries, pages
 
@@ -112,8 +140,9 @@ def planted(args):
 def reference_scores(queries, pages, device) -> torch.Tensor:
     """float64 MaxSim, one page at a time: the plain definition, no padding, no blocking."""
     q = torch.cat(queries).to(device, torch.float64)
-    owner = torch.repeat_interleave(torch.arange(len(queries), device=device),
-                                    torch.tensor([len(x) for x in queries], device=device))
+    owner = torch.repeat_interleave(
+        torch.arange(len(queries), device=device), torch.tensor([len(x) for x in queries], device=device)
+    )
     out = torch.zeros(len(queries), len(pages), dtype=torch.float64, device=device)
     for j, p in enumerate(pages):
         best = (q @ p.to(device, torch.float64).T).amax(dim=1)
@@ -126,14 +155,16 @@ def scorers(device):
     it is skipped."""
     found = {
         "colintern": (lambda q, p, dtype: maxsim_scores(q, p, device=device, dtype=dtype), DTYPES.values()),
-        "colintern-topk": (lambda q, p, dtype: maxsim_topk(q, p, TOP, device=device, dtype=dtype)[1],
-                           DTYPES.values()),
+        "colintern-topk": (lambda q, p, dtype: maxsim_topk(q, p, TOP, device=device, dtype=dtype)[1], DTYPES.values()),
     }
     try:
         from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
+
         score = BaseVisualRetrieverProcessor.score_multi_vector
-        found["colpali-engine"] = (lambda q, p, dtype: score([x.to(dtype) for x in q], [x.to(dtype) for x in p],
-                                                             device=device), DTYPES.values())
+        found["colpali-engine"] = (
+            lambda q, p, dtype: score([x.to(dtype) for x in q], [x.to(dtype) for x in p], device=device),
+            DTYPES.values(),
+        )
     except ImportError as e:
         found["colpali-engine"] = f"not installed ({e}); pip install --no-deps -r bench/requirements.txt"
     except Exception as e:  # installed without its dependencies (--no-deps) against another stack: name the error
@@ -148,6 +179,7 @@ def scorers(device):
             def run(q, p, dtype):
                 docs = [x.numpy() for x in p]
                 return torch.from_numpy(np.stack([maxsim_cpu.maxsim_scores_variable(x.numpy(), docs) for x in q]))
+
             found["maxsim-cpu"] = (run, [torch.float32])  # float32 numpy only
         except ImportError as e:
             found["maxsim-cpu"] = f"not installed ({e}); pip install --no-deps -r bench/requirements.txt"
@@ -161,26 +193,32 @@ def main(args):
     queries, pages = planted(args)
     flops_per_query = 2 * args.query_tokens * sum(len(p) for p in pages) * args.dim
     on = torch.device(device)
-    print(f"device {device} ({torch.cuda.get_device_name(on) if on.type == 'cuda' else os.cpu_count()} "
-          f"{'' if on.type == 'cuda' else 'cores, '}torch threads {torch.get_num_threads()}); {len(queries)} queries x "
-          f"{args.query_tokens} tokens, {len(pages)} pages x {args.page_tokens[0]}-{args.page_tokens[1]} tokens, "
-          f"dim {args.dim}: {flops_per_query * len(queries) / 1e9:.1f} GFLOP per full scoring")
+    print(
+        f"device {device} ({torch.cuda.get_device_name(on) if on.type == 'cuda' else os.cpu_count()} "
+        f"{'' if on.type == 'cuda' else 'cores, '}torch threads {torch.get_num_threads()}); {len(queries)} queries x "
+        f"{args.query_tokens} tokens, {len(pages)} pages x {args.page_tokens[0]}-{args.page_tokens[1]} tokens, "
+        f"dim {args.dim}: {flops_per_query * len(queries) / 1e9:.1f} GFLOP per full scoring"
+    )
     peaks, native = {}, {}
     for name, dtype in DTYPES.items():
         peaks[name], by_size = matmul_peak(dtype, device, args.repeats)
         native[name] = matmul_dtype(dtype, device) == dtype
         note = "" if native[name] else " (no native matmul at this dtype on this machine: torch's fallback)"
         sizes = ", ".join(f"{n}: {g:.1f}" for n, g in by_size.items())
-        print(f"matmul peak {name}: {peaks[name]:.1f} GFLOP/s (square n x n, best of {args.repeats} runs each: "
-              f"{sizes}){note}")
+        print(
+            f"matmul peak {name}: {peaks[name]:.1f} GFLOP/s (square n x n, best of {args.repeats} runs each: "
+            f"{sizes}){note}"
+        )
     # the peak a scorer at that dtype can reach here: without a native bf16 matmul, the fp32 one (rounded bf16
     # inputs computed in fp32 are what ColIntern does there)
     usable = {name: peaks[name] if native[name] else peaks["fp32"] for name in DTYPES}
     default = dtype_name(score_dtype("auto", device))
     if on.type == "cpu":
-        print(f"default mode (mining's --score_dtype auto): {default} (native bf16 on this CPU: "
-              f"{cpu_has_native_bf16()}; torch.ops.mkldnn._is_mkldnn_bf16_supported() "
-              f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()})")
+        print(
+            f"default mode (mining's --score_dtype auto): {default} (native bf16 on this CPU: "
+            f"{cpu_has_native_bf16()}; torch.ops.mkldnn._is_mkldnn_bf16_supported() "
+            f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()})"
+        )
     else:
         print(f"default mode (mining's --score_dtype auto): {default}")
     checked = min(args.check_queries, len(queries))
@@ -224,11 +262,13 @@ def main(args):
             tol = TOLERANCE[dname]
             err_text = "n/a (top-k only)" if err != err else f"{err:.2e} ({'within' if err <= tol else 'OVER'} {tol})"
             peak_name = dname if native[dname] else "fp32"
-            print(f"{name} {dname}: {best * len(queries) / n:.3f} s, {gflops:.1f} GFLOP/s "
-                  f"= {gflops / usable[dname]:.0%} of the {peak_name} matmul peak (median of {len(times)}: "
-                  f"{mid * len(queries) / n:.3f} s, {gflops_mid:.1f} GFLOP/s, {gflops_mid / usable[dname]:.0%}); "
-                  f"max |score error| {err_text}; "
-                  f"top-{TOP} identical to the reference for {same_top:.0%} of queries{subset}")
+            print(
+                f"{name} {dname}: {best * len(queries) / n:.3f} s, {gflops:.1f} GFLOP/s "
+                f"= {gflops / usable[dname]:.0%} of the {peak_name} matmul peak (median of {len(times)}: "
+                f"{mid * len(queries) / n:.3f} s, {gflops_mid:.1f} GFLOP/s, {gflops_mid / usable[dname]:.0%}); "
+                f"max |score error| {err_text}; "
+                f"top-{TOP} identical to the reference for {same_top:.0%} of queries{subset}"
+            )
 
     def ratio(a, b):
         (a_min, a_mid), (b_min, b_mid) = results[a], results[b]
@@ -241,8 +281,10 @@ def main(args):
                     print(f"ratio {ours} / {peer} at {dname}: {ratio((ours, dname), (peer, dname))}")
     for ours in ("colintern", "colintern-topk"):
         if (ours, default) in results and ("colpali-engine", "fp32") in results:
-            print(f"ratio {ours} default mode ({default}) / colpali-engine fp32: "
-                  f"{ratio((ours, default), ('colpali-engine', 'fp32'))}")
+            print(
+                f"ratio {ours} default mode ({default}) / colpali-engine fp32: "
+                f"{ratio((ours, default), ('colpali-engine', 'fp32'))}"
+            )
     return results
 
 

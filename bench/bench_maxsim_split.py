@@ -6,6 +6,7 @@ bf16 runs as bf16 only on a CPU with native bf16, AVX512-BF16 or AMX; elsewhere 
     python bench/bench_maxsim_split.py                       # 64 queries x 20 tokens against 1,000 1,024-token pages
     python bench/bench_maxsim_split.py --pages 200 --repeats 3
 """
+
 import argparse
 import os
 import sys
@@ -32,7 +33,7 @@ def split(tokens: torch.Tensor, pages: torch.Tensor, repeats: int) -> dict:
     t, d = tokens.shape
     np_, lp, _ = pages.shape
     budget = cm.cpu_sim_block(tokens.dtype)
-    group = np_ if t * np_ * lp <= budget else max(1, min(np_, int(budget ** 0.5) // lp))
+    group = np_ if t * np_ * lp <= budget else max(1, min(np_, int(budget**0.5) // lp))
     rows = max(1, min(t, budget // (group * lp)))
     flat = pages.reshape(np_ * lp, d)
     blocks = [(p0, r0) for p0 in range(0, np_, group) for r0 in range(0, t, rows)]
@@ -41,19 +42,29 @@ def split(tokens: torch.Tensor, pages: torch.Tensor, repeats: int) -> dict:
     def matmuls():
         for p0, r0 in blocks:
             p1, r1 = min(np_, p0 + group), min(t, r0 + rows)
-            torch.mm(tokens[r0:r1], flat[p0 * lp:p1 * lp].T, out=buffer[:(r1 - r0) * (p1 - p0) * lp].view(
-                r1 - r0, (p1 - p0) * lp))
+            torch.mm(
+                tokens[r0:r1],
+                flat[p0 * lp : p1 * lp].T,
+                out=buffer[: (r1 - r0) * (p1 - p0) * lp].view(r1 - r0, (p1 - p0) * lp),
+            )
 
     def maxes():
         for p0, r0 in blocks:
             p1, r1 = min(np_, p0 + group), min(t, r0 + rows)
-            buffer[:(r1 - r0) * (p1 - p0) * lp].view(r1 - r0, p1 - p0, lp).amax(dim=-1)
+            buffer[: (r1 - r0) * (p1 - p0) * lp].view(r1 - r0, p1 - p0, lp).amax(dim=-1)
 
     whole = best_of(lambda: cm.maxsim_tokens(tokens, pages, workers=1), repeats)
     mm, mx = best_of(matmuls, repeats), best_of(maxes, repeats)
     flops = 2 * t * np_ * lp * d
-    return {"whole_s": whole, "matmul_s": mm, "max_s": mx, "gflops": flops / whole / 1e9,
-            "matmul_gflops": flops / mm / 1e9, "blocks": len(blocks), "block": (rows, group * lp)}
+    return {
+        "whole_s": whole,
+        "matmul_s": mm,
+        "max_s": mx,
+        "gflops": flops / whole / 1e9,
+        "matmul_gflops": flops / mm / 1e9,
+        "blocks": len(blocks),
+        "block": (rows, group * lp),
+    }
 
 
 def main():
@@ -69,16 +80,20 @@ def main():
     g = torch.Generator().manual_seed(0)
     tokens = torch.nn.functional.normalize(torch.randn(args.queries * args.query_tokens, args.dim, generator=g), dim=-1)
     pages = torch.nn.functional.normalize(torch.randn(args.pages, args.page_tokens, args.dim, generator=g), dim=-1)
-    print(f"{args.queries} queries x {args.query_tokens} tokens against {args.pages} pages x {args.page_tokens} "
-          f"tokens, D {args.dim}, 1 thread; native bf16: {cm.cpu_has_native_bf16()}")
+    print(
+        f"{args.queries} queries x {args.query_tokens} tokens against {args.pages} pages x {args.page_tokens} "
+        f"tokens, D {args.dim}, 1 thread; native bf16: {cm.cpu_has_native_bf16()}"
+    )
     for dtype in (torch.float32, torch.bfloat16):
         compute = cm.matmul_dtype(dtype, "cpu")
         r = split(tokens.to(dtype).to(compute), pages.to(dtype).to(compute), args.repeats)
         rest = r["whole_s"] - r["matmul_s"] - r["max_s"]
-        print(f"{cm.dtype_name(dtype)} (computed in {cm.dtype_name(compute)}), {r['blocks']} blocks of "
-              f"{r['block'][0]} x {r['block'][1]}: whole {r['whole_s']:.3f} s ({r['gflops']:.0f} GFLOP/s); matmul "
-              f"{r['matmul_s']:.3f} s ({100 * r['matmul_s'] / r['whole_s']:.0f}%, {r['matmul_gflops']:.0f} GFLOP/s), "
-              f"max {r['max_s']:.3f} s ({100 * r['max_s'] / r['whole_s']:.0f}%), rest {rest:.3f} s")
+        print(
+            f"{cm.dtype_name(dtype)} (computed in {cm.dtype_name(compute)}), {r['blocks']} blocks of "
+            f"{r['block'][0]} x {r['block'][1]}: whole {r['whole_s']:.3f} s ({r['gflops']:.0f} GFLOP/s); matmul "
+            f"{r['matmul_s']:.3f} s ({100 * r['matmul_s'] / r['whole_s']:.0f}%, {r['matmul_gflops']:.0f} GFLOP/s), "
+            f"max {r['max_s']:.3f} s ({100 * r['max_s'] / r['whole_s']:.0f}%), rest {rest:.3f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ runs without a graph: its per-layer peak over the micro-batch's tiles (3 x hidde
 token, 1025 tokens a tile) comes before the language model's and counts only if larger. A card fits when the
 estimate stays under 90% of its nominal size less 1 GB (CUDA context, kernels' workspace, allocator slack).
 """
+
 import importlib.util
 import math
 import os
@@ -73,8 +74,8 @@ REAL_SIZES = ("1b", "2b", "4b", "8b", "14b", "38b")
 MODES = ("bf16", "8bit", "4bit")
 SKIP_MODULES = ["vision_tower", "multi_modal_projector"]  # stay bf16 under BitsAndBytesConfig
 # bitsandbytes' storage (see the module docstring)
-NF4_BLOCK = 64          # weights per absmax (quantize_4bit's default blocksize)
-NESTED_BLOCK = 256      # absmax values per fp32 scale of the double quantisation (quantize_blockwise in quantize_4bit)
+NF4_BLOCK = 64  # weights per absmax (quantize_4bit's default blocksize)
+NESTED_BLOCK = 256  # absmax values per fp32 scale of the double quantisation (quantize_blockwise in quantize_4bit)
 NF4_LAYER_BYTES = 4 + 256 * 4 + 16 * 4  # offset + nested dynamic code + NF4 code, one set per quantised layer
 BF16 = 2
 # What bench_train.py measured at 1B shapes on CPU (fp32 backbone, LoRA r 32 without dropout, 1-tile pages of 264
@@ -83,7 +84,7 @@ BF16 = 2
 # 2 --micro 1 --plain 1,4 --threads 1): +146 MiB at 1, +321 MiB at 4 -> (321 - 146) / 3 = 58.3 MiB.
 MEASURED_1B = dict(query_tokens=25, page_tokens=264, plain_mib=(6541 - 3313) / 4, checkpointing_mib=(321 - 146) / 3)
 ACT_TOKENS = 97  # tokens of the counted sequence: a prime, so no weight dimension equals it
-TILE_TOKENS = 256      # language-model tokens a 448 px tile (pixel shuffle 0.5 of 32 x 32 patches)
+TILE_TOKENS = 256  # language-model tokens a 448 px tile (pixel shuffle 0.5 of 32 x 32 patches)
 VIT_TILE_TOKENS = 1025  # vision-tower tokens a tile (32 x 32 patches + class token)
 CARDS = ((24, "24 GB"), (48, "48 GB"), (80, "H100 80 GB"), (141, "H200 141 GB"))
 CARD_RESERVE_GB = 1.0
@@ -94,11 +95,12 @@ GB = 1e9
 @dataclass
 class Parts:
     """Parameter counts of an InternVLModel, and the shapes of the layers bitsandbytes quantises."""
+
     vision: int
     projector: int
-    lm_linear: int          # weights + biases of the Linear layers inside language_model.layers
-    lm_rest: int            # embeddings + norms
-    linears: list           # (in_features, out_features, has_bias) of each of those Linear layers
+    lm_linear: int  # weights + biases of the Linear layers inside language_model.layers
+    lm_rest: int  # embeddings + norms
+    linears: list  # (in_features, out_features, has_bias) of each of those Linear layers
     buffer_bytes: int
     hidden: int
     layers: int
@@ -120,13 +122,18 @@ def count_parts(model) -> Parts:
     linears = [m for m in lm.layers.modules() if isinstance(m, torch.nn.Linear)]
     lm_linear = sum(numel(m) for m in linears)
     cfg = model.config
-    return Parts(vision=numel(model.vision_tower), projector=numel(model.multi_modal_projector),
-                 lm_linear=lm_linear, lm_rest=numel(lm) - lm_linear,
-                 linears=[(m.in_features, m.out_features, m.bias is not None) for m in linears],
-                 buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
-                 hidden=cfg.text_config.hidden_size, layers=cfg.text_config.num_hidden_layers,
-                 vision_hidden=cfg.vision_config.hidden_size,
-                 vision_intermediate=cfg.vision_config.intermediate_size)
+    return Parts(
+        vision=numel(model.vision_tower),
+        projector=numel(model.multi_modal_projector),
+        lm_linear=lm_linear,
+        lm_rest=numel(lm) - lm_linear,
+        linears=[(m.in_features, m.out_features, m.bias is not None) for m in linears],
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        hidden=cfg.text_config.hidden_size,
+        layers=cfg.text_config.num_hidden_layers,
+        vision_hidden=cfg.vision_config.hidden_size,
+        vision_intermediate=cfg.vision_config.intermediate_size,
+    )
 
 
 def meta_parts(size: str) -> Parts:
@@ -184,6 +191,7 @@ def one_layer_backbone(size: str, dtype: torch.dtype):
     """An InternVLModel on the meta device whose language model has `size`'s layer shapes but one decoder layer
     (and a 16-token vocabulary, a tiny vision tower): what a layer keeps for backward does not depend on the rest."""
     from transformers import InternVLConfig, InternVLModel, InternVLVisionConfig, Qwen3Config
+
     text = Qwen3Config(**{**make_tiny_model.SIZES[size]["text"], "num_hidden_layers": 1}, vocab_size=16)
     vision = InternVLVisionConfig(image_size=448, patch_size=14, **make_tiny_model.SIZES["tiny"]["vision"])
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=1, image_seq_length=256)
@@ -213,6 +221,7 @@ def layer_activation_bytes(size: str, lora: LoraSettings, dtype: torch.dtype = t
         if storage._cdata not in skip and tuple(t.shape[-2:]) != (ACT_TOKENS, ACT_TOKENS):
             kept[storage._cdata] = storage.nbytes()
         return t
+
     embeds = torch.zeros(1, ACT_TOKENS, lm.config.hidden_size, dtype=dtype, device="meta")
     mask = torch.zeros(1, 1, ACT_TOKENS, ACT_TOKENS, dtype=dtype, device="meta")  # 4-D: no data-dependent checks
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -220,8 +229,9 @@ def layer_activation_bytes(size: str, lora: LoraSettings, dtype: torch.dtype = t
     return sum(kept.values()) / ACT_TOKENS
 
 
-def activation_bytes(parts: Parts, per_token_layer: float, tokens: int, checkpointing: bool,
-                     input_bytes: int = BF16) -> float:
+def activation_bytes(
+    parts: Parts, per_token_layer: float, tokens: int, checkpointing: bool, input_bytes: int = BF16
+) -> float:
     """Language-model activations kept over `tokens` tokens: every layer's, or with checkpointing every layer's
     input plus one layer's while it is recomputed."""
     if not checkpointing:
@@ -234,11 +244,13 @@ def calibration(parts_1b: Parts, lora: LoraSettings) -> dict:
     measurement: MiB a query with its page, counted and measured, with and without checkpointing."""
     per = layer_activation_bytes("1b", LoraSettings(r=lora.r, alpha=lora.alpha, dropout=0.0), torch.float32)
     tokens = MEASURED_1B["query_tokens"] + MEASURED_1B["page_tokens"]
-    counted = {ckpt: activation_bytes(parts_1b, per, tokens, ckpt, input_bytes=4) / 2 ** 20 for ckpt in (False, True)}
-    return dict(per_token_layer=per, plain=(counted[False], MEASURED_1B["plain_mib"]),
-                checkpointing=(counted[True], MEASURED_1B["checkpointing_mib"]),
-                margin=max(1.0, MEASURED_1B["plain_mib"] / counted[False],
-                           MEASURED_1B["checkpointing_mib"] / counted[True]))
+    counted = {ckpt: activation_bytes(parts_1b, per, tokens, ckpt, input_bytes=4) / 2**20 for ckpt in (False, True)}
+    return dict(
+        per_token_layer=per,
+        plain=(counted[False], MEASURED_1B["plain_mib"]),
+        checkpointing=(counted[True], MEASURED_1B["checkpointing_mib"]),
+        margin=max(1.0, MEASURED_1B["plain_mib"] / counted[False], MEASURED_1B["checkpointing_mib"] / counted[True]),
+    )
 
 
 def vision_peak_bytes(parts: Parts, work: Workload) -> float:
@@ -246,14 +258,14 @@ def vision_peak_bytes(parts: Parts, work: Workload) -> float:
     return tiles * VIT_TILE_TOKENS * (3 * parts.vision_hidden + parts.vision_intermediate) * BF16
 
 
-def step_bytes(parts: Parts, per_token_layer: float, margin: float, work: Workload, mode: str,
-               checkpointing: bool = True) -> dict:
+def step_bytes(
+    parts: Parts, per_token_layer: float, margin: float, work: Workload, mode: str, checkpointing: bool = True
+) -> dict:
     weights = weight_bytes(parts, mode)
     trainable = trainable_params(parts, work) * (4 + 4 + 2)
     lm = margin * activation_bytes(parts, per_token_layer, work.batch_size * work.tokens_per_query, checkpointing)
     activations = max(lm, vision_peak_bytes(parts, work))
-    return dict(weights=weights, trainable=trainable, activations=activations,
-                total=weights + trainable + activations)
+    return dict(weights=weights, trainable=trainable, activations=activations, total=weights + trainable + activations)
 
 
 def smallest_card(total_gb: float) -> str:
@@ -269,45 +281,63 @@ def fmt_params(n: int) -> str:
 
 def print_tables(sizes, work: Workload) -> dict:
     parts = {s: meta_parts(s) for s in sizes}
-    print("| size | vision | projector | LM linear (quantised) | LM embeddings + norms | total | bf16 | 8-bit | "
-          "4-bit |")
+    print(
+        "| size | vision | projector | LM linear (quantised) | LM embeddings + norms | total | bf16 | 8-bit | 4-bit |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for s, p in parts.items():
         memory = " | ".join(f"{weight_bytes(p, m) / GB:.2f} GB" for m in MODES)
-        print(f"| {s.upper()} | {fmt_params(p.vision)} | {fmt_params(p.projector)} | {fmt_params(p.lm_linear)} | "
-              f"{fmt_params(p.lm_rest)} | {fmt_params(p.total)} | {memory} |")
+        print(
+            f"| {s.upper()} | {fmt_params(p.vision)} | {fmt_params(p.projector)} | {fmt_params(p.lm_linear)} | "
+            f"{fmt_params(p.lm_rest)} | {fmt_params(p.total)} | {memory} |"
+        )
 
     lora = LoraSettings(r=work.lora_r, alpha=work.lora_r)
     cal = calibration(parts.get("1b") or meta_parts("1b"), lora)
     act = {s: layer_activation_bytes(s, lora) for s in parts}
     print()
-    print(f"Activations a decoder layer keeps per token (bf16 backbone, LoRA r {lora.r} dropout {lora.dropout} in bf16, "
-          f"counted on the meta device), and per {work.page_tokens}-token page ({work.tiles} tiles) / "
-          f"{work.query_tokens}-token query over all layers, x{cal['margin']:.2f} (measured / counted at 1B, if "
-          f"above 1):")
+    print(
+        f"Activations a decoder layer keeps per token (bf16 backbone, LoRA r {lora.r} dropout {lora.dropout} in bf16, "
+        f"counted on the meta device), and per {work.page_tokens}-token page ({work.tiles} tiles) / "
+        f"{work.query_tokens}-token query over all layers, x{cal['margin']:.2f} (measured / counted at 1B, if "
+        f"above 1):"
+    )
     print()
-    print("| size | hidden x layers | per token per layer | page, no checkpointing | page, checkpointing | "
-          "query, no checkpointing | query, checkpointing |")
+    print(
+        "| size | hidden x layers | per token per layer | page, no checkpointing | page, checkpointing | "
+        "query, no checkpointing | query, checkpointing |"
+    )
     print("|---|---|---|---|---|---|---|")
     for s, p in parts.items():
-        cells = [cal["margin"] * activation_bytes(p, act[s], tokens, ckpt) / 2 ** 20
-                 for tokens in (work.page_tokens, work.query_tokens) for ckpt in (False, True)]
-        print(f"| {s.upper()} | {p.hidden} x {p.layers} | {act[s] / 1024:.0f} KiB = {act[s] / p.hidden:.0f} B x "
-              f"hidden | " + " | ".join(f"{c:,.0f} MiB" if c >= 10 else f"{c:.1f} MiB" for c in cells) + " |")
+        cells = [
+            cal["margin"] * activation_bytes(p, act[s], tokens, ckpt) / 2**20
+            for tokens in (work.page_tokens, work.query_tokens)
+            for ckpt in (False, True)
+        ]
+        print(
+            f"| {s.upper()} | {p.hidden} x {p.layers} | {act[s] / 1024:.0f} KiB = {act[s] / p.hidden:.0f} B x "
+            f"hidden | " + " | ".join(f"{c:,.0f} MiB" if c >= 10 else f"{c:.1f} MiB" for c in cells) + " |"
+        )
     print()
     (plain_c, plain_m), (ckpt_c, ckpt_m) = cal["plain"], cal["checkpointing"]
-    print(f"check at 1B, fp32 backbone, LoRA without dropout ({cal['per_token_layer'] / 1024:.1f} KiB a token a "
-          f"layer), a query + page of {MEASURED_1B['query_tokens']} + {MEASURED_1B['page_tokens']} tokens: counted "
-          f"{plain_c:.0f} MiB, measured {plain_m:.0f} MiB without checkpointing (x{plain_m / plain_c:.2f}); counted "
-          f"{ckpt_c:.1f} MiB, measured {ckpt_m:.1f} MiB with it (x{ckpt_m / ckpt_c:.2f})")
+    print(
+        f"check at 1B, fp32 backbone, LoRA without dropout ({cal['per_token_layer'] / 1024:.1f} KiB a token a "
+        f"layer), a query + page of {MEASURED_1B['query_tokens']} + {MEASURED_1B['page_tokens']} tokens: counted "
+        f"{plain_c:.0f} MiB, measured {plain_m:.0f} MiB without checkpointing (x{plain_m / plain_c:.2f}); counted "
+        f"{ckpt_c:.1f} MiB, measured {ckpt_m:.1f} MiB with it (x{ckpt_m / ckpt_c:.2f})"
+    )
     print()
-    print(f"One training step (--lora --gradient_checkpointing), micro-batch {work.batch_size} queries x "
-          f"({work.query_tokens} query + {1 + work.num_negs} x {work.page_tokens} page tokens = "
-          f"{work.tokens_per_query}); GB, then the smallest card it fits (under {CARD_USABLE:.0%} of its size less "
-          f"{CARD_RESERVE_GB:.0f} GB):")
+    print(
+        f"One training step (--lora --gradient_checkpointing), micro-batch {work.batch_size} queries x "
+        f"({work.query_tokens} query + {1 + work.num_negs} x {work.page_tokens} page tokens = "
+        f"{work.tokens_per_query}); GB, then the smallest card it fits (under {CARD_USABLE:.0%} of its size less "
+        f"{CARD_RESERVE_GB:.0f} GB):"
+    )
     print()
-    print("| size | LoRA + heads (fp32, grads, 8-bit Adam) | activations (without checkpointing) | bf16 backbone | "
-          "8-bit backbone | 4-bit backbone |")
+    print(
+        "| size | LoRA + heads (fp32, grads, 8-bit Adam) | activations (without checkpointing) | bf16 backbone | "
+        "8-bit backbone | 4-bit backbone |"
+    )
     print("|---|---|---|---|---|---|")
     for s, p in parts.items():
         cells = []
@@ -316,26 +346,37 @@ def print_tables(sizes, work: Workload) -> dict:
             cells.append(f"{total:.1f} -> {smallest_card(total)}")
         est = step_bytes(p, act[s], cal["margin"], work, "bf16")
         plain = step_bytes(p, act[s], cal["margin"], work, "bf16", checkpointing=False)["activations"]
-        print(f"| {s.upper()} | {est['trainable'] / GB:.2f} | {est['activations'] / GB:.1f} ({plain / GB:.0f}) | "
-              + " | ".join(cells) + " |")
+        print(
+            f"| {s.upper()} | {est['trainable'] / GB:.2f} | {est['activations'] / GB:.1f} ({plain / GB:.0f}) | "
+            + " | ".join(cells)
+            + " |"
+        )
     return parts
 
 
 # -----------------------------------------------------------------------------
 # --verify: quantise one size for real on the CPU
 
+
 def bnb_config(mode: str):
     from transformers import BitsAndBytesConfig
+
     if mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_MODULES)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=SKIP_MODULES)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=SKIP_MODULES,
+    )
 
 
 def held_bytes(model) -> int:
     """Bytes of every tensor the model holds: parameters, buffers and bitsandbytes' quantisation state (SCB; absmax,
     offset, code and the nested state), each storage counted once."""
     import bitsandbytes as bnb
+
     tensors = list(model.parameters()) + list(model.buffers())
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear8bitLt):
@@ -358,6 +399,7 @@ def held_bytes(model) -> int:
 
 def quantised_names(model) -> set:
     import bitsandbytes as bnb
+
     return {name for name, m in model.named_modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))}
 
 
@@ -367,12 +409,16 @@ def verify(size: str, work_dir: str | None) -> dict:
         raise ImportError("--verify needs bitsandbytes: pip install bitsandbytes")
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     model, _ = make_tiny_model.build(size, tile=448)
     parts = count_parts(model)
-    expected_linear = {name for name, m in model.named_modules()
-                       if isinstance(m, torch.nn.Linear) and name.startswith("language_model.layers.")}
+    expected_linear = {
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.startswith("language_model.layers.")
+    }
     with tempfile.TemporaryDirectory(dir=work_dir) as folder:
         model.to(torch.bfloat16).save_pretrained(folder)
         del model
@@ -384,14 +430,19 @@ def verify(size: str, work_dir: str | None) -> dict:
             loaded = AutoModel.from_pretrained(folder, dtype=torch.bfloat16, **kwargs)
             names = quantised_names(loaded)
             if mode != "bf16" and names != expected_linear:
-                raise RuntimeError(f"{mode}: bitsandbytes quantised {len(names)} modules, expected the "
-                                   f"{len(expected_linear)} LM linear layers; differing: "
-                                   f"{sorted(names ^ expected_linear)[:5]}")
+                raise RuntimeError(
+                    f"{mode}: bitsandbytes quantised {len(names)} modules, expected the "
+                    f"{len(expected_linear)} LM linear layers; differing: "
+                    f"{sorted(names ^ expected_linear)[:5]}"
+                )
             measured, footprint, formula = held_bytes(loaded), loaded.get_memory_footprint(), weight_bytes(parts, mode)
             which = "nothing quantised" if mode == "bf16" else f"the {len(names)} LM linear layers quantised, no other"
-            print(f"verify {size} {mode:4s}: {which}; held tensors {measured:,} B, formula {formula:,} B, difference "
-                  f"{measured - formula:+,} B ({(measured - formula) / formula:+.4%}); get_memory_footprint() "
-                  f"{footprint:,} B (no quantisation state); {time.perf_counter() - t:.0f} s", flush=True)
+            print(
+                f"verify {size} {mode:4s}: {which}; held tensors {measured:,} B, formula {formula:,} B, difference "
+                f"{measured - formula:+,} B ({(measured - formula) / formula:+.4%}); get_memory_footprint() "
+                f"{footprint:,} B (no quantisation state); {time.perf_counter() - t:.0f} s",
+                flush=True,
+            )
             results[mode] = (measured, formula)
             del loaded
     return results
@@ -399,21 +450,44 @@ def verify(size: str, work_dir: str | None) -> dict:
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--sizes", default=",".join(REAL_SIZES),
-                   help=f"comma-separated sizes from make_tiny_model.SIZES ({', '.join(make_tiny_model.SIZES)})")
-    p.add_argument("--batch_size", type=int, default=train.build_parser().get_default("batch_size"),
-                   help="queries per micro-batch for the training estimate (train.py's default)")
+    p.add_argument(
+        "--sizes",
+        default=",".join(REAL_SIZES),
+        help=f"comma-separated sizes from make_tiny_model.SIZES ({', '.join(make_tiny_model.SIZES)})",
+    )
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=train.build_parser().get_default("batch_size"),
+        help="queries per micro-batch for the training estimate (train.py's default)",
+    )
     p.add_argument("--num_negs", type=int, default=0, help="hard negatives per query (train.py with --train_hub: 0)")
-    p.add_argument("--tiles", type=int, default=5,
-                   help="tiles per page (train.py's default --max_tiles 4 + the thumbnail: 5, 1,280 image tokens)")
-    p.add_argument("--page_text_tokens", type=int, default=8,
-                   help="page tokens besides the image's (prompt, <img> </img>; 8 in bench_train.py's pages)")
-    p.add_argument("--query_tokens", type=int, default=30,
-                   help="tokens per query (prefix + text + 10 augmentation tokens; bench_train.py's are 25)")
+    p.add_argument(
+        "--tiles",
+        type=int,
+        default=5,
+        help="tiles per page (train.py's default --max_tiles 4 + the thumbnail: 5, 1,280 image tokens)",
+    )
+    p.add_argument(
+        "--page_text_tokens",
+        type=int,
+        default=8,
+        help="page tokens besides the image's (prompt, <img> </img>; 8 in bench_train.py's pages)",
+    )
+    p.add_argument(
+        "--query_tokens",
+        type=int,
+        default=30,
+        help="tokens per query (prefix + text + 10 augmentation tokens; bench_train.py's are 25)",
+    )
     p.add_argument("--lora_r", type=int, default=LoraSettings().r, help="LoRA rank (colintern_model's default)")
-    p.add_argument("--verify", default=None, metavar="SIZE",
-                   help="also build SIZE for real, load it bf16 / 8-bit / 4-bit on the CPU through bitsandbytes and "
-                        "compare the bytes held with the formula (1b: ~2 min on 2 cores, ~6 GB RAM)")
+    p.add_argument(
+        "--verify",
+        default=None,
+        metavar="SIZE",
+        help="also build SIZE for real, load it bf16 / 8-bit / 4-bit on the CPU through bitsandbytes and "
+        "compare the bytes held with the formula (1b: ~2 min on 2 cores, ~6 GB RAM)",
+    )
     p.add_argument("--work_dir", default=None, help="where --verify saves its temporary checkpoint (default: TMPDIR)")
     args = p.parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s.strip()]
@@ -427,8 +501,14 @@ def parse_args(argv=None):
 
 
 def main(args):
-    work = Workload(batch_size=args.batch_size, num_negs=args.num_negs, tiles=args.tiles,
-                    page_text_tokens=args.page_text_tokens, query_tokens=args.query_tokens, lora_r=args.lora_r)
+    work = Workload(
+        batch_size=args.batch_size,
+        num_negs=args.num_negs,
+        tiles=args.tiles,
+        page_text_tokens=args.page_text_tokens,
+        query_tokens=args.query_tokens,
+        lora_r=args.lora_r,
+    )
     print_tables(args.sizes, work)
     if args.verify:
         print()

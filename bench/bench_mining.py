@@ -19,6 +19,7 @@ mine_hard_negatives.encode_shard does, on pages processed ahead: pages/s, page t
 (forward model FLOPs as bench_train.py counts them, against --peak_tflops) and the DataLoader workers it takes to
 keep the model fed; (3) ColIntern.encode_pages end to end (processing inline, one thread), pages/s.
 """
+
 import argparse
 import json
 import os
@@ -54,13 +55,27 @@ LAYOUTS = ("lines", "boxes", "bars", "two_columns")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pages", type=int, default=2000, help="distinct pages (and as many queries)")
-    p.add_argument("--duplicates", type=float, default=0.05,
-                   help="fraction of extra rows that repeat an earlier page byte for byte (deduplicated by mining)")
-    p.add_argument("--size", default="tiny", choices=sorted(make_tiny_model.SIZES),
-                   help="random InternVL: tiny (CPU) or 1b (InternVL3.5-1B shapes, for a GPU)")
+    p.add_argument(
+        "--duplicates",
+        type=float,
+        default=0.05,
+        help="fraction of extra rows that repeat an earlier page byte for byte (deduplicated by mining)",
+    )
+    p.add_argument(
+        "--size",
+        default="tiny",
+        choices=sorted(make_tiny_model.SIZES),
+        help="random InternVL: tiny (CPU) or 1b (InternVL3.5-1B shapes, for a GPU)",
+    )
     p.add_argument("--tile", type=int, default=None, help="tile side in px (default 224 tiny, 448 1b)")
-    p.add_argument("--page_size", type=int, nargs=2, default=None, metavar=("W", "H"),
-                   help="page size in px (default 1x2 tiles: 224x448 tiny, 448x896 1b)")
+    p.add_argument(
+        "--page_size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("W", "H"),
+        help="page size in px (default 1x2 tiles: 224x448 tiny, 448x896 1b)",
+    )
     p.add_argument("--max_tiles", type=int, default=4, help="mining --max_tiles")
     p.add_argument("--device", default=None, help="mining --device (default cuda if available)")
     p.add_argument("--dtype", default="auto", help="mining --dtype")
@@ -73,16 +88,32 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--work_dir", default=None, help="keep the model, data and outputs here (default: a temp folder)")
     p.add_argument("--seed", type=int, default=0, help="seed for pages and weights")
-    p.add_argument("--planted_queries", type=int, default=500,
-                   help="queries of the FAISS-vs-exact recall check on planted embeddings (it needs --pages x "
-                        "page tokens >= planted_queries x --k x query tokens)")
-    p.add_argument("--encode_only", action="store_true",
-                   help="time only the page encoding (processing, model, encode_pages), in memory; see above")
-    p.add_argument("--nproc", type=int, nargs="+", default=None,
-                   help="instead: exact mining under torchrun with each of these process counts (fresh page cache "
-                        "each), time per phase and the ratio to the first; outputs must be byte-identical")
-    p.add_argument("--peak_tflops", type=float, default=989.0,
-                   help="--encode_only on CUDA: accelerator peak for MFU, TFLOP/s (H100/H200 dense bf16: 989)")
+    p.add_argument(
+        "--planted_queries",
+        type=int,
+        default=500,
+        help="queries of the FAISS-vs-exact recall check on planted embeddings (it needs --pages x "
+        "page tokens >= planted_queries x --k x query tokens)",
+    )
+    p.add_argument(
+        "--encode_only",
+        action="store_true",
+        help="time only the page encoding (processing, model, encode_pages), in memory; see above",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instead: exact mining under torchrun with each of these process counts (fresh page cache "
+        "each), time per phase and the ratio to the first; outputs must be byte-identical",
+    )
+    p.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=989.0,
+        help="--encode_only on CUDA: accelerator peak for MFU, TFLOP/s (H100/H200 dense bf16: 989)",
+    )
     return p.parse_args(argv)
 
 
@@ -111,6 +142,7 @@ def render_page(index: int, size, tile: int, rng: random.Random) -> Image.Image:
 
 def build_inputs(args, work: str, tile: int, size) -> dict:
     import datasets
+
     model_dir, ckpt = os.path.join(work, "model"), os.path.join(work, "ckpt", "colintern_heads_epoch1.pt")
     start = time.perf_counter()
     backbone, processor = make_tiny_model.build(args.size, tile=tile, seed=args.seed)
@@ -128,22 +160,46 @@ def build_inputs(args, work: str, tile: int, size) -> dict:
     images = [render_page(i, size, tile, rng) for i in range(args.pages)]
     copies = [rng.randrange(args.pages) for _ in range(round(args.duplicates * args.pages))]
     rows = list(range(args.pages)) + copies
-    ds = datasets.Dataset.from_dict({"query": [f"Which page is about topic {i}?" for i in rows],
-                                     "image": [images[i] for i in rows]})
+    ds = datasets.Dataset.from_dict(
+        {"query": [f"Which page is about topic {i}?" for i in rows], "image": [images[i] for i in rows]}
+    )
     ds = ds.cast_column("image", datasets.Image())
     data_dir = os.path.join(work, "data")
     os.makedirs(os.path.join(data_dir, "data"), exist_ok=True)
     ds.to_parquet(os.path.join(data_dir, "data", "train-00000-of-00001.parquet"))
-    print(f"data: {len(rows)} rows ({args.pages} distinct pages {size[0]}x{size[1]}, {len(copies)} repeats), "
-          f"rendered and written in {time.perf_counter() - start:.1f} s")
+    print(
+        f"data: {len(rows)} rows ({args.pages} distinct pages {size[0]}x{size[1]}, {len(copies)} repeats), "
+        f"rendered and written in {time.perf_counter() - start:.1f} s"
+    )
     return {"ckpt": ckpt, "data": data_dir}
 
 
 def run(args, inputs, work, name, *extra):
-    flags = ["--ckpt", inputs["ckpt"], "--hub_name", inputs["data"], "--split", "train",
-             "--out_jsonl", os.path.join(work, f"{name}.jsonl"), "--k", args.k, "--max_tiles", args.max_tiles,
-             "--doc_batch", args.doc_batch, "--query_batch", args.query_batch, "--num_workers", args.num_workers,
-             "--shard_pages", args.shard_pages, "--dtype", args.dtype, *extra]
+    flags = [
+        "--ckpt",
+        inputs["ckpt"],
+        "--hub_name",
+        inputs["data"],
+        "--split",
+        "train",
+        "--out_jsonl",
+        os.path.join(work, f"{name}.jsonl"),
+        "--k",
+        args.k,
+        "--max_tiles",
+        args.max_tiles,
+        "--doc_batch",
+        args.doc_batch,
+        "--query_batch",
+        args.query_batch,
+        "--num_workers",
+        args.num_workers,
+        "--shard_pages",
+        args.shard_pages,
+        "--dtype",
+        args.dtype,
+        *extra,
+    ]
     if args.device:
         flags += ["--device", args.device]
     return mine.main(mine.parse_args([str(f) for f in flags]))
@@ -152,15 +208,41 @@ def run(args, inputs, work, name, *extra):
 def run_processes(args, inputs, work, nproc: int) -> dict:
     """Exact mining under torchrun --nproc_per_node nproc (plain python for 1), its own cache -> the stats."""
     out = os.path.join(work, f"nproc{nproc}.jsonl")
-    flags = ["--ckpt", inputs["ckpt"], "--hub_name", inputs["data"], "--split", "train", "--out_jsonl", out,
-             "--cache_dir", os.path.join(work, f"cache{nproc}"), "--k", args.k, "--max_tiles", args.max_tiles,
-             "--doc_batch", args.doc_batch, "--query_batch", args.query_batch, "--num_workers", args.num_workers,
-             "--shard_pages", args.shard_pages, "--dtype", args.dtype, *(["--device", args.device] if args.device
-                                                                        else [])]
+    flags = [
+        "--ckpt",
+        inputs["ckpt"],
+        "--hub_name",
+        inputs["data"],
+        "--split",
+        "train",
+        "--out_jsonl",
+        out,
+        "--cache_dir",
+        os.path.join(work, f"cache{nproc}"),
+        "--k",
+        args.k,
+        "--max_tiles",
+        args.max_tiles,
+        "--doc_batch",
+        args.doc_batch,
+        "--query_batch",
+        args.query_batch,
+        "--num_workers",
+        args.num_workers,
+        "--shard_pages",
+        args.shard_pages,
+        "--dtype",
+        args.dtype,
+        *(["--device", args.device] if args.device else []),
+    ]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1)}
-    subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "mine_hard_negatives.py"), *map(str, flags)],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, *launcher, os.path.join(ROOT, "mine_hard_negatives.py"), *map(str, flags)],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     with open(mine.stats_path(out)) as f:
         return json.load(f)
 
@@ -172,8 +254,10 @@ def compare_processes(args, inputs, work) -> None:
         t = run_processes(args, inputs, work, nproc)["timings_s"]
         first = first or t
         outputs[nproc] = open(os.path.join(work, f"nproc{nproc}.jsonl"), "rb").read()
-        print(f"{nproc} process(es): " + ", ".join(f"{k} {t[k]:.2f} s ({first[k] / max(t[k], 1e-9):.2f}x)"
-                                                   for k in phases))
+        print(
+            f"{nproc} process(es): "
+            + ", ".join(f"{k} {t[k]:.2f} s ({first[k] / max(t[k], 1e-9):.2f}x)" for k in phases)
+        )
     same = all(o == outputs[args.nproc[0]] for o in outputs.values())
     print(f"outputs byte-identical across process counts: {same}")
 
@@ -188,19 +272,28 @@ def report(name, stats, page_tokens, query_tokens, dim):
     t = stats["timings_s"]
     n_pages, n_queries = stats["distinct_pages"], stats["queries"]
     flops = 2 * query_tokens * page_tokens * dim
-    print(f"{name}: encode pages {t['encode_pages']:.2f} s ({n_pages / max(t['encode_pages'], 1e-9):.1f} pages/s), "
-          f"encode queries {t['encode_queries']:.2f} s ({n_queries / t['encode_queries']:.0f} queries/s), "
-          f"search {t['search']:.2f} s, total {t['total']:.2f} s")
+    print(
+        f"{name}: encode pages {t['encode_pages']:.2f} s ({n_pages / max(t['encode_pages'], 1e-9):.1f} pages/s), "
+        f"encode queries {t['encode_queries']:.2f} s ({n_queries / t['encode_queries']:.0f} queries/s), "
+        f"search {t['search']:.2f} s, total {t['total']:.2f} s"
+    )
     if stats["search"] == "exact":
-        print(f"{name}: search = {flops / t['search'] / 1e9:.1f} GFLOP/s of MaxSim (all queries x all pages, "
-              f"{query_tokens / n_queries:.0f} query tokens x {page_tokens / n_pages:.0f} page tokens)")
+        print(
+            f"{name}: search = {flops / t['search'] / 1e9:.1f} GFLOP/s of MaxSim (all queries x all pages, "
+            f"{query_tokens / n_queries:.0f} query tokens x {page_tokens / n_pages:.0f} page tokens)"
+        )
     else:
-        print(f"{name}: index {stats['faiss_index']} built in {t['build_index']:.2f} s, FAISS search "
-              f"{t['faiss_search']:.2f} s, exact re-rank of {stats['candidates']} candidates {t['rerank']:.2f} s")
+        print(
+            f"{name}: index {stats['faiss_index']} built in {t['build_index']:.2f} s, FAISS search "
+            f"{t['faiss_search']:.2f} s, exact re-rank of {stats['candidates']} candidates {t['rerank']:.2f} s"
+        )
     share = {k: t[k] / t["total"] for k in ("encode_pages", "encode_queries", "search")}
-    print(f"{name}: time split " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()) +
-          f"; positive recall@1 {stats['positive_rank']['recall@1']:.3f}, cache reused {stats['cache']['reused']} / "
-          f"encoded {stats['cache']['encoded']} shard(s)")
+    print(
+        f"{name}: time split "
+        + ", ".join(f"{k} {v:.0%}" for k, v in share.items())
+        + f"; positive recall@1 {stats['positive_rank']['recall@1']:.3f}, cache reused {stats['cache']['reused']} / "
+        f"encoded {stats['cache']['encoded']} shard(s)"
+    )
 
 
 def planted_recall(args, page_len: int, query_len: int, dim: int, n_queries: int = 500) -> float:
@@ -209,6 +302,7 @@ def planted_recall(args, page_len: int, query_len: int, dim: int, n_queries: int
     its tokens, so the exact top-k is well defined (an untrained model's scores are near ties)."""
     import torch.nn.functional as F
     from colintern_model import maxsim_topk
+
     g = torch.Generator().manual_seed(args.seed)
     pages = [F.normalize(torch.randn(page_len, dim, generator=g), dim=-1) for _ in range(args.pages)]
     queries = []
@@ -219,10 +313,12 @@ def planted_recall(args, page_len: int, query_len: int, dim: int, n_queries: int
             slot = i * args.k + rank  # a page planted for several queries holds each one's copies apart
             page, offset = pages[slot % args.pages], query_len * (slot // args.pages)
             if offset + copies > page_len:
-                raise ValueError(f"{n_queries} queries x {args.k} planted pages do not fit {args.pages} pages of "
-                                 f"{page_len} tokens: raise --pages")
-            noise = 0.3 * torch.randn(copies, dim, generator=g) / dim ** 0.5
-            page[offset:offset + copies] = F.normalize(q[:copies] + noise, dim=-1)
+                raise ValueError(
+                    f"{n_queries} queries x {args.k} planted pages do not fit {args.pages} pages of "
+                    f"{page_len} tokens: raise --pages"
+                )
+            noise = 0.3 * torch.randn(copies, dim, generator=g) / dim**0.5
+            page[offset : offset + copies] = F.normalize(q[:copies] + noise, dim=-1)
         queries.append(q)
     start = time.perf_counter()
     exact = maxsim_topk(queries, pages, args.k)[1]
@@ -237,9 +333,11 @@ def planted_recall(args, page_len: int, query_len: int, dim: int, n_queries: int
     found = cands.gather(1, scores.topk(args.k, dim=1).indices)
     faiss_s = time.perf_counter() - start
     recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(exact, found)) / exact.numel()
-    print(f"planted embeddings ({n_queries} queries x {query_len} tokens, {args.pages} pages x {page_len} tokens): "
-          f"FAISS {spec} + exact re-rank of {args.candidates} candidates, top-{args.k} recall vs exact {recall:.3f} "
-          f"({faiss_s:.2f} s; exact top-k {exact_s:.2f} s)")
+    print(
+        f"planted embeddings ({n_queries} queries x {query_len} tokens, {args.pages} pages x {page_len} tokens): "
+        f"FAISS {spec} + exact re-rank of {args.candidates} candidates, top-{args.k} recall vs exact {recall:.3f} "
+        f"({faiss_s:.2f} s; exact top-k {exact_s:.2f} s)"
+    )
     return recall
 
 
@@ -251,21 +349,31 @@ def encode_only(args, tile: int, size) -> dict:
     backbone, hf_processor = make_tiny_model.build(args.size, tile=tile, seed=args.seed)
     processor = ColInternProcessor(hf_processor, max_tiles=args.max_tiles)
     torch.manual_seed(args.seed)
-    model = ColIntern(backbone.to(device=device, dtype=dtype), lora=LoraSettings(r=8, alpha=8),
-                      max_tiles=args.max_tiles, **processor.pixel_normalisation()).eval()
+    model = ColIntern(
+        backbone.to(device=device, dtype=dtype),
+        lora=LoraSettings(r=8, alpha=8),
+        max_tiles=args.max_tiles,
+        **processor.pixel_normalisation(),
+    ).eval()
     rng = random.Random(args.seed)
     images = [render_page(i, size, tile, rng) for i in range(args.pages)]
-    print(f"encode only: random {args.size} InternVL on {device} ({dtype}), {args.pages} pages {size[0]}x{size[1]}, "
-          f"--max_tiles {args.max_tiles}, --doc_batch {args.doc_batch}, torch threads {torch.get_num_threads()}; "
-          f"built and rendered in {time.perf_counter() - start:.1f} s", flush=True)
+    print(
+        f"encode only: random {args.size} InternVL on {device} ({dtype}), {args.pages} pages {size[0]}x{size[1]}, "
+        f"--max_tiles {args.max_tiles}, --doc_batch {args.doc_batch}, torch threads {torch.get_num_threads()}; "
+        f"built and rendered in {time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
 
-    chunks = [images[i:i + args.doc_batch] for i in range(0, len(images), args.doc_batch)]
+    chunks = [images[i : i + args.doc_batch] for i in range(0, len(images), args.doc_batch)]
     start = time.perf_counter()
     batches = [processor.process_pages(chunk) for chunk in chunks]
     processing = len(images) / (time.perf_counter() - start)
     tiles = sum(b["pixel_values"].shape[0] for b in batches) / len(images)
-    print(f"processing (ColInternProcessor.process_pages, one CPU thread): {processing:.1f} pages/s, "
-          f"{tiles:.1f} tiles/page", flush=True)
+    print(
+        f"processing (ColInternProcessor.process_pages, one CPU thread): {processing:.1f} pages/s, "
+        f"{tiles:.1f} tiles/page",
+        flush=True,
+    )
 
     def forward(batch):
         emb, mask = model.forward_pages(batch)
@@ -281,8 +389,10 @@ def encode_only(args, tile: int, size) -> dict:
         sync(device)
     seconds = time.perf_counter() - start
     figures = {"processing_pages_s": processing, "model_pages_s": len(images) / seconds}
-    line = (f"model (forward_pages + unpad to fp16, pages processed ahead): {figures['model_pages_s']:.1f} pages/s, "
-            f"{tokens / seconds:.0f} page tokens/s ({tokens / len(images):.0f} kept per page)")
+    line = (
+        f"model (forward_pages + unpad to fp16, pages processed ahead): {figures['model_pages_s']:.1f} pages/s, "
+        f"{tokens / seconds:.0f} page tokens/s ({tokens / len(images):.0f} kept per page)"
+    )
     if device.type == "cuda":
         flops = 0.0
         for batch in batches:
@@ -298,8 +408,10 @@ def encode_only(args, tile: int, size) -> dict:
     model.encode_pages(processor, images, batch_size=args.doc_batch)
     sync(device)
     figures["encode_pages_s"] = len(images) / (time.perf_counter() - start)
-    print(f"ColIntern.encode_pages end to end (processing inline, one thread): {figures['encode_pages_s']:.1f} "
-          f"pages/s", flush=True)
+    print(
+        f"ColIntern.encode_pages end to end (processing inline, one thread): {figures['encode_pages_s']:.1f} pages/s",
+        flush=True,
+    )
     return figures
 
 
@@ -318,26 +430,38 @@ def main(args):
         exact = run(args, inputs, work, "exact")
         tokens = page_tokens(exact)
         from colintern_model import ColInternProcessor
+
         processor = ColInternProcessor.from_pretrained(os.path.join(work, "model"))
         queries = [f"Which page is about topic {i}?" for i in range(exact["queries"])]
         query_tokens = int(processor.process_queries(queries)["attention_mask"].sum())
-        print(f"device {exact['device']}, dtype {exact['dtype']}, torch threads {torch.get_num_threads()}; "
-              f"{exact['queries']} queries, {exact['distinct_pages']} distinct pages "
-              f"({exact['duplicates_removed']} duplicates removed), {tokens / exact['distinct_pages']:.0f} tokens/page")
+        print(
+            f"device {exact['device']}, dtype {exact['dtype']}, torch threads {torch.get_num_threads()}; "
+            f"{exact['queries']} queries, {exact['distinct_pages']} distinct pages "
+            f"({exact['duplicates_removed']} duplicates removed), {tokens / exact['distinct_pages']:.0f} tokens/page"
+        )
         dim = 128
         report("exact", exact, tokens, query_tokens, dim)
         again = run(args, inputs, work, "exact_again")
         report("exact, cached shards", again, tokens, query_tokens, dim)
         faiss_stats = run(args, inputs, work, "faiss", "--search", "faiss", "--candidates", args.candidates)
         report("faiss", faiss_stats, tokens, query_tokens, dim)
-        rows = {name: [json.loads(line) for line in open(os.path.join(work, f"{name}.jsonl"))]
-                for name in ("exact", "faiss")}
+        rows = {
+            name: [json.loads(line) for line in open(os.path.join(work, f"{name}.jsonl"))]
+            for name in ("exact", "faiss")
+        }
         hits = sum(len(set(a["negs"]) & set(b["negs"])) for a, b in zip(rows["exact"], rows["faiss"]))
         total = sum(len(a["negs"]) for a in rows["exact"])
-        print(f"faiss negatives that exact search also wrote (untrained model: near-tied scores): "
-              f"{hits / max(total, 1):.3f} ({hits} of {total})")
-        planted_recall(args, round(tokens / exact["distinct_pages"]), round(query_tokens / exact["queries"]), dim,
-                       n_queries=args.planted_queries)
+        print(
+            f"faiss negatives that exact search also wrote (untrained model: near-tied scores): "
+            f"{hits / max(total, 1):.3f} ({hits} of {total})"
+        )
+        planted_recall(
+            args,
+            round(tokens / exact["distinct_pages"]),
+            round(query_tokens / exact["queries"]),
+            dim,
+            n_queries=args.planted_queries,
+        )
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

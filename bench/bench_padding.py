@@ -11,6 +11,7 @@ The vision tower is not affected (it runs over tiles, never padded), nor is trai
 composition the sampler fixes. Token counts are exact; what they cost in time on a GPU (and whether a padded batch
 loses SDPA's flash kernel to its 4-D mask as well) needs a GPU run.
 """
+
 import argparse
 import os
 import random
@@ -23,11 +24,18 @@ sys.path.insert(0, ROOT)
 import make_tiny_model  # noqa: E402
 from colintern_model import ColInternProcessor  # noqa: E402
 
-SHAPES = {"portrait A4": (1240, 1754), "landscape A4": (1754, 1240), "slide 16:9": (1920, 1080),
-          "square": (1000, 1000), "tall infographic": (800, 2400)}
-CORPORA = {"documents (70% portrait A4, 20% slides, 10% square)": {"portrait A4": .7, "slide 16:9": .2, "square": .1},
-           "an even mix of the five shapes": {k: .2 for k in SHAPES},
-           "portrait A4 only": {"portrait A4": 1.0}}
+SHAPES = {
+    "portrait A4": (1240, 1754),
+    "landscape A4": (1754, 1240),
+    "slide 16:9": (1920, 1080),
+    "square": (1000, 1000),
+    "tall infographic": (800, 2400),
+}
+CORPORA = {
+    "documents (70% portrait A4, 20% slides, 10% square)": {"portrait A4": 0.7, "slide 16:9": 0.2, "square": 0.1},
+    "an even mix of the five shapes": {k: 0.2 for k in SHAPES},
+    "portrait A4 only": {"portrait A4": 1.0},
+}
 
 
 def parse_args(argv=None):
@@ -46,8 +54,8 @@ def page_tokens(processor: ColInternProcessor, size: tuple) -> int:
 
 def padded_cost(lengths: list, batch: int, power: int = 1) -> float:
     """Sum over batches of batch size x longest^power, over the sum of length^power: the factor padding costs."""
-    real = sum(n ** power for n in lengths)
-    run = sum(len(lengths[i:i + batch]) * max(lengths[i:i + batch]) ** power for i in range(0, len(lengths), batch))
+    real = sum(n**power for n in lengths)
+    run = sum(len(lengths[i : i + batch]) * max(lengths[i : i + batch]) ** power for i in range(0, len(lengths), batch))
     return run / real
 
 
@@ -58,16 +66,20 @@ def main(args):
     tile_tokens = hf_processor.image_seq_length
     prompt = page_tokens(processor, (10, 10)) - tile_tokens  # a one-tile page: the prompt's own tokens
     tiles = {k: (page_tokens(processor, (w // 4, h // 4)) - prompt) // tile_tokens for k, (w, h) in SHAPES.items()}
-    print(f"tiles a page at --max_tiles {args.max_tiles} (thumbnail included): "
-          + ", ".join(f"{k} {t}" for k, t in tiles.items()))
+    print(
+        f"tiles a page at --max_tiles {args.max_tiles} (thumbnail included): "
+        + ", ".join(f"{k} {t}" for k, t in tiles.items())
+    )
     rng = random.Random(args.seed)
     for name, mix in CORPORA.items():
         drawn = rng.choices(list(mix), weights=list(mix.values()), k=args.pages)
         lengths = [tiles[k] * 256 + prompt for k in drawn]  # 256 image tokens a 448 px tile
         for b in (int(x) for x in args.batch_sizes.split(",")):
-            print(f"{name}, batch {b}: language-model tokens run / real: corpus order {padded_cost(lengths, b):.3f}, "
-                  f"sorted {padded_cost(sorted(lengths), b):.3f}; attention pairs {padded_cost(lengths, b, 2):.3f} "
-                  f"vs {padded_cost(sorted(lengths), b, 2):.3f}")
+            print(
+                f"{name}, batch {b}: language-model tokens run / real: corpus order {padded_cost(lengths, b):.3f}, "
+                f"sorted {padded_cost(sorted(lengths), b):.3f}; attention pairs {padded_cost(lengths, b, 2):.3f} "
+                f"vs {padded_cost(sorted(lengths), b, 2):.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ page, the page index bytes (fp16, as mining's cache stores them; eval.py holds f
 pooling time per page, ColIntern's and colpali-engine's (one thread each, the same pages) and their ratio.
 Scoring goes through eval.py's ColInternEncoder.similarity, the code mteb calls.
 """
+
 import argparse
 import glob
 import importlib.util
@@ -39,8 +40,14 @@ def parse_args(argv=None):
     p.add_argument("--rerank", type=int, default=10, help="pages per query re-scored with full vectors")
     p.add_argument("--planted_queries", type=int, default=100, help="planted set: queries (= pages); 0 skips it")
     p.add_argument("--query_tokens", type=int, default=20, help="planted set: tokens per query")
-    p.add_argument("--page_tokens", type=int, nargs=2, default=(500, 900), metavar=("MIN", "MAX"),
-                   help="planted set: page lengths, uniform in [MIN, MAX]")
+    p.add_argument(
+        "--page_tokens",
+        type=int,
+        nargs=2,
+        default=(500, 900),
+        metavar=("MIN", "MAX"),
+        help="planted set: page lengths, uniform in [MIN, MAX]",
+    )
     p.add_argument("--dim", type=int, default=128, help="planted set: embedding size")
     p.add_argument("--ckpt", default=None, help="checkpoint that encodes the held-out pages and queries")
     p.add_argument("--heldout", nargs="*", default=[], help="eval folders (ViDoRe v1 layout) of held-out pages")
@@ -53,6 +60,7 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # Embeddings
+
 
 def planted(args) -> list:
     """-> [(queries, pages, qrels)]: one task, query i relevant to page i (see the module docstring)."""
@@ -75,9 +83,11 @@ def planted(args) -> list:
         n_background = length // 2
         n_content = length - n_background - n_planted
         centres = F.normalize(torch.randn(32, d, generator=g), dim=-1)
-        parts = [noisy(background[torch.randint(16, (n_background,), generator=g)], 0.5),
-                 noisy(centres[torch.randint(32, (n_content,), generator=g)], 0.5),
-                 noisy(mine[torch.arange(n_planted) % len(mine)], 0.9)]
+        parts = [
+            noisy(background[torch.randint(16, (n_background,), generator=g)], 0.5),
+            noisy(centres[torch.randint(32, (n_content,), generator=g)], 0.5),
+            noisy(mine[torch.arange(n_planted) % len(mine)], 0.9),
+        ]
         page = torch.cat(parts)
         pages.append(page[torch.randperm(len(page), generator=g)])
     return [(queries, pages, {i: {i} for i in range(n)})]
@@ -89,10 +99,12 @@ def heldout(args) -> list:
         cached = torch.load(args.emb_cache, weights_only=True)
         if cached["folders"] == args.heldout:
             print(f"held-out embeddings from {args.emb_cache}")
-            return [(t["queries"], t["pages"], {int(k): set(v) for k, v in t["qrels"].items()})
-                    for t in cached["tasks"]]
+            return [
+                (t["queries"], t["pages"], {int(k): set(v) for k, v in t["qrels"].items()}) for t in cached["tasks"]
+            ]
     import datasets
     from colintern_model import ColIntern
+
     model, processor, _ = ColIntern.from_checkpoint(args.ckpt, dtype="fp32")
     model.eval()
     tasks = []
@@ -110,17 +122,26 @@ def heldout(args) -> list:
             if score > 0:
                 rel.setdefault(query_row[qid], set()).add(page_row[cid])
         tasks.append((q, p, rel))
-    print(f"encoded {sum(len(t[1]) for t in tasks)} held-out pages and {sum(len(t[0]) for t in tasks)} queries "
-          f"in {time.perf_counter() - start:.0f} s")
+    print(
+        f"encoded {sum(len(t[1]) for t in tasks)} held-out pages and {sum(len(t[0]) for t in tasks)} queries "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
     if args.emb_cache:
-        torch.save({"folders": args.heldout, "tasks": [{"queries": q, "pages": p, "qrels": {str(k): sorted(v) for k, v
-                                                                                            in r.items()}}
-                                                       for q, p, r in tasks]}, args.emb_cache)
+        torch.save(
+            {
+                "folders": args.heldout,
+                "tasks": [
+                    {"queries": q, "pages": p, "qrels": {str(k): sorted(v) for k, v in r.items()}} for q, p, r in tasks
+                ],
+            },
+            args.emb_cache,
+        )
     return tasks
 
 
 # -----------------------------------------------------------------------------
 # Measures
+
 
 def ndcg_at_5(scores: torch.Tensor, qrels: dict) -> list:
     """Per-query nDCG@5 (binary relevance; ties broken by page order)."""
@@ -141,6 +162,7 @@ def colintern_pooler(pages, factor):
 
 def colpali_pooler(pages, factor):
     from colpali_engine.compression.token_pooling import HierarchicalTokenPooler
+
     if factor == 1:
         return list(pages)
     return HierarchicalTokenPooler().pool_embeddings(list(pages), pool_factor=factor)
@@ -149,6 +171,7 @@ def colpali_pooler(pages, factor):
 def score(queries, pooled, full, rerank) -> tuple:
     """(scores, seconds) through eval.py's ColInternEncoder.similarity, with the full pages kept for rerank."""
     from eval import ColInternEncoder
+
     encoder = ColInternEncoder(None, None, None, pool_factor=2, rerank=rerank)
     if rerank:
         encoder.full_pages = {id(p): f for p, f in zip(pooled, full)}
@@ -165,17 +188,22 @@ def colpali_available() -> bool:
 def run_set(name: str, tasks: list, args) -> None:
     with_colpali = not args.no_colpali and colpali_available()
     if not args.no_colpali and not with_colpali:
-        print("colpali-engine is not installed: its pooler is skipped "
-              "(pip install --no-deps -r bench/requirements.txt)")
+        print(
+            "colpali-engine is not installed: its pooler is skipped (pip install --no-deps -r bench/requirements.txt)"
+        )
     poolers = {"ColIntern": colintern_pooler} | ({"colpali-engine": colpali_pooler} if with_colpali else {})
     n_pages = sum(len(p) for _, p, _ in tasks)
     n_queries = sum(len(r) for _, _, r in tasks)
     dim = tasks[0][1][0].shape[1]
     lengths = [len(p) for _, pages, _ in tasks for p in pages]
-    print(f"\n{name}: {n_queries} queries, {n_pages} pages of {min(lengths)}-{max(lengths)} tokens "
-          f"(mean {sum(lengths) / len(lengths):.0f}), dim {dim}, rerank top {args.rerank}")
-    print(f"{'pooler':<15} {'F':>2} {'nDCG@5':>7} {'of F=1':>7} {'+rerank':>8} {'of F=1':>7} {'vec/page':>9} "
-          f"{'index MiB':>10} {'score s':>8} {'+rr s':>7} {'pool ms/page':>13}")
+    print(
+        f"\n{name}: {n_queries} queries, {n_pages} pages of {min(lengths)}-{max(lengths)} tokens "
+        f"(mean {sum(lengths) / len(lengths):.0f}), dim {dim}, rerank top {args.rerank}"
+    )
+    print(
+        f"{'pooler':<15} {'F':>2} {'nDCG@5':>7} {'of F=1':>7} {'+rerank':>8} {'of F=1':>7} {'vec/page':>9} "
+        f"{'index MiB':>10} {'score s':>8} {'+rr s':>7} {'pool ms/page':>13}"
+    )
     base = None
     pool_ms = {}
     for factor in args.factors:
@@ -199,13 +227,17 @@ def run_set(name: str, tasks: list, args) -> None:
             base = mean if factor == 1 else base
             rr = sum(ndcg_rr) / len(ndcg_rr) if ndcg_rr else mean
             pool_ms[(label, factor)] = 1000 * pool_s / n_pages
-            print(f"{label:<15} {factor:>2} {mean:7.4f} {mean / base:7.1%} {rr:8.4f} {rr / base:7.1%} "
-                  f"{vectors / n_pages:9.1f} {vectors * dim * 2 / 2**20:10.2f} {seconds:8.2f} "
-                  f"{seconds_rr if factor > 1 else float('nan'):7.2f} {pool_ms[(label, factor)]:13.2f}")
+            print(
+                f"{label:<15} {factor:>2} {mean:7.4f} {mean / base:7.1%} {rr:8.4f} {rr / base:7.1%} "
+                f"{vectors / n_pages:9.1f} {vectors * dim * 2 / 2**20:10.2f} {seconds:8.2f} "
+                f"{seconds_rr if factor > 1 else float('nan'):7.2f} {pool_ms[(label, factor)]:13.2f}"
+            )
     for factor in args.factors:
         if ("colpali-engine", factor) in pool_ms:
-            print(f"pool factor {factor}: ColIntern pools {pool_ms[('colpali-engine', factor)] / pool_ms[('ColIntern', factor)]:.1f}x "
-                  f"as fast as colpali-engine per page")
+            print(
+                f"pool factor {factor}: ColIntern pools {pool_ms[('colpali-engine', factor)] / pool_ms[('ColIntern', factor)]:.1f}x "
+                f"as fast as colpali-engine per page"
+            )
     print(f"(nDCG@5 resolution: one query moves the mean by {1 / n_queries:.4f})")
 
 

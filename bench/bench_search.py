@@ -9,6 +9,7 @@ The pooled first stage scores each page's first max(1, 1024 // F) vectors as sta
 first stage's cost depends on the shapes alone, and Ward pooling 10,000 random 1,024-token pages would take an hour
 here (bench_pooling.py measures pooling). Index bytes per page come from a real chunk with real pooling.
 """
+
 import argparse
 import os
 import statistics
@@ -41,6 +42,7 @@ def parse_args():
 def bench_indexing(n_pages: int, tmp: str) -> None:
     import make_tiny_model
     from keyword_pages import WORDS, render_keyword_page
+
     model, processor = make_tiny_model.build("tiny", tile=224, seed=0)
     model.save_pretrained(f"{tmp}/tiny")
     processor.save_pretrained(f"{tmp}/tiny")
@@ -50,21 +52,21 @@ def bench_indexing(n_pages: int, tmp: str) -> None:
     os.makedirs(f"{tmp}/docs")
     pages = [render_keyword_page(WORDS[i % len(WORDS)], variant=i) for i in range(n_pages)]
     for d in range(0, n_pages, 8):  # PDFs of 8 pages
-        pages[d].save(f"{tmp}/docs/doc{d:04d}.pdf", "PDF", save_all=True, append_images=pages[d + 1:d + 8])
-    flags = ["index", "--ckpt", f"{tmp}/ckpt.pt", "--docs", f"{tmp}/docs", "--index", f"{tmp}/index",
-             "--device", "cpu"]
+        pages[d].save(f"{tmp}/docs/doc{d:04d}.pdf", "PDF", save_all=True, append_images=pages[d + 1 : d + 8])
+    flags = ["index", "--ckpt", f"{tmp}/ckpt.pt", "--docs", f"{tmp}/docs", "--index", f"{tmp}/index", "--device", "cpu"]
     first = search.main(search.parse_args(flags))
     start = time.perf_counter()
     again = search.main(search.parse_args(flags))
     rerun_s = time.perf_counter() - start
-    print(f"indexing (tiny model, 224 pt pages at 144 dpi, whole command incl. model load): {first['pages']} pages "
-          f"in {first['seconds']:.1f} s = {first['pages'] / first['seconds']:.2f} pages/s; unchanged rerun "
-          f"{rerun_s:.2f} s ({again['documents_encoded']} documents encoded)")
+    print(
+        f"indexing (tiny model, 224 pt pages at 144 dpi, whole command incl. model load): {first['pages']} pages "
+        f"in {first['seconds']:.1f} s = {first['pages'] / first['seconds']:.2f} pages/s; unchanged rerun "
+        f"{rerun_s:.2f} s ({again['documents_encoded']} documents encoded)"
+    )
 
 
 def random_pages(n: int, g: torch.Generator) -> list:
-    return [torch.nn.functional.normalize(torch.randn(PAGE_TOKENS, DIM, generator=g), dim=-1).half()
-            for _ in range(n)]
+    return [torch.nn.functional.normalize(torch.randn(PAGE_TOKENS, DIM, generator=g), dim=-1).half() for _ in range(n)]
 
 
 def planted_queries(pages: list, n: int, keep: int, g: torch.Generator) -> tuple:
@@ -73,7 +75,7 @@ def planted_queries(pages: list, n: int, keep: int, g: torch.Generator) -> tuple
     queries = []
     for t in targets:
         rows = torch.randint(0, keep, (QUERY_TOKENS,), generator=g)
-        q = pages[t][rows].float() + 0.5 * torch.randn(QUERY_TOKENS, DIM, generator=g) / DIM ** 0.5
+        q = pages[t][rows].float() + 0.5 * torch.randn(QUERY_TOKENS, DIM, generator=g) / DIM**0.5
         queries.append(torch.nn.functional.normalize(q, dim=-1))
     return queries, targets
 
@@ -83,9 +85,9 @@ def float64_topk(queries: list, pages: list, k: int) -> list:
     scores = torch.empty(len(queries), len(pages), dtype=torch.float64)
     q = torch.cat(queries).double()  # (Nq * Lq, D)
     for p0 in range(0, len(pages), 128):
-        block = torch.stack(pages[p0:p0 + 128]).double()  # (n, L, D)
+        block = torch.stack(pages[p0 : p0 + 128]).double()  # (n, L, D)
         best = torch.einsum("td,pld->tpl", q, block).amax(dim=-1)  # (T, n)
-        scores[:, p0:p0 + len(block)] = best.view(len(queries), QUERY_TOKENS, -1).sum(dim=1)
+        scores[:, p0 : p0 + len(block)] = best.view(len(queries), QUERY_TOKENS, -1).sum(dim=1)
     return scores.topk(k, dim=1).indices.tolist()
 
 
@@ -95,10 +97,11 @@ def bench_scoring(n: int, args, g: torch.Generator) -> None:
     pooled = [p[:keep] for p in full]  # stand-ins for pooled vectors: see the docstring
     queries, targets = planted_queries(full, args.queries, keep, g)
     reference = float64_topk(queries, full, args.top)
-    variants = (("exact, fp16 as stored", search.IndexVectors([], full, [], []), True),
-                ("exact, pages held in fp32", search.IndexVectors([], [p.float() for p in full], [], []), True),
-                (f"pooled F{args.pool_factor} + rerank {args.rerank}", search.IndexVectors([], full, [], pooled),
-                 False))
+    variants = (
+        ("exact, fp16 as stored", search.IndexVectors([], full, [], []), True),
+        ("exact, pages held in fp32", search.IndexVectors([], [p.float() for p in full], [], []), True),
+        (f"pooled F{args.pool_factor} + rerank {args.rerank}", search.IndexVectors([], full, [], pooled), False),
+    )
     for name, vectors, exact in variants:
         settings = argparse.Namespace(top=args.top, rerank=args.rerank, exact=exact)
         times, hits = [], []
@@ -110,14 +113,17 @@ def bench_scoring(n: int, args, g: torch.Generator) -> None:
         first = sum(h[0][0] == r[0] for h, r in zip(hits, reference))
         found = sum(h[0][0] == t for h, t in zip(hits, targets))
         # beyond the planted page, random pages are near-ties: a pooled first stage need not hand the same ones on
-        print(f"{n} pages x {PAGE_TOKENS} tokens, {name}: query latency median {statistics.median(times) * 1e3:.0f} "
-              f"ms (min {min(times) * 1e3:.0f}); top-{args.top} equal to float64 MaxSim for {same}/{len(queries)} "
-              f"queries, top-1 for {first}/{len(queries)}; planted page first for {found}/{len(queries)}")
+        print(
+            f"{n} pages x {PAGE_TOKENS} tokens, {name}: query latency median {statistics.median(times) * 1e3:.0f} "
+            f"ms (min {min(times) * 1e3:.0f}); top-{args.top} equal to float64 MaxSim for {same}/{len(queries)} "
+            f"queries, top-1 for {first}/{len(queries)}; planted page first for {found}/{len(queries)}"
+        )
         del vectors
 
 
 def bench_bytes(args, tmp: str, g: torch.Generator) -> None:
     from PIL import Image
+
     pages = random_pages(16, g)
     it = iter(pages)
     frames = [Image.new("RGB", (8, 8)) for _ in pages]  # the pages' images: the vectors are planted below
@@ -134,8 +140,10 @@ def bench_bytes(args, tmp: str, g: torch.Generator) -> None:
         search.encode_document(doc, index, lambda batch: [next(it).float() for _ in batch], factor, settings, Bar())
         it = iter(pages)
         per_page = search.folder_bytes(index) / len(pages)
-        print(f"index bytes per {PAGE_TOKENS}-token page (pool factor {factor}, fp16 full"
-              f"{' + pooled' if factor > 1 else ''}): {per_page:,.0f}")
+        print(
+            f"index bytes per {PAGE_TOKENS}-token page (pool factor {factor}, fp16 full"
+            f"{' + pooled' if factor > 1 else ''}): {per_page:,.0f}"
+        )
 
 
 def main():

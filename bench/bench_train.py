@@ -57,6 +57,7 @@ With caching the growth should stay near one micro-batch's activations plus what
 the cached embeddings and their gradients, C x (Lq + (1 + num_negs) x Lp) x D x 4 bytes x 2, and the loss's
 (C, Np, Lq) maxima, argmax indices and gradient weights plus its similarity blocks. Without caching it grows with C.
 """
+
 import argparse
 import copy
 import ctypes
@@ -91,48 +92,86 @@ from keyword_pages import render_keyword_page  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="tiny", choices=sorted(make_tiny_model.SIZES),
-                   help="model shapes from make_tiny_model.py, random weights ('1b' = InternVL3.5-1B)")
+    p.add_argument(
+        "--size",
+        default="tiny",
+        choices=sorted(make_tiny_model.SIZES),
+        help="model shapes from make_tiny_model.py, random weights ('1b' = InternVL3.5-1B)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="auto", help="backbone dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32")
-    p.add_argument("--batch_sizes", default=None,
-                   help="comma-separated queries per step (default 4,8,16 on CPU; 8,16,32,64 on CUDA)")
+    p.add_argument(
+        "--batch_sizes",
+        default=None,
+        help="comma-separated queries per step (default 4,8,16 on CPU; 8,16,32,64 on CUDA)",
+    )
     p.add_argument("--max_tiles", type=int, default=4, help="tiles per page, as train.py --max_tiles")
-    p.add_argument("--page_tiles", default="2x2",
-                   help="page size in tiles (COLSxROWS): 2x2 gives 4 tiles + 1 thumbnail at --max_tiles 4")
+    p.add_argument(
+        "--page_tiles",
+        default="2x2",
+        help="page size in tiles (COLSxROWS): 2x2 gives 4 tiles + 1 thumbnail at --max_tiles 4",
+    )
     p.add_argument("--num_negs", type=int, default=0, help="hard negatives per query, as train.py --num_negs")
     p.add_argument("--lora_r", type=int, default=32, help="LoRA rank when LoRA is on")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (the median is printed)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="untimed steps first, per configuration, on its own batch (its shapes)")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps first, per configuration, on its own batch (its shapes)"
+    )
     g = p.add_argument_group("gradient caching (--contrastive mode)")
-    g.add_argument("--contrastive", default=None,
-                   help="comma-separated contrastive batches C (queries per loss), each measured as C/--micro "
-                        "micro-batches with gradient caching (train.py --batch_size MICRO --grad_accum C/MICRO); "
-                        "switches from the default sweep to this mode (LoRA on)")
+    g.add_argument(
+        "--contrastive",
+        default=None,
+        help="comma-separated contrastive batches C (queries per loss), each measured as C/--micro "
+        "micro-batches with gradient caching (train.py --batch_size MICRO --grad_accum C/MICRO); "
+        "switches from the default sweep to this mode (LoRA on)",
+    )
     g.add_argument("--micro", type=int, default=2, help="queries per micro-batch for --contrastive")
-    g.add_argument("--plain", default="",
-                   help="comma-separated batches measured as one plain batch, without caching, for comparison")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="--contrastive: checkpoint the language model's layers (train.py --gradient_checkpointing)")
-    g.add_argument("--lora_dropout", type=float, default=0.0,
-                   help="--contrastive: LoRA dropout (the recipe's is 0.1; caching replays its masks)")
-    g.add_argument("--optimizer", default="adamw", choices=train.OPTIMIZERS,
-                   help="--contrastive: optimizer, as train.py --optimizer (the 8-bit ones need bitsandbytes)")
-    g.add_argument("--quantize", default="none", choices=QUANTIZE,
-                   help="as train.py --quantize: the random backbone is saved to a temporary folder and loaded back "
-                        "through load_backbone with its language model in 8 or 4 bits (default %(default)s)")
+    g.add_argument(
+        "--plain",
+        default="",
+        help="comma-separated batches measured as one plain batch, without caching, for comparison",
+    )
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="--contrastive: checkpoint the language model's layers (train.py --gradient_checkpointing)",
+    )
+    g.add_argument(
+        "--lora_dropout",
+        type=float,
+        default=0.0,
+        help="--contrastive: LoRA dropout (the recipe's is 0.1; caching replays its masks)",
+    )
+    g.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=train.OPTIMIZERS,
+        help="--contrastive: optimizer, as train.py --optimizer (the 8-bit ones need bitsandbytes)",
+    )
+    g.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE,
+        help="as train.py --quantize: the random backbone is saved to a temporary folder and loaded back "
+        "through load_backbone with its language model in 8 or 4 bits (default %(default)s)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--peak_tflops", type=float, default=989.0,
-                   help="accelerator peak for MFU, TFLOP/s (H100 SXM dense bf16: 989; H200 the same)")
+    p.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=989.0,
+        help="accelerator peak for MFU, TFLOP/s (H100 SXM dense bf16: 989; H200 the same)",
+    )
     args = p.parse_args(argv)
     if args.contrastive:
         if args.micro < 1:
             p.error(f"--micro must be >= 1, got {args.micro}")
         bad = [c for c in int_list(args.contrastive) if c % args.micro or c < 2 * args.micro]
         if bad:
-            p.error(f"--contrastive {bad}: each C must be a multiple of --micro {args.micro} and at least two "
-                    f"micro-batches (one micro-batch is a plain step: list it in --plain)")
+            p.error(
+                f"--contrastive {bad}: each C must be a multiple of --micro {args.micro} and at least two "
+                f"micro-batches (one micro-batch is a plain step: list it in --plain)"
+            )
     elif args.plain:
         p.error("--plain compares against --contrastive: pass --contrastive too")
     elif args.quantize != "none":
@@ -159,6 +198,7 @@ def peak_rss_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -191,7 +231,7 @@ def memory_now_mib(device) -> float:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        return torch.cuda.memory_allocated(device) / 2 ** 20
+        return torch.cuda.memory_allocated(device) / 2**20
     lib = libc()
     if lib:
         lib.malloc_trim(0)
@@ -201,8 +241,11 @@ def memory_now_mib(device) -> float:
 def linear_params(module) -> int:
     """Weights of the linear layers, LoRA's adapters left out (counted apart), as in x out: a 4-bit layer's weight
     tensor holds packed bytes, not one element a weight."""
-    return sum(m.in_features * m.out_features for name, m in module.named_modules()
-               if isinstance(m, torch.nn.Linear) and ".lora_" not in name)
+    return sum(
+        m.in_features * m.out_features
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".lora_" not in name
+    )
 
 
 def vision_flops(model: ColIntern, inputs: dict) -> float:
@@ -215,9 +258,12 @@ def vision_flops(model: ColIntern, inputs: dict) -> float:
     tiles = pixel_values.shape[0]
     patch = vis.patch_size[0] if isinstance(vis.patch_size, (list, tuple)) else vis.patch_size
     tile_tokens = (pixel_values.shape[-1] // patch) ** 2 + 1  # + class token
-    conv = 3 * patch ** 2 * vis.hidden_size * (tile_tokens - 1)
-    vision = tiles * (2 * linear_params(model.backbone.vision_tower) * tile_tokens + 2 * conv
-                      + 4 * vis.num_hidden_layers * tile_tokens ** 2 * vis.hidden_size)
+    conv = 3 * patch**2 * vis.hidden_size * (tile_tokens - 1)
+    vision = tiles * (
+        2 * linear_params(model.backbone.vision_tower) * tile_tokens
+        + 2 * conv
+        + 4 * vis.num_hidden_layers * tile_tokens**2 * vis.hidden_size
+    )
     return vision + 2 * linear_params(model.backbone.multi_modal_projector) * tiles * cfg.image_seq_length
 
 
@@ -228,7 +274,7 @@ def language_model_flops(model: ColIntern, inputs: dict) -> tuple:
     p_lm = linear_params(model.backbone.language_model)
     d_attn = txt.num_attention_heads * txt.head_dim
     lengths = inputs["attention_mask"].sum(dim=1).tolist()
-    attention = sum(4 * txt.num_hidden_layers * s ** 2 * d_attn for s in lengths)
+    attention = sum(4 * txt.num_hidden_layers * s**2 * d_attn for s in lengths)
     return 2.0 * p_lm * sum(lengths), float(attention), sum(lengths)
 
 
@@ -242,8 +288,10 @@ def forward_flops(model: ColIntern, inputs: dict) -> tuple:
 def lora_layers(model: ColIntern) -> list:
     """The language model's projections that carry LoRA adapters (peft LoraLayer), with their ranks."""
     from peft.tuners.lora import LoraLayer
-    return [(m, [m.r[a] for a in m.lora_A]) for m in model.backbone.language_model.modules()
-            if isinstance(m, LoraLayer)]
+
+    return [
+        (m, [m.r[a] for a in m.lora_A]) for m in model.backbone.language_model.modules() if isinstance(m, LoraLayer)
+    ]
 
 
 def lora_flops_per_token(model: ColIntern) -> float:
@@ -267,6 +315,7 @@ def unneeded_input_grad_flops_per_token(model: ColIntern) -> tuple:
 class StepFlops:
     """One optimizer step's FLOPs by part, each ONE forward pass over the step's batch (all micro-batches), plus
     what backward needs (see the module docstring)."""
+
     vision: float  # vision tower + projector, pages
     lm: float  # language model, queries and pages, LoRA left out: linear layers + attention
     attention: float  # attention's share of lm: its backward multiplies twice (both inputs are activations)
@@ -293,22 +342,37 @@ def step_flops(model: ColIntern, micro_batches: list) -> StepFlops:
     lp = max(b["pages"]["input_ids"].shape[1] for b in micro_batches)
     d = model.proj_dim
     skipped_base, skipped_lora = unneeded_input_grad_flops_per_token(model)
-    return StepFlops(vision=vision, lm=linear + attention, attention=attention,
-                     lora=lora_flops_per_token(model) * tokens,
-                     heads=2.0 * model.hidden_size * d * tokens, loss=2.0 * c * n_pages * lq * lp * d,
-                     loss_backward=2.0 * c * n_pages * lq * d, loss_pages_backward=2.0 * c * n_pages * lq * lp * d,
-                     skipped=(skipped_base * tokens, skipped_lora * tokens), lora_on=model.lora is not None)
+    return StepFlops(
+        vision=vision,
+        lm=linear + attention,
+        attention=attention,
+        lora=lora_flops_per_token(model) * tokens,
+        heads=2.0 * model.hidden_size * d * tokens,
+        loss=2.0 * c * n_pages * lq * lp * d,
+        loss_backward=2.0 * c * n_pages * lq * d,
+        loss_pages_backward=2.0 * c * n_pages * lq * lp * d,
+        skipped=(skipped_base * tokens, skipped_lora * tokens),
+        lora_on=model.lora is not None,
+    )
 
 
 def model_flops_parts(f: StepFlops) -> dict:
     """Model FLOPs of one step by part: every forward once, and the backward that the gradients need."""
     if not f.lora_on:  # nothing flows back through the backbone: the heads' weight gradients only
-        return {"vision": f.vision, "language model": f.lm, "LoRA": 0.0, "heads": 2 * f.heads,
-                "loss": f.loss + f.loss_backward}
-    return {"vision": f.vision,
-            "language model": f.lm + (f.lm + f.attention - f.skipped[0]),  # input gradients only: weights frozen
-            "LoRA": f.lora + (2 * f.lora - f.skipped[1]),  # input and weight gradients
-            "heads": 3 * f.heads, "loss": f.loss + f.loss_backward}
+        return {
+            "vision": f.vision,
+            "language model": f.lm,
+            "LoRA": 0.0,
+            "heads": 2 * f.heads,
+            "loss": f.loss + f.loss_backward,
+        }
+    return {
+        "vision": f.vision,
+        "language model": f.lm + (f.lm + f.attention - f.skipped[0]),  # input gradients only: weights frozen
+        "LoRA": f.lora + (2 * f.lora - f.skipped[1]),  # input and weight gradients
+        "heads": 3 * f.heads,
+        "loss": f.loss + f.loss_backward,
+    }
 
 
 def model_flops(f: StepFlops) -> float:
@@ -337,18 +401,22 @@ def measured_matmul_peak(device, n=8192, reps=10) -> float:
     for _ in range(reps):
         torch.mm(a, b, out=out)
     sync(device)
-    return 2.0 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
+    return 2.0 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
 def make_batches(processor, batch_size, num_negs, page_size, n=3):
     collate = train.Collate(processor)
     words = [f"page {i} about topic {i * 7 % 13}" for i in range(batch_size * (1 + num_negs) * n)]
-    examples = [{"query": f"Which page is about topic {i}?", "pos": render_keyword_page(words[i], page_size),
-                 "negs": [render_keyword_page(words[i + batch_size * k * n], page_size)
-                          for k in range(1, num_negs + 1)]}
-                for i in range(batch_size * n)]
+    examples = [
+        {
+            "query": f"Which page is about topic {i}?",
+            "pos": render_keyword_page(words[i], page_size),
+            "negs": [render_keyword_page(words[i + batch_size * k * n], page_size) for k in range(1, num_negs + 1)],
+        }
+        for i in range(batch_size * n)
+    ]
     t = time.perf_counter()
-    batches = [collate(examples[i * batch_size:(i + 1) * batch_size]) for i in range(n)]
+    batches = [collate(examples[i * batch_size : (i + 1) * batch_size]) for i in range(n)]
     collate_rate = batch_size * n / (time.perf_counter() - t)
     return batches, collate_rate
 
@@ -356,8 +424,12 @@ def make_batches(processor, batch_size, num_negs, page_size, n=3):
 def run_config(backbone_fn, processor, batch, lora_r, lora, checkpointing, steps, warmup, device):
     """-> (samples/s, peak MiB, step seconds, model) for one configuration, on a fresh ColIntern."""
     torch.manual_seed(0)
-    model = ColIntern(backbone_fn(), lora=LoraSettings(r=lora_r, alpha=lora_r, dropout=0.0) if lora else None,
-                      max_tiles=processor.max_tiles, **processor.pixel_normalisation())
+    model = ColIntern(
+        backbone_fn(),
+        lora=LoraSettings(r=lora_r, alpha=lora_r, dropout=0.0) if lora else None,
+        max_tiles=processor.max_tiles,
+        **processor.pixel_normalisation(),
+    )
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -369,6 +441,7 @@ def run_config(backbone_fn, processor, batch, lora_r, lora, checkpointing, steps
         train.batch_loss(encoder, batch, 0.02).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     for _ in range(warmup):
         step()
     if device.type == "cuda":
@@ -383,7 +456,7 @@ def run_config(backbone_fn, processor, batch, lora_r, lora, checkpointing, steps
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else peak_rss_mib()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
     seconds = statistics.median(times)
     return batch["n_queries"] / seconds, peak, seconds, model
 
@@ -395,12 +468,14 @@ def expected_line(c: int, micro_batches: list, num_negs: int, dim: int, device) 
     n_pages = c * (1 + num_negs)
     embeddings = c * (lq + (1 + num_negs) * lp) * dim * 4 * 2
     # the loss keeps each argmax in the smallest integer type that holds 0..Lp-1 (uint8, int16, int32)
-    index_bytes = 1 if lp <= 2 ** 8 else 2 if lp <= 2 ** 15 else 4
+    index_bytes = 1 if lp <= 2**8 else 2 if lp <= 2**15 else 4
     block = GPU_TRAIN_SIM_BLOCK if device.type == "cuda" else CPU_TRAIN_SIM_BLOCK
     loss = c * n_pages * lq * (4 + index_bytes + 4) + 2 * block * 4
-    return (f"expected C {c}: embeddings (values + grads) {c} x (Lq {lq} + {1 + num_negs} x Lp {lp}) x D {dim} x "
-            f"4 B x 2 = {embeddings / 2 ** 20:.1f} MiB; loss ({c} x {n_pages} x {lq}) x (4 + {index_bytes} + 4) B "
-            f"+ 2 blocks of {block} fp32 = {loss / 2 ** 20:.1f} MiB; together {(embeddings + loss) / 2 ** 20:.1f} MiB")
+    return (
+        f"expected C {c}: embeddings (values + grads) {c} x (Lq {lq} + {1 + num_negs} x Lp {lp}) x D {dim} x "
+        f"4 B x 2 = {embeddings / 2**20:.1f} MiB; loss ({c} x {n_pages} x {lq}) x (4 + {index_bytes} + 4) B "
+        f"+ 2 blocks of {block} fp32 = {loss / 2**20:.1f} MiB; together {(embeddings + loss) / 2**20:.1f} MiB"
+    )
 
 
 def optimizer_step(encoder, optimizer, micro_batches) -> None:
@@ -427,28 +502,36 @@ def measure_step(encoder, optimizer, micro_batches, warmup_steps, steps, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else peak_rss_mib()
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
     return statistics.median(times), peak, before
 
 
 def contrastive_sweep(args, backbone, processor, page_size, device, peaks):
     """Optimizer steps at each contrastive batch, cached (C/micro micro-batches) and plain (one batch)."""
     cached, plain = int_list(args.contrastive), int_list(args.plain)
-    configs = sorted([(c, args.micro, True) for c in cached] + [(c, c, False) for c in plain],
-                     key=lambda x: (x[0], not x[2]))  # by C, cached first: a cut run loses the largest C only
+    configs = sorted(
+        [(c, args.micro, True) for c in cached] + [(c, c, False) for c in plain], key=lambda x: (x[0], not x[2])
+    )  # by C, cached first: a cut run loses the largest C only
     torch.manual_seed(0)
-    model = ColIntern(backbone, lora=LoraSettings(r=args.lora_r, alpha=args.lora_r, dropout=args.lora_dropout),
-                      max_tiles=processor.max_tiles, **processor.pixel_normalisation())
+    model = ColIntern(
+        backbone,
+        lora=LoraSettings(r=args.lora_r, alpha=args.lora_r, dropout=args.lora_dropout),
+        max_tiles=processor.max_tiles,
+        **processor.pixel_normalisation(),
+    )
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
     encoder = train.QueryPageEncoder(model)
     optimizer = train.make_optimizer(args.optimizer, model.trainable_parameters(), 1e-4)
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
-    print(f"contrastive mode: LoRA r {args.lora_r} dropout {args.lora_dropout}, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, optimizer {args.optimizer}, "
-          f"{n_trainable / 1e6:.1f}M trainable parameters; per configuration {args.warmup} warm-up step(s) at its "
-          f"shape, then {args.steps} timed step(s), median", flush=True)
+    print(
+        f"contrastive mode: LoRA r {args.lora_r} dropout {args.lora_dropout}, gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}, optimizer {args.optimizer}, "
+        f"{n_trainable / 1e6:.1f}M trainable parameters; per configuration {args.warmup} warm-up step(s) at its "
+        f"shape, then {args.steps} timed step(s), median",
+        flush=True,
+    )
     kind = "GPU" if device.type == "cuda" else "RSS"
     smallest, growths, shown = {}, {}, set()
     for c, micro, caching in configs:
@@ -474,9 +557,11 @@ def contrastive_sweep(args, backbone, processor, page_size, device, peaks):
         growth = peak - before
         growths[(c, caching)] = growth
         base_c, base_growth = smallest.setdefault(caching, (c, growth))
-        line = (f"{label}: step {seconds:8.2f} s, {c / seconds:8.3g} samples/s, peak {kind} {peak:8.0f} MiB, "
-                f"+{growth:7.0f} MiB over the {before:.0f} MiB before the step, growth "
-                f"{ratio_text(growth, base_growth)} vs C {base_c} {'cached' if caching else 'plain'}")
+        line = (
+            f"{label}: step {seconds:8.2f} s, {c / seconds:8.3g} samples/s, peak {kind} {peak:8.0f} MiB, "
+            f"+{growth:7.0f} MiB over the {before:.0f} MiB before the step, growth "
+            f"{ratio_text(growth, base_growth)} vs C {base_c} {'cached' if caching else 'plain'}"
+        )
         if not caching and (c, True) in growths:
             line += f", {ratio_text(growths[(c, True)], growth)} with caching"
         print(line, flush=True)
@@ -494,14 +579,18 @@ def flops_lines(name: str, f: StepFlops, executed: float, seconds: float, peaks:
     model = model_flops(f)
     unit, scale = ("TFLOP", 1e12) if model >= 1e12 else ("GFLOP", 1e9)
     parts = ", ".join(f"{part} {x / scale:.4g}" for part, x in model_flops_parts(f).items())
-    lines = [f"{name} FLOPs: model {model / scale:.4g} {unit} ({parts}), executed {executed / scale:.4g} {unit} "
-             f"(x{executed / model:.2f})"]
+    lines = [
+        f"{name} FLOPs: model {model / scale:.4g} {unit} ({parts}), executed {executed / scale:.4g} {unit} "
+        f"(x{executed / model:.2f})"
+    ]
     datasheet, measured = peaks
     if measured is not None:
         m, e = model / seconds / 1e12, executed / seconds / 1e12
-        lines.append(f"{name} MFU {m / datasheet:.1%} of datasheet {datasheet:.0f}, {m / measured:.1%} of measured "
-                     f"{measured:.0f} TFLOP/s (model {m:.1f} TFLOP/s); HFU {e / datasheet:.1%} of datasheet, "
-                     f"{e / measured:.1%} of measured (executed {e:.1f} TFLOP/s)")
+        lines.append(
+            f"{name} MFU {m / datasheet:.1%} of datasheet {datasheet:.0f}, {m / measured:.1%} of measured "
+            f"{measured:.0f} TFLOP/s (model {m:.1f} TFLOP/s); HFU {e / datasheet:.1%} of datasheet, "
+            f"{e / measured:.1%} of measured (executed {e:.1f} TFLOP/s)"
+        )
     return lines
 
 
@@ -510,8 +599,11 @@ def ratio_text(a: float, b: float) -> str:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {"queries": {k: v.to(device) for k, v in batch["queries"].items()},
-            "pages": {k: v.to(device) for k, v in batch["pages"].items()}, "n_queries": batch["n_queries"]}
+    return {
+        "queries": {k: v.to(device) for k, v in batch["queries"].items()},
+        "pages": {k: v.to(device) for k, v in batch["pages"].items()},
+        "n_queries": batch["n_queries"],
+    }
 
 
 def main(args):
@@ -537,16 +629,25 @@ def main(args):
     where = f"{args.device} ({hardware})"
     memory = ""
     if device.type == "cpu" and args.contrastive:
-        memory = ", RSS follows live tensors (mmap threshold fixed)" if mmap_large_allocations() else \
-            ", glibc mallopt unavailable: freed memory may stay in RSS"
-    print(f"bench_train: size {args.size}, {where}, dtype {dtype}, quantize {args.quantize}, page "
-          f"{page_size[0]}x{page_size[1]} px, max_tiles {args.max_tiles}, num_negs {args.num_negs}, {args.steps} "
-          f"timed steps per config{memory}", flush=True)
+        memory = (
+            ", RSS follows live tensors (mmap threshold fixed)"
+            if mmap_large_allocations()
+            else ", glibc mallopt unavailable: freed memory may stay in RSS"
+        )
+    print(
+        f"bench_train: size {args.size}, {where}, dtype {dtype}, quantize {args.quantize}, page "
+        f"{page_size[0]}x{page_size[1]} px, max_tiles {args.max_tiles}, num_negs {args.num_negs}, {args.steps} "
+        f"timed steps per config{memory}",
+        flush=True,
+    )
     if device.type == "cuda":
         peaks = (args.peak_tflops, measured_matmul_peak(device))
         torch.cuda.empty_cache()
-        print(f"measured bf16 matmul peak {peaks[1]:.0f} TFLOP/s (8192 x 8192 x 8192, mean of 10 after 3 warm-up); "
-              f"datasheet peak {args.peak_tflops:.0f} TFLOP/s (--peak_tflops)", flush=True)
+        print(
+            f"measured bf16 matmul peak {peaks[1]:.0f} TFLOP/s (8192 x 8192 x 8192, mean of 10 after 3 warm-up); "
+            f"datasheet peak {args.peak_tflops:.0f} TFLOP/s (--peak_tflops)",
+            flush=True,
+        )
     else:
         peaks = (args.peak_tflops, None)
         print(f"measured bf16 matmul peak n/a on {device.type} (MFU and HFU are printed on CUDA only)", flush=True)
@@ -561,8 +662,10 @@ def main(args):
         batches, collate_rate = make_batches(processor, b, args.num_negs, page_size, n=1)
         batch = batches[0]
         page_len, tiles = batch["pages"]["input_ids"].shape[1], batch["pages"]["pixel_values"].shape[0]
-        print(f"batch {b}: {tiles} tiles, page length {page_len} tokens, query length "
-              f"{batch['queries']['input_ids'].shape[1]}; collate (one DataLoader worker) {collate_rate:.1f} samples/s")
+        print(
+            f"batch {b}: {tiles} tiles, page length {page_len} tokens, query length "
+            f"{batch['queries']['input_ids'].shape[1]}; collate (one DataLoader worker) {collate_rate:.1f} samples/s"
+        )
         base = None
         for lora in (False, True):
             for checkpointing in (False, True):
@@ -570,16 +673,19 @@ def main(args):
                     continue  # nothing flows back through the backbone without LoRA: checkpointing is a no-op
                 label = f"batch {b:3d} lora {'on ' if lora else 'off'} ckpt {'on ' if checkpointing else 'off'}"
                 try:
-                    rate, peak, seconds, model = run_config(backbone_fn, processor, batch, args.lora_r, lora,
-                                                            checkpointing, args.steps, args.warmup, device)
+                    rate, peak, seconds, model = run_config(
+                        backbone_fn, processor, batch, args.lora_r, lora, checkpointing, args.steps, args.warmup, device
+                    )
                 except torch.cuda.OutOfMemoryError:
                     print(f"{label}: out of GPU memory")
                     torch.cuda.empty_cache()
                     continue
                 base = base or rate
-                line = (f"{label}: {rate:8.2f} samples/s, step {seconds * 1000:7.1f} ms, peak "
-                        f"{'GPU' if device.type == 'cuda' else 'RSS'} {peak:8.0f} MiB, x{rate / base:.2f} vs "
-                        f"heads-only")
+                line = (
+                    f"{label}: {rate:8.2f} samples/s, step {seconds * 1000:7.1f} ms, peak "
+                    f"{'GPU' if device.type == 'cuda' else 'RSS'} {peak:8.0f} MiB, x{rate / base:.2f} vs "
+                    f"heads-only"
+                )
                 print(line, flush=True)
                 f = step_flops(model, [batch])
                 for text in flops_lines(label.rstrip(), f, executed_flops(f, False, checkpointing), seconds, peaks):

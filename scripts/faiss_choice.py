@@ -13,6 +13,7 @@ faiss-cpu, as on every CPU machine. All of them install the same `faiss` module.
     python scripts/faiss_choice.py [--constraints constraints.txt] [--torch-cuda 13.0|none]
     python scripts/faiss_choice.py --installed-besides REQ   (the installed FAISS builds other than REQ's, to remove)
 """
+
 import argparse
 import importlib.metadata
 import os
@@ -46,6 +47,7 @@ def nvidia_gpus():
 def torch_cuda():
     """The CUDA version the installed torch was built for (torch.version.cuda), None for a CPU build."""
     import torch
+
     return torch.version.cuda
 
 
@@ -56,14 +58,25 @@ def torch_version():
 def installs_beside_torch(requirement, constraints=None):
     """(True, '') if pip can install `requirement` into this environment beside the installed torch (and under the
     constraints), else (False, pip's reason in one line). A dry run: pip reads the wheels' metadata only."""
-    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--disable-pip-version-check",
-               f"torch=={torch_version()}", requirement] + (["-c", constraints] if constraints else [])
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--disable-pip-version-check",
+        f"torch=={torch_version()}",
+        requirement,
+    ] + (["-c", constraints] if constraints else [])
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode == 0:
         return True, ""
     lines = [line.strip() for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-    why = ([line for line in lines if " depends on " in line or line.startswith("The user requested")]
-           or [line for line in lines if line.startswith("ERROR:")] or lines[-1:])
+    why = (
+        [line for line in lines if " depends on " in line or line.startswith("The user requested")]
+        or [line for line in lines if line.startswith("ERROR:")]
+        or lines[-1:]
+    )
     return False, "; ".join(why)
 
 
@@ -84,12 +97,18 @@ def choose(setting="auto", gpus=nvidia_gpus, cuda=torch_cuda, installs=installs_
         return CPU, f"{where}, but torch {torch_version()} is a CPU build"
     major = int(version.split(".")[0])
     if major not in GPU_FAISS:
-        return CPU, f"{where}, but no GPU FAISS for torch's CUDA {version} (scripts/faiss_choice.py knows CUDA " \
-                    f"{', '.join(map(str, sorted(GPU_FAISS)))})"
+        return (
+            CPU,
+            f"{where}, but no GPU FAISS for torch's CUDA {version} (scripts/faiss_choice.py knows CUDA "
+            f"{', '.join(map(str, sorted(GPU_FAISS)))})",
+        )
     ok, why = installs(GPU_FAISS[major])
     if not ok:
-        return CPU, f"{where}, but {GPU_FAISS[major]} (CUDA {major}) does not install beside torch " \
-                    f"{torch_version()} (CUDA {version}): {why}"
+        return (
+            CPU,
+            f"{where}, but {GPU_FAISS[major]} (CUDA {major}) does not install beside torch "
+            f"{torch_version()} (CUDA {version}): {why}",
+        )
     return GPU_FAISS[major], f"{where}, torch's CUDA {version}"
 
 
@@ -114,8 +133,11 @@ def main(argv=None):
         print(" ".join(installed_besides(args.installed_besides)))
         return 0
     setting = os.environ.get("FAISS", "").strip() or "auto"
-    cuda = torch_cuda if args.torch_cuda is None else (lambda: None if args.torch_cuda.lower() in ("", "none")
-                                                       else args.torch_cuda)
+    cuda = (
+        torch_cuda
+        if args.torch_cuda is None
+        else (lambda: None if args.torch_cuda.lower() in ("", "none") else args.torch_cuda)
+    )
     requirement, why = choose(setting, cuda=cuda, installs=lambda req: installs_beside_torch(req, args.constraints))
     if setting == "gpu" and requirement == CPU:
         print(f"FAISS: no GPU FAISS to install ({why})", file=sys.stderr)

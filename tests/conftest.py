@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random InternVL saved with save_pretrained, and keyword pages (keyword_pages.py)."""
+
 import os
 import sys
 
@@ -14,8 +15,11 @@ from keyword_pages import render_keyword_page  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs scripts in several processes (20 s or more on 2 cores); "
-                                       "`-m 'not slow'` leaves them out for a quick run")
+    config.addinivalue_line(
+        "markers",
+        "slow: runs scripts in several processes (20 s or more on 2 cores); "
+        "`-m 'not slow'` leaves them out for a quick run",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +56,10 @@ def keyword_page():
 # -----------------------------------------------------------------------------
 # Running a script in several processes, as users do
 
+
 def free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
@@ -65,8 +71,20 @@ def torchrun_flags(nproc: int = 1, nnodes: int = 1) -> list:
     first node's address); [] for one plain process."""
     if nnodes == 1:
         return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-    return ["-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
-            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{free_port()}", "--rdzv_id", "colintern-test"]
+    return [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(nnodes),
+        "--nproc_per_node",
+        str(nproc),
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"localhost:{free_port()}",
+        "--rdzv_id",
+        "colintern-test",
+    ]
 
 
 def launch(script_and_flags: list, nproc: int = 1, nnodes: int = 1, env=None, timeout: float = 400):
@@ -74,10 +92,13 @@ def launch(script_and_flags: list, nproc: int = 1, nnodes: int = 1, env=None, ti
     this machine (started together, as on nnodes machines) -> subprocess.CompletedProcess: the first non-zero exit
     code (else 0), and every agent's stdout and stderr, one after the other."""
     import subprocess
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     command = [sys.executable, *torchrun_flags(nproc, nnodes), *map(str, script_and_flags)]
-    agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-              for _ in range(nnodes)]
+    agents = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(nnodes)
+    ]
     try:
         outputs = [agent.communicate(timeout=timeout) for agent in agents]
     finally:

@@ -1,11 +1,43 @@
 """Keyword pages: the one page renderer and word list of the tests (through conftest) and of bench/bench_train.py.
 No pytest here, so that a bench script can import it (`sys.path` + tests/)."""
+
 from PIL import Image, ImageDraw, ImageFont
 
 # distinct, one-token-ish words: a test takes the first N it needs
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "maple", "robot", "zebra", "candle",
-         "forest", "rocket", "violin", "desert", "garden", "island", "jacket", "kettle", "ladder", "magnet", "needle",
-         "orange", "pepper", "quartz", "saddle", "tunnel", "walnut", "yogurt", "bridge", "castle"]
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "lemon",
+    "piano",
+    "ocean",
+    "maple",
+    "robot",
+    "zebra",
+    "candle",
+    "forest",
+    "rocket",
+    "violin",
+    "desert",
+    "garden",
+    "island",
+    "jacket",
+    "kettle",
+    "ladder",
+    "magnet",
+    "needle",
+    "orange",
+    "pepper",
+    "quartz",
+    "saddle",
+    "tunnel",
+    "walnut",
+    "yogurt",
+    "bridge",
+    "castle",
+]
 
 
 def render_keyword_page(keyword: str, size=(224, 224), variant: int = 0) -> Image.Image:

@@ -1,6 +1,7 @@
 """bench/: gpu.sh --quick end to end on the CPU (the packages the GPU machine lacks blocked) and its section selection,
 bench_train's argument checks, and its FLOP counts (model and executed, LoRA apart) against torch's own counter and
 an independent sum."""
+
 import itertools
 import os
 import re
@@ -26,12 +27,23 @@ GPU_MACHINE_LACKS = "bitsandbytes,datasets,faiss,mteb,colpali_engine,maxsim_cpu"
 
 
 def run_gpu_sh(tmp_path, *argv):
-    env = dict(os.environ, PYTHON=sys.executable, COLINTERN_BENCH_MISSING=GPU_MACHINE_LACKS,
-               COLINTERN_BENCH_WHEELS=str(tmp_path / "no_wheels"), COLINTERN_BENCH_LOGS=str(tmp_path / "logs"),
-               CUDA_VISIBLE_DEVICES="")
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        COLINTERN_BENCH_MISSING=GPU_MACHINE_LACKS,
+        COLINTERN_BENCH_WHEELS=str(tmp_path / "no_wheels"),
+        COLINTERN_BENCH_LOGS=str(tmp_path / "logs"),
+        CUDA_VISIBLE_DEVICES="",
+    )
     env.pop("OUT", None)
-    return subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    return subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu.sh"), *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
 
 
 NUMBER = r"[0-9.]+(?:e[+-]?\d+)?"
@@ -45,8 +57,10 @@ def test_gpu_sh_quick_prints_every_figure_and_skips_what_is_missing(tmp_path):
     for module in GPU_MACHINE_LACKS.split(",")[:3]:
         assert f"package {module}: MISSING (treated as missing" in out
     number = NUMBER
-    flops = (rf"model ({number}) GFLOP \(vision {number}, language model {number}, LoRA {number}, heads {number}, "
-             rf"loss {number}\), executed ({number}) GFLOP \(x({number})\)$")
+    flops = (
+        rf"model ({number}) GFLOP \(vision {number}, language model {number}, LoRA {number}, heads {number}, "
+        rf"loss {number}\), executed ({number}) GFLOP \(x({number})\)$"
+    )
     expected = [
         r"^mode quick \(tiny model\), sections a b c d e f, device cpu, logs in ",
         r"^\[a\] measured bf16 matmul peak n/a on cpu \(MFU and HFU are printed on CUDA only\)$",
@@ -80,8 +94,9 @@ def test_gpu_sh_quick_prints_every_figure_and_skips_what_is_missing(tmp_path):
     assert (tmp_path / "logs" / "a.out").read_text() in re.sub(r"(?m)^\[a\] ", "", out)
     assert not re.search(r"(?m)^\[a\] .*(MFU|HFU) \d", out), "MFU printed on a CPU"
     # C 4 needs the same model FLOPs cached or plain; caching executes more (each micro-batch encoded twice)
-    cached, plain = (re.search(rf"(?m)^\[a\] C    4 micro   {m} FLOPs: {flops}", out).groups() for m in
-                     ("2 cached", "4 plain "))
+    cached, plain = (
+        re.search(rf"(?m)^\[a\] C    4 micro   {m} FLOPs: {flops}", out).groups() for m in ("2 cached", "4 plain ")
+    )
     assert cached[0] == plain[0] and float(cached[1]) > float(plain[1])
     for model, executed, ratio in (cached, plain):
         assert float(ratio) == pytest.approx(float(executed) / float(model), abs=0.01)
@@ -93,17 +108,23 @@ def test_gpu_sh_runs_only_the_selected_sections(tmp_path):
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     assert re.search(r"(?m)^mode quick \(tiny model\), sections b, ", out), out
-    assert re.search(r"(?m)^gpu.sh: done in \d+ s: \(a\) not selected; \(b\) ok in \d+ s; \(c\) not selected; "
-                     r"\(d\) not selected; \(e\) not selected; \(f\) not selected$", out), out
+    assert re.search(
+        r"(?m)^gpu.sh: done in \d+ s: \(a\) not selected; \(b\) ok in \d+ s; \(c\) not selected; "
+        r"\(d\) not selected; \(e\) not selected; \(f\) not selected$",
+        out,
+    ), out
     assert not re.search(r"(?m)^(\[[acdef]\]|== \([acdef]\)|skip: \([acdef]\)|skip: the recipe)", out), out
     assert sorted(os.listdir(tmp_path / "logs")) == ["b.err", "b.out"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--quick", "b", "x"], r"gpu.sh: unknown section 'x': sections are the letters a b c d e f, one per argument"),
-    (["ab"], r"gpu.sh: unknown section 'ab'"),
-    (["--sections"], r"gpu.sh: unknown option --sections \(options: --quick, --help\)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--quick", "b", "x"], r"gpu.sh: unknown section 'x': sections are the letters a b c d e f, one per argument"),
+        (["ab"], r"gpu.sh: unknown section 'ab'"),
+        (["--sections"], r"gpu.sh: unknown option --sections \(options: --quick, --help\)"),
+    ],
+)
 def test_gpu_sh_refuses_an_unknown_section_before_running_anything(tmp_path, argv, message):
     done = run_gpu_sh(tmp_path, *argv)
     assert done.returncode == 2
@@ -111,10 +132,13 @@ def test_gpu_sh_refuses_an_unknown_section_before_running_anything(tmp_path, arg
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--contrastive", "4,6", "--micro", "4"], r"--contrastive \[4, 6\]: each C must be a multiple of --micro 4"),
-    (["--plain", "4"], "--plain compares against --contrastive"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--contrastive", "4,6", "--micro", "4"], r"--contrastive \[4, 6\]: each C must be a multiple of --micro 4"),
+        (["--plain", "4"], "--plain compares against --contrastive"),
+    ],
+)
 def test_bench_train_contrastive_flags_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench_train.parse_args(argv)
@@ -127,8 +151,9 @@ def lora_model(checkpointing=False):
     backbone, hf_processor = make_tiny_model.build("tiny", tile=224, seed=0)
     backbone.set_attn_implementation("eager")
     processor = ColInternProcessor(hf_processor, max_tiles=4)
-    model = ColIntern(backbone, lora=LoraSettings(r=4, alpha=4, dropout=0.0), max_tiles=4,
-                      **processor.pixel_normalisation())
+    model = ColIntern(
+        backbone, lora=LoraSettings(r=4, alpha=4, dropout=0.0), max_tiles=4, **processor.pixel_normalisation()
+    )
     if checkpointing:
         model.enable_gradient_checkpointing()
     return model, processor
@@ -144,8 +169,10 @@ def test_forward_flops_match_torch_flop_counter():
     forward runs (one sequence per batch, so no padding, which the formula leaves out)."""
     model, processor = lora_model()
     model.eval()
-    for inputs, forward in ((processor.process_pages([render_keyword_page("flops", (448, 224))]), model.forward_pages),
-                            (processor.process_queries(["Which page counts flops?"]), model.forward_queries)):
+    for inputs, forward in (
+        (processor.process_pages([render_keyword_page("flops", (448, 224))]), model.forward_pages),
+        (processor.process_queries(["Which page counts flops?"]), model.forward_queries),
+    ):
         vision, lm, tokens = bench_train.forward_flops(model, inputs)
         assert tokens == inputs["input_ids"].shape[1]
         lora = bench_train.lora_flops_per_token(model) * tokens
@@ -196,7 +223,8 @@ def test_executed_flops_add_the_forwards_run_again():
         expected = vision + passes * (lm + lora) + (1 + caching) * heads + loss + backward + loss  # + page gradients
         assert bench_train.executed_flops(f, caching, checkpointing) == pytest.approx(expected, rel=1e-12)
     assert bench_train.executed_flops(f, True, True) == pytest.approx(
-        vision + 3 * (lm + lora) + 2 * heads + 2 * loss + backward, rel=1e-12)
+        vision + 3 * (lm + lora) + 2 * heads + 2 * loss + backward, rel=1e-12
+    )
 
 
 def model_work(counter: FlopCounterMode) -> int:
@@ -222,8 +250,10 @@ def test_step_flops_match_torch_flop_counter(checkpointing):
     executed = bench_train.executed_flops(f, False, checkpointing)
     if checkpointing:  # torch stops each layer's recomputation before down_proj's LoRA B, which backward does not need
         tokens = sum(int(b[k]["attention_mask"].sum()) for b in batches for k in ("queries", "pages"))
-        executed -= sum(2.0 * layer.mlp.down_proj.lora_B["default"].weight.numel() * tokens
-                        for layer in model.backbone.language_model.layers)
+        executed -= sum(
+            2.0 * layer.mlp.down_proj.lora_B["default"].weight.numel() * tokens
+            for layer in model.backbone.language_model.layers
+        )
     else:  # a plain step runs what the model needs, and the loss's page gradients as a matmul (forward-sized)
         assert executed == bench_train.model_flops(f) + f.loss == bench_train.model_flops(f) + f.loss_pages_backward
     assert model_work(counter) == pytest.approx(executed, rel=1e-9)
@@ -233,16 +263,30 @@ def test_flops_lines_name_mfu_and_hfu_against_both_peaks():
     """The CUDA lines, on hand-made parts: model 105 + (100 + 100 + 20 - 20) + 3 x 10 + 3 x 80 + 25 = 600 TFLOP,
     executed (cached + checkpointed) 600 + (100 + 10 + 80) + (100 + 10) = 900; in 2 s, 300 and 450 TFLOP/s: MFU 30% of
     a 1000 datasheet peak and 50% of a measured 600, HFU 45% and 75%."""
-    f = bench_train.StepFlops(vision=105e12, lm=100e12, attention=20e12, lora=10e12, heads=80e12, loss=25e12,
-                              loss_backward=0.0, loss_pages_backward=0.0, skipped=(20e12, 0.0), lora_on=True)
+    f = bench_train.StepFlops(
+        vision=105e12,
+        lm=100e12,
+        attention=20e12,
+        lora=10e12,
+        heads=80e12,
+        loss=25e12,
+        loss_backward=0.0,
+        loss_pages_backward=0.0,
+        skipped=(20e12, 0.0),
+        lora_on=True,
+    )
     assert bench_train.model_flops(f) == pytest.approx(600e12)
     executed = bench_train.executed_flops(f, True, True)
     assert executed == pytest.approx(900e12)
     flops, mfu = bench_train.flops_lines("C 256", f, executed, 2.0, (1000.0, 600.0))
-    assert flops == ("C 256 FLOPs: model 600 TFLOP (vision 105, language model 200, LoRA 30, heads 240, loss 25), "
-                     "executed 900 TFLOP (x1.50)")
-    assert mfu == ("C 256 MFU 30.0% of datasheet 1000, 50.0% of measured 600 TFLOP/s (model 300.0 TFLOP/s); "
-                   "HFU 45.0% of datasheet, 75.0% of measured (executed 450.0 TFLOP/s)")
+    assert flops == (
+        "C 256 FLOPs: model 600 TFLOP (vision 105, language model 200, LoRA 30, heads 240, loss 25), "
+        "executed 900 TFLOP (x1.50)"
+    )
+    assert mfu == (
+        "C 256 MFU 30.0% of datasheet 1000, 50.0% of measured 600 TFLOP/s (model 300.0 TFLOP/s); "
+        "HFU 45.0% of datasheet, 75.0% of measured (executed 450.0 TFLOP/s)"
+    )
     assert bench_train.flops_lines("C 256", f, executed, 2.0, (1000.0, None)) == [flops]  # a CPU: no peak measured
 
 
@@ -251,7 +295,7 @@ def test_measured_matmul_peak_times_the_matmul():
     start = bench_train.time.perf_counter()
     peak = bench_train.measured_matmul_peak(torch.device("cpu"), n=64, reps=4)
     elapsed = bench_train.time.perf_counter() - start
-    assert peak >= 2 * 64 ** 3 * 4 / elapsed / 1e12 > 0
+    assert peak >= 2 * 64**3 * 4 / elapsed / 1e12 > 0
 
 
 def test_padding_cost_against_a_hand_count():
@@ -259,6 +303,7 @@ def test_padding_cost_against_a_hand_count():
     [5, 1] [3, 3] run 2 x 5 + 2 x 3 = 16 tokens; sorted, [1, 3] [3, 5] run 2 x 3 + 2 x 5 = 16 as well, and
     2 x 9 + 2 x 25 = 68 attention pairs. Batches of three: [5, 1, 3] [3] run 15 + 3 = 18, sorted [1, 3, 3] [5] 9 + 5."""
     import bench_padding
+
     assert bench_padding.padded_cost([5, 1, 3, 3], 2) == pytest.approx(16 / 12)
     assert bench_padding.padded_cost([1, 3, 3, 5], 2, power=2) == pytest.approx(68 / 44)
     assert bench_padding.padded_cost([5, 1, 3, 3], 3) == pytest.approx(18 / 12)

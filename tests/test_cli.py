@@ -2,6 +2,7 @@
 user's mistakes and with one for bugs, --help that shows every default and loads no heavy library, sparse progress
 lines in logs. Subprocesses only where a fresh interpreter is the point (which modules a script imports, its real
 entry point); everything else runs in-process through run_cli."""
+
 import ast
 import importlib
 import json
@@ -28,13 +29,23 @@ import train
 from colintern_cli import progress_bar, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["train.py", "mine_hard_negatives.py", "eval.py", "export.py", "make_tiny_model.py", "plot_training_loss.py",
-           "plot_vidore_metrics.py", "make_synthetic_data.py"]
+SCRIPTS = [
+    "train.py",
+    "mine_hard_negatives.py",
+    "eval.py",
+    "export.py",
+    "make_tiny_model.py",
+    "plot_training_loss.py",
+    "plot_vidore_metrics.py",
+    "make_synthetic_data.py",
+]
 TORCH_FREE = ("plot_training_loss.py", "plot_vidore_metrics.py", "make_synthetic_data.py")
 REMOTE_CODE = "OpenGVLab/InternVL3_5-1B"
-REMOTE_CODE_LINE = (f"error: argument --model_id: '{REMOTE_CODE}' is a remote-code InternVL checkpoint "
-                    f"(InternVLChatModel); ColIntern needs the HF-native transformers checkpoint: use "
-                    f"'{REMOTE_CODE}-HF' instead")
+REMOTE_CODE_LINE = (
+    f"error: argument --model_id: '{REMOTE_CODE}' is a remote-code InternVL checkpoint "
+    f"(InternVLChatModel); ColIntern needs the HF-native transformers checkpoint: use "
+    f"'{REMOTE_CODE}-HF' instead"
+)
 # command-line mistakes per script (the first one: no flags at all, or one bad value)
 FLAG_ERRORS = {
     "train.py": [[], ["--model_id", REMOTE_CODE, "--train_hub", "X", "--out_dir", "Y"]],
@@ -86,8 +97,15 @@ print(json.dumps(report))
 
 
 def python(*args, env=None, **kwargs):
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        **kwargs,
+    )
 
 
 def mteb_stand_in(folder) -> str:
@@ -96,7 +114,8 @@ def mteb_stand_in(folder) -> str:
     os.makedirs(folder / "mteb" / "models")
     (folder / "mteb" / "__init__.py").write_text(
         "import types\n__version__ = 'stand-in'\n"
-        "def get_benchmarks():\n    return [types.SimpleNamespace(name='ViDoRe(v1)', tasks=[])]\n")
+        "def get_benchmarks():\n    return [types.SimpleNamespace(name='ViDoRe(v1)', tasks=[])]\n"
+    )
     (folder / "mteb" / "models" / "__init__.py").write_text("")
     (folder / "mteb" / "models" / "abs_encoder.py").write_text("class AbsEncoder:\n    pass\n")
     return str(folder)
@@ -111,10 +130,17 @@ def commands(tmp_path_factory):
     running = {
         "probe": python("-c", PROBE, json.dumps(groups[0])),
         "probe torch-free": python("-c", PROBE, json.dumps(groups[1])),
-        "plot: missing input": python("plot_training_loss.py", "--input", "/nonexistent.txt", "--output",
-                                      str(tmp / "x.png")),
-        "eval: unknown benchmark": python("eval.py", "--model_id", str(tmp), "--benchmarks", "ViDoRe(v9)", env={
-            "PYTHONPATH": os.pathsep.join([mteb_stand_in(tmp / "stand-in"), os.environ.get("PYTHONPATH", "")])}),
+        "plot: missing input": python(
+            "plot_training_loss.py", "--input", "/nonexistent.txt", "--output", str(tmp / "x.png")
+        ),
+        "eval: unknown benchmark": python(
+            "eval.py",
+            "--model_id",
+            str(tmp),
+            "--benchmarks",
+            "ViDoRe(v9)",
+            env={"PYTHONPATH": os.pathsep.join([mteb_stand_in(tmp / "stand-in"), os.environ.get("PYTHONPATH", "")])},
+        ),
     }
     results = {}
     for name, proc in running.items():
@@ -152,6 +178,7 @@ def help_entries(text: str) -> dict:
 # -----------------------------------------------------------------------------
 # --help and command-line mistakes: fast, light, every default shown
 
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_explains_every_option_shows_its_default_and_loads_no_heavy_module(probed, script):
     """Every option of the script's own parser (so a new flag needs no edit here): listed, explained in words, its
@@ -166,7 +193,7 @@ def test_help_explains_every_option_shows_its_default_and_loads_no_heavy_module(
     for option in options:
         entry = entries[option["flag"]]
         assert entry.startswith(option["invocation"]), (option, entry)
-        explanation = entry[len(option["invocation"]):]
+        explanation = entry[len(option["invocation"]) :]
         if option["default"] is not None:
             shown = rf"\(default:? {re.escape(option['default'])}\)"
             assert re.search(shown, explanation), (option["flag"], option["default"], entry)
@@ -186,11 +213,15 @@ def test_flag_mistakes_print_one_error_line_and_a_hint(probed, script):
 
 def test_named_flag_mistakes_say_what_to_do(probed):
     assert probed["train.py"]["errors"][1]["err"].splitlines()[0] == REMOTE_CODE_LINE  # offline, no hub access
-    assert probed["eval.py"]["errors"][1]["err"].splitlines()[0] == \
-        "error: argument --ckpt: /nonexistent.pt does not exist (a .pt checkpoint, a folder of export.py, or the " \
+    assert (
+        probed["eval.py"]["errors"][1]["err"].splitlines()[0]
+        == "error: argument --ckpt: /nonexistent.pt does not exist (a .pt checkpoint, a folder of export.py, or the "
         "hub id owner/name of one)"
-    assert probed["plot_vidore_metrics.py"]["errors"][0]["err"].splitlines()[0] == \
-        "error: --labels has 1 labels for 2 --inputs: give one per input"
+    )
+    assert (
+        probed["plot_vidore_metrics.py"]["errors"][0]["err"].splitlines()[0]
+        == "error: --labels has 1 labels for 2 --inputs: give one per input"
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -208,15 +239,28 @@ def test_help_description_keeps_its_example_lines(probed, script):
 # -----------------------------------------------------------------------------
 # Remote-code InternVL ids: refused by name, before any hub access
 
+
 def test_remote_code_internvl_ids_are_refused_by_name_without_the_hub(monkeypatch, tmp_path, capsys):
     import transformers.utils
+
     # transformers' modules bind cached_file when first imported: import them now, so that none binds the fake
     # below and keeps it after this test (later tests would then load nothing)
     from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer  # noqa: F401
-    for name in ("configuration_utils", "modeling_utils", "processing_utils", "tokenization_utils_base",
-                 "image_processing_base", "feature_extraction_utils", "video_processing_utils",
-                 "models.auto.processing_auto", "models.auto.image_processing_auto", "models.auto.tokenization_auto",
-                 "models.auto.video_processing_auto", "models.auto.feature_extraction_auto"):
+
+    for name in (
+        "configuration_utils",
+        "modeling_utils",
+        "processing_utils",
+        "tokenization_utils_base",
+        "image_processing_base",
+        "feature_extraction_utils",
+        "video_processing_utils",
+        "models.auto.processing_auto",
+        "models.auto.image_processing_auto",
+        "models.auto.tokenization_auto",
+        "models.auto.video_processing_auto",
+        "models.auto.feature_extraction_auto",
+    ):
         importlib.import_module(f"transformers.{name}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub_calls = []
@@ -224,6 +268,7 @@ def test_remote_code_internvl_ids_are_refused_by_name_without_the_hub(monkeypatc
     def cached_file(model_id, *args, **kwargs):
         hub_calls.append(model_id)
         raise OSError("offline")
+
     monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
 
     for size in ("1B", "2B", "4B", "8B", "14B", "38B"):
@@ -254,6 +299,7 @@ def test_remote_code_internvl_ids_are_refused_by_name_without_the_hub(monkeypatc
 # -----------------------------------------------------------------------------
 # Mistakes found while running: one line, exit 1
 
+
 def run_script(main, args, capsys) -> list:
     """run_cli(main, args) as the `__main__` entry does -> stderr lines; it must exit 1."""
     capsys.readouterr()
@@ -274,35 +320,43 @@ def test_empty_and_malformed_training_data(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     flags = ["--out_dir", str(tmp_path / "out"), "--num_workers", "0"]
-    assert run_script(train.main, train.parse_args(["--train_jsonl", str(empty), *flags]), capsys) == \
-        [f"error: {empty} has no triples"]
+    assert run_script(train.main, train.parse_args(["--train_jsonl", str(empty), *flags]), capsys) == [
+        f"error: {empty} has no triples"
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "pos": "a.png"}\n{"query": "q", "pos": \n')
-    assert run_script(train.main, train.parse_args(["--train_jsonl", str(bad), *flags]), capsys) == \
-        [f"error: {bad} line 2: not valid JSON (Expecting value at column 1)"]
-    assert run_script(train.main, train.parse_args(["--train_jsonl", str(tmp_path / "nowhere.jsonl"), *flags]),
-                      capsys) == [f"error: {tmp_path / 'nowhere.jsonl'}: No such file or directory"]
+    assert run_script(train.main, train.parse_args(["--train_jsonl", str(bad), *flags]), capsys) == [
+        f"error: {bad} line 2: not valid JSON (Expecting value at column 1)"
+    ]
+    assert run_script(
+        train.main, train.parse_args(["--train_jsonl", str(tmp_path / "nowhere.jsonl"), *flags]), capsys
+    ) == [f"error: {tmp_path / 'nowhere.jsonl'}: No such file or directory"]
 
 
 def test_mining_refuses_a_non_checkpoint_before_reading_the_data(tmp_path, capsys, monkeypatch):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     monkeypatch.setattr(mine, "hub_input", lambda *a: pytest.fail("the data was read before the checkpoint"))
-    args = mine.parse_args(["--ckpt", str(notes), "--hub_name", "vidore/colpali_train_set",
-                            "--out_jsonl", str(tmp_path / "o.jsonl")])
-    assert run_script(mine.main, args, capsys) == \
-        [f"error: {notes} is not a ColIntern checkpoint (made by train.py): torch.load cannot read it"]
+    args = mine.parse_args(
+        ["--ckpt", str(notes), "--hub_name", "vidore/colpali_train_set", "--out_jsonl", str(tmp_path / "o.jsonl")]
+    )
+    assert run_script(mine.main, args, capsys) == [
+        f"error: {notes} is not a ColIntern checkpoint (made by train.py): torch.load cannot read it"
+    ]
 
 
 def test_unknown_benchmark(commands):
     """eval.py's own error through its entry point (mteb stood in for: only the benchmark-name lookup runs)."""
     code, out, err = commands["eval: unknown benchmark"]
-    assert code == 1 and err == ("error: --benchmarks: unknown benchmark 'ViDoRe(v9)'. This mteb knows: "
-                                 "'ViDoRe(v1)' (see python eval.py --list)\n"), err
+    assert code == 1 and err == (
+        "error: --benchmarks: unknown benchmark 'ViDoRe(v9)'. This mteb knows: "
+        "'ViDoRe(v1)' (see python eval.py --list)\n"
+    ), err
 
 
 # -----------------------------------------------------------------------------
 # What run_cli lets through: bugs keep their traceback
+
 
 def test_bugs_and_library_errors_keep_their_traceback(tmp_path, capsys):
     with pytest.raises(ValueError, match="empty sequence"):  # a bug in project code: max([]), no raise statement
@@ -319,16 +373,22 @@ def test_bugs_and_library_errors_keep_their_traceback(tmp_path, capsys):
 def test_a_plain_raise_is_a_bug_whatever_file_it_is_in(capsys):
     """Only the type decides: a ValueError raised by a plain `raise` statement (here in a script's own code path) is
     a bug and keeps its traceback; the same message as a UserValueError is one line."""
+
     def plain(args):
         raise ValueError("--flag 3 is out of range")
 
     def user(args):
         raise cli.UserValueError("--flag 3 is out of range")
+
     with pytest.raises(ValueError, match="out of range"):
         run_cli(plain, None)
     assert run_script(user, None, capsys) == ["error: --flag 3 is out of range"]
-    for flavour, builtin in ((cli.UserFileNotFoundError, FileNotFoundError), (cli.UserRuntimeError, RuntimeError),
-                             (cli.UserFloatingPointError, FloatingPointError), (cli.UserImportError, ImportError)):
+    for flavour, builtin in (
+        (cli.UserFileNotFoundError, FileNotFoundError),
+        (cli.UserRuntimeError, RuntimeError),
+        (cli.UserFloatingPointError, FloatingPointError),
+        (cli.UserImportError, ImportError),
+    ):
         assert issubclass(flavour, cli.UserError) and issubclass(flavour, builtin)
 
 
@@ -350,20 +410,48 @@ def output_cases(tmp_path):
     under_file, ckpt = str(tmp_path / "a_file" / "out"), str(tmp_path / "dummy.pt")
     return [
         (train, ["--train_jsonl", str(tmp_path / "t.jsonl"), "--out_dir", under_file], "--out_dir", under_file),
-        (mine, ["--ckpt", ckpt, "--hub_name", "x/y", "--out_jsonl", under_file + ".jsonl"], "--out_jsonl",
-         under_file + ".jsonl"),
-        (mine, ["--ckpt", ckpt, "--hub_name", "x/y", "--out_jsonl", str(tmp_path / "a_folder")], "--out_jsonl",
-         str(tmp_path / "a_folder")),
-        (colintern_eval, ["--ckpt", ckpt, "--benchmarks", "ViDoRe(v1)", "--out_json", under_file + ".json"],
-         "--out_json", under_file + ".json"),
-        (colintern_eval, ["--ckpt", ckpt, "--benchmarks", "ViDoRe(v1)", "--results_dir", "/proc/colintern/cache"],
-         "--results_dir", "/proc/colintern/cache"),
-        (export, ["--ckpt", ckpt, "--out_dir", "/proc/colintern-export", "--name", "me/x"], "--out_dir",
-         "/proc/colintern-export"),
-        (plot_training_loss, ["--input", str(tmp_path / "loss.txt"), "--output", under_file + ".png"], "--output",
-         under_file + ".png"),
-        (plot_vidore_metrics, ["--inputs", str(tmp_path / "loss.txt"), "--labels", "a", "--outdir", under_file],
-         "--outdir", under_file),
+        (
+            mine,
+            ["--ckpt", ckpt, "--hub_name", "x/y", "--out_jsonl", under_file + ".jsonl"],
+            "--out_jsonl",
+            under_file + ".jsonl",
+        ),
+        (
+            mine,
+            ["--ckpt", ckpt, "--hub_name", "x/y", "--out_jsonl", str(tmp_path / "a_folder")],
+            "--out_jsonl",
+            str(tmp_path / "a_folder"),
+        ),
+        (
+            colintern_eval,
+            ["--ckpt", ckpt, "--benchmarks", "ViDoRe(v1)", "--out_json", under_file + ".json"],
+            "--out_json",
+            under_file + ".json",
+        ),
+        (
+            colintern_eval,
+            ["--ckpt", ckpt, "--benchmarks", "ViDoRe(v1)", "--results_dir", "/proc/colintern/cache"],
+            "--results_dir",
+            "/proc/colintern/cache",
+        ),
+        (
+            export,
+            ["--ckpt", ckpt, "--out_dir", "/proc/colintern-export", "--name", "me/x"],
+            "--out_dir",
+            "/proc/colintern-export",
+        ),
+        (
+            plot_training_loss,
+            ["--input", str(tmp_path / "loss.txt"), "--output", under_file + ".png"],
+            "--output",
+            under_file + ".png",
+        ),
+        (
+            plot_vidore_metrics,
+            ["--inputs", str(tmp_path / "loss.txt"), "--labels", "a", "--outdir", under_file],
+            "--outdir",
+            under_file,
+        ),
         (make_tiny_model, ["--out", under_file], "--out", under_file),
         (make_synthetic_data, ["--out_dir", "/proc/colintern-synthetic"], "--out_dir", "/proc/colintern-synthetic"),
     ]
@@ -391,6 +479,7 @@ def test_debug_env_keeps_every_traceback(monkeypatch, tmp_path):
 def test_ctrl_c_exits_130_without_a_traceback(capsys):
     def interrupted(args):
         raise KeyboardInterrupt
+
     with pytest.raises(SystemExit) as exit_info:
         run_cli(interrupted, None)
     assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
@@ -414,12 +503,16 @@ def test_error_raised_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
     with pytest.raises(cli.UserValueError, match="Caught UserValueError in DataLoader worker process 0"):
         next(iter(loader))  # what torch re-raises: the worker's own type, its traceback as text
     lines = run_script(lambda args: next(iter(loader)), None, capsys)
-    assert len(lines) == 1 and re.fullmatch(rf"error: image {re.escape(str(broken))} cannot be decoded: "
-                                            rf"cannot identify image file .*", lines[0]), lines
+    assert len(lines) == 1 and re.fullmatch(
+        rf"error: image {re.escape(str(broken))} cannot be decoded: "
+        rf"cannot identify image file .*",
+        lines[0],
+    ), lines
 
 
 # -----------------------------------------------------------------------------
 # Entry points and progress bars
+
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_entry_point_goes_through_run_cli_and_bars_through_progress_bar(script):

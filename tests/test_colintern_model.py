@@ -1,4 +1,5 @@
 """colintern_model.py: loading, encoders, exact MaxSim, loss, checkpoints, and the errors a user meets."""
+
 import contextlib
 import json
 import math
@@ -21,8 +22,9 @@ from colintern_model import ColIntern, ColInternProcessor, LoraSettings
 @pytest.fixture(scope="module")
 def model_and_processor(tiny_model_dir):
     torch.manual_seed(0)
-    return ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8, dropout=0.0),
-                                     max_tiles=4)
+    return ColIntern.from_pretrained(
+        tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_tiles=4
+    )
 
 
 def naive_maxsim(q, p):
@@ -32,8 +34,10 @@ def naive_maxsim(q, p):
 
 # -- loading ------------------------------------------------------------------
 
+
 def test_load_backbone_through_auto_classes_is_frozen_eval(tiny_model_dir):
     from transformers import InternVLModel
+
     backbone = cm.load_backbone(tiny_model_dir)
     assert type(backbone) is InternVLModel
     assert not backbone.training
@@ -49,8 +53,9 @@ def test_attention_implementation_is_chosen_recorded_and_keyed(tiny_model_dir, k
     out = {}
     for impl in ("sdpa", "eager"):
         torch.manual_seed(0)
-        model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8),
-                                                     attn_implementation=impl)
+        model, processor = ColIntern.from_pretrained(
+            tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8), attn_implementation=impl
+        )
         assert model.backbone.config.text_config._attn_implementation == impl
         assert model.backbone.config.vision_config._attn_implementation == impl
         assert model.embedding_identity()["attn_implementation"] == impl
@@ -59,15 +64,16 @@ def test_attention_implementation_is_chosen_recorded_and_keyed(tiny_model_dir, k
         out[impl] = torch.cat(model.encode_pages(processor, pages))
     # each attention sums <= L = 200 products per output in its own order: |error| <= L u per layer (u = 2^-24),
     # over the tower's 1 layer and the language model's 2, on unit vectors
-    bound = 200 * 2 ** -24 * 3
+    bound = 200 * 2**-24 * 3
     assert not torch.equal(out["sdpa"], out["eager"])
     torch.testing.assert_close(out["sdpa"], out["eager"], atol=bound, rtol=0)
 
 
 def test_flash_attention_without_its_package_is_a_one_line_error(monkeypatch):
     real = cm.importlib.util.find_spec
-    monkeypatch.setattr(cm.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    monkeypatch.setattr(
+        cm.importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a)
+    )
     with pytest.raises(ValueError, match="flash_attention_2 needs the flash-attn package"):
         cm.check_attn_implementation("flash_attention_2")
     with pytest.raises(ValueError, match="must be one of sdpa, eager, flash_attention_2, got 'flash'"):
@@ -122,6 +128,7 @@ def test_unexpected_weight_key_is_an_error(tiny_model_dir, tmp_path):
 
 
 # -- processor and encoders ----------------------------------------------------
+
 
 def test_query_format_and_empty_query(model_and_processor):
     _, processor = model_and_processor
@@ -181,15 +188,18 @@ def test_every_ingredient_of_an_embedding_or_a_score_changes_its_identity(tiny_m
         heads.page_head.weight[0, 0] += 1e-3
     quantized = build()
     quantized.quantize = "4bit"  # the loading itself is test_quantize's; here only what the identity reads
-    variants = {"backbone": build(str(rebuilt)).embedding_identity(), "adapters": heads.embedding_identity(),
-                "proj_dim": build(proj_dim=8).embedding_identity(),
-                "max_tiles": build(max_tiles=2).embedding_identity(),
-                "dtype": build(dtype="bf16").embedding_identity(),  # and the compute dtype with it
-                "quantize": quantized.embedding_identity(),
-                "attn_implementation": build(attn_implementation="eager").embedding_identity(),
-                "bidirectional": build(bidirectional=True).embedding_identity(),
-                "dim": build(matryoshka_dims=[16, 8], dim=8).embedding_identity(),
-                "pool_factor": base.embedding_identity(pool_factor=3)}
+    variants = {
+        "backbone": build(str(rebuilt)).embedding_identity(),
+        "adapters": heads.embedding_identity(),
+        "proj_dim": build(proj_dim=8).embedding_identity(),
+        "max_tiles": build(max_tiles=2).embedding_identity(),
+        "dtype": build(dtype="bf16").embedding_identity(),  # and the compute dtype with it
+        "quantize": quantized.embedding_identity(),
+        "attn_implementation": build(attn_implementation="eager").embedding_identity(),
+        "bidirectional": build(bidirectional=True).embedding_identity(),
+        "dim": build(matryoshka_dims=[16, 8], dim=8).embedding_identity(),
+        "pool_factor": base.embedding_identity(pool_factor=3),
+    }
     monkeypatch.setattr(cm, "FORMAT_VERSION", cm.FORMAT_VERSION + 1)
     variants["format_version"] = base.embedding_identity()
     monkeypatch.setattr(cm, "IDENTITY_VERSION", cm.IDENTITY_VERSION + 1)
@@ -203,9 +213,12 @@ def test_every_ingredient_of_an_embedding_or_a_score_changes_its_identity(tiny_m
     monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: False)
     bf16_upcast = cm.score_identity(identity, torch.bfloat16, "cpu")
     monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: True)
-    score_variants = {"embedding": cm.score_identity(variants["pool_factor"], torch.float32, "cpu"),
-                      "score_dtype": bf16_upcast, "matmul_dtype": cm.score_identity(identity, torch.bfloat16, "cpu"),
-                      "rerank": cm.score_identity(identity, torch.float32, "cpu", rerank=10)}
+    score_variants = {
+        "embedding": cm.score_identity(variants["pool_factor"], torch.float32, "cpu"),
+        "score_dtype": bf16_upcast,
+        "matmul_dtype": cm.score_identity(identity, torch.bfloat16, "cpu"),
+        "rerank": cm.score_identity(identity, torch.float32, "cpu", rerank=10),
+    }
     monkeypatch.setattr(cm, "SCORING_VERSION", cm.SCORING_VERSION + 1)
     score_variants["scoring_version"] = cm.score_identity(identity, torch.float32, "cpu")
     assert bf16_upcast["matmul_dtype"] == "fp32" and score_variants["matmul_dtype"]["matmul_dtype"] == "bf16"
@@ -217,6 +230,7 @@ def test_bidirectional_attention_sees_later_tokens_ignores_padding_and_travels(t
     """--bidirectional: a query token's vector depends on the tokens after it (causal: not at all), padding changes
     nothing in either mode, sdpa and eager read their masks alike, and the checkpoint carries the setting into
     from_checkpoint. Causal models built with bidirectional=False compute exactly what they did."""
+
     def build(**kwargs):
         torch.manual_seed(0)
         return ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8), **kwargs)
@@ -265,25 +279,40 @@ def test_matryoshka_loss_is_the_sum_over_renormalised_prefixes():
     def reference(d):
         qd = torch.nn.functional.normalize(q[..., :d].double(), dim=-1)
         pd = torch.nn.functional.normalize(p[..., :d].double(), dim=-1)
-        scores = torch.tensor([[sum(max(float(qd[i, a] @ pd[j, b]) for b in range(20) if p_mask[j, b])
-                                    for a in range(12) if q_mask[i, a]) / int(q_mask[i].sum())
-                                for j in range(5)] for i in range(3)], dtype=torch.float64)
+        scores = torch.tensor(
+            [
+                [
+                    sum(
+                        max(float(qd[i, a] @ pd[j, b]) for b in range(20) if p_mask[j, b])
+                        for a in range(12)
+                        if q_mask[i, a]
+                    )
+                    / int(q_mask[i].sum())
+                    for j in range(5)
+                ]
+                for i in range(3)
+            ],
+            dtype=torch.float64,
+        )
         return float(torch.nn.functional.cross_entropy(scores / temperature, pos))
 
     got = cm.contrastive_loss(q, q_mask, p, p_mask, pos, temperature, dims=[16, 8, 4])
     assert abs(float(got) - sum(reference(d) for d in (16, 8, 4))) < 1e-4
     assert abs(float(cm.contrastive_loss(q, q_mask, p, p_mask, pos, temperature)) - reference(16)) < 1e-4
-    assert torch.equal(cm.matryoshka_prefix(q, 16), q) and torch.equal(cm.matryoshka_prefix(q, 8)[0, 9:],
-                                                                        torch.zeros(3, 8))
+    assert torch.equal(cm.matryoshka_prefix(q, 16), q) and torch.equal(
+        cm.matryoshka_prefix(q, 8)[0, 9:], torch.zeros(3, 8)
+    )
 
 
 def test_a_matryoshka_model_encodes_at_any_trained_prefix(tiny_model_dir, keyword_page):
     """dim 8 of a model trained at (16, 8): vectors of size 8 and unit norm, the renormalised prefixes of the full
     ones; dim 16 (the full size) is exactly the model without --dim; an untrained size is one line."""
+
     def build(**kwargs):
         torch.manual_seed(0)
-        return ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8),
-                                         matryoshka_dims=[16, 8], **kwargs)
+        return ColIntern.from_pretrained(
+            tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8), matryoshka_dims=[16, 8], **kwargs
+        )
 
     (full, processor), small = build(), build(dim=8)[0]
     pages = [keyword_page("alpha"), keyword_page("beta", size=(448, 224))]
@@ -304,10 +333,12 @@ def test_maxsim_scores_at_every_matryoshka_size(dim):
     queries = [F.normalize(torch.randn(n, dim, generator=g), dim=-1) for n in (5, 9)]
     pages = [F.normalize(torch.randn(n, dim, generator=g), dim=-1) for n in (30, 7, 50)]
     got = cm.maxsim_scores(queries, pages)
-    expected = torch.tensor([[float((qq.double() @ pp.double().T).max(dim=1).values.sum()) for pp in pages]
-                             for qq in queries], dtype=torch.float64)
+    expected = torch.tensor(
+        [[float((qq.double() @ pp.double().T).max(dim=1).values.sum()) for pp in pages] for qq in queries],
+        dtype=torch.float64,
+    )
     # fp32 dot products of unit vectors: |error| <= dim * 2^-24 per dot, summed over <= 9 query tokens
-    assert torch.allclose(got.double(), expected, atol=9 * dim * 2 ** -24 * 2)
+    assert torch.allclose(got.double(), expected, atol=9 * dim * 2**-24 * 2)
 
 
 def test_encode_prepares_the_next_batch_before_fetching_the_last(model_and_processor, monkeypatch):
@@ -318,13 +349,17 @@ def test_encode_prepares_the_next_batch_before_fetching_the_last(model_and_proce
     model, processor = model_and_processor
     queries = [f"query number {i} about page {i}" + " word" * i for i in range(5)]
     with torch.inference_mode():
-        one_by_one = [e.float() for i in range(0, 5, 2)
-                      for e in cm.unpad(*model.forward_queries(processor.process_queries(queries[i:i + 2])))]
+        one_by_one = [
+            e.float()
+            for i in range(0, 5, 2)
+            for e in cm.unpad(*model.forward_queries(processor.process_queries(queries[i : i + 2])))
+        ]
     events, real_forward, real_unpad, real_pin = [], model.forward_queries, cm.unpad, cm.pin_batch
     monkeypatch.setattr(model, "forward_queries", lambda batch: events.append("forward") or real_forward(batch))
     monkeypatch.setattr(cm, "unpad", lambda emb, mask: events.append("fetch") or real_unpad(emb, mask))
-    monkeypatch.setattr(cm, "pin_batch", lambda batch, device: events.append(("pin", str(device))) or
-                        real_pin(batch, device))
+    monkeypatch.setattr(
+        cm, "pin_batch", lambda batch, device: events.append(("pin", str(device))) or real_pin(batch, device)
+    )
     got = model.encode_queries(processor, queries, batch_size=2)
     pin = ("pin", "cpu")
     assert events == [pin, "forward", pin, "forward", "fetch", pin, "forward", "fetch", "fetch"]
@@ -347,17 +382,28 @@ def test_left_padding_does_not_change_embeddings(model_and_processor, keyword_pa
 def stock_pages(processor, pages):
     """The stock InternVL processor's batch for `pages` (fp32 pixel_values, rescaled and normalised), with the
     tiling and prompt of process_pages."""
-    return processor.hf(text=[processor.page_prompt] * len(pages), images=pages, padding="longest",
-                        padding_side="left", crop_to_patches=True, min_patches=1, max_patches=processor.max_tiles,
-                        return_tensors="pt")
+    return processor.hf(
+        text=[processor.page_prompt] * len(pages),
+        images=pages,
+        padding="longest",
+        padding_side="left",
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=processor.max_tiles,
+        return_tensors="pt",
+    )
 
 
 def test_uint8_pages_normalise_to_the_stock_pixels_and_embeddings(model_and_processor, keyword_page):
     model, processor = model_and_processor
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8))
     # 1 tile; 2x2 tiles + thumbnail; 3x1 + thumbnail (non-square); noise (every value, resampled: 2x1 + thumbnail)
-    pages = [keyword_page("alpha", size=(224, 224)), keyword_page("beta", size=(448, 448)),
-             keyword_page("gamma", size=(672, 224)), noise]
+    pages = [
+        keyword_page("alpha", size=(224, 224)),
+        keyword_page("beta", size=(448, 448)),
+        keyword_page("gamma", size=(672, 224)),
+        noise,
+    ]
     batch, stock = processor.process_pages(pages), stock_pages(processor, pages)
     assert batch["pixel_values"].dtype == torch.uint8 and stock["pixel_values"].dtype == torch.float32
     assert batch["pixel_values"].shape == stock["pixel_values"].shape == (1 + 5 + 4 + 3, 3, 224, 224)
@@ -375,9 +421,16 @@ def test_uint8_pages_normalise_to_the_stock_pixels_and_embeddings(model_and_proc
 
 def test_collate_sends_uint8_pages_a_quarter_of_fp32(model_and_processor, keyword_page):
     import train
+
     _, processor = model_and_processor
-    examples = [{"query": f"about {w}", "pos": keyword_page(w, size=(448, 448)),
-                 "negs": [keyword_page(w + "!", size=(672, 224))]} for w in ("alpha", "beta")]
+    examples = [
+        {
+            "query": f"about {w}",
+            "pos": keyword_page(w, size=(448, 448)),
+            "negs": [keyword_page(w + "!", size=(672, 224))],
+        }
+        for w in ("alpha", "beta")
+    ]
     pixels = train.Collate(processor)(examples)["pages"]["pixel_values"]
     pages = [e["pos"] for e in examples] + [n for e in examples for n in e["negs"]]
     stock = stock_pages(processor, pages)["pixel_values"]
@@ -413,10 +466,13 @@ def test_not_an_image_is_named(model_and_processor, tmp_path):
 
 # -- MaxSim ----------------------------------------------------------------------
 
+
 def ragged(n, lengths, dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.functional.normalize(torch.randn(lengths[i % len(lengths)], dim, generator=g), dim=-1)
-            for i in range(n)]
+    return [
+        torch.nn.functional.normalize(torch.randn(lengths[i % len(lengths)], dim, generator=g), dim=-1)
+        for i in range(n)
+    ]
 
 
 def test_maxsim_scores_equal_naive_loop_on_ragged_negative_inputs():
@@ -441,9 +497,9 @@ def test_differentiable_maxsim_with_masks_equals_naive():
     q_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in queries], True)
     p_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in pages], True)
     for i, x in enumerate(queries):
-        q[i, :len(x)] = x
+        q[i, : len(x)] = x
     for j, x in enumerate(pages):
-        p[j, :len(x)] = x
+        p[j, : len(x)] = x
     expected = torch.tensor([[naive_maxsim(a, b) for b in pages] for a in queries])
     assert torch.allclose(cm.maxsim(q, p, q_mask, p_mask), expected, atol=1e-5)
 
@@ -455,6 +511,7 @@ def test_scoring_and_the_loss_add_nothing_with_float_atomics(monkeypatch):
     call none of them, and still equal a float64 reference within fp32 summation's bound; the two paths of
     sum_by_query agree within it too. Run-to-run byte identity on a GPU itself needs a GPU and is not tested here."""
     import mine_hard_negatives as mine
+
     called = []
     for owner in (torch.Tensor, torch):
         for name in ("index_add_", "index_add", "scatter_add_", "scatter_add"):
@@ -466,12 +523,14 @@ def test_scoring_and_the_loss_add_nothing_with_float_atomics(monkeypatch):
         if accumulate:
             called.append("index_put_(accumulate=True)")
         return real_put(self, indices, values, accumulate)
+
     monkeypatch.setattr(torch.Tensor, "index_put_", index_put_)
     monkeypatch.setattr(cm, "adds_in_varying_order", lambda device: True)  # take CUDA's path here
     queries, pages = ragged(5, [4, 2, 6, 3], dim=16, seed=3), ragged(7, [5, 1, 9, 3], dim=16, seed=4)
-    reference = torch.tensor([[naive_maxsim(a.double(), b.double()) for b in pages] for a in queries],
-                             dtype=torch.float64)
-    bound = 6 * 2 ** -24 * 6  # at most 6 query tokens of |similarity| <= 1: summation error <= L u sum|x|
+    reference = torch.tensor(
+        [[naive_maxsim(a.double(), b.double()) for b in pages] for a in queries], dtype=torch.float64
+    )
+    bound = 6 * 2**-24 * 6  # at most 6 query tokens of |similarity| <= 1: summation error <= L u sum|x|
     scores = cm.maxsim_scores(queries, pages, dtype=torch.float32)
     top, idx = cm.maxsim_topk(queries, pages, k=3, dtype=torch.float32)
     pairs = mine.score_pairs(queries, pages, (list(range(5)), [i * 3 % 7 for i in range(5)]), "cpu", torch.float32)
@@ -485,12 +544,14 @@ def test_scoring_and_the_loss_add_nothing_with_float_atomics(monkeypatch):
     assert called == []
     monkeypatch.undo()
     g = torch.Generator().manual_seed(5)
-    best, owner = torch.rand(40, 9, generator=g) * 2 - 1, torch.repeat_interleave(torch.arange(6), torch.tensor(
-        [7, 1, 12, 5, 3, 12]))
+    best, owner = (
+        torch.rand(40, 9, generator=g) * 2 - 1,
+        torch.repeat_interleave(torch.arange(6), torch.tensor([7, 1, 12, 5, 3, 12])),
+    )
     cpu_path = cm.sum_by_query(best, owner, 6)
     monkeypatch.setattr(cm, "adds_in_varying_order", lambda device: True)
     cuda_path = cm.sum_by_query(best, owner, 6)
-    torch.testing.assert_close(cpu_path, cuda_path, atol=12 * 2 ** -24 * 12, rtol=0)  # 12 tokens of |x| <= 1
+    torch.testing.assert_close(cpu_path, cuda_path, atol=12 * 2**-24 * 12, rtol=0)  # 12 tokens of |x| <= 1
 
 
 def dense_maxsim(queries, pages, query_mask, page_mask):
@@ -597,18 +658,20 @@ def test_page_chunks_into_one_reused_buffer_hold_the_same_pages(monkeypatch, dty
     fresh = list(cm.page_chunks(pages, dtype, "cpu", torch.float32))
     assert len(fresh) > 3
     storages = set()
-    for (idx, chunk), (want_idx, want) in zip(cm.page_chunks(pages, dtype, "cpu", torch.float32, reuse=True), fresh,
-                                              strict=True):
+    for (idx, chunk), (want_idx, want) in zip(
+        cm.page_chunks(pages, dtype, "cpu", torch.float32, reuse=True), fresh, strict=True
+    ):
         assert torch.equal(idx, want_idx) and torch.equal(chunk, want) and chunk.dtype == torch.float32
         for row, i in zip(chunk, idx.tolist()):
             page = pages[i].to(dtype).float()
-            assert torch.equal(row[:len(page)], page) and (row[len(page):] == page[0]).all()
+            assert torch.equal(row[: len(page)], page) and (row[len(page) :] == page[0]).all()
         storages.add(chunk.untyped_storage().data_ptr())
     assert len(storages) == 2  # one buffer, grown once for the page longer than a chunk
     assert len({c.untyped_storage().data_ptr() for _, c in fresh}) == len(fresh)
 
 
 # -- loss --------------------------------------------------------------------------
+
 
 def test_contrastive_loss_matches_independent_infonce():
     queries, pages = ragged(3, [4, 2, 5], seed=3), ragged(5, [6, 3, 2], seed=4)
@@ -681,6 +744,7 @@ def test_loss_gradients_reach_lora_and_heads_only(model_and_processor, keyword_p
 
 # -- checkpoints ------------------------------------------------------------------
 
+
 def perturb(model):
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -720,7 +784,9 @@ def test_checkpoint_mismatches_are_clear_errors(tiny_model_dir, tmp_path):
     no_lora, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16)
     with pytest.raises(ValueError, match="LoRA layout does not match"):
         no_lora.load_trainable_state(ckpt)
-    other_r, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, target_modules=r".*language_model.*\.q_proj$"))
+    other_r, _ = ColIntern.from_pretrained(
+        tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, target_modules=r".*language_model.*\.q_proj$")
+    )
     with pytest.raises(ValueError, match="LoRA layout does not match"):
         other_r.load_trainable_state(ckpt)
     bigger = dict(ckpt, meta=dict(ckpt["meta"], hidden_size=1024, model_id="OpenGVLab/InternVL3_5-1B-HF"))
@@ -739,11 +805,13 @@ def test_checkpoint_with_the_old_lora_keys_loads_exactly(tiny_model_dir, keyword
     state_dict keys, peft's adapter name included ("...q_proj.lora_A.default.weight"), as every checkpoint did
     before LoRA went through peft's get_peft_model_state_dict. Every old tensor must land in its own parameter."""
     raw = torch.load(OLD_CHECKPOINT, weights_only=True)
-    assert len(raw["lora"]) == 28 and all(k.endswith((".lora_A.default.weight", ".lora_B.default.weight"))
-                                          for k in raw["lora"])
+    assert len(raw["lora"]) == 28 and all(
+        k.endswith((".lora_A.default.weight", ".lora_B.default.weight")) for k in raw["lora"]
+    )
     loaded, processor, _ = ColIntern.from_checkpoint(OLD_CHECKPOINT, model_id=tiny_model_dir)
     # each old key is the name of the model parameter it belongs to, and peft names that tensor without "default"
     from peft import get_peft_model_state_dict
+
     params = dict(loaded.backbone.named_parameters())
     by_peft = get_peft_model_state_dict(loaded.backbone)
     assert len(by_peft) == len(raw["lora"])
@@ -755,8 +823,9 @@ def test_checkpoint_with_the_old_lora_keys_loads_exactly(tiny_model_dir, keyword
 
     # the same scores as a model whose parameters are assigned the raw tensors by hand
     meta = raw["meta"]
-    by_hand, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=meta["proj_dim"],
-                                           lora=LoraSettings(**meta["lora"]), max_tiles=meta["max_tiles"])
+    by_hand, _ = ColIntern.from_pretrained(
+        tiny_model_dir, proj_dim=meta["proj_dim"], lora=LoraSettings(**meta["lora"]), max_tiles=meta["max_tiles"]
+    )
     queries, pages = ["alpha", "beta gamma"], [keyword_page("alpha"), keyword_page("beta", size=(448, 224))]
 
     def scores(model):
@@ -775,10 +844,15 @@ def test_checkpoint_with_the_old_lora_keys_loads_exactly(tiny_model_dir, keyword
 
 def test_old_checkpoint_in_a_wrong_lora_layout_is_a_clear_error(tiny_model_dir):
     ckpt = cm.load_checkpoint(OLD_CHECKPOINT)
-    q_only, _ = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(target_modules=r".*language_model.*\.q_proj$"))
-    with pytest.raises(ValueError, match=r"(?s)LoRA layout does not match the model: 24 checkpoint keys have no place "
-                                         r"\(e.g. \['language_model.layers.0.mlp.down_proj.lora_A.weight'.*"
-                                         r"0 model keys are missing.*LoRA settings \{'r': 32"):
+    q_only, _ = ColIntern.from_pretrained(
+        tiny_model_dir, lora=LoraSettings(target_modules=r".*language_model.*\.q_proj$")
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)LoRA layout does not match the model: 24 checkpoint keys have no place "
+        r"\(e.g. \['language_model.layers.0.mlp.down_proj.lora_A.weight'.*"
+        r"0 model keys are missing.*LoRA settings \{'r': 32",
+    ):
         q_only.load_trainable_state(ckpt)
     no_lora, _ = ColIntern.from_pretrained(tiny_model_dir)
     with pytest.raises(ValueError, match="LoRA layout does not match the model: 28 checkpoint keys have no place"):
@@ -816,9 +890,12 @@ def test_bad_checkpoint_files(tmp_path):
     with pytest.raises(ValueError, match=r"other.pt is not a ColIntern checkpoint \(made by train.py\): it has no"):
         cm.load_checkpoint(str(tmp_path / "other.pt"))
     # a training --out_dir passed as --ckpt: its .pt files are named
-    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(tmp_path))} is a folder of checkpoints, not an "
-                                                rf"exported model: pass one of its files, e.g. .*other.pt \(it holds "
-                                                rf"junk.pt, other.pt\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"{re.escape(str(tmp_path))} is a folder of checkpoints, not an "
+        rf"exported model: pass one of its files, e.g. .*other.pt \(it holds "
+        rf"junk.pt, other.pt\)",
+    ):
         cm.load_checkpoint(str(tmp_path))
 
 
@@ -842,13 +919,15 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
 # -- score dtype: the probe, its overrides, the bf16 bound -----------------------
 
+
 def unit_vectors(n_rows, dim, g):
     return torch.nn.functional.normalize(torch.randn(n_rows, dim, generator=g), dim=-1)
 
 
 def float64_maxsim(queries, pages):
-    return torch.tensor([[float((q.double() @ p.double().T).amax(dim=1).sum()) for p in pages] for q in queries],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [[float((q.double() @ p.double().T).amax(dim=1).sum()) for p in pages] for q in queries], dtype=torch.float64
+    )
 
 
 def planted_pages(n_queries=8, n_pages=40, q_len=16, p_len=(60, 120), dim=128, top=10, seed=0):
@@ -863,8 +942,8 @@ def planted_pages(n_queries=8, n_pages=40, q_len=16, p_len=(60, 120), dim=128, t
             slot = i * top + rank
             page, offset = pages[slot % n_pages], q_len * (slot // n_pages)
             copies = max(1, round(q_len * (top - rank) / top))
-            noise = 0.3 * torch.randn(copies, dim, generator=g) / dim ** 0.5
-            page[offset:offset + copies] = torch.nn.functional.normalize(q[:copies] + noise, dim=-1)
+            noise = 0.3 * torch.randn(copies, dim, generator=g) / dim**0.5
+            page[offset : offset + copies] = torch.nn.functional.normalize(q[:copies] + noise, dim=-1)
         queries.append(q)
     return queries, pages
 
@@ -873,8 +952,10 @@ def planted_pages(n_queries=8, n_pages=40, q_len=16, p_len=(60, 120), dim=128, t
 def native_bf16(monkeypatch):
     """Set what the probe says (True: torch's own bf16 matmul runs, slowly where the CPU lacks it; False: the
     fp32 fallback), so both paths run on any CPU."""
+
     def force(native: bool):
         monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: native)
+
     return force
 
 
@@ -911,8 +992,8 @@ def test_score_dtype_auto_follows_the_probe_and_overrides_win(native_bf16, nativ
 
 def test_score_error_bound_values():
     # 3 bf16 roundings per similarity (2 inputs, the bf16 output) + fp32 accumulation of D terms and of Lq sums
-    assert cm.score_error_bound(torch.bfloat16, 1, 128) == pytest.approx(3 / 256 + 129 / 2 ** 24)
-    assert cm.score_error_bound(torch.float32, 30, 128) == pytest.approx(30 * 158 / 2 ** 24)
+    assert cm.score_error_bound(torch.bfloat16, 1, 128) == pytest.approx(3 / 256 + 129 / 2**24)
+    assert cm.score_error_bound(torch.float32, 30, 128) == pytest.approx(30 * 158 / 2**24)
     with pytest.raises(ValueError, match="no bound"):
         cm.score_error_bound(torch.float16, 1, 128)
 
@@ -965,19 +1046,25 @@ def test_topk_on_planted_data_equals_float64_in_every_score_dtype(native_bf16, n
 
 # -- quantised backbones (--quantize) ------------------------------------------------
 
+
 @pytest.mark.parametrize("quantize,layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
 def test_quantize_language_model_only_with_fp32_lora_and_heads(tiny_model_dir, keyword_page, quantize, layer):
     """bitsandbytes layers are exactly the language model's linears; the vision tower and projector stay
     torch.nn.Linear in bf16; LoRA (on the bnb layers) and heads are fp32, and a loss reaches LoRA on CPU."""
     import bitsandbytes as bnb
+
     torch.manual_seed(0)
-    model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, quantize=quantize,
-                                                 lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    model, processor = ColIntern.from_pretrained(
+        tiny_model_dir, proj_dim=16, quantize=quantize, lora=LoraSettings(r=4, alpha=8, dropout=0.0)
+    )
     assert model.quantize == quantize and model.backbone.dtype == torch.bfloat16
     bnb_kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     quantised = {n for n, m in model.backbone.named_modules() if isinstance(m, bnb_kinds)}
-    expected = {n + ".base_layer" for n, m in model.backbone.named_modules()
-                if n.startswith("language_model.layers.") and hasattr(m, "lora_A")}
+    expected = {
+        n + ".base_layer"
+        for n, m in model.backbone.named_modules()
+        if n.startswith("language_model.layers.") and hasattr(m, "lora_A")
+    }
     assert quantised == expected and len(expected) == 14  # 2 layers x q k v o gate up down
     assert {type(m).__name__ for n, m in model.backbone.named_modules() if n in quantised} == {layer}
     for part in (model.backbone.vision_tower, model.backbone.multi_modal_projector):
@@ -993,8 +1080,11 @@ def test_quantize_language_model_only_with_fp32_lora_and_heads(tiny_model_dir, k
         cm.contrastive_loss(q, qm, p, pm, torch.arange(2)).backward()
     finally:
         model.eval()
-    assert all(trainable[n].grad is not None and trainable[n].grad.abs().sum() > 0 for n in trainable
-               if "lora_B" in n or "_head." in n)
+    assert all(
+        trainable[n].grad is not None and trainable[n].grad.abs().sum() > 0
+        for n in trainable
+        if "lora_B" in n or "_head." in n
+    )
 
 
 def test_quantize_with_fp32_is_refused_and_auto_means_bf16():
@@ -1010,8 +1100,9 @@ def test_checkpoint_records_quantization_and_loads_across_it(tiny_model_dir, tmp
     """A bf16-trained checkpoint on a 4-bit base and the reverse: one line says so, the very same heads + LoRA load
     and the model scores; quantize=None keeps the checkpoint's quantisation, silently."""
     torch.manual_seed(1)
-    model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8),
-                                                 dtype="bf16")
+    model, processor = ColIntern.from_pretrained(
+        tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8), dtype="bf16"
+    )
     perturb(model)
     bf16_path = str(tmp_path / "bf16.pt")
     cm.save_checkpoint(bf16_path, model)
@@ -1030,8 +1121,9 @@ def test_checkpoint_records_quantization_and_loads_across_it(tiny_model_dir, tmp
     back, processor2, _ = ColIntern.from_checkpoint(q4_path, quantize="none", dtype="bf16", say=lines.append)
     assert back.quantize == "none" and len(lines) == 1 and "trained on a --quantize 4bit" in lines[0]
     assert_same_trainable(model, back)
-    scores = cm.maxsim_scores(back.encode_queries(processor2, ["alpha"]),
-                              back.encode_pages(processor2, [keyword_page("alpha")]))
+    scores = cm.maxsim_scores(
+        back.encode_queries(processor2, ["alpha"]), back.encode_pages(processor2, [keyword_page("alpha")])
+    )
     assert torch.isfinite(scores).all()
     old = dict(cm.load_checkpoint(bf16_path))
     old["meta"] = {k: v for k, v in old["meta"].items() if k != "quantize"}  # written before --quantize
@@ -1047,6 +1139,7 @@ def assert_same_trainable(a, b):
 
 def four_bit_layers(model):
     import bitsandbytes as bnb
+
     return [m for m in model.backbone.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
@@ -1054,6 +1147,7 @@ def pack_for_the_cpu_kernel(layer):
     """What Linear4bit.forward does to its weight on a CPU with avx512_bf16 (bitsandbytes >= 0.48). The packing
     is plain torch, so it runs on any CPU kind."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
     weight = layer.weight
     weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
 
@@ -1066,11 +1160,11 @@ def test_saving_and_loading_lora_never_serialises_the_4bit_backbone(tiny_model_d
     absmax bit-identical, and none of the model's Linear4bit layers serialises. The backbone's own state_dict() is then
     shown to do both, so the spy and the comparison can fail."""
     import bitsandbytes as bnb
+
     if not hasattr(bnb.functional, "_convert_weight_packed_for_cpu"):
         pytest.skip(f"bitsandbytes {bnb.__version__} never repacks 4-bit weights for the CPU")
     torch.manual_seed(1)
-    model, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, quantize="4bit",
-                                         lora=LoraSettings(r=4, alpha=8))
+    model, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, quantize="4bit", lora=LoraSettings(r=4, alpha=8))
     layers = four_bit_layers(model)
     assert len(layers) == 14 and not any(layer.support_avx512bf16_for_cpu for layer in layers)  # ColIntern's choice
     perturb(model)
@@ -1114,9 +1208,11 @@ def test_4bit_layers_keep_one_layout_on_every_cpu_kind(tiny_model_dir, keyword_p
     layer on such a CPU, after which the frozen weights pass no gradient to their inputs) leaves every layer in the
     layout that GPUs and AVX2 CPUs use."""
     import bitsandbytes as bnb
+
     monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
-    model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, quantize="4bit",
-                                                 lora=LoraSettings(r=4, alpha=8))
+    model, processor = ColIntern.from_pretrained(
+        tiny_model_dir, proj_dim=16, quantize="4bit", lora=LoraSettings(r=4, alpha=8)
+    )
     layers = four_bit_layers(model)
     assert len(layers) == 14 and not any(layer.support_avx512bf16_for_cpu for layer in layers)
     with torch.no_grad():
@@ -1129,6 +1225,7 @@ def test_no_forward_builds_a_kv_cache(model_and_processor, keyword_page, monkeyp
     of every layer's keys and values): neither encoding (eval, no grad) nor a training forward and backward
     (transformers drops the cache by itself only in checkpointed training)."""
     from transformers import cache_utils
+
     model, processor = model_and_processor
     assert model.backbone.config.text_config.use_cache
     built = []
@@ -1182,14 +1279,18 @@ def test_lora_and_heads_compute_in_bf16_over_fp32_masters(tiny_model_dir, keywor
     as if they all added up: 12u per tensor, and 6u over all tensors together (errors of opposite signs cancel in
     the norm). A LoRA or head computing wrongly under autocast would be off by O(1)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+
     torch.manual_seed(0)
-    model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, dtype="bf16",
-                                                 lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    model, processor = ColIntern.from_pretrained(
+        tiny_model_dir, proj_dim=16, dtype="bf16", lora=LoraSettings(r=4, alpha=8, dropout=0.0)
+    )
     perturb(model)
     seen = []
     layers = lora_linears(model) + [model.query_head, model.page_head]
-    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, m.weight.dtype, out.dtype)))
-             for m in layers]
+    hooks = [
+        m.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, m.weight.dtype, out.dtype)))
+        for m in layers
+    ]
     grads = fixed_direction_grads(model, processor, keyword_page)
     for hook in hooks:
         hook.remove()
@@ -1201,14 +1302,16 @@ def test_lora_and_heads_compute_in_bf16_over_fp32_masters(tiny_model_dir, keywor
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = True
     fp32_project = ColIntern._project
-    monkeypatch.setattr(ColIntern, "_project", lambda self, head, hidden, mask: fp32_project(
-        self, head, hidden.float(), mask))
+    monkeypatch.setattr(
+        ColIntern, "_project", lambda self, head, hidden, mask: fp32_project(self, head, hidden.float(), mask)
+    )
     monkeypatch.setattr(model, "compute_precision", contextlib.nullcontext)
     reference = fixed_direction_grads(model, processor, keyword_page)
-    u = 2.0 ** -8
-    off = {k: float((grads[k].double() - reference[k].double()).norm() / reference[k].double().norm())
-           for k in grads}
+    u = 2.0**-8
+    off = {k: float((grads[k].double() - reference[k].double()).norm() / reference[k].double().norm()) for k in grads}
     assert max(off.values()) <= 12 * u, max(off.items(), key=lambda kv: kv[1])
-    total = math.sqrt(sum(float((grads[k].double() - reference[k].double()).norm()) ** 2 for k in grads) /
-                      sum(float(reference[k].double().norm()) ** 2 for k in grads))
+    total = math.sqrt(
+        sum(float((grads[k].double() - reference[k].double()).norm()) ** 2 for k in grads)
+        / sum(float(reference[k].double().norm()) ** 2 for k in grads)
+    )
     assert total <= 6 * u, total

@@ -1,5 +1,6 @@
 """colintern_data.py: triples, page datasets, PageResolver (the one place pages are opened) and the content hashes,
 also through the train and mine paths that open pages with it."""
+
 import hashlib
 import json
 import os
@@ -27,16 +28,19 @@ def save_dataset(folder, columns: dict):
 
 # -- triples -------------------------------------------------------------------------
 
+
 def test_read_triples_errors_name_file_and_line(tmp_path):
     good = tmp_path / "ok.jsonl"
     good.write_text('{"query": "q1", "pos": "a.png", "negs": ["b.png"]}\n\n{"query": "q2", "pos": "c.png"}\n')
     rows = colintern_data.read_triples(str(good))
     assert [(r["query"], r["negs"], r["line"]) for r in rows] == [("q1", ["b.png"], 1), ("q2", [], 3)]
-    cases = {'{"query": "q", "pos": "a.png"}\n{"query": "q", \n': "line 2: not valid JSON",
-             '{"query": "q"}\n': "line 1: 'pos' is missing",
-             '{"query": "", "pos": "a.png"}\n': "line 1: 'query' is missing or empty",
-             '{"query": "q", "pos": "a.png", "negs": "b.png"}\n': "line 1: 'negs' must be a list",
-             "\n": "has no triples"}
+    cases = {
+        '{"query": "q", "pos": "a.png"}\n{"query": "q", \n': "line 2: not valid JSON",
+        '{"query": "q"}\n': "line 1: 'pos' is missing",
+        '{"query": "", "pos": "a.png"}\n': "line 1: 'query' is missing or empty",
+        '{"query": "q", "pos": "a.png", "negs": "b.png"}\n': "line 1: 'negs' must be a list",
+        "\n": "has no triples",
+    }
     for i, (text, message) in enumerate(cases.items()):
         bad = tmp_path / f"bad{i}.jsonl"
         bad.write_text(text)
@@ -45,6 +49,7 @@ def test_read_triples_errors_name_file_and_line(tmp_path):
 
 
 # -- page datasets and PageResolver ----------------------------------------------------
+
 
 def test_page_resolver_files_and_pseudo_paths(tmp_path, keyword_page):
     pages = [keyword_page(w) for w in ["alpha", "beta", "gamma"]]
@@ -70,7 +75,9 @@ def test_page_resolver_files_and_pseudo_paths(tmp_path, keyword_page):
 def test_load_page_dataset_names_a_missing_or_empty_dataset(tmp_path):
     empty = tmp_path / "empty"
     (empty / "data").mkdir(parents=True)
-    datasets.Dataset.from_dict({"query": ["x"]}).select([]).to_parquet(str(empty / "data" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_dict({"query": ["x"]}).select([]).to_parquet(
+        str(empty / "data" / "train-00000-of-00001.parquet")
+    )
     with pytest.raises(ValueError, match="dataset .*empty split 'train'.*(is empty|no data)"):
         colintern_data.load_page_dataset(str(empty), "train")
     with pytest.raises(FileNotFoundError, match="dataset folder .*nowhere does not exist"):
@@ -79,15 +86,19 @@ def test_load_page_dataset_names_a_missing_or_empty_dataset(tmp_path):
 
 def test_one_column_check_for_train_mine_and_pseudo_paths(tmp_path, keyword_page):
     no_query = save_dataset(tmp_path / "no_query", {"text": ["a"], "image": [keyword_page("a")]})
-    message = (rf"dataset {no_query} split 'train' lacks column\(s\) \['query'\] \(it has \['text', 'image'\]\): "
-               r"pages are read from an 'image' column and queries from 'query'")
+    message = (
+        rf"dataset {no_query} split 'train' lacks column\(s\) \['query'\] \(it has \['text', 'image'\]\): "
+        r"pages are read from an 'image' column and queries from 'query'"
+    )
     with pytest.raises(ValueError, match=message):
         train.HubPairs(no_query, "train")
     with pytest.raises(ValueError, match=message):
         mine.hub_input(no_query, "train")
     # a page needs only 'image'; a JSONL pseudo-path into a dataset without one names the line
     no_image = save_dataset(tmp_path / "no_image", {"query": ["a"]})
-    with pytest.raises(FileNotFoundError, match=r"t.jsonl line 3: .*lacks column\(s\) \['image'\] \(it has \['query'\]\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"t.jsonl line 3: .*lacks column\(s\) \['image'\] \(it has \['query'\]\)"
+    ):
         PageResolver(".").check(pseudo_path(no_image, "train", 0), "t.jsonl line 3")
 
 
@@ -109,9 +120,15 @@ def test_an_unreadable_page_is_named_once_with_its_line_by_train_and_mine(tmp_pa
     keyword_page("other").save(tmp_path / "other.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     jsonl = tmp_path / "t.jsonl"
-    jsonl.write_text(json.dumps({"query": "q", "pos": "good.png", "negs": ["other.png"]}) + "\n\n"
-                     + json.dumps({"query": "q2", "pos": "broken.png", "negs": ["good.png"]}) + "\n")
-    message = rf"^{re.escape(str(jsonl))} line 3: page 'broken.png' cannot be read: image .*broken.png cannot be decoded: "
+    jsonl.write_text(
+        json.dumps({"query": "q", "pos": "good.png", "negs": ["other.png"]})
+        + "\n\n"
+        + json.dumps({"query": "q2", "pos": "broken.png", "negs": ["good.png"]})
+        + "\n"
+    )
+    message = (
+        rf"^{re.escape(str(jsonl))} line 3: page 'broken.png' cannot be read: image .*broken.png cannot be decoded: "
+    )
     rows = train.JsonlTriples(str(jsonl), str(tmp_path), num_negs=1, seed=0)
     with pytest.raises(ValueError, match=message):
         rows[(0, 1)]
@@ -126,8 +143,10 @@ def test_an_unreadable_page_is_named_once_with_its_line_by_train_and_mine(tmp_pa
 def test_an_undecodable_hub_row_is_named_by_train_and_mine(tmp_path, keyword_page):
     keyword_page("a").save(tmp_path / "a.png")
     good = (tmp_path / "a.png").read_bytes()
-    hub = save_dataset(tmp_path / "hub", {"query": ["q0", "q1"],
-                                          "image": [{"bytes": good, "path": None}, {"bytes": b"junk", "path": None}]})
+    hub = save_dataset(
+        tmp_path / "hub",
+        {"query": ["q0", "q1"], "image": [{"bytes": good, "path": None}, {"bytes": b"junk", "path": None}]},
+    )
     ref = pseudo_path(hub, "train", 1)
     rows = train.HubPairs(hub, "train")
     assert rows[(0, 0)]["pos"].size == (224, 224)
@@ -140,6 +159,7 @@ def test_an_undecodable_hub_row_is_named_by_train_and_mine(tmp_path, keyword_pag
 
 
 # -- content hashes ------------------------------------------------------------------------
+
 
 def test_content_hashes_of_files_and_dataset_rows_agree(tmp_path, keyword_page):
     keyword_page("a").save(tmp_path / "a.png")
@@ -154,8 +174,10 @@ def test_content_hashes_of_files_and_dataset_rows_agree(tmp_path, keyword_page):
         resolver.content_hash("b.png", "t.jsonl line 3")
     # several chunks hash as their concatenation: eval.py's page_key (mode, size, pixels) keeps the keys it had
     image = keyword_page("b")
-    assert (colintern_data.page_hash(f"{image.mode}:{image.size}".encode(), image.tobytes())
-            == hashlib.sha1(f"{image.mode}:{image.size}".encode() + image.tobytes()).hexdigest())
+    assert (
+        colintern_data.page_hash(f"{image.mode}:{image.size}".encode(), image.tobytes())
+        == hashlib.sha1(f"{image.mode}:{image.size}".encode() + image.tobytes()).hexdigest()
+    )
 
 
 def test_folder_hashes_walk_the_visible_files_and_keep_their_formats(tmp_path):
@@ -169,14 +191,18 @@ def test_folder_hashes_walk_the_visible_files_and_keep_their_formats(tmp_path):
     walked = colintern_data.visible_files(str(tmp_path))
     assert [rel for rel, _ in walked] == ["a.safetensors", "b.json", "sub/c.txt", "sub/deeper/d.json"]
     assert all(path == str(tmp_path / rel) for rel, path in walked)
-    assert [rel for rel, _ in colintern_data.visible_files(str(tmp_path), (".json",))] == ["b.json", "sub/deeper/d.json"]
+    assert [rel for rel, _ in colintern_data.visible_files(str(tmp_path), (".json",))] == [
+        "b.json",
+        "sub/deeper/d.json",
+    ]
 
     def sha(data):
         return hashlib.sha256(data).hexdigest().encode()
 
     content = hashlib.sha256(b"".join(rel.encode() + b"\0" + sha(files[rel]) for rel, _ in walked)).hexdigest()
-    stamps = hashlib.sha256("".join(f"{rel}:{os.stat(path).st_size}:{os.stat(path).st_mtime_ns}\n"
-                                    for rel, path in walked).encode()).hexdigest()
+    stamps = hashlib.sha256(
+        "".join(f"{rel}:{os.stat(path).st_size}:{os.stat(path).st_mtime_ns}\n" for rel, path in walked).encode()
+    ).hexdigest()
     assert colintern_data.folder_sha256(str(tmp_path)) == content
     assert colintern_data.files_fingerprint(str(tmp_path)) == stamps
     os.utime(tmp_path / "sub" / "c.txt", ns=(1, 1))  # touched, same bytes: only the cheap fingerprint moves
@@ -185,6 +211,7 @@ def test_folder_hashes_walk_the_visible_files_and_keep_their_formats(tmp_path):
 
 
 # -- file modes ------------------------------------------------------------------------
+
 
 @pytest.fixture(params=[(0o022, "0o644", "0o755"), (0o077, "0o600", "0o700")], ids=["umask022", "umask077"])
 def umask_modes(request):
@@ -212,8 +239,12 @@ def test_atomic_writes_follow_the_umask_as_open_does(tmp_path, umask_modes):
         f.write("1 0.5\n")
     colintern_data.write_json(str(run / "eval.json"), {"benchmarks": {}})
     cm.atomic_torch_save({"step": 1}, str(run / "colintern_heads_step1.pt"))
-    assert modes(run) == {".": folder_mode, "training_loss.txt": file_mode, "eval.json": file_mode,
-                          "colintern_heads_step1.pt": file_mode}  # and no temp file left
+    assert modes(run) == {
+        ".": folder_mode,
+        "training_loss.txt": file_mode,
+        "eval.json": file_mode,
+        "colintern_heads_step1.pt": file_mode,
+    }  # and no temp file left
 
 
 def test_exported_folder_follows_the_umask(checkpoint, tmp_path, umask_modes):  # noqa: F811
@@ -225,8 +256,11 @@ def test_exported_folder_follows_the_umask(checkpoint, tmp_path, umask_modes):  
     for out_dir in [tmp_path / "new", tmp_path / "empty"]:
         run_export("--ckpt", checkpoint, "--out_dir", out_dir, "--name", "me/colintern-tiny")
         for folder, folders, files in os.walk(out_dir):  # sentence-transformers' modules are in subfolders
-            assert modes(folder) == {".": folder_mode, **dict.fromkeys(folders, folder_mode),
-                                     **dict.fromkeys(files, file_mode)}
+            assert modes(folder) == {
+                ".": folder_mode,
+                **dict.fromkeys(folders, folder_mode),
+                **dict.fromkeys(files, file_mode),
+            }
     assert sorted(os.listdir(tmp_path)) == ["empty", "new"]  # no temp or .old folder left
 
 
@@ -234,6 +268,7 @@ def test_tiny_model_folder_follows_the_umask(tmp_path, umask_modes):
     """make_tiny_model's save_pretrained writes model.safetensors through safetensors' own 0600 temp file: the
     folder's files end with open()'s mode all the same."""
     import make_tiny_model
+
     file_mode, folder_mode = umask_modes
     make_tiny_model.main(make_tiny_model.parse_args(["--out", str(tmp_path / "tiny")]))
     assert modes(tmp_path / "tiny") == {".": folder_mode, **dict.fromkeys(os.listdir(tmp_path / "tiny"), file_mode)}

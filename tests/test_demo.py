@@ -1,5 +1,6 @@
 """scripts/demo.sh, shortened (a few pages and steps): every step of the README's workflow runs end to end through
 the same commands, every file the README's demo table names is written, and the printed table is the eval JSONs."""
+
 import json
 import os
 import re
@@ -25,10 +26,10 @@ def readme_demo_files() -> list:
 @pytest.mark.slow
 def test_shortened_demo_runs_end_to_end_and_writes_every_file_the_readme_names(tmp_path):
     out = tmp_path / "demo"
-    env = dict(os.environ, PY=sys.executable, OUT=str(out), TOPICS="4", PAGES="16", EVAL_PAGES="4",
-               OMP_NUM_THREADS="1")
-    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "demo.sh")], env=env, capture_output=True,
-                            text=True, timeout=900)
+    env = dict(os.environ, PY=sys.executable, OUT=str(out), TOPICS="4", PAGES="16", EVAL_PAGES="4", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "demo.sh")], env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     missing = [p for p in readme_demo_files() if not (out / p).exists()]
@@ -52,5 +53,4 @@ def test_shortened_demo_runs_end_to_end_and_writes_every_file_the_readme_names(t
         avg = next(iter(bench.values()))["average"]
         row = re.search(rf"^{name}\s+(\S+)\s+(\S+)\s+(\S+)$", result.stdout, re.M)
         assert row, result.stdout[-2000:]
-        assert [float(x) for x in row.groups()] == [round(avg[k], 3) for k in ("ndcg_at_5", "recall_at_1",
-                                                                               "mrr_at_10")]
+        assert [float(x) for x in row.groups()] == [round(avg[k], 3) for k in ("ndcg_at_5", "recall_at_1", "mrr_at_10")]

@@ -2,6 +2,7 @@
 run with another number of processes; one rank's error stopping both. The runs go through MINE_HARNESS (as
 test_train.py's RECORD_GRADIENTS): small query blocks so that the ranks really split the queries, and an injected
 failure on one rank."""
+
 import json
 import os
 import re
@@ -41,9 +42,32 @@ def run_mine(tmp, flags, nproc, fail_rank=None, timeout=300, nnodes=1):
 
 
 def mine_flags(ckpt, hub, out, cache):
-    return ["--ckpt", ckpt, "--hub_name", hub["dir"], "--split", "train", "--out_jsonl", out, "--cache_dir", cache,
-            "--shard_pages", 5, "--num_workers", 0, "--doc_batch", 4, "--query_batch", 4, "--score_dtype", "fp32",
-            "--k", 4, "--margin", 0.99]
+    return [
+        "--ckpt",
+        ckpt,
+        "--hub_name",
+        hub["dir"],
+        "--split",
+        "train",
+        "--out_jsonl",
+        out,
+        "--cache_dir",
+        cache,
+        "--shard_pages",
+        5,
+        "--num_workers",
+        0,
+        "--doc_batch",
+        4,
+        "--query_batch",
+        4,
+        "--score_dtype",
+        "fp32",
+        "--k",
+        4,
+        "--margin",
+        0.99,
+    ]
 
 
 def read_stats(out):
@@ -63,8 +87,7 @@ def one_process(ckpt, hub, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_processes_mine_the_same_bytes_and_resume_from_one_process_shards(ckpt, hub, one_process,
-                                                                            tmp_path):
+def test_two_processes_mine_the_same_bytes_and_resume_from_one_process_shards(ckpt, hub, one_process, tmp_path):
     """2 gloo processes, fresh cache: each encodes 2 of the 4 shards and searches its query blocks; rank 0 writes a
     JSONL byte-identical to one process's and the same stats. Then 2 nodes (two torchrun agents of one process each,
     c10d rendezvous on localhost) over the 1-process cache with two shards deleted encode exactly those two and again
@@ -80,8 +103,9 @@ def test_two_processes_mine_the_same_bytes_and_resume_from_one_process_shards(ck
     folder = json.load(open(os.path.splitext(tmp_path / "two.jsonl")[0] + ".stats.json"))["cache"]["dir"]
     for s in range(4):  # the shards themselves are the same bytes' worth: same embeddings, whichever rank
         a = torch.load(os.path.join(folder, f"shard_{s:05d}.pt"))
-        b = torch.load(os.path.join(folder.replace(str(tmp_path / "cache"), str(one_process / "cache")),
-                                    f"shard_{s:05d}.pt"))
+        b = torch.load(
+            os.path.join(folder.replace(str(tmp_path / "cache"), str(one_process / "cache")), f"shard_{s:05d}.pt")
+        )
         assert torch.equal(a["embeddings"], b["embeddings"]) and a["hashes"] == b["hashes"]
     assert sorted(json.load(open(os.path.join(folder, "manifest.json")))["shards"]) == ["0", "1", "2", "3"]
     assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
@@ -103,8 +127,9 @@ def test_one_rank_failing_stops_both_with_its_error(ckpt, hub, tmp_path):
     """Rank 1 raises while encoding its shard: both processes exit promptly (no wait in a collective), rank 0 with
     one line naming rank 1 and its error, and no output is written."""
     start = time.perf_counter()
-    result = run_mine(tmp_path, mine_flags(ckpt, hub, tmp_path / "out.jsonl", tmp_path / "cache"), nproc=2,
-                      fail_rank=1, timeout=240)
+    result = run_mine(
+        tmp_path, mine_flags(ckpt, hub, tmp_path / "out.jsonl", tmp_path / "cache"), nproc=2, fail_rank=1, timeout=240
+    )
     assert result.returncode != 0
     assert "error: rank 1 of 2 failed while encoding pages: RuntimeError: injected failure" in result.stderr
     # rank 1's traceback (a bug keeps it; torch may prefix each line of it with the rank)
@@ -120,8 +145,23 @@ def test_one_rank_failing_stops_both_with_its_error(ckpt, hub, tmp_path):
 
 def run_eval_processes(tmp, flags, nproc, timeout=400, nnodes=1):
     out = os.path.join(tmp, "out.json")
-    result = launch([os.path.join(ROOT, "eval.py"), *flags, "--device", "cpu", "--batch_size", "3", "--results_dir",
-                     os.path.join(tmp, "cache"), "--out_json", out], nproc=nproc, nnodes=nnodes, timeout=timeout)
+    result = launch(
+        [
+            os.path.join(ROOT, "eval.py"),
+            *flags,
+            "--device",
+            "cpu",
+            "--batch_size",
+            "3",
+            "--results_dir",
+            os.path.join(tmp, "cache"),
+            "--out_json",
+            out,
+        ],
+        nproc=nproc,
+        nnodes=nnodes,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out) as f:
         summary = json.load(f)
@@ -139,8 +179,10 @@ def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path):
     pooling = ["--pool_factor", 2, "--rerank", 3]
     from test_eval import QRELS, write_hub_layout, KEYWORDS
     from keyword_pages import render_keyword_page
-    pages = [render_keyword_page(w, size=(224, 224) if i % 2 else (448, 224), variant=i)
-             for i, w in enumerate(KEYWORDS)]
+
+    pages = [
+        render_keyword_page(w, size=(224, 224) if i % 2 else (448, 224), variant=i) for i, w in enumerate(KEYWORDS)
+    ]
     folder = write_hub_layout(tmp_path / "task", pages, [f"Which page is about {w}?" for w in KEYWORDS[:8]], QRELS)
     flags = ["--model_id", tiny_model_dir, "--local_task", folder, *pooling]
     one = run_eval_processes(tmp_path / "one", flags, nproc=1)
@@ -149,9 +191,18 @@ def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path):
     assert two == one and nodes == one
     assert one["page_index"]["pool_factor"] == 2 and one["page_index"]["pages"] == 10
     runs = ("one", "two", "nodes")
-    predictions = [sorted(os.path.relpath(os.path.join(d, f), tmp_path / run) for d, _, fs in
-                          os.walk(tmp_path / run / "out_predictions") for f in fs) for run in runs]
+    predictions = [
+        sorted(
+            os.path.relpath(os.path.join(d, f), tmp_path / run)
+            for d, _, fs in os.walk(tmp_path / run / "out_predictions")
+            for f in fs
+        )
+        for run in runs
+    ]
     assert predictions[0] == predictions[1] == predictions[2] and predictions[0]
     for name in predictions[0]:
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes() == \
-            (tmp_path / "nodes" / name).read_bytes()
+        assert (
+            (tmp_path / "one" / name).read_bytes()
+            == (tmp_path / "two" / name).read_bytes()
+            == (tmp_path / "nodes" / name).read_bytes()
+        )

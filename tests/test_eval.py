@@ -1,5 +1,6 @@
 """eval.py through mteb on tiny local data: metrics vs an independent computation, a real ViDoRe task class on a
 local hub-layout copy, the page cache across language subsets, resume from mteb's cache, subsampling, bad input."""
+
 import json
 import math
 import os
@@ -19,9 +20,14 @@ from keyword_pages import WORDS, render_keyword_page
 KEYWORDS = WORDS[:10]
 # query i is about KEYWORDS[i]; query 0 has a second relevant page (9) so nDCG's ideal ranking has two entries
 QRELS = [(i, i) for i in range(8)] + [(0, 9)]
-README = "---\nconfigs:\n" + "".join(
-    f"- config_name: {c}\n  data_files:\n  - split: test\n    path: {c}/test-*\n" for c in ("corpus", "queries", "qrels")
-) + "---\n"
+README = (
+    "---\nconfigs:\n"
+    + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: test\n    path: {c}/test-*\n"
+        for c in ("corpus", "queries", "qrels")
+    )
+    + "---\n"
+)
 
 
 def write_hub_layout(folder, pages, queries, qrels, query_columns=None):
@@ -29,10 +35,12 @@ def write_hub_layout(folder, pages, queries, qrels, query_columns=None):
     corpus = datasets.Dataset.from_dict({"corpus-id": list(range(len(pages))), "image": pages})
     parts = {
         "corpus": corpus.cast_column("image", datasets.Image()),
-        "queries": datasets.Dataset.from_dict({"query-id": list(range(len(queries))), "query": queries,
-                                               **(query_columns or {})}),
-        "qrels": datasets.Dataset.from_dict({"query-id": [q for q, _ in qrels], "corpus-id": [p for _, p in qrels],
-                                             "score": [1] * len(qrels)}),
+        "queries": datasets.Dataset.from_dict(
+            {"query-id": list(range(len(queries))), "query": queries, **(query_columns or {})}
+        ),
+        "qrels": datasets.Dataset.from_dict(
+            {"query-id": [q for q, _ in qrels], "corpus-id": [p for _, p in qrels], "score": [1] * len(qrels)}
+        ),
     }
     for name, ds in parts.items():
         os.makedirs(os.path.join(folder, name), exist_ok=True)
@@ -58,8 +66,9 @@ def trained(tiny_model_dir, tmp_path_factory):
     """A checkpoint with LoRA whose B matrices are non-zero (so LoRA changes the embeddings), and the in-memory model
     it was saved from: the independent computation uses that model, so a loading bug cannot cancel out."""
     torch.manual_seed(1)
-    model, processor = ColIntern.from_pretrained(tiny_model_dir, proj_dim=32, lora=LoraSettings(r=4, alpha=8),
-                                                 max_tiles=4)
+    model, processor = ColIntern.from_pretrained(
+        tiny_model_dir, proj_dim=32, lora=LoraSettings(r=4, alpha=8), max_tiles=4
+    )
     with torch.no_grad():
         for name, p in model.backbone.named_parameters():
             if "lora_B" in name:
@@ -90,8 +99,19 @@ def counts(monkeypatch):
 
 def run_eval(tmp_path, *flags):
     out = tmp_path / "out.json"
-    args = colintern_eval.parse_args([*flags, "--device", "cpu", "--batch_size", "4",
-                                      "--results_dir", str(tmp_path / "cache"), "--out_json", str(out)])
+    args = colintern_eval.parse_args(
+        [
+            *flags,
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+            "--results_dir",
+            str(tmp_path / "cache"),
+            "--out_json",
+            str(out),
+        ]
+    )
     summary = colintern_eval.main(args)
     with open(out) as f:
         assert json.load(f) == summary
@@ -141,7 +161,7 @@ def test_local_task_metrics_match_independent_computation_and_resume(tmp_path, p
     summary = run_eval(tmp_path, "--ckpt", ckpt, "--local_task", folder)
     assert counts == {"queries": len(queries), "pages": len(pages)}
 
-    (task, reported), = summary["benchmarks"]["local"]["tasks"].items()
+    ((task, reported),) = summary["benchmarks"]["local"]["tasks"].items()
     assert task.startswith("eval@")
     expected = independent_metrics(model, processor, queries, pages, QRELS)
     for metric, value in expected.items():
@@ -172,46 +192,65 @@ def test_mteb_internals_eval_relies_on(tmp_path, tiny_model_dir, pages, queries,
     from colintern_data import datasets_cache_for
 
     missing = {"cache", "overwrite_strategy", "encode_kwargs", "prediction_folder", "co2_tracker"} - set(
-        inspect.signature(mteb.evaluate).parameters)
+        inspect.signature(mteb.evaluate).parameters
+    )
     assert not missing, f"mteb.evaluate no longer takes {missing}, which evaluate_each passes"
 
-    loaders = {name: colintern_eval.uses_generic_retrieval_loader(mteb.get_task(name))
-               for name in ("VidoreArxivQARetrieval", "Vidore2ESGReportsRetrieval", "Vidore3HrRetrieval")}
-    assert loaders == {"VidoreArxivQARetrieval": False, "Vidore2ESGReportsRetrieval": False,
-                       "Vidore3HrRetrieval": True}, \
-        f"mteb's ViDoRe tasks changed loaders ({loaders}): required_configs no longer names the configs they read"
+    loaders = {
+        name: colintern_eval.uses_generic_retrieval_loader(mteb.get_task(name))
+        for name in ("VidoreArxivQARetrieval", "Vidore2ESGReportsRetrieval", "Vidore3HrRetrieval")
+    }
+    assert loaders == {
+        "VidoreArxivQARetrieval": False,
+        "Vidore2ESGReportsRetrieval": False,
+        "Vidore3HrRetrieval": True,
+    }, f"mteb's ViDoRe tasks changed loaders ({loaders}): required_configs no longer names the configs they read"
 
     # a hub task pointed at a local copy (read_dataset_from) loads from that folder, subsampled (subsample_on_load)
-    copy = write_hub_layout(tmp_path / "copies" / "arxivqa_test_subsampled_beir", pages[:4], queries[:4],
-                            [(i, i) for i in range(4)])
+    copy = write_hub_layout(
+        tmp_path / "copies" / "arxivqa_test_subsampled_beir", pages[:4], queries[:4], [(i, i) for i in range(4)]
+    )
     task = mteb.get_task("VidoreArxivQARetrieval")
     assert colintern_eval.point_at_local_copy(task, str(tmp_path / "copies")) == copy
     colintern_eval.subsample_on_load(task, max_queries=2, max_pages=3, seed=0)
     with datasets_cache_for(copy):
         task.load_data()
     loaded = task.dataset["default"]["test"]
-    assert set(loaded["queries"]["text"]) < set(queries[:4]) and len(loaded["queries"]) == 2, \
+    assert set(loaded["queries"]["text"]) < set(queries[:4]) and len(loaded["queries"]) == 2, (
         "VidoreArxivQARetrieval did not load the local copy's queries through the instance's metadata.dataset path"
-    assert len(loaded["corpus"]) == 3 and set(loaded["relevant_docs"]) == set(loaded["queries"]["id"]), \
+    )
+    assert len(loaded["corpus"]) == 3 and set(loaded["relevant_docs"]) == set(loaded["queries"]["id"]), (
         "convert_v1_dataset_format_to_v2 no longer leaves task.dataset[subset][split] for subsample_on_load"
+    )
     assert type(task).metadata.dataset["path"] == "mteb/arxivqa_test_subsampled_beir"
 
     # a local task (mteb's custom-task pattern) goes through mteb.evaluate: it loads through the instance's
     # load_data (so subsampled), keeps its metadata after mteb unloads it, and is not reloaded once cached
-    task = colintern_eval.make_local_task(write_hub_layout(tmp_path / "eval", pages[:4], queries[:4],
-                                                           [(i, i) for i in range(4)]))
+    task = colintern_eval.make_local_task(
+        write_hub_layout(tmp_path / "eval", pages[:4], queries[:4], [(i, i) for i in range(4)])
+    )
     name = task.metadata.name
     colintern_eval.subsample_on_load(task, max_queries=2, max_pages=None, seed=0)
     encoder = colintern_eval.load_encoder(model_id=tiny_model_dir)
     cache = mteb.ResultCache(str(tmp_path / "cache"))
     capsys.readouterr()
-    outcomes = [mteb.evaluate(encoder, task, cache=cache, overwrite_strategy="only-missing", co2_tracker=False,
-                              encode_kwargs={"batch_size": 4, "show_progress_bar": False}) for _ in range(2)]
+    outcomes = [
+        mteb.evaluate(
+            encoder,
+            task,
+            cache=cache,
+            overwrite_strategy="only-missing",
+            co2_tracker=False,
+            encode_kwargs={"batch_size": 4, "show_progress_bar": False},
+        )
+        for _ in range(2)
+    ]
     printed = capsys.readouterr().out
     assert [[r.task_name for r in o.task_results] for o in outcomes] == [[name], [name]]
     assert task.metadata.name == name, "mteb.evaluate dropped the local task's class metadata"
-    assert printed.count(f"{name} default/test: 2 of 4 queries") == 1 and encoder.queries_encoded == 2, \
+    assert printed.count(f"{name} default/test: 2 of 4 queries") == 1 and encoder.queries_encoded == 2, (
         "mteb.evaluate no longer loads a task through its instance's load_data, only when its results are missing"
+    )
     scores = [o.task_results[0].get_score(getter=lambda s: s["ndcg_at_5"]) for o in outcomes]
     assert scores[0] == pytest.approx(scores[1])
 
@@ -285,8 +324,16 @@ def test_real_vidore_task_on_local_copy_via_data_dir(tmp_path, tiny_model_dir, p
     # the untrained baseline: seeded random heads, no LoRA
     data_dir = tmp_path / "vidore"
     copy = write_hub_layout(data_dir / "arxivqa_test_subsampled_beir", pages, queries, QRELS)
-    flags = ["--model_id", tiny_model_dir, "--seed", "3", "--tasks", "VidoreArxivQARetrieval", "--data_dir",
-             str(data_dir)]
+    flags = [
+        "--model_id",
+        tiny_model_dir,
+        "--seed",
+        "3",
+        "--tasks",
+        "VidoreArxivQARetrieval",
+        "--data_dir",
+        str(data_dir),
+    ]
     summary = run_eval(tmp_path, *flags)
     reported = summary["benchmarks"]["ViDoRe(v1)"]["tasks"]["VidoreArxivQARetrieval"]
 
@@ -303,9 +350,9 @@ def test_real_vidore_task_on_local_copy_via_data_dir(tmp_path, tiny_model_dir, p
 
     # a corrected qrels file, the same --results_dir: evaluated afresh on the new data, never the cached score
     corrected = [(i, (i + 1) % 10) for i in range(8)]
-    datasets.Dataset.from_dict({"query-id": [q for q, _ in corrected], "corpus-id": [p for _, p in corrected],
-                                "score": [1] * len(corrected)}).to_parquet(
-        os.path.join(copy, "qrels", "test-00000-of-00001.parquet"))
+    datasets.Dataset.from_dict(
+        {"query-id": [q for q, _ in corrected], "corpus-id": [p for _, p in corrected], "score": [1] * len(corrected)}
+    ).to_parquet(os.path.join(copy, "qrels", "test-00000-of-00001.parquet"))
     counts.update(queries=0, pages=0)
     again = run_eval(tmp_path, *flags)
     assert counts == {"queries": len(queries), "pages": len(pages)}
@@ -323,10 +370,16 @@ def test_page_cache_encodes_each_page_once_across_languages(tmp_path, tiny_model
     v2_queries = [f"Which page is about {KEYWORDS[i % 6]}? ({lang})" for lang in languages for i in range(2)]
     qrels = [(q, q % 6) for q in range(len(v2_queries))]
     data_dir = tmp_path / "vidore"
-    write_hub_layout(data_dir / "esg_reports_v2", pages[:6], v2_queries, qrels,
-                     query_columns={"language": [lang for lang in languages for _ in range(2)]})
-    summary = run_eval(tmp_path, "--model_id", tiny_model_dir, "--tasks", "Vidore2ESGReportsRetrieval",
-                       "--data_dir", str(data_dir))
+    write_hub_layout(
+        data_dir / "esg_reports_v2",
+        pages[:6],
+        v2_queries,
+        qrels,
+        query_columns={"language": [lang for lang in languages for _ in range(2)]},
+    )
+    summary = run_eval(
+        tmp_path, "--model_id", tiny_model_dir, "--tasks", "Vidore2ESGReportsRetrieval", "--data_dir", str(data_dir)
+    )
     assert "Vidore2ESGReportsRetrieval" in summary["benchmarks"]["ViDoRe(v2)"]["tasks"]
     assert counts == {"queries": len(v2_queries), "pages": 6}
     stored = next((tmp_path / "cache" / "results").rglob("Vidore2ESGReportsRetrieval.json"))
@@ -350,21 +403,29 @@ def write_v3_layout(folder, pages, languages=V3_LANGUAGES, readme=True, dataset_
     for lang in languages:
         rows = v3_queries(lang)
         parts = {
-            "corpus": datasets.Dataset.from_dict({"id": [f"c{i}" for i in range(4)], "image": pages[:4]})
-            .cast_column("image", datasets.Image()),
+            "corpus": datasets.Dataset.from_dict({"id": [f"c{i}" for i in range(4)], "image": pages[:4]}).cast_column(
+                "image", datasets.Image()
+            ),
             "queries": datasets.Dataset.from_dict({"id": [q for q, _, _ in rows], "text": [t for _, t, _ in rows]}),
-            "qrels": datasets.Dataset.from_dict({"query-id": [q for q, _, _ in rows],
-                                                 "corpus-id": [c for _, _, c in rows], "score": [1] * len(rows)}),
+            "qrels": datasets.Dataset.from_dict(
+                {"query-id": [q for q, _, _ in rows], "corpus-id": [c for _, _, c in rows], "score": [1] * len(rows)}
+            ),
         }
         for name, ds in parts.items():
             os.makedirs(folder / lang / name)
             ds.to_parquet(str(folder / lang / name / "test-00000-of-00001.parquet"))
-            configs.append(f"- config_name: {lang}-{name}\n  data_files:\n  - split: test\n"
-                           f"    path: {lang}/{name}/test-*\n")
+            configs.append(
+                f"- config_name: {lang}-{name}\n  data_files:\n  - split: test\n    path: {lang}/{name}/test-*\n"
+            )
             infos.append(f"- config_name: {lang}-{name}\n  splits:\n  - name: test\n    num_examples: {len(ds)}\n")
     if readme:
-        (folder / "README.md").write_text("---\n" + ("dataset_info:\n" + "".join(infos) if dataset_info else "") +
-                                          "configs:\n" + "".join(configs) + "---\n")
+        (folder / "README.md").write_text(
+            "---\n"
+            + ("dataset_info:\n" + "".join(infos) if dataset_info else "")
+            + "configs:\n"
+            + "".join(configs)
+            + "---\n"
+        )
     return folder
 
 
@@ -400,9 +461,12 @@ def test_incomplete_local_copy_names_the_missing_config_before_encoding(tmp_path
     shutil.rmtree(folder)
     write_v3_layout(folder, pages, dataset_info=True)
     readme = (folder / "README.md").read_text()
-    (folder / "README.md").write_text(readme.replace("config_name: german-queries\n  splits:\n  - name: test\n"
-                                                     "    num_examples: 2", "config_name: german-queries\n  splits:\n"
-                                                     "  - name: test\n    num_examples: 3"))
+    (folder / "README.md").write_text(
+        readme.replace(
+            "config_name: german-queries\n  splits:\n  - name: test\n    num_examples: 2",
+            "config_name: german-queries\n  splits:\n  - name: test\n    num_examples: 3",
+        )
+    )
     with pytest.raises(ValueError, match=r"'german-queries' split 'test' has 2 of the 3 rows"):
         run_eval(tmp_path, *flags)
     assert counts == {"queries": 0, "pages": 0}
@@ -432,8 +496,12 @@ def test_v3_average_is_labelled_as_the_public_tasks_only(capsys):
     table = colintern_eval.format_table({"ViDoRe(v3)": entry})
     # ViDoRe(v3)'s leaderboard ranks by nDCG@10 (mteb's task metadata), v1's by nDCG@5: recorded and said
     assert entry["main_score"] == "ndcg_at_10"
-    assert colintern_eval.summarize(colintern_eval.select_tasks(["ViDoRe(v1)"], None)[:1], {}, {}, {})[
-        "ViDoRe(v1)"]["main_score"] == "ndcg_at_5"
+    assert (
+        colintern_eval.summarize(colintern_eval.select_tasks(["ViDoRe(v1)"], None)[:1], {}, {}, {})["ViDoRe(v1)"][
+            "main_score"
+        ]
+        == "ndcg_at_5"
+    )
     assert "ViDoRe(v3), 8 of 10 tasks (2 private)  (scores x100; main score nDCG@10)" in table
     assert "not the ViDoRe(v3) score" in table
     # the columns are headed as the plots name the metrics (colintern_cli.metric_label), and line up
@@ -443,35 +511,39 @@ def test_v3_average_is_labelled_as_the_public_tasks_only(capsys):
     assert len(head) == len(rule) == len(first)
 
 
-def test_offline_without_data_dir_is_one_line_per_task_with_the_download(tmp_path, tiny_model_dir, monkeypatch,
-                                                                           capsys):
+def test_offline_without_data_dir_is_one_line_per_task_with_the_download(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """A hub task whose dataset cannot be fetched (no network: a ConnectionError somewhere in the chain, as datasets
     and huggingface_hub wrap it) fails in one line naming the hf download command and --data_dir, with no
     traceback; another failure keeps its traceback."""
+
     def evaluate(encoder, task, **kwargs):
         try:
             raise ConnectionError(f"Couldn't reach {task.metadata.dataset['path']} on the Hub")
         except ConnectionError as e:
             raise RuntimeError("dataset loading failed") from e
+
     monkeypatch.setattr(colintern_eval.mteb, "evaluate", evaluate)
     with pytest.raises(colintern_eval.TasksFailed):
         run_eval(tmp_path, "--model_id", tiny_model_dir, "--tasks", "VidoreArxivQARetrieval", "VidoreDocVQARetrieval")
     captured = capsys.readouterr()
     lines = [x for x in captured.out.splitlines() if "cannot be fetched" in x]
     assert len(lines) == 2 and "Traceback" not in captured.err + captured.out
-    assert re.fullmatch(r"task VidoreArxivQARetrieval failed: its dataset (\w+)/arxivqa_test_subsampled_beir cannot be "
-                        r"fetched from the hub \(offline\?\)\. Copy it on a machine with internet: hf download "
-                        r"\1/arxivqa_test_subsampled_beir --repo-type dataset --revision \S+ --local-dir "
-                        r"DIR/arxivqa_test_subsampled_beir, then pass --data_dir DIR; going on with the other tasks",
-                        lines[0]), lines[0]
+    assert re.fullmatch(
+        r"task VidoreArxivQARetrieval failed: its dataset (\w+)/arxivqa_test_subsampled_beir cannot be "
+        r"fetched from the hub \(offline\?\)\. Copy it on a machine with internet: hf download "
+        r"\1/arxivqa_test_subsampled_beir --repo-type dataset --revision \S+ --local-dir "
+        r"DIR/arxivqa_test_subsampled_beir, then pass --data_dir DIR; going on with the other tasks",
+        lines[0],
+    ), lines[0]
     monkeypatch.setattr(colintern_eval.mteb, "evaluate", lambda *a, **k: 1 / 0)
     with pytest.raises(colintern_eval.TasksFailed):
         run_eval(tmp_path, "--model_id", tiny_model_dir, "--tasks", "VidoreArxivQARetrieval")
     assert "ZeroDivisionError" in capsys.readouterr().err  # a bug keeps its traceback
 
 
-def test_private_skipped_failure_isolated_and_languages_reported(tmp_path, tiny_model_dir, pages, queries, counts,
-                                                                 monkeypatch):
+def test_private_skipped_failure_isolated_and_languages_reported(
+    tmp_path, tiny_model_dir, pages, queries, counts, monkeypatch
+):
     data_dir = tmp_path / "vidore"
     write_v3_layout(data_dir / "vidore_v3_hr_mteb_format", pages)
     write_hub_layout(data_dir / "arxivqa_test_subsampled_beir", pages, queries, QRELS)
@@ -481,12 +553,23 @@ def test_private_skipped_failure_isolated_and_languages_reported(tmp_path, tiny_
         if task_metadata.name == "VidoreArxivQARetrieval":
             raise RuntimeError("CUDA out of memory (simulated)")
         return encode(self, inputs, task_metadata=task_metadata, **kwargs)
+
     monkeypatch.setattr(colintern_eval.ColInternEncoder, "encode", encode_failing_on_arxivqa)
 
     # the failing task comes first: the others still run; private tasks are skipped offline without a copy
     with pytest.raises(colintern_eval.TasksFailed) as failure:
-        run_eval(tmp_path, "--model_id", tiny_model_dir, "--data_dir", str(data_dir), "--tasks",
-                 "VidoreArxivQARetrieval", "Vidore3TelecomRetrieval", "Vidore3HrRetrieval", "Vidore3NuclearRetrieval")
+        run_eval(
+            tmp_path,
+            "--model_id",
+            tiny_model_dir,
+            "--data_dir",
+            str(data_dir),
+            "--tasks",
+            "VidoreArxivQARetrieval",
+            "Vidore3TelecomRetrieval",
+            "Vidore3HrRetrieval",
+            "Vidore3NuclearRetrieval",
+        )
     summary = failure.value.summary
     assert "VidoreArxivQARetrieval: RuntimeError: CUDA out of memory" in failure.value.code  # exit status 1
     assert json.loads((tmp_path / "out.json").read_text()) == summary
@@ -504,8 +587,13 @@ def test_private_skipped_failure_isolated_and_languages_reported(tmp_path, tiny_
     encoder = colintern_eval.load_encoder(model_id=tiny_model_dir, seed=0)
     for lang, reported in languages.items():
         rows = v3_queries(lang)
-        expected = independent_metrics(encoder.model, encoder.processor, [t for _, t, _ in rows], pages[:4],
-                                       [(j, int(c[1:])) for j, (_, _, c) in enumerate(rows)])
+        expected = independent_metrics(
+            encoder.model,
+            encoder.processor,
+            [t for _, t, _ in rows],
+            pages[:4],
+            [(j, int(c[1:])) for j, (_, _, c) in enumerate(rows)],
+        )
         for metric, value in expected.items():
             assert reported[metric] == pytest.approx(value, abs=1e-5), (lang, metric)
     task = v3["tasks"]["Vidore3HrRetrieval"]
@@ -514,6 +602,7 @@ def test_private_skipped_failure_isolated_and_languages_reported(tmp_path, tiny_
 
 def test_training_datasets_follow_the_checkpoint_lineage(tmp_path, trained, tiny_model_dir):
     from mteb.models.model_implementations.colpali_models import COLPALI_TRAINING_DATA
+
     assert colintern_eval.MTEB_TRAINING_DATASETS["vidore/colpali_train_set"] == COLPALI_TRAINING_DATA
     model, _, old = trained
     lineage = str(tmp_path / "mined_from_colpali.pt")
@@ -532,22 +621,35 @@ def test_training_datasets_follow_the_checkpoint_lineage(tmp_path, trained, tiny
 def test_list_prints_vidore_benchmarks_and_tasks(capsys):
     assert colintern_eval.main(colintern_eval.parse_args(["--list"])) is None
     out = capsys.readouterr().out
-    for name in ("ViDoRe(v1)", "ViDoRe(v2)", "ViDoRe(v3)", "VidoreArxivQARetrieval", "mteb/arxivqa_test_subsampled_beir"):
+    for name in (
+        "ViDoRe(v1)",
+        "ViDoRe(v2)",
+        "ViDoRe(v3)",
+        "VidoreArxivQARetrieval",
+        "mteb/arxivqa_test_subsampled_beir",
+    ):
         assert name in out
 
 
 def test_bad_input_names_the_problem(tmp_path, tiny_model_dir, trained):
     def run(*flags):
-        return colintern_eval.main(colintern_eval.parse_args([*flags, "--device", "cpu",
-                                                              "--results_dir", str(tmp_path / "cache")]))
+        return colintern_eval.main(
+            colintern_eval.parse_args([*flags, "--device", "cpu", "--results_dir", str(tmp_path / "cache")])
+        )
 
     with pytest.raises(ValueError, match=r"unknown benchmark 'ViDoRe\(v9\)'.*ViDoRe\(v1\)"):
         run("--model_id", tiny_model_dir, "--benchmarks", "ViDoRe(v9)")
-    with pytest.raises(ValueError, match=r"unknown task 'NoSuchTask' in benchmarks \['ViDoRe\(v1\)'\]: python eval.py "
-                                         r"--list names them \(\d+ tasks there\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown task 'NoSuchTask' in benchmarks \['ViDoRe\(v1\)'\]: python eval.py "
+        r"--list names them \(\d+ tasks there\)$",
+    ):
         run("--model_id", tiny_model_dir, "--benchmarks", "ViDoRe(v1)", "--tasks", "NoSuchTask")
-    with pytest.raises(ValueError, match=r"unknown task 'VidoreArxivQARetreival' in .*: did you mean "
-                                         r"'VidoreArxivQARetrieval'"):  # a typo: the closest names, not all of them
+    with pytest.raises(
+        ValueError,
+        match=r"unknown task 'VidoreArxivQARetreival' in .*: did you mean "
+        r"'VidoreArxivQARetrieval'",
+    ):  # a typo: the closest names, not all of them
         run("--model_id", tiny_model_dir, "--tasks", "VidoreArxivQARetreival")
     with pytest.raises(FileNotFoundError, match="arxivqa_test_subsampled_beir"):
         run("--model_id", tiny_model_dir, "--tasks", "VidoreArxivQARetrieval", "--data_dir", str(tmp_path))
@@ -572,15 +674,19 @@ def test_bad_input_names_the_problem(tmp_path, tiny_model_dir, trained):
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
-def test_score_dtype_defaults_to_exact_fp32_is_printed_used_and_keys_results(tiny_model_dir, monkeypatch, capsys,
-                                                                             native):
+def test_score_dtype_defaults_to_exact_fp32_is_printed_used_and_keys_results(
+    tiny_model_dir, monkeypatch, capsys, native
+):
     """Evaluation scores in fp32 unless asked (whatever the CPU probe says); --score_dtype bf16 or auto is printed,
     resolved in the loader keywords (so in the result key) and is what similarity() multiplies in."""
     import colintern_model as cm
+
     monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: native)
     assert colintern_eval.parse_args(["--model_id", "x", "--local_task", "x"]).score_dtype == "fp32"
-    encoders = {flag: colintern_eval.load_encoder(model_id=tiny_model_dir, score_dtype=flag)
-                for flag in ("fp32", "bf16", "auto")}
+    encoders = {
+        flag: colintern_eval.load_encoder(model_id=tiny_model_dir, score_dtype=flag)
+        for flag in ("fp32", "bf16", "auto")
+    }
     printed = capsys.readouterr().out
     auto = "bf16" if native else "fp32"
     for flag, used in (("fp32", "fp32"), ("bf16", "bf16"), ("auto", auto)):
@@ -589,7 +695,9 @@ def test_score_dtype_defaults_to_exact_fp32_is_printed_used_and_keys_results(tin
         assert encoders[flag].score_dtype == cm.SCORE_DTYPES[used]
     assert encoders["fp32"].revision_for(None) != encoders["bf16"].revision_for(None)
     assert encoders["auto"].revision_for(None) == encoders[auto].revision_for(None)
-    assert colintern_eval.load_encoder(model_id=tiny_model_dir).revision_for(None) == encoders["fp32"].revision_for(None)
+    assert colintern_eval.load_encoder(model_id=tiny_model_dir).revision_for(None) == encoders["fp32"].revision_for(
+        None
+    )
 
     seen = []
     real = cm.maxsim_tokens
@@ -604,19 +712,21 @@ def test_score_dtype_defaults_to_exact_fp32_is_printed_used_and_keys_results(tin
     assert 0 < float((rounded - exact).abs().max()) <= cm.score_error_bound(torch.bfloat16, 5, 128)
 
 
-def test_quantized_checkpoint_evaluates_under_its_own_result_key(tmp_path, tiny_model_dir, pages, queries, counts,
-                                                                capsys):
+def test_quantized_checkpoint_evaluates_under_its_own_result_key(
+    tmp_path, tiny_model_dir, pages, queries, counts, capsys
+):
     """A checkpoint trained on a 4-bit backbone evaluates on one; naming its quantisation explicitly is the same
     setting (cached, nothing encoded), evaluating it unquantised is another result key (and says so)."""
     torch.manual_seed(1)
-    model, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=32, lora=LoraSettings(r=4, alpha=8), max_tiles=4,
-                                         quantize="4bit")
+    model, _ = ColIntern.from_pretrained(
+        tiny_model_dir, proj_dim=32, lora=LoraSettings(r=4, alpha=8), max_tiles=4, quantize="4bit"
+    )
     ckpt = str(tmp_path / "q4.pt")
     save_checkpoint(ckpt, model, step=10, epoch=1)
     folder = write_hub_layout(tmp_path / "eval", pages, queries, QRELS)
     summary = run_eval(tmp_path, "--ckpt", ckpt, "--local_task", folder)
     assert counts == {"queries": len(queries), "pages": len(pages)}
-    (task, reported), = summary["benchmarks"]["local"]["tasks"].items()
+    ((task, reported),) = summary["benchmarks"]["local"]["tasks"].items()
     assert 0 <= reported["ndcg_at_5"] <= 1
     counts.update(queries=0, pages=0)
     capsys.readouterr()
@@ -633,10 +743,12 @@ def test_quantized_checkpoint_evaluates_under_its_own_result_key(tmp_path, tiny_
 # -----------------------------------------------------------------------------
 # Pooling and re-ranking (--pool_factor, --rerank)
 
+
 def test_rerank_rescored_pages_keep_full_scores_and_rank_first():
     """similarity() with rerank: each query's top N by pooled score carry their exact full MaxSim, the others sit
     below all of them, so the order is the two-stage one."""
     import torch.nn.functional as F
+
     g = torch.Generator().manual_seed(0)
     queries = [F.normalize(torch.randn(n, 16, generator=g), dim=-1) for n in (3, 5, 4)]
     full = [F.normalize(torch.randn(n, 16, generator=g), dim=-1) for n in (12, 30, 7, 21, 16, 9)]
@@ -653,7 +765,9 @@ def test_rerank_rescored_pages_keep_full_scores_and_rank_first():
         assert scores[qi, rest].max() < scores[qi, top].min()
         torch.testing.assert_close(scores[qi, rest], plain[qi, rest] - (2 * len(queries[qi]) + 1))
     report = encoder.index_report()
-    assert report["pages"] == 6 and report["vectors_per_page"] == 31 / 6 and report["vectors_per_page_unpooled"] == 95 / 6
+    assert (
+        report["pages"] == 6 and report["vectors_per_page"] == 31 / 6 and report["vectors_per_page_unpooled"] == 95 / 6
+    )
     assert report["page_index_bytes"] == 31 * 16 * 4 and report["full_bytes"] == 95 * 16 * 4
     assert report["full_vectors_kept"] == "in memory"
     # without rerank the full vectors are not kept
@@ -663,9 +777,11 @@ def test_rerank_rescored_pages_keep_full_scores_and_rank_first():
     torch.testing.assert_close(plain_encoder.similarity(queries, plain_encoder._pool(full)), plain)
 
 
-def test_pooled_and_reranked_eval_match_independent_computation_and_key_results(tmp_path, pages, queries, trained,
-                                                                               counts):
+def test_pooled_and_reranked_eval_match_independent_computation_and_key_results(
+    tmp_path, pages, queries, trained, counts
+):
     import colintern_model as cm
+
     model, processor, ckpt = trained
     folder = write_hub_layout(tmp_path / "eval", pages, queries, QRELS)
     lengths = [len(p) for p in model.encode_pages(processor, pages)]
@@ -677,9 +793,10 @@ def test_pooled_and_reranked_eval_match_independent_computation_and_key_results(
         summary = run_eval(tmp_path, "--ckpt", ckpt, "--local_task", folder, *flags)
         assert counts == {"queries": len(queries), "pages": len(pages)}  # its own result key: evaluated afresh
         revisions.add(summary["revision"])
-        (task, reported), = summary["benchmarks"]["local"]["tasks"].items()
-        expected = independent_metrics(model, processor, queries, pages, QRELS,
-                                       pool=lambda p: cm.pool_page(p, 4), rerank=rerank)
+        ((task, reported),) = summary["benchmarks"]["local"]["tasks"].items()
+        expected = independent_metrics(
+            model, processor, queries, pages, QRELS, pool=lambda p: cm.pool_page(p, 4), rerank=rerank
+        )
         for metric, value in expected.items():
             assert reported[metric] == pytest.approx(value, abs=1e-5), (flags, metric)
         index = summary["page_index"]
@@ -694,9 +811,11 @@ def test_pool_and_rerank_flags_are_checked(capsys):
     ok = ["--model_id", "x", "--local_task", "x"]
     args = colintern_eval.parse_args(ok)
     assert (args.pool_factor, args.rerank) == (1, 0)
-    for flags, message in ((["--pool_factor", "0"], "--pool_factor must be >= 1"),
-                           (["--rerank", "-1"], "--rerank must be >= 0"),
-                           (["--rerank", "5"], "pass --pool_factor > 1")):
+    for flags, message in (
+        (["--pool_factor", "0"], "--pool_factor must be >= 1"),
+        (["--rerank", "-1"], "--rerank must be >= 0"),
+        (["--rerank", "5"], "pass --pool_factor > 1"),
+    ):
         with pytest.raises(SystemExit):
             colintern_eval.parse_args(ok + flags)
         assert message in capsys.readouterr().err
@@ -706,6 +825,7 @@ def test_a_task_failing_on_one_rank_counts_as_failed_on_every_rank(monkeypatch, 
     """agree_on_task under torchrun, each rank's view (the gather of every rank's error, None for success, stands in
     for the collective, which tests/test_distributed.py runs for real): the ranks that succeeded record the failing
     rank's error and all move on together; a task that succeeded everywhere stays a success."""
+
     def gathered(errors):
         monkeypatch.setattr(colintern_eval, "gather_to_all", lambda items, world: list(errors))
 

@@ -1,4 +1,5 @@
 """export.py: the hub-ready folder, loading it back (folder, hub id, peft), eval.py on it, and refusing bad folders."""
+
 import json
 import os
 import shutil
@@ -44,14 +45,14 @@ def checkpoint(tiny_model_dir, tmp_path_factory):
 # layer sums at most N = 400 products (the longest sequence: 5 tiles x 64 tokens + the prompt; the matmuls are
 # narrower), in fp32 each reordering moves it by at most N u (u = 2^-24) of the unit vectors the tiny model's 3
 # layers (vision 1, language 2) end in: per component, |difference| <= 3 N u.
-VECTOR_TOL = 3 * 400 * 2.0 ** -24
+VECTOR_TOL = 3 * 400 * 2.0**-24
 
 
 def score_tol(query_tokens: int, dim: int) -> float:
     """A similarity q.p of unit vectors each off by <= VECTOR_TOL per component moves by <= 2 sqrt(dim) VECTOR_TOL
     (Cauchy-Schwarz); a max is 1-Lipschitz; a score sums query_tokens of them. Each side's own fp32 scoring adds its
     rounding (cm.score_error_bound)."""
-    return query_tokens * 2 * dim ** 0.5 * VECTOR_TOL + 2 * cm.score_error_bound(torch.float32, query_tokens, dim)
+    return query_tokens * 2 * dim**0.5 * VECTOR_TOL + 2 * cm.score_error_bound(torch.float32, query_tokens, dim)
 
 
 def run_export(*flags):
@@ -60,8 +61,9 @@ def run_export(*flags):
 
 @pytest.fixture(scope="module")
 def folder(checkpoint, tmp_path_factory):
-    return run_export("--ckpt", checkpoint, "--out_dir", tmp_path_factory.mktemp("exp") / "colintern-tiny",
-                      "--name", NAME)
+    return run_export(
+        "--ckpt", checkpoint, "--out_dir", tmp_path_factory.mktemp("exp") / "colintern-tiny", "--name", NAME
+    )
 
 
 def encodings(path, pages, **kwargs):
@@ -71,10 +73,23 @@ def encodings(path, pages, **kwargs):
 
 def test_folder_holds_safetensors_and_json_and_encodes_as_the_checkpoint(folder, checkpoint, pages, monkeypatch):
     assert sorted(os.listdir(folder)) == [
-        "1_Router", "2_Normalize", "3_MultiVectorMask", "README.md", "adapter_config.json", "adapter_model.safetensors",
-        "chat_template.jinja", "colintern_config.json", "config_sentence_transformers.json", "heads.safetensors",
-        "modules.json", "mteb_model_meta.py", "processor_config.json", "sentence_bert_config.json", "tokenizer.json",
-        "tokenizer_config.json"]
+        "1_Router",
+        "2_Normalize",
+        "3_MultiVectorMask",
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "chat_template.jinja",
+        "colintern_config.json",
+        "config_sentence_transformers.json",
+        "heads.safetensors",
+        "modules.json",
+        "mteb_model_meta.py",
+        "processor_config.json",
+        "sentence_bert_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert not [n for n in os.listdir(os.path.dirname(folder)) if n.startswith(".")]  # no temp folder left
     for root, _, names in os.walk(folder):
         for name in names:
@@ -98,6 +113,7 @@ def test_folder_holds_safetensors_and_json_and_encodes_as_the_checkpoint(folder,
 
 def test_peft_loads_the_adapter_itself(folder, checkpoint, tiny_model_dir):
     from peft import PeftModel, get_peft_model_state_dict
+
     peft_model = PeftModel.from_pretrained(cm.load_backbone(tiny_model_dir), folder)
     loaded = get_peft_model_state_dict(peft_model)
     lora = cm.load_checkpoint(checkpoint)["lora"]
@@ -119,17 +135,21 @@ def test_model_card_and_mteb_registration(folder):
     meta = namespace["colintern_tiny"]
     from mteb.models.model_meta import ModelMeta, ScoringFunction
     from mteb.models.sentence_transformer_wrapper import MultiVectorWrapper
+
     assert isinstance(meta, ModelMeta) and meta.name == NAME and meta.loader is MultiVectorWrapper
     assert meta.loader_kwargs == {} and meta.embed_dim == 16 and "Sentence Transformers" in meta.framework
     imports = [line for line in open(os.path.join(folder, "mteb_model_meta.py")) if line.startswith(("from", "import"))]
-    assert [line.split()[1] for line in imports] == ["mteb.models.model_meta",
-                                                     "mteb.models.sentence_transformer_wrapper"]
+    assert [line.split()[1] for line in imports] == [
+        "mteb.models.model_meta",
+        "mteb.models.sentence_transformer_wrapper",
+    ]
     assert meta.similarity_fn_name == ScoringFunction.MAX_SIM and meta.model_type == ["late-interaction"]
     assert meta.training_datasets == colintern_eval.MTEB_TRAINING_DATASETS["vidore/colpali_train_set"]
 
 
-def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(tmp_path, folder, checkpoint, pages,
-                                                                       monkeypatch):
+def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(
+    tmp_path, folder, checkpoint, pages, monkeypatch
+):
     eval_pages = [render_keyword_page(w, variant=i) for i, w in enumerate(["alpha", "beta", "gamma", "delta"] * 3)]
     queries = [f"Which page is about {w}?" for w in ["alpha", "beta", "gamma", "delta"] * 2]
     task = write_hub_layout(tmp_path / "eval", eval_pages[:10], queries, QRELS)
@@ -140,9 +160,14 @@ def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(tmp_path
 
     # mteb through the registration (MultiVectorWrapper): eval.py's scores within score_tol, so its rankings but for
     # near-ties, and then its metrics
-    (task_name, eval_metrics), = from_folder["benchmarks"]["local"]["tasks"].items()
-    eval_scores = predictions(tmp_path / "folder" / "out_predictions" / from_folder["task_revisions"][task_name] /
-                              f"{task_name}_predictions.json")
+    ((task_name, eval_metrics),) = from_folder["benchmarks"]["local"]["tasks"].items()
+    eval_scores = predictions(
+        tmp_path
+        / "folder"
+        / "out_predictions"
+        / from_folder["task_revisions"][task_name]
+        / f"{task_name}_predictions.json"
+    )
     model, mteb_scores, mteb_metrics = evaluate_through_the_registration(folder, task, tmp_path, monkeypatch)
     tolerance = score_tol(max(len(q) for q in model.model.encode_query(queries)), 16)
     assert mteb_scores.keys() == eval_scores.keys() and len(eval_scores) == len(queries)
@@ -161,8 +186,19 @@ def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(tmp_path
 
     with open(tmp_path / "summary.json", "w") as f:
         json.dump(from_pt, f)
-    again = run_export("--ckpt", checkpoint, "--out_dir", folder, "--name", NAME, "--eval_json",
-                       tmp_path / "summary.json", "--license", "mit", "--overwrite")
+    again = run_export(
+        "--ckpt",
+        checkpoint,
+        "--out_dir",
+        folder,
+        "--name",
+        NAME,
+        "--eval_json",
+        tmp_path / "summary.json",
+        "--license",
+        "mit",
+        "--overwrite",
+    )
     card = open(os.path.join(again, "README.md")).read()
     ndcg = 100 * from_pt["benchmarks"]["local"]["average"]["ndcg_at_5"]
     assert yaml.safe_load(card.split("---\n")[1])["license"] == "mit" and f"| {ndcg:.2f} |" in card
@@ -183,6 +219,7 @@ def evaluate_through_the_registration(folder, task_folder, tmp_path, monkeypatch
     transformers), not eval.py -> (the loaded model, mteb's scores {query: {page: score}}, its metrics)."""
     import mteb
     from mteb.models.sentence_transformer_wrapper import MultiVectorWrapper
+
     os.makedirs(tmp_path / "hub" / os.path.dirname(NAME))
     os.symlink(folder, tmp_path / "hub" / NAME)  # the hub id names the folder: a local path of that name comes first
     monkeypatch.chdir(tmp_path / "hub")
@@ -191,8 +228,14 @@ def evaluate_through_the_registration(folder, task_folder, tmp_path, monkeypatch
     model = namespace["colintern_tiny"].load_model(device="cpu")
     assert isinstance(model, MultiVectorWrapper) and model.mteb_model_meta.modalities == ["image", "text"]
     task = colintern_eval.make_local_task(task_folder)
-    result = mteb.evaluate(model, task, cache=None, prediction_folder=str(tmp_path / "mteb"), co2_tracker=False,
-                           encode_kwargs={"batch_size": 4, "show_progress_bar": False})
+    result = mteb.evaluate(
+        model,
+        task,
+        cache=None,
+        prediction_folder=str(tmp_path / "mteb"),
+        co2_tracker=False,
+        encode_kwargs={"batch_size": 4, "show_progress_bar": False},
+    )
     return model, predictions(tmp_path / "mteb" / task.prediction_file_name), result.task_results[0].scores["test"][0]
 
 
@@ -201,6 +244,7 @@ def test_mining_with_the_folder_writes_what_the_checkpoint_mines(tmp_path, folde
     the .pt it came from, the stats naming the folder, and the .pt's page cache reused (both are the same weights:
     the cache is keyed by the embeddings' identity, not by the file)."""
     import mine_hard_negatives as mine
+
     words = ["alpha", "beta", "gamma", "delta", "epsilon"]
     for i, w in enumerate(words):
         render_keyword_page(w, variant=i).save(tmp_path / f"{w}.png")
@@ -210,9 +254,28 @@ def test_mining_with_the_folder_writes_what_the_checkpoint_mines(tmp_path, folde
     mined = {}
     for name, ckpt in (("pt", checkpoint), ("folder", folder)):
         out = tmp_path / f"{name}.jsonl"
-        stats = mine.main(mine.parse_args(["--ckpt", ckpt, "--train_jsonl", str(tmp_path / "t.jsonl"), "--root",
-                                           str(tmp_path), "--out_jsonl", str(out), "--k", "2", "--num_workers", "0",
-                                           "--device", "cpu", "--margin", "inf"]))
+        stats = mine.main(
+            mine.parse_args(
+                [
+                    "--ckpt",
+                    ckpt,
+                    "--train_jsonl",
+                    str(tmp_path / "t.jsonl"),
+                    "--root",
+                    str(tmp_path),
+                    "--out_jsonl",
+                    str(out),
+                    "--k",
+                    "2",
+                    "--num_workers",
+                    "0",
+                    "--device",
+                    "cpu",
+                    "--margin",
+                    "inf",
+                ]
+            )
+        )
         assert stats["ckpt"] == os.path.abspath(ckpt)
         mined[name] = (out.read_bytes(), stats["cache"]["dir"], stats["cache"]["reused"])
     assert mined["folder"][0] == mined["pt"][0] and mined["folder"][1] == mined["pt"][1]
@@ -265,8 +328,9 @@ def truncate(copy):
 
 def other_hidden_size(copy):
     heads = load_file(copy / "heads.safetensors")
-    save_file({k: torch.zeros(16, 32) if k.endswith("weight") else v for k, v in heads.items()},
-              copy / "heads.safetensors")
+    save_file(
+        {k: torch.zeros(16, 32) if k.endswith("weight") else v for k, v in heads.items()}, copy / "heads.safetensors"
+    )
 
 
 def other_rank(copy):
@@ -282,19 +346,31 @@ def other_targets(copy):
 
 def wider_lora(copy):
     weights = load_file(copy / "adapter_model.safetensors")
-    save_file({k: torch.zeros(v.shape[0], 2 * v.shape[1]) if "lora_A" in k else v for k, v in weights.items()},
-              copy / "adapter_model.safetensors")
+    save_file(
+        {k: torch.zeros(v.shape[0], 2 * v.shape[1]) if "lora_A" in k else v for k, v in weights.items()},
+        copy / "adapter_model.safetensors",
+    )
 
 
-@pytest.mark.parametrize("how, error", [
-    (truncate, r"heads.safetensors cannot be read as safetensors .*: the file is corrupted"),
-    (other_hidden_size, r"heads do not fit the backbone .*query_head holds"),
-    (other_rank, r"adapter_config.json does not match colintern_config.json: the adapter is LORA \{'r': 8"),
-    (other_targets, r"LoRA layout does not match the model: 0 checkpoint keys have no place"),
-    (wider_lora, r"LoRA adapter does not fit the backbone .*: 14 tensors have other shapes"),
-    (lambda copy: os.remove(copy / "colintern_config.json"), r"colintern_config.json is missing"),
-], ids=["truncated_heads", "heads_of_another_hidden_size", "adapter_config_disagrees", "adapter_of_other_modules",
-        "adapter_of_another_width", "no_config"])
+@pytest.mark.parametrize(
+    "how, error",
+    [
+        (truncate, r"heads.safetensors cannot be read as safetensors .*: the file is corrupted"),
+        (other_hidden_size, r"heads do not fit the backbone .*query_head holds"),
+        (other_rank, r"adapter_config.json does not match colintern_config.json: the adapter is LORA \{'r': 8"),
+        (other_targets, r"LoRA layout does not match the model: 0 checkpoint keys have no place"),
+        (wider_lora, r"LoRA adapter does not fit the backbone .*: 14 tensors have other shapes"),
+        (lambda copy: os.remove(copy / "colintern_config.json"), r"colintern_config.json is missing"),
+    ],
+    ids=[
+        "truncated_heads",
+        "heads_of_another_hidden_size",
+        "adapter_config_disagrees",
+        "adapter_of_other_modules",
+        "adapter_of_another_width",
+        "no_config",
+    ],
+)
 def test_corrupted_or_mismatched_folder_is_refused_in_one_line(folder, tmp_path, how, error):
     bad = broken(folder, tmp_path, how)
     with pytest.raises((ValueError, FileNotFoundError), match=error) as info:
@@ -305,27 +381,53 @@ def test_corrupted_or_mismatched_folder_is_refused_in_one_line(folder, tmp_path,
 def test_hub_id_that_cannot_be_downloaded_is_one_line(monkeypatch):
     def offline(repo_id, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+
     monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
-    with pytest.raises(FileNotFoundError, match=r"nobody/nothing is no local file or folder.*Offline: .*hf download"
-                       ) as info:
+    with pytest.raises(
+        FileNotFoundError, match=r"nobody/nothing is no local file or folder.*Offline: .*hf download"
+    ) as info:
         cm.load_checkpoint("nobody/nothing")
     assert "\n" not in str(info.value)
     assert colintern_eval.parse_args(["--ckpt", "nobody/nothing", "--local_task", "x"]).ckpt == "nobody/nothing"
 
 
-def test_train_warm_starts_from_the_folder_exactly_as_from_the_checkpoint(folder, checkpoint, tiny_model_dir,
-                                                                           tmp_path):
+def test_train_warm_starts_from_the_folder_exactly_as_from_the_checkpoint(folder, checkpoint, tiny_model_dir, tmp_path):
     """train.py --resume_ckpt takes the exported folder: two seeded steps from it give the weights two steps from the
     .pt give, bit for bit (the same tensors loaded, then the same ops in the same order)."""
     import train
     from test_train import save_hub_folder
+
     hub = save_hub_folder(tmp_path / "hub", ["alpha", "beta", "gamma", "delta"])
     results = {}
     for name, start in (("pt", checkpoint), ("folder", folder)):
         out = tmp_path / name
-        train.main(train.parse_args([str(f) for f in (
-            "--model_id", tiny_model_dir, "--train_hub", hub, "--out_dir", out, "--resume_ckpt", start,
-            "--batch_size", 2, "--epochs", 1, "--optimizer", "adamw", "--num_workers", 0, "--lr", 1e-3)]))
+        train.main(
+            train.parse_args(
+                [
+                    str(f)
+                    for f in (
+                        "--model_id",
+                        tiny_model_dir,
+                        "--train_hub",
+                        hub,
+                        "--out_dir",
+                        out,
+                        "--resume_ckpt",
+                        start,
+                        "--batch_size",
+                        2,
+                        "--epochs",
+                        1,
+                        "--optimizer",
+                        "adamw",
+                        "--num_workers",
+                        0,
+                        "--lr",
+                        1e-3,
+                    )
+                ]
+            )
+        )
         results[name] = cm.load_checkpoint(str(out / "colintern_heads_epoch3.pt"))
     assert results["pt"]["meta"]["step"] == results["folder"]["meta"]["step"] == 20 + 2
     for part in ("heads", "lora"):

@@ -2,6 +2,7 @@
 hand from the config numbers and against the published InternVL3.5-1B figures (1.06B = ViT 304M + LM 752M +
 projector 5.25M, the LM with its untied LM head, which InternVLModel does not have); its bitsandbytes byte
 formula against bitsandbytes itself, on the tiny model; its activation count against bench_train.py's measurement."""
+
 import dataclasses
 import os
 import sys
@@ -19,21 +20,27 @@ VOCAB = 151936
 def by_hand_1b() -> dict:
     """InternVL3.5-1B = InternViT-300M + projector + Qwen3-0.6B, counted from the config numbers alone."""
     h, inter, layers, heads, kv, hd = 1024, 3072, 28, 16, 8, 128  # Qwen3-0.6B
-    attention = h * heads * hd + 2 * h * kv * hd + heads * hd * h   # q, k, v, o; no biases
-    mlp = 3 * h * inter                                             # gate, up, down
+    attention = h * heads * hd + 2 * h * kv * hd + heads * hd * h  # q, k, v, o; no biases
+    mlp = 3 * h * inter  # gate, up, down
     lm_linear = layers * (attention + mlp)
-    norms = layers * (2 * h + 2 * hd) + h                           # input/post-attention, q/k norms; final norm
+    norms = layers * (2 * h + 2 * hd) + h  # input/post-attention, q/k norms; final norm
     lm_rest = VOCAB * h + norms
-    vh, vi, vl = 1024, 4096, 24                                     # InternViT-300M
-    per_layer = (3 * (vh * vh + vh)                                 # q, k, v with bias (qkv_bias)
-                 + vh * vh + vh                                     # output projection
-                 + vh * vi + vi + vi * vh + vh                      # fc1, fc2
-                 + 2 * 2 * vh                                       # two LayerNorms (weight, bias)
-                 + 2 * vh)                                          # layer scales lambda_1, lambda_2
+    vh, vi, vl = 1024, 4096, 24  # InternViT-300M
+    per_layer = (
+        3 * (vh * vh + vh)  # q, k, v with bias (qkv_bias)
+        + vh * vh
+        + vh  # output projection
+        + vh * vi
+        + vi
+        + vi * vh
+        + vh  # fc1, fc2
+        + 2 * 2 * vh  # two LayerNorms (weight, bias)
+        + 2 * vh
+    )  # layer scales lambda_1, lambda_2
     patches = (448 // 14) ** 2
-    embeddings = vh + (patches + 1) * vh + 3 * 14 * 14 * vh + vh    # cls, positions, patch conv + bias
+    embeddings = vh + (patches + 1) * vh + 3 * 14 * 14 * vh + vh  # cls, positions, patch conv + bias
     vision = vl * per_layer + embeddings
-    projector = 2 * 4 * vh + 4 * vh * h + h + h * h + h             # LayerNorm(4096), Linear(4096, 1024), (1024, 1024)
+    projector = 2 * 4 * vh + 4 * vh * h + h + h * h + h  # LayerNorm(4096), Linear(4096, 1024), (1024, 1024)
     return dict(vision=vision, projector=projector, lm_linear=lm_linear, lm_rest=lm_rest)
 
 

@@ -1,5 +1,6 @@
 """mine_hard_negatives.py through its CLI entry (main(parse_args([...]))) on the tiny model and rendered keyword pages,
 checked against a brute-force ranking computed here from the model's own encoders."""
+
 import json
 import math
 import os
@@ -84,15 +85,33 @@ def expected_negatives(scores, k, margin):
         cands = [j for j in distinct if j != content_row(i)]
         kept = [j for j in cands if not scores[i, j] > margin * pos]
         best = sorted(kept, key=lambda j: -scores[i, j])[:k]
-        out.append({"negs": best, "rank": 1 + sum(bool(scores[i, j] > pos) for j in cands),
-                    "dropped": len(cands) - len(kept)})
+        out.append(
+            {"negs": best, "rank": 1 + sum(bool(scores[i, j] > pos) for j in cands), "dropped": len(cands) - len(kept)}
+        )
     return out
 
 
 def mine_hub(ckpt, hub, out, *extra):
     # fp32 scores pinned: the comparisons with brute force must not change with the CPU's bf16 (auto's pick)
-    return run_mine("--ckpt", ckpt, "--hub_name", hub["dir"], "--split", "train", "--out_jsonl", out,
-                    "--shard_pages", 5, "--num_workers", 0, "--doc_batch", 4, "--score_dtype", "fp32", *extra)
+    return run_mine(
+        "--ckpt",
+        ckpt,
+        "--hub_name",
+        hub["dir"],
+        "--split",
+        "train",
+        "--out_jsonl",
+        out,
+        "--shard_pages",
+        5,
+        "--num_workers",
+        0,
+        "--doc_batch",
+        4,
+        "--score_dtype",
+        "fp32",
+        *extra,
+    )
 
 
 def read_rows(path):
@@ -131,8 +150,9 @@ def test_exact_mining_equals_brute_force_then_reuses_cached_shards(ckpt, hub, br
 
     # the margin filter, at a margin that drops about half of the candidates (from the brute-force scores)
     distinct = [j for j in range(len(WORDS)) if j not in COPIES]
-    ratios = torch.tensor([float(brute[i, j] / brute[i, i]) for i in range(len(WORDS)) for j in distinct
-                           if j != content_row(i)])
+    ratios = torch.tensor(
+        [float(brute[i, j] / brute[i, i]) for i in range(len(WORDS)) for j in distinct if j != content_row(i)]
+    )
     ratios = ratios.sort().values
     middle = len(ratios) // 2
     margin = float(ratios[middle] + ratios[middle + 1]) / 2  # between two ratios: no candidate sits on the edge
@@ -161,7 +181,7 @@ def planted(n_queries=60, n_pages=300, q_len=12, p_len=40, dim=32, seed=0):
         q = F.normalize(torch.randn(q_len, dim, generator=g), dim=-1)
         for rank, copies in enumerate((12, 10, 8, 6, 4)):
             page = pages[(i * 5 + rank) % n_pages]
-            page[:copies] = F.normalize(q[:copies] + 0.3 * torch.randn(copies, dim, generator=g) / dim ** 0.5, dim=-1)
+            page[:copies] = F.normalize(q[:copies] + 0.3 * torch.randn(copies, dim, generator=g) / dim**0.5, dim=-1)
         queries.append(q)
     return queries, pages
 
@@ -172,8 +192,12 @@ def test_scoring_kernels_equal_a_naive_loop_with_pooled_blocks_and_filters(monke
     it), negative similarities included."""
     monkeypatch.setattr(cm, "PAGE_CHUNK_TOKENS", 80)
     g = torch.Generator().manual_seed(3)
-    queries = [F.normalize(torch.randn(int(n), 16, generator=g), dim=-1) for n in torch.randint(1, 9, (23,), generator=g)]
-    pages = [F.normalize(torch.randn(int(n), 16, generator=g), dim=-1) for n in torch.randint(1, 40, (31,), generator=g)]
+    queries = [
+        F.normalize(torch.randn(int(n), 16, generator=g), dim=-1) for n in torch.randint(1, 9, (23,), generator=g)
+    ]
+    pages = [
+        F.normalize(torch.randn(int(n), 16, generator=g), dim=-1) for n in torch.randint(1, 40, (31,), generator=g)
+    ]
     pages.append(-queries[0][:1].repeat(3, 1))  # every similarity with query 0 negative
     naive = torch.tensor([[float((q @ p.T).amax(dim=1).sum()) for p in pages] for q in queries])
     torch.set_num_threads(2)
@@ -185,10 +209,13 @@ def test_scoring_kernels_equal_a_naive_loop_with_pooled_blocks_and_filters(monke
             def on_scores(q0, q1, idx, scores):
                 scores.masked_fill_(idx[None, :] == excluded[q0:q1, None], float("-inf"))
 
-            values, indices = maxsim_topk(queries, pages, 5, max_sim_elements=64, on_scores=on_scores,
-                                          query_block_tokens=10)
-            pairs = (torch.arange(len(queries)).repeat_interleave(len(pages)), torch.arange(len(pages)).repeat(
-                len(queries)))
+            values, indices = maxsim_topk(
+                queries, pages, 5, max_sim_elements=64, on_scores=on_scores, query_block_tokens=10
+            )
+            pairs = (
+                torch.arange(len(queries)).repeat_interleave(len(pages)),
+                torch.arange(len(pages)).repeat(len(queries)),
+            )
             by_pairs = mine.score_pairs(queries, pages, pairs, "cpu", torch.float32).view(len(queries), len(pages))
     finally:
         torch.set_num_threads(1)
@@ -222,16 +249,19 @@ def test_faiss_goes_on_this_ranks_gpu_after_torch_hands_back_its_cache(monkeypat
     index on GPU 3, this rank's own, not on GPU 0, after torch.cuda.empty_cache; nprobe goes through the GPU
     parameter space. --device cpu, or a FAISS without GPU support, keeps it on the CPU, the latter saying why."""
     import faiss
+
     calls = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4)
     monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "resources", raising=False)
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, gpu, index: calls.append(("to_gpu", res, gpu)) or index,
-                        raising=False)
+    monkeypatch.setattr(
+        faiss, "index_cpu_to_gpu", lambda res, gpu, index: calls.append(("to_gpu", res, gpu)) or index, raising=False
+    )
 
     class GpuParameterSpace:
         def set_index_parameter(self, index, name, value):
             calls.append((name, value))
+
     monkeypatch.setattr(faiss, "GpuParameterSpace", GpuParameterSpace, raising=False)
     assert mine.faiss_device("cpu") is None and calls == []
     assert mine.faiss_device("cuda:3") == 3 and calls == ["empty_cache"]
@@ -245,8 +275,21 @@ def test_faiss_goes_on_this_ranks_gpu_after_torch_hands_back_its_cache(monkeypat
 
 def test_faiss_cli_agrees_with_exact(ckpt, hub, brute, tmp_path):
     k = 3
-    stats = mine_hub(ckpt, hub, tmp_path / "faiss.jsonl", "--k", k, "--margin", "inf", "--search", "faiss",
-                     "--candidates", 10, "--token_hits", 32)
+    stats = mine_hub(
+        ckpt,
+        hub,
+        tmp_path / "faiss.jsonl",
+        "--k",
+        k,
+        "--margin",
+        "inf",
+        "--search",
+        "faiss",
+        "--candidates",
+        10,
+        "--token_hits",
+        32,
+    )
     assert stats["faiss_index"] == "Flat" and stats["search"] == "faiss" and stats["faiss_device"] == "cpu"
     rows = read_rows(tmp_path / "faiss.jsonl")
     expected = expected_negatives(brute, k, math.inf)
@@ -277,8 +320,26 @@ def test_jsonl_input_resume_after_undecodable_page_and_output_trains(ckpt, tiny_
     rows[9]["negs"] = ["pages/broken.png"]  # the last distinct page: in the last shard
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    flags = ["--ckpt", ckpt, "--train_jsonl", jsonl, "--root", root, "--out_jsonl", tmp_path / "mined.jsonl",
-             "--k", 3, "--margin", "inf", "--shard_pages", 3, "--num_workers", 0, "--cache_dir", tmp_path / "cache"]
+    flags = [
+        "--ckpt",
+        ckpt,
+        "--train_jsonl",
+        jsonl,
+        "--root",
+        root,
+        "--out_jsonl",
+        tmp_path / "mined.jsonl",
+        "--k",
+        3,
+        "--margin",
+        "inf",
+        "--shard_pages",
+        3,
+        "--num_workers",
+        0,
+        "--cache_dir",
+        tmp_path / "cache",
+    ]
     with pytest.raises(ValueError, match="pages/broken.png.*cannot be decoded"):
         run_mine(*flags)
     folder = os.path.join(tmp_path / "cache", os.listdir(tmp_path / "cache")[0])
@@ -299,11 +360,41 @@ def test_jsonl_input_resume_after_undecodable_page_and_output_trains(ckpt, tiny_
     assert "pages/apple.png" not in mined[0]["negs"]
 
     import train
+
     out = tmp_path / "train"
-    train.main(train.parse_args([str(f) for f in [
-        "--model_id", tiny_model_dir, "--resume_ckpt", ckpt, "--train_jsonl", tmp_path / "mined.jsonl",
-        "--root", root, "--out_dir", out, "--num_negs", 2, "--batch_size", 4, "--max_steps", 2,
-        "--optimizer", "adamw", "--num_workers", 0, "--save_every", 0, "--warmup_steps", 1]]))
+    train.main(
+        train.parse_args(
+            [
+                str(f)
+                for f in [
+                    "--model_id",
+                    tiny_model_dir,
+                    "--resume_ckpt",
+                    ckpt,
+                    "--train_jsonl",
+                    tmp_path / "mined.jsonl",
+                    "--root",
+                    root,
+                    "--out_dir",
+                    out,
+                    "--num_negs",
+                    2,
+                    "--batch_size",
+                    4,
+                    "--max_steps",
+                    2,
+                    "--optimizer",
+                    "adamw",
+                    "--num_workers",
+                    0,
+                    "--save_every",
+                    0,
+                    "--warmup_steps",
+                    1,
+                ]
+            ]
+        )
+    )
     with open(out / "training_loss.txt") as f:
         losses = [float(line.split()[2]) for line in f if not line.startswith("#")]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
@@ -317,8 +408,10 @@ def test_bad_input_names_the_culprit(ckpt, hub, tmp_path):
 
     empty = tmp_path / "empty"
     os.makedirs(empty / "data")
-    ds = datasets.Dataset.from_dict({"query": [], "image": []}, features=datasets.Features(
-        {"query": datasets.Value("string"), "image": datasets.Image()}))
+    ds = datasets.Dataset.from_dict(
+        {"query": [], "image": []},
+        features=datasets.Features({"query": datasets.Value("string"), "image": datasets.Image()}),
+    )
     ds.to_parquet(str(empty / "data" / "train-00000-of-00001.parquet"))
     with pytest.raises(ValueError, match="empty"):
         run_mine("--ckpt", ckpt, "--hub_name", empty, "--out_jsonl", tmp_path / "o.jsonl")
@@ -327,8 +420,16 @@ def test_bad_input_names_the_culprit(ckpt, hub, tmp_path):
     other["meta"]["format"]["version"] = 99
     torch.save(other, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other.pt uses query/page format v99"):
-        run_mine("--ckpt", tmp_path / "other.pt", "--hub_name", hub["dir"], "--out_jsonl", tmp_path / "o.jsonl",
-                 "--cache_dir", tmp_path / "cache")
+        run_mine(
+            "--ckpt",
+            tmp_path / "other.pt",
+            "--hub_name",
+            hub["dir"],
+            "--out_jsonl",
+            tmp_path / "o.jsonl",
+            "--cache_dir",
+            tmp_path / "cache",
+        )
     assert not os.path.exists(tmp_path / "o.jsonl")
 
 
@@ -336,9 +437,11 @@ def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         mine.parse_args(["--help"])
     text = capsys.readouterr().out
-    flags = ("model_id ckpt hub_name split out_jsonl k doc_batch query_batch train_jsonl root search candidates "
-             "margin max_tiles cache_dir device dtype score_dtype shard_pages token_hits faiss_index nprobe num_workers "
-             "seed")
+    flags = (
+        "model_id ckpt hub_name split out_jsonl k doc_batch query_batch train_jsonl root search candidates "
+        "margin max_tiles cache_dir device dtype score_dtype shard_pages token_hits faiss_index nprobe num_workers "
+        "seed"
+    )
     for flag in flags.split():
         assert f"--{flag} " in text or f"--{flag}\n" in text, flag
     actions = mine.build_parser()._actions
@@ -346,14 +449,18 @@ def test_help_explains_every_flag(capsys):
     assert all(a.help and len(a.help) > 15 for a in actions), [a.dest for a in actions if not a.help]
 
 
-@pytest.mark.parametrize("native, flag, used, matmul", [
-    (False, "auto", torch.float32, torch.float32),
-    (True, "auto", torch.bfloat16, torch.bfloat16),
-    (False, "bf16", torch.bfloat16, torch.float32),  # forced where bf16 is not native: rounded, multiplied in fp32
-    (True, "fp32", torch.float32, torch.float32),  # forced fp32 where it is
-])
-def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(ckpt, hub, brute, tmp_path, monkeypatch,
-                                                                        capsys, native, flag, used, matmul):
+@pytest.mark.parametrize(
+    "native, flag, used, matmul",
+    [
+        (False, "auto", torch.float32, torch.float32),
+        (True, "auto", torch.bfloat16, torch.bfloat16),
+        (False, "bf16", torch.bfloat16, torch.float32),  # forced where bf16 is not native: rounded, multiplied in fp32
+        (True, "fp32", torch.float32, torch.float32),  # forced fp32 where it is
+    ],
+)
+def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(
+    ckpt, hub, brute, tmp_path, monkeypatch, capsys, native, flag, used, matmul
+):
     """--score_dtype against what the CPU probe says (forced both ways, so any CPU runs every case): the dtype picked
     is printed, kept in the stats, and the one the search multiplies in; the page cache is keyed by the embeddings'
     identity alone."""
@@ -368,12 +475,31 @@ def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(ckpt, hu
     monkeypatch.setattr(cm, "maxsim_tokens", spy)
     monkeypatch.setattr(mine, "maxsim_tokens", spy)
     out = tmp_path / "mined.jsonl"
-    stats = run_mine("--ckpt", ckpt, "--hub_name", hub["dir"], "--out_jsonl", out, "--shard_pages", 5,
-                     "--num_workers", 0, "--k", 3, "--margin", "inf", "--score_dtype", flag, "--cache_dir",
-                     tmp_path / "cache")
+    stats = run_mine(
+        "--ckpt",
+        ckpt,
+        "--hub_name",
+        hub["dir"],
+        "--out_jsonl",
+        out,
+        "--shard_pages",
+        5,
+        "--num_workers",
+        0,
+        "--k",
+        3,
+        "--margin",
+        "inf",
+        "--score_dtype",
+        flag,
+        "--cache_dir",
+        tmp_path / "cache",
+    )
     name = cm.dtype_name(used)
-    assert f"score dtype {name} (--score_dtype {flag}; multiplied in {cm.dtype_name(matmul)} on cpu)" in \
-        capsys.readouterr().out
+    assert (
+        f"score dtype {name} (--score_dtype {flag}; multiplied in {cm.dtype_name(matmul)} on cpu)"
+        in capsys.readouterr().out
+    )
     assert stats["score_dtype"] == {"requested": flag, "used": str(used), "matmul": str(matmul)}
     assert json.load(open(mine.stats_path(str(out))))["score_dtype"]["used"] == str(used)
     assert {(t, p) for t, p, _ in seen} == {(matmul, matmul)}
@@ -382,8 +508,23 @@ def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(ckpt, hu
     manifest = json.load(open(os.path.join(stats["cache"]["dir"], "manifest.json")))
     model = ColIntern.from_checkpoint(ckpt)[0]
     assert manifest["embedding"] == json.loads(json.dumps(model.embedding_identity()))
-    args = mine.parse_args([str(f) for f in ("--ckpt", ckpt, "--hub_name", hub["dir"], "--out_jsonl", out,
-                                             "--shard_pages", 5, "--cache_dir", tmp_path / "cache")])
+    args = mine.parse_args(
+        [
+            str(f)
+            for f in (
+                "--ckpt",
+                ckpt,
+                "--hub_name",
+                hub["dir"],
+                "--out_jsonl",
+                out,
+                "--shard_pages",
+                5,
+                "--cache_dir",
+                tmp_path / "cache",
+            )
+        ]
+    )
     data = mine.hub_input(hub["dir"], "train")
     assert mine.cache_folder(args, model, data)[0] == stats["cache"]["dir"]
     args.pool_factor = 2  # one ingredient of the identity: each one's effect is test_colintern_model's
@@ -400,8 +541,7 @@ def test_mining_on_a_4bit_checkpoint(tiny_model_dir, ckpt, hub, tmp_path, capsys
     """A checkpoint trained on a 4-bit backbone mines on one (its own quantisation, or the same one asked for: one
     cache), the stats record it, and its page cache is not the unquantised run's."""
     torch.manual_seed(0)
-    model, _ = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(r=4, alpha=4), max_tiles=1,
-                                         quantize="4bit")
+    model, _ = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(r=4, alpha=4), max_tiles=1, quantize="4bit")
     q4 = str(tmp_path / "q4.pt")
     save_checkpoint(q4, model, epoch=1)
     stats = mine_hub(q4, hub, tmp_path / "q4.jsonl", "--k", 2)
@@ -421,6 +561,7 @@ def test_a_backbone_rebuilt_in_place_is_not_served_from_the_cache(ckpt, hub, tin
     content, not its path) is missed, every shard is encoded again, and the JSONL is what a fresh cache gives. Before
     the embedding identity, mining reused the old shards and wrote the old model's negatives."""
     import make_tiny_model
+
     backbone, cache = tmp_path / "backbone", tmp_path / "cache"
     shutil.copytree(tiny_model_dir, backbone)
     first = mine_hub(ckpt, hub, tmp_path / "first.jsonl", "--model_id", backbone, "--cache_dir", cache)
@@ -430,8 +571,11 @@ def test_a_backbone_rebuilt_in_place_is_not_served_from_the_cache(ckpt, hub, tin
     again = mine_hub(ckpt, hub, tmp_path / "again.jsonl", "--model_id", backbone, "--cache_dir", cache)
     fresh = mine_hub(ckpt, hub, tmp_path / "fresh.jsonl", "--model_id", backbone, "--cache_dir", tmp_path / "new")
     assert first["cache"]["encoded"] == again["cache"]["encoded"] == 4 and again["cache"]["reused"] == 0
-    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "fresh.jsonl").read_bytes() != \
-        (tmp_path / "first.jsonl").read_bytes()
+    assert (
+        (tmp_path / "again.jsonl").read_bytes()
+        == (tmp_path / "fresh.jsonl").read_bytes()
+        != (tmp_path / "first.jsonl").read_bytes()
+    )
     assert fresh["cache"]["encoded"] == 4
 
 

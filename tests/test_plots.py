@@ -1,5 +1,6 @@
 """plot_training_loss.py and plot_vidore_metrics.py: the PNGs are written and readable, the numbers behind them are
 right, and bad input is named."""
+
 import json
 import math
 
@@ -26,26 +27,36 @@ def assert_png(path, min_size=(400, 300)):
 
 
 def test_loss_plot_written_with_clipped_smoothing_and_epochs(tmp_path, capsys):
-    first = write_loss_file(tmp_path / "runA" / "training_loss.txt", range(1, 121), lambda s: 1 + (s - 1) // 50,
-                            lambda s: 2 * math.exp(-s / 40) + 0.1 * math.sin(s))
+    first = write_loss_file(
+        tmp_path / "runA" / "training_loss.txt",
+        range(1, 121),
+        lambda s: 1 + (s - 1) // 50,
+        lambda s: 2 * math.exp(-s / 40) + 0.1 * math.sin(s),
+    )
     short = write_loss_file(tmp_path / "runB" / "training_loss.txt", range(121, 126), lambda s: 3, lambda s: 0.3)
     out = tmp_path / "plots" / "loss.png"
-    plot_training_loss.main(plot_training_loss.parse_args(["--input", first, short, "--output", str(out),
-                                                           "--smooth", "200"]))
+    plot_training_loss.main(
+        plot_training_loss.parse_args(["--input", first, short, "--output", str(out), "--smooth", "200"])
+    )
     assert_png(out)
     printed = capsys.readouterr().out
     assert "120 steps, epochs 1-3" in printed and "5 steps, epochs 3-3" in printed
 
     # the data each run trained on comes from train.py's args.json beside its loss file; where it changes, the
     # epoch label says so (a run without args.json gets plain epoch labels)
-    (tmp_path / "runA" / "args.json").write_text(json.dumps({"train_hub": "vidore/colpali_train_set",
-                                                             "train_jsonl": None, "num_negs": 0}))
-    (tmp_path / "runB" / "args.json").write_text(json.dumps({"train_hub": None, "train_jsonl": "out/mined.jsonl",
-                                                             "num_negs": 2}))
+    (tmp_path / "runA" / "args.json").write_text(
+        json.dumps({"train_hub": "vidore/colpali_train_set", "train_jsonl": None, "num_negs": 0})
+    )
+    (tmp_path / "runB" / "args.json").write_text(
+        json.dumps({"train_hub": None, "train_jsonl": "out/mined.jsonl", "num_negs": 2})
+    )
     runs = [(p, plot_training_loss.read_loss_file(p), plot_training_loss.run_data(p)) for p in (first, short)]
     assert plot_training_loss.epoch_labels(runs) == {
-        1.0: "epoch 1\nvidore/colpali_train_set, in-batch negatives", 51.0: "epoch 2", 101.0: "epoch 3",
-        121.0: "epoch 3\nmined.jsonl, 2 hard negatives"}
+        1.0: "epoch 1\nvidore/colpali_train_set, in-batch negatives",
+        51.0: "epoch 2",
+        101.0: "epoch 3",
+        121.0: "epoch 3\nmined.jsonl, 2 hard negatives",
+    }
     plot_training_loss.main(plot_training_loss.parse_args(["--input", first, short, "--output", str(out)]))
     assert_png(out)
 
@@ -54,8 +65,10 @@ def test_loss_plot_written_with_clipped_smoothing_and_epochs(tmp_path, capsys):
     loss = list(data["loss"])
     for window in (1, 7, 200):  # 200 > the run: every point averages what came before it
         smoothed = plot_training_loss.moving_average(data["loss"], window)
-        naive = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1])
-                 for i in range(len(loss))]
+        naive = [
+            sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1])
+            for i in range(len(loss))
+        ]
         assert np.allclose(smoothed, naive)
 
 
@@ -87,10 +100,20 @@ def summary(benchmarks):
 
 @pytest.fixture
 def inputs(tmp_path):
-    a = summary({"ViDoRe(v1)": {"TaskA": {"ndcg_at_5": 0.5, "recall_at_1": 0.25},
-                                "TaskB": {"ndcg_at_5": 0.7, "recall_at_1": 0.5}}})
-    b = summary({"ViDoRe(v1)": {"TaskA": {"ndcg_at_5": 0.9, "recall_at_1": 0.75}},  # TaskB not evaluated here
-                 "local": {"eval@d4fc2cf5": {"ndcg_at_5": 1.0, "recall_at_1": 1.0}}})
+    a = summary(
+        {
+            "ViDoRe(v1)": {
+                "TaskA": {"ndcg_at_5": 0.5, "recall_at_1": 0.25},
+                "TaskB": {"ndcg_at_5": 0.7, "recall_at_1": 0.5},
+            }
+        }
+    )
+    b = summary(
+        {
+            "ViDoRe(v1)": {"TaskA": {"ndcg_at_5": 0.9, "recall_at_1": 0.75}},  # TaskB not evaluated here
+            "local": {"eval@d4fc2cf5": {"ndcg_at_5": 1.0, "recall_at_1": 1.0}},
+        }
+    )
     paths = []
     for name, data in (("a.json", a), ("b.json", b)):
         (tmp_path / name).write_text(json.dumps(data))
@@ -100,8 +123,11 @@ def inputs(tmp_path):
 
 def test_metrics_plots_one_figure_per_benchmark_and_metric(tmp_path, inputs):
     outdir = tmp_path / "plots"
-    written = plot_vidore_metrics.main(plot_vidore_metrics.parse_args(
-        ["--inputs", *inputs, "--labels", "E1", "E2", "--outdir", str(outdir), "--metrics", "all"]))
+    written = plot_vidore_metrics.main(
+        plot_vidore_metrics.parse_args(
+            ["--inputs", *inputs, "--labels", "E1", "E2", "--outdir", str(outdir), "--metrics", "all"]
+        )
+    )
     expected = {f"{b}_{m}.png" for b in ("ViDoRe_v1", "local") for m in ("ndcg_at_5", "recall_at_1")}
     assert {p.name for p in outdir.iterdir()} == expected
     assert sorted(written) == sorted(str(outdir / name) for name in expected)
@@ -124,26 +150,49 @@ def test_metrics_plots_one_figure_per_benchmark_and_metric(tmp_path, inputs):
     assert plot_vidore_metrics.task_label("Vidore2ESGReportsRetrieval") == "Vidore2ESGReportsRetrieval"
 
     only = tmp_path / "only"
-    plot_vidore_metrics.main(plot_vidore_metrics.parse_args(
-        ["--inputs", inputs[0], "--labels", "E1", "--outdir", str(only), "--metrics", "recall_at_1"]))
+    plot_vidore_metrics.main(
+        plot_vidore_metrics.parse_args(
+            ["--inputs", inputs[0], "--labels", "E1", "--outdir", str(only), "--metrics", "recall_at_1"]
+        )
+    )
     assert [p.name for p in only.iterdir()] == ["ViDoRe_v1_recall_at_1.png"]
 
 
 def test_metrics_plots_default_to_each_benchmarks_main_score(tmp_path):
     """Without --metrics, one figure a benchmark, for the main score eval.py recorded for it (ViDoRe v3 ranks by
     nDCG@10, v1 by nDCG@5); a summary from before it was recorded gets nDCG@5."""
-    new = summary({"ViDoRe(v1)": {"A": {"ndcg_at_5": 0.5, "ndcg_at_10": 0.6}},
-                   "ViDoRe(v3)": {"B": {"ndcg_at_5": 0.3, "ndcg_at_10": 0.4}}})
-    new["benchmarks"]["ViDoRe(v1)"]["main_score"], new["benchmarks"]["ViDoRe(v3)"]["main_score"] = \
-        "ndcg_at_5", "ndcg_at_10"
+    new = summary(
+        {
+            "ViDoRe(v1)": {"A": {"ndcg_at_5": 0.5, "ndcg_at_10": 0.6}},
+            "ViDoRe(v3)": {"B": {"ndcg_at_5": 0.3, "ndcg_at_10": 0.4}},
+        }
+    )
+    new["benchmarks"]["ViDoRe(v1)"]["main_score"], new["benchmarks"]["ViDoRe(v3)"]["main_score"] = (
+        "ndcg_at_5",
+        "ndcg_at_10",
+    )
     old = summary({"ViDoRe(v3)": {"B": {"ndcg_at_5": 0.2, "ndcg_at_10": 0.3}}, "local": {"C": {"ndcg_at_5": 1.0}}})
     (tmp_path / "new.json").write_text(json.dumps(new))
     (tmp_path / "old.json").write_text(json.dumps(old))
-    plot_vidore_metrics.main(plot_vidore_metrics.parse_args(
-        ["--inputs", str(tmp_path / "old.json"), str(tmp_path / "new.json"), "--labels", "old", "new", "--outdir",
-         str(tmp_path / "plots")]))
+    plot_vidore_metrics.main(
+        plot_vidore_metrics.parse_args(
+            [
+                "--inputs",
+                str(tmp_path / "old.json"),
+                str(tmp_path / "new.json"),
+                "--labels",
+                "old",
+                "new",
+                "--outdir",
+                str(tmp_path / "plots"),
+            ]
+        )
+    )
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "ViDoRe_v1_ndcg_at_5.png", "ViDoRe_v3_ndcg_at_10.png", "local_ndcg_at_5.png"]
+        "ViDoRe_v1_ndcg_at_5.png",
+        "ViDoRe_v3_ndcg_at_10.png",
+        "local_ndcg_at_5.png",
+    ]
 
 
 def test_metrics_plot_bad_input(tmp_path, inputs, capsys):
@@ -151,11 +200,17 @@ def test_metrics_plot_bad_input(tmp_path, inputs, capsys):
         plot_vidore_metrics.parse_args(["--inputs", *inputs, "--labels", "E1", "--outdir", str(tmp_path)])
     assert "--labels has 1 labels for 2 --inputs" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        plot_vidore_metrics.main(plot_vidore_metrics.parse_args(
-            ["--inputs", str(tmp_path / "missing.json"), "--labels", "E1", "--outdir", str(tmp_path)]))
+        plot_vidore_metrics.main(
+            plot_vidore_metrics.parse_args(
+                ["--inputs", str(tmp_path / "missing.json"), "--labels", "E1", "--outdir", str(tmp_path)]
+            )
+        )
     with pytest.raises(ValueError, match=r"--metrics \['mrr_at_10'\] are in none of the inputs"):
-        plot_vidore_metrics.main(plot_vidore_metrics.parse_args(
-            ["--inputs", inputs[0], "--labels", "E1", "--outdir", str(tmp_path), "--metrics", "mrr_at_10"]))
+        plot_vidore_metrics.main(
+            plot_vidore_metrics.parse_args(
+                ["--inputs", inputs[0], "--labels", "E1", "--outdir", str(tmp_path), "--metrics", "mrr_at_10"]
+            )
+        )
     not_eval = tmp_path / "loss.json"
     not_eval.write_text(json.dumps({"loss": 1.0}))
     with pytest.raises(ValueError, match="loss.json has no 'benchmarks'"):

@@ -1,4 +1,5 @@
 """Token pooling (colintern_model's Pooling section): checked against hand-made pages and scipy's own fcluster."""
+
 import numpy as np
 import pytest
 import torch
@@ -55,6 +56,7 @@ def test_planted_groups_pool_to_their_means():
 
 def test_same_clusters_as_fcluster_and_deterministic():
     from scipy.cluster.hierarchy import fcluster, linkage
+
     page = unit(200, 32, seed=5)
     labels = cm.page_clusters(page, 50).numpy()
     reference = fcluster(linkage(page.double().numpy(), method="ward"), t=50, criterion="maxclust")
@@ -81,12 +83,17 @@ def test_half_precision_pages_pool_in_their_dtype():
 def test_bench_pooling_runs_on_a_small_planted_set(capsys):
     import os
     import sys
+
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import bench_pooling
+
     scores = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1]])
     assert bench_pooling.ndcg_at_5(scores, {0: {2}, 1: {0}}) == [1 / np.log2(3), 1.0]
-    bench_pooling.main(bench_pooling.parse_args(["--planted_queries", "6", "--page_tokens", "40", "60",
-                                                 "--factors", "1", "2", "--rerank", "2"]))
+    bench_pooling.main(
+        bench_pooling.parse_args(
+            ["--planted_queries", "6", "--page_tokens", "40", "60", "--factors", "1", "2", "--rerank", "2"]
+        )
+    )
     out = capsys.readouterr().out
     assert "planted embeddings: 6 queries" in out and "ColIntern        2" in out
     if bench_pooling.colpali_available():  # the bench-only peer (bench/requirements.txt); CI does not install it

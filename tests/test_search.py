@@ -3,6 +3,7 @@ JPEG and a multi-page TIFF: stored vectors against the model's own encoder on in
 results against a float64 MaxSim of the stored vectors, the store's incremental and resumable behaviour, bad
 inputs, --html escaping (and a real browser's screenshot where Debian's chromium is installed), and the Qdrant path
 (qdrant-client's local mode) against the local index."""
+
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ import test_mine
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # fp16 storage: a unit vector's entries are rounded with relative error <= 2^-11, so each is off by <= 2^-11
-FP16_ENTRY = 2.0 ** -11
+FP16_ENTRY = 2.0**-11
 
 
 def run(*flags):
@@ -45,6 +46,7 @@ def model(ckpt):
 def make_docs(folder):
     """7 good pages in 4 documents (a nested folder too) and one file of each bad kind -> the bad names."""
     import pypdf
+
     os.makedirs(folder / "sub" / "deep")
     save_pdf(folder / "report.pdf", [render_keyword_page(w) for w in WORDS[0:3]])
     render_keyword_page(WORDS[3]).save(folder / "sub" / "photo.png")
@@ -70,12 +72,19 @@ def built(ckpt, tmp_path_factory):
     bad = make_docs(base / "docs")
     import contextlib
     import io
+
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        summary = run("index", "--ckpt", ckpt, "--docs", base / "docs", "--index", base / "index", "--dpi", 72,
-                      "--device", "cpu")
-    return {"docs": base / "docs", "index": str(base / "index"), "summary": summary, "bad": bad,
-            "printed": out.getvalue().splitlines()}
+        summary = run(
+            "index", "--ckpt", ckpt, "--docs", base / "docs", "--index", base / "index", "--dpi", 72, "--device", "cpu"
+        )
+    return {
+        "docs": base / "docs",
+        "index": str(base / "index"),
+        "summary": summary,
+        "bad": bad,
+        "printed": out.getvalue().splitlines(),
+    }
 
 
 def stored_pages(index):
@@ -105,6 +114,7 @@ def test_pages_are_stored_by_document_and_page_as_the_model_encodes_them(built, 
     index's dpi for the PDF, PIL's frame for the TIFF."""
     import pypdfium2 as pdfium
     from PIL import Image
+
     pages, _ = stored_pages(built["index"])
     docs = built["docs"]
     pdf = pdfium.PdfDocument(str(docs / "report.pdf"))
@@ -132,7 +142,7 @@ def test_query_top_k_equals_float64_maxsim_of_the_stored_vectors(built, model):
         assert got == [ref for _, ref in exact]
         # fp32 sums of Lq products of unit vectors: |error| <= Lq (D + Lq) 2^-24; the printed scores are rounded to 1e-4
         for r, (score, _) in zip(a["results"], exact):
-            assert abs(r["score"] - score) <= 5e-5 + q.shape[0] * (q.shape[1] + q.shape[0]) * 2.0 ** -24
+            assert abs(r["score"] - score) <= 5e-5 + q.shape[0] * (q.shape[1] + q.shape[0]) * 2.0**-24
 
 
 def test_a_second_run_encodes_nothing_new_and_follows_added_changed_and_deleted_files(built, ckpt, tmp_path):
@@ -177,8 +187,11 @@ def test_a_killed_run_resumes_from_its_last_chunk(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(ColIntern, "encode_pages", killed_at_page_4)
     with pytest.raises(KeyboardInterrupt):
         run("index", *flags, "--index", tmp_path / "killed")
-    monkeypatch.setattr(ColIntern, "encode_pages", lambda self, processor, pages, **kw: (
-        seen.append(len(pages)), encode(self, processor, pages, **kw))[1])
+    monkeypatch.setattr(
+        ColIntern,
+        "encode_pages",
+        lambda self, processor, pages, **kw: (seen.append(len(pages)), encode(self, processor, pages, **kw))[1],
+    )
     seen.clear()
     assert run("index", *flags, "--index", tmp_path / "killed")["pages"] == 5
     assert seen == [1, 1, 1]  # pages 3, 4, 5
@@ -192,6 +205,7 @@ def test_a_thousand_page_pdf_streams_a_batch_at_a_time(tmp_path):
     """encode_document holds one --doc_batch of rendered pages: the encoder never sees more, and when it is called
     no page of an earlier batch is still alive. (A stand-in encoder: the model would take minutes.)"""
     from PIL import Image
+
     path = tmp_path / "long.pdf"
     save_pdf(path, [Image.new("RGB", (40, 40), (i % 256, 0, 0)) for i in range(1000)])
     doc = search.Document(str(path), "f" * 64, 0, 0, search.count_pages(str(path)))
@@ -221,8 +235,21 @@ def test_a_thousand_page_pdf_streams_a_batch_at_a_time(tmp_path):
 def test_pooled_first_stage_with_a_deep_rerank_equals_the_exact_search(ckpt, built, tmp_path):
     words = WORDS[:7]
     index = tmp_path / "pooled"
-    s = run("index", "--ckpt", ckpt, "--docs", built["docs"], "--index", index, "--dpi", 72, "--device", "cpu",
-            "--pool_factor", 2)
+    s = run(
+        "index",
+        "--ckpt",
+        ckpt,
+        "--docs",
+        built["docs"],
+        "--index",
+        index,
+        "--dpi",
+        72,
+        "--device",
+        "cpu",
+        "--pool_factor",
+        2,
+    )
     assert s["pooled_vectors"] == s["vectors"] // 2
     flags = ["query", "--index", index, "--top", 3, "--device", "cpu", *map(query, words)]
     exact = run(*flags, "--exact")
@@ -245,8 +272,13 @@ def test_query_of_a_missing_or_half_written_index_is_one_line(built, tmp_path):
     shutil.copy(os.path.join(built["index"], "index.json"), tmp_path / "half")
     with pytest.raises(UserValueError, match="half-written"):
         run("query", "--index", tmp_path / "half", "x")
-    result = subprocess.run([sys.executable, "search.py", "query", "--index", str(tmp_path / "half"), "x"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "search.py", "query", "--index", str(tmp_path / "half"), "x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "half-written" in result.stderr
 
 
@@ -260,8 +292,7 @@ def hostile(ckpt, tmp_path_factory):
     save_pdf(docs / "'quoted\".pdf", [render_keyword_page(w) for w in WORDS[1:3]])
     run("index", "--ckpt", ckpt, "--docs", docs, "--index", base / "index", "--dpi", 72, "--device", "cpu")
     html_path = base / "results.html"
-    run("query", "--index", base / "index", "--top", 3, "--device", "cpu", "--html", html_path,
-        "<b>bold?</b> & more")
+    run("query", "--index", base / "index", "--top", 3, "--device", "cpu", "--html", html_path, "<b>bold?</b> & more")
     return html_path
 
 
@@ -278,9 +309,21 @@ def test_html_in_a_headless_browser(hostile, tmp_path):
     if browser is None:
         pytest.skip("no headless browser here (Debian: apt-get install chromium)")
     from PIL import Image
+
     shot = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,800", hostile.as_uri()], capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1200,800",
+            hostile.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     image = Image.open(shot).convert("L")
     # the keyword pages are white with black words; the page's own text is small: thumbnails give large dark areas
     dark = sum(image.histogram()[:64])
@@ -294,6 +337,7 @@ def planted_store(index, n_pages=40, tokens=30, dim=16, pool_factor=2, seed=0):
     pages = [torch.nn.functional.normalize(torch.randn(tokens, dim, generator=g), dim=-1) for _ in range(n_pages)]
     images = iter(pages)
     from PIL import Image
+
     os.makedirs(index)
     path = os.path.join(index, "..", "planted.tiff")
     frames = [Image.new("RGB", (8, 8)) for _ in range(n_pages)]
@@ -310,8 +354,10 @@ def planted_store(index, n_pages=40, tokens=30, dim=16, pool_factor=2, seed=0):
     search.encode_document(doc, index, lambda batch: [next(images) for _ in batch], pool_factor, Args, Bar())
     search.write_catalog(index, [doc], complete=True)
     search.write_json(os.path.join(index, "index.json"), {"embedding": {"proj_dim": dim, "pool_factor": pool_factor}})
-    queries = [torch.nn.functional.normalize(pages[3 * i][:8] + 0.3 * torch.randn(8, dim, generator=g), dim=-1)
-               for i in range(10)]
+    queries = [
+        torch.nn.functional.normalize(pages[3 * i][:8] + 0.3 * torch.randn(8, dim, generator=g), dim=-1)
+        for i in range(10)
+    ]
     return doc, queries
 
 
@@ -349,8 +395,19 @@ def test_an_index_at_a_matryoshka_prefix_keeps_it_for_its_queries(ckpt, tmp_path
     (tmp_path / "docs").mkdir()
     render_keyword_page(WORDS[0]).save(tmp_path / "docs" / "a.png")
     render_keyword_page(WORDS[1]).save(tmp_path / "docs" / "b.png")
-    run("index", "--ckpt", tmp_path / "mrl.pt", "--docs", tmp_path / "docs", "--index", tmp_path / "index", "--dim",
-        8, "--device", "cpu")
+    run(
+        "index",
+        "--ckpt",
+        tmp_path / "mrl.pt",
+        "--docs",
+        tmp_path / "docs",
+        "--index",
+        tmp_path / "index",
+        "--dim",
+        8,
+        "--device",
+        "cpu",
+    )
     pages, _ = stored_pages(str(tmp_path / "index"))
     assert {p.shape[1] for p in pages.values()} == {8}
     answers = run("query", "--index", tmp_path / "index", "--top", 1, "--device", "cpu", query(WORDS[0]))

@@ -2,6 +2,7 @@
 ColIntern does with sentence-transformers' own modules, inputs ColIntern does not encode are refused, the model card's
 snippets run as written, and nothing of this repository is imported on the way. (mteb's MultiVectorWrapper against
 eval.py: tests/test_export.py.)"""
+
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import colintern_model as cm
 import colintern_st
 from conftest import ROOT
 from keyword_pages import render_keyword_page
+
 # fixtures: a .pt whose LoRA changes the embeddings, and its export
 from test_export import NAME, VECTOR_TOL, checkpoint, folder, score_tol  # noqa: F401
 
@@ -29,8 +31,10 @@ TILE_TOKENS = 64  # the tiny model's 224 px tile
 
 @pytest.fixture(scope="module")
 def pages():
-    out = [render_keyword_page(w, size=s, variant=i) for i, (w, s) in enumerate(zip(["alpha", "beta", "gamma", "x"],
-                                                                                   PAGE_SIZES))]
+    out = [
+        render_keyword_page(w, size=s, variant=i)
+        for i, (w, s) in enumerate(zip(["alpha", "beta", "gamma", "x"], PAGE_SIZES))
+    ]
     out[3] = out[3].convert("L")
     return out
 
@@ -38,6 +42,7 @@ def pages():
 @pytest.fixture(scope="module")
 def st_model(folder):  # noqa: F811
     from sentence_transformers import MultiVectorEncoder
+
     return MultiVectorEncoder(folder, local_files_only=True, device="cpu")
 
 
@@ -52,6 +57,7 @@ def test_multivector_encoder_encodes_and_scores_as_colintern(st_model, colintern
     score_tol."""
     from sentence_transformers.base.modules import Dense, Normalize, Router, Transformer
     from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
+
     assert [type(m) for m in st_model] == [Transformer, Router, Normalize, MultiVectorMask]  # ST's own modules only
     assert {type(m) for route in st_model[1].sub_modules.values() for m in route} == {Dense}
     model, processor = colintern
@@ -80,6 +86,7 @@ def test_over_a_bf16_backbone_they_agree_to_bf16_rounding(folder, checkpoint, pa
     So each of the 3 layers may round once more to bf16 (unit roundoff u = 2^-8, relative to unit-scale values), and
     the head's output and the normalised vector once each: per component |difference| <= (3 + 2) u."""
     from sentence_transformers import MultiVectorEncoder
+
     model = MultiVectorEncoder(folder, local_files_only=True, device="cpu", model_kwargs={"dtype": torch.bfloat16})
     ours, processor = cm.load_trained(checkpoint, dtype="bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and ours.compute_dtype == torch.bfloat16
@@ -87,15 +94,16 @@ def test_over_a_bf16_backbone_they_agree_to_bf16_rounding(folder, checkpoint, pa
     expected = ours.encode_queries(processor, QUERIES) + ours.encode_pages(processor, pages[:2])
     assert [len(g) for g in got] == [len(e) for e in expected]
     for g, e in zip(got, expected):
-        torch.testing.assert_close(g.float(), e, atol=5 * 2.0 ** -8, rtol=0)
+        torch.testing.assert_close(g.float(), e, atol=5 * 2.0**-8, rtol=0)
 
 
 def test_the_lora_adapter_is_loaded_onto_the_backbone(st_model, checkpoint):  # noqa: F811
     """transformers loads the adapter through peft (peft < 0.20 drops every weight with only a log line): every LoRA
     tensor of the checkpoint is in the backbone, under peft's default adapter name."""
     lora = cm.load_checkpoint(checkpoint)["lora"]
-    loaded = {name.replace(".default.", "."): p for name, p in st_model[0].auto_model.named_parameters()
-              if "lora_" in name}
+    loaded = {
+        name.replace(".default.", "."): p for name, p in st_model[0].auto_model.named_parameters() if "lora_" in name
+    }
     assert loaded.keys() == lora.keys()
     for key, value in lora.items():
         assert torch.equal(loaded[key].detach().cpu(), value), key
@@ -104,6 +112,7 @@ def test_the_lora_adapter_is_loaded_onto_the_backbone(st_model, checkpoint):  # 
 def test_inputs_colintern_does_not_encode_are_refused(st_model, pages):
     """The chat template refuses what ColIntern never encoded (its message), rather than encoding something else."""
     from jinja2.exceptions import TemplateError
+
     with pytest.raises(TemplateError, match="ColIntern encodes a query as one text .* got text for task document"):
         st_model.encode_document(["a page as text"])
     with pytest.raises(TemplateError, match="got image for task query"):
@@ -137,6 +146,7 @@ def test_model_card_snippets_run_as_written(folder, tmp_path, monkeypatch, colin
     name comes first): the sentence-transformers one, and the mteb registration, with every module of this repository
     made unimportable; then ColIntern's. Each gives the scores ColIntern computes."""
     from mteb.models.sentence_transformer_wrapper import MultiVectorWrapper
+
     st_snippet, colintern_snippet = card_snippets(folder)
     assert st_snippet.index("MultiVectorEncoder(") < st_snippet.index("encode_query") < st_snippet.index("similarity")
     os.makedirs(tmp_path / os.path.dirname(NAME))
@@ -144,8 +154,9 @@ def test_model_card_snippets_run_as_written(folder, tmp_path, monkeypatch, colin
     render_keyword_page("revenue", size=(448, 224)).save(tmp_path / "page.png")
     model, processor = colintern
     query = re.search(r'encode_query\(\["(.*?)"\]\)', st_snippet)[1]
-    expected = cm.maxsim_scores(model.encode_queries(processor, [query]),
-                                model.encode_pages(processor, [Image.open(tmp_path / "page.png")]))
+    expected = cm.maxsim_scores(
+        model.encode_queries(processor, [query]), model.encode_pages(processor, [Image.open(tmp_path / "page.png")])
+    )
     tolerance = score_tol(len(processor.process_queries([query])["input_ids"][0]), model.proj_dim)
     monkeypatch.chdir(tmp_path)
 
@@ -161,8 +172,9 @@ def test_model_card_snippets_run_as_written(folder, tmp_path, monkeypatch, colin
         exec(open(os.path.join(NAME, "mteb_model_meta.py")).read(), registration)
         registered = registration["colintern_tiny"].load_model(device="cpu")
         assert isinstance(registered, MultiVectorWrapper)
-        again = registered.model.similarity(registered.model.encode_query([query]),
-                                            registered.model.encode_document([Image.open("page.png")]))
+        again = registered.model.similarity(
+            registered.model.encode_query([query]), registered.model.encode_document([Image.open("page.png")])
+        )
         torch.testing.assert_close(again.cpu(), expected, atol=tolerance, rtol=0)
 
     namespace = {}
@@ -177,11 +189,13 @@ def test_export_at_a_matryoshka_prefix_encodes_it_everywhere(checkpoint, tmp_pat
     line."""
     import export
     from sentence_transformers import MultiVectorEncoder
+
     ckpt = torch.load(checkpoint, weights_only=True)
     ckpt["meta"]["matryoshka_dims"] = [16, 8]
     torch.save(ckpt, tmp_path / "mrl.pt")
-    folder = export.main(export.parse_args(["--ckpt", str(tmp_path / "mrl.pt"), "--out_dir", str(tmp_path / "d8"),
-                                            "--dim", "8"]))
+    folder = export.main(
+        export.parse_args(["--ckpt", str(tmp_path / "mrl.pt"), "--out_dir", str(tmp_path / "d8"), "--dim", "8"])
+    )
     reference, processor, _ = cm.ColIntern.from_checkpoint(str(tmp_path / "mrl.pt"), dim=8)
     expected = reference.encode_pages(processor, pages[:2])
     ours_model, ours_processor = cm.load_trained(folder)
@@ -191,5 +205,6 @@ def test_export_at_a_matryoshka_prefix_encodes_it_everywhere(checkpoint, tmp_pat
         assert e.shape[1] == 8 and torch.allclose(e, o, atol=1e-5)
         assert torch.allclose(e, torch.as_tensor(s).float(), atol=1e-5)
     with pytest.raises(ValueError, match="--dim 4: --ckpt .* was trained at 16, 8"):
-        export.main(export.parse_args(["--ckpt", str(tmp_path / "mrl.pt"), "--out_dir", str(tmp_path / "d4"),
-                                       "--dim", "4"]))
+        export.main(
+            export.parse_args(["--ckpt", str(tmp_path / "mrl.pt"), "--out_dir", str(tmp_path / "d4"), "--dim", "4"])
+        )

@@ -1,5 +1,6 @@
 """The set-up: both pinned sets (constraints.txt, constraints-min.txt) against requirements.txt, which FAISS set-up
 installs (scripts/faiss_choice.py), and what reaches the user at import."""
+
 import importlib.metadata
 import importlib.util
 import json
@@ -47,8 +48,9 @@ def test_every_requirement_is_pinned_inside_its_range(constraints):
     for req in requirements():
         name = canonicalize_name(req.name)
         assert name in pinned, f"requirements.txt's {req.name} has no pin in {constraints}"
-        assert req.specifier.contains(pinned[name], prereleases=True), \
+        assert req.specifier.contains(pinned[name], prereleases=True), (
             f"{constraints} pins {req.name}=={pinned[name]}, outside requirements.txt's {req.specifier}"
+        )
 
 
 def test_the_main_set_pins_the_torch_pair_on_disk():
@@ -58,8 +60,17 @@ def test_the_main_set_pins_the_torch_pair_on_disk():
 
 # The direct requirements ColIntern calls into, whose lower bounds the floor set holds; the others (faiss, pillow,
 # scipy, safetensors, plotting, test tools) sit at constraints.txt's pins there too.
-AT_THEIR_FLOOR = ("torch", "torchvision", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "mteb",
-                  "sentence-transformers")
+AT_THEIR_FLOOR = (
+    "torch",
+    "torchvision",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "mteb",
+    "sentence-transformers",
+)
 
 
 def test_the_floor_set_pins_the_lower_bounds_requirements_claims():
@@ -71,8 +82,9 @@ def test_the_floor_set_pins_the_lower_bounds_requirements_claims():
     for name in AT_THEIR_FLOOR:
         lower = [Version(s.version) for s in claimed[name].specifier if s.operator == ">="]
         assert len(lower) == 1, f"requirements.txt's {name} needs one lower bound (>=), has {claimed[name].specifier}"
-        assert Version(floor[name]) == lower[0], \
+        assert Version(floor[name]) == lower[0], (
             f"constraints-min.txt pins {name}=={floor[name]}, requirements.txt claims >={lower[0]}"
+        )
     assert (floor["transformers"], floor["huggingface-hub"], floor["tokenizers"]) == ("5.17.0", "1.33.0", "0.23.2")
 
 
@@ -87,8 +99,11 @@ def test_this_venv_holds_exactly_its_pinned_versions():
     pinned = pins(PINNED_SETS[venv])
     if "faiss-cpu" not in installed and faiss_choice.installed_besides("faiss-cpu"):
         del pinned["faiss-cpu"]  # a machine with an NVIDIA GPU: set-up installed a GPU FAISS in its place
-    wrong = {name: (version, installed.get(name)) for name, version in pinned.items()
-             if installed.get(name, "").split("+")[0] != version}
+    wrong = {
+        name: (version, installed.get(name))
+        for name, version in pinned.items()
+        if installed.get(name, "").split("+")[0] != version
+    }
     assert not wrong, f"installed versions differ from {PINNED_SETS[venv]} (pinned, installed): {wrong}"
 
 
@@ -100,7 +115,8 @@ def test_bitsandbytes_optional_kernel_warning_is_dropped_and_others_kept():
         "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
         "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
         "`pip install kernels` and the kernels >= 0.11.1', \"No module named 'kernels'\")\n"
-        "log.warning('some other bitsandbytes warning')\n")
+        "log.warning('some other bitsandbytes warning')\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "kernels-community" not in result.stderr and "some other bitsandbytes warning" in result.stderr
@@ -127,15 +143,18 @@ def fake_nvidia_smi(tmp_path, kind):
     return str(folder)
 
 
-@pytest.mark.parametrize("smi, cuda, expected", [
-    ("lists a GPU", "13.0", "faiss-gpu-cuvs==1.15.1"),  # torch 2.11-2.14 from PyPI: CUDA 13.0
-    ("lists a GPU", "12.8", "faiss-gpu==1.15.1"),
-    ("lists a GPU", None, "faiss-cpu"),  # a CPU build of torch
-    ("lists a GPU", "11.8", "faiss-cpu"),  # no GPU FAISS for that CUDA major
-    ("fails", "13.0", "faiss-cpu"),
-    ("lists none", "13.0", "faiss-cpu"),
-    ("absent", "13.0", "faiss-cpu"),
-])
+@pytest.mark.parametrize(
+    "smi, cuda, expected",
+    [
+        ("lists a GPU", "13.0", "faiss-gpu-cuvs==1.15.1"),  # torch 2.11-2.14 from PyPI: CUDA 13.0
+        ("lists a GPU", "12.8", "faiss-gpu==1.15.1"),
+        ("lists a GPU", None, "faiss-cpu"),  # a CPU build of torch
+        ("lists a GPU", "11.8", "faiss-cpu"),  # no GPU FAISS for that CUDA major
+        ("fails", "13.0", "faiss-cpu"),
+        ("lists none", "13.0", "faiss-cpu"),
+        ("absent", "13.0", "faiss-cpu"),
+    ],
+)
 def test_faiss_choice_follows_nvidia_smi_and_torch_cuda(tmp_path, monkeypatch, smi, cuda, expected):
     """A GPU FAISS of torch's CUDA major only where nvidia-smi lists a GPU and torch is a CUDA build; faiss-cpu
     otherwise, with the reason. (pip's check that it installs beside torch is stubbed here: it says yes.)"""
@@ -155,53 +174,97 @@ def test_faiss_choice_falls_back_to_cpu_when_the_gpu_faiss_does_not_install_besi
     assert "faiss-gpu-cuvs==1.15.1 (CUDA 13) does not install beside torch" in why and why.endswith("the pip conflict")
 
 
-@pytest.mark.parametrize("setting, smi, cuda, expected", [
-    ("cpu", "lists a GPU", "13.0", "faiss-cpu"),
-    ("gpu", "absent", "12.6", "faiss-gpu==1.15.1"),  # FAISS=gpu: no nvidia-smi asked (a machine that builds the venv)
-    ("gpu", "absent", None, "faiss-cpu"),  # ... and the CLI stops there (test_faiss_choice_cli)
-    ("faiss-gpu-cu12==1.14.1.post1", "absent", None, "faiss-gpu-cu12==1.14.1.post1"),  # as given, unchecked
-])
+@pytest.mark.parametrize(
+    "setting, smi, cuda, expected",
+    [
+        ("cpu", "lists a GPU", "13.0", "faiss-cpu"),
+        (
+            "gpu",
+            "absent",
+            "12.6",
+            "faiss-gpu==1.15.1",
+        ),  # FAISS=gpu: no nvidia-smi asked (a machine that builds the venv)
+        ("gpu", "absent", None, "faiss-cpu"),  # ... and the CLI stops there (test_faiss_choice_cli)
+        ("faiss-gpu-cu12==1.14.1.post1", "absent", None, "faiss-gpu-cu12==1.14.1.post1"),  # as given, unchecked
+    ],
+)
 def test_faiss_choice_overrides(tmp_path, monkeypatch, setting, smi, cuda, expected):
     monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, smi))
     requirement, why = faiss_choice.choose(setting, cuda=lambda: cuda, installs=lambda req: (True, ""))
     assert requirement == expected, why
 
 
-@pytest.mark.parametrize("env, smi, expected, message", [
-    ({}, "absent", "faiss-cpu", "FAISS: faiss-cpu (no NVIDIA GPU: `nvidia-smi -L` lists none)"),
-    ({}, "lists a GPU", "faiss-cpu", "FAISS: faiss-cpu (1 NVIDIA GPU(s), but torch"),
-    ({"FAISS": "cpu"}, "lists a GPU", "faiss-cpu", "FAISS: faiss-cpu (FAISS=cpu)"),
-    ({"FAISS": "gpu"}, "lists a GPU", None, "FAISS: no GPU FAISS to install (FAISS=gpu, but torch"),
-], ids=["no nvidia-smi", "a GPU, CPU torch", "FAISS=cpu", "FAISS=gpu, CPU torch"])
+@pytest.mark.parametrize(
+    "env, smi, expected, message",
+    [
+        ({}, "absent", "faiss-cpu", "FAISS: faiss-cpu (no NVIDIA GPU: `nvidia-smi -L` lists none)"),
+        ({}, "lists a GPU", "faiss-cpu", "FAISS: faiss-cpu (1 NVIDIA GPU(s), but torch"),
+        ({"FAISS": "cpu"}, "lists a GPU", "faiss-cpu", "FAISS: faiss-cpu (FAISS=cpu)"),
+        ({"FAISS": "gpu"}, "lists a GPU", None, "FAISS: no GPU FAISS to install (FAISS=gpu, but torch"),
+    ],
+    ids=["no nvidia-smi", "a GPU, CPU torch", "FAISS=cpu", "FAISS=gpu, CPU torch"],
+)
 def test_faiss_choice_cli(tmp_path, env, smi, expected, message):
     """What scripts/setup.sh runs: the requirement alone on stdout, one line why on stderr; FAISS=gpu with no GPU
     FAISS to install fails set-up. torch here is handed in as a CPU build (--torch-cuda none), so pip is not asked."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "faiss_choice.py"), "--torch-cuda", "none"],
-                            env={**os.environ, **env, "PATH": fake_nvidia_smi(tmp_path, smi)}, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "faiss_choice.py"), "--torch-cuda", "none"],
+        env={**os.environ, **env, "PATH": fake_nvidia_smi(tmp_path, smi)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == (0 if expected else 1), result.stderr
     assert result.stdout == (f"{expected}\n" if expected else "")
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
 
 
 # pip's words when it cannot reach the package index: the tests that ask PyPI skip then.
-UNREACHABLE = ("NewConnectionError", "Failed to establish a new connection", "Max retries exceeded", "ProxyError",
-               "Could not fetch URL", "ConnectTimeoutError", "ReadTimeoutError", "Temporary failure in name resolution")
+UNREACHABLE = (
+    "NewConnectionError",
+    "Failed to establish a new connection",
+    "Max retries exceeded",
+    "ProxyError",
+    "Could not fetch URL",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "Temporary failure in name resolution",
+)
 
 
 def pip_dry_run(*args):
     """`pip install --dry-run ARGS` in this interpreter; skips the test where pip cannot reach the package index."""
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--disable-pip-version-check",
-                             "--retries", "1", "--timeout", "20", *args], capture_output=True, text=True, timeout=300)
-    said = [line.strip() for line in (result.stderr + result.stdout).splitlines()
-            if any(word in line for word in UNREACHABLE)]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--disable-pip-version-check",
+            "--retries",
+            "1",
+            "--timeout",
+            "20",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    said = [
+        line.strip()
+        for line in (result.stderr + result.stdout).splitlines()
+        if any(word in line for word in UNREACHABLE)
+    ]
     if result.returncode != 0 and said:
         pytest.skip(f"pip cannot reach the package index: {said[0][:300]}")
     return result
 
 
-LINUX_X86_64 = [f"--platform={tag}_x86_64" for tag in ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17",
-                                                        "manylinux2014")]
+LINUX_X86_64 = [
+    f"--platform={tag}_x86_64" for tag in ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014")
+]
 
 
 @pytest.mark.parametrize("major", sorted(faiss_choice.GPU_FAISS))
@@ -210,9 +273,18 @@ def test_each_gpu_faiss_is_a_wheel_on_pypi_for_its_cuda_major(tmp_path, major):
     that major, and accepts the numpy that both pinned sets hold."""
     requirement = faiss_choice.GPU_FAISS[major]
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    result = pip_dry_run("--ignore-installed", "--no-deps", "--only-binary=:all:", *LINUX_X86_64,
-                         f"--python-version={python}", f"--target={tmp_path / 'target'}", "--quiet", "--report", "-",
-                         requirement)
+    result = pip_dry_run(
+        "--ignore-installed",
+        "--no-deps",
+        "--only-binary=:all:",
+        *LINUX_X86_64,
+        f"--python-version={python}",
+        f"--target={tmp_path / 'target'}",
+        "--quiet",
+        "--report",
+        "-",
+        requirement,
+    )
     assert result.returncode == 0, result.stderr
     [item] = json.loads(result.stdout)["install"]
     wheel, metadata = item["download_info"]["url"].rsplit("/", 1)[-1], item["metadata"]
@@ -224,8 +296,11 @@ def test_each_gpu_faiss_is_a_wheel_on_pypi_for_its_cuda_major(tmp_path, major):
     for req in runtime:
         name, spec = canonicalize_name(req.name), req.specifier
         assert name == f"nvidia-cuda-runtime-cu{major}" or (
-            name == "nvidia-cuda-runtime" and spec.contains(f"{major}.99") and not spec.contains(f"{major + 1}.0")
-            and not spec.contains(f"{major - 1}.99")), f"{requirement} needs {req}, not CUDA {major}"
+            name == "nvidia-cuda-runtime"
+            and spec.contains(f"{major}.99")
+            and not spec.contains(f"{major + 1}.0")
+            and not spec.contains(f"{major - 1}.99")
+        ), f"{requirement} needs {req}, not CUDA {major}"
     [numpy] = [req for req in needs if canonicalize_name(req.name) == "numpy" and not req.marker]
     for constraints in PINNED_SETS.values():
         assert numpy.specifier.contains(pins(constraints)["numpy"]), f"{requirement}: {numpy}, {constraints}"

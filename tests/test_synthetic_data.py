@@ -1,5 +1,6 @@
 """make_synthetic_data.py: both output formats load, output is deterministic, answers live only in pixels,
 pages keep the token grid through InternVL's tiler, bad flags fail clearly."""
+
 import os
 import random
 import re
@@ -47,7 +48,7 @@ def template_of(query: str):
 
 def band(image):
     """The title's token row, where (and only where) a page names its topic."""
-    return np.asarray(image.convert("RGB"))[gen.GRID:(1 + gen.TITLE_ROWS) * gen.GRID]
+    return np.asarray(image.convert("RGB"))[gen.GRID : (1 + gen.TITLE_ROWS) * gen.GRID]
 
 
 def test_train_set_loads_through_load_page_dataset_and_load_dataset(synthetic):
@@ -111,9 +112,14 @@ def test_answers_are_only_in_the_pixels(synthetic):
 def test_same_seed_gives_the_same_bytes_and_another_seed_other_pages(synthetic, tmp_path):
     again = generate(tmp_path / "again", "--seed", "3", "--workers", "1")  # and rendering in 2 processes or 1 agrees
     other = generate(tmp_path / "other", "--seed", "4")
-    for part in ("train/data/train-00000-of-00001.parquet", "eval/corpus/test-00000-of-00001.parquet",
-                 "eval/queries/test-00000-of-00001.parquet", "eval/qrels/test-00000-of-00001.parquet",
-                 "train/README.md", "eval/README.md"):
+    for part in (
+        "train/data/train-00000-of-00001.parquet",
+        "eval/corpus/test-00000-of-00001.parquet",
+        "eval/queries/test-00000-of-00001.parquet",
+        "eval/qrels/test-00000-of-00001.parquet",
+        "train/README.md",
+        "eval/README.md",
+    ):
         with open(os.path.join(synthetic, part), "rb") as a, open(os.path.join(again, part), "rb") as b:
             assert a.read() == b.read(), part
     first = load_page_dataset(os.path.join(synthetic, "train"), "train")["image"]
@@ -151,7 +157,7 @@ def test_pages_tile_exactly_and_the_title_row_stays_on_the_token_grid(geometry, 
     token = 28
     top, bottom = gen.GRID * tile // 448, (1 + gen.TITLE_ROWS) * gen.GRID * tile // 448
     assert top % token == 0 and bottom % token == 0
-    assert np.abs(mosaic[top + 2:bottom - 2, :4] - np.array(gen.TITLE_BAND)).max() < 3
+    assert np.abs(mosaic[top + 2 : bottom - 2, :4] - np.array(gen.TITLE_BAND)).max() < 3
     assert np.abs(mosaic[[top - 3, bottom + 2], :4] - np.array(gen.TITLE_BAND)).min() > 100
 
 
@@ -164,15 +170,18 @@ def test_every_title_fits_inside_its_token_row_and_the_narrowest_page():
         assert x + right <= min(w for w, _ in gen.PAGE_SIZES.values()) - 8, topic
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--topics", "1"], "--topics"),
-    (["--topics", str(len(gen.TOPICS) + 1), "--train_pages", "500"], "--topics"),
-    (["--topics", "10", "--train_pages", "9"], "--train_pages"),
-    (["--topics", "4", "--eval_pages", "5"], "--eval_pages"),
-    (["--topics", "4", "--eval_pages", "0"], "--eval_pages"),
-    (["--page_sizes", "portrait,a4"], "--page_sizes"),
-    (["--workers", "0"], "--workers"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--topics", "1"], "--topics"),
+        (["--topics", str(len(gen.TOPICS) + 1), "--train_pages", "500"], "--topics"),
+        (["--topics", "10", "--train_pages", "9"], "--train_pages"),
+        (["--topics", "4", "--eval_pages", "5"], "--eval_pages"),
+        (["--topics", "4", "--eval_pages", "0"], "--eval_pages"),
+        (["--page_sizes", "portrait,a4"], "--page_sizes"),
+        (["--workers", "0"], "--workers"),
+    ],
+)
 def test_bad_flags_fail_before_writing_anything(flags, message, tmp_path, capsys):
     argv = ["--out_dir", str(tmp_path / "out"), "--no_progress", *flags]
     with pytest.raises(SystemExit) as exit_info:

@@ -1,4 +1,5 @@
 """train.py through its CLI entry (main(parse_args([...]))) on the tiny model and rendered keyword pages."""
+
 import json
 import math
 import os
@@ -15,8 +16,14 @@ from PIL import Image
 
 import train
 from colintern_data import PSEUDO_PATH, pseudo_path
-from colintern_model import (LORA_KEY_ADAPTER_NAME, ColIntern, LoraSettings, load_checkpoint, maxsim_scores,
-                             trainable_state_dict)
+from colintern_model import (
+    LORA_KEY_ADAPTER_NAME,
+    ColIntern,
+    LoraSettings,
+    load_checkpoint,
+    maxsim_scores,
+    trainable_state_dict,
+)
 from conftest import ROOT, launch, query
 from keyword_pages import WORDS, render_keyword_page
 
@@ -29,8 +36,12 @@ def run_train(*flags):
 
 def save_hub_folder(folder, words, variant=0, size=(224, 224)):
     """A local dataset folder in the hub layout (data/train-*.parquet) with colpali_train_set's columns."""
-    ds = datasets.Dataset.from_dict({"query": [query(w) for w in words],
-                                     "image": [render_keyword_page(w, size=size, variant=variant) for w in words]})
+    ds = datasets.Dataset.from_dict(
+        {
+            "query": [query(w) for w in words],
+            "image": [render_keyword_page(w, size=size, variant=variant) for w in words],
+        }
+    )
     ds = ds.cast_column("image", datasets.Image())
     os.makedirs(os.path.join(folder, "data"), exist_ok=True)
     ds.to_parquet(os.path.join(folder, "data", "train-00000-of-00001.parquet"))
@@ -55,17 +66,31 @@ def pages(tmp_path_factory):
     hub = save_hub_folder(root / "data" / "kw-pages", words)
     rows = []
     for i, w in enumerate(words):
-        negs = [f"img/{words[(i + 1) % 16]}.png", pseudo_path(hub, "train", (i + 2) % 16),
-                pseudo_path(hub, "train", (i + 3) % 16)]
+        negs = [
+            f"img/{words[(i + 1) % 16]}.png",
+            pseudo_path(hub, "train", (i + 2) % 16),
+            pseudo_path(hub, "train", (i + 3) % 16),
+        ]
         pos = f"img/{w}.png" if i % 2 else pseudo_path(hub, "train", i)
         rows.append({"query": query(w), "pos": pos, "negs": negs})
     return {"root": str(root), "hub": hub, "words": words, "jsonl": write_jsonl(root / "triples.jsonl", rows)}
 
 
 def base_flags(tiny_model_dir, pages, out_dir, **extra):
-    flags = {"--model_id": tiny_model_dir, "--train_jsonl": pages["jsonl"], "--root": pages["root"],
-             "--out_dir": out_dir, "--batch_size": 4, "--num_negs": 1, "--lr": 2e-3, "--warmup_steps": 2,
-             "--optimizer": "adamw", "--num_workers": 0, "--save_every": 0, "--temperature": 0.05}
+    flags = {
+        "--model_id": tiny_model_dir,
+        "--train_jsonl": pages["jsonl"],
+        "--root": pages["root"],
+        "--out_dir": out_dir,
+        "--batch_size": 4,
+        "--num_negs": 1,
+        "--lr": 2e-3,
+        "--warmup_steps": 2,
+        "--optimizer": "adamw",
+        "--num_workers": 0,
+        "--save_every": 0,
+        "--temperature": 0.05,
+    }
     flags.update(extra)
     out = []
     for k, v in flags.items():
@@ -100,14 +125,17 @@ def assert_same_weights(a, b, atol=0.0):
 # -----------------------------------------------------------------------------
 # flags, data
 
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = capsys.readouterr().out
-    flags = ("model_id train_hub train_jsonl root out_dir batch_size grad_accum epochs lr device_map lora lora_r "
-             "lora_alpha lora_dropout optimizer resume_ckpt num_workers prefetch_factor save_every compile_heads "
-             "proj_dim max_tiles temperature warmup_steps seed dtype gradient_checkpointing num_negs max_steps "
-             "auto_batch split").split()
+    flags = (
+        "model_id train_hub train_jsonl root out_dir batch_size grad_accum epochs lr device_map lora lora_r "
+        "lora_alpha lora_dropout optimizer resume_ckpt num_workers prefetch_factor save_every compile_heads "
+        "proj_dim max_tiles temperature warmup_steps seed dtype gradient_checkpointing num_negs max_steps "
+        "auto_batch split"
+    ).split()
     for flag in flags:
         assert f"--{flag} " in text or f"--{flag}\n" in text, flag
     for name in train.OPTIMIZERS:
@@ -137,9 +165,14 @@ def test_jsonl_pseudo_paths_resolve_to_dataset_rows(pages):
 
 
 def test_rows_short_of_negatives_are_topped_up(tmp_path, pages):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"query": "a", "pos": "img/apple.png", "negs": []},
-                                              {"query": "b", "pos": "img/river.png", "negs": ["img/stone.png"]},
-                                              {"query": "c", "pos": "img/stone.png"}])
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"query": "a", "pos": "img/apple.png", "negs": []},
+            {"query": "b", "pos": "img/river.png", "negs": ["img/stone.png"]},
+            {"query": "c", "pos": "img/stone.png"},
+        ],
+    )
     rows = train.JsonlTriples(path, pages["root"], num_negs=2, seed=0)
     assert rows.short == 3
     for i, own in enumerate(["img/apple.png", "img/river.png", "img/stone.png"]):
@@ -167,7 +200,7 @@ def test_batch_by_puts_each_steps_rows_in_one_group_seeded_and_resumable():
     groups = ["a"] * 11 + ["b"] * 6 + ["c"] * 3
     order = train.epoch_order(20, epoch=2, seed=5, groups=groups, step_rows=4)
     assert len(order) == train.rows_per_epoch(20, groups, 4) == 12 and len(set(order)) == 12
-    steps = [order[k:k + 4] for k in range(0, 12, 4)]
+    steps = [order[k : k + 4] for k in range(0, 12, 4)]
     assert all(len({groups[i] for i in step}) == 1 for step in steps)
     assert sorted(groups[step[0]] for step in steps) == ["a", "a", "b"]
     assert order == train.epoch_order(20, epoch=2, seed=5, groups=groups, step_rows=4)
@@ -175,14 +208,15 @@ def test_batch_by_puts_each_steps_rows_in_one_group_seeded_and_resumable():
     kw = dict(epoch=2, seed=5, n_batches=6, groups=groups, step_rows=4)
     single = list(train.EpochBatches(20, batch_size=2, rank=0, world=1, **kw))  # 2 micro-batches of 2 per step
     ranks = [list(train.EpochBatches(20, batch_size=1, rank=r, world=2, **kw)) for r in (0, 1)]
-    assert [[i for _, i in b] for b in single] == [order[k:k + 2] for k in range(0, 12, 2)]
+    assert [[i for _, i in b] for b in single] == [order[k : k + 2] for k in range(0, 12, 2)]
     assert all(single[b] == ranks[0][b] + ranks[1][b] for b in range(6))
     assert list(train.EpochBatches(20, batch_size=2, rank=0, world=1, start=3, **kw)) == single[3:]
     assert train.rows_per_epoch(20, None, 4) == 20 and train.rows_per_epoch(22, None, 4) == 20
 
 
-def test_training_batched_by_a_field_counts_what_it_leaves_out_and_resumes_exactly(tiny_model_dir, pages, tmp_path,
-                                                                                   capsys):
+def test_training_batched_by_a_field_counts_what_it_leaves_out_and_resumes_exactly(
+    tiny_model_dir, pages, tmp_path, capsys
+):
     """A JSONL whose rows carry a `source` (9 and 7 rows), steps of 4 queries: 2 + 1 steps an epoch, 4 rows left out
     and said; a step snapshot resumes exactly, and with another --batch_by it is refused. A missing field or column
     is one line."""
@@ -190,8 +224,19 @@ def test_training_batched_by_a_field_counts_what_it_leaves_out_and_resumes_exact
         rows = [json.loads(line) for line in f]
     jsonl = write_jsonl(tmp_path / "sourced.jsonl", [dict(r, source="a" if i < 9 else "b") for i, r in enumerate(rows)])
     out = tmp_path / "run"
-    flags = base_flags(tiny_model_dir, pages, out, **{"--train_jsonl": jsonl, "--batch_size": 2, "--grad_accum": 2,
-                                                     "--batch_by": "source", "--save_every": 2, "--epochs": 1})
+    flags = base_flags(
+        tiny_model_dir,
+        pages,
+        out,
+        **{
+            "--train_jsonl": jsonl,
+            "--batch_size": 2,
+            "--grad_accum": 2,
+            "--batch_by": "source",
+            "--save_every": 2,
+            "--epochs": 1,
+        },
+    )
     run_train(*flags)
     said = capsys.readouterr().out
     assert "--batch_by source: 2 value(s), each step's 4 queries share one; a 9, b 7" in said
@@ -199,18 +244,29 @@ def test_training_batched_by_a_field_counts_what_it_leaves_out_and_resumes_exact
     assert [s for s, *_ in read_loss_log(out)] == [1, 2, 3]
     resumed = tmp_path / "resumed"
     run_train(*[f if f != out else resumed for f in flags], "--resume_ckpt", out / "colintern_heads_step2.pt")
-    assert_same_weights(trainable(str(out / "colintern_heads_epoch1.pt")),
-                        trainable(str(resumed / "colintern_heads_epoch1.pt")))
+    assert_same_weights(
+        trainable(str(out / "colintern_heads_epoch1.pt")), trainable(str(resumed / "colintern_heads_epoch1.pt"))
+    )
     with pytest.raises(ValueError, match="batch_by"):
-        run_train(*[f if f != "source" else "query" for f in flags], "--resume_ckpt", out / "colintern_heads_step2.pt",
-                  "--overwrite")
+        run_train(
+            *[f if f != "source" else "query" for f in flags],
+            "--resume_ckpt",
+            out / "colintern_heads_step2.pt",
+            "--overwrite",
+        )
     with pytest.raises(ValueError, match=f"--batch_by topic: {re.escape(jsonl)} line 1 has no 'topic' field"):
         run_train(*[f if f != "source" else "topic" for f in flags], "--overwrite")
-    with pytest.raises(ValueError, match="--batch_by topic: --train_hub .* has no such column \\(it has query, "
-                                         "image\\)"):
-        run_train(*base_flags(tiny_model_dir, pages, tmp_path / "hub", **{"--train_jsonl": None, "--num_negs": None,
-                                                                         "--train_hub": pages["hub"],
-                                                                         "--batch_by": "topic"}))
+    with pytest.raises(
+        ValueError, match="--batch_by topic: --train_hub .* has no such column \\(it has query, image\\)"
+    ):
+        run_train(
+            *base_flags(
+                tiny_model_dir,
+                pages,
+                tmp_path / "hub",
+                **{"--train_jsonl": None, "--num_negs": None, "--train_hub": pages["hub"], "--batch_by": "topic"},
+            )
+        )
 
 
 def test_bidirectional_training_is_recorded_and_kept_by_a_warm_start(tiny_model_dir, pages, tmp_path):
@@ -222,8 +278,14 @@ def test_bidirectional_training_is_recorded_and_kept_by_a_warm_start(tiny_model_
     assert first["meta"]["bidirectional"] and first["train_state"]["run"]["bidirectional"]
     assert json.load(open(out / "args.json"))["bidirectional"] is True
     warm = tmp_path / "warm"
-    run_train(*base_flags(tiny_model_dir, pages, warm, **{"--max_steps": 1, "--batch_size": 8, "--resume_ckpt":
-                                                         out / "colintern_heads_epoch1.pt"}))
+    run_train(
+        *base_flags(
+            tiny_model_dir,
+            pages,
+            warm,
+            **{"--max_steps": 1, "--batch_size": 8, "--resume_ckpt": out / "colintern_heads_epoch1.pt"},
+        )
+    )
     assert load_checkpoint(str(warm / "colintern_heads_step3.pt"))["meta"]["bidirectional"]
 
 
@@ -238,11 +300,13 @@ def test_matryoshka_training_records_its_prefixes(tiny_model_dir, pages, tmp_pat
     candidates = 4 * 2  # batch 4, each with one hard negative
     assert 1.5 * math.log(candidates) < read_loss_log(out)[0][2] < 2.5 * math.log(candidates)
     with pytest.raises(ValueError, match="must lie in 1..16"):
-        run_train(*base_flags(tiny_model_dir, pages, tmp_path / "big", **{"--proj_dim": 16,
-                                                                          "--matryoshka_dims": "32,16"}))
+        run_train(
+            *base_flags(tiny_model_dir, pages, tmp_path / "big", **{"--proj_dim": 16, "--matryoshka_dims": "32,16"})
+        )
     with pytest.raises(SystemExit):
-        train.parse_args([str(f) for f in base_flags(tiny_model_dir, pages, tmp_path / "x",
-                                                      **{"--matryoshka_dims": "16,x"})])
+        train.parse_args(
+            [str(f) for f in base_flags(tiny_model_dir, pages, tmp_path / "x", **{"--matryoshka_dims": "16,x"})]
+        )
     assert "--matryoshka_dims: expected sizes above 0 separated by commas" in capsys.readouterr().err
 
 
@@ -256,23 +320,40 @@ def test_warmup_cosine_schedule():
 def test_a_warmup_that_takes_most_of_a_short_run_is_said():
     """4 steps under the default 100 warmup steps peak at 4 / 101 of --lr, said in one line; 2 of 14 are not."""
     note = train.warmup_note(100, 4, 1e-3)
-    assert note == ("--warmup_steps 100 is 2500% of this run's 4 steps: the lr peaks at 3.96e-05 (4% of --lr 0.001); "
-                    "lower --warmup_steps for a short run")
+    assert note == (
+        "--warmup_steps 100 is 2500% of this run's 4 steps: the lr peaks at 3.96e-05 (4% of --lr 0.001); "
+        "lower --warmup_steps for a short run"
+    )
     assert train.warmup_note(2, 14, 1e-3) is None and train.warmup_note(3, 14, 1e-3) is not None
 
 
 # -----------------------------------------------------------------------------
 # training, outputs
 
+
 def test_jsonl_with_hard_negatives_loss_falls(tiny_model_dir, pages, tmp_path):
     """Overfit 8 rows (one batch of 8 queries, 8 positives + 8 hard negatives per step) for 25 steps."""
     with open(pages["jsonl"]) as f:
         jsonl = write_jsonl(tmp_path / "eight.jsonl", [json.loads(line) for line in f][:8])
     out = tmp_path / "out"
-    run_train(*base_flags(tiny_model_dir, pages, out, **{"--train_jsonl": jsonl, "--batch_size": 8, "--epochs": 25,
-                                                        "--warmup_steps": 4, "--lora": True, "--lora_r": 8,
-                                                        "--lora_alpha": 8, "--lora_dropout": 0.0,
-                                                        "--save_every": 10}))
+    run_train(
+        *base_flags(
+            tiny_model_dir,
+            pages,
+            out,
+            **{
+                "--train_jsonl": jsonl,
+                "--batch_size": 8,
+                "--epochs": 25,
+                "--warmup_steps": 4,
+                "--lora": True,
+                "--lora_r": 8,
+                "--lora_alpha": 8,
+                "--lora_dropout": 0.0,
+                "--save_every": 10,
+            },
+        )
+    )
     log = read_loss_log(out)
     assert [(s, e) for s, e, *_ in log] == [(i, i) for i in range(1, 26)]  # one step per epoch
     # 16 candidate pages per query: an untrained model is near ln(16) = 2.77
@@ -282,8 +363,9 @@ def test_jsonl_with_hard_negatives_loss_falls(tiny_model_dir, pages, tmp_path):
     assert lrs[:4] == pytest.approx([2e-3 * k / 5 for k in range(1, 5)]) and max(lrs) == pytest.approx(2e-3)
     assert lrs[-1] < 2e-5
     assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == sorted(
-        [f"colintern_heads_epoch{e}.pt" for e in range(1, 26)] + ["colintern_heads_step10.pt",
-                                                                  "colintern_heads_step20.pt"])
+        [f"colintern_heads_epoch{e}.pt" for e in range(1, 26)]
+        + ["colintern_heads_step10.pt", "colintern_heads_step20.pt"]
+    )
     saved = json.load(open(out / "args.json"))
     assert saved["train_jsonl"] == jsonl and saved["num_negs"] == 1 and saved["git_commit"]
     ckpt = load_checkpoint(str(out / "colintern_heads_epoch25.pt"))
@@ -297,9 +379,26 @@ def straight_run(tiny_model_dir, pages, tmp_path_factory):
     """8 steps over 2 epochs with everything that could break exactness on: 2 micro-batches per step, a DataLoader
     worker, LoRA dropout, bitsandbytes 8-bit AdamW, hard negatives; snapshots every 3 steps."""
     out = tmp_path_factory.mktemp("straight")
-    flags = [str(f) for f in base_flags(tiny_model_dir, pages, out, **{
-        "--batch_size": 2, "--grad_accum": 2, "--epochs": 2, "--num_workers": 1, "--lora": True, "--lora_r": 4,
-        "--lora_dropout": 0.2, "--optimizer": "adamw_8bit", "--save_every": 3, "--num_negs": 2})]
+    flags = [
+        str(f)
+        for f in base_flags(
+            tiny_model_dir,
+            pages,
+            out,
+            **{
+                "--batch_size": 2,
+                "--grad_accum": 2,
+                "--epochs": 2,
+                "--num_workers": 1,
+                "--lora": True,
+                "--lora_r": 4,
+                "--lora_dropout": 0.2,
+                "--optimizer": "adamw_8bit",
+                "--save_every": 3,
+                "--num_negs": 2,
+            },
+        )
+    ]
     run_train(*flags)
     return {"out": out, "flags": flags}
 
@@ -307,22 +406,26 @@ def straight_run(tiny_model_dir, pages, tmp_path_factory):
 def test_resume_step_snapshot_equals_straight_run(straight_run, tmp_path):
     out = straight_run["out"]
     assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == [
-        "colintern_heads_epoch1.pt", "colintern_heads_epoch2.pt", "colintern_heads_step3.pt",
-        "colintern_heads_step6.pt"]
+        "colintern_heads_epoch1.pt",
+        "colintern_heads_epoch2.pt",
+        "colintern_heads_step3.pt",
+        "colintern_heads_step6.pt",
+    ]
     snapshot = load_checkpoint(str(out / "colintern_heads_step3.pt"))
     assert snapshot["train_state"]["position"] == {"epoch": 0, "batch": 6}
     resumed = tmp_path / "resumed"
     flags = [f if f != str(out) else str(resumed) for f in straight_run["flags"]]
     run_train(*flags, "--resume_ckpt", out / "colintern_heads_step3.pt")
-    assert_same_weights(trainable(str(out / "colintern_heads_epoch2.pt")),
-                        trainable(str(resumed / "colintern_heads_epoch2.pt")))
+    assert_same_weights(
+        trainable(str(out / "colintern_heads_epoch2.pt")), trainable(str(resumed / "colintern_heads_epoch2.pt"))
+    )
     assert read_loss_log(resumed) == read_loss_log(out)[3:]
 
 
-@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"),
-                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
-def test_ctrl_c_writes_snapshot_and_resuming_it_is_exact(straight_run, tmp_path, monkeypatch, capsys, sig, code,
-                                                          said):
+@pytest.mark.parametrize(
+    "sig, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")]
+)
+def test_ctrl_c_writes_snapshot_and_resuming_it_is_exact(straight_run, tmp_path, monkeypatch, capsys, sig, code, said):
     """Ctrl-C, or SIGTERM as a cluster pre-empts a job, delivered for real to this process at step 5: step 4's
     snapshot, and resuming it gives the straight run's weights and log."""
     out = tmp_path / "interrupted"
@@ -335,6 +438,7 @@ def test_ctrl_c_writes_snapshot_and_resuming_it_is_exact(straight_run, tmp_path,
         if calls["n"] == 5:  # step 5's loss (epoch 2; one loss per step): step 4's state must be what is saved
             os.kill(os.getpid(), sig)
         return real_loss(*a, **k)
+
     monkeypatch.setattr(train, "contrastive_loss", interrupted_loss)
     with pytest.raises(SystemExit) as exit_info:
         run_train(*flags)
@@ -346,8 +450,10 @@ def test_ctrl_c_writes_snapshot_and_resuming_it_is_exact(straight_run, tmp_path,
     assert [s for s, *_ in read_loss_log(out)] == [1, 2, 3, 4]
     monkeypatch.setattr(train, "contrastive_loss", real_loss)
     run_train(*flags, "--resume_ckpt", out / "colintern_heads_step4.pt")
-    assert_same_weights(trainable(str(straight_run["out"] / "colintern_heads_epoch2.pt")),
-                        trainable(str(out / "colintern_heads_epoch2.pt")))
+    assert_same_weights(
+        trainable(str(straight_run["out"] / "colintern_heads_epoch2.pt")),
+        trainable(str(out / "colintern_heads_epoch2.pt")),
+    )
     assert read_loss_log(out) == read_loss_log(straight_run["out"])
 
 
@@ -365,14 +471,37 @@ def test_sigterm_during_an_update_is_held_until_it_is_whole(monkeypatch):
 
 def test_warm_start_from_epoch_checkpoint_on_new_data(straight_run, tiny_model_dir, pages, tmp_path, capsys):
     epoch2 = straight_run["out"] / "colintern_heads_epoch2.pt"
-    mined = write_jsonl(tmp_path / "mined.jsonl", [{"query": query(w), "pos": f"img/{w}.png",
-                                                    "negs": [f"img/{pages['words'][i - 1]}.png"]}
-                                                   for i, w in enumerate(pages["words"])])
+    mined = write_jsonl(
+        tmp_path / "mined.jsonl",
+        [
+            {"query": query(w), "pos": f"img/{w}.png", "negs": [f"img/{pages['words'][i - 1]}.png"]}
+            for i, w in enumerate(pages["words"])
+        ],
+    )
     out = tmp_path / "e3"
     # no --lora flag: the checkpoint's LoRA layout is kept
-    run_train("--model_id", tiny_model_dir, "--train_jsonl", mined, "--root", pages["root"], "--out_dir", out,
-              "--resume_ckpt", epoch2, "--batch_size", 8, "--optimizer", "adamw", "--num_workers", 0,
-              "--epochs", 1, "--lr", 1e-3)
+    run_train(
+        "--model_id",
+        tiny_model_dir,
+        "--train_jsonl",
+        mined,
+        "--root",
+        pages["root"],
+        "--out_dir",
+        out,
+        "--resume_ckpt",
+        epoch2,
+        "--batch_size",
+        8,
+        "--optimizer",
+        "adamw",
+        "--num_workers",
+        0,
+        "--epochs",
+        1,
+        "--lr",
+        1e-3,
+    )
     text = capsys.readouterr().out
     assert "warm start" in text and "fresh optimizer" in text
     ckpt = load_checkpoint(str(out / "colintern_heads_epoch3.pt"))
@@ -398,9 +527,12 @@ def test_an_out_dir_of_another_run_is_refused_unless_it_continues_there(straight
     before = {f: (other / f).read_bytes() for f in os.listdir(other)}
     flags = [f if f != str(straight_run["out"]) else str(other) for f in straight_run["flags"]]
     flags[flags.index("--lr") + 1] = "1e-3"  # another run: another learning rate
-    with pytest.raises(FileExistsError, match=rf"--out_dir {re.escape(str(other))} holds another run's files "
-                                              rf"\(args.json, training_loss.txt, colintern_heads_epoch1.pt, "
-                                              rf"colintern_heads_epoch2.pt ...\): pass a new --out_dir"):
+    with pytest.raises(
+        FileExistsError,
+        match=rf"--out_dir {re.escape(str(other))} holds another run's files "
+        rf"\(args.json, training_loss.txt, colintern_heads_epoch1.pt, "
+        rf"colintern_heads_epoch2.pt ...\): pass a new --out_dir",
+    ):
         run_train(*flags, "--max_steps", 1)
     assert {f: (other / f).read_bytes() for f in os.listdir(other)} == before
     args = train.parse_args([*flags, "--resume_ckpt", str(other / "colintern_heads_epoch1.pt")])
@@ -413,14 +545,30 @@ def test_an_out_dir_of_another_run_is_refused_unless_it_continues_there(straight
 def test_checkpoints_record_training_data_lineage(tiny_model_dir, pages, tmp_path):
     # epoch 1 on a local copy of colpali_train_set, epoch 2 on a JSONL mined from it, warm-started from epoch 1
     hub = save_hub_folder(tmp_path / "colpali_train_set", WORDS[:8])
-    flags = ["--model_id", tiny_model_dir, "--batch_size", 4, "--optimizer", "adamw", "--num_workers", 0,
-             "--save_every", 0, "--warmup_steps", 1]
+    flags = [
+        "--model_id",
+        tiny_model_dir,
+        "--batch_size",
+        4,
+        "--optimizer",
+        "adamw",
+        "--num_workers",
+        0,
+        "--save_every",
+        0,
+        "--warmup_steps",
+        1,
+    ]
     run_train(*flags, "--train_hub", hub, "--out_dir", tmp_path / "e1")
     epoch1 = str(tmp_path / "e1" / "colintern_heads_epoch1.pt")
     assert load_checkpoint(epoch1)["meta"]["training_data"] == [hub]
-    mined = write_jsonl(tmp_path / "mined.jsonl", [{"query": query(w), "pos": pseudo_path(hub, "train", i),
-                                                    "negs": [pseudo_path(hub, "train", (i + 1) % 8)]}
-                                                   for i, w in enumerate(WORDS[:8])])
+    mined = write_jsonl(
+        tmp_path / "mined.jsonl",
+        [
+            {"query": query(w), "pos": pseudo_path(hub, "train", i), "negs": [pseudo_path(hub, "train", (i + 1) % 8)]}
+            for i, w in enumerate(WORDS[:8])
+        ],
+    )
     run_train(*flags, "--train_jsonl", mined, "--num_negs", 1, "--resume_ckpt", epoch1, "--out_dir", tmp_path / "e2")
     epoch2 = str(tmp_path / "e2" / "colintern_heads_epoch2.pt")
     assert load_checkpoint(epoch2)["meta"]["training_data"] == [hub]
@@ -428,15 +576,16 @@ def test_checkpoints_record_training_data_lineage(tiny_model_dir, pages, tmp_pat
     # eval.py then declares it trained on colpali_train_set, not zero-shot
     import eval as colintern_eval
     from mteb.models.model_implementations.colpali_models import COLPALI_TRAINING_DATA
+
     sources, where = colintern_eval.checkpoint_training_data(epoch2, load_checkpoint(epoch2))
     assert where == "checkpoint lineage" and colintern_eval.mteb_training_datasets(sources) == COLPALI_TRAINING_DATA
 
     # a JSONL mixing image files and pseudo-paths; a warm start from a checkpoint older than lineage says so
-    args = train.parse_args([str(f) for f in base_flags(tiny_model_dir, pages, tmp_path / "e3",
-                                                         **{"--resume_ckpt": epoch1})])
+    args = train.parse_args(
+        [str(f) for f in base_flags(tiny_model_dir, pages, tmp_path / "e3", **{"--resume_ckpt": epoch1})]
+    )
     rows = train.JsonlTriples(pages["jsonl"], pages["root"], num_negs=1, seed=0)
-    assert train.training_data_lineage(args, rows, None) == sorted([pages["hub"],
-                                                                   f"image files under {pages['root']}"])
+    assert train.training_data_lineage(args, rows, None) == sorted([pages["hub"], f"image files under {pages['root']}"])
     old = load_checkpoint(epoch1)
     del old["meta"]["training_data"]
     lineage = train.training_data_lineage(args, rows, old)
@@ -448,8 +597,9 @@ def test_step_snapshot_with_other_data_or_flags_is_refused(straight_run, pages, 
     flags = [f if f != str(straight_run["out"]) else str(tmp_path) for f in straight_run["flags"]]
     with pytest.raises(ValueError, match=r"lr: snapshot 0\.002, this run 0\.001"):
         run_train(*flags, "--lr", 1e-3, "--resume_ckpt", snapshot)
-    other = write_jsonl(tmp_path / "other.jsonl", [{"query": "q", "pos": "img/apple.png"},
-                                                   {"query": "r", "pos": "img/river.png"}] * 8)
+    other = write_jsonl(
+        tmp_path / "other.jsonl", [{"query": "q", "pos": "img/apple.png"}, {"query": "r", "pos": "img/river.png"}] * 8
+    )
     with pytest.raises(ValueError, match="step snapshot of another run .*data"):
         run_train(*flags, "--train_jsonl", other, "--resume_ckpt", snapshot)
     with pytest.raises(ValueError, match="--lora_r 4, this run asks for --lora_r 8"):
@@ -468,6 +618,7 @@ def test_step_snapshot_with_other_data_or_flags_is_refused(straight_run, pages, 
 # -----------------------------------------------------------------------------
 # faults
 
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, pages, tmp_path, monkeypatch):
     out = tmp_path / "nan"
     calls = {"n": 0}
@@ -477,19 +628,22 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, pa
         calls["n"] += 1
         value = real_loss(*a, **k)
         return value * float("nan") if calls["n"] == 3 else value
+
     monkeypatch.setattr(train, "contrastive_loss", loss_nan_at_step_3)
     flags = base_flags(tiny_model_dir, pages, out, **{"--save_every": 1, "--epochs": 2})
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 .*colintern_heads_step2\.pt"):
         run_train(*flags)
-    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["colintern_heads_step1.pt",
-                                                                        "colintern_heads_step2.pt"]
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == [
+        "colintern_heads_step1.pt",
+        "colintern_heads_step2.pt",
+    ]
     assert load_checkpoint(str(out / "colintern_heads_step2.pt"))["meta"]["step"] == 2
     assert [s for s, *_ in read_loss_log(out)] == [1, 2]
 
 
-
-def test_an_update_that_makes_a_weight_non_finite_stops_before_it_is_saved(tiny_model_dir, pages, tmp_path,
-                                                                             monkeypatch):
+def test_an_update_that_makes_a_weight_non_finite_stops_before_it_is_saved(
+    tiny_model_dir, pages, tmp_path, monkeypatch
+):
     """Finite loss and gradients, but step 3's update leaves a weight inf (as an overflowing update would: faked by
     the optimizer writing one): the run stops with one line naming the tensor, before that step is logged or saved;
     step 2's snapshot stays as it was."""
@@ -503,20 +657,34 @@ def test_an_update_that_makes_a_weight_non_finite_stops_before_it_is_saved(tiny_
             with torch.no_grad():
                 self.param_groups[0]["params"][-1].view(-1)[0] = float("inf")
         return result
+
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    flags = base_flags(tiny_model_dir, pages, out, **{"--save_every": 1, "--epochs": 2, "--lora": True,
-                                                     "--lora_r": 4})
-    with pytest.raises(FloatingPointError, match=r"step 3 made page_head\.bias non-finite .*Last good "
-                                                 r"checkpoint: .*colintern_heads_step2\.pt"):
+    flags = base_flags(tiny_model_dir, pages, out, **{"--save_every": 1, "--epochs": 2, "--lora": True, "--lora_r": 4})
+    with pytest.raises(
+        FloatingPointError,
+        match=r"step 3 made page_head\.bias non-finite .*Last good "
+        r"checkpoint: .*colintern_heads_step2\.pt",
+    ):
         run_train(*flags)
-    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["colintern_heads_step1.pt",
-                                                                        "colintern_heads_step2.pt"]
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == [
+        "colintern_heads_step1.pt",
+        "colintern_heads_step2.pt",
+    ]
     assert load_checkpoint(str(out / "colintern_heads_step2.pt"))["meta"]["step"] == 2  # finite, or refused
     assert [s for s, *_ in read_loss_log(out)] == [1, 2]
 
 
-@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--lr", "nan"), ("--lr", "-1e-3"), ("--lr", "0"),
-                                         ("--temperature", "-inf"), ("--temperature", "nan")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--lr", "inf"),
+        ("--lr", "nan"),
+        ("--lr", "-1e-3"),
+        ("--lr", "0"),
+        ("--temperature", "-inf"),
+        ("--temperature", "nan"),
+    ],
+)
 def test_learning_rate_and_temperature_must_be_finite_and_positive(flag, value, capsys):
     """`--lr inf` used to train a run whose every weight was inf, and `--lr -1e-3` was taken for a flag."""
     with pytest.raises(SystemExit):
@@ -546,8 +714,13 @@ def test_kill_during_checkpoint_write_leaves_previous_intact(tiny_model_dir, pag
     script = tmp_path / "kill.py"
     script.write_text(KILL_DURING_SAVE.format(root=ROOT))
     flags = base_flags(tiny_model_dir, pages, out, **{"--save_every": 1, "--max_steps": 3})
-    result = subprocess.run([sys.executable, str(script), *map(str, flags)], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, str(script), *map(str, flags)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     assert not (out / "colintern_heads_step2.pt").exists()
     ckpt = load_checkpoint(str(out / "colintern_heads_step1.pt"))
@@ -577,35 +750,71 @@ def write_unreadable_image(tmp, pages):
 
 def write_hub_with_empty_query(tmp, pages):
     datasets.Dataset.from_dict({"query": ["q", " "], "image": [render_keyword_page("a")] * 2}).cast_column(
-        "image", datasets.Image()).save_to_disk(str(tmp / "hub"))
+        "image", datasets.Image()
+    ).save_to_disk(str(tmp / "hub"))
 
 
 # write(tmp, pages) puts the bad input under tmp; flags change the run's (--train_jsonl {tmp}/bad.jsonl,
 # --batch_size 2); the error's message matches `message`. {tmp} and {jsonl} stand for those paths in both.
 BAD_INPUTS = [
-    pytest.param(lambda tmp, pages: bad_jsonl(tmp, GOOD_ROW, '{"query": "q", "pos": \n'),
-                 {}, ValueError, r"{jsonl} line 2: not valid JSON", id="malformed_line"),
-    pytest.param(lambda tmp, pages: bad_jsonl(tmp, GOOD_ROW, {**GOOD_ROW, "negs": ["img/nope.png"]}),
-                 {}, FileNotFoundError, r"{jsonl} line 2: page 'img/nope.png'", id="missing_image"),
-    pytest.param(write_unreadable_image, {"--root": "{tmp}"},
-                 ValueError, r"{jsonl} line 2: page 'broken.png' cannot be read: image .*broken.png",
-                 id="unreadable_image"),
-    pytest.param(lambda tmp, pages: bad_jsonl(tmp, GOOD_ROW,
-                                              {**GOOD_ROW, "pos": pseudo_path(pages["hub"], "train", 99)}),
-                 {}, IndexError, r"{jsonl} line 2: .*doc_99.png' points at row 99 .* has 16 rows",
-                 id="pseudo_path_row"),
-    pytest.param(lambda tmp, pages: bad_jsonl(tmp, {**GOOD_ROW, "negs": [pseudo_path(f"{tmp}/no-such", "train", 0)]},
-                                              GOOD_ROW),
-                 {}, FileNotFoundError, r"{jsonl} line 1: .*no-such.* cannot be opened", id="pseudo_path_dataset"),
-    pytest.param(lambda tmp, pages: bad_jsonl(tmp, "\n"),
-                 {}, ValueError, r"{jsonl} has no triples", id="empty_jsonl"),
+    pytest.param(
+        lambda tmp, pages: bad_jsonl(tmp, GOOD_ROW, '{"query": "q", "pos": \n'),
+        {},
+        ValueError,
+        r"{jsonl} line 2: not valid JSON",
+        id="malformed_line",
+    ),
+    pytest.param(
+        lambda tmp, pages: bad_jsonl(tmp, GOOD_ROW, {**GOOD_ROW, "negs": ["img/nope.png"]}),
+        {},
+        FileNotFoundError,
+        r"{jsonl} line 2: page 'img/nope.png'",
+        id="missing_image",
+    ),
+    pytest.param(
+        write_unreadable_image,
+        {"--root": "{tmp}"},
+        ValueError,
+        r"{jsonl} line 2: page 'broken.png' cannot be read: image .*broken.png",
+        id="unreadable_image",
+    ),
+    pytest.param(
+        lambda tmp, pages: bad_jsonl(tmp, GOOD_ROW, {**GOOD_ROW, "pos": pseudo_path(pages["hub"], "train", 99)}),
+        {},
+        IndexError,
+        r"{jsonl} line 2: .*doc_99.png' points at row 99 .* has 16 rows",
+        id="pseudo_path_row",
+    ),
+    pytest.param(
+        lambda tmp, pages: bad_jsonl(tmp, {**GOOD_ROW, "negs": [pseudo_path(f"{tmp}/no-such", "train", 0)]}, GOOD_ROW),
+        {},
+        FileNotFoundError,
+        r"{jsonl} line 1: .*no-such.* cannot be opened",
+        id="pseudo_path_dataset",
+    ),
+    pytest.param(lambda tmp, pages: bad_jsonl(tmp, "\n"), {}, ValueError, r"{jsonl} has no triples", id="empty_jsonl"),
     # datasets itself refuses a split with no rows ("corresponds to no data"); either way the folder is named
-    pytest.param(lambda tmp, pages: save_hub_folder(tmp / "empty", []), {**HUB_FLAGS, "--train_hub": "{tmp}/empty"},
-                 ValueError, r"dataset {tmp}/empty split 'train'.*(no data|empty)", id="empty_hub"),
-    pytest.param(write_hub_with_empty_query, {**HUB_FLAGS, "--train_hub": "{tmp}/hub"},
-                 ValueError, r"--train_hub {tmp}/hub split 'train': rows \[1\] .* empty query", id="hub_empty_query"),
-    pytest.param(lambda tmp, pages: bad_jsonl(tmp, GOOD_ROW),
-                 {}, ValueError, r"has 1 rows; one optimizer step needs --batch_size 2", id="too_few_rows"),
+    pytest.param(
+        lambda tmp, pages: save_hub_folder(tmp / "empty", []),
+        {**HUB_FLAGS, "--train_hub": "{tmp}/empty"},
+        ValueError,
+        r"dataset {tmp}/empty split 'train'.*(no data|empty)",
+        id="empty_hub",
+    ),
+    pytest.param(
+        write_hub_with_empty_query,
+        {**HUB_FLAGS, "--train_hub": "{tmp}/hub"},
+        ValueError,
+        r"--train_hub {tmp}/hub split 'train': rows \[1\] .* empty query",
+        id="hub_empty_query",
+    ),
+    pytest.param(
+        lambda tmp, pages: bad_jsonl(tmp, GOOD_ROW),
+        {},
+        ValueError,
+        r"has 1 rows; one optimizer step needs --batch_size 2",
+        id="too_few_rows",
+    ),
 ]
 
 
@@ -626,11 +835,13 @@ def test_num_negs_with_hub_data_is_refused(pages, tmp_path):
 # -----------------------------------------------------------------------------
 # optimizers, memory knobs
 
+
 def test_bitsandbytes_optimizers_run_on_cpu(capsys):
     params = [torch.nn.Parameter(torch.randn(64, 128))]
     paged = train.make_optimizer("paged_adamw_8bit", params, 1e-3)
     assert "non-paged" in capsys.readouterr().out
     import bitsandbytes as bnb
+
     assert type(paged) is bnb.optim.AdamW8bit
     before = params[0].detach().clone()
     params[0].grad = torch.randn_like(params[0])
@@ -646,6 +857,7 @@ def test_auto_batch_halves_until_it_fits(capsys):
         tried.append(b)
         if b > 5:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
     assert train.find_batch_size(try_batch, 32) == 4 and tried == [32, 16, 8, 4]
     with pytest.raises(RuntimeError, match="even one query"):
         train.find_batch_size(lambda b: try_batch(99), 2)
@@ -660,6 +872,7 @@ def test_auto_batch_probe_sees_the_whole_contrastive_step(tiny_model_dir, monkey
     def loss(q, q_mask, p, p_mask, pos, temperature):
         seen.append((q.shape[0], p.shape[0], q.requires_grad, int(pos.max())))
         return real_loss(q, q_mask, p, p_mask, pos, temperature)
+
     monkeypatch.setattr(train, "contrastive_loss", loss)
     torch.manual_seed(0)
     model, processor = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(r=4, alpha=4, dropout=0.0))
@@ -698,8 +911,12 @@ def test_auto_batch_headroom_holds_the_steps_image_features(tiny_model_dir):
     params = model.trainable_parameters()
     n = sum(p.numel() for p in params)
     one = train.probe_headroom(params, "adamw", 1, 10_000, 123, 0.05)
-    assert one == {"optimizer states": 8 * n + 4 * len(params), "DDP gradient buckets": 0,
-                   "cached image features": 123, "margin (5% of the device)": 500}
+    assert one == {
+        "optimizer states": 8 * n + 4 * len(params),
+        "DDP gradient buckets": 0,
+        "cached image features": 123,
+        "margin (5% of the device)": 500,
+    }
     assert train.probe_headroom(params, "adamw", 8, 10_000, 123, 0.05)["DDP gradient buckets"] == 4 * n
 
 
@@ -710,20 +927,23 @@ def test_auto_batch_margin_is_a_fraction(capsys):
 
 
 def test_auto_batch_on_cpu_keeps_the_batch(tiny_model_dir, pages, tmp_path, capsys):
-    run_train(*base_flags(tiny_model_dir, pages, tmp_path, **{"--auto_batch": True, "--max_steps": 1,
-                                                             "--compile_heads": True}))
+    run_train(
+        *base_flags(
+            tiny_model_dir, pages, tmp_path, **{"--auto_batch": True, "--max_steps": 1, "--compile_heads": True}
+        )
+    )
     text = capsys.readouterr().out
     assert "keeping --batch_size 4" in text and "--compile_heads: accepted for the original ColIntern commands" in text
 
 
 @pytest.mark.parametrize("quantize", [None, "4bit"])
-def test_gradient_checkpointing_recomputes_language_model_only(tiny_model_dir, pages, tmp_path, monkeypatch,
-                                                               quantize):
+def test_gradient_checkpointing_recomputes_language_model_only(tiny_model_dir, pages, tmp_path, monkeypatch, quantize):
     """With and without --gradient_checkpointing: no activation of the frozen vision tower or its projector requires
     grad (autograd records nothing there), only language-model layers are checkpointed, and the trained weights are
     bit-identical (checkpointing recomputes the same ops in the same order). 4bit: the same on a 4-bit language
     model, with no peft prepare_model_for_kbit_training (it would make the vision tower's inputs require grad)."""
     import transformers.modeling_utils as mu
+
     checkpointed, vision_grads = [], []
     real_checkpoint, real_build = mu.checkpoint, train.build_model
 
@@ -736,10 +956,19 @@ def test_gradient_checkpointing_recomputes_language_model_only(tiny_model_dir, p
         model, processor = real_build(*a, **k)
         for part in (model.backbone.vision_tower, model.backbone.multi_modal_projector):
             for name, module in part.named_modules():
-                module.register_forward_hook(lambda m, i, out, name=name: vision_grads.append(name) if any(
-                    t.requires_grad for t in (out if isinstance(out, tuple) else (out,))
-                    if isinstance(t, torch.Tensor)) else None)
+                module.register_forward_hook(
+                    lambda m, i, out, name=name: (
+                        vision_grads.append(name)
+                        if any(
+                            t.requires_grad
+                            for t in (out if isinstance(out, tuple) else (out,))
+                            if isinstance(t, torch.Tensor)
+                        )
+                        else None
+                    )
+                )
         return model, processor
+
     monkeypatch.setattr(mu, "checkpoint", counted)
     monkeypatch.setattr(train, "build_model", build_model)
     common = {"--max_steps": 2, "--lora": True, "--lora_r": 4, "--lora_dropout": 0.0, "--quantize": quantize}
@@ -749,8 +978,10 @@ def test_gradient_checkpointing_recomputes_language_model_only(tiny_model_dir, p
     assert vision_grads == [], f"vision modules whose output requires grad: {sorted(set(vision_grads))}"
     assert checkpointed, "no layer was recomputed"
     assert {type(layer).__name__ for layer in checkpointed} == {"Qwen3DecoderLayer"}
-    assert_same_weights(trainable(str(tmp_path / "plain" / "colintern_heads_step2.pt")),
-                        trainable(str(tmp_path / "gc" / "colintern_heads_step2.pt")))
+    assert_same_weights(
+        trainable(str(tmp_path / "plain" / "colintern_heads_step2.pt")),
+        trainable(str(tmp_path / "gc" / "colintern_heads_step2.pt")),
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -849,17 +1080,29 @@ def assert_same_step(got, expected, losses_got, losses_expected, where):
     """Loss and every gradient tensor equal within RTOL_SUM of its scale; a failure shows torch's report (largest
     difference, its index, how many entries differ) prefixed with the step and the parameter."""
     assert got.keys() == expected.keys()
-    worst = max((float((got[k] - expected[k]).abs().max() / expected[k].abs().max().clamp(min=1e-30)), k)
-                for k in expected)
-    print(f"{where}: largest gradient difference {worst[0]:.2e} of its tensor's scale ({worst[1]}); losses "
-          f"{losses_got} vs {losses_expected}")
-    torch.testing.assert_close(torch.tensor(losses_got, dtype=torch.float64),
-                               torch.tensor(losses_expected, dtype=torch.float64), rtol=RTOL_SUM, atol=0,
-                               msg=lambda m: f"{where} losses: {m}")
+    worst = max(
+        (float((got[k] - expected[k]).abs().max() / expected[k].abs().max().clamp(min=1e-30)), k) for k in expected
+    )
+    print(
+        f"{where}: largest gradient difference {worst[0]:.2e} of its tensor's scale ({worst[1]}); losses "
+        f"{losses_got} vs {losses_expected}"
+    )
+    torch.testing.assert_close(
+        torch.tensor(losses_got, dtype=torch.float64),
+        torch.tensor(losses_expected, dtype=torch.float64),
+        rtol=RTOL_SUM,
+        atol=0,
+        msg=lambda m: f"{where} losses: {m}",
+    )
     for name in expected:
         scale = float(expected[name].abs().max())
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=RTOL_SUM * scale,
-                                   msg=lambda m, name=name: f"{where} gradient of {name} (scale {scale:.3g}): {m}")
+        torch.testing.assert_close(
+            got[name],
+            expected[name],
+            rtol=0,
+            atol=RTOL_SUM * scale,
+            msg=lambda m, name=name: f"{where} gradient of {name} (scale {scale:.3g}): {m}",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -870,11 +1113,39 @@ def ddp_case(tiny_model_dir, tmp_path_factory):
     words = WORDS[:8]
     for i, w in enumerate(words):
         render_keyword_page(w, size=(448, 224) if i == 0 else (224, 224)).save(root / f"{w}.png")
-    jsonl = write_jsonl(root / "t.jsonl", [{"query": query(w), "pos": f"{w}.png", "negs": [f"{words[i - 1]}.png"]}
-                                           for i, w in enumerate(words)])
-    flags = ["--model_id", tiny_model_dir, "--train_jsonl", jsonl, "--root", root, "--epochs", 2, "--lora",
-             "--lora_r", 4, "--lora_dropout", 0.0, "--num_negs", 1, "--lr", 2e-3, "--warmup_steps", 2,
-             "--optimizer", "adamw", "--num_workers", 0, "--save_every", 0, "--temperature", 0.05]
+    jsonl = write_jsonl(
+        root / "t.jsonl",
+        [{"query": query(w), "pos": f"{w}.png", "negs": [f"{words[i - 1]}.png"]} for i, w in enumerate(words)],
+    )
+    flags = [
+        "--model_id",
+        tiny_model_dir,
+        "--train_jsonl",
+        jsonl,
+        "--root",
+        root,
+        "--epochs",
+        2,
+        "--lora",
+        "--lora_r",
+        4,
+        "--lora_dropout",
+        0.0,
+        "--num_negs",
+        1,
+        "--lr",
+        2e-3,
+        "--warmup_steps",
+        2,
+        "--optimizer",
+        "adamw",
+        "--num_workers",
+        0,
+        "--save_every",
+        0,
+        "--temperature",
+        0.05,
+    ]
     one, one_log = record_gradients(flags + ["--batch_size", 8], root / "one")
     assert len(one[0]) == 2 and [(s, e) for s, e, *_ in one_log] == [(1, 1), (2, 2)]
     return {"flags": flags, "root": root, "grads": one[0], "log": one_log}
@@ -899,8 +1170,9 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(ddp_case):
 def test_ddp_comparison_fails_for_a_real_ddp_bug(ddp_case, fault):
     """The comparison above is not vacuous: a gather that drops other ranks' gradients, or a pool without other
     ranks' hard negatives, makes it fail."""
-    two, two_log = record_gradients(ddp_case["flags"] + ["--batch_size", 4], ddp_case["root"] / fault, nproc=2,
-                                    fault=fault)
+    two, two_log = record_gradients(
+        ddp_case["flags"] + ["--batch_size", 4], ddp_case["root"] / fault, nproc=2, fault=fault
+    )
     with pytest.raises(AssertionError, match="step 1 (losses|gradient of)"):
         assert_same_step(two[0][0], ddp_case["grads"][0], [two_log[0][2]], [ddp_case["log"][0][2]], "step 1")
 
@@ -913,8 +1185,9 @@ def test_grad_cache_step_equals_one_big_batch(ddp_case, nnodes, batch_size, grad
     make ONE contrastive batch of 8 queries against their 16 pages: the same loss and gradients (within RTOL_SUM) as
     one process with the 8 queries in one plain forward/backward."""
     out = ddp_case["root"] / f"cached-{nnodes}x{batch_size}x{grad_accum}"
-    got, log = record_gradients(ddp_case["flags"] + ["--batch_size", batch_size, "--grad_accum", grad_accum], out,
-                                nnodes=nnodes)
+    got, log = record_gradients(
+        ddp_case["flags"] + ["--batch_size", batch_size, "--grad_accum", grad_accum], out, nnodes=nnodes
+    )
     assert [(s, e, lr) for s, e, _, lr in log] == [(s, e, lr) for s, e, _, lr in ddp_case["log"]]
     for step, (grads, single) in enumerate(zip(got[0], ddp_case["grads"]), 1):
         assert_same_step(grads, single, [log[step - 1][2]], [ddp_case["log"][step - 1][2]], f"step {step}")
@@ -929,8 +1202,9 @@ def test_one_ranks_data_error_stops_every_rank_with_its_message(ddp_case):
     result = launch_recording(ddp_case["flags"] + ["--batch_size", 4], out, nproc=2, fault="unreadable_page_on_rank_1")
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: rank 1 of 2 failed while loading a batch: injected: page broken.png cannot be read"], \
+    assert errors == ["error: rank 1 of 2 failed while loading a batch: injected: page broken.png cannot be read"], (
         result.stderr[-3000:]
+    )
     assert not [f for f in os.listdir(out) if f.startswith(("grads_", "colintern_heads_"))]
 
 
@@ -965,7 +1239,7 @@ class DrawingEncoder(torch.nn.Module):
         return None
 
     def forward(self, queries, pages, page_features=None):
-        self.draws.append((int(torch.randint(10 ** 6, ())), self.generators.draw(0), self.generators.draw(1)))
+        self.draws.append((int(torch.randint(10**6, ())), self.generators.draw(0), self.generators.draw(1)))
         ones = lambda x: torch.ones(x.shape[:2], dtype=torch.bool)  # noqa: E731
         q, p = (torch.nn.functional.normalize(x * self.weight, dim=-1) for x in (queries, pages))
         return q, ones(q), p, ones(p)
@@ -982,8 +1256,10 @@ def test_grad_cache_restores_every_devices_generator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", generators.set_rng_state_all)
     encoder = DrawingEncoder(generators)
     g = torch.Generator().manual_seed(0)
-    micro_batches = [{"queries": torch.randn(2, 3, 8, generator=g), "pages": torch.randn(2, 5, 8, generator=g),
-                      "n_queries": 2} for _ in range(2)]
+    micro_batches = [
+        {"queries": torch.randn(2, 3, 8, generator=g), "pages": torch.randn(2, 5, 8, generator=g), "n_queries": 2}
+        for _ in range(2)
+    ]
     torch.manual_seed(0)
     train.grad_cache_step(encoder, micro_batches, temperature=0.05, rank=0, world=1)
     first, second, again_first, again_second = encoder.draws
@@ -1006,10 +1282,23 @@ def test_grad_cache_replays_dropout_masks(tiny_model_dir, pages, tmp_path, monke
             assert not torch.equal(out[0], redrawn[0]) and not torch.equal(out[2], redrawn[2])
         encodings.append((torch.is_grad_enabled(), [t.detach().clone() for t in out]))
         return out
+
     monkeypatch.setattr(train.QueryPageEncoder, "forward", forward)
-    run_train(*base_flags(tiny_model_dir, pages, tmp_path, **{"--batch_size": 2, "--grad_accum": 2,
-                                                             "--max_steps": 2, "--lora": True, "--lora_r": 4,
-                                                             "--lora_dropout": 0.5}))
+    run_train(
+        *base_flags(
+            tiny_model_dir,
+            pages,
+            tmp_path,
+            **{
+                "--batch_size": 2,
+                "--grad_accum": 2,
+                "--max_steps": 2,
+                "--lora": True,
+                "--lora_r": 4,
+                "--lora_dropout": 0.5,
+            },
+        )
+    )
     assert [grad for grad, _ in encodings] == [False, False, True, True] * 2
     for step in (encodings[:4], encodings[4:]):
         for (_, cached), (_, again) in zip(step[:2], step[2:]):
@@ -1022,16 +1311,27 @@ def test_grad_cache_runs_the_vision_tower_once_per_micro_batch(tiny_model_dir, m
     micro-batch (not twice), and the loss and every gradient are bitwise those of re-running it (LoRA dropout on,
     so the RNG replay is part of what must agree)."""
     torch.manual_seed(0)
-    model, processor = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(r=4, alpha=4, dropout=0.3),
-                                                 dtype=dtype)
+    model, processor = ColIntern.from_pretrained(
+        tiny_model_dir, lora=LoraSettings(r=4, alpha=4, dropout=0.3), dtype=dtype
+    )
     for p in model.trainable_parameters():  # LoRA B starts at 0, so the adapters would not show in the gradients
         torch.nn.init.normal_(p, std=0.05)
     model.train()
     collate = train.Collate(processor)
     sizes = [(448, 224), (224, 224), (224, 448), (448, 448)]  # pages of 3, 1, 3 and 5 tiles
-    micro_batches = [collate([{"query": query(w), "pos": render_keyword_page(w, size=sizes[i % 4]),
-                               "negs": [render_keyword_page(WORDS[i + 8], size=sizes[(i + 1) % 4])]}
-                              for i, w in enumerate(WORDS[j:j + 2], start=j)]) for j in (0, 2, 4)]
+    micro_batches = [
+        collate(
+            [
+                {
+                    "query": query(w),
+                    "pos": render_keyword_page(w, size=sizes[i % 4]),
+                    "negs": [render_keyword_page(WORDS[i + 8], size=sizes[(i + 1) % 4])],
+                }
+                for i, w in enumerate(WORDS[j : j + 2], start=j)
+            ]
+        )
+        for j in (0, 2, 4)
+    ]
     tower_runs = []
     model.backbone.vision_tower.register_forward_hook(lambda *a: tower_runs.append(torch.is_grad_enabled()))
     encoder = train.QueryPageEncoder(model)
@@ -1040,9 +1340,11 @@ def test_grad_cache_runs_the_vision_tower_once_per_micro_batch(tiny_model_dir, m
         tower_runs.clear()
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
-        loss = train.grad_cache_step(encoder, micro_batches, temperature=0.05, rank=0, world=1,
-                                     offload_features=offload)
+        loss = train.grad_cache_step(
+            encoder, micro_batches, temperature=0.05, rank=0, world=1, offload_features=offload
+        )
         return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, list(tower_runs)
+
     loss, grads, runs = step()
     assert runs == [False] * 3  # once per micro-batch, without a graph
     monkeypatch.setattr(train.QueryPageEncoder, "page_features", lambda self, pages: None)  # as before: twice
@@ -1064,6 +1366,7 @@ def test_image_features_of_another_batch_are_refused(tiny_model_dir):
 # it learns: a tiny frozen random InternVL with LoRA + heads, keyword pages snapped to the token grid (see the
 # docstring of make_synthetic_data.py for why the grid matters)
 
+
 def retrieval_metrics(scores):
     """Query i's one relevant page is page i -> (Recall@1, nDCG@5); ties count against the query."""
     recall, ndcg = 0.0, 0.0
@@ -1078,26 +1381,66 @@ def retrieval_metrics(scores):
 def test_it_learns_held_out_pages(tiny_model_dir, tmp_path):
     hub = tmp_path / "kw-train"
     train_words = [w for w in WORDS for _ in range(3)]
-    ds = datasets.Dataset.from_dict({"query": [query(w) for w in train_words],
-                                     "image": [render_keyword_page(w, variant=i % 3) for i, w in
-                                               enumerate(train_words)]}).cast_column("image", datasets.Image())
+    ds = datasets.Dataset.from_dict(
+        {
+            "query": [query(w) for w in train_words],
+            "image": [render_keyword_page(w, variant=i % 3) for i, w in enumerate(train_words)],
+        }
+    ).cast_column("image", datasets.Image())
     ds.save_to_disk(str(hub))
     out = tmp_path / "out"
-    run_train("--model_id", tiny_model_dir, "--train_hub", hub, "--out_dir", out, "--batch_size", 8,
-              "--epochs", 20, "--max_steps", 200, "--lr", 2e-3, "--warmup_steps", 20, "--temperature", 0.05,
-              "--lora", "--lora_r", 8, "--lora_alpha", 8, "--lora_dropout", 0.0, "--optimizer", "adamw",
-              "--num_workers", 1, "--save_every", 0, "--seed", 0)
+    run_train(
+        "--model_id",
+        tiny_model_dir,
+        "--train_hub",
+        hub,
+        "--out_dir",
+        out,
+        "--batch_size",
+        8,
+        "--epochs",
+        20,
+        "--max_steps",
+        200,
+        "--lr",
+        2e-3,
+        "--warmup_steps",
+        20,
+        "--temperature",
+        0.05,
+        "--lora",
+        "--lora_r",
+        8,
+        "--lora_alpha",
+        8,
+        "--lora_dropout",
+        0.0,
+        "--optimizer",
+        "adamw",
+        "--num_workers",
+        1,
+        "--save_every",
+        0,
+        "--seed",
+        0,
+    )
     held_out = [render_keyword_page(w, variant=4) for w in WORDS]  # renderings never trained on
     queries = [query(w) for w in WORDS]
 
     torch.manual_seed(0)  # train.py's initial heads and LoRA
     untrained, processor = ColIntern.from_pretrained(tiny_model_dir, lora=LoraSettings(r=8, alpha=8, dropout=0.0))
-    before = retrieval_metrics(maxsim_scores(untrained.encode_queries(processor, queries),
-                                             untrained.encode_pages(processor, held_out, batch_size=8)))
+    before = retrieval_metrics(
+        maxsim_scores(
+            untrained.encode_queries(processor, queries), untrained.encode_pages(processor, held_out, batch_size=8)
+        )
+    )
     final = out / "colintern_heads_step200.pt"
     trained, processor, ckpt = ColIntern.from_checkpoint(str(final))
-    after = retrieval_metrics(maxsim_scores(trained.encode_queries(processor, queries),
-                                            trained.encode_pages(processor, held_out, batch_size=8)))
+    after = retrieval_metrics(
+        maxsim_scores(
+            trained.encode_queries(processor, queries), trained.encode_pages(processor, held_out, batch_size=8)
+        )
+    )
     print(f"held-out Recall@1, nDCG@5: untrained {before}, trained {after}")
     assert before[0] < 0.2 and before[1] < 0.3, before  # chance: R@1 1/32, nDCG@5 ~0.1
     assert after[0] > 0.6 and after[1] > 0.7, (before, after)
@@ -1113,9 +1456,11 @@ def test_it_learns_held_out_pages(tiny_model_dir, tmp_path):
 # -----------------------------------------------------------------------------
 # bf16 / fp16 backbones (the GPU path, run on CPU with the tiny model)
 
+
 class RecordingAdamW(torch.optim.AdamW):
     """torch AdamW that keeps, per step, the learning rate and the gradients it was given, and the weights before
     its first step: enough to replay the run's updates in float64."""
+
     runs = []
 
     names = {}  # id(parameter) -> its name in a checkpoint (filled by the fixture's build_model)
@@ -1123,8 +1468,11 @@ class RecordingAdamW(torch.optim.AdamW):
     def __init__(self, params, lr):
         super().__init__(params, lr=lr, weight_decay=train.WEIGHT_DECAY)
         params = self.param_groups[0]["params"]
-        self.record = {"names": [self.names[id(p)] for p in params],
-                       "start": [p.detach().double().clone() for p in params], "steps": []}
+        self.record = {
+            "names": [self.names[id(p)] for p in params],
+            "start": [p.detach().double().clone() for p in params],
+            "steps": [],
+        }
         RecordingAdamW.runs.append(self.record)
 
     def step(self, closure=None):
@@ -1147,18 +1495,38 @@ def low_precision_runs(tiny_model_dir, pages, tmp_path_factory):
     def build_model(*a, **k):
         model, processor = real_build(*a, **k)
         # checkpoint names: LoRA as peft's state dict names it (no adapter name), heads under "heads."
-        RecordingAdamW.names.update({id(p): ("lora." + LORA_KEY_ADAPTER_NAME.sub(r"\1\2", n[len("backbone."):])
-                                             if n.startswith("backbone.") else "heads." + n)
-                                     for n, p in model.named_parameters()})
+        RecordingAdamW.names.update(
+            {
+                id(p): (
+                    "lora." + LORA_KEY_ADAPTER_NAME.sub(r"\1\2", n[len("backbone.") :])
+                    if n.startswith("backbone.")
+                    else "heads." + n
+                )
+                for n, p in model.named_parameters()
+            }
+        )
         return model, processor
+
     train.make_optimizer = lambda name, params, lr, say=print: RecordingAdamW(params, lr)
     train.build_model = build_model
     try:
         for dtype in ("fp32", "bf16", "fp16"):
             steps = 12 if dtype == "fp16" else 6
-            flags = [str(f) for f in base_flags(tiny_model_dir, pages, out / dtype, **common, **{
-                "--dtype": dtype, "--save_every": 3 if dtype == "bf16" else 0, "--max_steps": steps,
-                "--epochs": 4 if dtype == "fp16" else 2})]
+            flags = [
+                str(f)
+                for f in base_flags(
+                    tiny_model_dir,
+                    pages,
+                    out / dtype,
+                    **common,
+                    **{
+                        "--dtype": dtype,
+                        "--save_every": 3 if dtype == "bf16" else 0,
+                        "--max_steps": steps,
+                        "--epochs": 4 if dtype == "fp16" else 2,
+                    },
+                )
+            ]
             run_train(*flags)
             runs[dtype] = {"out": out / dtype, "flags": flags, "record": RecordingAdamW.runs[-1]}
     finally:
@@ -1196,9 +1564,10 @@ def test_low_precision_backbone_trains_fp32_adapters_exactly(low_precision_runs,
     assert sorted(record["names"]) == sorted(final) and (steps == 6 if dtype == "bf16" else 3 <= steps < 12)
     assert all(v.dtype == torch.float32 for v in final.values())
     for name, expected, start in zip(record["names"], replay_in_float64(record), record["start"]):
-        atol = steps * (2.0 ** -23 * float(expected.abs().max()) + 1e-4 * lr)
-        torch.testing.assert_close(final[name].double(), expected, rtol=0, atol=atol,
-                                   msg=lambda m, name=name: f"{dtype}: {name}: {m}")
+        atol = steps * (2.0**-23 * float(expected.abs().max()) + 1e-4 * lr)
+        torch.testing.assert_close(
+            final[name].double(), expected, rtol=0, atol=atol, msg=lambda m, name=name: f"{dtype}: {name}: {m}"
+        )
         assert float((expected - start).abs().max()) > 10 * atol, f"{name}: its update is too small to compare"
     if dtype == "bf16":
         snapshot = load_checkpoint(str(run["out"] / "colintern_heads_step3.pt"))
@@ -1209,24 +1578,30 @@ def test_low_precision_backbone_trains_fp32_adapters_exactly(low_precision_runs,
     # for the note: how far the low-precision forward itself moves the updates from the fp32-backbone run's
     ref = trainable(str(low_precision_runs["fp32"]["out"] / "colintern_heads_step6.pt"))
     starts = dict(zip(record["names"], record["start"]))
-    off = {k: float((final[k].double() - ref[k].double()).norm() / (ref[k].double() - starts[k]).norm())
-           for k in final}
-    print(f"bf16 backbone vs fp32 backbone, update difference: heads {max(v for k, v in off.items() if 'heads' in k):.0%}"
-          f", LoRA up to {max(v for k, v in off.items() if 'lora' in k):.0%}")
+    off = {k: float((final[k].double() - ref[k].double()).norm() / (ref[k].double() - starts[k]).norm()) for k in final}
+    print(
+        f"bf16 backbone vs fp32 backbone, update difference: heads {max(v for k, v in off.items() if 'heads' in k):.0%}"
+        f", LoRA up to {max(v for k, v in off.items() if 'lora' in k):.0%}"
+    )
 
 
 def test_bf16_run_resumes_exactly(low_precision_runs, tmp_path, monkeypatch):
     bf16 = low_precision_runs["bf16"]
     flags = [f if f != str(bf16["out"]) else str(tmp_path) for f in bf16["flags"]]
-    monkeypatch.setattr(train, "make_optimizer", lambda name, params, lr, say=print: torch.optim.AdamW(
-        params, lr=lr, weight_decay=train.WEIGHT_DECAY))  # the straight run's optimizer class, without recording
+    monkeypatch.setattr(
+        train,
+        "make_optimizer",
+        lambda name, params, lr, say=print: torch.optim.AdamW(params, lr=lr, weight_decay=train.WEIGHT_DECAY),
+    )  # the straight run's optimizer class, without recording
     run_train(*flags, "--resume_ckpt", bf16["out"] / "colintern_heads_step3.pt")
-    assert_same_weights(trainable(str(bf16["out"] / "colintern_heads_step6.pt")),
-                        trainable(str(tmp_path / "colintern_heads_step6.pt")))
+    assert_same_weights(
+        trainable(str(bf16["out"] / "colintern_heads_step6.pt")), trainable(str(tmp_path / "colintern_heads_step6.pt"))
+    )
 
 
 # -----------------------------------------------------------------------------
 # quantised backbone (--quantize)
+
 
 @pytest.fixture(scope="module")
 def quantized_runs(tiny_model_dir, pages, tmp_path_factory):
@@ -1237,9 +1612,28 @@ def quantized_runs(tiny_model_dir, pages, tmp_path_factory):
         jsonl = write_jsonl(out / "eight.jsonl", [json.loads(line) for line in f][:8])
     runs = {}
     for name, flags in (("bf16", {"--dtype": "bf16"}), ("4bit", {"--quantize": "4bit", "--save_every": 6})):
-        runs[name] = {"out": out / name, "flags": [str(f) for f in base_flags(tiny_model_dir, pages, out / name, **{
-            "--train_jsonl": jsonl, "--batch_size": 8, "--epochs": 12, "--warmup_steps": 2, "--lora": True,
-            "--lora_r": 8, "--lora_alpha": 8, "--lora_dropout": 0.0, **flags})]}
+        runs[name] = {
+            "out": out / name,
+            "flags": [
+                str(f)
+                for f in base_flags(
+                    tiny_model_dir,
+                    pages,
+                    out / name,
+                    **{
+                        "--train_jsonl": jsonl,
+                        "--batch_size": 8,
+                        "--epochs": 12,
+                        "--warmup_steps": 2,
+                        "--lora": True,
+                        "--lora_r": 8,
+                        "--lora_alpha": 8,
+                        "--lora_dropout": 0.0,
+                        **flags,
+                    },
+                )
+            ],
+        }
         run_train(*runs[name]["flags"])
     return runs
 
@@ -1260,8 +1654,10 @@ def test_4bit_backbone_loss_falls_like_bf16(quantized_runs):
     assert drops["bf16"] > 0.3 * math.log(16) and drops["4bit"] > 0.5 * drops["bf16"], drops
     ckpt = load_checkpoint(str(quantized_runs["4bit"]["out"] / "colintern_heads_epoch12.pt"))
     assert ckpt["meta"]["quantize"] == "4bit" and ckpt["train_state"]["run"]["quantize"] == "4bit"
-    assert all(v.dtype == torch.float32 for v in trainable(str(quantized_runs["4bit"]["out"] /
-                                                                "colintern_heads_epoch12.pt")).values())
+    assert all(
+        v.dtype == torch.float32
+        for v in trainable(str(quantized_runs["4bit"]["out"] / "colintern_heads_epoch12.pt")).values()
+    )
 
 
 def test_4bit_run_resumes_exactly_and_keeps_its_quantization(quantized_runs, tmp_path, capsys):
@@ -1270,8 +1666,10 @@ def test_4bit_run_resumes_exactly_and_keeps_its_quantization(quantized_runs, tmp
     flags = [f if f != str(run["out"]) else str(tmp_path / "resumed") for f in run["flags"]]
     no_flag = [f for i, f in enumerate(flags) if f != "--quantize" and (i == 0 or flags[i - 1] != "--quantize")]
     run_train(*no_flag, "--resume_ckpt", snapshot)  # without --quantize: the snapshot's
-    assert_same_weights(trainable(str(run["out"] / "colintern_heads_epoch12.pt")),
-                        trainable(str(tmp_path / "resumed" / "colintern_heads_epoch12.pt")))
+    assert_same_weights(
+        trainable(str(run["out"] / "colintern_heads_epoch12.pt")),
+        trainable(str(tmp_path / "resumed" / "colintern_heads_epoch12.pt")),
+    )
     assert read_loss_log(tmp_path / "resumed") == read_loss_log(run["out"])[6:]
     elsewhere = [f if f != str(tmp_path / "resumed") else str(tmp_path / "unquantized") for f in no_flag]
     with pytest.raises(ValueError, match="step snapshot of another run .*quantize: snapshot '4bit', this run 'none'"):

@@ -11,6 +11,7 @@ the default LoraSettings and proj_dim. Every trainable tensor (LoRA A and B, bot
 values, so a load that drops or misplaces any of them changes the scores. Running this script with newer code
 writes the newer layout: keep the committed file, it is the old layout that test_colintern_model.py checks.
 """
+
 import os
 import sys
 import tempfile
