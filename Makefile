@@ -1,5 +1,5 @@
 # The two set-up commands of the README. Both install .venv on first use (scripts/setup.sh).
-.PHONY: setup demo test setup-min test-min pins
+.PHONY: setup demo test setup-min test-min pins lint format
 
 setup: .venv/.setup-done
 
@@ -31,3 +31,12 @@ test-min: setup-min
 # Re-resolve the pinned versions (constraints.txt) from requirements.txt's ranges; then `make test` and commit.
 pins:
 	bash scripts/refresh_pins.sh
+
+# ruff (ruff.toml; pinned in requirements.txt): lint + format check, as CI runs it; `make format` rewrites in place.
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .

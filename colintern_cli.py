@@ -195,10 +195,8 @@ def user_error_message(error: BaseException) -> str | None:
 
 def worker_error_message(text: str, type_name: str) -> str:
     """The original message in torch's text of a worker's exception: after the traceback, `[module.]Type: message`."""
-    final = None
-    for final in re.finditer(rf"^(?:[\w.]+\.)?{type_name}: ", text, re.M):
-        pass
-    return text[final.end() :] if final else text
+    matches = list(re.finditer(rf"^(?:[\w.]+\.)?{type_name}: ", text, re.M))
+    return text[matches[-1].end() :] if matches else text
 
 
 def one_line(text: str) -> str:

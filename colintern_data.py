@@ -16,7 +16,6 @@ from PIL import Image, UnidentifiedImageError
 
 from colintern_cli import UserFileNotFoundError, UserIndexError, UserValueError
 
-
 # -----------------------------------------------------------------------------
 # Files: content hashes, atomic writes
 

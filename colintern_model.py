@@ -24,7 +24,7 @@ import os
 import platform
 import re
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -34,7 +34,8 @@ Outputs: a printed table (scores x100), `--out_json` (default `outputs/eval/<rev
 "failed": {task: error}}}, "page_index": {"pool_factor", "rerank", "vectors_per_page", "page_index_bytes", ...}}`
 with mteb's 0-1 values, and mteb's per-query rankings under `--predictions_dir/<task revision>[__<experiment>]/`.
 
-Smaller page indexes (`--pool_factor F`, `--rerank N`): pages are pooled right after encoding (colintern_model.pool_page:
+Smaller page indexes (`--pool_factor F`, `--rerank N`): pages are pooled right after encoding
+(colintern_model.pool_page:
 Ward clusters, max(1, L // F) renormalised means), queries never; the first stage scores every page's pooled vectors
 with exact MaxSim, and with --rerank each query's top N are re-scored with the full vectors, kept in memory.
 """

@@ -151,7 +151,7 @@ if __name__ == "__main__":
 
 import eval as colintern_eval  # noqa: E402
 from colintern_data import check_output, create_beside, follow_umask  # noqa: E402
-from colintern_model import (
+from colintern_model import (  # noqa: E402
     PAGE_PROMPT,
     QUERY_AUGMENTATION_TOKENS,
     QUERY_PREFIX,
@@ -161,7 +161,6 @@ from colintern_model import (
     write_exported,
 )
 from colintern_st import check_formats, write_sentence_transformers  # noqa: E402
-
 
 # -----------------------------------------------------------------------------
 # Lineage: hub datasets for the model card, mteb task names for the registration
@@ -190,7 +189,7 @@ def eval_tables(summaries: list) -> str:
     metrics = colintern_eval.METRICS
     lines = []
     for summary in summaries:
-        for bench, entry in summary["benchmarks"].items():
+        for entry in summary["benchmarks"].values():
             lines += [
                 "",
                 f"**{entry['label']}** (eval.py revision `{summary['revision']}`)",

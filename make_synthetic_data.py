@@ -207,7 +207,7 @@ TITLE_ROWS = 2  # GRID rows the title band spans
 TITLE_BAND = (31, 56, 100)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def font(size: int) -> ImageFont.FreeTypeFont:
     """Pillow's bundled scalable font: no system fonts needed, identical pixels on every machine."""
     return ImageFont.load_default(size=size)
@@ -470,7 +470,8 @@ def train_topics(topics: list, n_pages: int, seed: int) -> list:
 
 
 def render_train_row(job: tuple) -> dict:
-    """One training row from (index, topic, geometries, seed); its own seeded rng, so any process renders it the same."""
+    """One training row from (index, topic, geometries, seed); its own seeded rng, so any process renders it the
+    same."""
     i, topic, geometries, seed = job
     rng = page_rng(seed, "train", i)
     geometry = rng.choice(geometries)
@@ -547,6 +548,7 @@ def write_parquet(path: str, rows: list, features) -> str:
     """Rows -> parquet with the datasets feature schema embedded (so `image` loads back as PIL images).
     -> the file's sha256, which the dataset card records (see `card`)."""
     import datasets
+
     from colintern_data import atomic_path, file_sha256
 
     columns = {name: [row[name] for row in rows] for name in features}
@@ -557,7 +559,8 @@ def write_parquet(path: str, rows: list, features) -> str:
 
 
 def train_features():
-    from datasets import Features, Image as ImageFeature, Value
+    from datasets import Features, Value
+    from datasets import Image as ImageFeature
 
     return Features(
         {
@@ -571,7 +574,8 @@ def train_features():
 
 
 def eval_features():
-    from datasets import Features, Image as ImageFeature, Value
+    from datasets import Features, Value
+    from datasets import Image as ImageFeature
 
     return {
         "corpus": Features({"corpus-id": Value("int64"), "image": ImageFeature()}),
@@ -614,9 +618,9 @@ def write_train(out: str, rows: list, args) -> str:
         os.path.join(out, "README.md"),
         card(
             {"default": ("train", "data/train-*", digest)},
-            f"# ColIntern synthetic training pages\n\n{len(rows)} pages, {args.topics} topics, seed {args.seed}, written "
-            f"by `make_synthetic_data.py`. Columns as `vidore/colpali_train_set`: `query`, `image`, `image_filename`, "
-            f"`answer` (the page title), `source` (`synthetic_<geometry>`).",
+            f"# ColIntern synthetic training pages\n\n{len(rows)} pages, {args.topics} topics, seed {args.seed}, "
+            f"written by `make_synthetic_data.py`. Columns as `vidore/colpali_train_set`: `query`, `image`, "
+            f"`image_filename`, `answer` (the page title), `source` (`synthetic_<geometry>`).",
         ),
     )
     return path

@@ -10,7 +10,6 @@ sentences, and the weights are random (seeded).
 """
 
 import json
-import os
 
 import torch
 
@@ -84,7 +83,7 @@ SIZES = {
 }
 
 
-def build_tokenizer(vocab_size: int = 400) -> "Qwen2Tokenizer":
+def build_tokenizer(vocab_size: int = 400):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 

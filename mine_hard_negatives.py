@@ -57,6 +57,7 @@ from colintern_data import (
     write_json,
     write_jsonl,
 )
+from colintern_launch import add_model_flags, distributed_run, gather_to_all, rank_share, ranks_agree
 from colintern_model import (
     QUERY_BLOCK_TOKENS,
     ColIntern,
@@ -67,8 +68,8 @@ from colintern_model import (
     maxsim_topk,
     merge_topk,
     pack_queries,
-    query_blocks,
     pool_pages,
+    query_blocks,
     resolve_dtype,
     score_dtype,
     scoring_threads,
@@ -77,7 +78,6 @@ from colintern_model import (
     top_k_by_index,
     unpad,
 )
-from colintern_launch import add_model_flags, distributed_run, gather_to_all, rank_share, ranks_agree
 
 FLAT_MAX_TOKENS = 1 << 22  # exact token index up to 4M page tokens (2 GB fp32); IVF-PQ above
 CACHE_VERSION = 2  # bump when the shard layout or the key changes (2: keyed by ColIntern.embedding_identity)

@@ -193,7 +193,7 @@ def main(args):
     check_output(args.output, "--output")
     runs = [(run_label(path), read_loss_file(path), run_data(path)) for path in args.input]
     save_figure(plot(runs, args.smooth), args.output)
-    for (label, data, _), path in zip(runs, args.input):
+    for (_label, data, _), path in zip(runs, args.input):
         last = data["loss"][np.isfinite(data["loss"])]
         final = f"{last[-min(len(last), args.smooth) :].mean():.4f}" if len(last) else "nan"
         print(

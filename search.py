@@ -396,6 +396,7 @@ def encode_document(doc: Document, index: str, encode, pool_factor: int, args, b
     """Encode the chunks of `doc` not yet stored (a killed run's finished chunks are kept), then mark it complete.
     In memory: one chunk's vectors and one --doc_batch of rendered pages."""
     import torch
+
     from colintern_model import atomic_torch_save, pool_pages
 
     folder = object_folder(index, doc.sha256)
@@ -487,6 +488,7 @@ def load_model_for_index(args, device: str):
 def device_for(flag_value: str | None) -> str:
     """--device -> 'cpu' or 'cuda:N' by the repo's one rule (one process: search does not run under torchrun)."""
     import torch
+
     from colintern_launch import Launch, rank_device
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -692,7 +694,9 @@ def search_local(queries: list, vectors: IndexVectors, args, device: str, dtype)
 def query_command(args):
     from colintern_model import dtype_name, matmul_dtype, score_dtype
 
-    say = lambda *a: print(*a, file=sys.stderr)
+    def say(*a):
+        print(*a, file=sys.stderr)
+
     if args.html:
         check_output(args.html, "--html")
     identity, catalog = open_index(args.index)
@@ -763,17 +767,14 @@ def thumbnail_uri(path: str, page: int, row: dict | None, dpi: int) -> str | Non
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-HTML_HEAD = (
-    """<!doctype html>
+HTML_HEAD = """<!doctype html>
 <html><head><meta charset="utf-8"><title>ColIntern search</title><style>
 body{font-family:sans-serif;margin:1.5em}section{margin-bottom:2em}h2{font-size:1.1em}
-.hits{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0;width:%dpx}
-img{max-width:100%%;border:1px solid #999}figcaption{font-size:.85em;word-break:break-all}
+.hits{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0;width:THUMBNAIL_PXpx}
+img{max-width:100%;border:1px solid #999}figcaption{font-size:.85em;word-break:break-all}
 .missing{height:120px;border:1px dashed #999;display:flex;align-items:center;justify-content:center}
 </style></head><body><h1>ColIntern search</h1>
-"""
-    % THUMBNAIL_PX
-)
+""".replace("THUMBNAIL_PX", str(THUMBNAIL_PX))
 
 
 def hit_html(hit: dict, rank: int, uri: str | None) -> str:

@@ -78,9 +78,10 @@ from colintern_data import (
     read_triples,
     write_json,
 )
+from colintern_launch import distributed_run, ranks_agree
 from colintern_model import (
-    DEFAULT_MODEL_ID,
     ATTN_HELP,
+    DEFAULT_MODEL_ID,
     QUANTIZE,
     ColIntern,
     ColInternProcessor,
@@ -96,8 +97,6 @@ from colintern_model import (
     save_checkpoint,
     say_if_quantization_differs,
 )
-from colintern_launch import distributed_run, ranks_agree
-
 
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
 WEIGHT_DECAY = 0.0  # as colpali-engine's recipes (HF Trainer default)
@@ -1603,7 +1602,7 @@ def train(args, rank, world, device_map, say):
                     f"{path} and the same flags",
                     file=sys.stderr,
                 )
-        raise SystemExit(143 if isinstance(e, Terminated) else 130)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
     finally:
         restore_sigterm()
         bar.close()

@@ -37,7 +37,8 @@ Activations: what autograd keeps for the backward pass, per token per decoder la
 does (fp32 adapters computing in bf16, with LoraSettings' dropout, over a bf16 backbone, as on a GPU), encodes one
 sequence of ACT_TOKENS tokens under torch.autograd.graph.saved_tensors_hooks; every saved storage counts once,
 parameters and the (tokens x tokens) attention matrices left out (the meta device runs the math attention path; GPU
-SDPA kernels keep no such matrix). Without checkpointing a token keeps that in every layer; with --gradient_checkpointing each layer
+SDPA kernels keep no such matrix). Without checkpointing a token keeps that in every layer; with
+--gradient_checkpointing each layer
 keeps its input (hidden x 2 bytes a token) and one layer's worth is live again while it is recomputed in the
 backward pass. The same count at 1B shapes with an fp32 backbone and no dropout is checked against what
 bench_train.py measured on CPU (MEASURED_1B: the memory a step adds a query with its page); where the measurement is

@@ -37,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train  # noqa: E402
+
 import make_tiny_model  # noqa: E402
 import mine_hard_negatives as mine  # noqa: E402
 from colintern_model import (  # noqa: E402
@@ -301,6 +302,7 @@ def planted_recall(args, page_len: int, query_len: int, dim: int, n_queries: int
     embeddings with planted relevant pages: query i's k relevant pages hold noisy copies of k, k-1, ... 1 blocks of
     its tokens, so the exact top-k is well defined (an untrained model's scores are near ties)."""
     import torch.nn.functional as F
+
     from colintern_model import maxsim_topk
 
     g = torch.Generator().manual_seed(args.seed)

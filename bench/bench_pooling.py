@@ -9,7 +9,8 @@ Two sets of embeddings:
 - planted (--planted_queries queries x --query_tokens, as many pages of --page_tokens tokens): a page is half
   background (noisy copies of 16 directions every page shares), a third its own content (noisy copies of 32
   page centres), the rest planted query tokens: page i holds noisy copies of 14 of query i's 20 tokens (its
-  relevant page), pages i+1 and i+2 of 13 of them each, partly others (distractors), so the top ranks are close and pooling can
+  relevant page), pages i+1 and i+2 of 13 of them each, partly others (distractors), so the top ranks are close and
+  pooling can
   swap them;
 - held-out synthetic pages (--heldout: eval folders of make_synthetic_data.py, each its own retrieval task, all
   queries pooled into one mean), encoded once with --ckpt and cached in --emb_cache.
@@ -103,6 +104,7 @@ def heldout(args) -> list:
                 (t["queries"], t["pages"], {int(k): set(v) for k, v in t["qrels"].items()}) for t in cached["tasks"]
             ]
     import datasets
+
     from colintern_model import ColIntern
 
     model, processor, _ = ColIntern.from_checkpoint(args.ckpt, dtype="fp32")
@@ -234,10 +236,8 @@ def run_set(name: str, tasks: list, args) -> None:
             )
     for factor in args.factors:
         if ("colpali-engine", factor) in pool_ms:
-            print(
-                f"pool factor {factor}: ColIntern pools {pool_ms[('colpali-engine', factor)] / pool_ms[('ColIntern', factor)]:.1f}x "
-                f"as fast as colpali-engine per page"
-            )
+            ratio = pool_ms[("colpali-engine", factor)] / pool_ms[("ColIntern", factor)]
+            print(f"pool factor {factor}: ColIntern pools {ratio:.1f}x as fast as colpali-engine per page")
     print(f"(nDCG@5 resolution: one query moves the mean by {1 / n_queries:.4f})")
 
 

@@ -40,8 +40,9 @@ def parse_args():
 
 
 def bench_indexing(n_pages: int, tmp: str) -> None:
-    import make_tiny_model
     from keyword_pages import WORDS, render_keyword_page
+
+    import make_tiny_model
 
     model, processor = make_tiny_model.build("tiny", tile=224, seed=0)
     model.save_pretrained(f"{tmp}/tiny")

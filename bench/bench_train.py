@@ -74,6 +74,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # keyword_pages.py: the tests' page renderer
+from keyword_pages import render_keyword_page  # noqa: E402
+
 import make_tiny_model  # noqa: E402
 import train  # noqa: E402
 from colintern_model import (  # noqa: E402
@@ -87,7 +89,6 @@ from colintern_model import (  # noqa: E402
     resolve_dtype,
     sync,
 )
-from keyword_pages import render_keyword_page  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -10,8 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
-import make_tiny_model  # noqa: E402
 from keyword_pages import render_keyword_page  # noqa: E402
+
+import make_tiny_model  # noqa: E402
 
 
 def pytest_configure(config):

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from conftest import ROOT
 from keyword_pages import render_keyword_page
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_train  # noqa: E402
+
 import make_tiny_model  # noqa: E402
 import train  # noqa: E402
 from colintern_model import ColIntern, ColInternProcessor, LoraSettings  # noqa: E402
@@ -208,8 +208,8 @@ def test_executed_flops_add_the_forwards_run_again():
     vision = lm = 0.0
     tokens = 0
     for inputs in [x for b in micro_batches for x in (b["queries"], b["pages"])]:
-        v, l, t = bench_train.forward_flops(model, inputs)
-        vision, lm, tokens = vision + v, lm + l, tokens + t
+        v, w, t = bench_train.forward_flops(model, inputs)
+        vision, lm, tokens = vision + v, lm + w, tokens + t
     lora = lora_flops_from_weights(model) * tokens
     heads = 2.0 * model.hidden_size * model.proj_dim * tokens
     lq = max(b["queries"]["input_ids"].shape[1] for b in micro_batches)

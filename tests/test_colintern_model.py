@@ -344,7 +344,8 @@ def test_maxsim_scores_at_every_matryoshka_size(dim):
 def test_encode_prepares_the_next_batch_before_fetching_the_last(model_and_processor, monkeypatch):
     """encode_queries keeps one batch in flight: batch k+1 is processed, pinned and its forward launched before batch
     k's embeddings are fetched (on a GPU, the CPU work overlaps the forward). The embeddings are exactly those of the
-    same batches encoded one after the other. Pinning itself needs a GPU: here pin_batch is only seen being given every batch with the
+    same batches encoded one after the other. Pinning itself needs a GPU: here pin_batch is only seen being given
+    every batch with the
     model's device (a CPU batch passes as it is)."""
     model, processor = model_and_processor
     queries = [f"query number {i} about page {i}" + " word" * i for i in range(5)]
@@ -747,7 +748,7 @@ def test_loss_gradients_reach_lora_and_heads_only(model_and_processor, keyword_p
 
 def perturb(model):
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
 

@@ -8,13 +8,13 @@ import re
 
 import datasets
 import pytest
+from test_export import checkpoint, run_export  # noqa: F401 (checkpoint: test_export's fixture, a tiny .pt)
 
 import colintern_data
 import colintern_model as cm
 import mine_hard_negatives as mine
 import train
 from colintern_data import PageResolver, pseudo_path
-from test_export import checkpoint, run_export  # noqa: F401 (checkpoint: test_export's fixture, a tiny .pt)
 
 
 def save_dataset(folder, columns: dict):

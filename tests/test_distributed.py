@@ -10,10 +10,9 @@ import shutil
 import time
 
 import pytest
-import torch
-
-from conftest import ROOT, launch
 import test_mine
+import torch
+from conftest import ROOT, launch
 
 ckpt, hub = test_mine.ckpt, test_mine.hub  # module fixtures: the checkpoint and the hub-layout pages
 
@@ -177,8 +176,8 @@ def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path):
     ranks split the encoding and gather it as unpooled runs do, then each pools the gathered pages and keeps their full
     vectors (an unpooled run is the same path with pooling the identity; one run pair keeps the suite short)."""
     pooling = ["--pool_factor", 2, "--rerank", 3]
-    from test_eval import QRELS, write_hub_layout, KEYWORDS
     from keyword_pages import render_keyword_page
+    from test_eval import KEYWORDS, QRELS, write_hub_layout
 
     pages = [
         render_keyword_page(w, size=(224, 224) if i % 2 else (448, 224), variant=i) for i, w in enumerate(KEYWORDS)

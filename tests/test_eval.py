@@ -10,12 +10,12 @@ import shutil
 import datasets
 import pytest
 import torch
+from keyword_pages import WORDS, render_keyword_page
 
 import colintern_model as cm
 import eval as colintern_eval
 from colintern_cli import metric_label
 from colintern_model import ColIntern, LoraSettings, load_checkpoint, save_checkpoint
-from keyword_pages import WORDS, render_keyword_page
 
 KEYWORDS = WORDS[:10]
 # query i is about KEYWORDS[i]; query 0 has a second relevant page (9) so nDCG's ideal ranking has two entries
@@ -189,6 +189,7 @@ def test_mteb_internals_eval_relies_on(tmp_path, tiny_model_dir, pages, queries,
     import inspect
 
     import mteb
+
     from colintern_data import datasets_cache_for
 
     missing = {"cache", "overwrite_strategy", "encode_kwargs", "prediction_folder", "co2_tracker"} - set(

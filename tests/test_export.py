@@ -7,13 +7,13 @@ import shutil
 import pytest
 import torch
 import yaml
+from keyword_pages import render_keyword_page
 from safetensors.torch import load_file, save_file
+from test_eval import QRELS, run_eval, write_hub_layout
 
 import colintern_model as cm
 import eval as colintern_eval
 import export
-from keyword_pages import render_keyword_page
-from test_eval import QRELS, run_eval, write_hub_layout
 
 NAME = "me/colintern-tiny"
 LOCAL_SOURCE = "/data/private-pages"  # lineage that is no hub dataset: kept out of the card's datasets
@@ -394,8 +394,9 @@ def test_hub_id_that_cannot_be_downloaded_is_one_line(monkeypatch):
 def test_train_warm_starts_from_the_folder_exactly_as_from_the_checkpoint(folder, checkpoint, tiny_model_dir, tmp_path):
     """train.py --resume_ckpt takes the exported folder: two seeded steps from it give the weights two steps from the
     .pt give, bit for bit (the same tensors loaded, then the same ops in the same order)."""
-    import train
     from test_train import save_hub_folder
+
+    import train
 
     hub = save_hub_folder(tmp_path / "hub", ["alpha", "beta", "gamma", "delta"])
     results = {}

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.multiprocessing
 import tqdm.auto
+from conftest import free_port
 
 import colintern_launch
 import eval as colintern_eval
 import mine_hard_negatives as mine
 from colintern_cli import UserValueError, run_cli
 from colintern_launch import Launch, RankFailed, distributed_run, rank_device, ranks_agree
-from conftest import free_port
 
 ONE = Launch()
 NODE_OF_4 = [Launch(rank=r, world=4, local_rank=r, local_world=4) for r in range(4)]  # torchrun --nproc_per_node 4

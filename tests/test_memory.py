@@ -8,7 +8,6 @@ import os
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))

@@ -10,14 +10,14 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-
-import mine_hard_negatives as mine
-from colintern_data import pseudo_path
-import colintern_model as cm
-from colintern_model import ColIntern, LoraSettings, maxsim_scores, maxsim_topk, save_checkpoint
 from conftest import query
 from keyword_pages import WORDS as ALL_WORDS
 from keyword_pages import render_keyword_page
+
+import colintern_model as cm
+import mine_hard_negatives as mine
+from colintern_data import pseudo_path
+from colintern_model import ColIntern, LoraSettings, maxsim_scores, maxsim_topk, save_checkpoint
 
 WORDS = ALL_WORDS[:22]  # one hub row (query + page) each
 COPIES = {7: 2, 12: 2}  # hub rows whose page is byte-identical to row 2's page (colpali_train_set repeats pages)

@@ -10,15 +10,15 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
-
-import colintern_model as cm
-import colintern_st
 from conftest import ROOT
 from keyword_pages import render_keyword_page
+from PIL import Image
 
 # fixtures: a .pt whose LoRA changes the embeddings, and its export
 from test_export import NAME, VECTOR_TOL, checkpoint, folder, score_tol  # noqa: F401
+
+import colintern_model as cm
+import colintern_st
 
 # Non-Latin text too: the chat template must pass any text through unchanged (and template syntax as text)
 QUERIES = ["Which page is about alpha?", "beta", "Какая страница про гамму?", "ページ 日本語 {{ delta }}"]
@@ -131,8 +131,8 @@ def test_a_folder_whose_chat_template_is_not_colintern_s_is_refused(folder, tmp_
         colintern_st.check_formats(str(copy), colintern[1])
 
 
-def card_snippets(folder) -> list:
-    card = open(os.path.join(folder, "README.md")).read()
+def card_snippets(path) -> list:
+    card = open(os.path.join(path, "README.md")).read()
     return re.findall(r"```python\n(.*?)```", card, flags=re.S)
 
 
@@ -187,20 +187,21 @@ def test_export_at_a_matryoshka_prefix_encodes_it_everywhere(checkpoint, tmp_pat
     and sentence-transformers') are ColIntern(dim=8)'s, the renormalised prefixes: the same products as the full
     head's first 8 rows, within fp32 rounding of a 64-long dot (~1e-6 on unit vectors). An untrained size is one
     line."""
-    import export
     from sentence_transformers import MultiVectorEncoder
+
+    import export
 
     ckpt = torch.load(checkpoint, weights_only=True)
     ckpt["meta"]["matryoshka_dims"] = [16, 8]
     torch.save(ckpt, tmp_path / "mrl.pt")
-    folder = export.main(
+    d8 = export.main(
         export.parse_args(["--ckpt", str(tmp_path / "mrl.pt"), "--out_dir", str(tmp_path / "d8"), "--dim", "8"])
     )
     reference, processor, _ = cm.ColIntern.from_checkpoint(str(tmp_path / "mrl.pt"), dim=8)
     expected = reference.encode_pages(processor, pages[:2])
-    ours_model, ours_processor = cm.load_trained(folder)
+    ours_model, ours_processor = cm.load_trained(d8)
     assert ours_model.proj_dim == ours_model.dim == 8
-    st = MultiVectorEncoder(folder, local_files_only=True, device="cpu").encode_document(pages[:2])
+    st = MultiVectorEncoder(d8, local_files_only=True, device="cpu").encode_document(pages[:2])
     for e, o, s in zip(expected, ours_model.encode_pages(ours_processor, pages[:2]), st):
         assert e.shape[1] == 8 and torch.allclose(e, o, atol=1e-5)
         assert torch.allclose(e, torch.as_tensor(s).float(), atol=1e-5)

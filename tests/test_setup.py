@@ -9,11 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
-
-from conftest import ROOT
 
 
 def read_lines(name):

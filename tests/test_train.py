@@ -12,6 +12,8 @@ import sys
 import datasets
 import pytest
 import torch
+from conftest import ROOT, launch, query
+from keyword_pages import WORDS, render_keyword_page
 from PIL import Image
 
 import train
@@ -24,8 +26,6 @@ from colintern_model import (
     maxsim_scores,
     trainable_state_dict,
 )
-from conftest import ROOT, launch, query
-from keyword_pages import WORDS, render_keyword_page
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -574,8 +574,9 @@ def test_checkpoints_record_training_data_lineage(tiny_model_dir, pages, tmp_pat
     assert load_checkpoint(epoch2)["meta"]["training_data"] == [hub]
 
     # eval.py then declares it trained on colpali_train_set, not zero-shot
-    import eval as colintern_eval
     from mteb.models.model_implementations.colpali_models import COLPALI_TRAINING_DATA
+
+    import eval as colintern_eval
 
     sources, where = colintern_eval.checkpoint_training_data(epoch2, load_checkpoint(epoch2))
     assert where == "checkpoint lineage" and colintern_eval.mteb_training_datasets(sources) == COLPALI_TRAINING_DATA
