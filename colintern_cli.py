@@ -101,11 +101,19 @@ def existing_file(path: str) -> str:
     return path
 
 
+def looks_like_local_path(model_id: str) -> bool:
+    """A folder (relative, absolute, ~, or one that exists), not an `owner/name` hub id."""
+    return model_id.startswith((".", "/", "~")) or model_id.count("/") != 1 or os.path.exists(model_id)
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """`owner/name` that is no local file or folder (and no .pt file name): a hub repository to download."""
+    return not os.path.exists(path) and not path.endswith(".pt") and not looks_like_local_path(path)
+
+
 def trained_model(path: str) -> str:
     """An argparse `type` for a trained ColIntern: a .pt checkpoint or an exported folder that exists now, or the hub
     id (owner/name) of an exported folder, which the loader downloads."""
-    from colintern_data import looks_like_hub_id
-
     if not os.path.exists(path) and not looks_like_hub_id(path):
         raise argparse.ArgumentTypeError(
             f"{path} does not exist (a .pt checkpoint, a folder of export.py, or the hub id owner/name of one)"

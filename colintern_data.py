@@ -14,7 +14,13 @@ import secrets
 
 from PIL import Image, UnidentifiedImageError
 
-from colintern_cli import UserFileNotFoundError, UserIndexError, UserValueError
+from colintern_cli import (
+    UserFileNotFoundError,
+    UserIndexError,
+    UserValueError,
+    looks_like_hub_id,
+    looks_like_local_path,
+)
 
 # -----------------------------------------------------------------------------
 # Files: content hashes, atomic writes
@@ -103,11 +109,6 @@ def safe_name(text: str) -> str:
     """`text` with every character but letters, digits, '_', '.' and '-' replaced by '_': a label fit for a file or
     task name."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
-
-
-def looks_like_hub_id(path: str) -> bool:
-    """`owner/name` that is no local file or folder (and no .pt file name): a hub repository to download."""
-    return not os.path.exists(path) and not path.endswith(".pt") and not looks_like_local_path(path)
 
 
 def local_checkpoint(path: str) -> str:
@@ -216,11 +217,6 @@ def write_json(path: str, obj) -> None:
 
 # -----------------------------------------------------------------------------
 # Datasets and pages: hub datasets, local folders, HF pseudo-paths
-
-
-def looks_like_local_path(model_id: str) -> bool:
-    """A folder (relative, absolute, ~, or one that exists), not an `owner/name` hub id."""
-    return model_id.startswith((".", "/", "~")) or model_id.count("/") != 1 or os.path.exists(model_id)
 
 
 @contextlib.contextmanager
@@ -441,3 +437,101 @@ def read_queries(ds, what: str) -> list:
             f"{what}: rows {bad[:5]} ({len(bad)} in all) have an empty query; filter them out of the dataset first"
         )
     return queries
+
+
+# -----------------------------------------------------------------------------
+# Datasets in the hub layout (a README.md whose `configs:` block maps configs to parquet files): checked whole
+# before anything loads
+
+
+HUB_CONFIGS = ("corpus", "queries", "qrels")  # the ViDoRe v1 hub layout, which --local_task reads too
+
+
+COLPALI_TRAIN_SET = "vidore/colpali_train_set"
+
+
+def check_hub_layout(folder: str, configs: list, splits, what: str, hint: str = "") -> None:
+    """Raise, naming the config and the path, unless `folder` holds every data file the loader will read: each
+    config in README.md's `configs:` block, each split's files on disk, as many rows as its `dataset_info` says.
+    datasets reads split names from the README without touching the files, so a partial download (only the English
+    configs, a missing shard) would pass its checks and die mid-evaluation."""
+    from datasets.data_files import resolve_pattern, sanitize_patterns
+
+    card = read_card(folder)
+    declared = {c.get("config_name", "default"): c for c in card.get("configs") or []}
+    missing = [" or ".join(alts) for alts in configs if not any(c in declared for c in alts)]
+    if missing:
+        raise UserValueError(
+            f"{what}: {folder} lacks the dataset configs {missing} (it has {list(declared)}). It "
+            "needs "
+            "the hub layout: a README.md whose `configs:` block maps each config to its parquet "
+            "files "
+            f"(e.g. corpus -> corpus/test-*.parquet), as `hf download ... --repo-type dataset` gives"
+        )
+    rows = expected_rows(card)
+    absent, short = [], []
+    for alts in configs:
+        config = next(c for c in alts if c in declared)
+        if "data_files" not in declared[config]:
+            continue  # a data_dir config: datasets finds its files itself
+        have = sanitize_patterns(declared[config]["data_files"])
+        lacking = [s for s in splits if s not in have]
+        if lacking:
+            raise UserValueError(f"{what}: {folder} config {config!r} has splits {list(have)}, not {lacking}")
+        for split in splits:
+            files = []
+            for pattern in have[split]:
+                try:
+                    files += resolve_pattern(pattern, folder)
+                except FileNotFoundError:
+                    absent.append(f"{config!r} ({pattern})")
+            found = parquet_rows(files)
+            if files and found is not None and rows.get((config, split), found) != found:
+                short.append(
+                    f"{config!r} split {split!r} has {found} of the {rows[(config, split)]} rows its "
+                    f"README lists ({len(files)} file(s))"
+                )
+    if absent:
+        raise UserFileNotFoundError(
+            f"{what}: {folder} is incomplete: its README.md lists data files that are not "
+            "there "
+            f"(paths under the folder), for config {', '.join(absent[:6])}"
+            + (f" and {len(absent) - 6} more" if len(absent) > 6 else "")
+            + f". {hint or 'Copy the missing files.'}"
+        )
+    if short:
+        raise UserValueError(f"{what}: {folder} is incomplete: {'; '.join(short)}. {hint or 'Copy the missing files.'}")
+
+
+def read_card(folder: str) -> dict:
+    """The YAML header of a dataset folder's README.md ({} without one)."""
+    from huggingface_hub.repocard import metadata_load
+
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        return metadata_load(path) or {}
+    except Exception as e:
+        raise UserValueError(f"{path}: its YAML header cannot be read ({type(e).__name__}: {e})") from e
+
+
+def expected_rows(card: dict) -> dict:
+    """{(config, split): rows} from a README's `dataset_info` (one dict, or a list with config names)."""
+    infos = card.get("dataset_info") or []
+    infos = [infos] if isinstance(infos, dict) else infos
+    return {
+        (info.get("config_name", "default"), split["name"]): split["num_examples"]
+        for info in infos
+        for split in info.get("splits") or []
+        if "num_examples" in split
+    }
+
+
+def parquet_rows(files: list) -> int | None:
+    """Rows in these parquet files, from their footers (None unless all are parquet)."""
+    if not files or not all(f.endswith(".parquet") for f in files):
+        return None
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)

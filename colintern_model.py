@@ -1,9 +1,10 @@
-"""ColIntern: InternVL3.5 as a ColPali-style late-interaction page retriever.
+"""ColIntern: InternVL3.5 as a ColPali-style late-interaction page retriever. The model itself: the backbone, the
+query/page formats and their processor, the ColIntern module (LoRA + projection heads, every token a unit vector),
+and its trained parts saved and loaded. The siblings: colintern_scoring (exact MaxSim, pooling), colintern_loss (the
+training loss, gradient caching), colintern_checkpoint (the files), colintern_launch (many processes).
 
-Everything the scripts share, in pipeline order:
-    load backbone -> process inputs -> encode (ColIntern) -> score (MaxSim) -> loss -> checkpoint.
-
-    from colintern_model import ColIntern, LoraSettings, maxsim_scores, save_checkpoint
+    from colintern_model import ColIntern, LoraSettings, save_checkpoint
+    from colintern_scoring import maxsim_scores
     model, processor = ColIntern.from_pretrained("OpenGVLab/InternVL3_5-1B-HF", lora=LoraSettings())
     q = model.encode_queries(processor, ["Which page shows revenue?"])      # list of (Lq, D)
     p = model.encode_pages(processor, [Image.open("page.png")])             # list of (Lp, D)
@@ -14,16 +15,12 @@ Everything the scripts share, in pipeline order:
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import importlib.util
 import json
 import logging
-import math
 import os
-import platform
 import re
-import threading
 from collections.abc import Sequence
 
 import torch
@@ -31,15 +28,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from colintern_cli import UserFileNotFoundError, UserOSError, UserRuntimeError, UserValueError, progress_bar
-from colintern_data import (
-    atomic_path,
-    backbone_fingerprint,
-    local_checkpoint,
-    looks_like_local_path,
-    open_image,
-    write_json,
+from colintern_checkpoint import (
+    CHECKPOINT_KIND,
+    LORA_KEY_ADAPTER_NAME,
+    atomic_torch_save,
+    checkpoint_quantization,
+    load_checkpoint,
+    say_if_quantization_differs,
 )
+from colintern_cli import (
+    UserFileNotFoundError,
+    UserOSError,
+    UserRuntimeError,
+    UserValueError,
+    looks_like_local_path,
+    progress_bar,
+)
+from colintern_data import backbone_fingerprint, open_image
+from colintern_scoring import dtype_by_name, dtype_name, gpu_dtype
 
 DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
 
@@ -129,16 +135,6 @@ def resolve_dtype(dtype, device="cpu", quantize="none") -> torch.dtype:
     """'auto' is bfloat16 when `device` (a device or a device_map: 'cuda:0', 'auto', a dict) puts the model on a
     GPU, else float32; names like 'bf16', 'float16', 'fp32' are accepted. A quantised backbone (`quantize` 8bit or
     4bit) keeps its unquantised parts in bf16 (fp16 on a GPU without bf16), on a CPU too; fp32 is refused."""
-    names = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "half": torch.float16,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "float": torch.float32,
-    }
     check_quantize(quantize)
     if isinstance(dtype, torch.dtype):
         resolved = dtype
@@ -146,11 +142,9 @@ def resolve_dtype(dtype, device="cpu", quantize="none") -> torch.dtype:
         on_gpu = device is not None and str(device) != "cpu" and torch.cuda.is_available()
         if not on_gpu:
             return torch.float32 if quantize == "none" else torch.bfloat16
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    elif dtype not in names:
-        raise UserValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(names)}")
+        return gpu_dtype()
     else:
-        resolved = names[dtype]
+        resolved = dtype_by_name(dtype)
     if quantize != "none" and resolved == torch.float32:
         raise UserValueError(
             f"--quantize {quantize} with --dtype fp32: a quantised backbone keeps its vision tower, "
@@ -827,596 +821,8 @@ def unpad(emb: torch.Tensor, mask: torch.Tensor) -> list:
 
 
 # -----------------------------------------------------------------------------
-# Scoring: exact MaxSim
-
-# Similarity values per block of the training maxsim, forward and backward alike. A block's transients are its
-# similarity block and, in the backward, (queries, pages, Lq, D) gathers of at most the same size, so memory no longer
-# grows with Nq x Np x Lq x Lp. GPU: 32M values (128 MiB in fp32) against the 6.3 GB of one dense similarity tensor
-# at real shapes (32 queries x 50 tokens x 768 gathered 1,280-token pages: 2M values a page, so 16 pages a block and
-# 48 blocks), big enough that each block's matmul outweighs its dozen kernel launches. CPU: 1M values, the top of the
-# cache-sized range where maxsim_tokens' blocks run near the matmul peak; the per-block Python is negligible there.
-CPU_TRAIN_SIM_BLOCK = 1 << 20
-GPU_TRAIN_SIM_BLOCK = 1 << 25
-
-
-def _index_dtype(length: int) -> torch.dtype:
-    """The smallest integer dtype that holds token indices 0..length-1."""
-    for dtype in (torch.uint8, torch.int16, torch.int32):
-        if length - 1 <= torch.iinfo(dtype).max:
-            return dtype
-    return torch.int64
-
-
-def _sim_blocks(nq: int, np_: int, per_pair: int, budget: int):
-    """Yield (query slice, page slice) tiles of the (Nq, Np) grid, each of at most `budget` elements when a
-    (query, page) pair costs `per_pair`: whole pages, and every query unless one page does not fit."""
-    pages = max(1, min(np_, budget // max(1, nq * per_pair)))
-    rows = max(1, min(nq, budget // max(1, pages * per_pair)))
-    for p0 in range(0, np_, pages):
-        for q0 in range(0, nq, rows):
-            yield slice(q0, min(nq, q0 + rows)), slice(p0, min(np_, p0 + pages))
-
-
-class _MaxSim(torch.autograd.Function):
-    """maxsim, blockwise: saves the inputs, the masks and each query token's best page token, never similarities.
-
-    Ties: a tied max sends all of its gradient to the one token torch.max picks (a subgradient; amax would split it
-    evenly). Embeddings from continuous weights do not tie."""
-
-    @staticmethod
-    def forward(ctx, queries, pages, query_mask, page_mask):
-        nq, lq, d = queries.shape
-        np_, lp, _ = pages.shape
-        budget = GPU_TRAIN_SIM_BLOCK if queries.is_cuda else CPU_TRAIN_SIM_BLOCK
-        blocks = list(_sim_blocks(nq, np_, lq * max(lp, d), budget))  # max(Lp, D): the backward's gathers too
-        best = queries.new_empty((nq, np_, lq))
-        picked = torch.empty((nq, np_, lq), dtype=_index_dtype(lp), device=queries.device)
-        for qs, ps in blocks:
-            sim = torch.einsum("qid,pjd->qpij", queries[qs], pages[ps])  # (nq, n, Lq, Lp)
-            if page_mask is not None:
-                sim.masked_fill_(~page_mask[None, ps, None, :], float("-inf"))
-            best[qs, ps], picked[qs, ps] = sim.max(dim=-1)
-        if query_mask is not None:
-            best.masked_fill_(~query_mask[:, None, :], 0.0)
-        ctx.blocks = blocks
-        ctx.save_for_backward(queries, pages, query_mask, page_mask, picked)
-        return best.sum(dim=-1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_scores):
-        queries, pages, query_mask, page_mask, picked = ctx.saved_tensors
-        need_queries, need_pages = ctx.needs_input_grad[:2]
-        nq, lq, d = queries.shape
-        np_, lp, _ = pages.shape
-        # d score[q, p] / d best[q, p, i]: none for a padded query token, none from a page without a real token
-        # (its score is -inf whatever the inputs)
-        weight = grad_scores.to(queries.dtype)[:, :, None].expand(nq, np_, lq)  # (Nq, Np, Lq)
-        if query_mask is not None:
-            weight = weight * query_mask[:, None, :]
-        if page_mask is not None:
-            weight = weight * page_mask.any(dim=1)[None, :, None]
-        flat_pages = pages.reshape(np_ * lp, d)
-        grad_queries = queries.new_zeros(queries.shape) if need_queries else None
-        grad_pages = pages.new_zeros(pages.shape) if need_pages else None
-        for qs, ps in ctx.blocks:
-            w = weight[qs, ps]  # (nq, n, Lq)
-            if need_queries:  # d score / d query token: the page token it picked
-                offsets = torch.arange(ps.start, ps.stop, device=pages.device)[None, :, None] * lp
-                rows = (picked[qs, ps].long() + offsets).flatten()  # each query token's best token, in flat_pages
-                best_tokens = flat_pages.index_select(0, rows).view(*w.shape, d)  # (nq, n, Lq, D)
-                grad_queries[qs] += torch.einsum("qpi,qpid->qid", w, best_tokens)
-            if need_pages:  # d score / d page token: the sum of the query tokens that picked it, as a matmul over
-                # the weighted one-hot choices (a block of the forward's size): many query tokens pick one page
-                # token, and index_add_ would add them with float atomics on CUDA, in an order that varies by run
-                chose = w.new_zeros((*w.shape, lp)).scatter_(-1, picked[qs, ps].long()[..., None], w[..., None])
-                grad_pages[ps] += torch.einsum("qpij,qid->pjd", chose, queries[qs])
-        return grad_queries, grad_pages, None, None
-
-
-def maxsim(
-    queries: torch.Tensor,
-    pages: torch.Tensor,
-    query_mask: torch.Tensor | None = None,
-    page_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Differentiable exact MaxSim of padded batches, for training.
-
-    queries (Nq, Lq, D), pages (Np, Lp, D), masks True on real tokens -> scores (Nq, Np) in the inputs' dtype:
-    for each query token its best real page token, summed over real query tokens. A padded page token never wins
-    a max (it is -inf, not 0), a padded query token adds nothing. Memory: the similarities exist one block at a time
-    (CPU/GPU_TRAIN_SIM_BLOCK values); backward keeps only the inputs and (Nq, Np, Lq) small-int argmax indices.
-    """
-    return _MaxSim.apply(queries, pages, query_mask, page_mask)
-
-
-def pad_queries(queries: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Zero-pad ragged queries to (Nq, Lq, D). Exact: a zero query vector's best similarity is 0."""
-    return torch.nn.utils.rnn.pad_sequence(list(queries), batch_first=True)
-
-
-def pad_pages(
-    pages: Sequence[torch.Tensor], dtype: torch.dtype | None = None, buffer: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Pad ragged pages to (Np, Lp, D) by repeating each page's own first token: a copy never changes the max,
-    so the padded batch scores exactly, with no mask pass (zero-padding would win a max over negative scores).
-    `dtype`: the padded batch's (default the pages'); the copy converts, no extra pass. `buffer`: a flat tensor of
-    that dtype, at least Np x Lp x D long, to pad into (the result is a view of it) instead of a new tensor."""
-    length = max(p.shape[0] for p in pages)
-    shape = (len(pages), length, pages[0].shape[1])
-    if buffer is None:
-        out = pages[0].new_empty(shape, dtype=dtype)
-    else:
-        out = buffer[: math.prod(shape)].view(shape)
-    for i, p in enumerate(pages):
-        if p.shape[0] == 0:
-            raise UserValueError(f"page {i} has no tokens to score")
-        out[i, : p.shape[0]] = p
-        out[i, p.shape[0] :] = p[0]
-    return out
-
-
-# Similarity values per block in maxsim_tokens. On a CPU a block must stay in cache: blocks of 256K-1M fp32 values
-# run near the matmul peak, 32M-value blocks that spill to memory at a third of it. A bf16 block (native bf16 only:
-# the matmul writes bf16) takes half the bytes, so the same cache holds twice the values. A GPU wants big blocks.
-CPU_SIM_BLOCK = 1 << 18
-CPU_SIM_BLOCK_BF16 = 1 << 19
-GPU_SIM_BLOCK = 1 << 28
-PAGE_CHUNK_TOKENS = 1 << 15  # page tokens padded together (sorted by length, so little padding)
-QUERY_BLOCK_TOKENS = 1 << 15  # query tokens scored together by maxsim_topk (bounds its (tokens, pages) buffer)
-SCORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware, probed once per process. oneDNN must take bf16 matmuls
-    (torch.ops.mkldnn._is_mkldnn_bf16_supported) and, on x86, the CPU must have AVX512-BF16 or AMX: oneDNN also says
-    yes on plain AVX512 CPUs, where it emulates bf16 in software and fp32 is as fast or faster. Elsewhere (ARM's
-    BF16 extension) oneDNN's answer is the hardware's. No timing: the answer must not change from run to run, since
-    it is part of mining's page-cache key."""
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
-    if platform.machine().lower() in ("x86_64", "amd64", "x86", "i386", "i686"):
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return True
-
-
-# Bump when exact MaxSim's arithmetic changes (summation order, blocking, rounding): results keyed on score_identity
-# are then recomputed once
-SCORING_VERSION = 1
-
-
-def score_identity(embedding: dict, scoring: torch.dtype, device, rerank: int = 0) -> dict:
-    """What a score depends on: the embeddings' identity (ColIntern.embedding_identity), the dtype MaxSim rounds to
-    and the one it multiplies in on `device` (matmul_dtype: bf16 on a CPU without native bf16 is multiplied in fp32),
-    the scoring code's version, the rerank depth and the vectors' dimension. Every entry is always present."""
-    return {
-        "embedding": embedding,
-        "score_dtype": dtype_name(scoring),
-        "matmul_dtype": dtype_name(matmul_dtype(scoring, device)),
-        "scoring_version": SCORING_VERSION,
-        "rerank": rerank,
-        "dim": embedding["dim"],
-    }
-
-
-def score_dtype(requested="auto", device="cpu") -> torch.dtype:
-    """The dtype MaxSim scores in: embeddings are rounded to it block by block, and each block is multiplied in it
-    where the hardware has it (see matmul_dtype); per-query sums are float32 either way.
-
-    `requested`: a torch dtype or a name (fp32, bf16, fp16, ...) is taken as given; 'auto' (or None) is bf16 on a CPU
-    with native bf16 (cpu_has_native_bf16) and on a GPU (fp16 on one without bf16), and fp32 on any other CPU, where
-    bf16 would be no faster: the blocks would be upcast to fp32 anyway."""
-    if requested not in (None, "auto"):
-        return resolve_dtype(requested)
-    if torch.device(device).type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return resolve_dtype("auto", device)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> 'bf16': how flags, logs and stats name a score dtype."""
-    return {v: k for k, v in SCORE_DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
-
-
-def matmul_dtype(dtype: torch.dtype, device) -> torch.dtype:
-    """The dtype scores are computed in for embeddings rounded to `dtype`: `dtype` itself, except bf16/fp16 on a
-    CPU without native support (bf16: see cpu_has_native_bf16; torch's fallback matmul runs ~100x below fp32), where
-    each block is upcast to fp32: the same rounded inputs, fp32 arithmetic, at the fp32 speed."""
-    if torch.device(device).type != "cpu" or dtype == torch.float32:
-        return dtype
-    if dtype == torch.bfloat16:
-        return dtype if cpu_has_native_bf16() else torch.float32
-    if dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        return dtype
-    return torch.float32
-
-
-def cpu_sim_block(compute: torch.dtype) -> int:
-    """maxsim_tokens' default block on a CPU for blocks computed in `compute`."""
-    return CPU_SIM_BLOCK if compute == torch.float32 else CPU_SIM_BLOCK_BF16
-
-
-@contextlib.contextmanager
-def scoring_threads(device):
-    """Around a scoring loop on a CPU: yields the torch thread count (workers for maxsim_tokens) and runs the
-    caller's own small ops (padding, sums, top-k merges) single-threaded meanwhile; split over threads, such ops
-    wait on each other at every call, which on a shared machine cost more than the scoring. Elsewhere yields None."""
-    if torch.device(device).type != "cpu":
-        yield None
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(threads)
-
-
-_CPU_POOL = None  # maxsim_tokens' worker threads on a CPU, one per torch thread
-
-
-def _cpu_pool(workers: int):
-    global _CPU_POOL
-    if _CPU_POOL is None or _CPU_POOL._max_workers != workers:
-        from concurrent.futures import ThreadPoolExecutor
-
-        if _CPU_POOL is not None:
-            _CPU_POOL.shutdown(wait=False)
-        _CPU_POOL = ThreadPoolExecutor(workers, thread_name_prefix="maxsim")
-    return _CPU_POOL
-
-
-@torch.no_grad()
-def maxsim_tokens(
-    query_tokens: torch.Tensor, pages: torch.Tensor, block_elements: int | None = None, workers: int | None = None
-) -> torch.Tensor:
-    """(T, D) query tokens x (Np, Lp, D) pages from pad_pages, both in the dtype to multiply in -> (T, Np) in that
-    dtype: each query token's best similarity on each page. Tiled so that one similarity block holds at most
-    `block_elements` values (default: cpu_sim_block on a CPU, GPU_SIM_BLOCK on a GPU).
-
-    On a CPU, `workers` single-threaded worker threads (default: torch's thread count) each take the next block
-    not yet taken until none is left, instead of splitting every small matmul across all threads: no barrier per
-    block, so a core taken by another process slows only its own worker (on a busy 2-core machine: 7 GFLOP/s with
-    split matmuls, 30-100 this way). Each worker multiplies into one buffer of its own, reused for every block: a
-    fresh block-sized tensor per block is fresh memory from the allocator, thousands of page faults per scoring run
-    (bench_maxsim at its defaults: 1.25x the scores, 1.17x the top-k, with the buffers and the shared counter; the
-    README's bench section has each step)."""
-    t, d = query_tokens.shape
-    np_, lp, _ = pages.shape
-    budget = block_elements or (GPU_SIM_BLOCK if query_tokens.is_cuda else cpu_sim_block(query_tokens.dtype))
-    # roughly square blocks of (query tokens) x (whole pages); everything at once when it fits
-    group = np_ if t * np_ * lp <= budget else max(1, min(np_, math.isqrt(budget) // lp))
-    rows = max(1, min(t, budget // (group * lp)))
-    rows = -(-t // -(-t // rows)) if t else rows  # as many blocks of rows, of even size: no thin last block
-    flat = pages.reshape(np_ * lp, d)
-    best = query_tokens.new_empty((t, np_))
-    blocks = [(p0, r0) for p0 in range(0, np_, group) for r0 in range(0, t, rows)]  # disjoint parts of `best`
-    threads = torch.get_num_threads()
-    workers = min(len(blocks), workers or threads) if query_tokens.device.type == "cpu" else 1
-    taken, lock = iter(range(len(blocks))), threading.Lock()
-    inference = torch.is_inference_mode_enabled()  # worker threads start in the default grad modes
-
-    def work(pooled: bool):
-        with torch.inference_mode(inference), torch.no_grad():
-            if pooled:
-                torch.set_num_threads(1)  # this worker thread's own BLAS threads; the caller's are restored below
-            buffer = query_tokens.new_empty(rows * group * lp)
-            while True:
-                with lock:
-                    i = next(taken, None)
-                if i is None:
-                    return
-                p0, r0 = blocks[i]
-                p1, r1 = min(np_, p0 + group), min(t, r0 + rows)
-                sim = buffer[: (r1 - r0) * (p1 - p0) * lp].view(r1 - r0, (p1 - p0) * lp)
-                torch.mm(query_tokens[r0:r1], flat[p0 * lp : p1 * lp].T, out=sim)
-                best[r0:r1, p0:p1] = sim.view(r1 - r0, p1 - p0, lp).amax(dim=-1)
-
-    if workers <= 1:
-        work(pooled=False)
-        return best
-    try:
-        list(_cpu_pool(workers).map(work, [True] * workers))
-    finally:
-        torch.set_num_threads(threads)
-    return best
-
-
-def _rounded(x: torch.Tensor, dtype: torch.dtype, compute: torch.dtype, device) -> torch.Tensor:
-    """`x` on `device`, its values rounded to `dtype`, ready to be copied into a `compute` buffer. The rounding is
-    a pass of its own only when the compute dtype differs (bf16 scored in fp32): otherwise the copy into the
-    buffer rounds."""
-    x = x.to(device)
-    return x.to(dtype) if dtype != compute and x.dtype != dtype else x
-
-
-def pack_queries(queries: Sequence[torch.Tensor], dtype, device, compute: torch.dtype | None = None) -> tuple:
-    """Ragged queries -> (tokens (T, D) rounded to `dtype`, in `compute` (default `dtype`), owner (T,) query index
-    of each token): no padding, so no wasted FLOPs."""
-    compute = compute or dtype
-    tokens = torch.cat([_rounded(q, dtype, compute, device).to(compute) for q in queries])
-    lengths = torch.tensor([q.shape[0] for q in queries], device=device)
-    return tokens, torch.repeat_interleave(torch.arange(len(queries), device=device), lengths)
-
-
-def page_chunks(pages: Sequence[torch.Tensor], dtype, device, compute: torch.dtype | None = None, reuse: bool = False):
-    """Yield (page indices, padded pages (n, Lp, D) rounded to `dtype`, in `compute` (default `dtype`)), pages
-    sorted by length so padding stays small. Each page is converted as it is padded, one chunk at a time.
-
-    `reuse`: pad every chunk into one buffer, overwritten by the next chunk, for a caller done with each chunk
-    before it takes the next. A fresh tensor per chunk is memory touched for the first time, whose page faults
-    cost as much again as the copy (on a 2-core CPU: 10% of a scoring run, against 2% with the buffer)."""
-    compute = compute or dtype
-    order = sorted(range(len(pages)), key=lambda i: pages[i].shape[0])
-    buffer = None
-    start = 0
-    while start < len(order):
-        end = start + 1  # lengths ascend, so a chunk's padded size is (pages in it) x (its last page's length)
-        while end < len(order) and (end + 1 - start) * pages[order[end]].shape[0] <= PAGE_CHUNK_TOKENS:
-            end += 1
-        idx = order[start:end]
-        size = (end - start) * pages[order[end - 1]].shape[0] * pages[order[0]].shape[1]
-        if reuse and (buffer is None or buffer.numel() < size):
-            buffer = torch.empty(max(size, PAGE_CHUNK_TOKENS * pages[order[0]].shape[1]), dtype=compute, device=device)
-        yield (
-            torch.tensor(idx, device=device),
-            pad_pages([_rounded(pages[i], dtype, compute, device) for i in idx], dtype=compute, buffer=buffer),
-        )
-        start = end
-
-
-def sum_by_query(best: torch.Tensor, owner: torch.Tensor, n_queries: int) -> torch.Tensor:
-    """(T, n) per-token best similarities -> (n_queries, n) float32 MaxSim scores, each query's tokens summed in one
-    fixed order on every device. On CUDA, index_add_ adds repeated indices with float atomics, in an order that
-    varies from run to run (and so could flip near-ties in a top-k): there each query's tokens (a contiguous run of
-    `owner`, as pack_queries lays them) go into a zero-padded dense (n_queries, longest, n) block, summed along its
-    token axis. On a CPU index_add_ adds row after row, in index order, and is kept: the dense block is ~15x slower
-    there (a fresh block is page faults)."""
-    if not adds_in_varying_order(best.device) or owner.numel() == 0:
-        return best.new_zeros((n_queries, best.shape[1]), dtype=torch.float32).index_add_(0, owner, best.float())
-    counts = torch.bincount(owner, minlength=n_queries)
-    starts = torch.cumsum(counts, 0) - counts  # integers: exact
-    slot = torch.arange(owner.numel(), device=owner.device) - starts[owner]
-    dense = best.new_zeros((n_queries, int(counts.max()), best.shape[1]), dtype=torch.float32)
-    dense[owner, slot] = best.float()
-    return dense.sum(dim=1)
-
-
-def adds_in_varying_order(device) -> bool:
-    """Whether index_add_ on this device adds repeated indices in an order that varies by run (CUDA's atomics)."""
-    return torch.device(device).type == "cuda"
-
-
-def merge_topk(
-    values: torch.Tensor, indices: torch.Tensor, new_values: torch.Tensor, new_indices: torch.Tensor, k: int
-) -> tuple:
-    """A running top-k per row, (n, k) values and indices, merged with (n, m) new ones -> the k best of both."""
-    return top_k_by_index(torch.cat([values, new_values], dim=1), torch.cat([indices, new_indices], dim=1), k)
-
-
-def top_k_by_index(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple:
-    """(n, m) values and their page indices -> the k best per row, (n, k) each, best first; equal values in page
-    index order (torch.topk leaves the order of ties unspecified), so the pick never depends on how pages or queries
-    were grouped."""
-    by_index = indices.argsort(dim=1, stable=True)
-    v = values.gather(1, by_index)
-    order = v.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return v.gather(1, order), indices.gather(1, by_index).gather(1, order)
-
-
-def sync(device) -> None:
-    """Wait for queued GPU work (before reading a clock); nothing on a CPU."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# How far a bf16 score can be from the exact (float64) one, per query token, for unit vectors of dimension D
-# (see bf16_score_bound): bf16 keeps 8 significand bits, so rounding to it has unit roundoff u = 2^-8. Each input
-# carries a relative error <= u per element, so a rounded product q_i p_i is off by <= (2u + u^2)|q_i p_i| and the
-# dot product by <= ~2u sum|q_i p_i| <= 2u |q| |p| = 2u (Cauchy-Schwarz, unit vectors). fp32 accumulation of D terms
-# adds <= D 2^-24 sum|q_i p_i| <= D 2^-24; a native bf16 matmul writes bf16, one more rounding: <= u |s| <= u. A max
-# over page tokens is 1-Lipschitz, so a token's best similarity is off by at most the worst similarity error; the
-# float32 sum over Lq query tokens adds the Lq errors (and <= Lq^2 2^-24 of its own).
-BF16_UNIT_ROUNDOFF = 2.0**-8
-FP32_UNIT_ROUNDOFF = 2.0**-24
-
-
-def score_error_bound(dtype: torch.dtype, query_tokens: int, dim: int) -> float:
-    """Worst-case |score - exact score| of one query of `query_tokens` unit vectors of size `dim` scored in
-    `dtype` (fp32 inputs taken as exact; the derivation is above)."""
-    rounding = 3 * BF16_UNIT_ROUNDOFF if dtype == torch.bfloat16 else 0.0
-    if dtype not in (torch.bfloat16, torch.float32):
-        raise UserValueError(f"no bound derived for {dtype}")
-    return query_tokens * (rounding + (dim + query_tokens) * FP32_UNIT_ROUNDOFF)
-
-
-def maxsim_scores(
-    queries: Sequence[torch.Tensor],
-    pages: Sequence[torch.Tensor],
-    device="cpu",
-    dtype=torch.float32,
-    max_sim_elements: int | None = None,
-) -> torch.Tensor:
-    """Exact MaxSim of ragged queries x ragged pages -> (Nq, Np) float32 on the CPU.
-
-    Query tokens are packed (no padding), pages sorted by length and padded in chunks with their own first token,
-    and each chunk scored in similarity blocks of at most `max_sim_elements` values (default: cache-sized on a CPU,
-    large on a GPU). `dtype` is the score dtype (see score_dtype; 'auto' resolves there): what embeddings are
-    rounded to before scoring; scores are summed in float32."""
-    if len(queries) == 0 or len(pages) == 0:
-        return torch.zeros(len(queries), len(pages))
-    dtype = score_dtype(dtype, device)
-    compute = matmul_dtype(dtype, device)
-    scores = torch.empty(len(queries), len(pages))
-    with scoring_threads(device) as workers:
-        tokens, owner = pack_queries(queries, dtype, device, compute)  # (T, D), (T,)
-        for idx, chunk in page_chunks(pages, dtype, device, compute, reuse=True):
-            best = maxsim_tokens(tokens, chunk, max_sim_elements, workers)
-            scores[:, idx.cpu()] = sum_by_query(best, owner, len(queries)).cpu()
-    return scores
-
-
-def maxsim_topk(
-    queries: Sequence[torch.Tensor],
-    pages: Sequence[torch.Tensor],
-    k: int,
-    device="cpu",
-    dtype=torch.float32,
-    max_sim_elements: int | None = None,
-    on_scores=None,
-    query_block_tokens: int = QUERY_BLOCK_TOKENS,
-) -> tuple:
-    """The k best pages per query by exact MaxSim, never holding the (Nq, Np) matrix: each block of queries keeps
-    a running top-k while page chunks stream past. `dtype`: the score dtype, as in maxsim_scores.
-
-    -> (scores (Nq, k) float32, page indices (Nq, k) int64), best first, on the CPU; k is capped at len(pages),
-    and slots no page filled are (-inf, -1). `on_scores(q0, q1, page_idx, scores)`, if given, sees every
-    (queries q0:q1) x (pages page_idx) float32 block before it enters the top-k and may set entries to -inf to
-    exclude them (e.g. a query's positive), or count them."""
-    k = min(k, len(pages))
-    values = torch.full((len(queries), k), float("-inf"))
-    indices = torch.full((len(queries), k), -1, dtype=torch.long)
-    if len(queries) == 0 or k == 0:
-        return values, indices
-    blocks = query_blocks([q.shape[0] for q in queries], query_block_tokens)
-    dtype = score_dtype(dtype, device)
-    compute = matmul_dtype(dtype, device)
-    with scoring_threads(device) as workers:
-        chunks = page_chunks(pages, dtype, device, compute, reuse=len(blocks) == 1)
-        if len(blocks) > 1:
-            chunks = list(chunks)  # every block of queries meets every chunk: pad them once
-        for q0, q1 in blocks:
-            tokens, owner = pack_queries(queries[q0:q1], dtype, device, compute)
-            best_v = torch.full((q1 - q0, k), float("-inf"), device=device)
-            best_i = torch.full((q1 - q0, k), -1, dtype=torch.long, device=device)
-            for idx, chunk in chunks:
-                best = maxsim_tokens(tokens, chunk, max_sim_elements, workers)
-                scores = sum_by_query(best, owner, q1 - q0)  # (nq, n)
-                if on_scores is not None:
-                    on_scores(q0, q1, idx, scores)
-                best_v, best_i = merge_topk(best_v, best_i, scores, idx.expand(q1 - q0, -1), k)
-            values[q0:q1], indices[q0:q1] = best_v.cpu(), best_i.cpu()
-    indices[values == float("-inf")] = -1
-    return values, indices
-
-
-# -----------------------------------------------------------------------------
-# Pooling: fewer page vectors for a smaller index (eval.py and mine_hard_negatives.py --pool_factor)
-#
-# A page's L tokens are clustered hierarchically (Ward linkage on the unit token vectors themselves) into
-# max(1, L // pool_factor) clusters, each replaced by its renormalised mean; queries are never pooled and scoring is
-# the same exact MaxSim. colpali-engine's HierarchicalTokenPooler runs Ward on the rows of 1 - E E^T instead: an
-# L-dimensional observation per token, O(L^3) per page for the distances, against O(L^2 D) here.
-
-
-def page_clusters(page: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """(L, D) unit vectors -> (L,) int64 cluster of each token, 0..n_clusters-1 numbered by first token. The tree is
-    cut after its first L - n_clusters merges (scipy sorts them by height, stably), so the count is exact even when
-    heights tie, where fcluster's maxclust may return fewer; otherwise the same clusters."""
-    import numpy as np
-    from scipy.cluster.hierarchy import linkage
-
-    n = len(page)
-    merges = linkage(page.detach().cpu().double().numpy(), method="ward")[: n - n_clusters, :2].astype(np.int64)
-    parent = np.arange(2 * n - 1)
-    parent[merges[:, 0]] = parent[merges[:, 1]] = np.arange(n, n + len(merges))
-    parent = parent[: n + len(merges)]
-    while True:  # pointer jumping: every token to its cluster's root
-        up = parent[parent]
-        if np.array_equal(up, parent):
-            break
-        parent = up
-    _, first, inverse = np.unique(parent[:n], return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    return torch.from_numpy(rank[inverse.reshape(-1)])
-
-
-def pool_page(page: torch.Tensor, pool_factor: int) -> torch.Tensor:
-    """(L, D) unit page vectors -> (max(1, L // pool_factor), D): each cluster's renormalised mean, clusters in the
-    order of their first token, in the page's dtype and device. pool_factor 1 returns `page` itself."""
-    if pool_factor < 1:
-        raise UserValueError(f"pool_factor must be >= 1, got {pool_factor}")
-    n_clusters = max(1, len(page) // pool_factor)
-    if n_clusters >= len(page):
-        return page
-    label = page_clusters(page, n_clusters).to(page.device)
-    sums = torch.zeros(n_clusters, page.shape[1], dtype=torch.float32, device=page.device)
-    sums.index_add_(0, label, page.float())  # (K, D)
-    return F.normalize(sums, dim=-1).to(page.dtype)
-
-
-def pool_pages(pages: Sequence[torch.Tensor], pool_factor: int, workers: int | None = None) -> list:
-    """pool_page over a list of pages, on `workers` threads (default: torch's thread count): the distance
-    computation and the linkage run in numpy/scipy. Same result whatever the thread count."""
-    if pool_factor == 1:
-        return list(pages)
-    workers = min(len(pages), workers or torch.get_num_threads())
-    if workers <= 1:
-        return [pool_page(p, pool_factor) for p in pages]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="pool") as ex:
-        return list(ex.map(functools.partial(pool_page, pool_factor=pool_factor), pages))
-
-
-def index_bytes(pages: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> int:
-    """Bytes the pages' vectors take held in `dtype` (default: their own)."""
-    return sum(p.numel() * (dtype or p.dtype).itemsize for p in pages)
-
-
-# -----------------------------------------------------------------------------
-# Loss
-
-
-def contrastive_loss(
-    queries: torch.Tensor,
-    query_mask: torch.Tensor,
-    pages: torch.Tensor,
-    page_mask: torch.Tensor,
-    pos_index: torch.Tensor,
-    temperature: float = 0.02,
-    normalize_by_query_length: bool = True,
-    dims: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """InfoNCE over MaxSim: query i's positive is pages[pos_index[i]]; every other page is a negative.
-
-    `pages` is the candidate pool for all queries: the in-batch positives (from every rank, when gathered), then
-    any hard negatives, all shared. Multi-GPU: gather pages from all ranks and pass pos_index = rank * B + arange(B).
-    `dims` (Matryoshka): the plain sum of this loss over each vector prefix of those sizes, every prefix
-    renormalised (a masked token's zero vector stays zero), so that each prefix is a retriever of its own.
-    """
-    if dims:
-        return sum(
-            contrastive_loss(
-                matryoshka_prefix(queries, d),
-                query_mask,
-                matryoshka_prefix(pages, d),
-                page_mask,
-                pos_index,
-                temperature,
-                normalize_by_query_length,
-            )
-            for d in dims
-        )
-    scores = maxsim(queries, pages, query_mask, page_mask)  # (B, Npages)
-    if normalize_by_query_length:
-        scores = scores / query_mask.sum(dim=1, keepdim=True).clamp(min=1).to(scores.dtype)
-    return F.cross_entropy(scores.float() / temperature, pos_index.to(scores.device))
-
-
-def matryoshka_prefix(emb: torch.Tensor, dim: int) -> torch.Tensor:
-    """(..., D) unit vectors (or zero ones) -> their first `dim` entries, renormalised (zero vectors stay zero)."""
-    return emb if dim == emb.shape[-1] else F.normalize(emb[..., :dim], dim=-1)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: one .pt dict, loadable with weights_only=True
-#     {"kind": "colintern", "meta": {...}, "heads": {...}, "lora": {...}, "train_state": {...} (train.py only)}
-# Only what training changes is saved, the heads and LoRA: the frozen backbone comes from meta["model_id"].
-
-CHECKPOINT_KIND = "colintern"
+# Saving and loading the trained parts: heads + LoRA as a checkpoint dict (colintern_checkpoint writes and reads
+# the files), and back into a model
 
 
 def checkpoint_dict(
@@ -1472,30 +878,6 @@ def lora_parameters(model: ColIntern) -> dict:
     return get_peft_model_state_dict(model.backbone, state_dict=own, save_embedding_layers=False)
 
 
-def checkpoint_quantization(meta: dict) -> str:
-    """How the backbone a checkpoint was trained on was quantised; checkpoints from before --quantize: none."""
-    return meta.get("quantize", "none")
-
-
-def say_if_quantization_differs(meta: dict, quantize: str, source: str, say=print) -> None:
-    """One line when heads + LoRA trained over one quantisation are loaded over another: allowed (LoRA sits beside
-    the frozen weights, whatever their storage), but the backbone's outputs move by the quantisation error."""
-    trained = checkpoint_quantization(meta)
-    if quantize != trained:
-        say(
-            f"{source} was trained on a --quantize {trained} backbone and is loaded on a --quantize {quantize} one: "
-            f"heads and LoRA load unchanged; scores may shift by the quantisation error"
-        )
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a kill leaves the old file intact."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(
     path: str,
     model: ColIntern,
@@ -1505,51 +887,6 @@ def save_checkpoint(
     training_data: list | None = None,
 ):
     atomic_torch_save(checkpoint_dict(model, step, epoch, train_state, training_data), path)
-
-
-def load_checkpoint(path: str) -> dict:
-    """The one reader of trained models -> the checkpoint dict {"kind", "meta", "heads", "lora"} of a .pt file
-    (train.py's), an exported folder (export.py's), or the hub id of an exported folder (downloaded)."""
-    path = local_checkpoint(path)
-    if os.path.isdir(path):
-        ckpt = load_exported(path)
-    elif not os.path.isfile(path):
-        raise UserFileNotFoundError(f"checkpoint {path} does not exist")
-    else:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch.load of a text file raises KeyError, of a cut-short one RuntimeError, ...
-            raise UserValueError(
-                f"{path} is not a ColIntern checkpoint (made by train.py): torch.load cannot read it"
-            ) from e
-        if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-            raise UserValueError(
-                f"{path} is not a ColIntern checkpoint (made by train.py): it has no kind={CHECKPOINT_KIND!r} entry"
-            )
-    bad = first_non_finite(
-        {**{f"heads.{k}": v for k, v in ckpt["heads"].items()}, **{f"lora.{k}": v for k, v in ckpt["lora"].items()}}
-    )
-    if bad is not None:
-        raise UserValueError(
-            f"{path}: {bad} holds non-finite values (inf or NaN): its scores would be garbage. The "
-            f"run that wrote it diverged; use an earlier checkpoint"
-        )
-    return ckpt
-
-
-def first_non_finite(tensors: dict) -> str | None:
-    """The name of the first tensor holding an inf or a NaN, or None: one reduction (and one sync) over them all,
-    the tensor-by-tensor search only once one is found."""
-    values = [t for t in tensors.values() if t.is_floating_point() and t.numel()]
-    if not values or torch.isfinite(torch.nn.utils.get_total_norm(values, norm_type=float("inf"))):
-        return None
-    return next(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
-
-
-# Checkpoints written before LoRA went through peft's get_peft_model_state_dict hold the backbone's own state_dict
-# keys, which carry peft's adapter name: "language_model.layers.0.self_attn.q_proj.lora_A.default.weight" is now
-# "language_model.layers.0.self_attn.q_proj.lora_A.weight". tests/data/checkpoint-lora-keys-v0.pt is one.
-LORA_KEY_ADAPTER_NAME = re.compile(r"(\.lora_\w+)\.default(\.\w+)?$")
 
 
 def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint") -> None:
@@ -1605,153 +942,8 @@ def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint
             param.copy_(lora[key])
 
 
-# -----------------------------------------------------------------------------
-# Exported folders (export.py): a trained model as `hf upload` shares it, safetensors and JSON only
-#     adapter_config.json, adapter_model.safetensors  LoRA as peft's own files: PeftModel.from_pretrained(backbone,
-#                                                     folder) reads them; base_model_name_or_path = the backbone id
-#     heads.safetensors                               query_head.* and page_head.*
-#     colintern_config.json                           {"kind", "export_version", "name", **the checkpoint's meta}
-# load_checkpoint reads such a folder back into the same checkpoint dict a .pt holds.
-
-EXPORT_VERSION = 1
-EXPORT_CONFIG = "colintern_config.json"
-HEADS_FILE = "heads.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_KEY_PREFIX = "base_model.model."  # PeftModel.save_pretrained's keys: the PeftModel's own parameter names
-
-
-def lora_config(settings: dict, base_model: str):
-    """peft's LoraConfig of ColIntern's LoRA settings (dataclasses.asdict of LoraSettings)."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=settings["r"],
-        lora_alpha=settings["alpha"],
-        lora_dropout=settings["dropout"],
-        target_modules=settings["target_modules"],
-        bias="none",
-        base_model_name_or_path=base_model,
-        inference_mode=True,
-    )
-
-
-def write_exported(ckpt: dict, folder: str, name: str, base_model: str | None = None) -> dict:
-    """Write a checkpoint dict into `folder` (which exists) as an exported folder; -> its colintern_config.json.
-    `base_model` replaces meta["model_id"] (the hub id of the backbone a local copy was trained from). Every meta
-    key travels, so what newer code records in a checkpoint reaches the folder without changes here."""
-    from safetensors.torch import save_file
-
-    meta = dict(ckpt["meta"], model_id=base_model or ckpt["meta"]["model_id"])
-    save_file(
-        {k: v.contiguous() for k, v in ckpt["heads"].items()},
-        os.path.join(folder, HEADS_FILE),
-        metadata={"format": "pt"},
-    )
-    if meta["lora"]:
-        lora_config(meta["lora"], meta["model_id"]).save_pretrained(folder)
-        lora = {
-            PEFT_KEY_PREFIX + LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v.contiguous() for k, v in ckpt["lora"].items()
-        }
-        save_file(lora, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = {"kind": CHECKPOINT_KIND, "export_version": EXPORT_VERSION, "name": name, **meta}
-    write_json(os.path.join(folder, EXPORT_CONFIG), config)
-    return config
-
-
-def read_json_file(path: str, what: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserFileNotFoundError(
-            f"{path} is missing: the folder is not a complete ColIntern export ({what})"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserValueError(f"{path} is not valid JSON ({e}): the folder is corrupted; export it again") from e
-
-
-def read_safetensors(path: str) -> dict:
-    from safetensors.torch import load_file
-
-    if not os.path.isfile(path):
-        raise UserFileNotFoundError(f"{path} is missing: the folder is not a complete ColIntern export")
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors raises its own SafetensorError on a cut-short or garbled file
-        raise UserValueError(
-            f"{path} cannot be read as safetensors ({' '.join(str(e).split())}): the file is "
-            f"corrupted; download or export it again"
-        ) from e
-
-
-def load_exported(folder: str) -> dict:
-    """An exported folder -> the checkpoint dict. LoRA settings and the backbone id come from peft's
-    adapter_config.json (what PeftModel.from_pretrained would use) and must agree with colintern_config.json."""
-    checkpoints = sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
-    if checkpoints and not os.path.isfile(os.path.join(folder, EXPORT_CONFIG)):  # train.py's --out_dir, say
-        raise UserFileNotFoundError(
-            f"{folder} is a folder of checkpoints, not an exported model: pass one of its "
-            f"files, e.g. {os.path.join(folder, checkpoints[-1])} (it holds "
-            f"{', '.join(checkpoints[:6])}{' ...' if len(checkpoints) > 6 else ''})"
-        )
-    config = read_json_file(os.path.join(folder, EXPORT_CONFIG), "export.py writes colintern_config.json")
-    if config.get("kind") != CHECKPOINT_KIND or config.get("export_version") != EXPORT_VERSION:
-        raise UserValueError(
-            f"{os.path.join(folder, EXPORT_CONFIG)} is not a ColIntern export of version "
-            f"{EXPORT_VERSION} (kind {config.get('kind')!r}, export_version "
-            f"{config.get('export_version')!r})"
-        )
-    meta = {k: v for k, v in config.items() if k not in ("kind", "export_version")}
-    lora = {}
-    if meta.get("lora"):
-        adapter = read_json_file(os.path.join(folder, ADAPTER_CONFIG), "the LoRA adapter's peft config")
-        theirs = {
-            "r": adapter.get("r"),
-            "alpha": adapter.get("lora_alpha"),
-            "dropout": adapter.get("lora_dropout"),
-            "target_modules": adapter.get("target_modules"),
-        }
-        ours = {k: meta["lora"].get(k) for k in theirs}
-        if adapter.get("peft_type") != "LORA" or theirs != ours:
-            raise UserValueError(
-                f"{os.path.join(folder, ADAPTER_CONFIG)} does not match {EXPORT_CONFIG}: the adapter "
-                f"is {adapter.get('peft_type')} {theirs}, the model was trained with LoRA {ours}"
-            )
-        meta["model_id"] = adapter.get("base_model_name_or_path") or meta["model_id"]
-        weights = read_safetensors(os.path.join(folder, ADAPTER_WEIGHTS))
-        outside = [k for k in weights if not k.startswith(PEFT_KEY_PREFIX)]
-        if outside:
-            raise UserValueError(
-                f"{os.path.join(folder, ADAPTER_WEIGHTS)} holds keys outside peft's "
-                f"{PEFT_KEY_PREFIX!r} naming (e.g. {outside[0]}): not a peft adapter of this model"
-            )
-        lora = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in weights.items()}
-    heads = read_safetensors(os.path.join(folder, HEADS_FILE))
-    return {"kind": CHECKPOINT_KIND, "meta": meta, "heads": heads, "lora": lora}
-
-
 def load_trained(path_or_id: str, **kwargs):
     """-> (model, processor) of a trained ColIntern: a .pt checkpoint, an exported folder or its hub id.
     Keywords go to ColIntern.from_checkpoint (model_id overrides the backbone, dtype, device_map, max_tiles)."""
     model, processor, _ = ColIntern.from_checkpoint(path_or_id, **kwargs)
     return model, processor
-
-
-# -----------------------------------------------------------------------------
-# The exact search's blocks of queries, which ranks split (colintern_launch runs the ranks)
-
-
-def query_blocks(lengths: Sequence[int], query_block_tokens: int) -> list:
-    """maxsim_topk's blocks of queries, [(q0, q1), ...]: greedy runs of about query_block_tokens tokens. A run of
-    whole blocks sliced out of a list is blocked the same way again, which is what lets ranks split queries at
-    block boundaries and multiply exactly the matrices one process would."""
-    blocks, q0 = [], 0
-    while q0 < len(lengths):
-        q1, n_tokens = q0, 0
-        while q1 < len(lengths) and (q1 == q0 or n_tokens + lengths[q1] <= query_block_tokens):
-            n_tokens += lengths[q1]
-            q1 += 1
-        blocks.append((q0, q1))
-        q0 = q1
-    return blocks

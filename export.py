@@ -149,17 +149,10 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     ARGS = parse_args()  # before torch and mteb are imported below: --help and flag mistakes answer at once
 
-import eval as colintern_eval  # noqa: E402
+import colintern_mteb  # noqa: E402
+from colintern_checkpoint import load_checkpoint, write_exported  # noqa: E402
 from colintern_data import check_output, create_beside, follow_umask  # noqa: E402
-from colintern_model import (  # noqa: E402
-    PAGE_PROMPT,
-    QUERY_AUGMENTATION_TOKENS,
-    QUERY_PREFIX,
-    ColIntern,  # noqa: E402
-    ColInternProcessor,
-    load_checkpoint,
-    write_exported,
-)
+from colintern_model import PAGE_PROMPT, QUERY_AUGMENTATION_TOKENS, QUERY_PREFIX, ColIntern, ColInternProcessor  # noqa: E402
 from colintern_st import check_formats, write_sentence_transformers  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -186,7 +179,7 @@ def json_str(value: str) -> str:
 
 def eval_tables(summaries: list) -> str:
     """eval.py summary JSONs -> markdown tables (scores x100), one per benchmark: its tasks and their average."""
-    metrics = colintern_eval.METRICS
+    metrics = colintern_mteb.METRICS
     lines = []
     for summary in summaries:
         for entry in summary["benchmarks"].values():
@@ -370,8 +363,8 @@ def registration_meta(folder: str, config: dict, args):
     """Load the written folder onto the backbone it was trained on (the check that its files fit) and describe it
     as eval.py does, under the export's name, license and revision."""
     model, _, ckpt = ColIntern.from_checkpoint(folder, model_id=args.trained_on)
-    training_data, _ = colintern_eval.checkpoint_training_data(args.ckpt, ckpt)
-    meta = colintern_eval.build_model_meta(
+    training_data, _ = colintern_mteb.checkpoint_training_data(args.ckpt, ckpt)
+    meta = colintern_mteb.build_model_meta(
         model, config["model_id"], args.revision, None, {}, None, training_data, name=config["name"]
     )
     return meta.model_copy(

@@ -19,7 +19,7 @@ How:
 2. Distinct pages are encoded in shards of --shard_pages pages, each saved (fp16, atomically) in --cache_dir, in a
    folder keyed by the checkpoint's content, model id, tiles, dtype, score dtype and data source. A re-run reuses
    every shard that holds exactly the pages it needs; a kill loses at most the shard being encoded. With
-   --pool_factor F each page is pooled (colintern_model.pool_page) before its shard is saved: the cache (keyed by F)
+   --pool_factor F each page is pooled (colintern_scoring.pool_page) before its shard is saved: the cache (keyed by F)
    and every search then hold max(1, L // F) vectors a page; queries are never pooled.
 3. Each query's positive is scored first. The positive (and so every copy of it) is never a candidate, a page
    scoring above --margin x the positive's score is dropped as a likely false negative (NV-Retriever's
@@ -43,12 +43,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from colintern_cli import ArgumentParser, UserRuntimeError, progress_bar, run_cli
+from colintern_checkpoint import atomic_torch_save
+from colintern_cli import ArgumentParser, UserRuntimeError, looks_like_hub_id, progress_bar, run_cli
 from colintern_data import (
     PageResolver,
     check_output,
     file_sha1,
-    looks_like_hub_id,
     pseudo_path,
     raw_images,
     read_queries,
@@ -58,10 +58,9 @@ from colintern_data import (
     write_jsonl,
 )
 from colintern_launch import add_model_flags, distributed_run, gather_to_all, rank_share, ranks_agree
-from colintern_model import (
+from colintern_model import ColIntern, resolve_dtype, unpad
+from colintern_scoring import (
     QUERY_BLOCK_TOKENS,
-    ColIntern,
-    atomic_torch_save,
     dtype_name,
     matmul_dtype,
     maxsim_tokens,
@@ -70,13 +69,11 @@ from colintern_model import (
     pack_queries,
     pool_pages,
     query_blocks,
-    resolve_dtype,
     score_dtype,
     scoring_threads,
     sum_by_query,
     sync,
     top_k_by_index,
-    unpad,
 )
 
 FLAT_MAX_TOKENS = 1 << 22  # exact token index up to 4M page tokens (2 GB fp32); IVF-PQ above

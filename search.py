@@ -24,7 +24,7 @@ file is a new sha256, so only it is encoded again; files no longer under --docs 
 are deleted. Chunks are written atomically one by one, so a killed run loses at most the chunk being encoded, and
 a 1,000-page PDF streams through --doc_batch pages at a time.
 
-Search: every page's pooled vectors are scored with exact MaxSim (colintern_model.maxsim_topk, the CPU and GPU
+Search: every page's pooled vectors are scored with exact MaxSim (colintern_scoring.maxsim_topk, the CPU and GPU
 kernels mining and eval use), and each question's --rerank best are scored again with their full vectors; an index
 without pooling (--pool_factor 1), or --exact, scores every page's full vectors. The model comes from the index.
 """
@@ -311,8 +311,8 @@ def scan_documents(paths: list, catalog: dict, say) -> list:
 def index_identity(model, args, scoring: str) -> dict:
     """What every stored vector depends on; a second run must match it (refuse_mixing). `model` settings let query
     rebuild the same model; `score_dtype` is the queries' default."""
-    from colintern_data import looks_like_hub_id
-    from colintern_model import dtype_name
+    from colintern_cli import looks_like_hub_id
+    from colintern_scoring import dtype_name
 
     ckpt = args.ckpt if looks_like_hub_id(args.ckpt) else os.path.abspath(args.ckpt)
     return {
@@ -397,7 +397,8 @@ def encode_document(doc: Document, index: str, encode, pool_factor: int, args, b
     In memory: one chunk's vectors and one --doc_batch of rendered pages."""
     import torch
 
-    from colintern_model import atomic_torch_save, pool_pages
+    from colintern_checkpoint import atomic_torch_save
+    from colintern_scoring import pool_pages
 
     folder = object_folder(index, doc.sha256)
     os.makedirs(folder, exist_ok=True)
@@ -496,7 +497,7 @@ def device_for(flag_value: str | None) -> str:
 
 
 def index_command(args):
-    from colintern_model import dtype_name, score_dtype
+    from colintern_scoring import dtype_name, score_dtype
 
     check_output(args.index, "--index", "folder")
     start = time.perf_counter()
@@ -674,7 +675,7 @@ def load_model_for_query(identity: dict, device: str, say):
 def search_local(queries: list, vectors: IndexVectors, args, device: str, dtype) -> list:
     """-> per query [(page index, score)] best first: exact MaxSim over full vectors, or the pooled first stage and
     the exact rerank of its --rerank best."""
-    from colintern_model import maxsim_scores, maxsim_topk, top_k_by_index
+    from colintern_scoring import maxsim_scores, maxsim_topk, top_k_by_index
 
     if args.exact or not vectors.pooled:
         values, indices = maxsim_topk(queries, vectors.full, args.top, device=device, dtype=dtype)
@@ -692,7 +693,7 @@ def search_local(queries: list, vectors: IndexVectors, args, device: str, dtype)
 
 
 def query_command(args):
-    from colintern_model import dtype_name, matmul_dtype, score_dtype
+    from colintern_scoring import dtype_name, matmul_dtype, score_dtype
 
     def say(*a):
         print(*a, file=sys.stderr)

@@ -53,9 +53,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (all_gather with gradients, gather_pages)
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
+from colintern_checkpoint import checkpoint_quantization, first_non_finite, load_checkpoint, say_if_quantization_differs
 from colintern_cli import (
     ArgumentParser,
     UserFileExistsError,
@@ -79,6 +79,7 @@ from colintern_data import (
     write_json,
 )
 from colintern_launch import distributed_run, ranks_agree
+from colintern_loss import QueryPageEncoder, contrastive_loss, step_forward_backward
 from colintern_model import (
     ATTN_HELP,
     DEFAULT_MODEL_ID,
@@ -88,15 +89,10 @@ from colintern_model import (
     LoraSettings,
     check_attn_implementation,
     check_model_id,
-    checkpoint_quantization,
-    contrastive_loss,
-    dtype_name,
-    first_non_finite,
-    load_checkpoint,
     resolve_dtype,
     save_checkpoint,
-    say_if_quantization_differs,
 )
+from colintern_scoring import dtype_name
 
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
 WEIGHT_DECAY = 0.0  # as colpali-engine's recipes (HF Trainer default)
@@ -542,160 +538,6 @@ def load_training_rows(args):
 
 # -----------------------------------------------------------------------------
 # Many processes (torchrun): the pages of every rank in one contrastive batch
-
-
-def pad_left(emb: torch.Tensor, mask: torch.Tensor, length: int):
-    """(N, L, D), (N, L) -> (N, length, D), (N, length): pad on the left, as the processor does, mask False."""
-    extra = length - emb.shape[1]
-    return F.pad(emb, (0, 0, extra, 0)), F.pad(mask, (extra, 0), value=False)
-
-
-def gather_pages(pages: torch.Tensor, page_mask: torch.Tensor, n_queries: int, world: int):
-    """Every rank's pages, positives of all ranks first (rank order), then all ranks' negatives. Padded to the
-    longest rank first; torch.distributed.nn.all_gather keeps gradients flowing back to the rank that made them."""
-    length = torch.tensor([pages.shape[1]], device=pages.device)
-    dist.all_reduce(length, op=dist.ReduceOp.MAX)
-    pages, page_mask = pad_left(pages, page_mask, int(length))
-    gathered = torch.distributed.nn.all_gather(pages.contiguous())
-    masks = [torch.empty_like(page_mask, dtype=torch.uint8) for _ in range(world)]
-    dist.all_gather(masks, page_mask.to(torch.uint8))  # gloo has no bool all_gather
-    masks = [m.bool() for m in masks]
-    pages = torch.cat([g[:n_queries] for g in gathered] + [g[n_queries:] for g in gathered])
-    page_mask = torch.cat([m[:n_queries] for m in masks] + [m[n_queries:] for m in masks])
-    return pages, page_mask
-
-
-class QueryPageEncoder(nn.Module):
-    """One forward for a training batch, so DDP sees (and syncs the gradients of) both heads and LoRA."""
-
-    def __init__(self, model: ColIntern):
-        super().__init__()
-        self.model = model
-
-    def page_features(self, pages):
-        """The pages' image features (ColIntern.image_features) for forward's page_features, to be computed once
-        and reused; None where the vision tower trains (then they cannot be reused)."""
-        return self.model.image_features(pages["pixel_values"]) if self.model.vision_frozen else None
-
-    def forward(self, queries, pages, page_features=None):
-        q, q_mask = self.model.forward_queries(queries)  # (B, Lq, D), (B, Lq)
-        p, p_mask = self.model.forward_pages(pages, page_features)  # (B * (1 + num_negs), Lp, D), (.., Lp)
-        return q, q_mask, p, p_mask
-
-
-def contrastive_pool(encoded: list, rank: int, world: int):
-    """The micro-batches' encodings -> one contrastive batch: this rank's queries, and as candidate pages every
-    positive of every rank (rank order), then every rank's hard negatives, with each query's positive index.
-    `encoded` holds (q, q_mask, pages, page_mask, n_queries) per micro-batch; tensors are padded on the left to
-    common lengths (masked), so pages of differently padded micro-batches and ranks line up."""
-    lq = max(e[0].shape[1] for e in encoded)
-    lp = max(e[2].shape[1] for e in encoded)
-    q, q_mask = (torch.cat(t) for t in zip(*(pad_left(e[0], e[1], lq) for e in encoded)))
-    pages = [pad_left(e[2], e[3], lp) for e in encoded]
-    n = sum(e[4] for e in encoded)
-    positives = [(p[: e[4]], m[: e[4]]) for (p, m), e in zip(pages, encoded)]
-    negatives = [(p[e[4] :], m[e[4] :]) for (p, m), e in zip(pages, encoded)]
-    pages, page_mask = (torch.cat(t) for t in zip(*positives, *negatives))
-    if world > 1:
-        pages, page_mask = gather_pages(pages, page_mask, n, world)
-    return q, q_mask, pages, page_mask, rank * n + torch.arange(n, device=q.device)
-
-
-def batch_loss(
-    encoder: nn.Module, batch: dict, temperature: float, rank: int = 0, world: int = 1, dims: list | None = None
-) -> torch.Tensor:
-    """InfoNCE of this rank's queries against the pages of every rank (positives, then hard negatives); summed over
-    the Matryoshka prefixes `dims` when given."""
-    q, q_mask, pages, page_mask = encoder(batch["queries"], batch["pages"])
-    q, q_mask, pages, page_mask, pos_index = contrastive_pool(
-        [(q, q_mask, pages, page_mask, batch["n_queries"])], rank, world
-    )
-    return contrastive_loss(q, q_mask, pages, page_mask, pos_index, temperature=temperature, dims=dims)
-
-
-def rng_state():
-    """The CPU generator and every CUDA device's: under --device_map auto, LoRA layers on each GPU draw their dropout
-    masks from that GPU's generator."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-
-
-def set_rng_state(state) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
-
-
-def grad_cache_step(
-    encoder: nn.Module,
-    micro_batches: list,
-    temperature: float,
-    rank: int,
-    world: int,
-    scale=lambda loss: loss,
-    offload_features: bool = False,
-    dims: list | None = None,
-) -> torch.Tensor:
-    """One optimizer step's forward and backward over several micro-batches with gradient caching (Gao et al.
-    2021), so that all their queries form ONE contrastive batch against all their pages, while activations exist
-    for one micro-batch at a time:
-      1. encode every micro-batch without a graph, keeping the embeddings, the RNG state before each, and the pages'
-         image features (the frozen vision tower's output; in pinned CPU memory with `offload_features`);
-      2. the loss over the whole batch (pages gathered from every rank), backward to the embeddings only;
-      3. re-encode each micro-batch with its graph from its kept image features (the vision tower runs once a step),
-         the same RNG state (so LoRA dropout draws the same masks), and back-propagate its cached embedding
-         gradients into LoRA and the heads. Under DDP only the last re-encode all-reduces (no_sync before it), once,
-         over the accumulated gradients.
-    -> the loss (detached). `scale` multiplies the loss before backward (fp16 loss scaling); `dims`: the
-    Matryoshka prefixes the loss sums over."""
-    module = encoder.module if isinstance(encoder, nn.parallel.DistributedDataParallel) else encoder
-    states, cached, features = [], [], []
-    with torch.no_grad():
-        for batch in micro_batches:
-            states.append(rng_state())
-            f = module.page_features(batch["pages"])
-            q, q_mask, p, p_mask = module(batch["queries"], batch["pages"], f)
-            cached.append((q.requires_grad_(), q_mask, p.requires_grad_(), p_mask, batch["n_queries"]))
-            features.append(to_pinned_host(f) if offload_features and f is not None else f)
-            del f
-    loss = contrastive_loss(*contrastive_pool(cached, rank, world), temperature=temperature, dims=dims)
-    scale(loss).backward()
-    after = rng_state()
-    for i, (batch, state, (q_cached, _, p_cached, _, _)) in enumerate(zip(micro_batches, states, cached)):
-        set_rng_state(state)
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or world == 1 else encoder.no_sync():
-            q, _, p, _ = encoder(batch["queries"], batch["pages"], features[i])
-            torch.autograd.backward([q, p], [q_cached.grad, p_cached.grad])
-        features[i] = None  # freed as soon as used
-    set_rng_state(after)
-    return loss.detach()
-
-
-def to_pinned_host(t: torch.Tensor) -> torch.Tensor:
-    """A GPU tensor copied to pinned CPU memory without a sync (the copy back, on the same stream, comes after it);
-    a CPU tensor as it is."""
-    if t.device.type == "cpu":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
-
-
-def step_forward_backward(
-    encoder: nn.Module,
-    micro_batches: list,
-    temperature: float,
-    rank: int,
-    world: int,
-    scale=lambda loss: loss,
-    offload_features: bool = False,
-    dims: list | None = None,
-) -> torch.Tensor:
-    """Forward and backward of one optimizer step: one plain pass for one micro-batch, gradient caching for more."""
-    if len(micro_batches) > 1:
-        return grad_cache_step(encoder, micro_batches, temperature, rank, world, scale, offload_features, dims)
-    loss = batch_loss(encoder, micro_batches[0], temperature, rank, world, dims)
-    scale(loss).backward()
-    return loss.detach()
 
 
 # -----------------------------------------------------------------------------

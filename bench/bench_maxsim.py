@@ -16,7 +16,7 @@ time, median against median). A peer too slow to finish within --peer_budget_s (
 without bf16 units) is timed on a subset of the queries, said so.
 
 The matmul peak at a dtype is the best GFLOP/s of square matmuls of 1024, 2048 and 4096 (GPU: 2048, 4096, 8192), best
-of --repeats runs each, all printed. Where the CPU has no native bf16 (colintern_model.cpu_has_native_bf16), torch's
+of --repeats runs each, all printed. Where the CPU has no native bf16 (colintern_scoring.cpu_has_native_bf16), torch's
 bf16 matmul is a slow fallback, timed on a small matrix only to say how slow; the peak a bf16 scorer can reach there
 is the fp32 one (ColIntern rounds to bf16 and multiplies in fp32). The bench also prints the score dtype mining's
 default (--score_dtype auto) picks here, and the default mode's ratio against colpali-engine's fp32.
@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from colintern_model import (
+from colintern_scoring import (
     cpu_has_native_bf16,
     dtype_name,
     matmul_dtype,
     maxsim_scores,
-    maxsim_topk,  # noqa: E402
+    maxsim_topk,
     score_dtype,
     sync,
 )

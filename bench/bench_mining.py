@@ -40,15 +40,8 @@ import bench_train  # noqa: E402
 
 import make_tiny_model  # noqa: E402
 import mine_hard_negatives as mine  # noqa: E402
-from colintern_model import (  # noqa: E402
-    ColIntern,
-    ColInternProcessor,
-    LoraSettings,
-    resolve_dtype,
-    save_checkpoint,
-    sync,
-    unpad,
-)
+from colintern_model import ColIntern, ColInternProcessor, LoraSettings, resolve_dtype, save_checkpoint, unpad  # noqa: E402
+from colintern_scoring import sync  # noqa: E402
 
 LAYOUTS = ("lines", "boxes", "bars", "two_columns")
 
@@ -303,7 +296,7 @@ def planted_recall(args, page_len: int, query_len: int, dim: int, n_queries: int
     its tokens, so the exact top-k is well defined (an untrained model's scores are near ties)."""
     import torch.nn.functional as F
 
-    from colintern_model import maxsim_topk
+    from colintern_scoring import maxsim_topk
 
     g = torch.Generator().manual_seed(args.seed)
     pages = [F.normalize(torch.randn(page_len, dim, generator=g), dim=-1) for _ in range(args.pages)]

@@ -1,4 +1,4 @@
-r"""Token pooling: quality, index size and pooling speed of ColIntern's pooling (colintern_model.pool_page: Ward on
+r"""Token pooling: quality, index size and pooling speed of ColIntern's pooling (colintern_scoring.pool_page: Ward on
 the unit token vectors) against colpali-engine's HierarchicalTokenPooler (Ward on the rows of 1 - E E^T), on the same
 embeddings at the same pool factors, each with and without re-ranking the top --rerank pages with full vectors.
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from colintern_model import pool_page  # noqa: E402
+from colintern_scoring import pool_page  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -172,7 +172,7 @@ def colpali_pooler(pages, factor):
 
 def score(queries, pooled, full, rerank) -> tuple:
     """(scores, seconds) through eval.py's ColInternEncoder.similarity, with the full pages kept for rerank."""
-    from eval import ColInternEncoder
+    from colintern_mteb import ColInternEncoder
 
     encoder = ColInternEncoder(None, None, None, pool_factor=2, rerank=rerank)
     if rerank:

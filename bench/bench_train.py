@@ -46,7 +46,7 @@ queries per step through gradient caching on one H100/H200; page encoding pages/
 --contrastive mode: ONE model with LoRA (and --gradient_checkpointing if given) and one optimizer serve every
 configuration: contrastive batch C as C/--micro micro-batches with gradient caching ("cached"), and each --plain C
 as one batch without caching ("plain"). Each configuration runs --warmup optimizer steps of
-train.step_forward_backward + optimizer step at its own shapes (kernels, allocator, Adam's state), then times
+colintern_loss.step_forward_backward + optimizer step at its own shapes (kernels, allocator, Adam's state), then times
 --steps more. One line a configuration: median time per step, samples/s, peak memory and its growth over the memory
 in use just before the step (CUDA: max_memory_allocated after a reset, over memory_allocated; CPU: peak RSS (VmHWM
 reset) over RSS, with glibc's mmap threshold fixed at 128 KiB so that freed activations go back to the OS and RSS
@@ -76,19 +76,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # keyword_pages.py: the tests' page renderer
 from keyword_pages import render_keyword_page  # noqa: E402
 
+import colintern_loss as cl  # noqa: E402
 import make_tiny_model  # noqa: E402
 import train  # noqa: E402
-from colintern_model import (  # noqa: E402
-    CPU_TRAIN_SIM_BLOCK,
-    GPU_TRAIN_SIM_BLOCK,
-    QUANTIZE,
-    ColIntern,
-    ColInternProcessor,
-    LoraSettings,
-    load_backbone,
-    resolve_dtype,
-    sync,
-)
+from colintern_loss import CPU_TRAIN_SIM_BLOCK, GPU_TRAIN_SIM_BLOCK  # noqa: E402
+from colintern_model import QUANTIZE, ColIntern, ColInternProcessor, LoraSettings, load_backbone, resolve_dtype  # noqa: E402
+from colintern_scoring import sync  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -434,12 +427,12 @@ def run_config(backbone_fn, processor, batch, lora_r, lora, checkpointing, steps
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    encoder = train.QueryPageEncoder(model)
+    encoder = cl.QueryPageEncoder(model)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     batch = to_device(batch, device)
 
     def step():
-        train.batch_loss(encoder, batch, 0.02).backward()
+        cl.batch_loss(encoder, batch, 0.02).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -480,7 +473,7 @@ def expected_line(c: int, micro_batches: list, num_negs: int, dim: int, device) 
 
 
 def optimizer_step(encoder, optimizer, micro_batches) -> None:
-    train.step_forward_backward(encoder, micro_batches, 0.02, 0, 1)
+    cl.step_forward_backward(encoder, micro_batches, 0.02, 0, 1)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -523,7 +516,7 @@ def contrastive_sweep(args, backbone, processor, page_size, device, peaks):
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    encoder = train.QueryPageEncoder(model)
+    encoder = cl.QueryPageEncoder(model)
     optimizer = train.make_optimizer(args.optimizer, model.trainable_parameters(), 1e-4)
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     print(

@@ -17,8 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_train  # noqa: E402
 
+import colintern_loss as cl
 import make_tiny_model  # noqa: E402
-import train  # noqa: E402
 from colintern_model import ColIntern, ColInternProcessor, LoraSettings  # noqa: E402
 
 # What the GPU machine does not have: every bench must run without importing them at module load. The MaxSim peers
@@ -246,7 +246,7 @@ def test_step_flops_match_torch_flop_counter(checkpointing):
     assert all(bool(b[k]["attention_mask"].all()) for b in batches for k in ("queries", "pages"))
     f = bench_train.step_flops(model, batches)
     with FlopCounterMode(display=False) as counter:
-        train.step_forward_backward(train.QueryPageEncoder(model), batches, 0.02, 0, 1)
+        cl.step_forward_backward(cl.QueryPageEncoder(model), batches, 0.02, 0, 1)
     executed = bench_train.executed_flops(f, False, checkpointing)
     if checkpointing:  # torch stops each layer's recomputation before down_proj's LoRA B, which backward does not need
         tokens = sum(int(b[k]["attention_mask"].sum()) for b in batches for k in ("queries", "pages"))

@@ -15,9 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+import colintern_checkpoint as ck
 import colintern_cli as cli
 import colintern_data
 import colintern_model as cm
+import colintern_scoring as cs
 import eval as colintern_eval
 import export
 import make_synthetic_data
@@ -360,7 +362,7 @@ def test_unknown_benchmark(commands):
 
 def test_bugs_and_library_errors_keep_their_traceback(tmp_path, capsys):
     with pytest.raises(ValueError, match="empty sequence"):  # a bug in project code: max([]), no raise statement
-        run_cli(lambda args: cm.pad_pages([]), None)
+        run_cli(lambda args: cs.pad_pages([]), None)
     with pytest.raises(RuntimeError):  # raised inside torch
         run_cli(lambda args: torch.ones(2) @ torch.ones(3), None)
     with pytest.raises(TypeError, match="page 0 is a int"):  # an explicit raise, but of a misuse of the code
@@ -461,7 +463,7 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
     """Every output is checked before a model is loaded or data is read: one line naming the flag and the path as
     typed (an existing folder given for a file, a path under a regular file or under /proc), not a temporary file's
     name after the work. Run as root in CI, where a chmod'ed folder would still be writable."""
-    monkeypatch.setattr(cm, "load_checkpoint", lambda *a, **k: pytest.fail("a checkpoint was read first"))
+    monkeypatch.setattr(ck, "load_checkpoint", lambda *a, **k: pytest.fail("a checkpoint was read first"))
     monkeypatch.setattr(cm.ColIntern, "from_checkpoint", lambda *a, **k: pytest.fail("a model was loaded first"))
     for script, argv, flag, path in output_cases(tmp_path):
         lines = run_script(script.main, script.parse_args(argv), capsys)
@@ -473,7 +475,7 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
 def test_debug_env_keeps_every_traceback(monkeypatch, tmp_path):
     monkeypatch.setenv("COLINTERN_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
-        run_cli(lambda args: cm.load_checkpoint(str(tmp_path / "nope.pt")), None)
+        run_cli(lambda args: ck.load_checkpoint(str(tmp_path / "nope.pt")), None)
 
 
 def test_ctrl_c_exits_130_without_a_traceback(capsys):

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import colintern_checkpoint as ck
+import colintern_loss as cl
 import colintern_model as cm
+import colintern_scoring as cs
 from colintern_model import ColIntern, ColInternProcessor, LoraSettings
 
 
@@ -60,7 +63,7 @@ def test_attention_implementation_is_chosen_recorded_and_keyed(tiny_model_dir, k
         assert model.backbone.config.vision_config._attn_implementation == impl
         assert model.embedding_identity()["attn_implementation"] == impl
         cm.save_checkpoint(str(tmp_path / f"{impl}.pt"), model)
-        assert cm.load_checkpoint(str(tmp_path / f"{impl}.pt"))["meta"]["attn_implementation"] == impl
+        assert ck.load_checkpoint(str(tmp_path / f"{impl}.pt"))["meta"]["attn_implementation"] == impl
         out[impl] = torch.cat(model.encode_pages(processor, pages))
     # each attention sums <= L = 200 products per output in its own order: |error| <= L u per layer (u = 2^-24),
     # over the tower's 1 layer and the language model's 2, on unit vectors
@@ -209,18 +212,18 @@ def test_every_ingredient_of_an_embedding_or_a_score_changes_its_identity(tiny_m
     for name, changed in variants.items():
         assert set(changed) == set(identity) and changed[name] != identity[name], name
 
-    scores = cm.score_identity(identity, torch.float32, "cpu")
-    monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: False)
-    bf16_upcast = cm.score_identity(identity, torch.bfloat16, "cpu")
-    monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: True)
+    scores = cs.score_identity(identity, torch.float32, "cpu")
+    monkeypatch.setattr(cs, "cpu_has_native_bf16", lambda: False)
+    bf16_upcast = cs.score_identity(identity, torch.bfloat16, "cpu")
+    monkeypatch.setattr(cs, "cpu_has_native_bf16", lambda: True)
     score_variants = {
-        "embedding": cm.score_identity(variants["pool_factor"], torch.float32, "cpu"),
+        "embedding": cs.score_identity(variants["pool_factor"], torch.float32, "cpu"),
         "score_dtype": bf16_upcast,
-        "matmul_dtype": cm.score_identity(identity, torch.bfloat16, "cpu"),
-        "rerank": cm.score_identity(identity, torch.float32, "cpu", rerank=10),
+        "matmul_dtype": cs.score_identity(identity, torch.bfloat16, "cpu"),
+        "rerank": cs.score_identity(identity, torch.float32, "cpu", rerank=10),
     }
-    monkeypatch.setattr(cm, "SCORING_VERSION", cm.SCORING_VERSION + 1)
-    score_variants["scoring_version"] = cm.score_identity(identity, torch.float32, "cpu")
+    monkeypatch.setattr(cs, "SCORING_VERSION", cs.SCORING_VERSION + 1)
+    score_variants["scoring_version"] = cs.score_identity(identity, torch.float32, "cpu")
     assert bf16_upcast["matmul_dtype"] == "fp32" and score_variants["matmul_dtype"]["matmul_dtype"] == "bf16"
     assert set(scores) == set(score_variants) | {"dim"} and scores["dim"] == 16
     assert len({key(scores), *map(key, score_variants.values())}) == 1 + len(score_variants)
@@ -258,7 +261,7 @@ def test_bidirectional_attention_sees_later_tokens_ignores_padding_and_travels(t
     assert torch.allclose(vectors(eager, [long, a])[1], ba, atol=1e-5)
     cm.save_checkpoint(str(tmp_path / "both.pt"), both)
     loaded = ColIntern.from_checkpoint(str(tmp_path / "both.pt"))[0]
-    assert loaded.bidirectional and cm.load_checkpoint(str(tmp_path / "both.pt"))["meta"]["bidirectional"]
+    assert loaded.bidirectional and ck.load_checkpoint(str(tmp_path / "both.pt"))["meta"]["bidirectional"]
     assert torch.equal(vectors(loaded, [a])[0], ba)
     assert both.embedding_identity()["bidirectional"] and not causal.embedding_identity()["bidirectional"]
 
@@ -296,11 +299,11 @@ def test_matryoshka_loss_is_the_sum_over_renormalised_prefixes():
         )
         return float(torch.nn.functional.cross_entropy(scores / temperature, pos))
 
-    got = cm.contrastive_loss(q, q_mask, p, p_mask, pos, temperature, dims=[16, 8, 4])
+    got = cl.contrastive_loss(q, q_mask, p, p_mask, pos, temperature, dims=[16, 8, 4])
     assert abs(float(got) - sum(reference(d) for d in (16, 8, 4))) < 1e-4
-    assert abs(float(cm.contrastive_loss(q, q_mask, p, p_mask, pos, temperature)) - reference(16)) < 1e-4
-    assert torch.equal(cm.matryoshka_prefix(q, 16), q) and torch.equal(
-        cm.matryoshka_prefix(q, 8)[0, 9:], torch.zeros(3, 8)
+    assert abs(float(cl.contrastive_loss(q, q_mask, p, p_mask, pos, temperature)) - reference(16)) < 1e-4
+    assert torch.equal(cl.matryoshka_prefix(q, 16), q) and torch.equal(
+        cl.matryoshka_prefix(q, 8)[0, 9:], torch.zeros(3, 8)
     )
 
 
@@ -332,7 +335,7 @@ def test_maxsim_scores_at_every_matryoshka_size(dim):
     g = torch.Generator().manual_seed(dim)
     queries = [F.normalize(torch.randn(n, dim, generator=g), dim=-1) for n in (5, 9)]
     pages = [F.normalize(torch.randn(n, dim, generator=g), dim=-1) for n in (30, 7, 50)]
-    got = cm.maxsim_scores(queries, pages)
+    got = cs.maxsim_scores(queries, pages)
     expected = torch.tensor(
         [[float((qq.double() @ pp.double().T).max(dim=1).values.sum()) for pp in pages] for qq in queries],
         dtype=torch.float64,
@@ -483,17 +486,17 @@ def test_maxsim_scores_equal_naive_loop_on_ragged_negative_inputs():
     pages.append(-queries[0][:1].repeat(3, 1))
     expected = torch.tensor([[naive_maxsim(q, p) for p in pages] for q in queries])
     assert expected[0, -1] < 0
-    got = cm.maxsim_scores(queries, pages)
+    got = cs.maxsim_scores(queries, pages)
     assert torch.allclose(got, expected, atol=1e-5)
     # tiny chunk budget: many chunks, same result
-    assert torch.allclose(cm.maxsim_scores(queries, pages, max_sim_elements=50), expected, atol=1e-5)
+    assert torch.allclose(cs.maxsim_scores(queries, pages, max_sim_elements=50), expected, atol=1e-5)
     # bf16 matmul stays within bf16 tolerance
-    assert torch.allclose(cm.maxsim_scores(queries, pages, dtype=torch.bfloat16), expected, atol=0.1)
+    assert torch.allclose(cs.maxsim_scores(queries, pages, dtype=torch.bfloat16), expected, atol=0.1)
 
 
 def test_differentiable_maxsim_with_masks_equals_naive():
     queries, pages = ragged(3, [4, 2, 6], seed=1), ragged(4, [5, 1, 9, 3], seed=2)
-    q = cm.pad_queries(queries) + 7.0  # garbage in the padding must not matter: masks decide
+    q = cs.pad_queries(queries) + 7.0  # garbage in the padding must not matter: masks decide
     p = torch.nn.utils.rnn.pad_sequence(pages, batch_first=True) - 5.0
     q_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in queries], True)
     p_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in pages], True)
@@ -502,7 +505,7 @@ def test_differentiable_maxsim_with_masks_equals_naive():
     for j, x in enumerate(pages):
         p[j, : len(x)] = x
     expected = torch.tensor([[naive_maxsim(a, b) for b in pages] for a in queries])
-    assert torch.allclose(cm.maxsim(q, p, q_mask, p_mask), expected, atol=1e-5)
+    assert torch.allclose(cl.maxsim(q, p, q_mask, p_mask), expected, atol=1e-5)
 
 
 def test_scoring_and_the_loss_add_nothing_with_float_atomics(monkeypatch):
@@ -526,20 +529,20 @@ def test_scoring_and_the_loss_add_nothing_with_float_atomics(monkeypatch):
         return real_put(self, indices, values, accumulate)
 
     monkeypatch.setattr(torch.Tensor, "index_put_", index_put_)
-    monkeypatch.setattr(cm, "adds_in_varying_order", lambda device: True)  # take CUDA's path here
+    monkeypatch.setattr(cs, "adds_in_varying_order", lambda device: True)  # take CUDA's path here
     queries, pages = ragged(5, [4, 2, 6, 3], dim=16, seed=3), ragged(7, [5, 1, 9, 3], dim=16, seed=4)
     reference = torch.tensor(
         [[naive_maxsim(a.double(), b.double()) for b in pages] for a in queries], dtype=torch.float64
     )
     bound = 6 * 2**-24 * 6  # at most 6 query tokens of |similarity| <= 1: summation error <= L u sum|x|
-    scores = cm.maxsim_scores(queries, pages, dtype=torch.float32)
-    top, idx = cm.maxsim_topk(queries, pages, k=3, dtype=torch.float32)
+    scores = cs.maxsim_scores(queries, pages, dtype=torch.float32)
+    top, idx = cs.maxsim_topk(queries, pages, k=3, dtype=torch.float32)
     pairs = mine.score_pairs(queries, pages, (list(range(5)), [i * 3 % 7 for i in range(5)]), "cpu", torch.float32)
     assert (scores.double() - reference).abs().max() <= bound
     assert torch.allclose(top.double(), reference.gather(1, idx), atol=bound, rtol=0)
     assert torch.allclose(pairs.double(), reference[torch.arange(5), torch.arange(5) * 3 % 7], atol=bound, rtol=0)
     q, q_mask, p, p_mask = padded_batch([4, 2, 6], [5, 1, 9, 3, 2, 7])
-    loss = cm.contrastive_loss(q.float(), q_mask, p.float(), p_mask, torch.arange(3), temperature=0.05)
+    loss = cl.contrastive_loss(q.float(), q_mask, p.float(), p_mask, torch.arange(3), temperature=0.05)
     loss.backward()
     assert q.grad is not None and p.grad.abs().sum() > 0
     assert called == []
@@ -549,9 +552,9 @@ def test_scoring_and_the_loss_add_nothing_with_float_atomics(monkeypatch):
         torch.rand(40, 9, generator=g) * 2 - 1,
         torch.repeat_interleave(torch.arange(6), torch.tensor([7, 1, 12, 5, 3, 12])),
     )
-    cpu_path = cm.sum_by_query(best, owner, 6)
-    monkeypatch.setattr(cm, "adds_in_varying_order", lambda device: True)
-    cuda_path = cm.sum_by_query(best, owner, 6)
+    cpu_path = cs.sum_by_query(best, owner, 6)
+    monkeypatch.setattr(cs, "adds_in_varying_order", lambda device: True)
+    cuda_path = cs.sum_by_query(best, owner, 6)
     torch.testing.assert_close(cpu_path, cuda_path, atol=12 * 2**-24 * 12, rtol=0)  # 12 tokens of |x| <= 1
 
 
@@ -583,11 +586,11 @@ def padded_batch(q_lengths, p_lengths, dim=8, seed=0):
 # so a budget of 100 takes one (query, page) pair a block, 600 two pages of every query
 @pytest.mark.parametrize("budget", [100, 600, 1 << 30], ids=["query-and-page-blocks", "page-blocks", "one-block"])
 def test_maxsim_scores_and_gradients_equal_dense_reference(monkeypatch, budget):
-    monkeypatch.setattr(cm, "CPU_TRAIN_SIM_BLOCK", budget)
+    monkeypatch.setattr(cl, "CPU_TRAIN_SIM_BLOCK", budget)
     q, q_mask, p, p_mask = padded_batch([6, 4, 1, 3, 5], [5, 9, 2, 7, 1, 8, 0])  # the last page has no real token
     expected = dense_maxsim(q, p, q_mask, p_mask)
     assert expected[0, 0] < 0 and expected[:, -1].isneginf().all()
-    got = cm.maxsim(q, p, q_mask, p_mask)
+    got = cl.maxsim(q, p, q_mask, p_mask)
     assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=0, atol=1e-12)
     upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     want = torch.autograd.grad(expected, (q, p), upstream)
@@ -595,18 +598,18 @@ def test_maxsim_scores_and_gradients_equal_dense_reference(monkeypatch, budget):
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(have, want))
     assert have[0][~q_mask].eq(0).all() and have[1][~p_mask].eq(0).all()
     # one side needing a gradient
-    only_q = torch.autograd.grad(cm.maxsim(q, p.detach(), q_mask, p_mask), q, upstream)[0]
-    only_p = torch.autograd.grad(cm.maxsim(q.detach(), p, q_mask, p_mask), p, upstream)[0]
+    only_q = torch.autograd.grad(cl.maxsim(q, p.detach(), q_mask, p_mask), q, upstream)[0]
+    only_p = torch.autograd.grad(cl.maxsim(q.detach(), p, q_mask, p_mask), p, upstream)[0]
     assert torch.allclose(only_q, want[0], rtol=0, atol=1e-12) and torch.allclose(only_p, want[1], rtol=0, atol=1e-12)
     # no masks: every token is real
     real = torch.ones_like(q_mask), torch.ones_like(p_mask)
-    assert torch.allclose(cm.maxsim(q, p), dense_maxsim(q, p, *real), rtol=0, atol=1e-12)
+    assert torch.allclose(cl.maxsim(q, p), dense_maxsim(q, p, *real), rtol=0, atol=1e-12)
 
 
 def test_maxsim_gradcheck(monkeypatch):
-    monkeypatch.setattr(cm, "CPU_TRAIN_SIM_BLOCK", 20)  # one (query, page) pair a block
+    monkeypatch.setattr(cl, "CPU_TRAIN_SIM_BLOCK", 20)  # one (query, page) pair a block
     q, q_mask, p, p_mask = padded_batch([3, 3, 2], [4, 3, 1, 2], dim=3, seed=2)
-    assert torch.autograd.gradcheck(lambda a, b: cm.maxsim(a, b, q_mask, p_mask), (q, p))
+    assert torch.autograd.gradcheck(lambda a, b: cl.maxsim(a, b, q_mask, p_mask), (q, p))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -614,7 +617,7 @@ def test_maxsim_computes_in_the_inputs_dtype(dtype):
     q64, q_mask, p64, p_mask = padded_batch([6, 4, 1, 3, 5], [5, 9, 2, 7, 1, 8], seed=3)
     q, p = q64.detach().to(dtype).requires_grad_(), p64.detach().to(dtype).requires_grad_()
     upstream = torch.randn(5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    got = cm.maxsim(q, p, q_mask, p_mask)
+    got = cl.maxsim(q, p, q_mask, p_mask)
     gq, gp = torch.autograd.grad(got, (q, p), upstream.to(dtype))
     assert got.dtype == gq.dtype == gp.dtype == dtype
     # the float64 reference on the same rounded inputs
@@ -632,7 +635,7 @@ def test_maxsim_computes_in_the_inputs_dtype(dtype):
 
 def test_pad_pages_rejects_empty_page():
     with pytest.raises(ValueError, match="page 1 has no tokens"):
-        cm.pad_pages([torch.ones(2, 4), torch.ones(0, 4)])
+        cs.pad_pages([torch.ones(2, 4), torch.ones(0, 4)])
 
 
 def test_maxsim_tokens_row_blocks_and_workers_give_the_plain_maxima():
@@ -645,7 +648,7 @@ def test_maxsim_tokens_row_blocks_and_workers_give_the_plain_maxima():
         want = torch.einsum("td,pld->tpl", tokens, pages).amax(dim=-1)
         for budget in (9, 40, 10_000):
             for workers in (1, 2):
-                got = cm.maxsim_tokens(tokens, pages, block_elements=budget, workers=workers)
+                got = cs.maxsim_tokens(tokens, pages, block_elements=budget, workers=workers)
                 assert got.shape == (t, 5) and torch.allclose(got, want, atol=1e-6), (t, budget, workers)
 
 
@@ -654,13 +657,13 @@ def test_page_chunks_into_one_reused_buffer_hold_the_same_pages(monkeypatch, dty
     """reuse=True pads every chunk into one buffer (no fresh memory per chunk) with the values reuse=False gives,
     each chunk read before the next is taken: each page's own tokens, then copies of its first token, rounded to the
     score dtype and held in the compute dtype (fp32 here, bf16 being upcast where it is not native)."""
-    monkeypatch.setattr(cm, "PAGE_CHUNK_TOKENS", 40)
+    monkeypatch.setattr(cs, "PAGE_CHUNK_TOKENS", 40)
     pages = ragged(13, [9, 3, 17, 5, 12, 50], dim=6, seed=5)  # the 50-token page overflows a chunk on its own
-    fresh = list(cm.page_chunks(pages, dtype, "cpu", torch.float32))
+    fresh = list(cs.page_chunks(pages, dtype, "cpu", torch.float32))
     assert len(fresh) > 3
     storages = set()
     for (idx, chunk), (want_idx, want) in zip(
-        cm.page_chunks(pages, dtype, "cpu", torch.float32, reuse=True), fresh, strict=True
+        cs.page_chunks(pages, dtype, "cpu", torch.float32, reuse=True), fresh, strict=True
     ):
         assert torch.equal(idx, want_idx) and torch.equal(chunk, want) and chunk.dtype == torch.float32
         for row, i in zip(chunk, idx.tolist()):
@@ -676,17 +679,17 @@ def test_page_chunks_into_one_reused_buffer_hold_the_same_pages(monkeypatch, dty
 
 def test_contrastive_loss_matches_independent_infonce():
     queries, pages = ragged(3, [4, 2, 5], seed=3), ragged(5, [6, 3, 2], seed=4)
-    q, p = cm.pad_queries(queries), cm.pad_pages(pages)
+    q, p = cs.pad_queries(queries), cs.pad_pages(pages)
     q_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in queries], True)
     p_mask = torch.ones(p.shape[:2], dtype=torch.bool)
     pos = torch.tensor([2, 3, 4])  # e.g. positives offset by a rank's position in a gathered batch
-    loss = cm.contrastive_loss(q, q_mask, p, p_mask, pos, temperature=0.05)
+    loss = cl.contrastive_loss(q, q_mask, p, p_mask, pos, temperature=0.05)
     expected = 0.0
     for i, x in enumerate(queries):
         logits = torch.tensor([naive_maxsim(x, y) / len(x) / 0.05 for y in pages])
         expected += -(logits[pos[i]] - torch.logsumexp(logits, 0))
     assert torch.allclose(loss, expected / 3, atol=1e-4)
-    raw = cm.contrastive_loss(q, q_mask, p, p_mask, pos, temperature=1.0, normalize_by_query_length=False)
+    raw = cl.contrastive_loss(q, q_mask, p, p_mask, pos, temperature=1.0, normalize_by_query_length=False)
     logits = torch.tensor([[naive_maxsim(x, y) for y in pages] for x in queries])
     assert torch.allclose(raw, torch.nn.functional.cross_entropy(logits, pos), atol=1e-4)
 
@@ -708,7 +711,7 @@ def test_contrastive_loss_saves_no_similarity_tensor(monkeypatch):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = cm.contrastive_loss(q, q_mask, p, p_mask, pos)
+            loss = cl.contrastive_loss(q, q_mask, p, p_mask, pos)
         return loss, sum(storages.values())
 
     dense_bytes = nq * np_ * lq * lp * 4  # one (Nq, Np, Lq, Lp) fp32 similarity tensor: 3 MiB
@@ -717,7 +720,7 @@ def test_contrastive_loss_saves_no_similarity_tensor(monkeypatch):
     bound = (q.numel() + p.numel()) * 4 + q_mask.numel() + p_mask.numel() + nq * np_ * lq * 2 + 12 * nq * np_ * 8
     loss, saved = loss_and_saved_bytes()
     assert saved <= bound < dense_bytes / 7
-    monkeypatch.setattr(cm, "maxsim", dense_maxsim)
+    monkeypatch.setattr(cl, "maxsim", dense_maxsim)
     dense_loss, dense_saved = loss_and_saved_bytes()
     assert dense_saved > dense_bytes  # the measure sees a similarity tensor where there is one
     assert torch.allclose(loss, dense_loss, atol=1e-6)
@@ -732,7 +735,7 @@ def test_loss_gradients_reach_lora_and_heads_only(model_and_processor, keyword_p
         q, qm = model.forward_queries(processor.process_queries(["alpha page", "beta page"]))
         p, pm = model.forward_pages(processor.process_pages([keyword_page("alpha"), keyword_page("beta")]))
         model.zero_grad()
-        cm.contrastive_loss(q, qm, p, pm, torch.arange(2)).backward()
+        cl.contrastive_loss(q, qm, p, pm, torch.arange(2)).backward()
     finally:
         model.eval()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -766,11 +769,11 @@ def test_checkpoint_round_trip_gives_identical_scores(tiny_model_dir, tmp_path, 
     assert raw["meta"]["model_id"] == tiny_model_dir and raw["meta"]["format"]["version"] == cm.FORMAT_VERSION
     loaded, processor2, ckpt = ColIntern.from_checkpoint(str(path))
     queries, pages = ["alpha", "beta gamma"], [keyword_page("alpha"), keyword_page("beta", size=(448, 224))]
-    before = cm.maxsim_scores(model.encode_queries(processor, queries), model.encode_pages(processor, pages))
-    after = cm.maxsim_scores(loaded.encode_queries(processor2, queries), loaded.encode_pages(processor2, pages))
+    before = cs.maxsim_scores(model.encode_queries(processor, queries), model.encode_pages(processor, pages))
+    after = cs.maxsim_scores(loaded.encode_queries(processor2, queries), loaded.encode_pages(processor2, pages))
     assert torch.equal(before, after)
     fresh, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8))
-    other = cm.maxsim_scores(fresh.encode_queries(processor, queries), fresh.encode_pages(processor, pages))
+    other = cs.maxsim_scores(fresh.encode_queries(processor, queries), fresh.encode_pages(processor, pages))
     assert not torch.allclose(before, other)
 
 
@@ -778,7 +781,7 @@ def test_checkpoint_mismatches_are_clear_errors(tiny_model_dir, tmp_path):
     model, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=16, lora=LoraSettings(r=4, alpha=8))
     path = str(tmp_path / "ck.pt")
     cm.save_checkpoint(path, model)
-    ckpt = cm.load_checkpoint(path)
+    ckpt = ck.load_checkpoint(path)
     other_dim, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=32, lora=LoraSettings(r=4, alpha=8))
     with pytest.raises(ValueError, match="proj_dim 16.*--proj_dim 16"):
         other_dim.load_trainable_state(ckpt)
@@ -830,7 +833,7 @@ def test_checkpoint_with_the_old_lora_keys_loads_exactly(tiny_model_dir, keyword
     queries, pages = ["alpha", "beta gamma"], [keyword_page("alpha"), keyword_page("beta", size=(448, 224))]
 
     def scores(model):
-        return cm.maxsim_scores(model.encode_queries(processor, queries), model.encode_pages(processor, pages))
+        return cs.maxsim_scores(model.encode_queries(processor, queries), model.encode_pages(processor, pages))
 
     untouched = scores(by_hand)
     with torch.no_grad():
@@ -844,7 +847,7 @@ def test_checkpoint_with_the_old_lora_keys_loads_exactly(tiny_model_dir, keyword
 
 
 def test_old_checkpoint_in_a_wrong_lora_layout_is_a_clear_error(tiny_model_dir):
-    ckpt = cm.load_checkpoint(OLD_CHECKPOINT)
+    ckpt = ck.load_checkpoint(OLD_CHECKPOINT)
     q_only, _ = ColIntern.from_pretrained(
         tiny_model_dir, lora=LoraSettings(target_modules=r".*language_model.*\.q_proj$")
     )
@@ -870,26 +873,26 @@ def test_checkpoints_with_non_finite_weights_are_refused(tiny_model_dir, tmp_pat
     ckpt = cm.checkpoint_dict(model)
     name = sorted(ckpt[part])[1]
     ckpt[part][name].view(-1)[3] = bad
-    cm.atomic_torch_save(ckpt, str(tmp_path / "bad.pt"))
+    ck.atomic_torch_save(ckpt, str(tmp_path / "bad.pt"))
     (tmp_path / "exported").mkdir()
-    cm.write_exported(ckpt, str(tmp_path / "exported"), name="bad")
+    ck.write_exported(ckpt, str(tmp_path / "exported"), name="bad")
     for path in (tmp_path / "bad.pt", tmp_path / "exported"):
         with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {part}\.\S+ holds non-finite values"):
-            cm.load_checkpoint(str(path))
+            ck.load_checkpoint(str(path))
     ckpt[part][name].view(-1)[3] = 0.0
-    cm.atomic_torch_save(ckpt, str(tmp_path / "good.pt"))
-    assert cm.load_checkpoint(str(tmp_path / "good.pt"))["meta"]["proj_dim"] == 16
+    ck.atomic_torch_save(ckpt, str(tmp_path / "good.pt"))
+    assert ck.load_checkpoint(str(tmp_path / "good.pt"))["meta"]["proj_dim"] == 16
 
 
 def test_bad_checkpoint_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
-        cm.load_checkpoint(str(tmp_path / "nope.pt"))
+        ck.load_checkpoint(str(tmp_path / "nope.pt"))
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match=r"junk.pt is not a ColIntern checkpoint \(made by train.py\): torch.load"):
-        cm.load_checkpoint(str(tmp_path / "junk.pt"))
+        ck.load_checkpoint(str(tmp_path / "junk.pt"))
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other.pt is not a ColIntern checkpoint \(made by train.py\): it has no"):
-        cm.load_checkpoint(str(tmp_path / "other.pt"))
+        ck.load_checkpoint(str(tmp_path / "other.pt"))
     # a training --out_dir passed as --ckpt: its .pt files are named
     with pytest.raises(
         FileNotFoundError,
@@ -897,12 +900,12 @@ def test_bad_checkpoint_files(tmp_path):
         rf"exported model: pass one of its files, e.g. .*other.pt \(it holds "
         rf"junk.pt, other.pt\)",
     ):
-        cm.load_checkpoint(str(tmp_path))
+        ck.load_checkpoint(str(tmp_path))
 
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ck.pt")
-    cm.atomic_torch_save({"kind": "colintern", "v": torch.tensor([1.0])}, path)
+    ck.atomic_torch_save({"kind": "colintern", "v": torch.tensor([1.0])}, path)
     real_save = torch.save
 
     def dying_save(obj, f, *a, **k):
@@ -912,7 +915,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        cm.atomic_torch_save({"kind": "colintern", "v": torch.tensor([2.0])}, path)
+        ck.atomic_torch_save({"kind": "colintern", "v": torch.tensor([2.0])}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(path, weights_only=True)["v"].item() == 1.0
     assert os.listdir(tmp_path) == ["ck.pt"]
@@ -955,7 +958,7 @@ def native_bf16(monkeypatch):
     fp32 fallback), so both paths run on any CPU."""
 
     def force(native: bool):
-        monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(cs, "cpu_has_native_bf16", lambda: native)
 
     return force
 
@@ -970,9 +973,9 @@ def test_cpu_probe_is_cached_and_agrees_with_the_kernels_cpu_flags():
     takes bf16 matmuls (on plain AVX-512, oneDNN says yes and emulates bf16), and asks once per process."""
     if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"):
         pytest.skip(f"the CPU flags are read from Linux's /proc/cpuinfo on x86-64, not {platform.machine()}")
-    cm.cpu_has_native_bf16.cache_clear()
-    first = cm.cpu_has_native_bf16()
-    assert cm.cpu_has_native_bf16() is first and cm.cpu_has_native_bf16.cache_info().hits == 1
+    cs.cpu_has_native_bf16.cache_clear()
+    first = cs.cpu_has_native_bf16()
+    assert cs.cpu_has_native_bf16() is first and cs.cpu_has_native_bf16.cache_info().hits == 1
     flags = cpu_flags()
     expected = bool(flags & {"avx512_bf16", "amx_tile"}) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert first is expected, (first, sorted(flags & {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}))
@@ -981,22 +984,22 @@ def test_cpu_probe_is_cached_and_agrees_with_the_kernels_cpu_flags():
 @pytest.mark.parametrize("native", [True, False])
 def test_score_dtype_auto_follows_the_probe_and_overrides_win(native_bf16, native):
     native_bf16(native)
-    assert cm.score_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
-    assert cm.score_dtype(None, "cpu") == cm.score_dtype("auto", "cpu")
+    assert cs.score_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert cs.score_dtype(None, "cpu") == cs.score_dtype("auto", "cpu")
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), (torch.bfloat16, torch.bfloat16)):
-        assert cm.score_dtype(name, "cpu") == dtype
+        assert cs.score_dtype(name, "cpu") == dtype
     # bf16 multiplied natively, or rounded to bf16 and multiplied in fp32
-    assert cm.matmul_dtype(torch.bfloat16, "cpu") == (torch.bfloat16 if native else torch.float32)
-    assert cm.matmul_dtype(torch.float32, "cpu") == torch.float32
-    assert cm.dtype_name(cm.score_dtype("auto", "cpu")) == ("bf16" if native else "fp32")
+    assert cs.matmul_dtype(torch.bfloat16, "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert cs.matmul_dtype(torch.float32, "cpu") == torch.float32
+    assert cs.dtype_name(cs.score_dtype("auto", "cpu")) == ("bf16" if native else "fp32")
 
 
 def test_score_error_bound_values():
     # 3 bf16 roundings per similarity (2 inputs, the bf16 output) + fp32 accumulation of D terms and of Lq sums
-    assert cm.score_error_bound(torch.bfloat16, 1, 128) == pytest.approx(3 / 256 + 129 / 2**24)
-    assert cm.score_error_bound(torch.float32, 30, 128) == pytest.approx(30 * 158 / 2**24)
+    assert cs.score_error_bound(torch.bfloat16, 1, 128) == pytest.approx(3 / 256 + 129 / 2**24)
+    assert cs.score_error_bound(torch.float32, 30, 128) == pytest.approx(30 * 158 / 2**24)
     with pytest.raises(ValueError, match="no bound"):
-        cm.score_error_bound(torch.float16, 1, 128)
+        cs.score_error_bound(torch.float16, 1, 128)
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
@@ -1011,25 +1014,25 @@ def test_scores_within_the_derived_bound_of_float64_and_in_the_dtype_asked(nativ
     queries = [unit_vectors(q_len, dim, g) for _ in range(6)]
     pages = [unit_vectors(int(n), dim, g) for n in torch.randint(20, 90, (25,), generator=g)]
     seen = []
-    real = cm.maxsim_tokens
+    real = cs.maxsim_tokens
 
     def spy(tokens, chunk, *args, **kwargs):
         seen.append((tokens.dtype, chunk.dtype, bool((tokens.float() == tokens.bfloat16().float()).all())))
         return real(tokens, chunk, *args, **kwargs)
 
-    monkeypatch.setattr(cm, "maxsim_tokens", spy)
-    dtype = cm.score_dtype(name, "cpu")
+    monkeypatch.setattr(cs, "maxsim_tokens", spy)
+    dtype = cs.score_dtype(name, "cpu")
     reference = float64_maxsim(queries, pages)
-    got = cm.maxsim_scores(queries, pages, dtype=name)
-    topk_values, _ = cm.maxsim_topk(queries, pages, len(pages), dtype=name)
+    got = cs.maxsim_scores(queries, pages, dtype=name)
+    topk_values, _ = cs.maxsim_topk(queries, pages, len(pages), dtype=name)
     compute = torch.bfloat16 if name == "bf16" and native else torch.float32
     assert seen and all(s[:2] == (compute, compute) for s in seen)
     assert all(s[2] for s in seen) == (name == "bf16")  # inputs rounded to bf16 exactly when asked
     error = float((got.double() - reference).abs().max())
-    bound = cm.score_error_bound(dtype, q_len, dim)
+    bound = cs.score_error_bound(dtype, q_len, dim)
     assert error <= bound, (error, bound)
     assert torch.allclose(topk_values.double(), reference.sort(dim=1, descending=True).values, atol=bound, rtol=0)
-    fp32_bound = cm.score_error_bound(torch.float32, q_len, dim)
+    fp32_bound = cs.score_error_bound(torch.float32, q_len, dim)
     assert (error <= fp32_bound) == (name == "fp32"), (error, fp32_bound)
 
 
@@ -1041,8 +1044,8 @@ def test_topk_on_planted_data_equals_float64_in_every_score_dtype(native_bf16, n
     reference = float64_maxsim(queries, pages).topk(10, dim=1).indices
     planted = torch.tensor([[(i * 10 + r) % len(pages) for r in range(10)] for i in range(len(queries))])
     assert (reference == planted).all()
-    assert (cm.maxsim_topk(queries, pages, 10, dtype=name)[1] == reference).all()
-    assert (cm.maxsim_scores(queries, pages, dtype=name).topk(10, dim=1).indices == reference).all()
+    assert (cs.maxsim_topk(queries, pages, 10, dtype=name)[1] == reference).all()
+    assert (cs.maxsim_scores(queries, pages, dtype=name).topk(10, dim=1).indices == reference).all()
 
 
 # -- quantised backbones (--quantize) ------------------------------------------------
@@ -1078,7 +1081,7 @@ def test_quantize_language_model_only_with_fp32_lora_and_heads(tiny_model_dir, k
     try:
         q, qm = model.forward_queries(processor.process_queries(["alpha page", "beta page"]))
         p, pm = model.forward_pages(processor.process_pages([keyword_page("alpha"), keyword_page("beta")]))
-        cm.contrastive_loss(q, qm, p, pm, torch.arange(2)).backward()
+        cl.contrastive_loss(q, qm, p, pm, torch.arange(2)).backward()
     finally:
         model.eval()
     assert all(
@@ -1107,7 +1110,7 @@ def test_checkpoint_records_quantization_and_loads_across_it(tiny_model_dir, tmp
     perturb(model)
     bf16_path = str(tmp_path / "bf16.pt")
     cm.save_checkpoint(bf16_path, model)
-    assert cm.load_checkpoint(bf16_path)["meta"]["quantize"] == "none"
+    assert ck.load_checkpoint(bf16_path)["meta"]["quantize"] == "none"
     lines = []
     q4, _, _ = ColIntern.from_checkpoint(bf16_path, quantize="4bit", say=lines.append)
     assert q4.quantize == "4bit" and len(lines) == 1
@@ -1115,20 +1118,20 @@ def test_checkpoint_records_quantization_and_loads_across_it(tiny_model_dir, tmp
     assert_same_trainable(model, q4)
     q4_path = str(tmp_path / "q4.pt")
     cm.save_checkpoint(q4_path, q4)
-    assert cm.load_checkpoint(q4_path)["meta"]["quantize"] == "4bit"
+    assert ck.load_checkpoint(q4_path)["meta"]["quantize"] == "4bit"
     lines.clear()
     same, _, _ = ColIntern.from_checkpoint(q4_path, say=lines.append)  # the checkpoint's quantisation
     assert same.quantize == "4bit" and lines == []
     back, processor2, _ = ColIntern.from_checkpoint(q4_path, quantize="none", dtype="bf16", say=lines.append)
     assert back.quantize == "none" and len(lines) == 1 and "trained on a --quantize 4bit" in lines[0]
     assert_same_trainable(model, back)
-    scores = cm.maxsim_scores(
+    scores = cs.maxsim_scores(
         back.encode_queries(processor2, ["alpha"]), back.encode_pages(processor2, [keyword_page("alpha")])
     )
     assert torch.isfinite(scores).all()
-    old = dict(cm.load_checkpoint(bf16_path))
+    old = dict(ck.load_checkpoint(bf16_path))
     old["meta"] = {k: v for k, v in old["meta"].items() if k != "quantize"}  # written before --quantize
-    assert cm.checkpoint_quantization(old["meta"]) == "none"
+    assert ck.checkpoint_quantization(old["meta"]) == "none"
 
 
 def assert_same_trainable(a, b):
@@ -1183,11 +1186,11 @@ def test_saving_and_loading_lora_never_serialises_the_4bit_backbone(tiny_model_d
     monkeypatch.setattr(bnb.nn.Linear4bit, "_save_to_state_dict", spy)
     path = str(tmp_path / "q4.pt")
     cm.save_checkpoint(path, model)
-    ckpt = cm.load_checkpoint(path)
+    ckpt = ck.load_checkpoint(path)
     cm.load_trainable_state(model, ckpt)
     (tmp_path / "exported").mkdir()
-    cm.write_exported(ckpt, str(tmp_path / "exported"), name="q4")
-    cm.load_trainable_state(model, cm.load_checkpoint(str(tmp_path / "exported")))
+    ck.write_exported(ckpt, str(tmp_path / "exported"), name="q4")
+    cm.load_trainable_state(model, ck.load_checkpoint(str(tmp_path / "exported")))
     loaded, _, _ = ColIntern.from_checkpoint(path)
     assert serialised == []
     assert_same_trainable(model, loaded)

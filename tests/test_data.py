@@ -10,8 +10,8 @@ import datasets
 import pytest
 from test_export import checkpoint, run_export  # noqa: F401 (checkpoint: test_export's fixture, a tiny .pt)
 
+import colintern_checkpoint as ck
 import colintern_data
-import colintern_model as cm
 import mine_hard_negatives as mine
 import train
 from colintern_data import PageResolver, pseudo_path
@@ -238,7 +238,7 @@ def test_atomic_writes_follow_the_umask_as_open_does(tmp_path, umask_modes):
     with colintern_data.atomic_path(str(run / "training_loss.txt")) as tmp, open(tmp, "w") as f:
         f.write("1 0.5\n")
     colintern_data.write_json(str(run / "eval.json"), {"benchmarks": {}})
-    cm.atomic_torch_save({"step": 1}, str(run / "colintern_heads_step1.pt"))
+    ck.atomic_torch_save({"step": 1}, str(run / "colintern_heads_step1.pt"))
     assert modes(run) == {
         ".": folder_mode,
         "training_loss.txt": file_mode,

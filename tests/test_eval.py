@@ -12,10 +12,12 @@ import pytest
 import torch
 from keyword_pages import WORDS, render_keyword_page
 
-import colintern_model as cm
+import colintern_mteb as cmteb
+import colintern_scoring as cs
 import eval as colintern_eval
+from colintern_checkpoint import load_checkpoint
 from colintern_cli import metric_label
-from colintern_model import ColIntern, LoraSettings, load_checkpoint, save_checkpoint
+from colintern_model import ColIntern, LoraSettings, save_checkpoint
 
 KEYWORDS = WORDS[:10]
 # query i is about KEYWORDS[i]; query 0 has a second relevant page (9) so nDCG's ideal ranking has two entries
@@ -150,9 +152,9 @@ def test_exact_maxsim_handles_ragged_and_zero_padded_pages():
     short = torch.tensor([[-1.0, 0.0]])
     long = torch.tensor([[-0.6, 0.8], [-0.8, 0.6]])
     expected = torch.tensor([[-1.0, -0.6]])
-    assert torch.allclose(colintern_eval.exact_maxsim(query, [short, long]), expected)
+    assert torch.allclose(cmteb.exact_maxsim(query, [short, long]), expected)
     padded = torch.nn.utils.rnn.pad_sequence([short, long], batch_first=True)  # what mteb hands over when reranking
-    assert torch.allclose(colintern_eval.exact_maxsim(query[0].unsqueeze(0), padded), expected)
+    assert torch.allclose(cmteb.exact_maxsim(query[0].unsqueeze(0), padded), expected)
 
 
 def test_local_task_metrics_match_independent_computation_and_resume(tmp_path, pages, queries, trained, counts):
@@ -198,7 +200,7 @@ def test_mteb_internals_eval_relies_on(tmp_path, tiny_model_dir, pages, queries,
     assert not missing, f"mteb.evaluate no longer takes {missing}, which evaluate_each passes"
 
     loaders = {
-        name: colintern_eval.uses_generic_retrieval_loader(mteb.get_task(name))
+        name: cmteb.uses_generic_retrieval_loader(mteb.get_task(name))
         for name in ("VidoreArxivQARetrieval", "Vidore2ESGReportsRetrieval", "Vidore3HrRetrieval")
     }
     assert loaders == {
@@ -212,8 +214,8 @@ def test_mteb_internals_eval_relies_on(tmp_path, tiny_model_dir, pages, queries,
         tmp_path / "copies" / "arxivqa_test_subsampled_beir", pages[:4], queries[:4], [(i, i) for i in range(4)]
     )
     task = mteb.get_task("VidoreArxivQARetrieval")
-    assert colintern_eval.point_at_local_copy(task, str(tmp_path / "copies")) == copy
-    colintern_eval.subsample_on_load(task, max_queries=2, max_pages=3, seed=0)
+    assert cmteb.point_at_local_copy(task, str(tmp_path / "copies")) == copy
+    cmteb.subsample_on_load(task, max_queries=2, max_pages=3, seed=0)
     with datasets_cache_for(copy):
         task.load_data()
     loaded = task.dataset["default"]["test"]
@@ -227,12 +229,12 @@ def test_mteb_internals_eval_relies_on(tmp_path, tiny_model_dir, pages, queries,
 
     # a local task (mteb's custom-task pattern) goes through mteb.evaluate: it loads through the instance's
     # load_data (so subsampled), keeps its metadata after mteb unloads it, and is not reloaded once cached
-    task = colintern_eval.make_local_task(
+    task = cmteb.make_local_task(
         write_hub_layout(tmp_path / "eval", pages[:4], queries[:4], [(i, i) for i in range(4)])
     )
     name = task.metadata.name
-    colintern_eval.subsample_on_load(task, max_queries=2, max_pages=None, seed=0)
-    encoder = colintern_eval.load_encoder(model_id=tiny_model_dir)
+    cmteb.subsample_on_load(task, max_queries=2, max_pages=None, seed=0)
+    encoder = cmteb.load_encoder(model_id=tiny_model_dir)
     cache = mteb.ResultCache(str(tmp_path / "cache"))
     capsys.readouterr()
     outcomes = [
@@ -261,13 +263,13 @@ def test_subsample_keeps_relevant_pages_of_kept_queries():
     corpus = datasets.Dataset.from_dict({"id": [f"p{i}" for i in range(50)]})
     qrels = {f"q{i}": {f"p{i}": 1, f"p{i + 20}": 1} for i in range(19)}  # q19 has no relevant page
     data = {"queries": queries, "corpus": corpus, "relevant_docs": qrels, "top_ranked": None}
-    small = colintern_eval.subsample_split(data, max_queries=4, max_pages=12, seed=0)
+    small = cmteb.subsample_split(data, max_queries=4, max_pages=12, seed=0)
     kept = list(small["queries"]["id"])
     pages = set(small["corpus"]["id"])
     assert len(kept) == 4 and "q19" not in kept and set(small["relevant_docs"]) == set(kept)
     assert all(set(qrels[q]) <= pages for q in kept) and len(pages) == 12
-    assert list(colintern_eval.subsample_split(data, 4, 12, seed=0)["queries"]["id"]) == kept
-    tight = colintern_eval.subsample_split(data, max_queries=4, max_pages=3, seed=1)
+    assert list(cmteb.subsample_split(data, 4, 12, seed=0)["queries"]["id"]) == kept
+    tight = cmteb.subsample_split(data, max_queries=4, max_pages=3, seed=1)
     assert len(tight["corpus"]) == 8  # relevant pages are never dropped, even past the cap
 
 
@@ -276,13 +278,13 @@ def test_result_key_follows_scores_and_data(trained, tiny_model_dir):
     load_encoder loaded is what it keys: the same checkpoint twice shares a key, other heads (the untrained
     baseline's seed) or another pool factor do not. The revision's label names the model for people."""
     _, _, ckpt = trained
-    key = colintern_eval.result_key
-    scores = cm.score_identity(trained[0].embedding_identity(), torch.float32, "cpu")
+    key = cmteb.result_key
+    scores = cs.score_identity(trained[0].embedding_identity(), torch.float32, "cpu")
     assert key(scores, None) == key(json.loads(json.dumps(scores)), None)  # order-free
     assert len({key(scores, None), key(scores, "data-a"), key(scores, "data-b")}) == 3
 
     def revision(**kwargs):
-        return colintern_eval.load_encoder(**kwargs).revision_for(None)
+        return cmteb.load_encoder(**kwargs).revision_for(None)
 
     same = revision(ckpt=ckpt)
     assert same == revision(ckpt=ckpt) and same.startswith(os.path.splitext(os.path.basename(ckpt))[0] + "-")
@@ -313,7 +315,7 @@ def test_untrained_baseline_heads_come_from_the_cpu_generator(tiny_model_dir, mo
     model, _ = ColIntern.from_pretrained(tiny_model_dir, proj_dim=32)
     for head in (model.query_head, model.page_head):  # a device generator's draws, had reset_parameters been used
         monkeypatch.setattr(head, "reset_parameters", lambda: torch.nn.init.zeros_(head.weight))
-    colintern_eval.baseline_heads(model, seed=3)
+    cmteb.baseline_heads(model, seed=3)
     torch.manual_seed(3)
     q, p = (torch.nn.Linear(model.hidden_size, 32) for _ in range(2))
     for head, expected in ((model.query_head, q), (model.page_head, p)):
@@ -339,7 +341,7 @@ def test_real_vidore_task_on_local_copy_via_data_dir(tmp_path, tiny_model_dir, p
     reported = summary["benchmarks"]["ViDoRe(v1)"]["tasks"]["VidoreArxivQARetrieval"]
 
     assert counts == {"queries": len(queries), "pages": len(pages)}
-    encoder = colintern_eval.load_encoder(model_id=tiny_model_dir, seed=3)
+    encoder = cmteb.load_encoder(model_id=tiny_model_dir, seed=3)
     assert encoder.model.lora is None and summary["revision"].startswith("untrained-seed3-")
     expected = independent_metrics(encoder.model, encoder.processor, queries, pages, QRELS)
     for metric, value in expected.items():
@@ -477,7 +479,7 @@ class FakeResult:
     """What summarize reads of an mteb TaskResult: scores[split] = [{hf_subset, metric: value}], get_score."""
 
     def __init__(self, value):
-        self.scores = {"test": [{"hf_subset": "default", **dict.fromkeys(colintern_eval.METRICS, value)}]}
+        self.scores = {"test": [{"hf_subset": "default", **dict.fromkeys(cmteb.METRICS, value)}]}
 
     def get_score(self, getter):
         return getter(self.scores["test"][0])
@@ -508,7 +510,7 @@ def test_v3_average_is_labelled_as_the_public_tasks_only(capsys):
     # the columns are headed as the plots name the metrics (colintern_cli.metric_label), and line up
     head, rule, first = table.splitlines()[2:5]
     assert head.split() == ["task", "nDCG@5", "nDCG@10", "Recall@1", "Recall@5", "Recall@10", "MRR@10"]
-    assert head.split()[1:] == [metric_label(m) for m in colintern_eval.METRICS]
+    assert head.split()[1:] == [metric_label(m) for m in cmteb.METRICS]
     assert len(head) == len(rule) == len(first)
 
 
@@ -548,14 +550,14 @@ def test_private_skipped_failure_isolated_and_languages_reported(
     data_dir = tmp_path / "vidore"
     write_v3_layout(data_dir / "vidore_v3_hr_mteb_format", pages)
     write_hub_layout(data_dir / "arxivqa_test_subsampled_beir", pages, queries, QRELS)
-    encode = colintern_eval.ColInternEncoder.encode
+    encode = cmteb.ColInternEncoder.encode
 
     def encode_failing_on_arxivqa(self, inputs, *, task_metadata, **kwargs):
         if task_metadata.name == "VidoreArxivQARetrieval":
             raise RuntimeError("CUDA out of memory (simulated)")
         return encode(self, inputs, task_metadata=task_metadata, **kwargs)
 
-    monkeypatch.setattr(colintern_eval.ColInternEncoder, "encode", encode_failing_on_arxivqa)
+    monkeypatch.setattr(cmteb.ColInternEncoder, "encode", encode_failing_on_arxivqa)
 
     # the failing task comes first: the others still run; private tasks are skipped offline without a copy
     with pytest.raises(colintern_eval.TasksFailed) as failure:
@@ -585,7 +587,7 @@ def test_private_skipped_failure_isolated_and_languages_reported(
     # per-language scores beside the task's average, each against an independent computation on that language
     languages = v3["subsets"]["Vidore3HrRetrieval"]
     assert set(languages) == set(V3_LANGUAGES)
-    encoder = colintern_eval.load_encoder(model_id=tiny_model_dir, seed=0)
+    encoder = cmteb.load_encoder(model_id=tiny_model_dir, seed=0)
     for lang, reported in languages.items():
         rows = v3_queries(lang)
         expected = independent_metrics(
@@ -604,19 +606,19 @@ def test_private_skipped_failure_isolated_and_languages_reported(
 def test_training_datasets_follow_the_checkpoint_lineage(tmp_path, trained, tiny_model_dir):
     from mteb.models.model_implementations.colpali_models import COLPALI_TRAINING_DATA
 
-    assert colintern_eval.MTEB_TRAINING_DATASETS["vidore/colpali_train_set"] == COLPALI_TRAINING_DATA
+    assert cmteb.MTEB_TRAINING_DATASETS["vidore/colpali_train_set"] == COLPALI_TRAINING_DATA
     model, _, old = trained
     lineage = str(tmp_path / "mined_from_colpali.pt")
     save_checkpoint(lineage, model, step=20, epoch=2, training_data=["vidore/colpali_train_set", "/data/other"])
-    encoder = colintern_eval.load_encoder(ckpt=lineage)
+    encoder = cmteb.load_encoder(ckpt=lineage)
     assert encoder.mteb_model_meta.training_datasets == COLPALI_TRAINING_DATA
     assert encoder.training_data == ["/data/other", "vidore/colpali_train_set"]
     # a local copy named as --data_dir names it counts too; other data maps to nothing
-    assert colintern_eval.mteb_training_datasets(["/copies/colpali_train_set/"]) == COLPALI_TRAINING_DATA
-    assert colintern_eval.mteb_training_datasets(["outputs/synthetic/train"]) == set()
+    assert cmteb.mteb_training_datasets(["/copies/colpali_train_set/"]) == COLPALI_TRAINING_DATA
+    assert cmteb.mteb_training_datasets(["outputs/synthetic/train"]) == set()
     # a checkpoint that records no lineage still loads, and declares none
     assert "training_data" not in load_checkpoint(old)["meta"]
-    assert colintern_eval.load_encoder(ckpt=old).mteb_model_meta.training_datasets == set()
+    assert cmteb.load_encoder(ckpt=old).mteb_model_meta.training_datasets == set()
 
 
 def test_list_prints_vidore_benchmarks_and_tasks(capsys):
@@ -680,29 +682,26 @@ def test_score_dtype_defaults_to_exact_fp32_is_printed_used_and_keys_results(
 ):
     """Evaluation scores in fp32 unless asked (whatever the CPU probe says); --score_dtype bf16 or auto is printed,
     resolved in the loader keywords (so in the result key) and is what similarity() multiplies in."""
-    import colintern_model as cm
+    import colintern_scoring as cs
 
-    monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(cs, "cpu_has_native_bf16", lambda: native)
     assert colintern_eval.parse_args(["--model_id", "x", "--local_task", "x"]).score_dtype == "fp32"
     encoders = {
-        flag: colintern_eval.load_encoder(model_id=tiny_model_dir, score_dtype=flag)
-        for flag in ("fp32", "bf16", "auto")
+        flag: cmteb.load_encoder(model_id=tiny_model_dir, score_dtype=flag) for flag in ("fp32", "bf16", "auto")
     }
     printed = capsys.readouterr().out
     auto = "bf16" if native else "fp32"
     for flag, used in (("fp32", "fp32"), ("bf16", "bf16"), ("auto", auto)):
         assert f"score dtype {used} (--score_dtype {flag}; " in printed
         assert encoders[flag].mteb_model_meta.loader_kwargs["score_dtype"] == used
-        assert encoders[flag].score_dtype == cm.SCORE_DTYPES[used]
+        assert encoders[flag].score_dtype == cs.SCORE_DTYPES[used]
     assert encoders["fp32"].revision_for(None) != encoders["bf16"].revision_for(None)
     assert encoders["auto"].revision_for(None) == encoders[auto].revision_for(None)
-    assert colintern_eval.load_encoder(model_id=tiny_model_dir).revision_for(None) == encoders["fp32"].revision_for(
-        None
-    )
+    assert cmteb.load_encoder(model_id=tiny_model_dir).revision_for(None) == encoders["fp32"].revision_for(None)
 
     seen = []
-    real = cm.maxsim_tokens
-    monkeypatch.setattr(cm, "maxsim_tokens", lambda t, p, *a, **k: seen.append(t.dtype) or real(t, p, *a, **k))
+    real = cs.maxsim_tokens
+    monkeypatch.setattr(cs, "maxsim_tokens", lambda t, p, *a, **k: seen.append(t.dtype) or real(t, p, *a, **k))
     g = torch.Generator().manual_seed(0)
     q = [torch.nn.functional.normalize(torch.randn(5, 128, generator=g), dim=-1)]
     p = [torch.nn.functional.normalize(torch.randn(9, 128, generator=g), dim=-1)]
@@ -710,7 +709,7 @@ def test_score_dtype_defaults_to_exact_fp32_is_printed_used_and_keys_results(
     assert seen == [torch.float32] and torch.allclose(exact, (q[0] @ p[0].T).amax(dim=1).sum().view(1, 1))
     rounded = encoders["bf16"].similarity(q, p)
     assert seen[1] == (torch.bfloat16 if native else torch.float32)
-    assert 0 < float((rounded - exact).abs().max()) <= cm.score_error_bound(torch.bfloat16, 5, 128)
+    assert 0 < float((rounded - exact).abs().max()) <= cs.score_error_bound(torch.bfloat16, 5, 128)
 
 
 def test_quantized_checkpoint_evaluates_under_its_own_result_key(
@@ -753,11 +752,11 @@ def test_rerank_rescored_pages_keep_full_scores_and_rank_first():
     g = torch.Generator().manual_seed(0)
     queries = [F.normalize(torch.randn(n, 16, generator=g), dim=-1) for n in (3, 5, 4)]
     full = [F.normalize(torch.randn(n, 16, generator=g), dim=-1) for n in (12, 30, 7, 21, 16, 9)]
-    encoder = colintern_eval.ColInternEncoder(None, None, None, pool_factor=3, rerank=2)
+    encoder = cmteb.ColInternEncoder(None, None, None, pool_factor=3, rerank=2)
     pooled = encoder._pool(full)
     assert [len(p) for p in pooled] == [4, 10, 2, 7, 5, 3]
-    plain = colintern_eval.exact_maxsim(queries, pooled)
-    exact_full = colintern_eval.exact_maxsim(queries, full)
+    plain = cmteb.exact_maxsim(queries, pooled)
+    exact_full = cmteb.exact_maxsim(queries, full)
     scores = encoder.similarity(queries, pooled)
     for qi in range(len(queries)):
         top = plain[qi].topk(2).indices
@@ -772,7 +771,7 @@ def test_rerank_rescored_pages_keep_full_scores_and_rank_first():
     assert report["page_index_bytes"] == 31 * 16 * 4 and report["full_bytes"] == 95 * 16 * 4
     assert report["full_vectors_kept"] == "in memory"
     # without rerank the full vectors are not kept
-    plain_encoder = colintern_eval.ColInternEncoder(None, None, None, pool_factor=3)
+    plain_encoder = cmteb.ColInternEncoder(None, None, None, pool_factor=3)
     plain_encoder._pool(full)
     assert plain_encoder.full_pages == {}
     torch.testing.assert_close(plain_encoder.similarity(queries, plain_encoder._pool(full)), plain)
@@ -781,7 +780,7 @@ def test_rerank_rescored_pages_keep_full_scores_and_rank_first():
 def test_pooled_and_reranked_eval_match_independent_computation_and_key_results(
     tmp_path, pages, queries, trained, counts
 ):
-    import colintern_model as cm
+    import colintern_scoring as cs
 
     model, processor, ckpt = trained
     folder = write_hub_layout(tmp_path / "eval", pages, queries, QRELS)
@@ -796,7 +795,7 @@ def test_pooled_and_reranked_eval_match_independent_computation_and_key_results(
         revisions.add(summary["revision"])
         ((task, reported),) = summary["benchmarks"]["local"]["tasks"].items()
         expected = independent_metrics(
-            model, processor, queries, pages, QRELS, pool=lambda p: cm.pool_page(p, 4), rerank=rerank
+            model, processor, queries, pages, QRELS, pool=lambda p: cs.pool_page(p, 4), rerank=rerank
         )
         for metric, value in expected.items():
             assert reported[metric] == pytest.approx(value, abs=1e-5), (flags, metric)

@@ -11,7 +11,10 @@ from keyword_pages import render_keyword_page
 from safetensors.torch import load_file, save_file
 from test_eval import QRELS, run_eval, write_hub_layout
 
+import colintern_checkpoint as ck
 import colintern_model as cm
+import colintern_mteb as cmteb
+import colintern_scoring as cs
 import eval as colintern_eval
 import export
 
@@ -51,8 +54,8 @@ VECTOR_TOL = 3 * 400 * 2.0**-24
 def score_tol(query_tokens: int, dim: int) -> float:
     """A similarity q.p of unit vectors each off by <= VECTOR_TOL per component moves by <= 2 sqrt(dim) VECTOR_TOL
     (Cauchy-Schwarz); a max is 1-Lipschitz; a score sums query_tokens of them. Each side's own fp32 scoring adds its
-    rounding (cm.score_error_bound)."""
-    return query_tokens * 2 * dim**0.5 * VECTOR_TOL + 2 * cm.score_error_bound(torch.float32, query_tokens, dim)
+    rounding (cs.score_error_bound)."""
+    return query_tokens * 2 * dim**0.5 * VECTOR_TOL + 2 * cs.score_error_bound(torch.float32, query_tokens, dim)
 
 
 def run_export(*flags):
@@ -97,7 +100,7 @@ def test_folder_holds_safetensors_and_json_and_encodes_as_the_checkpoint(folder,
                 assert not f.read(2).startswith((b"PK", b"\x80")), name  # no zip (torch.save) or pickle inside
             assert name.endswith((".json", ".safetensors", ".jinja", ".md")) or name == "mteb_model_meta.py", name
     config = json.load(open(os.path.join(folder, "colintern_config.json")))
-    meta = cm.load_checkpoint(checkpoint)["meta"]
+    meta = ck.load_checkpoint(checkpoint)["meta"]
     assert config == {"kind": "colintern", "export_version": 1, "name": NAME, **meta}  # the whole meta travels
     adapter = json.load(open(os.path.join(folder, "adapter_config.json")))
     assert adapter["base_model_name_or_path"] == meta["model_id"] and adapter["peft_type"] == "LORA"
@@ -116,10 +119,10 @@ def test_peft_loads_the_adapter_itself(folder, checkpoint, tiny_model_dir):
 
     peft_model = PeftModel.from_pretrained(cm.load_backbone(tiny_model_dir), folder)
     loaded = get_peft_model_state_dict(peft_model)
-    lora = cm.load_checkpoint(checkpoint)["lora"]
+    lora = ck.load_checkpoint(checkpoint)["lora"]
     assert len(loaded) == len(lora) == 28
     for key, value in lora.items():
-        assert torch.equal(loaded[cm.PEFT_KEY_PREFIX + key], value), key
+        assert torch.equal(loaded[ck.PEFT_KEY_PREFIX + key], value), key
 
 
 def test_model_card_and_mteb_registration(folder):
@@ -144,7 +147,7 @@ def test_model_card_and_mteb_registration(folder):
         "mteb.models.sentence_transformer_wrapper",
     ]
     assert meta.similarity_fn_name == ScoringFunction.MAX_SIM and meta.model_type == ["late-interaction"]
-    assert meta.training_datasets == colintern_eval.MTEB_TRAINING_DATASETS["vidore/colpali_train_set"]
+    assert meta.training_datasets == cmteb.MTEB_TRAINING_DATASETS["vidore/colpali_train_set"]
 
 
 def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(
@@ -156,7 +159,7 @@ def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(
     from_pt = run_eval(tmp_path / "pt", "--ckpt", checkpoint, "--local_task", task)
     from_folder = run_eval(tmp_path / "folder", "--ckpt", folder, "--local_task", task)
     assert from_folder["benchmarks"] == from_pt["benchmarks"] and from_folder["revision"] != from_pt["revision"]
-    assert colintern_eval.load_encoder(ckpt=folder).mteb_model_meta.name == NAME  # reported under its name
+    assert cmteb.load_encoder(ckpt=folder).mteb_model_meta.name == NAME  # reported under its name
 
     # mteb through the registration (MultiVectorWrapper): eval.py's scores within score_tol, so its rankings but for
     # near-ties, and then its metrics
@@ -180,7 +183,7 @@ def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(
             assert min(scores[a] - scores[b] for a, b in zip(order, order[1:])) <= 2 * tolerance, query
             near_ties = True
     if not near_ties:  # the same rankings: mteb's metric code gives the same metrics
-        for metric in colintern_eval.METRICS:
+        for metric in cmteb.METRICS:
             assert mteb_metrics[metric] == pytest.approx(eval_metrics[metric], abs=1e-5), metric
     monkeypatch.chdir(tmp_path)
 
@@ -227,7 +230,7 @@ def evaluate_through_the_registration(folder, task_folder, tmp_path, monkeypatch
     exec(open(os.path.join(folder, "mteb_model_meta.py")).read(), namespace)
     model = namespace["colintern_tiny"].load_model(device="cpu")
     assert isinstance(model, MultiVectorWrapper) and model.mteb_model_meta.modalities == ["image", "text"]
-    task = colintern_eval.make_local_task(task_folder)
+    task = cmteb.make_local_task(task_folder)
     result = mteb.evaluate(
         model,
         task,
@@ -386,7 +389,7 @@ def test_hub_id_that_cannot_be_downloaded_is_one_line(monkeypatch):
     with pytest.raises(
         FileNotFoundError, match=r"nobody/nothing is no local file or folder.*Offline: .*hf download"
     ) as info:
-        cm.load_checkpoint("nobody/nothing")
+        ck.load_checkpoint("nobody/nothing")
     assert "\n" not in str(info.value)
     assert colintern_eval.parse_args(["--ckpt", "nobody/nothing", "--local_task", "x"]).ckpt == "nobody/nothing"
 
@@ -429,12 +432,12 @@ def test_train_warm_starts_from_the_folder_exactly_as_from_the_checkpoint(folder
                 ]
             )
         )
-        results[name] = cm.load_checkpoint(str(out / "colintern_heads_epoch3.pt"))
+        results[name] = ck.load_checkpoint(str(out / "colintern_heads_epoch3.pt"))
     assert results["pt"]["meta"]["step"] == results["folder"]["meta"]["step"] == 20 + 2
     for part in ("heads", "lora"):
         assert results["pt"][part].keys() == results["folder"][part].keys()
         for key, value in results["pt"][part].items():
             assert torch.equal(value, results["folder"][part][key]), key
     # and training moved the weights (the comparison is not between two copies of the start)
-    start = cm.load_checkpoint(checkpoint)
+    start = ck.load_checkpoint(checkpoint)
     assert any(not torch.equal(v, results["pt"]["heads"][k]) for k, v in start["heads"].items())

@@ -14,10 +14,11 @@ from conftest import query
 from keyword_pages import WORDS as ALL_WORDS
 from keyword_pages import render_keyword_page
 
-import colintern_model as cm
+import colintern_scoring as cs
 import mine_hard_negatives as mine
 from colintern_data import pseudo_path
-from colintern_model import ColIntern, LoraSettings, maxsim_scores, maxsim_topk, save_checkpoint
+from colintern_model import ColIntern, LoraSettings, save_checkpoint
+from colintern_scoring import maxsim_scores, maxsim_topk
 
 WORDS = ALL_WORDS[:22]  # one hub row (query + page) each
 COPIES = {7: 2, 12: 2}  # hub rows whose page is byte-identical to row 2's page (colpali_train_set repeats pages)
@@ -190,7 +191,7 @@ def test_scoring_kernels_equal_a_naive_loop_with_pooled_blocks_and_filters(monke
     """maxsim_scores / maxsim_topk (the mining kernel) and score_pairs against the plain definition, with tiny blocks
     spread over 2 worker threads, several page chunks and query blocks, inside inference mode (as the encoders leave
     it), negative similarities included."""
-    monkeypatch.setattr(cm, "PAGE_CHUNK_TOKENS", 80)
+    monkeypatch.setattr(cs, "PAGE_CHUNK_TOKENS", 80)
     g = torch.Generator().manual_seed(3)
     queries = [
         F.normalize(torch.randn(int(n), 16, generator=g), dim=-1) for n in torch.randint(1, 9, (23,), generator=g)
@@ -464,15 +465,15 @@ def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(
     """--score_dtype against what the CPU probe says (forced both ways, so any CPU runs every case): the dtype picked
     is printed, kept in the stats, and the one the search multiplies in; the page cache is keyed by the embeddings'
     identity alone."""
-    monkeypatch.setattr(cm, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(cs, "cpu_has_native_bf16", lambda: native)
     seen = set()
-    real = cm.maxsim_tokens
+    real = cs.maxsim_tokens
 
     def spy(tokens, pages, *args, **kwargs):
         seen.add((tokens.dtype, pages.dtype, bool((tokens.float() == tokens.bfloat16().float()).all())))
         return real(tokens, pages, *args, **kwargs)
 
-    monkeypatch.setattr(cm, "maxsim_tokens", spy)
+    monkeypatch.setattr(cs, "maxsim_tokens", spy)
     monkeypatch.setattr(mine, "maxsim_tokens", spy)
     out = tmp_path / "mined.jsonl"
     stats = run_mine(
@@ -495,9 +496,9 @@ def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(
         "--cache_dir",
         tmp_path / "cache",
     )
-    name = cm.dtype_name(used)
+    name = cs.dtype_name(used)
     assert (
-        f"score dtype {name} (--score_dtype {flag}; multiplied in {cm.dtype_name(matmul)} on cpu)"
+        f"score dtype {name} (--score_dtype {flag}; multiplied in {cs.dtype_name(matmul)} on cpu)"
         in capsys.readouterr().out
     )
     assert stats["score_dtype"] == {"requested": flag, "used": str(used), "matmul": str(matmul)}
@@ -531,7 +532,7 @@ def test_score_dtype_is_picked_printed_recorded_used_and_keys_the_cache(
     assert mine.cache_folder(args, model, data)[0] != stats["cache"]["dir"]
     # the negatives are the brute-force ones (fp32 scores; bf16 may swap near-ties, so compare by score)
     expected = expected_negatives(brute, 3, math.inf)
-    tol = 1e-5 if used == torch.float32 else cm.score_error_bound(torch.bfloat16, 64, 128)  # queries: < 64 tokens
+    tol = 1e-5 if used == torch.float32 else cs.score_error_bound(torch.bfloat16, 64, 128)  # queries: < 64 tokens
     for i, row in enumerate(read_rows(out)):
         got = [row_of(ref) for ref in row["negs"]]
         assert torch.allclose(brute[i, got], brute[i, expected[i]["negs"]], atol=2 * tol), (i, got)
@@ -586,7 +587,7 @@ def test_pooled_mining_equals_brute_force_on_pooled_pages_and_keys_the_cache(ckp
     model, processor, _ = ColIntern.from_checkpoint(ckpt)
     q = model.encode_queries(processor, [query(w) for w in WORDS])
     full = [x.half().float() for x in model.encode_pages(processor, hub["images"])]
-    pooled = [cm.pool_page(x, 3).half().float() for x in full]
+    pooled = [cs.pool_page(x, 3).half().float() for x in full]
     scores = torch.tensor([[float((a @ b.T).amax(dim=1).sum()) for b in pooled] for a in q])
     out = tmp_path / "mined.jsonl"
     cache = tmp_path / "cache"

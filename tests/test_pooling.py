@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import colintern_model as cm
+import colintern_scoring as cs
 
 
 def unit(*shape, seed=0):
@@ -14,18 +14,18 @@ def unit(*shape, seed=0):
 
 def test_pool_factor_1_is_the_identity():
     page = unit(37, 16)
-    assert cm.pool_page(page, 1) is page
+    assert cs.pool_page(page, 1) is page
     pages = [page, unit(5, 16, seed=1)]
-    assert all(a is b for a, b in zip(cm.pool_pages(pages, 1), pages))
+    assert all(a is b for a, b in zip(cs.pool_pages(pages, 1), pages))
     with pytest.raises(ValueError, match="pool_factor must be >= 1"):
-        cm.pool_page(page, 0)
+        cs.pool_page(page, 0)
 
 
 @pytest.mark.parametrize("length", [1, 2, 5, 7, 64, 301])
 @pytest.mark.parametrize("factor", [2, 3, 4, 6])
 def test_cluster_counts_and_unit_norm(length, factor):
     page = unit(length, 32, seed=length)
-    pooled = cm.pool_page(page, factor)
+    pooled = cs.pool_page(page, factor)
     assert pooled.shape == (max(1, length // factor), 32)
     assert pooled.dtype == page.dtype
     torch.testing.assert_close(pooled.norm(dim=-1), torch.ones(len(pooled)))
@@ -36,9 +36,9 @@ def test_ties_still_give_the_exact_count():
     # would stop at 3 clusters for any requested count >= 3)
     base = unit(3, 8)
     page = base.repeat_interleave(4, dim=0)
-    pooled = cm.pool_page(page, 2)  # 6 clusters
+    pooled = cs.pool_page(page, 2)  # 6 clusters
     assert pooled.shape == (6, 8)
-    assert cm.page_clusters(page, 3).tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert cs.page_clusters(page, 3).tolist() == [0] * 4 + [1] * 4 + [2] * 4
 
 
 def test_planted_groups_pool_to_their_means():
@@ -48,7 +48,7 @@ def test_planted_groups_pool_to_their_means():
     centres = unit(groups, dim, seed=1)
     member = torch.randperm(groups * factor, generator=torch.Generator().manual_seed(2)) % groups
     page = F.normalize(centres[member] + 0.02 * unit(len(member), dim, seed=3), dim=-1)
-    pooled = cm.pool_page(page, factor)
+    pooled = cs.pool_page(page, factor)
     first_seen = list(dict.fromkeys(member.tolist()))  # groups in order of their first token
     expected = torch.stack([F.normalize(page[member == g].mean(0), dim=0) for g in first_seen])
     torch.testing.assert_close(pooled, expected, atol=1e-6, rtol=0)
@@ -58,7 +58,7 @@ def test_same_clusters_as_fcluster_and_deterministic():
     from scipy.cluster.hierarchy import fcluster, linkage
 
     page = unit(200, 32, seed=5)
-    labels = cm.page_clusters(page, 50).numpy()
+    labels = cs.page_clusters(page, 50).numpy()
     reference = fcluster(linkage(page.double().numpy(), method="ward"), t=50, criterion="maxclust")
     # the same partition (labels differ only in numbering)
     pairs = set(zip(labels.tolist(), reference.tolist()))
@@ -66,18 +66,18 @@ def test_same_clusters_as_fcluster_and_deterministic():
     first = np.unique(labels, return_index=True)[1]  # first token of cluster 0, 1, ...: increasing
     assert labels[0] == 0 and np.all(np.diff(first) > 0)
     pages = [unit(n, 32, seed=n) for n in (50, 120, 7, 300)]
-    serial = cm.pool_pages(pages, 3, workers=1)
-    threaded = cm.pool_pages(pages, 3, workers=2)
+    serial = cs.pool_pages(pages, 3, workers=1)
+    threaded = cs.pool_pages(pages, 3, workers=2)
     assert all(torch.equal(a, b) for a, b in zip(serial, threaded))
-    assert torch.equal(cm.pool_page(pages[1], 3), serial[1])
+    assert torch.equal(cs.pool_page(pages[1], 3), serial[1])
 
 
 def test_half_precision_pages_pool_in_their_dtype():
     page = unit(40, 16).half()
-    pooled = cm.pool_page(page, 4)
+    pooled = cs.pool_page(page, 4)
     assert pooled.dtype == torch.float16 and pooled.shape == (10, 16)
-    assert cm.index_bytes([pooled]) == 10 * 16 * 2
-    assert cm.index_bytes([pooled], torch.float32) == 10 * 16 * 4
+    assert cs.index_bytes([pooled]) == 10 * 16 * 2
+    assert cs.index_bytes([pooled], torch.float32) == 10 * 16 * 4
 
 
 def test_bench_pooling_runs_on_a_small_planted_set(capsys):

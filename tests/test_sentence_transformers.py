@@ -17,7 +17,9 @@ from PIL import Image
 # fixtures: a .pt whose LoRA changes the embeddings, and its export
 from test_export import NAME, VECTOR_TOL, checkpoint, folder, score_tol  # noqa: F401
 
+import colintern_checkpoint as ck
 import colintern_model as cm
+import colintern_scoring as cs
 import colintern_st
 
 # Non-Latin text too: the chat template must pass any text through unchanged (and template syntax as text)
@@ -73,7 +75,7 @@ def test_multivector_encoder_encodes_and_scores_as_colintern(st_model, colintern
         torch.testing.assert_close(got.cpu(), expected, atol=VECTOR_TOL, rtol=0)
 
     scores = st_model.similarity(queries, st_pages).cpu()
-    expected = cm.maxsim_scores(ours_queries, ours_pages)
+    expected = cs.maxsim_scores(ours_queries, ours_pages)
     assert scores.shape == (len(QUERIES), len(pages))
     for i, q in enumerate(ours_queries):
         torch.testing.assert_close(scores[i], expected[i], atol=score_tol(len(q), model.proj_dim), rtol=0)
@@ -100,7 +102,7 @@ def test_over_a_bf16_backbone_they_agree_to_bf16_rounding(folder, checkpoint, pa
 def test_the_lora_adapter_is_loaded_onto_the_backbone(st_model, checkpoint):  # noqa: F811
     """transformers loads the adapter through peft (peft < 0.20 drops every weight with only a log line): every LoRA
     tensor of the checkpoint is in the backbone, under peft's default adapter name."""
-    lora = cm.load_checkpoint(checkpoint)["lora"]
+    lora = ck.load_checkpoint(checkpoint)["lora"]
     loaded = {
         name.replace(".default.", "."): p for name, p in st_model[0].auto_model.named_parameters() if "lora_" in name
     }
@@ -154,7 +156,7 @@ def test_model_card_snippets_run_as_written(folder, tmp_path, monkeypatch, colin
     render_keyword_page("revenue", size=(448, 224)).save(tmp_path / "page.png")
     model, processor = colintern
     query = re.search(r'encode_query\(\["(.*?)"\]\)', st_snippet)[1]
-    expected = cm.maxsim_scores(
+    expected = cs.maxsim_scores(
         model.encode_queries(processor, [query]), model.encode_pages(processor, [Image.open(tmp_path / "page.png")])
     )
     tolerance = score_tol(len(processor.process_queries([query])["input_ids"][0]), model.proj_dim)

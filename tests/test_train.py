@@ -16,16 +16,12 @@ from conftest import ROOT, launch, query
 from keyword_pages import WORDS, render_keyword_page
 from PIL import Image
 
+import colintern_loss as cl
 import train
+from colintern_checkpoint import LORA_KEY_ADAPTER_NAME, load_checkpoint
 from colintern_data import PSEUDO_PATH, pseudo_path
-from colintern_model import (
-    LORA_KEY_ADAPTER_NAME,
-    ColIntern,
-    LoraSettings,
-    load_checkpoint,
-    maxsim_scores,
-    trainable_state_dict,
-)
+from colintern_model import ColIntern, LoraSettings, trainable_state_dict
+from colintern_scoring import maxsim_scores
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -576,10 +572,10 @@ def test_checkpoints_record_training_data_lineage(tiny_model_dir, pages, tmp_pat
     # eval.py then declares it trained on colpali_train_set, not zero-shot
     from mteb.models.model_implementations.colpali_models import COLPALI_TRAINING_DATA
 
-    import eval as colintern_eval
+    import colintern_mteb as cmteb
 
-    sources, where = colintern_eval.checkpoint_training_data(epoch2, load_checkpoint(epoch2))
-    assert where == "checkpoint lineage" and colintern_eval.mteb_training_datasets(sources) == COLPALI_TRAINING_DATA
+    sources, where = cmteb.checkpoint_training_data(epoch2, load_checkpoint(epoch2))
+    assert where == "checkpoint lineage" and cmteb.mteb_training_datasets(sources) == COLPALI_TRAINING_DATA
 
     # a JSONL mixing image files and pseudo-paths; a warm start from a checkpoint older than lineage says so
     args = train.parse_args(
@@ -697,6 +693,7 @@ KILL_DURING_SAVE = """
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
 import train
+import colintern_loss as cl
 real_save, calls = torch.save, []
 def dying_save(obj, f, *a, **k):
     calls.append(1)
@@ -996,6 +993,7 @@ RECORD_GRADIENTS = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
 import train
+import colintern_loss as cl
 out, rank = os.environ["COLINTERN_TEST_RECORD"], int(os.environ.get("RANK", "0"))
 names = {{}}
 real_build = train.build_model
@@ -1014,28 +1012,28 @@ class RecordingSGD(torch.optim.SGD):
 train.build_model = build_model
 train.make_optimizer = lambda name, params, lr, say=print: RecordingSGD(params, lr=lr)
 fault = os.environ.get("COLINTERN_TEST_FAULT")
-real_gather = train.gather_pages
+real_gather = cl.gather_pages
 if fault == "gather_without_gradients":  # other ranks' queries then send no gradient back to this rank's pages
     def gather_without_gradients(pages, page_mask, n_queries, world):
         with torch.no_grad():
             gathered, mask = real_gather(pages, page_mask, n_queries, world)
         rank = torch.distributed.get_rank()
         n_pages, length = pages.shape[0], gathered.shape[1]
-        own, _ = train.pad_left(pages, page_mask, length)  # put this rank's own pages back with their graph
+        own, _ = cl.pad_left(pages, page_mask, length)  # put this rank's own pages back with their graph
         pos = list(range(rank * n_queries, (rank + 1) * n_queries))
         neg0 = world * n_queries + rank * (n_pages - n_queries)
         neg = list(range(neg0, neg0 + n_pages - n_queries))
         gathered = gathered.clone()
         gathered[pos + neg] = own
         return gathered, mask
-    train.gather_pages = gather_without_gradients
+    cl.gather_pages = gather_without_gradients
 elif fault == "local_negatives":  # hard negatives of other ranks left out of the pool
     def local_negatives(pages, page_mask, n_queries, world):
         gathered, mask = real_gather(pages, page_mask, n_queries, world)
         rank, n_neg = torch.distributed.get_rank(), pages.shape[0] - n_queries
         keep = list(range(world * n_queries)) + [world * n_queries + rank * n_neg + j for j in range(n_neg)]
         return gathered[keep], mask[keep]
-    train.gather_pages = local_negatives
+    cl.gather_pages = local_negatives
 elif fault == "unreadable_page_on_rank_1" and rank == 1:  # a data error on one rank only
     from colintern_cli import UserValueError
     def unreadable(self, rows):
@@ -1262,7 +1260,7 @@ def test_grad_cache_restores_every_devices_generator(monkeypatch):
         for _ in range(2)
     ]
     torch.manual_seed(0)
-    train.grad_cache_step(encoder, micro_batches, temperature=0.05, rank=0, world=1)
+    cl.grad_cache_step(encoder, micro_batches, temperature=0.05, rank=0, world=1)
     first, second, again_first, again_second = encoder.draws
     assert first != second and again_first == first and again_second == second
     assert [int(s) for s in generators.states] == [2, 1002]  # as after the first encodings
@@ -1273,7 +1271,7 @@ def test_grad_cache_replays_dropout_masks(tiny_model_dir, pages, tmp_path, monke
     """With LoRA dropout on, each micro-batch's second encoding (with its graph) equals its first (cached, no
     graph) exactly: the RNG state is restored, so the cached gradients belong to the graph they are pushed through."""
     encodings = []
-    real_forward = train.QueryPageEncoder.forward
+    real_forward = cl.QueryPageEncoder.forward
 
     def forward(self, queries, pages, page_features=None):
         out = real_forward(self, queries, pages, page_features)
@@ -1284,7 +1282,7 @@ def test_grad_cache_replays_dropout_masks(tiny_model_dir, pages, tmp_path, monke
         encodings.append((torch.is_grad_enabled(), [t.detach().clone() for t in out]))
         return out
 
-    monkeypatch.setattr(train.QueryPageEncoder, "forward", forward)
+    monkeypatch.setattr(cl.QueryPageEncoder, "forward", forward)
     run_train(
         *base_flags(
             tiny_model_dir,
@@ -1335,20 +1333,18 @@ def test_grad_cache_runs_the_vision_tower_once_per_micro_batch(tiny_model_dir, m
     ]
     tower_runs = []
     model.backbone.vision_tower.register_forward_hook(lambda *a: tower_runs.append(torch.is_grad_enabled()))
-    encoder = train.QueryPageEncoder(model)
+    encoder = cl.QueryPageEncoder(model)
 
     def step():
         tower_runs.clear()
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
-        loss = train.grad_cache_step(
-            encoder, micro_batches, temperature=0.05, rank=0, world=1, offload_features=offload
-        )
+        loss = cl.grad_cache_step(encoder, micro_batches, temperature=0.05, rank=0, world=1, offload_features=offload)
         return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, list(tower_runs)
 
     loss, grads, runs = step()
     assert runs == [False] * 3  # once per micro-batch, without a graph
-    monkeypatch.setattr(train.QueryPageEncoder, "page_features", lambda self, pages: None)  # as before: twice
+    monkeypatch.setattr(cl.QueryPageEncoder, "page_features", lambda self, pages: None)  # as before: twice
     loss_before, grads_before, runs_before = step()
     assert runs_before == [False] * 6
     assert torch.equal(loss, loss_before) and grads.keys() == grads_before.keys()
