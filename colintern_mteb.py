@@ -2,6 +2,7 @@
 and result key, ViDoRe tasks pointed at local copies, and subsampling. eval.py runs the evaluation; export.py's
 registration loads an exported folder through load_encoder."""
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -331,7 +332,7 @@ def build_model_meta(
     stamp = os.path.getmtime(ckpt) if ckpt and os.path.exists(ckpt) else datetime.datetime.now().timestamp()
     text_config = model.backbone.config.text_config
     return ModelMeta(
-        loader=load_encoder,
+        loader=mteb_loader,
         loader_kwargs=loader_kwargs,
         name=name or f"colintern/{os.path.basename(model_id.rstrip('/'))}",
         revision=revision,
@@ -369,99 +370,112 @@ def baseline_heads(model: ColIntern, seed: int) -> None:
             head.bias.copy_(drawn.bias)
 
 
-def load_encoder(
-    model_name: str | None = None,
-    revision: str | None = None,
-    *,
-    ckpt: str | None = None,
-    model_id: str | None = None,
-    device: str = "cpu",
-    dtype: str = "auto",
-    max_tiles: int | None = None,
-    seed: int = 0,
-    proj_dim: int = 128,
-    experiment_kwargs: dict | None = None,
-    score_dtype: str = "fp32",
-    quantize: str | None = None,
-    pool_factor: int = 1,
-    rerank: int = 0,
-    attn_implementation: str = "sdpa",
-    dim: int | None = None,
-) -> ColInternEncoder:
-    """The ModelMeta loader: a checkpoint (heads + LoRA on its backbone, or on `model_id`), or with no checkpoint
-    the untrained baseline (seeded random heads, no LoRA) on `model_id`. `score_dtype` (fp32, bf16, auto): the
-    dtype MaxSim scores in, resolved here and kept resolved in the loader keywords (so in the result key).
-    `quantize` None: the checkpoint's, or none without one; the result key holds the quantisation used, so either
-    spelling of it shares results. `pool_factor` and `rerank`: see ColInternEncoder.similarity. The result key is
-    colintern_scoring.score_identity of what was loaded."""
-    scoring = colintern_scoring.score_dtype(score_dtype, device)  # the flag's value -> a dtype
-    print(
-        f"score dtype {dtype_name(scoring)} (--score_dtype {score_dtype}; multiplied in "
-        f"{dtype_name(matmul_dtype(scoring, device))} on {device})"
-    )
-    device_map = None if device == "cpu" else device
-    if ckpt is not None:
-        model, processor, ckpt_dict = ColIntern.from_checkpoint(
-            ckpt,
-            model_id=model_id,
-            dtype=dtype,
-            device_map=device_map,
-            max_tiles=max_tiles,
-            quantize=quantize,
-            attn_implementation=attn_implementation,
-            dim=dim,
+@dataclasses.dataclass(frozen=True)
+class EncoderSettings:
+    """What load_encoder builds, from eval.py's model flags (built once: `from_args`). As resolved by load_encoder
+    (the checkpoint's tiles, projection size, quantisation, ...) they are also the ModelMeta's loader_kwargs."""
+
+    ckpt: str | None = None  # heads + LoRA; None: the untrained baseline (seeded random heads) on model_id
+    model_id: str | None = None  # the backbone; default the checkpoint's
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_tiles: int | None = None  # default the checkpoint's (4 for the baseline)
+    seed: int = 0  # the baseline's heads
+    proj_dim: int = 128  # the baseline's heads
+    score_dtype: str = "fp32"  # fp32, bf16, auto: the dtype MaxSim scores in
+    quantize: str | None = None  # None: the checkpoint's, or none without one
+    pool_factor: int = 1
+    rerank: int = 0
+    attn_implementation: str = "sdpa"
+    dim: int | None = None  # a Matryoshka prefix the checkpoint trained; default the full size
+
+    @classmethod
+    def from_args(cls, args, device: str) -> "EncoderSettings":
+        return cls(
+            ckpt=args.ckpt,
+            model_id=args.model_id,
+            device=device,
+            dtype=args.dtype,
+            max_tiles=args.max_tiles,
+            seed=args.seed,
+            proj_dim=args.proj_dim or 128,
+            score_dtype=args.score_dtype,
+            quantize=args.quantize,
+            pool_factor=args.pool_factor,
+            rerank=args.rerank,
+            attn_implementation=args.attn_implementation,
+            dim=args.dim,
         )
-        model_id = model.model_id
+
+
+def mteb_loader(model_name: str | None = None, revision: str | None = None, **loader_kwargs) -> "ColInternEncoder":
+    """The ModelMeta's loader, as mteb calls it: the loader_kwargs are EncoderSettings' fields."""
+    return load_encoder(EncoderSettings(**loader_kwargs))
+
+
+def load_encoder(settings: EncoderSettings, experiment_kwargs: dict | None = None) -> "ColInternEncoder":
+    """A checkpoint (heads + LoRA on its backbone, or on `model_id`), or with no checkpoint the untrained baseline
+    (seeded random heads, no LoRA) on `model_id`, as mteb's encoder. The score dtype is resolved here and kept
+    resolved in the loader keywords; the result key (colintern_scoring.score_identity of what was loaded) holds the
+    quantisation used, so either spelling of it shares results. `pool_factor` and `rerank`: see
+    ColInternEncoder.similarity."""
+    s = settings
+    scoring = colintern_scoring.score_dtype(s.score_dtype, s.device)  # the flag's value -> a dtype
+    print(
+        f"score dtype {dtype_name(scoring)} (--score_dtype {s.score_dtype}; multiplied in "
+        f"{dtype_name(matmul_dtype(scoring, s.device))} on {s.device})"
+    )
+    backbone = dict(
+        dtype=s.dtype,
+        device_map=None if s.device == "cpu" else s.device,
+        attn_implementation=s.attn_implementation,
+        dim=s.dim,
+    )
+    if s.ckpt is not None:
+        model, processor, ckpt_dict = ColIntern.from_checkpoint(
+            s.ckpt, model_id=s.model_id, max_tiles=s.max_tiles, quantize=s.quantize, **backbone
+        )
     else:
         ckpt_dict = None
-        if model_id is None:
+        if s.model_id is None:
             raise UserValueError("pass --ckpt CKPT, or --model_id MODEL alone for the untrained baseline")
         model, processor = ColIntern.from_pretrained(
-            model_id,
-            proj_dim=proj_dim,
+            s.model_id,
+            proj_dim=s.proj_dim,
             lora=None,
-            max_tiles=max_tiles or 4,
-            dtype=dtype,
-            device_map=device_map,
-            quantize=quantize or "none",
-            attn_implementation=attn_implementation,
-            dim=dim,
+            max_tiles=s.max_tiles or 4,
+            quantize=s.quantize or "none",
+            **backbone,
         )
-        baseline_heads(model, seed)
-    loader_kwargs = {
-        "ckpt": ckpt,
-        "model_id": model_id,
-        "device": device,
-        "dtype": dtype,
-        "max_tiles": model.max_tiles,
-        "seed": seed,
-        "proj_dim": model.proj_dim,
-        "score_dtype": dtype_name(scoring),
-        "quantize": model.quantize,
-        "pool_factor": pool_factor,
-        "rerank": rerank,
-        "attn_implementation": attn_implementation,
-        "dim": model.dim,
-    }
-    scores = score_identity(model.embedding_identity(pool_factor), scoring, device, rerank)
-    training_data, lineage_from = checkpoint_training_data(ckpt, ckpt_dict)
+        baseline_heads(model, s.seed)
+    resolved = dataclasses.replace(
+        s,
+        model_id=model.model_id,
+        max_tiles=model.max_tiles,
+        proj_dim=model.proj_dim,
+        score_dtype=dtype_name(scoring),
+        quantize=model.quantize,
+        dim=model.dim,
+    )
+    scores = score_identity(model.embedding_identity(s.pool_factor), scoring, s.device, s.rerank)
+    training_data, lineage_from = checkpoint_training_data(s.ckpt, ckpt_dict)
     encoder = ColInternEncoder(
         model.eval(),
         processor,
         None,
-        device=device,
-        result_identity=(model_label(ckpt, seed), scores),
+        device=s.device,
+        result_identity=(model_label(s.ckpt, s.seed), scores),
         training_data=(training_data, lineage_from),
         score_dtype=scoring,
-        pool_factor=pool_factor,
-        rerank=rerank,
+        pool_factor=s.pool_factor,
+        rerank=s.rerank,
     )
     encoder.mteb_model_meta = build_model_meta(
         model,
-        model_id,
+        model.model_id,
         encoder.revision_for(None),
-        ckpt,
-        loader_kwargs,
+        s.ckpt,
+        dataclasses.asdict(resolved),
         experiment_kwargs,
         training_data,
         name=ckpt_dict and ckpt_dict["meta"].get("name"),

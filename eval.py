@@ -182,6 +182,7 @@ import mteb  # noqa: E402
 
 from colintern_mteb import (  # noqa: E402
     METRICS,
+    EncoderSettings,
     dataset_folder_name,
     load_encoder,
     make_local_task,
@@ -502,12 +503,12 @@ def main(args):
     if args.predictions_dir:
         check_output(args.predictions_dir, "--predictions_dir", "folder")
     with distributed_run(args.device) as run:
-        args.device = run.device  # every rank runs the same mteb steps; only rank 0 prints and writes
-        return evaluate(args, run.rank, run.world)
+        return evaluate(args, run)
 
 
-def evaluate(args, rank: int, world: int):
-
+def evaluate(args, run):
+    """The evaluation of main, on this rank of `run` (colintern_launch.distributed_run: rank, world, device)."""
+    rank, world = run.rank, run.world
     groups = select_tasks(args.benchmarks, args.tasks) if (args.benchmarks or args.tasks) else []
     public, skipped = drop_private(groups)
     data_fingerprints = {}  # task name -> files_fingerprint of its local data (hub data: none)
@@ -530,22 +531,7 @@ def evaluate(args, rank: int, world: int):
         for task in tasks:
             subsample_on_load(task, args.max_queries, args.max_pages, args.seed)
 
-    encoder = load_encoder(
-        ckpt=args.ckpt,
-        model_id=args.model_id,
-        device=args.device,
-        dtype=args.dtype,
-        max_tiles=args.max_tiles,
-        seed=args.seed,
-        proj_dim=args.proj_dim or 128,
-        experiment_kwargs=subsample,
-        score_dtype=args.score_dtype,
-        quantize=args.quantize,
-        pool_factor=args.pool_factor,
-        rerank=args.rerank,
-        attn_implementation=args.attn_implementation,
-        dim=args.dim,
-    )
+    encoder = load_encoder(EncoderSettings.from_args(args, run.device), experiment_kwargs=subsample)
     encoder.rank, encoder.world = rank, world
     meta = encoder.mteb_model_meta
     out_json = args.out_json or os.path.join("outputs", "eval", f"{run_name(meta)}.json")

@@ -957,8 +957,6 @@ def training_data_lineage(args, rows, ckpt: dict | None) -> list:
 
 
 def check_same_run(saved: dict, ours: dict, path: str) -> None:
-    # snapshots from before these were recorded: what every run did then
-    saved = {"quantize": "none", "attn_implementation": "sdpa", "schedule": SCHEDULE, **saved}
     diffs = [f"{k}: snapshot {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
     if diffs:
         raise UserValueError(
@@ -1065,14 +1063,34 @@ def count_steps(args, rows, batch_size: int, grad_accum: int, world: int, say=pr
     return batches_per_epoch, min(total_steps, args.max_steps) if args.max_steps else total_steps
 
 
-def resume_snapshot(state: RunState, snapshot: dict, path: str, optimizer, scheduler, scaler) -> None:
+@dataclasses.dataclass
+class Optimization:
+    """What an optimizer step touches, built once by train(): the encoder (DDP-wrapped under torchrun), the
+    trainable parameters by name, the optimizer, its schedule, and the fp16 loss scaler (disabled otherwise)."""
+
+    encoder: nn.Module
+    params: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def state_dict(self) -> dict:
+        """What a step snapshot keeps of them to resume exactly (the weights are the checkpoint's own)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+
+def resume_snapshot(state: RunState, snapshot: dict, path: str, opt: Optimization) -> None:
     """Continue a step snapshot exactly: the same run (else an error), its optimizer, schedule, loss scale,
     counters and data position."""
     check_same_run(snapshot["run"], state.run, path)
-    optimizer.load_state_dict(snapshot["optimizer"])
-    scheduler.load_state_dict(snapshot["scheduler"])
+    opt.optimizer.load_state_dict(snapshot["optimizer"])
+    opt.scheduler.load_state_dict(snapshot["scheduler"])
     if "scaler" in snapshot:
-        scaler.load_state_dict(snapshot["scaler"])
+        opt.scaler.load_state_dict(snapshot["scaler"])
     state.run_step, state.step_offset, state.epoch_offset = (
         snapshot["run_step"],
         snapshot["step_offset"],
@@ -1081,9 +1099,7 @@ def resume_snapshot(state: RunState, snapshot: dict, path: str, optimizer, sched
     state.data_epoch, state.batch_in_epoch = snapshot["position"]["epoch"], snapshot["position"]["batch"]
 
 
-def save_run(
-    kind: str, state: RunState, args, rank: int, model: ColIntern, lineage: list, optimizer, scheduler, scaler
-) -> str:
+def save_run(kind: str, state: RunState, args, rank: int, model: ColIntern, lineage: list, opt: Optimization) -> str:
     """A step snapshot (colintern_heads_step{N}.pt: + optimizer, schedule, loss scale, to resume exactly) or an
     epoch checkpoint (colintern_heads_epoch{E}.pt) -> its path. Rank 0 writes, atomically; the other ranks hold
     identical weights (DDP)."""
@@ -1102,31 +1118,20 @@ def save_run(
             "git_commit": git_commit(),
         }
         if kind == "step":
-            train_state.update(
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict()
-            )
+            train_state.update(opt.state_dict())
         save_checkpoint(path, model, step=state.step, epoch=epochs_done, train_state=train_state, training_data=lineage)
     return path
 
 
 def train_step(
-    encoder: nn.Module,
-    micro_batches: list,
-    state: RunState,
-    args,
-    rank: int,
-    world: int,
-    params: dict,
-    optimizer,
-    scheduler,
-    scaler,
-    log: LossLog | None,
+    micro_batches: list, state: RunState, args, opt: Optimization, rank: int, world: int, log: LossLog | None
 ):
     """One optimizer step: forward and backward of the micro-batches (dropout seeded by the step), the loss averaged
     over ranks, then, Ctrl-C held, the update, the schedule, the counters and the loss log together. A non-finite loss
     or gradient, or an update that leaves a weight non-finite, stops the run before anything is logged or saved;
     fp16 gradients that overflowed make the scaler skip the update, and the schedule stays where it is (as the
-    weights). `params`: the trainable parameters by name. -> (loss, lr, overflowed)."""
+    weights). -> (loss, lr, overflowed)."""
+    encoder, params, optimizer, scheduler, scaler = opt.encoder, opt.params, opt.optimizer, opt.scheduler, opt.scaler
     seed_step(args.seed, rank, state.step)
     loss = step_forward_backward(
         encoder,
@@ -1351,14 +1356,18 @@ def train(args, rank, world, device_map, say):
     lineage = training_data_lineage(args, rows, ckpt)
     say(f"checkpoints record the training data: {', '.join(lineage)}")
 
-    encoder = ddp_encoder(model, world)
     optimizer = make_optimizer(args.optimizer, list(params.values()), args.lr, say)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total_steps))
-    # fp16 backbone: dynamic loss scaling, so that small activation gradients do not underflow fp16's range
-    # (bf16 has fp32's range and needs none); parameters and their gradients are fp32 either way.
-    scaler = torch.amp.GradScaler(model.device.type, enabled=model.backbone.dtype == torch.float16)
+    opt = Optimization(
+        encoder=ddp_encoder(model, world),
+        params=params,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total_steps)),
+        # fp16 backbone: dynamic loss scaling, so that small activation gradients do not underflow fp16's range
+        # (bf16 has fp32's range and needs none); parameters and their gradients are fp32 either way.
+        scaler=torch.amp.GradScaler(model.device.type, enabled=model.backbone.dtype == torch.float16),
+    )
     if snapshot:
-        resume_snapshot(state, snapshot, args.resume_ckpt, optimizer, scheduler, scaler)
+        resume_snapshot(state, snapshot, args.resume_ckpt, opt)
         say(
             f"resuming step snapshot {args.resume_ckpt} exactly: step {state.step}, epoch {state.epoch}, "
             f"micro-batch {state.batch_in_epoch} of {batches_per_epoch}"
@@ -1382,9 +1391,7 @@ def train(args, rank, world, device_map, say):
         rank=rank,
         model=model,
         lineage=lineage,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
+        opt=opt,
     )
 
     def save(kind, state):  # -> path; rank 0 writes, and a failed write stops every rank
@@ -1408,13 +1415,11 @@ def train(args, rank, world, device_map, say):
                     micro_batches = list(itertools.islice(batches, grad_accum))
                 if len(micro_batches) < grad_accum:  # the epoch's end (it ends on a whole step, on every rank)
                     break
-                loss, lr, overflow = train_step(
-                    encoder, micro_batches, state, args, rank, world, params, optimizer, scheduler, scaler, log
-                )
+                loss, lr, overflow = train_step(micro_batches, state, args, opt, rank, world, log)
                 steps_here += 1
                 if overflow:
                     say(
-                        f"step {state.step}: fp16 gradients overflowed at loss scale {scaler.get_scale() * 2:g}; "
+                        f"step {state.step}: fp16 gradients overflowed at loss scale {opt.scaler.get_scale() * 2:g}; "
                         f"step skipped, scale lowered"
                     )
                 rate = steps_here * batch_size * world * grad_accum / (time.perf_counter() - started)

@@ -234,7 +234,7 @@ def test_mteb_internals_eval_relies_on(tmp_path, tiny_model_dir, pages, queries,
     )
     name = task.metadata.name
     cmteb.subsample_on_load(task, max_queries=2, max_pages=None, seed=0)
-    encoder = cmteb.load_encoder(model_id=tiny_model_dir)
+    encoder = cmteb.load_encoder(cmteb.EncoderSettings(model_id=tiny_model_dir))
     cache = mteb.ResultCache(str(tmp_path / "cache"))
     capsys.readouterr()
     outcomes = [
@@ -284,7 +284,7 @@ def test_result_key_follows_scores_and_data(trained, tiny_model_dir):
     assert len({key(scores, None), key(scores, "data-a"), key(scores, "data-b")}) == 3
 
     def revision(**kwargs):
-        return cmteb.load_encoder(**kwargs).revision_for(None)
+        return cmteb.load_encoder(cmteb.EncoderSettings(**kwargs)).revision_for(None)
 
     same = revision(ckpt=ckpt)
     assert same == revision(ckpt=ckpt) and same.startswith(os.path.splitext(os.path.basename(ckpt))[0] + "-")
@@ -341,7 +341,7 @@ def test_real_vidore_task_on_local_copy_via_data_dir(tmp_path, tiny_model_dir, p
     reported = summary["benchmarks"]["ViDoRe(v1)"]["tasks"]["VidoreArxivQARetrieval"]
 
     assert counts == {"queries": len(queries), "pages": len(pages)}
-    encoder = cmteb.load_encoder(model_id=tiny_model_dir, seed=3)
+    encoder = cmteb.load_encoder(cmteb.EncoderSettings(model_id=tiny_model_dir, seed=3))
     assert encoder.model.lora is None and summary["revision"].startswith("untrained-seed3-")
     expected = independent_metrics(encoder.model, encoder.processor, queries, pages, QRELS)
     for metric, value in expected.items():
@@ -587,7 +587,7 @@ def test_private_skipped_failure_isolated_and_languages_reported(
     # per-language scores beside the task's average, each against an independent computation on that language
     languages = v3["subsets"]["Vidore3HrRetrieval"]
     assert set(languages) == set(V3_LANGUAGES)
-    encoder = cmteb.load_encoder(model_id=tiny_model_dir, seed=0)
+    encoder = cmteb.load_encoder(cmteb.EncoderSettings(model_id=tiny_model_dir, seed=0))
     for lang, reported in languages.items():
         rows = v3_queries(lang)
         expected = independent_metrics(
@@ -610,7 +610,7 @@ def test_training_datasets_follow_the_checkpoint_lineage(tmp_path, trained, tiny
     model, _, old = trained
     lineage = str(tmp_path / "mined_from_colpali.pt")
     save_checkpoint(lineage, model, step=20, epoch=2, training_data=["vidore/colpali_train_set", "/data/other"])
-    encoder = cmteb.load_encoder(ckpt=lineage)
+    encoder = cmteb.load_encoder(cmteb.EncoderSettings(ckpt=lineage))
     assert encoder.mteb_model_meta.training_datasets == COLPALI_TRAINING_DATA
     assert encoder.training_data == ["/data/other", "vidore/colpali_train_set"]
     # a local copy named as --data_dir names it counts too; other data maps to nothing
@@ -618,7 +618,7 @@ def test_training_datasets_follow_the_checkpoint_lineage(tmp_path, trained, tiny
     assert cmteb.mteb_training_datasets(["outputs/synthetic/train"]) == set()
     # a checkpoint that records no lineage still loads, and declares none
     assert "training_data" not in load_checkpoint(old)["meta"]
-    assert cmteb.load_encoder(ckpt=old).mteb_model_meta.training_datasets == set()
+    assert cmteb.load_encoder(cmteb.EncoderSettings(ckpt=old)).mteb_model_meta.training_datasets == set()
 
 
 def test_list_prints_vidore_benchmarks_and_tasks(capsys):
@@ -687,7 +687,8 @@ def test_score_dtype_defaults_to_exact_fp32_is_printed_used_and_keys_results(
     monkeypatch.setattr(cs, "cpu_has_native_bf16", lambda: native)
     assert colintern_eval.parse_args(["--model_id", "x", "--local_task", "x"]).score_dtype == "fp32"
     encoders = {
-        flag: cmteb.load_encoder(model_id=tiny_model_dir, score_dtype=flag) for flag in ("fp32", "bf16", "auto")
+        flag: cmteb.load_encoder(cmteb.EncoderSettings(model_id=tiny_model_dir, score_dtype=flag))
+        for flag in ("fp32", "bf16", "auto")
     }
     printed = capsys.readouterr().out
     auto = "bf16" if native else "fp32"
@@ -697,7 +698,9 @@ def test_score_dtype_defaults_to_exact_fp32_is_printed_used_and_keys_results(
         assert encoders[flag].score_dtype == cs.SCORE_DTYPES[used]
     assert encoders["fp32"].revision_for(None) != encoders["bf16"].revision_for(None)
     assert encoders["auto"].revision_for(None) == encoders[auto].revision_for(None)
-    assert cmteb.load_encoder(model_id=tiny_model_dir).revision_for(None) == encoders["fp32"].revision_for(None)
+    assert cmteb.load_encoder(cmteb.EncoderSettings(model_id=tiny_model_dir)).revision_for(None) == encoders[
+        "fp32"
+    ].revision_for(None)
 
     seen = []
     real = cs.maxsim_tokens
@@ -840,3 +843,14 @@ def test_a_task_failing_on_one_rank_counts_as_failed_on_every_rank(monkeypatch, 
     gathered([None, None])
     failed = {"Other": "earlier"}
     assert colintern_eval.agree_on_task("DocVQA", failed, world=2) is True and failed == {"Other": "earlier"}
+
+
+def test_the_model_meta_loader_rebuilds_the_same_encoder(tiny_model_dir):
+    """mteb builds a model from its ModelMeta as loader(name, revision, **loader_kwargs): those keywords are the
+    resolved EncoderSettings, so the encoder it builds has the same result key (the same scores)."""
+    encoder = cmteb.load_encoder(cmteb.EncoderSettings(model_id=tiny_model_dir, seed=3, pool_factor=2))
+    meta = encoder.mteb_model_meta
+    again = meta.loader(meta.name, meta.revision, **meta.loader_kwargs)
+    assert again.revision_for(None) == encoder.revision_for(None)
+    other = cmteb.load_encoder(cmteb.EncoderSettings(model_id=tiny_model_dir, seed=4, pool_factor=2))
+    assert other.revision_for(None) != encoder.revision_for(None)  # the key does tell encoders apart

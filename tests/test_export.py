@@ -159,7 +159,9 @@ def test_eval_of_the_folder_equals_the_checkpoint_and_the_card_shows_it(
     from_pt = run_eval(tmp_path / "pt", "--ckpt", checkpoint, "--local_task", task)
     from_folder = run_eval(tmp_path / "folder", "--ckpt", folder, "--local_task", task)
     assert from_folder["benchmarks"] == from_pt["benchmarks"] and from_folder["revision"] != from_pt["revision"]
-    assert cmteb.load_encoder(ckpt=folder).mteb_model_meta.name == NAME  # reported under its name
+    assert (
+        cmteb.load_encoder(cmteb.EncoderSettings(ckpt=folder)).mteb_model_meta.name == NAME
+    )  # reported under its name
 
     # mteb through the registration (MultiVectorWrapper): eval.py's scores within score_tol, so its rankings but for
     # near-ties, and then its metrics
