@@ -89,7 +89,7 @@ def add_model_flags(group, ckpt_required: bool) -> None:
         "way): fp32 (exact scores, the same on every machine), bf16 or fp16 (multiplied in it "
         "where the hardware has it, else in fp32 on the rounded embeddings), or auto (bf16 on a "
         "GPU and on a CPU with native bf16, AVX512-BF16 or AMX; fp32 on other CPUs, where bf16 "
-        "is no faster). bf16 halves a search's time and memory on a GPU. The pick is printed and "
+        "is no faster). The pick is printed and "
         "is part of the results' and the page cache's key",
     )
     group.add_argument(

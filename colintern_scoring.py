@@ -42,9 +42,9 @@ def pad_pages(
     return out
 
 
-# Similarity values per block in maxsim_tokens. On a CPU a block must stay in cache: blocks of 256K-1M fp32 values
-# run near the matmul peak, 32M-value blocks that spill to memory at a third of it. A bf16 block (native bf16 only:
-# the matmul writes bf16) takes half the bytes, so the same cache holds twice the values. A GPU wants big blocks.
+# Similarity values per block in maxsim_tokens. On a CPU a block must stay in cache, or the matmul waits on memory
+# (docs/benchmarks.md has the block sizes measured). A bf16 block (native bf16 only: the matmul writes bf16) takes
+# half the bytes, so the same cache holds twice the values. A GPU wants big blocks.
 CPU_SIM_BLOCK = 1 << 18
 
 
@@ -142,7 +142,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def matmul_dtype(dtype: torch.dtype, device) -> torch.dtype:
     """The dtype scores are computed in for embeddings rounded to `dtype`: `dtype` itself, except bf16/fp16 on a
-    CPU without native support (bf16: see cpu_has_native_bf16; torch's fallback matmul runs ~100x below fp32), where
+    CPU without native support (bf16: see cpu_has_native_bf16; torch's fallback matmul is far slower than fp32), where
     each block is upcast to fp32: the same rounded inputs, fp32 arithmetic, at the fp32 speed."""
     if torch.device(device).type != "cpu" or dtype == torch.float32:
         return dtype
@@ -198,11 +198,9 @@ def maxsim_tokens(
 
     On a CPU, `workers` single-threaded worker threads (default: torch's thread count) each take the next block
     not yet taken until none is left, instead of splitting every small matmul across all threads: no barrier per
-    block, so a core taken by another process slows only its own worker (on a busy 2-core machine: 7 GFLOP/s with
-    split matmuls, 30-100 this way). Each worker multiplies into one buffer of its own, reused for every block: a
-    fresh block-sized tensor per block is fresh memory from the allocator, thousands of page faults per scoring run
-    (bench_maxsim at its defaults: 1.25x the scores, 1.17x the top-k, with the buffers and the shared counter; the
-    README's bench section has each step)."""
+    block, so a core taken by another process slows only its own worker. Each worker multiplies into one buffer of
+    its own, reused for every block: a fresh block-sized tensor per block is fresh memory from the allocator,
+    thousands of page faults per scoring run (bench/bench_maxsim.py measures both; docs/benchmarks.md)."""
     t, d = query_tokens.shape
     np_, lp, _ = pages.shape
     budget = block_elements or (GPU_SIM_BLOCK if query_tokens.is_cuda else cpu_sim_block(query_tokens.dtype))
@@ -267,7 +265,7 @@ def page_chunks(pages: Sequence[torch.Tensor], dtype, device, compute: torch.dty
 
     `reuse`: pad every chunk into one buffer, overwritten by the next chunk, for a caller done with each chunk
     before it takes the next. A fresh tensor per chunk is memory touched for the first time, whose page faults
-    cost as much again as the copy (on a 2-core CPU: 10% of a scoring run, against 2% with the buffer)."""
+    cost as much again as the copy."""
     compute = compute or dtype
     order = sorted(range(len(pages)), key=lambda i: pages[i].shape[0])
     buffer = None
@@ -292,8 +290,8 @@ def sum_by_query(best: torch.Tensor, owner: torch.Tensor, n_queries: int) -> tor
     fixed order on every device. On CUDA, index_add_ adds repeated indices with float atomics, in an order that
     varies from run to run (and so could flip near-ties in a top-k): there each query's tokens (a contiguous run of
     `owner`, as pack_queries lays them) go into a zero-padded dense (n_queries, longest, n) block, summed along its
-    token axis. On a CPU index_add_ adds row after row, in index order, and is kept: the dense block is ~15x slower
-    there (a fresh block is page faults)."""
+    token axis. On a CPU index_add_ adds row after row, in index order, and is kept: a fresh dense block there is
+    page faults."""
     if not adds_in_varying_order(best.device) or owner.numel() == 0:
         return best.new_zeros((n_queries, best.shape[1]), dtype=torch.float32).index_add_(0, owner, best.float())
     counts = torch.bincount(owner, minlength=n_queries)

@@ -199,9 +199,8 @@ PALETTE = [
 ]
 INK = (20, 20, 20)
 GREY = (110, 110, 110)
-# The title is white on a house-style navy band two token rows high. Measured on the tiny model (50 topics,
-# 200 pages, 400 steps): held-out nDCG@5 0.97 with a band, 0.35 with the same title in black on the page, whose few
-# tokens the body text's many similar tokens then drown.
+# The title is white on a house-style navy band two token rows high: in black on the page, its few tokens are
+# drowned by the body text's many similar ones, and the tiny model does not learn (docs/benchmarks.md).
 TITLE_SIZE = 64  # the longest keyword still fits a 448 px page
 TITLE_ROWS = 2  # GRID rows the title band spans
 TITLE_BAND = (31, 56, 100)

@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--gradient_checkpointing",
         action="store_true",
-        help="recompute backbone activations in the backward pass (less memory, ~30%% slower); "
+        help="recompute backbone activations in the backward pass (less memory, more compute); "
         "only matters with --lora (without LoRA nothing is back-propagated through the backbone)",
     )
     g.add_argument(

@@ -107,7 +107,7 @@ def matmul_peak(dtype, device, repeats) -> tuple:
     `dtype` (GPU: 2048-8192), each the best of `repeats` runs: the machine's practical peak for that dtype."""
     sizes = (1024, 2048, 4096) if torch.device(device).type == "cpu" else (2048, 4096, 8192)
     if torch.device(device).type == "cpu" and matmul_dtype(dtype, device) != dtype:
-        sizes = (256,)  # no native kernel (torch's fallback runs ~100x slower): a small one says how slow
+        sizes = (256,)  # no native kernel (torch's fallback is far slower): a small one says how slow
     best = {}
     for n in sizes:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)

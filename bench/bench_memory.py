@@ -80,9 +80,8 @@ NESTED_BLOCK = 256  # absmax values per fp32 scale of the double quantisation (q
 NF4_LAYER_BYTES = 4 + 256 * 4 + 16 * 4  # offset + nested dynamic code + NF4 code, one set per quantised layer
 BF16 = 2
 # What bench_train.py measured at 1B shapes on CPU (fp32 backbone, LoRA r 32 without dropout, 1-tile pages of 264
-# tokens, queries of 25): the memory one plain step adds, a query with its page. README "Speed and memory":
-# +3,313 MiB at 4 queries, +6,541 MiB at 8 -> (6541 - 3313) / 4 = 807 MiB; with --gradient_checkpointing (--contrastive
-# 2 --micro 1 --plain 1,4 --threads 1): +146 MiB at 1, +321 MiB at 4 -> (321 - 146) / 3 = 58.3 MiB.
+# tokens, queries of 25): the memory one plain step adds, a query with its page, from the differences between two
+# batch sizes, without and with --gradient_checkpointing (the runs and their commands: docs/benchmarks.md).
 MEASURED_1B = dict(query_tokens=25, page_tokens=264, plain_mib=(6541 - 3313) / 4, checkpointing_mib=(321 - 146) / 3)
 ACT_TOKENS = 97  # tokens of the counted sequence: a prime, so no weight dimension equals it
 TILE_TOKENS = 256  # language-model tokens a 448 px tile (pixel shuffle 0.5 of 32 x 32 patches)

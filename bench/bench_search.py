@@ -6,8 +6,8 @@ equals a float64 MaxSim of the same embeddings (planted queries, so the best pag
     python bench/bench_search.py --pages 64 --sizes 1000
 
 The pooled first stage scores each page's first max(1, 1024 // F) vectors as stand-ins for its pooled ones: the
-first stage's cost depends on the shapes alone, and Ward pooling 10,000 random 1,024-token pages would take an hour
-here (bench_pooling.py measures pooling). Index bytes per page come from a real chunk with real pooling.
+first stage's cost depends on the shapes alone, and Ward pooling 10,000 random 1,024-token pages would dominate the
+run (bench_pooling.py measures pooling). Index bytes per page come from a real chunk with real pooling.
 """
 
 import argparse

@@ -10,7 +10,7 @@ TOPICS=${TOPICS:-50}         # topic keywords (page titles)
 PAGES=${PAGES:-2000}         # training pages, PAGES/TOPICS per topic: epoch 1 at batch 8 is PAGES/8 optimizer steps
 EVAL_PAGES=${EVAL_PAGES:-$TOPICS}  # held-out pages = queries, one per topic
 # Training runs with one torch thread: the trainer and its data-loading worker then share 2 cores without
-# oversubscription (on a busy 2-core machine, 2 threads each ran a step up to 50x slower). The other steps use all.
+# oversubscription, which slows a step many times over on a busy machine. The other steps use all.
 TRAIN_THREADS=${TRAIN_THREADS:-1}
 export TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
@@ -24,8 +24,8 @@ run $PY make_synthetic_data.py --out_dir "$OUT/synthetic" --topics "$TOPICS" --t
 run $PY eval.py --model_id "$OUT/tiny-internvl" --local_task "$OUT/synthetic/eval" --device cpu \
     --score_dtype fp32 --results_dir "$OUT/mteb_cache" --out_json "$OUT/eval_untrained.json"
 
-# lr 1e-3: at 2e-3 one seed in three collapsed (every page scored alike, the loss stuck at ln(batch)); at 1e-3 all
-# three learned (held-out nDCG@5 0.89-0.97 after 300 steps on 400 pages).
+# lr 1e-3: higher rates can collapse the tiny model (every page scored alike, the loss stuck at ln(batch));
+# docs/benchmarks.md has the seeds tried.
 run env OMP_NUM_THREADS=$TRAIN_THREADS $PY train.py --model_id "$OUT/tiny-internvl" \
     --train_hub "$OUT/synthetic/train" --out_dir "$OUT/epoch1" \
     --max_tiles 4 --proj_dim 128 --lora --lora_r 8 --lora_alpha 16 --lora_dropout 0.0 --optimizer adamw \
