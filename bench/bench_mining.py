@@ -35,11 +35,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_train  # noqa: E402
-
 import make_tiny_model  # noqa: E402
 import mine_hard_negatives as mine  # noqa: E402
+from bench import bench_train  # noqa: E402
 from colintern_model import ColIntern, ColInternProcessor, LoraSettings, resolve_dtype, save_checkpoint, unpad  # noqa: E402
 from colintern_scoring import sync  # noqa: E402
 

@@ -20,7 +20,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)
 
 import search  # noqa: E402
 from colintern_model import ColIntern, LoraSettings, save_checkpoint  # noqa: E402
@@ -40,9 +40,8 @@ def parse_args():
 
 
 def bench_indexing(n_pages: int, tmp: str) -> None:
-    from keyword_pages import WORDS, render_keyword_page
-
     import make_tiny_model
+    from make_synthetic_data import WORDS, render_keyword_page
 
     model, processor = make_tiny_model.build("tiny", tile=224, seed=0)
     model.save_pretrained(f"{tmp}/tiny")

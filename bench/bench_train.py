@@ -73,15 +73,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # keyword_pages.py: the tests' page renderer
-from keyword_pages import render_keyword_page  # noqa: E402
-
 import colintern_loss as cl  # noqa: E402
 import make_tiny_model  # noqa: E402
 import train  # noqa: E402
 from colintern_loss import CPU_TRAIN_SIM_BLOCK, GPU_TRAIN_SIM_BLOCK  # noqa: E402
 from colintern_model import QUANTIZE, ColIntern, ColInternProcessor, LoraSettings, load_backbone, resolve_dtype  # noqa: E402
 from colintern_scoring import sync  # noqa: E402
+from make_synthetic_data import render_keyword_page  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random InternVL saved with save_pretrained, and keyword pages (keyword_pages.py)."""
+"""Shared fixtures: a tiny random InternVL saved with save_pretrained, and keyword pages
+(make_synthetic_data.render_keyword_page)."""
 
 import os
 import sys
@@ -10,9 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
-from keyword_pages import render_keyword_page  # noqa: E402
-
 import make_tiny_model  # noqa: E402
+from make_synthetic_data import render_keyword_page  # noqa: E402
 
 
 def pytest_configure(config):

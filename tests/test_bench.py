@@ -11,15 +11,13 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
-from keyword_pages import render_keyword_page
 from torch.utils.flop_counter import FlopCounterMode
-
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import bench_train  # noqa: E402
 
 import colintern_loss as cl
 import make_tiny_model  # noqa: E402
+from bench import bench_train
 from colintern_model import ColIntern, ColInternProcessor, LoraSettings  # noqa: E402
+from make_synthetic_data import render_keyword_page
 
 # What the GPU machine does not have: every bench must run without importing them at module load. The MaxSim peers
 # too, so that the output does not depend on whether bench/requirements.txt was installed here.

@@ -176,8 +176,9 @@ def test_two_processes_evaluate_the_same_numbers(tiny_model_dir, tmp_path):
     ranks split the encoding and gather it as unpooled runs do, then each pools the gathered pages and keeps their full
     vectors (an unpooled run is the same path with pooling the identity; one run pair keeps the suite short)."""
     pooling = ["--pool_factor", 2, "--rerank", 3]
-    from keyword_pages import render_keyword_page
     from test_eval import KEYWORDS, QRELS, write_hub_layout
+
+    from make_synthetic_data import render_keyword_page
 
     pages = [
         render_keyword_page(w, size=(224, 224) if i % 2 else (448, 224), variant=i) for i, w in enumerate(KEYWORDS)

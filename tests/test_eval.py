@@ -10,7 +10,6 @@ import shutil
 import datasets
 import pytest
 import torch
-from keyword_pages import WORDS, render_keyword_page
 
 import colintern_mteb as cmteb
 import colintern_scoring as cs
@@ -18,6 +17,7 @@ import eval as colintern_eval
 from colintern_checkpoint import load_checkpoint
 from colintern_cli import metric_label
 from colintern_model import ColIntern, LoraSettings, save_checkpoint
+from make_synthetic_data import WORDS, render_keyword_page
 
 KEYWORDS = WORDS[:10]
 # query i is about KEYWORDS[i]; query 0 has a second relevant page (9) so nDCG's ideal ranking has two entries

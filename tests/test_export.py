@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 import yaml
-from keyword_pages import render_keyword_page
 from safetensors.torch import load_file, save_file
 from test_eval import QRELS, run_eval, write_hub_layout
 
@@ -17,6 +16,7 @@ import colintern_mteb as cmteb
 import colintern_scoring as cs
 import eval as colintern_eval
 import export
+from make_synthetic_data import render_keyword_page
 
 NAME = "me/colintern-tiny"
 LOCAL_SOURCE = "/data/private-pages"  # lineage that is no hub dataset: kept out of the card's datasets

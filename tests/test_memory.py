@@ -4,14 +4,10 @@ projector 5.25M, the LM with its untied LM head, which InternVLModel does not ha
 formula against bitsandbytes itself, on the tiny model; its activation count against bench_train.py's measurement."""
 
 import dataclasses
-import os
-import sys
 
 import pytest
-from conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import bench_memory  # noqa: E402
+from bench import bench_memory
 
 VOCAB = 151936
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import query
-from keyword_pages import WORDS as ALL_WORDS
-from keyword_pages import render_keyword_page
 
 import colintern_scoring as cs
 import mine_hard_negatives as mine
 from colintern_data import pseudo_path
 from colintern_model import ColIntern, LoraSettings, save_checkpoint
 from colintern_scoring import maxsim_scores, maxsim_topk
+from make_synthetic_data import WORDS as ALL_WORDS
+from make_synthetic_data import render_keyword_page
 
 WORDS = ALL_WORDS[:22]  # one hub row (query + page) each
 COPIES = {7: 2, 12: 2}  # hub rows whose page is byte-identical to row 2's page (colpali_train_set repeats pages)

@@ -81,11 +81,7 @@ def test_half_precision_pages_pool_in_their_dtype():
 
 
 def test_bench_pooling_runs_on_a_small_planted_set(capsys):
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import bench_pooling
+    from bench import bench_pooling
 
     scores = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1]])
     assert bench_pooling.ndcg_at_5(scores, {0: {2}, 1: {0}}) == [1 / np.log2(3), 1.0]

@@ -14,11 +14,11 @@ import pytest
 import test_mine
 import torch
 from conftest import ROOT, query
-from keyword_pages import WORDS, render_keyword_page
 
 import search
 from colintern_cli import UserFileNotFoundError, UserValueError
 from colintern_model import ColIntern
+from make_synthetic_data import WORDS, render_keyword_page
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
-from keyword_pages import render_keyword_page
 from PIL import Image
 
 # fixtures: a .pt whose LoRA changes the embeddings, and its export
@@ -21,6 +20,7 @@ import colintern_checkpoint as ck
 import colintern_model as cm
 import colintern_scoring as cs
 import colintern_st
+from make_synthetic_data import render_keyword_page
 
 # Non-Latin text too: the chat template must pass any text through unchanged (and template syntax as text)
 QUERIES = ["Which page is about alpha?", "beta", "Какая страница про гамму?", "ページ 日本語 {{ delta }}"]

@@ -13,7 +13,6 @@ import datasets
 import pytest
 import torch
 from conftest import ROOT, launch, query
-from keyword_pages import WORDS, render_keyword_page
 from PIL import Image
 
 import colintern_loss as cl
@@ -22,6 +21,7 @@ from colintern_checkpoint import LORA_KEY_ADAPTER_NAME, load_checkpoint
 from colintern_data import PSEUDO_PATH, pseudo_path
 from colintern_model import ColIntern, LoraSettings, trainable_state_dict
 from colintern_scoring import maxsim_scores
+from make_synthetic_data import WORDS, render_keyword_page
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
