@@ -41,10 +41,38 @@ def file_sha1(path: str) -> str:
 
 def page_hash(*chunks: bytes) -> str:
     """Content hash of a page (sha1, hex): of its stored bytes (mining finds repeated pages before decoding any), or
-    of its mode, size and pixels (eval.py's page_key)."""
+    of its mode, size and pixels (image_hash)."""
     h = hashlib.sha1()
     for chunk in chunks:
         h.update(chunk)
+    return h.hexdigest()
+
+
+def image_hash(image) -> str:
+    """Content hash of a decoded page image (mode, size, pixels): the key under which eval.py's language subsets
+    share page embeddings."""
+    if not hasattr(image, "tobytes"):
+        raise TypeError(f"page is a {type(image).__name__}, not a PIL image")
+    return page_hash(f"{image.mode}:{image.size}".encode(), image.tobytes())
+
+
+def hashes_digest(hashes: list) -> str:
+    """sha256 of a list of content hashes, in order: a mining shard's pages."""
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
+def json_digest(obj, length: int) -> str:
+    """The first `length` hex digits of the sha256 of `obj` as sorted JSON: a cache or result key of what it lists."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def tensors_digest(tensors) -> str:
+    """sha256 of (name, tensor) pairs, in the order given: names, shapes and fp32 values (so the same weights held
+    in another dtype or on another device hash alike)."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().float().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}\n".encode() + t.numpy().tobytes())
     return h.hexdigest()
 
 

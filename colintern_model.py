@@ -15,7 +15,6 @@ training loss, gradient caching), colintern_checkpoint (the files), colintern_la
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import logging
@@ -44,7 +43,7 @@ from colintern_cli import (
     looks_like_local_path,
     progress_bar,
 )
-from colintern_data import backbone_fingerprint, open_image
+from colintern_data import backbone_fingerprint, open_image, tensors_digest
 from colintern_scoring import dtype_by_name, dtype_name, gpu_dtype
 
 DEFAULT_MODEL_ID = "OpenGVLab/InternVL3_5-1B-HF"
@@ -651,12 +650,11 @@ class ColIntern(nn.Module):
     def adapter_fingerprint(self) -> str:
         """sha256 of the heads' and LoRA's values (names, dtypes, shapes, bytes): what training changed. The same
         weights from a .pt checkpoint or an exported folder give the same fingerprint."""
-        h = hashlib.sha256()
-        for name, p in sorted(self.named_parameters()):
-            if "lora_" in name or name.startswith(("query_head.", "page_head.")):
-                t = p.detach().to("cpu", torch.float32).contiguous()
-                h.update(f"{name}:{tuple(t.shape)}\n".encode() + t.numpy().tobytes())
-        return h.hexdigest()
+        return tensors_digest(
+            (name, p)
+            for name, p in sorted(self.named_parameters())
+            if "lora_" in name or name.startswith(("query_head.", "page_head."))
+        )
 
     def compute_precision(self):
         """The context every forward runs in: over a bf16/fp16 backbone, autocast, so that LoRA's and the heads'

@@ -4,8 +4,6 @@ registration loads an exported folder through load_encoder."""
 
 import dataclasses
 import datetime
-import hashlib
-import json
 import os
 import random
 import time
@@ -23,7 +21,8 @@ from colintern_data import (
     check_hub_layout,
     datasets_cache_for,
     folder_sha256,
-    page_hash,
+    image_hash,
+    json_digest,
     safe_name,
 )
 from colintern_launch import gather_to_all, rank_share, ranks_agree
@@ -48,8 +47,7 @@ def result_key(scores: dict, data_fingerprint: str | None) -> str:
     (colintern_scoring.score_identity: the embeddings' identity, the score dtype, scoring, rerank, dimension) and the
     data (`files_fingerprint` of a local copy; None for hub data, pinned by mteb's task metadata). mteb serves a
     cached result whenever the key matches, so everything that changes scores must be in it."""
-    blob = json.dumps({"scores": scores, "data": data_fingerprint}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return json_digest({"scores": scores, "data": data_fingerprint}, 12)
 
 
 # hub training sets -> the mteb tasks built from them, as mteb's own model metadata declares them
@@ -85,13 +83,6 @@ def checkpoint_training_data(ckpt: str | None, ckpt_dict: dict | None) -> tuple[
 
 # -----------------------------------------------------------------------------
 # The MTEB model: ColIntern behind mteb's encoder protocol, scored with exact MaxSim
-
-
-def page_key(image) -> str:
-    """Content hash of a page image: the cache key that lets language subsets share page embeddings."""
-    if not hasattr(image, "tobytes"):
-        raise TypeError(f"page is a {type(image).__name__}, not a PIL image")
-    return page_hash(f"{image.mode}:{image.size}".encode(), image.tobytes())
 
 
 def as_multivectors(x) -> list:
@@ -139,7 +130,7 @@ class ColInternEncoder(AbsEncoder):
         self.score_dtype = score_dtype  # what similarity() and similarity_pairwise() score in
         self.result_identity = result_identity  # (label, score identity): see result_key
         self.training_data, self.lineage_from = training_data  # see checkpoint_training_data
-        self.page_cache = {}  # page_key -> (Lp, D) float32 CPU tensor (pooled with pool_factor > 1)
+        self.page_cache = {}  # image_hash -> (Lp, D) float32 CPU tensor (pooled with pool_factor > 1)
         self.pool_factor, self.rerank = pool_factor, rerank
         self.full_pages = {}  # with rerank: id(pooled page in page_cache) -> its full (Lp, D) vectors
         self.index = {
@@ -208,7 +199,7 @@ class ColInternEncoder(AbsEncoder):
         if self.world > 1:
             known, groups = set(self.page_cache), []  # groups: (batch index, keys encoded there)
             for b, batch in enumerate(loader):
-                missing = list(dict.fromkeys(k for k in map(page_key, batch["image"]) if k not in known))
+                missing = list(dict.fromkeys(k for k in map(image_hash, batch["image"]) if k not in known))
                 known.update(missing)
                 if missing:
                     groups.append((b, missing))
@@ -220,7 +211,7 @@ class ColInternEncoder(AbsEncoder):
                     progress_bar(loader, desc=f"pages {where}", unit="batch", disable=not show or self.rank != 0)
                 ):
                     if b in todo:
-                        by_key = {k: im for k, im in zip(map(page_key, batch["image"]), batch["image"])}
+                        by_key = {k: im for k, im in zip(map(image_hash, batch["image"]), batch["image"])}
                         images = [by_key[k] for k in todo[b]]
                         own.extend(self.model.encode_pages(self.processor, images, batch_size=len(images)))
             keys = [k for _, missing in groups for k in missing]
@@ -232,7 +223,7 @@ class ColInternEncoder(AbsEncoder):
         out = []
         bar = progress_bar(loader, desc=f"pages {where}", unit="batch", disable=not show or self.world > 1)
         for batch in bar:
-            keys = [page_key(im) for im in batch["image"]]
+            keys = [image_hash(im) for im in batch["image"]]
             missing = {}
             for key, image in zip(keys, batch["image"]):
                 if key not in self.page_cache and key not in missing:

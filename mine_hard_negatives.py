@@ -33,7 +33,6 @@ How:
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -49,6 +48,8 @@ from colintern_data import (
     PageResolver,
     check_output,
     file_sha1,
+    hashes_digest,
+    json_digest,
     pseudo_path,
     raw_images,
     read_queries,
@@ -287,7 +288,7 @@ def cache_folder(args, model: ColIntern, data: MiningInput) -> tuple:
         "source": source,
         "shard_pages": args.shard_pages,
     }
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    key = json_digest(identity, 20)
     base = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_jsonl)), "page_cache")
     folder = os.path.join(base, key)
     manifest = dict(
@@ -303,10 +304,6 @@ def cache_folder(args, model: ColIntern, data: MiningInput) -> tuple:
     except FileNotFoundError:
         pass
     return folder, manifest
-
-
-def pages_digest(hashes: list) -> str:
-    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
 
 
 def shard_path(folder: str, s: int) -> str:
@@ -391,7 +388,7 @@ def shards_to_encode(data: MiningInput, folder: str, manifest: dict, args) -> li
     n_pages, todo = len(data.page_hashes), []
     for s in range(manifest["n_shards"]):
         pages = shard_range(s, n_pages, args.shard_pages)
-        if finished_digest(folder, s) != pages_digest(data.page_hashes[pages.start : pages.stop]):
+        if finished_digest(folder, s) != hashes_digest(data.page_hashes[pages.start : pages.stop]):
             todo.append(s)
     return todo
 
@@ -421,7 +418,7 @@ def ensure_shards(
             )
             write_json(
                 pages_note_path(folder, s),
-                {"pages_sha256": pages_digest(hashes), "pages": len(hashes), "tokens": sum(len(e) for e in emb)},
+                {"pages_sha256": hashes_digest(hashes), "pages": len(hashes), "tokens": sum(len(e) for e in emb)},
             )
     return pooling_s
 

@@ -172,7 +172,7 @@ def test_content_hashes_of_files_and_dataset_rows_agree(tmp_path, keyword_page):
     assert resolver.content_hash(pseudo_path(hub, "train", 0), "t.jsonl line 2") == expected  # one page, not two
     with pytest.raises(FileNotFoundError, match="t.jsonl line 3: page 'b.png' is neither a file"):
         resolver.content_hash("b.png", "t.jsonl line 3")
-    # several chunks hash as their concatenation: eval.py's page_key (mode, size, pixels) keeps the keys it had
+    # several chunks hash as their concatenation: colintern_data.image_hash (mode, size, pixels) keeps the keys it had
     image = keyword_page("b")
     assert (
         colintern_data.page_hash(f"{image.mode}:{image.size}".encode(), image.tobytes())
