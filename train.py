@@ -871,27 +871,33 @@ def interrupts_deferred():
 
 @dataclasses.dataclass
 class RunState:
-    """Where a run stands. run_step counts this run's optimizer steps (a warm start begins a new run); the global step
-    and epoch numbers (file names, the loss log) go on from the checkpoint's, step_offset and epoch_offset. The data
-    position is (data_epoch, batch_in_epoch): this run's epoch, 0-based, and its next micro-batch."""
+    """Where a run stands. Steps are optimizer steps, counted in this run (steps_run; a warm start begins a new run)
+    and in all (step: steps_before, the checkpoint's, + steps_run), which names files and the loss log. Epochs:
+    epochs_run of this run are done, and micro-batch batch_in_epoch of the next one is due; epoch is that epoch's
+    number in all (1-based, going on from the checkpoint's epochs_before), epochs_done the epochs done in all. A step
+    snapshot stores them under its own keys (save_run, resume_snapshot)."""
 
     run: dict  # run_config: what a step snapshot must share with the run that resumes it
     batches_per_epoch: int
     total_steps: int  # of this run
-    run_step: int = 0
-    step_offset: int = 0
-    epoch_offset: int = 0
-    data_epoch: int = 0
+    steps_run: int = 0
+    steps_before: int = 0
+    epochs_before: int = 0
+    epochs_run: int = 0
     batch_in_epoch: int = 0
     last_saved: str | None = None  # the last checkpoint written (or resumed from)
 
     @property
     def step(self) -> int:
-        return self.step_offset + self.run_step
+        return self.steps_before + self.steps_run
 
     @property
-    def epoch(self) -> int:  # the epoch being trained, 1-based, counted on from the checkpoint's
-        return self.epoch_offset + self.data_epoch + 1
+    def epoch(self) -> int:
+        return self.epochs_before + self.epochs_run + 1
+
+    @property
+    def epochs_done(self) -> int:
+        return self.epochs_before + self.epochs_run + self.epoch_ended
 
     @property
     def epoch_ended(self) -> bool:
@@ -1091,35 +1097,36 @@ def resume_snapshot(state: RunState, snapshot: dict, path: str, opt: Optimizatio
     opt.scheduler.load_state_dict(snapshot["scheduler"])
     if "scaler" in snapshot:
         opt.scaler.load_state_dict(snapshot["scaler"])
-    state.run_step, state.step_offset, state.epoch_offset = (
+    state.steps_run, state.steps_before, state.epochs_before = (
         snapshot["run_step"],
         snapshot["step_offset"],
         snapshot["epoch_offset"],
     )
-    state.data_epoch, state.batch_in_epoch = snapshot["position"]["epoch"], snapshot["position"]["batch"]
+    state.epochs_run, state.batch_in_epoch = snapshot["position"]["epoch"], snapshot["position"]["batch"]
 
 
 def save_run(kind: str, state: RunState, args, rank: int, model: ColIntern, lineage: list, opt: Optimization) -> str:
     """A step snapshot (colintern_heads_step{N}.pt: + optimizer, schedule, loss scale, to resume exactly) or an
     epoch checkpoint (colintern_heads_epoch{E}.pt) -> its path. Rank 0 writes, atomically; the other ranks hold
     identical weights (DDP)."""
-    epochs_done = state.epoch_offset + state.data_epoch + state.epoch_ended
-    name = f"colintern_heads_step{state.step}.pt" if kind == "step" else f"colintern_heads_epoch{epochs_done}.pt"
+    name = f"colintern_heads_step{state.step}.pt" if kind == "step" else f"colintern_heads_epoch{state.epochs_done}.pt"
     path = os.path.join(args.out_dir, name)
     if rank == 0:
         train_state = {
             "kind": kind,
-            "run_step": state.run_step,
-            "step_offset": state.step_offset,
-            "epoch_offset": state.epoch_offset,
-            "position": {"epoch": state.data_epoch, "batch": state.batch_in_epoch},
+            "run_step": state.steps_run,
+            "step_offset": state.steps_before,
+            "epoch_offset": state.epochs_before,
+            "position": {"epoch": state.epochs_run, "batch": state.batch_in_epoch},
             "run": state.run,
             "args": vars(args),
             "git_commit": git_commit(),
         }
         if kind == "step":
             train_state.update(opt.state_dict())
-        save_checkpoint(path, model, step=state.step, epoch=epochs_done, train_state=train_state, training_data=lineage)
+        save_checkpoint(
+            path, model, step=state.step, epoch=state.epochs_done, train_state=train_state, training_data=lineage
+        )
     return path
 
 
@@ -1171,7 +1178,7 @@ def train_step(
             if not overflow:  # a skipped step leaves the schedule where it is (as the weights)
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            state.run_step += 1
+            state.steps_run += 1
             state.batch_in_epoch += len(micro_batches)
             if log:
                 log.write(state.step, state.epoch, float(loss), lr)
@@ -1270,7 +1277,7 @@ def epoch_loader(
     """This rank's micro-batches from the data position to the end of its epoch, decoded by the DataLoader workers."""
     sampler = EpochBatches(
         len(rows),
-        state.data_epoch,
+        state.epochs_run,
         args.seed,
         batch_size,
         rank,
@@ -1373,9 +1380,9 @@ def train(args, rank, world, device_map, say):
             f"micro-batch {state.batch_in_epoch} of {batches_per_epoch}"
         )
     elif ckpt is not None:
-        state.step_offset, state.epoch_offset = ckpt["meta"]["step"], ckpt["meta"]["epoch"]
+        state.steps_before, state.epochs_before = ckpt["meta"]["step"], ckpt["meta"]["epoch"]
         say(
-            f"warm start from {args.resume_ckpt} (epoch {state.epoch_offset}, step {state.step_offset}): heads"
+            f"warm start from {args.resume_ckpt} (epoch {state.epochs_before}, step {state.steps_before}): heads"
             f"{' + LoRA' if model.lora else ''} loaded, fresh optimizer and schedule; epochs continue at "
             f"{state.epoch}"
         )
@@ -1400,14 +1407,14 @@ def train(args, rank, world, device_map, say):
 
     model.train()
     bar = progress_bar(
-        total=total_steps, initial=state.run_step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True
+        total=total_steps, initial=state.steps_run, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True
     )
     started, steps_here = time.perf_counter(), 0
     restore_sigterm = terminate_as_interrupt()
     try:
-        while state.run_step < total_steps and state.data_epoch < args.epochs:
+        while state.steps_run < total_steps and state.epochs_run < args.epochs:
             if state.epoch_ended:
-                state.data_epoch, state.batch_in_epoch = state.data_epoch + 1, 0
+                state.epochs_run, state.batch_in_epoch = state.epochs_run + 1, 0
                 continue
             batches = iter(epoch_loader(rows, processor, state, args, batch_size, rank, world, model.device))
             while True:
@@ -1425,23 +1432,23 @@ def train(args, rank, world, device_map, say):
                 rate = steps_here * batch_size * world * grad_accum / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                 bar.update(1)
-                if args.save_every and state.run_step % args.save_every == 0:
+                if args.save_every and state.steps_run % args.save_every == 0:
                     state.last_saved = save("step", state)
-                if state.run_step >= total_steps:
+                if state.steps_run >= total_steps:
                     break
             if state.epoch_ended:
                 state.last_saved = save("epoch", state)
                 say(f"epoch {state.epoch} done: {state.last_saved}")
         if (
-            state.run_step == total_steps
+            state.steps_run == total_steps
             and not state.epoch_ended
-            and not (args.save_every and state.run_step % args.save_every == 0)
+            and not (args.save_every and state.steps_run % args.save_every == 0)
         ):
             state.last_saved = save("step", state)  # --max_steps stopped mid-epoch: keep it resumable
     except KeyboardInterrupt as e:
         bar.close()
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        if state.run_step > 0 or ckpt is not None:
+        if state.steps_run > 0 or ckpt is not None:
             path = save_here("step", state)  # no agreement: the ranks may have been stopped at different places
             if rank == 0:
                 print(
