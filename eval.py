@@ -492,6 +492,7 @@ def run_name(meta) -> str:
 
 
 # -----------------------------------------------------------------------------
+# main: the tasks selected, the encoder loaded, each task evaluated, the summary written
 
 
 def main(args):

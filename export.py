@@ -379,6 +379,7 @@ def registration_meta(folder: str, config: dict, args):
 
 
 # -----------------------------------------------------------------------------
+# main: read the checkpoint and the eval summaries, write the folder beside its final place, then rename it
 
 
 def read_summary(path: str) -> dict:

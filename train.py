@@ -537,10 +537,6 @@ def load_training_rows(args):
 
 
 # -----------------------------------------------------------------------------
-# Many processes (torchrun): the pages of every rank in one contrastive batch
-
-
-# -----------------------------------------------------------------------------
 # Model, optimizer, schedule
 
 
