@@ -2,6 +2,7 @@
 (one contrastive batch over several micro-batches and every rank's pages)."""
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -222,16 +223,26 @@ def contrastive_pool(encoded: list, rank: int, world: int):
     return q, q_mask, pages, page_mask, rank * n + torch.arange(n, device=q.device)
 
 
-def batch_loss(
-    encoder: nn.Module, batch: dict, temperature: float, rank: int = 0, world: int = 1, dims: list | None = None
-) -> torch.Tensor:
-    """InfoNCE of this rank's queries against the pages of every rank (positives, then hard negatives); summed over
-    the Matryoshka prefixes `dims` when given."""
+@dataclasses.dataclass(frozen=True)
+class StepLoss:
+    """What one optimizer step's loss is, fixed for a run: InfoNCE at `temperature`, summed over the Matryoshka
+    prefixes `dims` when given; with gradient caching, `offload_features` keeps each micro-batch's image features in
+    pinned CPU memory between its two passes."""
+
+    temperature: float
+    dims: list | None = None
+    offload_features: bool = False
+
+
+def batch_loss(encoder: nn.Module, batch: dict, settings: StepLoss, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """InfoNCE of this rank's queries against the pages of every rank (positives, then hard negatives)."""
     q, q_mask, pages, page_mask = encoder(batch["queries"], batch["pages"])
     q, q_mask, pages, page_mask, pos_index = contrastive_pool(
         [(q, q_mask, pages, page_mask, batch["n_queries"])], rank, world
     )
-    return contrastive_loss(q, q_mask, pages, page_mask, pos_index, temperature=temperature, dims=dims)
+    return contrastive_loss(
+        q, q_mask, pages, page_mask, pos_index, temperature=settings.temperature, dims=settings.dims
+    )
 
 
 def rng_state():
@@ -247,20 +258,13 @@ def set_rng_state(state) -> None:
 
 
 def grad_cache_step(
-    encoder: nn.Module,
-    micro_batches: list,
-    temperature: float,
-    rank: int,
-    world: int,
-    scale=lambda loss: loss,
-    offload_features: bool = False,
-    dims: list | None = None,
+    encoder: nn.Module, micro_batches: list, settings: StepLoss, rank: int = 0, world: int = 1, scale=lambda loss: loss
 ) -> torch.Tensor:
     """One optimizer step's forward and backward over several micro-batches with gradient caching (Gao et al.
     2021), so that all their queries form ONE contrastive batch against all their pages, while activations exist
     for one micro-batch at a time:
       1. encode every micro-batch without a graph, keeping the embeddings, the RNG state before each, and the pages'
-         image features (the frozen vision tower's output; in pinned CPU memory with `offload_features`);
+         image features (the frozen vision tower's output; in pinned CPU memory with `settings.offload_features`);
       2. the loss over the whole batch (pages gathered from every rank), backward to the embeddings only;
       3. re-encode each micro-batch with its graph from its kept image features (the vision tower runs once a step),
          the same RNG state (so LoRA dropout draws the same masks), and back-propagate its cached embedding
@@ -276,9 +280,10 @@ def grad_cache_step(
             f = module.page_features(batch["pages"])
             q, q_mask, p, p_mask = module(batch["queries"], batch["pages"], f)
             cached.append((q.requires_grad_(), q_mask, p.requires_grad_(), p_mask, batch["n_queries"]))
-            features.append(to_pinned_host(f) if offload_features and f is not None else f)
+            features.append(to_pinned_host(f) if settings.offload_features and f is not None else f)
             del f
-    loss = contrastive_loss(*contrastive_pool(cached, rank, world), temperature=temperature, dims=dims)
+    pooled = contrastive_pool(cached, rank, world)
+    loss = contrastive_loss(*pooled, temperature=settings.temperature, dims=settings.dims)
     scale(loss).backward()
     after = rng_state()
     for i, (batch, state, (q_cached, _, p_cached, _, _)) in enumerate(zip(micro_batches, states, cached)):
@@ -302,18 +307,11 @@ def to_pinned_host(t: torch.Tensor) -> torch.Tensor:
 
 
 def step_forward_backward(
-    encoder: nn.Module,
-    micro_batches: list,
-    temperature: float,
-    rank: int,
-    world: int,
-    scale=lambda loss: loss,
-    offload_features: bool = False,
-    dims: list | None = None,
+    encoder: nn.Module, micro_batches: list, settings: StepLoss, rank: int = 0, world: int = 1, scale=lambda loss: loss
 ) -> torch.Tensor:
     """Forward and backward of one optimizer step: one plain pass for one micro-batch, gradient caching for more."""
     if len(micro_batches) > 1:
-        return grad_cache_step(encoder, micro_batches, temperature, rank, world, scale, offload_features, dims)
-    loss = batch_loss(encoder, micro_batches[0], temperature, rank, world, dims)
+        return grad_cache_step(encoder, micro_batches, settings, rank, world, scale)
+    loss = batch_loss(encoder, micro_batches[0], settings, rank, world)
     scale(loss).backward()
     return loss.detach()

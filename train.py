@@ -79,7 +79,7 @@ from colintern_data import (
     write_json,
 )
 from colintern_launch import distributed_run, ranks_agree
-from colintern_loss import QueryPageEncoder, contrastive_loss, step_forward_backward
+from colintern_loss import QueryPageEncoder, StepLoss, contrastive_loss, step_forward_backward
 from colintern_model import (
     ATTN_HELP,
     DEFAULT_MODEL_ID,
@@ -1068,13 +1068,15 @@ def count_steps(args, rows, batch_size: int, grad_accum: int, world: int, say=pr
 @dataclasses.dataclass
 class Optimization:
     """What an optimizer step touches, built once by train(): the encoder (DDP-wrapped under torchrun), the
-    trainable parameters by name, the optimizer, its schedule, and the fp16 loss scaler (disabled otherwise)."""
+    trainable parameters by name, the optimizer, its schedule, the fp16 loss scaler (disabled otherwise), and the
+    loss."""
 
     encoder: nn.Module
     params: dict
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    loss: StepLoss
 
     def state_dict(self) -> dict:
         """What a step snapshot keeps of them to resume exactly (the weights are the checkpoint's own)."""
@@ -1136,16 +1138,7 @@ def train_step(
     weights). -> (loss, lr, overflowed)."""
     encoder, params, optimizer, scheduler, scaler = opt.encoder, opt.params, opt.optimizer, opt.scheduler, opt.scaler
     seed_step(args.seed, rank, state.step)
-    loss = step_forward_backward(
-        encoder,
-        micro_batches,
-        args.temperature,
-        rank,
-        world,
-        scaler.scale,
-        args.offload_image_features,
-        state.run["matryoshka_dims"],
-    )
+    loss = step_forward_backward(encoder, micro_batches, opt.loss, rank, world, scaler.scale)
     if world > 1:
         dist.all_reduce(loss)  # gloo has no AVG
         loss /= world
@@ -1368,6 +1361,7 @@ def train(args, rank, world, device_map, say):
         # fp16 backbone: dynamic loss scaling, so that small activation gradients do not underflow fp16's range
         # (bf16 has fp32's range and needs none); parameters and their gradients are fp32 either way.
         scaler=torch.amp.GradScaler(model.device.type, enabled=model.backbone.dtype == torch.float16),
+        loss=StepLoss(args.temperature, state.run["matryoshka_dims"], args.offload_image_features),
     )
     if snapshot:
         resume_snapshot(state, snapshot, args.resume_ckpt, opt)

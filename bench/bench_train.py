@@ -430,7 +430,7 @@ def run_config(backbone_fn, processor, batch, lora_r, lora, checkpointing, steps
     batch = to_device(batch, device)
 
     def step():
-        cl.batch_loss(encoder, batch, 0.02).backward()
+        cl.batch_loss(encoder, batch, cl.StepLoss(0.02)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -471,7 +471,7 @@ def expected_line(c: int, micro_batches: list, num_negs: int, dim: int, device) 
 
 
 def optimizer_step(encoder, optimizer, micro_batches) -> None:
-    cl.step_forward_backward(encoder, micro_batches, 0.02, 0, 1)
+    cl.step_forward_backward(encoder, micro_batches, cl.StepLoss(0.02))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -244,7 +244,7 @@ def test_step_flops_match_torch_flop_counter(checkpointing):
     assert all(bool(b[k]["attention_mask"].all()) for b in batches for k in ("queries", "pages"))
     f = bench_train.step_flops(model, batches)
     with FlopCounterMode(display=False) as counter:
-        cl.step_forward_backward(cl.QueryPageEncoder(model), batches, 0.02, 0, 1)
+        cl.step_forward_backward(cl.QueryPageEncoder(model), batches, cl.StepLoss(0.02))
     executed = bench_train.executed_flops(f, False, checkpointing)
     if checkpointing:  # torch stops each layer's recomputation before down_proj's LoRA B, which backward does not need
         tokens = sum(int(b[k]["attention_mask"].sum()) for b in batches for k in ("queries", "pages"))

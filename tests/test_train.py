@@ -1260,7 +1260,7 @@ def test_grad_cache_restores_every_devices_generator(monkeypatch):
         for _ in range(2)
     ]
     torch.manual_seed(0)
-    cl.grad_cache_step(encoder, micro_batches, temperature=0.05, rank=0, world=1)
+    cl.grad_cache_step(encoder, micro_batches, cl.StepLoss(0.05))
     first, second, again_first, again_second = encoder.draws
     assert first != second and again_first == first and again_second == second
     assert [int(s) for s in generators.states] == [2, 1002]  # as after the first encodings
@@ -1339,7 +1339,7 @@ def test_grad_cache_runs_the_vision_tower_once_per_micro_batch(tiny_model_dir, m
         tower_runs.clear()
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
-        loss = cl.grad_cache_step(encoder, micro_batches, temperature=0.05, rank=0, world=1, offload_features=offload)
+        loss = cl.grad_cache_step(encoder, micro_batches, cl.StepLoss(0.05, offload_features=offload))
         return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, list(tower_runs)
 
     loss, grads, runs = step()
