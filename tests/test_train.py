@@ -427,7 +427,7 @@ def test_ctrl_c_writes_snapshot_and_resuming_it_is_exact(straight_run, tmp_path,
     out = tmp_path / "interrupted"
     flags = [f if f != str(straight_run["out"]) else str(out) for f in straight_run["flags"]]
     calls = {"n": 0}
-    real_loss = train.contrastive_loss
+    real_loss = cl.contrastive_loss
 
     def interrupted_loss(*a, **k):
         calls["n"] += 1
@@ -435,7 +435,7 @@ def test_ctrl_c_writes_snapshot_and_resuming_it_is_exact(straight_run, tmp_path,
             os.kill(os.getpid(), sig)
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(train, "contrastive_loss", interrupted_loss)
+    monkeypatch.setattr(cl, "contrastive_loss", interrupted_loss)
     with pytest.raises(SystemExit) as exit_info:
         run_train(*flags)
     assert exit_info.value.code == code
@@ -444,7 +444,7 @@ def test_ctrl_c_writes_snapshot_and_resuming_it_is_exact(straight_run, tmp_path,
     snapshot = load_checkpoint(str(out / "colintern_heads_step4.pt"))
     assert snapshot["train_state"]["position"] == {"epoch": 1, "batch": 0}
     assert [s for s, *_ in read_loss_log(out)] == [1, 2, 3, 4]
-    monkeypatch.setattr(train, "contrastive_loss", real_loss)
+    monkeypatch.setattr(cl, "contrastive_loss", real_loss)
     run_train(*flags, "--resume_ckpt", out / "colintern_heads_step4.pt")
     assert_same_weights(
         trainable(str(straight_run["out"] / "colintern_heads_epoch2.pt")),
@@ -607,9 +607,10 @@ def test_step_snapshot_with_other_data_or_flags_is_refused(straight_run, pages, 
     torch.save(ckpt, tmp_path / "old_schedule.pt")
     with pytest.raises(ValueError, match="schedule: snapshot 'linear warmup, then constant', this run 'linear warmup"):
         run_train(*flags, "--resume_ckpt", tmp_path / "old_schedule.pt")
-    # a snapshot from before the schedule was recorded ran this one, and resumes
+    # a snapshot that does not record an entry of the run is another run's: refused, not completed with a guess
     del ckpt["train_state"]["run"]["schedule"]
-    train.check_same_run(ckpt["train_state"]["run"], dict(ckpt["train_state"]["run"], schedule=train.SCHEDULE), "x")
+    with pytest.raises(ValueError, match="schedule: snapshot None, this run 'linear warmup"):
+        train.check_same_run(ckpt["train_state"]["run"], dict(ckpt["train_state"]["run"], schedule=train.SCHEDULE), "x")
 
 
 # -----------------------------------------------------------------------------
@@ -619,14 +620,14 @@ def test_step_snapshot_with_other_data_or_flags_is_refused(straight_run, pages, 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, pages, tmp_path, monkeypatch):
     out = tmp_path / "nan"
     calls = {"n": 0}
-    real_loss = train.contrastive_loss
+    real_loss = cl.contrastive_loss
 
     def loss_nan_at_step_3(*a, **k):
         calls["n"] += 1
         value = real_loss(*a, **k)
         return value * float("nan") if calls["n"] == 3 else value
 
-    monkeypatch.setattr(train, "contrastive_loss", loss_nan_at_step_3)
+    monkeypatch.setattr(cl, "contrastive_loss", loss_nan_at_step_3)
     flags = base_flags(tiny_model_dir, pages, out, **{"--save_every": 1, "--epochs": 2})
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 .*colintern_heads_step2\.pt"):
         run_train(*flags)
