@@ -328,8 +328,8 @@ def pseudo_path(dataset: str, split: str, index: int) -> str:
 
 class PageResolver:
     """The one place a page reference is opened: a file under `root`, else an HF pseudo-path (row N of a dataset's
-    split; with root=None, pseudo-paths only: the rows of a --train_hub or --hub_name dataset). Every error names
-    the reference and `where` it came from ('file.jsonl line 3', "--hub_name NAME split 'train' row 5"), so
+    split; with root=None, pseudo-paths only: the rows of a --train_hub dataset). Every error names
+    the reference and `where` it came from ('file.jsonl line 3', "--train_hub NAME split 'train' row 5"), so
     callers need not wrap them.
 
     Each dataset is opened once (lazily, memory-mapped) and images are decoded on demand, so DataLoader workers

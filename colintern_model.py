@@ -99,7 +99,7 @@ def read_model_config(model_id: str) -> dict:
     elif looks_like_local_path(model_id):
         raise UserFileNotFoundError(
             f"model folder {model_id!r} does not exist. Pass a hub id such as {DEFAULT_MODEL_ID!r} or a folder "
-            f"written by save_pretrained (for an offline tiny model: python make_tiny_model.py --out DIR)"
+            f"written by save_pretrained (for an offline tiny model: python make_tiny_model.py --out_dir DIR)"
         )
     else:
         check_model_id(model_id)

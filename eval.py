@@ -4,7 +4,7 @@
     python eval.py --list                                   # ViDoRe benchmarks, their tasks and dataset folders
     python eval.py --ckpt CKPT --tasks VidoreArxivQARetrieval --max_queries 50 --max_pages 200   # quick check
     python eval.py --ckpt CKPT --benchmarks "ViDoRe(v1)" --data_dir /data/vidore     # offline: local hub copies
-    python eval.py --ckpt CKPT --local_task outputs/synthetic/eval --out_json outputs/eval/synthetic.json
+    python eval.py --ckpt CKPT --local_task outputs/synthetic/eval --out outputs/eval/synthetic.json
     python eval.py --model_id outputs/tiny-internvl --local_task outputs/synthetic/eval   # untrained baseline
 
 The model goes through mteb's own protocol (`mteb.evaluate`, its ViDoRe task classes, its metrics and its result
@@ -27,7 +27,7 @@ Offline (`--data_dir DIR`): DIR holds one folder per hub dataset, named by the l
 prints them), in the hub layout, e.g. from
 `hf download mteb/arxivqa_test_subsampled_beir --repo-type dataset --local-dir DIR/arxivqa_test_subsampled_beir`.
 
-Outputs: a printed table (scores x100), `--out_json` (default `outputs/eval/<revision>.json`) holding
+Outputs: a printed table (scores x100), `--out` (default `outputs/eval/<revision>.json`) holding
 `{"ckpt", "model_id", "revision", "task_revisions", "training_data", "training_datasets", "failed",
 "benchmarks": {name: {"label", "tasks_run", "tasks_total", "tasks": {task: {metric: value}},
 "subsets": {task: {language: {metric: value}}}, "average": {metric: value}, "skipped": {task: why},
@@ -127,7 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="embedding size of the untrained baseline's heads (default 128); a checkpoint brings its own",
     )
-    g.add_argument("--batch_size", type=int, default=8, help="queries or pages per forward pass")
+    g.add_argument(
+        "--encode_batch_size",
+        "--batch_size",
+        dest="encode_batch_size",
+        type=int,
+        default=8,
+        help="queries or pages per forward pass",
+    )
     g.add_argument(
         "--rerank",
         type=int,
@@ -144,12 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="mteb's result cache; finished tasks found here for the same checkpoint are not recomputed",
     )
     g.add_argument("--overwrite", action="store_true", help="recompute every task even if cached")
-    g.add_argument("--out_json", default=None, help="summary JSON (default outputs/eval/<revision>.json)")
+    g.add_argument(
+        "--out", "--out_json", dest="out", default=None, help="summary JSON (default outputs/eval/<revision>.json)"
+    )
     g.add_argument(
         "--predictions_dir",
         default=None,
         help="mteb's per-query rankings go to "
-        "PREDICTIONS_DIR/<revision>/<task>_predictions.json (default: beside --out_json)",
+        "PREDICTIONS_DIR/<revision>/<task>_predictions.json (default: beside --out)",
     )
     return p
 
@@ -157,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    for flag in ("max_queries", "max_pages", "max_tiles", "batch_size", "proj_dim", "pool_factor", "dim"):
+    for flag in ("max_queries", "max_pages", "max_tiles", "encode_batch_size", "proj_dim", "pool_factor", "dim"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag} must be >= 1, got {value}")
@@ -499,7 +508,7 @@ def main(args):
     if args.list:
         print(list_benchmarks())
         return None
-    check_output(args.out_json or os.path.join("outputs", "eval", "summary.json"), "--out_json")
+    check_output(args.out or os.path.join("outputs", "eval", "summary.json"), "--out")
     check_output(args.results_dir, "--results_dir", "folder")
     if args.predictions_dir:
         check_output(args.predictions_dir, "--predictions_dir", "folder")
@@ -535,7 +544,7 @@ def evaluate(args, run):
     encoder = load_encoder(EncoderSettings.from_args(args, run.device), experiment_kwargs=subsample)
     encoder.rank, encoder.world = rank, world
     meta = encoder.mteb_model_meta
-    out_json = args.out_json or os.path.join("outputs", "eval", f"{run_name(meta)}.json")
+    out_json = args.out or os.path.join("outputs", "eval", f"{run_name(meta)}.json")
     predictions_root = args.predictions_dir or os.path.splitext(out_json)[0] + "_predictions"
     print(
         f"model {meta.name} revision {meta.revision}"
@@ -556,7 +565,7 @@ def evaluate(args, run):
         cache,
         predictions_root if rank == 0 else None,
         args.overwrite,
-        args.batch_size,
+        args.encode_batch_size,
     )
 
     benchmarks = summarize(groups, results, skipped, failed)

@@ -1,7 +1,7 @@
 """Build a randomly initialised InternVL3.5-style checkpoint offline and save it with `save_pretrained`.
 
-    python make_tiny_model.py --out outputs/tiny-internvl            # ~0.15M params, for tests and the demo
-    python make_tiny_model.py --out outputs/internvl3_5-1b-random --size 1b   # real 1B shapes, for GPU benchmarks
+    python make_tiny_model.py --out_dir outputs/tiny-internvl        # ~0.15M params, for tests and the demo
+    python make_tiny_model.py --out_dir outputs/internvl3_5-1b-random --size 1b   # real 1B shapes, for GPU benchmarks
 
 The folder holds config, weights, tokenizer and processor exactly as a hub checkpoint does, so
 `colintern_model.load_backbone(DIR)` loads it through the same `AutoModel` / `AutoProcessor` path as
@@ -164,7 +164,11 @@ def build(size: str = "tiny", tile: int = 224, seed: int = 0):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument(
-        "--out", required=True, help="folder to write the checkpoint into (created; existing files replaced)"
+        "--out_dir",
+        "--out",
+        dest="out_dir",
+        required=True,
+        help="folder to write the checkpoint into (created; existing files replaced)",
     )
     p.add_argument(
         "--size",
@@ -186,13 +190,13 @@ def parse_args(argv=None):
 
 def main(args):
     tile = args.tile or (224 if args.size == "tiny" else 448)
-    check_output(args.out, "--out", "folder")  # before building: a 38B takes minutes
+    check_output(args.out_dir, "--out_dir", "folder")  # before building: a 38B takes minutes
     model, processor = build(args.size, tile, args.seed)
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
-    follow_umask(args.out)  # safetensors writes model.safetensors 0600
+    model.save_pretrained(args.out_dir)
+    processor.save_pretrained(args.out_dir)
+    follow_umask(args.out_dir)  # safetensors writes model.safetensors 0600
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.size} InternVL ({n_params / 1e6:.2f}M params, tile {tile}px) to {args.out}")
+    print(f"wrote {args.size} InternVL ({n_params / 1e6:.2f}M params, tile {tile}px) to {args.out_dir}")
 
 
 if __name__ == "__main__":

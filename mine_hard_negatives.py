@@ -2,11 +2,11 @@ r"""Mine hard negatives for training queries with a trained ColIntern checkpoint
 
     # every row of a hub dataset (or a local copy in the hub layout) is a query + its positive page
     python mine_hard_negatives.py --ckpt outputs/colintern-1b-e1/colintern_heads_epoch1.pt \
-        --hub_name vidore/colpali_train_set --split train --out_jsonl outputs/hardnegs_e1.jsonl \
+        --train_hub vidore/colpali_train_set --split train --out outputs/hardnegs_e1.jsonl \
         --k 8 --doc_batch 32 --query_batch 256
     # the queries of an existing {"query","pos","negs"} JSONL, over the pages it names; FAISS candidates
     python mine_hard_negatives.py --ckpt CKPT --train_jsonl data/train.jsonl --root data \
-        --out_jsonl outputs/mined.jsonl --search faiss --candidates 100
+        --out outputs/mined.jsonl --search faiss --candidates 100
 
 Writes OUT.jsonl, one `{"query", "pos", "negs"}` line per query in input order, pages named as in the input
 (HF pseudo-paths DATASET/SPLIT/doc_N.png for hub data), ready for `train.py --train_jsonl OUT.jsonl`; and
@@ -84,10 +84,12 @@ CACHE_VERSION = 2  # bump when the shard layout or the key changes (2: keyed by 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__)
     add_model_flags(p.add_argument_group("model"), ckpt_required=True)
-    g = p.add_argument_group("data (one of --hub_name or --train_jsonl)")
+    g = p.add_argument_group("data (one of --train_hub or --train_jsonl)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument(
+        "--train_hub",
         "--hub_name",
+        dest="train_hub",
         default=None,
         help="hub dataset (vidore/colpali_train_set) or a local copy with its columns (query, image): "
         "each row is a query and its positive page",
@@ -97,9 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help='JSONL of {"query","pos","negs"}: mine for its queries over every page it names',
     )
-    g.add_argument("--split", default="train", help="split of --hub_name")
+    g.add_argument("--split", default="train", help="split of --train_hub")
     g.add_argument("--root", default=".", help="folder that page paths in --train_jsonl are relative to")
-    g.add_argument("--out_jsonl", required=True, help="output JSONL; the stats go to the same name + .stats.json")
+    g.add_argument(
+        "--out",
+        "--out_jsonl",
+        dest="out",
+        required=True,
+        help="output JSONL; the stats go to the same name + .stats.json",
+    )
     g = p.add_argument_group("mining")
     g.add_argument("--k", type=int, default=8, help="hard negatives written per query")
     g.add_argument(
@@ -142,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--cache_dir",
         default=None,
-        help="folder for page-embedding shards (default: page_cache/ beside --out_jsonl); one subfolder "
+        help="folder for page-embedding shards (default: page_cache/ beside --out); one subfolder "
         "per checkpoint + pages, reused by later runs",
     )
     g.add_argument("--seed", type=int, default=0, help="seed for the FAISS IVF training sample")
@@ -185,7 +193,7 @@ class MiningInput:
     pos_refs: list  # each query's positive, named as in the input
     positives: list  # each query's positive as a distinct-page index
     page_refs: list  # each distinct page's reference (its first occurrence in the input)
-    page_wheres: list  # where that occurrence is, for errors: "FILE line N" or "--hub_name NAME split S row N"
+    page_wheres: list  # where that occurrence is, for errors: "FILE line N" or "--train_hub NAME split S row N"
     page_hashes: list  # each distinct page's content hash
     page_mentions: int  # page references before deduplication
     resolver: PageResolver  # opens page_refs (picklable, for DataLoader workers)
@@ -211,7 +219,7 @@ class Deduper:
 
 def hub_input(name: str, split: str) -> MiningInput:
     """Each row of a hub dataset is a query and its positive page, named by its pseudo-path."""
-    what = f"--hub_name {name} split {split!r}"
+    what = f"--train_hub {name} split {split!r}"
     resolver = PageResolver(root=None)  # the rows' pseudo-paths only, never a file
     ds = resolver.dataset(name, split, columns=("query", "image"))
     queries = read_queries(ds, what)
@@ -289,7 +297,7 @@ def cache_folder(args, model: ColIntern, data: MiningInput) -> tuple:
         "shard_pages": args.shard_pages,
     }
     key = json_digest(identity, 20)
-    base = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_jsonl)), "page_cache")
+    base = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "page_cache")
     folder = os.path.join(base, key)
     manifest = dict(
         identity,
@@ -775,7 +783,7 @@ def mine(args, rank: int, world: int, device: str):
     say = print if rank == 0 else (lambda *a, **k: None)
     t_start = time.perf_counter()
     timings = {}
-    check_output(args.out_jsonl, "--out_jsonl")
+    check_output(args.out, "--out")
     if args.cache_dir:
         check_output(args.cache_dir, "--cache_dir", "folder")
 
@@ -802,7 +810,7 @@ def mine(args, rank: int, world: int, device: str):
         timings["load_model"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        data = hub_input(args.hub_name, args.split) if args.hub_name else jsonl_input(args.train_jsonl, args.root)
+        data = hub_input(args.train_hub, args.split) if args.train_hub else jsonl_input(args.train_jsonl, args.root)
         timings["hash_pages"] = time.perf_counter() - start
         n_pages = len(data.page_hashes)
         say(f"{len(data.queries)} queries; {data.page_mentions} page references -> {n_pages} distinct pages")
@@ -908,11 +916,11 @@ def write_outputs(
         }
         for i, (q, pos, negs) in enumerate(zip(data.queries, data.pos_refs, negatives))
     ]
-    write_jsonl(args.out_jsonl, rows)
+    write_jsonl(args.out, rows)
     n_negs = torch.tensor([len(r["negs"]) for r in rows])
     timings["total"] = time.perf_counter() - t_start
     stats = {
-        "out_jsonl": os.path.abspath(args.out_jsonl),
+        "out_jsonl": os.path.abspath(args.out),
         "ckpt": ckpt_name(args.ckpt),
         "model_id": ckpt["meta"]["model_id"] if args.model_id is None else args.model_id,
         "source": data.source,
@@ -958,10 +966,10 @@ def write_outputs(
         "processes": world,
         "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
     }
-    write_json(stats_path(args.out_jsonl), stats)
+    write_json(stats_path(args.out), stats)
     m = stats["positive_rank"]
     print(
-        f"wrote {len(rows)} rows to {args.out_jsonl} (stats: {stats_path(args.out_jsonl)}); positive "
+        f"wrote {len(rows)} rows to {args.out} (stats: {stats_path(args.out)}); positive "
         f"recall@1 {m['recall@1']:.3f} recall@10 {m['recall@10']:.3f} MRR {m['mrr']:.3f}; margin dropped "
         f"{stats['margin_dropped']['candidates']}; {stats['duplicates_removed']} duplicate page(s); "
         f"timings {stats['timings_s']}"

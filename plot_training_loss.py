@@ -1,7 +1,7 @@
 """Plot training loss against the global step: raw and smoothed curves, epoch boundaries marked.
 
-    python plot_training_loss.py --input outputs/run/training_loss.txt --output outputs/run/loss.png --smooth 200
-    python plot_training_loss.py --input runA/training_loss.txt runB/training_loss.txt --output loss.png
+    python plot_training_loss.py --input outputs/run/training_loss.txt --out outputs/run/loss.png --smooth 200
+    python plot_training_loss.py --input runA/training_loss.txt runB/training_loss.txt --out loss.png
 
 Reads the `training_loss.txt` that train.py writes: a `# step epoch loss lr` header, then one whitespace-separated
 line per optimizer step. Each file is one curve, named by its folder (a resumed run in another folder continues the
@@ -173,7 +173,7 @@ def parse_args(argv=None):
         required=True,
         help="training_loss.txt file(s) written by train.py, or the run folders (train.py --out_dir) that hold them",
     )
-    p.add_argument("--output", required=True, help="PNG file to write")
+    p.add_argument("--out", "--output", dest="out", required=True, help="PNG file to write")
     p.add_argument("--smooth", type=int, default=200, help="moving-average window in steps (clipped to the run)")
     args = p.parse_args(argv)
     if args.smooth < 1:
@@ -190,9 +190,9 @@ def parse_args(argv=None):
 
 
 def main(args):
-    check_output(args.output, "--output")
+    check_output(args.out, "--out")
     runs = [(run_label(path), read_loss_file(path), run_data(path)) for path in args.input]
-    save_figure(plot(runs, args.smooth), args.output)
+    save_figure(plot(runs, args.smooth), args.out)
     for (_label, data, _), path in zip(runs, args.input):
         last = data["loss"][np.isfinite(data["loss"])]
         final = f"{last[-min(len(last), args.smooth) :].mean():.4f}" if len(last) else "nan"
@@ -200,7 +200,7 @@ def main(args):
             f"{path}: {len(data['step'])} steps, epochs {int(data['epoch'].min())}-{int(data['epoch'].max())}, "
             f"final mean loss {final}" + ("" if math.isfinite(float(data["loss"][-1])) else " (last loss not finite)")
         )
-    print(f"wrote {args.output}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 r"""Compare eval.py summaries: per benchmark and metric, one figure of per-task grouped bars plus the average.
 
     python plot_vidore_metrics.py --inputs outputs/eval/epoch1.json outputs/eval/epoch2.json --labels E1 E2 \
-        --outdir outputs/plots
-    python plot_vidore_metrics.py --inputs a.json --labels untrained --outdir plots --metrics ndcg_at_5 recall_at_1
+        --out_dir outputs/plots
+    python plot_vidore_metrics.py --inputs a.json --labels untrained --out_dir plots --metrics ndcg_at_5 recall_at_1
 
-Reads the `--out_json` files of eval.py (`{"benchmarks": {name: {"main_score": metric, "tasks": {task: {metric:
-value}}, "average": {metric: value}}}}`, mteb's 0-1 values) and writes `OUTDIR/<benchmark>_<metric>.png` for every
+Reads the `--out` files of eval.py (`{"benchmarks": {name: {"main_score": metric, "tasks": {task: {metric:
+value}}, "average": {metric: value}}}}`, mteb's 0-1 values) and writes `OUT_DIR/<benchmark>_<metric>.png` for every
 benchmark found in any input, by default for its own main score (ViDoRe v1/v2 nDCG@5, v3 nDCG@10, as mteb's
 leaderboard ranks them; `--metrics all` for every metric), with scores x100 and metric names
 (colintern_cli.metric_label) as in eval.py's table. A task or
@@ -37,7 +37,7 @@ def read_summary(path: str) -> dict:
             raise UserValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
     benchmarks = data.get("benchmarks") if isinstance(data, dict) else None
     if not isinstance(benchmarks, dict) or not benchmarks:
-        raise UserValueError(f"{path} has no 'benchmarks' entry: is it an eval.py --out_json file?")
+        raise UserValueError(f"{path} has no 'benchmarks' entry: is it an eval.py --out file?")
     for name, entry in benchmarks.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("tasks"), dict):
             raise UserValueError(f"{path}: benchmark {name!r} has no 'tasks' mapping")
@@ -140,9 +140,11 @@ def figure_name(benchmark: str, metric: str) -> str:
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--inputs", nargs="+", required=True, help="eval.py --out_json files, one per model/checkpoint")
+    p.add_argument("--inputs", nargs="+", required=True, help="eval.py --out files, one per model/checkpoint")
     p.add_argument("--labels", nargs="+", required=True, help="one legend label per input, in the same order")
-    p.add_argument("--outdir", required=True, help="folder for the PNGs (<benchmark>_<metric>.png)")
+    p.add_argument(
+        "--out_dir", "--outdir", dest="out_dir", required=True, help="folder for the PNGs (<benchmark>_<metric>.png)"
+    )
     p.add_argument(
         "--metrics",
         nargs="+",
@@ -158,7 +160,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    check_output(args.outdir, "--outdir", "folder")
+    check_output(args.out_dir, "--out_dir", "folder")
     summaries = [read_summary(path) for path in args.inputs]
     known = available_metrics(summaries)
     metrics = known if args.metrics == ["all"] else args.metrics
@@ -170,12 +172,12 @@ def main(args):
     for benchmark in benchmarks:
         for metric in metrics or [main_score(summaries, benchmark)]:
             groups, values = grouped_values(summaries, benchmark, metric)
-            path = os.path.join(args.outdir, figure_name(benchmark, metric))
+            path = os.path.join(args.out_dir, figure_name(benchmark, metric))
             save_figure(plot_benchmark(benchmark, metric, groups, values, args.labels), path)
             written.append(path)
     print(
         f"wrote {len(written)} figures ({len(benchmarks)} benchmarks x "
-        f"{f'{len(metrics)} metrics' if metrics else 'its main score'}) to {args.outdir}"
+        f"{f'{len(metrics)} metrics' if metrics else 'its main score'}) to {args.out_dir}"
     )
     for path in written:
         print(f"  {path}")

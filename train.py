@@ -6,7 +6,7 @@ r"""Train ColIntern: frozen InternVL3.5 backbone, query/page heads (+ LoRA), in-
         --lora --optimizer paged_adamw_8bit --gradient_checkpointing --save_every 500
     # epoch 2: hard negatives mined with the epoch-1 model, warm start from its checkpoint (epoch counter goes on)
     python mine_hard_negatives.py --ckpt outputs/colintern-1b-e1/colintern_heads_epoch1.pt \
-        --hub_name vidore/colpali_train_set --split train --out_jsonl outputs/mined.jsonl --k 8
+        --train_hub vidore/colpali_train_set --split train --out outputs/mined.jsonl --k 8
     python train.py --train_jsonl outputs/mined.jsonl --num_negs 2 --out_dir outputs/colintern-1b-e2 \
         --resume_ckpt outputs/colintern-1b-e1/colintern_heads_epoch1.pt --batch_size 32 --epochs 1 --lr 1e-4
     # continue an interrupted run exactly: same command + the last step snapshot

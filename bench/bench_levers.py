@@ -55,16 +55,22 @@ def ndcg_at_5(summary_path: str) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "outputs", "bench_levers"), help="working folder")
+    p.add_argument(
+        "--out_dir",
+        "--out",
+        dest="out_dir",
+        default=os.path.join(ROOT, "outputs", "bench_levers"),
+        help="working folder",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps of each run (batch 8)")
     p.add_argument("--topics", type=int, default=50, help="synthetic topics (page titles)")
     p.add_argument("--train_pages", type=int, default=1600, help="synthetic training pages")
     args = p.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    model, data = os.path.join(args.out, "tiny-internvl"), os.path.join(args.out, "synthetic")
+    os.makedirs(args.out_dir, exist_ok=True)
+    model, data = os.path.join(args.out_dir, "tiny-internvl"), os.path.join(args.out_dir, "synthetic")
     if not os.path.isdir(model):
-        run(PY, "make_tiny_model.py", "--out", model)
+        run(PY, "make_tiny_model.py", "--out_dir", model)
     if not os.path.isdir(data):
         run(
             PY,
@@ -85,7 +91,7 @@ def main():
     for name, flags in CONFIGS.items():
         for seed in args.seeds:
             tag = f"{name.strip('-').split()[0]}-seed{seed}"
-            out = os.path.join(args.out, tag)
+            out = os.path.join(args.out_dir, tag)
             ckpt = os.path.join(out, f"colintern_heads_step{args.steps}.pt")
             if not os.path.isfile(ckpt):
                 seconds.setdefault(name, []).append(
@@ -151,8 +157,8 @@ def main():
                         "--score_dtype",
                         "fp32",
                         "--results_dir",
-                        os.path.join(args.out, "mteb_cache"),
-                        "--out_json",
+                        os.path.join(args.out_dir, "mteb_cache"),
+                        "--out",
                         summary,
                         *(["--dim", dim] if dim else []),
                     )
@@ -168,7 +174,7 @@ def main():
         print(f"{label:42s} {statistics.mean(values):6.3f} {sd:6.3f}  {' '.join(f'{v:.3f}' for v in values)}")
     for name, times in seconds.items():
         print(f"train time {name}: {statistics.mean(times):.0f} s a run")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump({"args": vars(args), "ndcg_at_5": results, "train_seconds": seconds}, f, indent=1)
 
 

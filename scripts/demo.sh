@@ -17,12 +17,12 @@ mkdir -p "$OUT"
 run() { echo; echo "+ $*"; "$@"; }
 start=$(date +%s)
 
-run $PY make_tiny_model.py --out "$OUT/tiny-internvl"
+run $PY make_tiny_model.py --out_dir "$OUT/tiny-internvl"
 run $PY make_synthetic_data.py --out_dir "$OUT/synthetic" --topics "$TOPICS" --train_pages "$PAGES" \
     --eval_pages "$EVAL_PAGES" --seed 0 --no_progress
 
 run $PY eval.py --model_id "$OUT/tiny-internvl" --local_task "$OUT/synthetic/eval" --device cpu \
-    --score_dtype fp32 --results_dir "$OUT/mteb_cache" --out_json "$OUT/eval_untrained.json"
+    --score_dtype fp32 --results_dir "$OUT/mteb_cache" --out "$OUT/eval_untrained.json"
 
 # lr 1e-3: higher rates can collapse the tiny model (every page scored alike, the loss stuck at ln(batch));
 # docs/benchmarks.md has the seeds tried.
@@ -32,21 +32,21 @@ run env OMP_NUM_THREADS=$TRAIN_THREADS $PY train.py --model_id "$OUT/tiny-intern
     --batch_size 8 --epochs 1 --lr 1e-3 --warmup_steps 30 --temperature 0.05 \
     --save_every 100 --num_workers 1
 run $PY eval.py --ckpt "$OUT/epoch1/colintern_heads_epoch1.pt" --local_task "$OUT/synthetic/eval" --device cpu \
-    --score_dtype fp32 --results_dir "$OUT/mteb_cache" --out_json "$OUT/eval_epoch1.json"
+    --score_dtype fp32 --results_dir "$OUT/mteb_cache" --out "$OUT/eval_epoch1.json"
 
-run $PY mine_hard_negatives.py --ckpt "$OUT/epoch1/colintern_heads_epoch1.pt" --hub_name "$OUT/synthetic/train" \
-    --split train --out_jsonl "$OUT/hardnegs_epoch1.jsonl" --k 4 --search exact --device cpu --score_dtype fp32
+run $PY mine_hard_negatives.py --ckpt "$OUT/epoch1/colintern_heads_epoch1.pt" --train_hub "$OUT/synthetic/train" \
+    --split train --out "$OUT/hardnegs_epoch1.jsonl" --k 4 --search exact --device cpu --score_dtype fp32
 
 run env OMP_NUM_THREADS=$TRAIN_THREADS $PY train.py --train_jsonl "$OUT/hardnegs_epoch1.jsonl" --resume_ckpt "$OUT/epoch1/colintern_heads_epoch1.pt" \
     --out_dir "$OUT/epoch2" --num_negs 1 --optimizer adamw --batch_size 8 --epochs 1 \
     --lr 5e-4 --warmup_steps 10 --temperature 0.05 --save_every 100 --num_workers 1
 run $PY eval.py --ckpt "$OUT/epoch2/colintern_heads_epoch2.pt" --local_task "$OUT/synthetic/eval" --device cpu \
-    --score_dtype fp32 --results_dir "$OUT/mteb_cache" --out_json "$OUT/eval_epoch2.json"
+    --score_dtype fp32 --results_dir "$OUT/mteb_cache" --out "$OUT/eval_epoch2.json"
 
 run $PY plot_training_loss.py --input "$OUT/epoch1/training_loss.txt" "$OUT/epoch2/training_loss.txt" \
-    --output "$OUT/plots/training_loss.png" --smooth 20
+    --out "$OUT/plots/training_loss.png" --smooth 20
 run $PY plot_vidore_metrics.py --inputs "$OUT/eval_untrained.json" "$OUT/eval_epoch1.json" "$OUT/eval_epoch2.json" \
-    --labels untrained epoch1 epoch2 --outdir "$OUT/plots" --metrics ndcg_at_5 recall_at_1 mrr_at_10
+    --labels untrained epoch1 epoch2 --out_dir "$OUT/plots" --metrics ndcg_at_5 recall_at_1 mrr_at_10
 
 $PY - "$OUT" <<'EOF'
 import json, sys

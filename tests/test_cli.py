@@ -404,7 +404,8 @@ def test_the_oss_error_for_a_path_is_one_line_wherever_it_was_raised(tmp_path, c
 
 def output_cases(tmp_path):
     """(script module, argv, flag, path): an output under a regular file, or under /proc, for every script that
-    writes one; the other inputs exist but are never read."""
+    writes one, and the flag its error names (the canonical spelling, also where an alias was typed); the other
+    inputs exist but are never read."""
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "dummy.pt").write_bytes(b"never read")
     (tmp_path / "loss.txt").write_text("# step epoch loss lr\n1 1 0.5 1e-3\n")
@@ -414,20 +415,20 @@ def output_cases(tmp_path):
         (train, ["--train_jsonl", str(tmp_path / "t.jsonl"), "--out_dir", under_file], "--out_dir", under_file),
         (
             mine,
-            ["--ckpt", ckpt, "--hub_name", "x/y", "--out_jsonl", under_file + ".jsonl"],
-            "--out_jsonl",
+            ["--ckpt", ckpt, "--hub_name", "x/y", "--out_jsonl", under_file + ".jsonl"],  # old spellings: aliases
+            "--out",
             under_file + ".jsonl",
         ),
         (
             mine,
-            ["--ckpt", ckpt, "--hub_name", "x/y", "--out_jsonl", str(tmp_path / "a_folder")],
-            "--out_jsonl",
+            ["--ckpt", ckpt, "--train_hub", "x/y", "--out", str(tmp_path / "a_folder")],
+            "--out",
             str(tmp_path / "a_folder"),
         ),
         (
             colintern_eval,
-            ["--ckpt", ckpt, "--benchmarks", "ViDoRe(v1)", "--out_json", under_file + ".json"],
-            "--out_json",
+            ["--ckpt", ckpt, "--benchmarks", "ViDoRe(v1)", "--out", under_file + ".json"],
+            "--out",
             under_file + ".json",
         ),
         (
@@ -444,17 +445,17 @@ def output_cases(tmp_path):
         ),
         (
             plot_training_loss,
-            ["--input", str(tmp_path / "loss.txt"), "--output", under_file + ".png"],
-            "--output",
+            ["--input", str(tmp_path / "loss.txt"), "--out", under_file + ".png"],
+            "--out",
             under_file + ".png",
         ),
         (
             plot_vidore_metrics,
-            ["--inputs", str(tmp_path / "loss.txt"), "--labels", "a", "--outdir", under_file],
-            "--outdir",
+            ["--inputs", str(tmp_path / "loss.txt"), "--labels", "a", "--out_dir", under_file],
+            "--out_dir",
             under_file,
         ),
-        (make_tiny_model, ["--out", under_file], "--out", under_file),
+        (make_tiny_model, ["--out_dir", under_file], "--out_dir", under_file),
         (make_synthetic_data, ["--out_dir", "/proc/colintern-synthetic"], "--out_dir", "/proc/colintern-synthetic"),
     ]
 

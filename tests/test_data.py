@@ -66,7 +66,7 @@ def test_page_resolver_files_and_pseudo_paths(tmp_path, keyword_page):
         resolve("nope.png", "x.jsonl line 5")
     with pytest.raises(FileNotFoundError, match="x.jsonl line 6: .*dataset .*missing.* cannot be opened"):
         resolve(pseudo_path(str(tmp_path / "missing"), "train", 0), "x.jsonl line 6")
-    # root=None: a --train_hub/--hub_name dataset's own rows, never a file that happens to share the name
+    # root=None: a --train_hub dataset's own rows, never a file that happens to share the name
     assert PageResolver(root=None)(ref, "row 2").tobytes() == pages[2].convert("RGB").tobytes()
     with pytest.raises(FileNotFoundError, match="'p.png' is neither a file under --root None"):
         PageResolver(root=None)("p.png", "row 0")
@@ -104,9 +104,10 @@ def test_one_column_check_for_train_mine_and_pseudo_paths(tmp_path, keyword_page
 
 def test_empty_queries_are_refused_alike_by_train_and_mine(tmp_path, keyword_page):
     hub = save_dataset(tmp_path / "hub", {"query": ["q", " ", "q3"], "image": [keyword_page("a")] * 3})
-    with pytest.raises(ValueError, match=rf"--train_hub {hub} split 'train': rows \[1\] \(1 in all\) have an empty"):
+    message = rf"--train_hub {hub} split 'train': rows \[1\] \(1 in all\) have an empty"  # one flag name in both
+    with pytest.raises(ValueError, match=message):
         train.HubPairs(hub, "train")
-    with pytest.raises(ValueError, match=rf"--hub_name {hub} split 'train': rows \[1\] \(1 in all\) have an empty"):
+    with pytest.raises(ValueError, match=message):
         mine.hub_input(hub, "train")
 
 
@@ -153,8 +154,8 @@ def test_an_undecodable_hub_row_is_named_by_train_and_mine(tmp_path, keyword_pag
     with pytest.raises(ValueError, match=rf"^--train_hub {hub} split 'train' row 1: page '{ref}' cannot be read: "):
         rows[(0, 1)]
     data = mine.hub_input(hub, "train")
-    assert data.page_wheres == [f"--hub_name {hub} split 'train' row 0", f"--hub_name {hub} split 'train' row 1"]
-    with pytest.raises(ValueError, match=rf"^--hub_name {hub} split 'train' row 1: page '{ref}' cannot be read: "):
+    assert data.page_wheres == [f"--train_hub {hub} split 'train' row 0", f"--train_hub {hub} split 'train' row 1"]
+    with pytest.raises(ValueError, match=rf"^--train_hub {hub} split 'train' row 1: page '{ref}' cannot be read: "):
         mine_page(data, 1)
 
 

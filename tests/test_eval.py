@@ -106,11 +106,11 @@ def run_eval(tmp_path, *flags):
             *flags,
             "--device",
             "cpu",
-            "--batch_size",
+            "--encode_batch_size",
             "4",
             "--results_dir",
             str(tmp_path / "cache"),
-            "--out_json",
+            "--out",
             str(out),
         ]
     )

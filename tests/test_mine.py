@@ -97,11 +97,11 @@ def mine_hub(ckpt, hub, out, *extra):
     return run_mine(
         "--ckpt",
         ckpt,
-        "--hub_name",
+        "--train_hub",
         hub["dir"],
         "--split",
         "train",
-        "--out_jsonl",
+        "--out",
         out,
         "--shard_pages",
         5,
@@ -439,7 +439,7 @@ def test_help_explains_every_flag(capsys):
         mine.parse_args(["--help"])
     text = capsys.readouterr().out
     flags = (
-        "model_id ckpt hub_name split out_jsonl k doc_batch query_batch train_jsonl root search candidates "
+        "model_id ckpt train_hub split out k doc_batch query_batch train_jsonl root search candidates "
         "margin max_tiles cache_dir device dtype score_dtype shard_pages token_hits faiss_index nprobe num_workers "
         "seed"
     )

@@ -36,7 +36,7 @@ def test_loss_plot_written_with_clipped_smoothing_and_epochs(tmp_path, capsys):
     short = write_loss_file(tmp_path / "runB" / "training_loss.txt", range(121, 126), lambda s: 3, lambda s: 0.3)
     out = tmp_path / "plots" / "loss.png"
     plot_training_loss.main(
-        plot_training_loss.parse_args(["--input", first, short, "--output", str(out), "--smooth", "200"])
+        plot_training_loss.parse_args(["--input", first, short, "--out", str(out), "--smooth", "200"])
     )
     assert_png(out)
     printed = capsys.readouterr().out
@@ -90,7 +90,7 @@ def test_loss_plot_bad_input_names_file_and_line(tmp_path):
 
 
 def summary(benchmarks):
-    """An eval.py --out_json with per-task metrics; the average is the task mean, as eval.py writes it."""
+    """An eval.py --out with per-task metrics; the average is the task mean, as eval.py writes it."""
     out = {}
     for name, tasks in benchmarks.items():
         metrics = list(next(iter(tasks.values())))
@@ -125,7 +125,7 @@ def test_metrics_plots_one_figure_per_benchmark_and_metric(tmp_path, inputs):
     outdir = tmp_path / "plots"
     written = plot_vidore_metrics.main(
         plot_vidore_metrics.parse_args(
-            ["--inputs", *inputs, "--labels", "E1", "E2", "--outdir", str(outdir), "--metrics", "all"]
+            ["--inputs", *inputs, "--labels", "E1", "E2", "--out_dir", str(outdir), "--metrics", "all"]
         )
     )
     expected = {f"{b}_{m}.png" for b in ("ViDoRe_v1", "local") for m in ("ndcg_at_5", "recall_at_1")}
