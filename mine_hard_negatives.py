@@ -401,14 +401,13 @@ def shards_to_encode(data: MiningInput, folder: str, manifest: dict, args) -> li
     return todo
 
 
-def ensure_shards(
-    model, processor, data: MiningInput, folder: str, todo: list, args, rank: int = 0, world: int = 1
-) -> float:
+def ensure_shards(model, processor, data: MiningInput, folder: str, todo: list, args, run: "MiningRun") -> float:
     """Encode this rank's share of the shards in `todo` (every world-th, from the rank-th), pooled with
     --pool_factor > 1; -> the seconds this process spent pooling. Each shard is written atomically, then its pages
     note, so a kill loses at most the shard each process is encoding and a later run, with any number of processes,
     reuses the rest. No two processes write the same file."""
     os.makedirs(folder, exist_ok=True)
+    rank, world = run.rank, run.world
     n_pages, mine, pooling_s = len(data.page_hashes), todo[rank::world], 0.0
     total = sum(len(shard_range(s, n_pages, args.shard_pages)) for s in mine)
     with progress_bar(total=total, desc="encode pages", unit="page", disable=total == 0 or rank != 0) as bar:
@@ -507,18 +506,11 @@ def margin_ceiling(pos_scores: torch.Tensor, margin: float) -> torch.Tensor:
 
 
 def exact_search(
-    queries: list,
-    data: MiningInput,
-    pos_scores: torch.Tensor,
-    folder: str,
-    args,
-    device,
-    dtype,
-    part: range | None = None,
+    queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, run: "MiningRun", part: range
 ) -> dict:
-    """Every query (of `part`, default all) x every page, shard by shard; the filter runs inside the stream, before
+    """Every query (of `part`: this rank's) x every page, shard by shard; the filter runs inside the stream, before
     the running top-k. -> results for the queries of `part`, in order."""
-    part = part or range(len(queries))
+    device, dtype = run.device, run.scoring
     queries, pos_scores = queries[part.start : part.stop], pos_scores[part.start : part.stop]
     nq, k = len(queries), args.k
     positives = torch.tensor(data.positives[part.start : part.stop], device=device)
@@ -673,8 +665,9 @@ def faiss_candidates(
 
 
 def faiss_search(
-    queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device, dtype, timings: dict
+    queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, run: "MiningRun", timings: dict
 ) -> dict:
+    device, dtype = run.device, run.scoring
     gpu = faiss_device(device)
     where = "cpu" if gpu is None else f"cuda:{gpu}"
     print(f"FAISS index and search on {where}")
@@ -749,14 +742,14 @@ def stats_path(out_jsonl: str) -> str:
 
 
 def split_search(
-    queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, device, dtype, rank: int, world: int
+    queries: list, data: MiningInput, pos_scores: torch.Tensor, folder: str, args, run: "MiningRun"
 ) -> dict:
     """This rank's share of the exact search: a contiguous run of maxsim_topk's query blocks (query_blocks over all
     queries), so each block holds the same queries, and so multiplies the same matrices, as in one process."""
     blocks = query_blocks([q.shape[0] for q in queries], QUERY_BLOCK_TOKENS)
-    share = rank_share(len(blocks), rank, world)
+    share = rank_share(len(blocks), run.rank, run.world)
     part = range(blocks[share.start][0], blocks[share.stop - 1][1]) if len(share) else range(0)
-    return exact_search(queries, data, pos_scores, folder, args, device, dtype, part)
+    return exact_search(queries, data, pos_scores, folder, args, run, part)
 
 
 def gather_results(result: dict, world: int) -> dict:
@@ -776,6 +769,30 @@ def gather_results(result: dict, world: int) -> dict:
 def main(args):
     with distributed_run(args.device) as run:
         return mine(args, run.rank, run.world, run.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class MiningRun:
+    """How this process mines, fixed once the model is loaded: its rank of world, its device, the model's dtype and
+    quantisation (encoding), and the dtype MaxSim scores in."""
+
+    rank: int
+    world: int
+    device: str
+    dtype: torch.dtype
+    quantize: str
+    scoring: torch.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class PageCache:
+    """The page-embedding cache this run reads and fills: its folder, its manifest, how many shards were reused and
+    encoded, and the page index's size (page_index_stats)."""
+
+    folder: str
+    manifest: dict
+    counts: dict
+    page_index: dict
 
 
 def mine(args, rank: int, world: int, device: str):
@@ -800,9 +817,15 @@ def mine(args, rank: int, world: int, device: str):
             dim=args.dim,
         )
         model.eval()
-        quantize = model.quantize
-        dtype = resolve_dtype(args.dtype, device, quantize)  # the model's (encoding)
-        scoring = score_dtype(args.score_dtype, device)
+        run = MiningRun(
+            rank,
+            world,
+            device,
+            dtype=resolve_dtype(args.dtype, device, model.quantize),  # the model's (encoding)
+            quantize=model.quantize,
+            scoring=score_dtype(args.score_dtype, device),
+        )
+        scoring, dtype = run.scoring, run.dtype
         say(
             f"score dtype {dtype_name(scoring)} (--score_dtype {args.score_dtype}; multiplied in "
             f"{dtype_name(matmul_dtype(scoring, device))} on {device}); model dtype {dtype_name(dtype)}"
@@ -827,7 +850,7 @@ def mine(args, rank: int, world: int, device: str):
 
     start = time.perf_counter()
     with ranks_agree("encoding pages", world):
-        pooling_s = ensure_shards(model, processor, data, folder, todo, args, rank, world)
+        pooling_s = ensure_shards(model, processor, data, folder, todo, args, run)
         sync(device)
     with ranks_agree("writing the page cache's manifest", world):
         if rank == 0:
@@ -848,6 +871,7 @@ def mine(args, rank: int, world: int, device: str):
     sync(device)
     timings["encode_queries"] = time.perf_counter() - start
     page_index = page_index_stats(manifest, args.pool_factor, len(data.page_hashes), model.proj_dim, pooling_s)
+    cache = PageCache(folder, manifest, shard_counts, page_index)
     del model
 
     start = time.perf_counter()
@@ -855,9 +879,9 @@ def mine(args, rank: int, world: int, device: str):
         # every rank scores every positive (Nq pairs, cheap next to the search): the margin filter needs them
         pos_scores = positive_scores(queries, data, folder, args, device, scoring)
         if args.search == "exact":
-            result = split_search(queries, data, pos_scores, folder, args, device, scoring, rank, world)
-        elif rank == 0:  # FAISS: one index and one search, on rank 0 (see the README)
-            result = faiss_search(queries, data, pos_scores, folder, args, device, scoring, timings)
+            result = split_search(queries, data, pos_scores, folder, args, run)
+        elif rank == 0:  # FAISS: one index and one search, on rank 0 (docs/mining.md)
+            result = faiss_search(queries, data, pos_scores, folder, args, run, timings)
         else:
             result = None
         sync(device)
@@ -868,43 +892,15 @@ def mine(args, rank: int, world: int, device: str):
     stats = None
     with ranks_agree("writing the output", world):
         if rank == 0:
-            stats = write_outputs(
-                args,
-                data,
-                result,
-                ckpt,
-                device,
-                dtype,
-                scoring,
-                quantize,
-                folder,
-                manifest,
-                shard_counts,
-                page_index,
-                world,
-                timings,
-                t_start,
-            )
+            timings["total"] = time.perf_counter() - t_start
+            stats = write_outputs(args, data, result, ckpt, run, cache, timings)
     return stats
 
 
 def write_outputs(
-    args,
-    data: MiningInput,
-    result: dict,
-    ckpt: dict,
-    device,
-    dtype,
-    scoring,
-    quantize,
-    folder: str,
-    manifest: dict,
-    shard_counts: dict,
-    page_index: dict,
-    world: int,
-    timings: dict,
-    t_start: float,
+    args, data: MiningInput, result: dict, ckpt: dict, run: MiningRun, cache: PageCache, timings: dict
 ) -> dict:
+    """The negatives JSONL and its stats (rank 0)."""
     n_pages = len(data.page_hashes)
     negatives = result["negatives"].tolist()
     rows = [
@@ -918,7 +914,6 @@ def write_outputs(
     ]
     write_jsonl(args.out, rows)
     n_negs = torch.tensor([len(r["negs"]) for r in rows])
-    timings["total"] = time.perf_counter() - t_start
     stats = {
         "out_jsonl": os.path.abspath(args.out),
         "ckpt": ckpt_name(args.ckpt),
@@ -937,15 +932,15 @@ def write_outputs(
         ),
         "k": args.k,
         "margin": args.margin,
-        "device": str(device),
-        "dtype": str(dtype),
+        "device": str(run.device),
+        "dtype": str(run.dtype),
         "score_dtype": {
             "requested": args.score_dtype,
-            "used": str(scoring),
-            "matmul": str(matmul_dtype(scoring, device)),
+            "used": str(run.scoring),
+            "matmul": str(matmul_dtype(run.scoring, run.device)),
         },
-        "quantize": quantize,
-        "page_index": page_index,
+        "quantize": run.quantize,
+        "page_index": cache.page_index,
         "queries": len(data.queries),
         "page_references": data.page_mentions,
         "distinct_pages": n_pages,
@@ -962,8 +957,8 @@ def write_outputs(
             "min": int(n_negs.min()),
             "queries_short_of_k": int((n_negs < args.k).sum()),
         },
-        "cache": {"dir": folder, "shards": manifest["n_shards"], **shard_counts},
-        "processes": world,
+        "cache": {"dir": cache.folder, "shards": cache.manifest["n_shards"], **cache.counts},
+        "processes": run.world,
         "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
     }
     write_json(stats_path(args.out), stats)
