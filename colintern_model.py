@@ -581,12 +581,60 @@ class ColIntern(nn.Module):
             matryoshka_dims=meta.get("matryoshka_dims"),
             dim=dim,
         )
-        load_trainable_state(model, ckpt, source=f"checkpoint {path}")
+        model.load_trainable_state(ckpt, source=f"checkpoint {path}")
         return model, processor, ckpt
 
     def load_trainable_state(self, ckpt: dict, source: str = "checkpoint") -> None:
-        """Heads + LoRA from a checkpoint dict: load_trainable_state in the Checkpoints section."""
-        load_trainable_state(self, ckpt, source)
+        """Load heads + LoRA from a checkpoint dict, refusing one made for another shape or LoRA layout."""
+        meta = ckpt["meta"]
+        if meta["hidden_size"] != self.hidden_size:
+            raise UserValueError(
+                f"{source} was trained on a backbone with hidden size {meta['hidden_size']} "
+                f"({meta['model_id']}), this backbone has {self.hidden_size} ({self.model_id}): "
+                f"pass the matching --model_id"
+            )
+        if meta["proj_dim"] != self.proj_dim:
+            raise UserValueError(
+                f"{source} has proj_dim {meta['proj_dim']}, the model was built with {self.proj_dim}: "
+                f"use --proj_dim {meta['proj_dim']} (or build the model from the checkpoint)"
+            )
+        if meta["format"]["version"] != FORMAT_VERSION:
+            raise UserValueError(
+                f"{source} uses query/page format v{meta['format']['version']}, this code uses "
+                f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code"
+            )
+        lora = {LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v for k, v in ckpt["lora"].items()}  # older checkpoints' keys
+        own_lora = lora_parameters(self)
+        own, theirs = set(own_lora), set(lora)
+        if own != theirs:
+            raise UserValueError(
+                f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
+                f"have no place (e.g. {sorted(theirs - own)[:2]}), {len(own - theirs)} model keys are "
+                f"missing (e.g. {sorted(own - theirs)[:2]}). Build the model with the checkpoint's "
+                f"LoRA settings {meta['lora']}"
+            )
+        wrong = [k for k in sorted(lora) if lora[k].shape != own_lora[k].shape]
+        if wrong:
+            raise UserValueError(
+                f"{source} LoRA adapter does not fit the backbone {self.model_id}: {len(wrong)} tensors "
+                f"have other shapes (e.g. {wrong[0]}: {tuple(lora[wrong[0]].shape)}, the model's "
+                f"{tuple(own_lora[wrong[0]].shape)}), with LoRA settings {meta['lora']}"
+            )
+        for name in ("query_head", "page_head"):
+            head = getattr(self, name)
+            state = {k.split(".", 1)[1]: v for k, v in ckpt["heads"].items() if k.startswith(name + ".")}
+            shapes = {k: tuple(v.shape) for k, v in state.items()}
+            expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+            if shapes != expected:
+                raise UserValueError(
+                    f"{source} heads do not fit the backbone {self.model_id}: {name} holds {shapes}, "
+                    f"the model's {expected} (hidden size {self.hidden_size}, proj_dim "
+                    f"{self.proj_dim}): pass the matching --model_id (hidden size) or --proj_dim"
+                )
+            head.load_state_dict(state)
+        with torch.no_grad():  # copied into place, not through peft's set_peft_model_state_dict: see lora_parameters
+            for key, param in own_lora.items():
+                param.copy_(lora[key])
 
     def train(self, mode: bool = True):
         # The frozen backbone always runs in eval mode; only LoRA's own dropout follows the training flag.
@@ -885,59 +933,6 @@ def save_checkpoint(
     training_data: list | None = None,
 ):
     atomic_torch_save(checkpoint_dict(model, step, epoch, train_state, training_data), path)
-
-
-def load_trainable_state(model: ColIntern, ckpt: dict, source: str = "checkpoint") -> None:
-    """Load heads + LoRA from a checkpoint dict into `model`, refusing one made for another shape or LoRA layout."""
-    meta = ckpt["meta"]
-    if meta["hidden_size"] != model.hidden_size:
-        raise UserValueError(
-            f"{source} was trained on a backbone with hidden size {meta['hidden_size']} "
-            f"({meta['model_id']}), this backbone has {model.hidden_size} ({model.model_id}): "
-            f"pass the matching --model_id"
-        )
-    if meta["proj_dim"] != model.proj_dim:
-        raise UserValueError(
-            f"{source} has proj_dim {meta['proj_dim']}, the model was built with {model.proj_dim}: "
-            f"use --proj_dim {meta['proj_dim']} (or build the model from the checkpoint)"
-        )
-    if meta["format"]["version"] != FORMAT_VERSION:
-        raise UserValueError(
-            f"{source} uses query/page format v{meta['format']['version']}, this code uses "
-            f"v{FORMAT_VERSION}: its embeddings would not match; retrain or use matching code"
-        )
-    lora = {LORA_KEY_ADAPTER_NAME.sub(r"\1\2", k): v for k, v in ckpt["lora"].items()}  # older checkpoints' keys
-    own_lora = lora_parameters(model)
-    own, theirs = set(own_lora), set(lora)
-    if own != theirs:
-        raise UserValueError(
-            f"{source} LoRA layout does not match the model: {len(theirs - own)} checkpoint keys "
-            f"have no place (e.g. {sorted(theirs - own)[:2]}), {len(own - theirs)} model keys are "
-            f"missing (e.g. {sorted(own - theirs)[:2]}). Build the model with the checkpoint's "
-            f"LoRA settings {meta['lora']}"
-        )
-    wrong = [k for k in sorted(lora) if lora[k].shape != own_lora[k].shape]
-    if wrong:
-        raise UserValueError(
-            f"{source} LoRA adapter does not fit the backbone {model.model_id}: {len(wrong)} tensors "
-            f"have other shapes (e.g. {wrong[0]}: {tuple(lora[wrong[0]].shape)}, the model's "
-            f"{tuple(own_lora[wrong[0]].shape)}), with LoRA settings {meta['lora']}"
-        )
-    for name in ("query_head", "page_head"):
-        head = getattr(model, name)
-        state = {k.split(".", 1)[1]: v for k, v in ckpt["heads"].items() if k.startswith(name + ".")}
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-        expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-        if shapes != expected:
-            raise UserValueError(
-                f"{source} heads do not fit the backbone {model.model_id}: {name} holds {shapes}, "
-                f"the model's {expected} (hidden size {model.hidden_size}, proj_dim "
-                f"{model.proj_dim}): pass the matching --model_id (hidden size) or --proj_dim"
-            )
-        head.load_state_dict(state)
-    with torch.no_grad():  # copied into place, not through peft's set_peft_model_state_dict: see lora_parameters
-        for key, param in own_lora.items():
-            param.copy_(lora[key])
 
 
 def load_trained(path_or_id: str, **kwargs):

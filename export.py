@@ -360,10 +360,11 @@ def check_registration(source: str) -> None:
         ) from e
 
 
-def registration_meta(folder: str, config: dict, args):
-    """Load the written folder onto the backbone it was trained on (the check that its files fit) and describe it
-    as eval.py does, under the export's name, license and revision."""
-    model, _, ckpt = ColIntern.from_checkpoint(folder, model_id=args.trained_on)
+def registration_meta(folder: str, config: dict, args, trained_on: str):
+    """Load the written folder onto the backbone it was trained on, `trained_on` (the check that its files fit; the
+    config may name a --base_model hub id instead), and describe it as eval.py does, under the export's name, license
+    and revision."""
+    model, _, ckpt = ColIntern.from_checkpoint(folder, model_id=trained_on)
     training_data, _ = colintern_mteb.checkpoint_training_data(args.ckpt, ckpt)
     meta = colintern_mteb.build_model_meta(
         model, config["model_id"], args.revision, None, {}, None, training_data, name=config["name"]
@@ -416,7 +417,7 @@ def main(args):
         )
     ckpt = at_dim(ckpt, args.dim, f"--ckpt {args.ckpt}")
     meta = ckpt["meta"]
-    args.trained_on = meta["model_id"]
+    trained_on = meta["model_id"]  # the backbone
     summaries = [read_summary(path) for path in args.eval_json or []]
 
     out_dir = os.path.abspath(args.out_dir)
@@ -425,9 +426,9 @@ def main(args):
     tmp = create_beside(out_dir, ".tmp", folder=True)  # 0777 less the umask, as --out_dir itself would be
     try:
         config = write_exported(ckpt, tmp, args.name, base_model=args.base_model)
-        write_sentence_transformers(tmp, ckpt, args.trained_on)
-        check_formats(tmp, ColInternProcessor.from_pretrained(args.trained_on, max_tiles=meta["max_tiles"]))
-        registration = registration_meta(tmp, config, args)
+        write_sentence_transformers(tmp, ckpt, trained_on)
+        check_formats(tmp, ColInternProcessor.from_pretrained(trained_on, max_tiles=meta["max_tiles"]))
+        registration = registration_meta(tmp, config, args, trained_on)
         hub, other = hub_datasets(config.get("training_data") or [])
         with open(os.path.join(tmp, MODEL_CARD), "w") as f:
             f.write(model_card(config, args, hub, other, summaries))

@@ -1187,10 +1187,10 @@ def test_saving_and_loading_lora_never_serialises_the_4bit_backbone(tiny_model_d
     path = str(tmp_path / "q4.pt")
     cm.save_checkpoint(path, model)
     ckpt = ck.load_checkpoint(path)
-    cm.load_trainable_state(model, ckpt)
+    model.load_trainable_state(ckpt)
     (tmp_path / "exported").mkdir()
     ck.write_exported(ckpt, str(tmp_path / "exported"), name="q4")
-    cm.load_trainable_state(model, ck.load_checkpoint(str(tmp_path / "exported")))
+    model.load_trainable_state(ck.load_checkpoint(str(tmp_path / "exported")))
     loaded, _, _ = ColIntern.from_checkpoint(path)
     assert serialised == []
     assert_same_trainable(model, loaded)
