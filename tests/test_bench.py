@@ -300,7 +300,7 @@ def test_padding_cost_against_a_hand_count():
     """bench_padding's factor, counted by hand over real lengths 1 + 3 + 3 + 5 = 12 (squares: 44). Batches of two:
     [5, 1] [3, 3] run 2 x 5 + 2 x 3 = 16 tokens; sorted, [1, 3] [3, 5] run 2 x 3 + 2 x 5 = 16 as well, and
     2 x 9 + 2 x 25 = 68 attention pairs. Batches of three: [5, 1, 3] [3] run 15 + 3 = 18, sorted [1, 3, 3] [5] 9 + 5."""
-    import bench_padding
+    from bench import bench_padding
 
     assert bench_padding.padded_cost([5, 1, 3, 3], 2) == pytest.approx(16 / 12)
     assert bench_padding.padded_cost([1, 3, 3, 5], 2, power=2) == pytest.approx(68 / 44)
