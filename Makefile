@@ -11,8 +11,8 @@ setup: .venv/.setup-done
 demo: setup
 	bash scripts/demo.sh
 
-# Two test processes (pytest-xdist): 8-8.5 min on a 2-core machine, ~11.5 one by one. TEST_WORKERS=0 runs them in
-# this process, one by one.
+# Two test processes (pytest-xdist; most of the time is processes starting, so two help even on 2 cores).
+# TEST_WORKERS=0 runs them in this process, one by one.
 TEST_WORKERS ?= 2
 test: setup
 	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) tests

@@ -900,18 +900,9 @@ class RunState:
         return self.batch_in_epoch >= self.batches_per_epoch
 
 
-def run_config(
-    args,
-    rows,
-    batch_size,
-    grad_accum,
-    world,
-    total_steps,
-    quantize="none",
-    bidirectional: bool = False,
-    matryoshka_dims: list | None = None,
-) -> dict:
-    """What a step snapshot must share with the run that resumes it for the continuation to be exact."""
+def run_config(args, rows, model: ColIntern, batch_size: int, grad_accum: int, world: int, total_steps: int) -> dict:
+    """What a step snapshot must share with the run that resumes it for the continuation to be exact. The model's
+    quantisation, attention and Matryoshka prefixes are as loaded (a warm start keeps its checkpoint's)."""
     return {
         "data": rows.fingerprint,
         "global_batch": batch_size * world,
@@ -923,12 +914,13 @@ def run_config(
         "total_steps": total_steps,
         "temperature": args.temperature,
         "optimizer": args.optimizer,
-        "quantize": quantize,
+        "quantize": model.quantize,
         "attn_implementation": args.attn_implementation,
         "schedule": SCHEDULE,
         "batch_by": args.batch_by,
-        "bidirectional": bidirectional,
-        "matryoshka_dims": matryoshka_dims,
+        "bidirectional": model.bidirectional,
+        # the loss's prefixes: None when it trains the full size alone
+        "matryoshka_dims": model.matryoshka_dims if len(model.matryoshka_dims) > 1 else None,
     }
 
 
@@ -1340,11 +1332,8 @@ def train(args, rank, world, device_map, say):
     note = None if snapshot else warmup_note(args.warmup_steps, total_steps, args.lr)
     if note:
         say(note)
-    loss_dims = model.matryoshka_dims if len(model.matryoshka_dims) > 1 else None  # the loss's prefixes
     state = RunState(
-        run_config(
-            args, rows, batch_size, grad_accum, world, total_steps, model.quantize, model.bidirectional, loss_dims
-        ),
+        run_config(args, rows, model, batch_size, grad_accum, world, total_steps),
         batches_per_epoch,
         total_steps,
         last_saved=args.resume_ckpt,
