@@ -166,40 +166,8 @@ def build_inputs(args, work: str, tile: int, size) -> dict:
     return {"ckpt": ckpt, "data": data_dir}
 
 
-def run(args, inputs, work, name, *extra):
-    flags = [
-        "--ckpt",
-        inputs["ckpt"],
-        "--train_hub",
-        inputs["data"],
-        "--split",
-        "train",
-        "--out",
-        os.path.join(work, f"{name}.jsonl"),
-        "--k",
-        args.k,
-        "--max_tiles",
-        args.max_tiles,
-        "--doc_batch",
-        args.doc_batch,
-        "--query_batch",
-        args.query_batch,
-        "--num_workers",
-        args.num_workers,
-        "--shard_pages",
-        args.shard_pages,
-        "--dtype",
-        args.dtype,
-        *extra,
-    ]
-    if args.device:
-        flags += ["--device", args.device]
-    return mine.main(mine.parse_args([str(f) for f in flags]))
-
-
-def run_processes(args, inputs, work, nproc: int) -> dict:
-    """Exact mining under torchrun --nproc_per_node nproc (plain python for 1), its own cache -> the stats."""
-    out = os.path.join(work, f"nproc{nproc}.jsonl")
+def mine_flags(args, inputs, out: str, *extra) -> list[str]:
+    """mine_hard_negatives.py's flags for this bench's settings, writing `out`."""
     flags = [
         "--ckpt",
         inputs["ckpt"],
@@ -209,8 +177,6 @@ def run_processes(args, inputs, work, nproc: int) -> dict:
         "train",
         "--out",
         out,
-        "--cache_dir",
-        os.path.join(work, f"cache{nproc}"),
         "--k",
         args.k,
         "--max_tiles",
@@ -226,11 +192,23 @@ def run_processes(args, inputs, work, nproc: int) -> dict:
         "--dtype",
         args.dtype,
         *(["--device", args.device] if args.device else []),
+        *extra,
     ]
+    return [str(f) for f in flags]
+
+
+def run(args, inputs, work, name, *extra):
+    return mine.main(mine.parse_args(mine_flags(args, inputs, os.path.join(work, f"{name}.jsonl"), *extra)))
+
+
+def run_processes(args, inputs, work, nproc: int) -> dict:
+    """Exact mining under torchrun --nproc_per_node nproc (plain python for 1), its own cache -> the stats."""
+    out = os.path.join(work, f"nproc{nproc}.jsonl")
+    flags = mine_flags(args, inputs, out, "--cache_dir", os.path.join(work, f"cache{nproc}"))
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1)}
     subprocess.run(
-        [sys.executable, *launcher, os.path.join(ROOT, "mine_hard_negatives.py"), *map(str, flags)],
+        [sys.executable, *launcher, os.path.join(ROOT, "mine_hard_negatives.py"), *flags],
         check=True,
         env=env,
         stdout=subprocess.DEVNULL,
