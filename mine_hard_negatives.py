@@ -774,7 +774,8 @@ def main(args):
 @dataclasses.dataclass(frozen=True)
 class MiningRun:
     """How this process mines, fixed once the model is loaded: its rank of world, its device, the model's dtype and
-    quantisation (encoding), and the dtype MaxSim scores in."""
+    quantisation (encoding), the dtype MaxSim scores in, and when it started (the stats' total time counts from
+    it)."""
 
     rank: int
     world: int
@@ -782,6 +783,7 @@ class MiningRun:
     dtype: torch.dtype
     quantize: str
     scoring: torch.dtype
+    started: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -824,6 +826,7 @@ def mine(args, rank: int, world: int, device: str):
             dtype=resolve_dtype(args.dtype, device, model.quantize),  # the model's (encoding)
             quantize=model.quantize,
             scoring=score_dtype(args.score_dtype, device),
+            started=t_start,
         )
         scoring, dtype = run.scoring, run.dtype
         say(
@@ -892,7 +895,6 @@ def mine(args, rank: int, world: int, device: str):
     stats = None
     with ranks_agree("writing the output", world):
         if rank == 0:
-            timings["total"] = time.perf_counter() - t_start
             stats = write_outputs(args, data, result, ckpt, run, cache, timings)
     return stats
 
@@ -913,6 +915,7 @@ def write_outputs(
         for i, (q, pos, negs) in enumerate(zip(data.queries, data.pos_refs, negatives))
     ]
     write_jsonl(args.out, rows)
+    timings["total"] = time.perf_counter() - run.started
     n_negs = torch.tensor([len(r["negs"]) for r in rows])
     stats = {
         "out_jsonl": os.path.abspath(args.out),
