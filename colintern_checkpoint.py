@@ -98,20 +98,10 @@ LORA_KEY_ADAPTER_NAME = re.compile(r"(\.lora_\w+)\.default(\.\w+)?$")
 
 
 EXPORT_VERSION = 1
-
-
 EXPORT_CONFIG = "colintern_config.json"
-
-
 HEADS_FILE = "heads.safetensors"
-
-
 ADAPTER_CONFIG = "adapter_config.json"
-
-
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
 PEFT_KEY_PREFIX = "base_model.model."  # PeftModel.save_pretrained's keys: the PeftModel's own parameter names
 
 

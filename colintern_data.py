@@ -473,8 +473,6 @@ def read_queries(ds, what: str) -> list:
 
 
 HUB_CONFIGS = ("corpus", "queries", "qrels")  # the ViDoRe v1 hub layout, which --local_task reads too
-
-
 COLPALI_TRAIN_SET = "vidore/colpali_train_set"
 
 

@@ -21,8 +21,6 @@ import torch.nn.functional as F
 # 48 blocks), big enough that each block's matmul outweighs its dozen kernel launches. CPU: 1M values, the top of the
 # cache-sized range where maxsim_tokens' blocks run near the matmul peak; the per-block Python is negligible there.
 CPU_TRAIN_SIM_BLOCK = 1 << 20
-
-
 GPU_TRAIN_SIM_BLOCK = 1 << 25
 
 

@@ -1,6 +1,7 @@
 """ColIntern inside mteb: the encoder mteb evaluates (ColInternEncoder, scored with exact MaxSim), its ModelMeta
-and result key, ViDoRe tasks pointed at local copies, and subsampling. eval.py runs the evaluation; export.py's
-registration loads an exported folder through load_encoder."""
+and result key, ViDoRe tasks pointed at local copies, and subsampling. eval.py runs the evaluation (of a checkpoint
+or an exported folder); export.py builds an exported folder's ModelMeta here (the registration it writes loads the
+folder through mteb's MultiVectorWrapper)."""
 
 import dataclasses
 import datetime

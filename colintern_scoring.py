@@ -46,17 +46,9 @@ def pad_pages(
 # (docs/benchmarks.md has the block sizes measured). A bf16 block (native bf16 only: the matmul writes bf16) takes
 # half the bytes, so the same cache holds twice the values. A GPU wants big blocks.
 CPU_SIM_BLOCK = 1 << 18
-
-
 CPU_SIM_BLOCK_BF16 = 1 << 19
-
-
 GPU_SIM_BLOCK = 1 << 28
-
-
 PAGE_CHUNK_TOKENS = 1 << 15  # page tokens padded together (sorted by length, so little padding)
-
-
 QUERY_BLOCK_TOKENS = 1 << 15  # query tokens scored together by maxsim_topk (bounds its (tokens, pages) buffer)
 
 
@@ -338,8 +330,6 @@ def sync(device) -> None:
 # over page tokens is 1-Lipschitz, so a token's best similarity is off by at most the worst similarity error; the
 # float32 sum over Lq query tokens adds the Lq errors (and <= Lq^2 2^-24 of its own).
 BF16_UNIT_ROUNDOFF = 2.0**-8
-
-
 FP32_UNIT_ROUNDOFF = 2.0**-24
 
 
