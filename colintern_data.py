@@ -488,11 +488,9 @@ def check_hub_layout(folder: str, configs: list, splits, what: str, hint: str = 
     missing = [" or ".join(alts) for alts in configs if not any(c in declared for c in alts)]
     if missing:
         raise UserValueError(
-            f"{what}: {folder} lacks the dataset configs {missing} (it has {list(declared)}). It "
-            "needs "
-            "the hub layout: a README.md whose `configs:` block maps each config to its parquet "
-            "files "
-            f"(e.g. corpus -> corpus/test-*.parquet), as `hf download ... --repo-type dataset` gives"
+            f"{what}: {folder} lacks the dataset configs {missing} (it has {list(declared)}). It needs the hub "
+            "layout: a README.md whose `configs:` block maps each config to its parquet files (e.g. corpus -> "
+            "corpus/test-*.parquet), as `hf download ... --repo-type dataset` gives"
         )
     rows = expected_rows(card)
     absent, short = [], []
@@ -519,9 +517,8 @@ def check_hub_layout(folder: str, configs: list, splits, what: str, hint: str = 
                 )
     if absent:
         raise UserFileNotFoundError(
-            f"{what}: {folder} is incomplete: its README.md lists data files that are not "
-            "there "
-            f"(paths under the folder), for config {', '.join(absent[:6])}"
+            f"{what}: {folder} is incomplete: its README.md lists data files that are not there (paths under the "
+            f"folder), for config {', '.join(absent[:6])}"
             + (f" and {len(absent) - 6} more" if len(absent) > 6 else "")
             + f". {hint or 'Copy the missing files.'}"
         )

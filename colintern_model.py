@@ -394,15 +394,13 @@ def as_uint8_pixels(pixels: torch.Tensor) -> torch.Tensor:
         return pixels
     if pixels.is_floating_point() and not torch.equal(pixels, pixels.round()):
         raise UserValueError(
-            f"unnormalised pixel_values are {pixels.dtype} with fractional values: the image "
-            "processor "
-            f"did not return resized uint8 pixels, so they cannot be sent as uint8"
+            f"unnormalised pixel_values are {pixels.dtype} with fractional values: the image processor did not "
+            "return resized uint8 pixels, so they cannot be sent as uint8"
         )
     if pixels.numel() and (pixels.min() < 0 or pixels.max() > 255):
         raise UserValueError(
-            f"unnormalised pixel_values span {pixels.min().item()}..{pixels.max().item()}, not "
-            "0..255: "
-            f"the image processor rescaled or normalised them after all"
+            f"unnormalised pixel_values span {pixels.min().item()}..{pixels.max().item()}, not 0..255: the image "
+            "processor rescaled or normalised them after all"
         )
     return pixels.to(torch.uint8)
 

@@ -648,9 +648,8 @@ def parse_geometries(text: str) -> list:
     unknown = [name for name in names if name not in PAGE_SIZES]
     if unknown or not names:
         raise UserValueError(
-            f"--page_sizes {text!r}: unknown geometry {unknown or '(none given)'}; choose a comma "
-            "list "
-            f"from {', '.join(f'{k} {w}x{h}' for k, (w, h) in PAGE_SIZES.items())}"
+            f"--page_sizes {text!r}: unknown geometry {unknown or '(none given)'}; choose a comma list from "
+            f"{', '.join(f'{k} {w}x{h}' for k, (w, h) in PAGE_SIZES.items())}"
         )
     return names
 

@@ -449,9 +449,8 @@ def iter_shards(folder: str, data: MiningInput, shard_pages: int):
         shard = load_shard(folder, s, data.page_hashes[pages.start : pages.stop])
         if shard is None:
             raise UserRuntimeError(
-                f"page-embedding shard {shard_path(folder, s)} is missing, unreadable or holds "
-                "other "
-                f"pages: delete it and run again (only that shard is encoded again)"
+                f"page-embedding shard {shard_path(folder, s)} is missing, unreadable or holds other pages: delete "
+                "it and run again (only that shard is encoded again)"
             )
         yield pages.start, shard
 
